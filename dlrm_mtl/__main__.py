@@ -1,0 +1,5 @@
+import sys
+
+from dlrm_mtl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Process group, sharding plan and DistributedModelParallel (design §6).
+
+torchrun semantics: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT. A
+plain ``python -m dlrm_mtl train`` (no torchrun) runs as a world of one over a loopback
+store, through the very same DMP code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from dlrm_mtl.config import Config
+from dlrm_mtl.models import MultiScenarioMultiTaskModel
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_rank: int = 0) -> DistEnv:
+    """Initialises the default process group (gloo on CPU, NCCL on GPU) from torchrun's env."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, world, local_rank, local_world, device, backend)
+
+
+class CPUWideEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder offers row_wise / table_row_wise / grid_shard on GPU only; on CPU
+    they work too (stack-notes: forward matches an unsharded reference to ~4e-9), so offer them."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = list(super().sharding_types(compute_device_type))
+        for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if t not in types:
+                types.append(t)
+        return types
+
+
+def make_planner(cfg: Config, env: DistEnv, world_size: Optional[int] = None) -> EmbeddingShardingPlanner:
+    """The planner used by training and ``dlrm-mtl plan`` alike."""
+    ws = world_size or env.world_size
+    cap = int(cfg.sharding.memory_per_rank_gb * 1024**3)
+    compute = "cuda" if env.device.type == "cuda" else "cpu"
+    topo = Topology(
+        world_size=ws,
+        compute_device=compute,
+        hbm_cap=cap if compute == "cuda" else None,
+        ddr_cap=cap if compute == "cpu" else None,
+        local_world_size=min(env.local_world_size, ws),
+    )
+    from dlrm_mtl.schema import Schema  # local: avoid a cycle at import time
+
+    schema = Schema.load(cfg.data.schema_path())
+    constraints: Dict[str, ParameterConstraints] = {
+        t: ParameterConstraints(sharding_types=list(cfg.sharding.types)) for t in {f.table for f in schema.sparse}
+    }
+    return EmbeddingShardingPlanner(topology=topo, batch_size=cfg.data.batch_size, constraints=constraints)
+
+
+def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
+    """table -> {sharding_type, compute_kernel, ranks}, JSON-friendly."""
+    out: Dict[str, Dict[str, object]] = {}
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            out[table] = {
+                "module": module_path,
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": sorted(set(ps.ranks or [])),
+            }
+    return out
+
+
+def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> Tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
+    """Fused row-wise Adagrad on the tables, planner-chosen sharding, DMP (DDP on dense), Adam on dense.
+
+    ``module`` must contain exactly one :class:`MultiScenarioMultiTaskModel` (built on the
+    ``meta`` device so DMP materialises only this rank's shards).
+    """
+    ebcs = [m for m in module.modules() if isinstance(m, MultiScenarioMultiTaskModel)]
+    if len(ebcs) != 1:
+        raise ValueError("expected exactly one MultiScenarioMultiTaskModel in the module")
+    apply_optimizer_in_backward(RowWiseAdagrad, ebcs[0].ebc.parameters(), {"lr": cfg.train.sparse_lr})
+    sharder = CPUWideEmbeddingBagCollectionSharder()
+    planner = make_planner(cfg, env)
+    plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=[sharder])
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay),
+    )
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan

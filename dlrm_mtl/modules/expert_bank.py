@@ -1,0 +1,53 @@
+"""E MLP experts evaluated as one batched operation."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+
+class ExpertBank(nn.Module):
+    """E independent MLP experts with stacked weights, evaluated without a Python loop over experts.
+
+    Every expert is ``in_dim -> hidden... -> out_dim`` with ReLU after every layer (experts in
+    MMoE/PLE/HiNet are ReLU MLPs). Layer 0 of all experts is a single ``[B, in] @ [in, E*h]``
+    matmul; deeper layers are one batched einsum ``[B, E, h] x [E, h, k]``.
+
+    Args:
+        num_experts: E.
+        in_dim: input features (shared by all experts).
+        hidden: hidden sizes of each expert.
+        out_dim: output size of each expert.
+
+    Example::
+
+        bank = ExpertBank(4, in_dim=32, hidden=[64], out_dim=16)
+        bank(torch.randn(8, 32)).shape               # [8, 4, 16]
+        bank(torch.randn(8, 32), start=2, count=2)   # experts 2 and 3 only: [8, 2, 16]
+    """
+
+    def __init__(self, num_experts: int, in_dim: int, hidden: List[int], out_dim: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        sizes = [in_dim] + list(hidden) + [out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(a)  # nn.Linear's default init, per expert
+            self.weights.append(nn.Parameter(torch.empty(num_experts, a, b).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, b).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
+        """x: ``[B, in]`` -> ``[B, count, out]`` for experts ``start .. start+count-1`` (default all)."""
+        E = self.num_experts - start if count is None else count
+        w0 = self.weights[0][start : start + E]  # [E, in, h]
+        b0 = self.biases[0][start : start + E]  # [E, h]
+        h = torch.relu((x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, -1) + b0)  # [B, E, h]
+        for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
+            h = torch.relu(torch.einsum("beh,ehk->bek", h, w[start : start + E]) + b[start : start + E])
+        return h

@@ -1,0 +1,73 @@
+"""Scenario layer: shared and scenario-specific experts, gated per row by the row's scenario."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from dlrm_mtl.modules.expert_bank import ExpertBank
+from dlrm_mtl.modules.gates import SoftmaxGate
+
+
+class ScenarioLayer(nn.Module):
+    """Maps ``x [B, d]`` routed by a scenario id ``[B]`` to ``[B, d']``.
+
+    For a row of scenario s (one level of the hierarchy) the layer mixes the ``num_shared``
+    shared experts and scenario s's own ``num_specific`` experts with scenario s's gate,
+    whose input is ``x ⊕ e_s`` (the scenario embedding)::
+
+        y = Σ_k g_{s,k}(x ⊕ e_s) · expert_k(x),   k ∈ shared ∪ specific(s)
+
+    This is CGC (Tang et al. 2020, eq. 1-3) applied over scenarios instead of tasks, as in
+    HiNet's scenario extraction layer (Zhou et al. 2023, §III-B) without its sub-expert
+    ensembles and scenario-aware attention (issue 3 adds those as their own layers).
+
+    Scenario-specific experts run only on their own scenario's rows (rows grouped by
+    scenario; one batched bank call per scenario), so the cost does not grow with S.
+
+    Example::
+
+        layer = ScenarioLayer(32, num_scenarios=2, emb_dim=8, num_shared=2, num_specific=1,
+                              hidden=[64], out_dim=16)
+        y, gates = layer(torch.randn(8, 32), torch.randint(0, 2, (8,)), torch.randn(8, 8))
+        y.shape, gates.shape   # [8, 16], [8, 3] (shared experts first, then the row's own)
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_scenarios: int,
+        emb_dim: int,
+        num_shared: int,
+        num_specific: int,
+        hidden: List[int],
+        out_dim: int,
+    ) -> None:
+        super().__init__()
+        if num_shared + num_specific <= 0:
+            raise ValueError("a scenario layer needs at least one expert")
+        self.num_scenarios = num_scenarios
+        self.num_shared, self.num_specific = num_shared, num_specific
+        self.shared = ExpertBank(num_shared, in_dim, hidden, out_dim) if num_shared else None
+        self.specific = ExpertBank(num_scenarios * num_specific, in_dim, hidden, out_dim) if num_specific else None
+        self.gate = SoftmaxGate(in_dim + emb_dim, num_scenarios, num_shared + num_specific)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor, scenario_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, d]``, scenario ``[B]`` int, scenario_emb ``[B, e]`` -> (``[B, d']``, gates ``[B, E_sh + E_sp]``)."""
+        B = x.shape[0]
+        parts = []
+        if self.shared is not None:
+            parts.append(self.shared(x))  # [B, E_sh, d']
+        if self.specific is not None:
+            spec = x.new_zeros(B, self.num_specific, self.out_dim)
+            for s in range(self.num_scenarios):
+                idx = (scenario == s).nonzero(as_tuple=True)[0]
+                spec = spec.index_copy(0, idx, self.specific(x.index_select(0, idx), s * self.num_specific, self.num_specific))
+            parts.append(spec)  # [B, E_sp, d']
+        experts = torch.cat(parts, dim=1)  # [B, E, d']
+        all_gates = self.gate(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
+        gates = all_gates[torch.arange(B, device=x.device), scenario]  # [B, E]
+        return torch.bmm(gates.unsqueeze(1), experts).squeeze(1), gates

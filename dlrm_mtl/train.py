@@ -1,0 +1,184 @@
+"""Training loop: one process or one rank of a torchrun/TorchX job.
+
+Writes into ``train.run_dir``: ``config.yaml``, ``plan.json`` (table -> sharding), TensorBoard
+events under ``tb/``, a DCP checkpoint under ``checkpoints/final`` and ``metrics.json``::
+
+    {"metrics": [{"scenario", "task", "auc", "oracle_auc", "logloss", "calibration", "count", ...}],
+     "throughput": {"samples_per_s", "train_seconds", "steps", "world_size"},
+     "plan": {...}, "loss": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from dlrm_mtl.config import Config
+from dlrm_mtl.data import ParquetStream
+from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model
+from dlrm_mtl.losses import EntireSpaceLoss
+from dlrm_mtl.metrics import MetricAccumulator, format_table
+from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
+from dlrm_mtl.schema import Schema
+
+
+def _log(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(f"[dlrm_mtl] {msg}", flush=True)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def evaluate(dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device) -> List[Dict[str, object]]:
+    """Runs the model over ``stream`` and returns exact, rank-merged metric rows."""
+    acc = MetricAccumulator(schema)
+    dmp.eval()
+    with torch.no_grad():
+        for batch in stream:
+            batch = batch.to(device, non_blocking=True)
+            _, (logits, _, _) = dmp(batch)
+            acc.update(batch, logits)
+    dmp.train()
+    return acc.compute()
+
+
+def train(cfg: Config) -> Dict[str, Any]:
+    env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
+    try:
+        return _train(cfg, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    schema = Schema.load(cfg.data.schema_path())
+    run_dir = Path(cfg.train.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+    _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
+
+    model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
+    module = TrainModule(model, EntireSpaceLoss(schema))
+    dmp, optimizer, plan = shard_model(module, cfg, env)
+    summary = plan_summary(plan)
+    if env.is_main:
+        (run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
+        for table, p in summary.items():
+            _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
+
+    B = cfg.data.batch_size
+    train_stream = ParquetStream(
+        schema, cfg.data.train, B, env.rank, env.world_size,
+        shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.train.seed, prefetch_batches=cfg.data.prefetch_batches,
+    )
+    eval_stream = ParquetStream(
+        schema, cfg.data.eval, B, env.rank, env.world_size, prefetch_batches=cfg.data.prefetch_batches
+    )
+    _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
+              f"{len(train_stream)} steps/epoch of {B} rows/rank; eval rows {eval_stream.total_rows}")
+
+    writer = None
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+
+    step = 0
+    trained_rows = 0
+    train_seconds = 0.0
+    metrics: List[Dict[str, object]] = []
+    last_terms: Dict[str, float] = {}
+    steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
+    for epoch in range(cfg.train.epochs):
+        train_stream.set_epoch(epoch)
+        bar = None
+        if env.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=100)
+        t0 = time.perf_counter()
+        window_rows, window_t = 0, time.perf_counter()
+        for i, batch in enumerate(train_stream):
+            if i >= steps_per_epoch:
+                break  # every rank stops at the same step: same stream length on all ranks
+            batch = batch.to(env.device, non_blocking=True)
+            loss, (logits, terms, gates) = dmp(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            rows = batch.num_real_rows
+            trained_rows += rows
+            window_rows += rows
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
+                names = sorted(terms)
+                vals = _all_reduce_sum(torch.stack([terms[k] for k in names] + [torch.tensor(float(window_rows))]).cpu().double())
+                now = time.perf_counter()
+                sps = float(vals[-1]) / max(now - window_t, 1e-9)
+                window_rows, window_t = 0, now
+                last_terms = {k: float(v) / env.world_size for k, v in zip(names, vals[:-1])}
+                if writer is not None:
+                    for k, v in last_terms.items():
+                        writer.add_scalar(k, v, step)
+                    writer.add_scalar("throughput/samples_per_s", sps, step)
+                    for name, g in gates.items():
+                        writer.add_histogram(f"gates/{name}", g.float().mean(0).flatten(), step)
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {last_terms.get('loss/total', math.nan):.4f} {sps:,.0f} samples/s")
+        train_seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1:
+            metrics = evaluate(dmp, eval_stream, schema, env.device)
+            if writer is not None:
+                for r in metrics:
+                    for key in ("auc", "logloss", "calibration"):
+                        v = r[key]
+                        if isinstance(v, float) and not math.isnan(v):
+                            writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
+                    if "oracle_auc" in r and not math.isnan(r["oracle_auc"]):  # type: ignore[arg-type]
+                        writer.add_scalar(f"eval_oracle_auc/{r['task']}/{r['scenario']}", r["oracle_auc"], step)
+            _log(env, f"epoch {epoch} eval:\n" + format_table(metrics))
+
+    total_rows = int(_all_reduce_sum(torch.tensor([trained_rows], dtype=torch.int64))[0])
+    throughput = {
+        "samples_per_s": total_rows / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "rows_trained": total_rows,
+        "steps": step,
+        "world_size": env.world_size,
+        "batch_size_per_rank": B,
+    }
+    ckpt = run_dir / "checkpoints" / "final"
+    dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(ckpt))
+    result = {"metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step}
+    if env.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        if writer is not None:
+            writer.add_scalar("throughput/epoch_samples_per_s", throughput["samples_per_s"], step)
+            writer.close()
+        _log(env, f"trained {total_rows} rows in {train_seconds:.1f}s: {throughput['samples_per_s']:,.0f} samples/s "
+                  f"on {env.world_size} rank(s)")
+        _log(env, f"wrote {run_dir}/metrics.json; TensorBoard: tensorboard --logdir {run_dir}/tb")
+    return result
