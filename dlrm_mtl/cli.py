@@ -26,6 +26,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from dlrm_mtl.metrics import format_table
+
+    path = Path(args.run_dir) / "metrics.json"
+    if not path.exists():
+        print(f"{path}: not found (did the training run finish?)", file=sys.stderr)
+        return 1
+    result = json.loads(path.read_text())
+    tp = result["throughput"]
+    print(f"\n{args.run_dir}: {tp['rows_trained']:,} rows trained in {tp['train_seconds']:.1f}s on "
+          f"{tp['world_size']} rank(s): {tp['samples_per_s']:,.0f} samples/s")
+    print(format_table(result["metrics"]))
+    print(f"\nTensorBoard: {sys.executable} -m tensorboard.main --logdir {args.run_dir}/tb  (then open http://localhost:6006)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="dlrm-mtl", description="Multi-scenario multi-task ranking on TorchRec.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -40,6 +59,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
     t.set_defaults(fn=_train)
+
+    r = sub.add_parser("report", help="print the scenario x task metrics table of a finished run")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_report)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -13,9 +13,18 @@ from dlrm_mtl.task_graph import TaskGraph
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012).
+
+    x is clamped to <= -1e-30 so that a probability of exactly 1 (float underflow of the
+    chained log-probability) costs at most ~69 nats instead of inf; the gradient stays exact
+    for every x that float32 can distinguish from 0 above that.
+    """
+    x = x.clamp(max=-1e-30)
+    near0 = x > -0.6931471805599453
+    # each branch only sees inputs where it is finite, so torch.where passes no NaN gradient
+    a = torch.log(-torch.expm1(torch.where(near0, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near0, torch.full_like(x, -1.0), x)))
+    return torch.where(near0, a, b)
 
 
 def bce_from_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

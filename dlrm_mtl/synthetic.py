@@ -5,9 +5,11 @@ different sizes and base rates (one large with rare conversions, one small and
 conversion-rich). Labels come from a known model:
 
 * latent taste ``u`` per user segment, latent ``v`` per item category (dim K);
-* pCTR = σ(b_ctr[s] + <u, v> + w_s·(u ⊙ v) + 0.9·[item category in the user's history]
-          + user/item id biases + quality − position bias)   -- shared + scenario-specific
-* pCVR = σ(b_cvr[s] + <A u, v> + w'_s·(u ⊙ v) − price + activity)
+* pCTR = σ(b_ctr[s] + <u, v> + β_ctr[s, category] + γ[s, segment]
+          + 0.9·[item category in the user's history] + user/item id biases + quality − position)
+* pCVR = σ(b_cvr[s] + 0.6·<u, v> + c[category] + β_cvr[s, category] − price + activity)
+  (<u, v> is shared by both tasks and all scenarios; β, γ are scenario-specific and largest
+  in the small scenario, so hard sharing shows negative transfer there)
 * click ~ Bernoulli(pCTR); conversion ~ click · Bernoulli(pCVR)   (conversion ⇒ click)
 
 The true ``true_pctr``, ``true_pcvr``, ``true_pctcvr`` are written per row, so every run can
@@ -112,14 +114,17 @@ class _World:
         self.cat_vec = rng.normal(0, 1, (spec.num_categories, K)) / math.sqrt(K) * 1.6
         self.user_segment = rng.integers(0, spec.num_segments, spec.num_users)
         self.item_category = rng.integers(0, spec.num_categories, spec.num_items)
-        self.user_bias = rng.normal(0, 0.25, spec.num_users)
-        self.item_bias = rng.normal(0, 0.25, spec.num_items)
+        self.user_bias = rng.normal(0, 0.2, spec.num_users)
+        self.item_bias = rng.normal(0, 0.2, spec.num_items)
         self.item_price = rng.lognormal(3.0, 0.8, spec.num_items)
         self.item_quality = rng.normal(0, 1, spec.num_items)
-        self.cvr_mix = rng.normal(0, 1, (K, K)) / math.sqrt(K)
-        # scenario-specific interaction weights: leaves disagree on some taste dimensions
-        self.w_ctr = rng.normal(0, 0.8, (4, K))
-        self.w_cvr = rng.normal(0, 0.8, (4, K))
+        # scenario-specific preferences: per leaf, per item category (and per user segment);
+        # the small conversion-rich leaf departs most from the others (negative transfer).
+        leaf_scale = np.array([0.3, 0.45, 0.6, 0.9])[:, None]
+        self.ctr_leaf_cat = rng.normal(0, 1, (4, spec.num_categories)) * leaf_scale
+        self.ctr_leaf_seg = rng.normal(0, 0.3, (4, spec.num_segments))
+        self.cvr_cat = rng.normal(0, 0.5, spec.num_categories)
+        self.cvr_leaf_cat = rng.normal(0, 1, (4, spec.num_categories)) * leaf_scale * 0.8
         self.users = _zipf_sampler(rng, spec.num_users, 1.05, 20.0)
         self.items = _zipf_sampler(rng, spec.num_items, 1.05, 20.0)
         # each segment's favourite categories (history is drawn mostly from these)
@@ -152,12 +157,12 @@ class _World:
         price = self.item_price[item] * np.exp(rng.normal(0, 0.1, n))
         quality = self.item_quality[item]
 
-        u, v = self.taste[seg], self.cat_vec[cat]
-        uv = u * v  # [n, K]
+        affinity = (self.taste[seg] * self.cat_vec[cat]).sum(1)  # shared <u, v>
         ctr_logit = (
             _logit(np.asarray(spec.ctr_base))[leaf]
-            + uv.sum(1)
-            + (self.w_ctr[leaf] * uv).sum(1)
+            + affinity
+            + self.ctr_leaf_cat[leaf, cat]
+            + self.ctr_leaf_seg[leaf, seg]
             + 0.9 * in_hist
             + self.user_bias[user]
             + self.item_bias[item]
@@ -166,8 +171,9 @@ class _World:
         )
         cvr_logit = (
             _logit(np.asarray(spec.cvr_base))[leaf]
-            + ((u @ self.cvr_mix) * v).sum(1)
-            + (self.w_cvr[leaf] * uv).sum(1)
+            + 0.6 * affinity
+            + self.cvr_cat[cat]
+            + self.cvr_leaf_cat[leaf, cat]
             - 0.6 * (np.log1p(price) - 3.0)
             + 0.25 * (np.log1p(activity) - 1.3)
         )

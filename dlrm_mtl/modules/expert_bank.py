@@ -47,7 +47,7 @@ class ExpertBank(nn.Module):
         E = self.num_experts - start if count is None else count
         w0 = self.weights[0][start : start + E]  # [E, in, h]
         b0 = self.biases[0][start : start + E]  # [E, h]
-        h = torch.relu((x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, -1) + b0)  # [B, E, h]
+        h = torch.relu((x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, w0.shape[-1]) + b0)  # [B, E, h]
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
             h = torch.relu(torch.einsum("beh,ehk->bek", h, w[start : start + E]) + b[start : start + E])
         return h
