@@ -32,8 +32,11 @@ sparse gradients); below 1 its overhead (DMP/KJT plumbing, DDP, sharding dist) c
 than it saves. Both sides share the whole DenseArch (expert layers), which dominates step
 time with the default model config, so expect a ratio near 1; the embedding-side difference
 shows more with bigger tables / lighter dense layers. If the two ratios disagree a lot, the
-machine was noisy: rerun or raise ``--steps``. The two sides do not compute bit-identical updates (row-wise vs element-wise Adagrad),
-so only their final losses' finiteness and rough magnitude are compared, not their values.
+machine was noisy (a warning is printed): rerun or raise ``--steps``.
+
+The two sides do not compute bit-identical updates (row-wise vs element-wise Adagrad, and
+different initial weights), so their final losses (on the same last batch) are checked for
+finiteness and shown for a rough comparison only.
 
 Example::
 
@@ -67,6 +70,8 @@ from dlrm_mtl.schema import Schema
 from dlrm_mtl.synthetic import generate
 
 SEED = 0
+NOISE_FACTOR = 1.5  # mean step time above this multiple of the median flags a noisy run
+MIN_CPU_SHARE = 0.75  # process CPU time / (wall time x threads) below this: cores were shared
 SIDE_A = "dlrm_mtl"
 SIDE_B = "plain"
 
@@ -155,6 +160,7 @@ def build_dlrm_mtl(schema: Schema, cfg: Config) -> Tuple[StepFn, Dict[str, Dict[
 class SideResult:
     name: str
     step_seconds: List[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # process CPU time over the timed steps (all threads)
     samples: int = 0
     final_loss: float = float("nan")
 
@@ -174,6 +180,10 @@ class SideResult:
     def ms_per_step(self) -> float:
         return 1e3 * self.seconds / self.steps if self.steps else float("nan")
 
+    def cpu_share(self, threads: int) -> float:
+        """Fraction of ``threads`` cores this process actually got while timing (~1 on a quiet machine)."""
+        return self.cpu_seconds / (self.seconds * threads) if self.seconds else float("nan")
+
     @property
     def median_ms_per_step(self) -> float:
         return 1e3 * statistics.median(self.step_seconds) if self.step_seconds else float("nan")
@@ -186,9 +196,10 @@ def run_chunk(step: StepFn, batches: Sequence[Batch], start: int, n: int, result
     """
     for i in range(start, start + n):
         batch = batches[i % len(batches)]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = step(batch)
         result.step_seconds.append(time.perf_counter() - t0)
+        result.cpu_seconds += time.process_time() - c0
         result.samples += batch.batch_size
         result.final_loss = float(loss)
     return start + n
@@ -245,12 +256,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def bench(args: argparse.Namespace, cfg: Config, schema: Schema, batches: Sequence[Batch]) -> int:
-    step_a, plan = build_dlrm_mtl(schema, cfg)  # sets torch threads via init_distributed
-    torch.set_num_threads(args.threads)
-    step_b = build_plain(schema, cfg)
     try:
+        step_a, plan = build_dlrm_mtl(schema, cfg)  # also sets torch threads (init_distributed)
+        torch.set_num_threads(args.threads)
+        step_b = build_plain(schema, cfg)
         print("plan: " + ", ".join(f"{t}={p['sharding_type']}/{p['compute_kernel']}" for t, p in sorted(plan.items())))
-        print(f"threads={torch.get_num_threads()} batch_size={args.batch_size} warmup={args.warmup} steps={args.steps} per side, alternating every {args.chunk}")
+        print(
+            f"threads={torch.get_num_threads()} batch_size={args.batch_size} warmup={args.warmup} "
+            f"steps={args.steps} per side, alternating every {args.chunk}"
+        )
         wa = warmup(step_a, batches, args.warmup)
         wb = warmup(step_b, batches, args.warmup)
         print(f"warmup losses: {SIDE_A}={wa:.4f} {SIDE_B}={wb:.4f}")
@@ -265,33 +279,80 @@ def bench(args: argparse.Namespace, cfg: Config, schema: Schema, batches: Sequen
 
         a, b = res[SIDE_A], res[SIDE_B]
         ratio = a.samples_per_s / b.samples_per_s
+        median_ratio = b.median_ms_per_step / a.median_ms_per_step  # equal batch sizes
         print()
-        median_ratio = b.median_ms_per_step / a.median_ms_per_step
-        print(f"{'side':<10} {'samples/s':>11} {'ms/step':>9} {'median ms':>10} {'final loss':>11}")
+        print(f"{'side':<10} {'samples/s':>11} {'ms/step':>9} {'median ms':>10} {'cpu share':>10} {'final loss':>11}")
         for r in (a, b):
-            print(f"{r.name:<10} {r.samples_per_s:>11,.0f} {r.ms_per_step:>9.1f} {r.median_ms_per_step:>10.1f} {r.final_loss:>11.4f}")
+            print(
+                f"{r.name:<10} {r.samples_per_s:>11,.0f} {r.ms_per_step:>9.1f} {r.median_ms_per_step:>10.1f} "
+                f"{r.cpu_share(args.threads):>10.0%} {r.final_loss:>11.4f}"
+            )
         print(f"ratio {SIDE_A} / {SIDE_B} = {ratio:.2f}x  (from medians: {median_ratio:.2f}x)")
 
+        warnings: List[str] = []
+        spiky = [r.name for r in (a, b) if r.ms_per_step > NOISE_FACTOR * r.median_ms_per_step]
+        if spiky:
+            warnings.append(
+                f"mean step > {NOISE_FACTOR}x median for {', '.join(spiky)}: load spikes during the run; "
+                "trust the median ratio, or rerun on a quiet machine"
+            )
+        starved = [r.name for r in (a, b) if r.cpu_share(args.threads) < MIN_CPU_SHARE]
+        if starved:
+            warnings.append(
+                f"{', '.join(starved)} got < {MIN_CPU_SHARE:.0%} of {args.threads} cores: other processes "
+                "shared them, so absolute samples/s are low (the ratio is still side by side)"
+            )
+        for w in warnings:
+            print("WARNING: " + w)
         ok = all(math.isfinite(r.final_loss) for r in (a, b))
         if not ok:
             print("ERROR: non-finite final loss")
         if args.json:
-            out = {
-                "data": args.data, "rows": None if args.data else args.rows, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                "threads": args.threads, "num_batches": len(batches), "chunk": args.chunk, "plan": plan, "ratio": ratio, "median_ratio": median_ratio,
-                "sides": {
-                    r.name: {"samples_per_s": r.samples_per_s, "ms_per_step": r.ms_per_step,
-                             "median_ms_per_step": r.median_ms_per_step, "steps": r.steps,
-                             "seconds": r.seconds, "final_loss": r.final_loss}
-                    for r in (a, b)
-                },
-            }
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-            print(f"wrote {args.json}")
+            write_json(args, len(batches), plan, ratio, median_ratio, warnings, (a, b))
         return 0 if ok else 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def write_json(
+    args: argparse.Namespace,
+    num_batches: int,
+    plan: Dict[str, Dict[str, object]],
+    ratio: float,
+    median_ratio: float,
+    warnings: List[str],
+    results: Sequence[SideResult],
+) -> None:
+    out = {
+        "data": args.data,
+        "rows": None if args.data else args.rows,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "chunk": args.chunk,
+        "threads": args.threads,
+        "num_batches": num_batches,
+        "plan": plan,
+        "ratio": ratio,
+        "median_ratio": median_ratio,
+        "warnings": warnings,
+        "sides": {
+            r.name: {
+                "samples_per_s": r.samples_per_s,
+                "ms_per_step": r.ms_per_step,
+                "median_ms_per_step": r.median_ms_per_step,
+                "steps": r.steps,
+                "seconds": r.seconds,
+                "cpu_share": r.cpu_share(args.threads),
+                "final_loss": r.final_loss,
+                "step_ms": [round(1e3 * t, 2) for t in r.step_seconds],
+            }
+            for r in results
+        },
+    }
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
