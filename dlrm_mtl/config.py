@@ -47,8 +47,8 @@ class ExpertLayerConfig:
 
     num_shared: int = 2  # shared experts
     num_specific: int = 1  # specific experts per scenario value (or per task)
-    hidden: List[int] = field(default_factory=lambda: [128])  # expert MLP hidden sizes
-    out_dim: int = 64
+    hidden: List[int] = field(default_factory=list)  # expert MLP hidden sizes ([] = one layer)
+    out_dim: int = 128
 
 
 @dataclass
@@ -57,9 +57,9 @@ class ModelConfig:
     scenario_emb_dim: int = 8  # gate-input embedding per scenario level
     scenario_layer: ExpertLayerConfig = field(default_factory=ExpertLayerConfig)
     task_layer: ExpertLayerConfig = field(
-        default_factory=lambda: ExpertLayerConfig(num_shared=2, num_specific=1, hidden=[64], out_dim=32)
+        default_factory=lambda: ExpertLayerConfig(num_shared=2, num_specific=1, hidden=[], out_dim=64)
     )
-    tower: List[int] = field(default_factory=lambda: [32])
+    tower: List[int] = field(default_factory=lambda: [64])
 
 
 @dataclass
@@ -76,9 +76,12 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = -1  # stop after this many steps per epoch when > 0
     seed: int = 0
-    dense_lr: float = 1e-3  # Adam on dense parameters
+    dense_lr: float = 3e-3  # Adam on dense parameters
     dense_weight_decay: float = 0.0
-    sparse_lr: float = 0.05  # fused row-wise Adagrad on embedding tables
+    sparse_lr: float = 0.2  # fused row-wise Adagrad on embedding tables
+    lr_schedule: str = "cosine"  # constant | cosine: both learning rates decay to lr_min_factor x
+    lr_min_factor: float = 0.05
+    warmup_steps: int = 0  # linear warm-up before the schedule
     backend: str = "auto"  # auto | gloo | nccl
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it

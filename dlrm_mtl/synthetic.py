@@ -5,10 +5,11 @@ different sizes and base rates (one large with rare conversions, one small and
 conversion-rich). Labels come from a known model:
 
 * latent taste ``u`` per user segment, latent ``v`` per item category (dim K);
-* pCTR = σ(b_ctr[s] + <u, v> + β_ctr[s, category] + γ[s, segment]
+* pCTR = σ(b_ctr[s] + <u, v> + β_ctr[s]·v + γ[s]·u
           + 0.9·[item category in the user's history] + user/item id biases + quality − position)
-* pCVR = σ(b_cvr[s] + 0.6·<u, v> + c[category] + β_cvr[s, category] − price + activity)
-  (<u, v> is shared by both tasks and all scenarios; β, γ are scenario-specific and largest
+* pCVR = σ(b_cvr[s] + 0.6·<u, v> + c·v + β_cvr[s]·v − price + activity)
+  (<u, v> is shared by both tasks and all scenarios; β, γ are scenario-specific directions in
+  the latent space, largest
   in the small scenario, so hard sharing shows negative transfer there)
 * click ~ Bernoulli(pCTR); conversion ~ click · Bernoulli(pCVR)   (conversion ⇒ click)
 
@@ -37,8 +38,10 @@ from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    num_users: int = 200_000
-    num_items: int = 100_000
+    num_users: int = 20_000  # active users; raw ids are random 62-bit integers ...
+    num_items: int = 10_000
+    user_table: int = 500_000  # ... hashed into tables this large (schema: hash: true)
+    item_table: int = 200_000
     num_segments: int = 64
     num_categories: int = 256
     latent_dim: int = 4
@@ -58,8 +61,8 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
         name="synthetic",
         row_id="row_id",
         sparse=[
-            SparseFeature("user_id", "t_user", spec.num_users, 16),
-            SparseFeature("item_id", "t_item", spec.num_items, 16),
+            SparseFeature("user_id", "t_user", spec.user_table, 16, hash=True),
+            SparseFeature("item_id", "t_item", spec.item_table, 16, hash=True),
             SparseFeature("user_segment", "t_segment", spec.num_segments, 16),
             # item category and the user's history share one table: membership of the item's
             # category in the history is a dot product of the two pooled embeddings.
@@ -114,17 +117,25 @@ class _World:
         self.cat_vec = rng.normal(0, 1, (spec.num_categories, K)) / math.sqrt(K) * 1.6
         self.user_segment = rng.integers(0, spec.num_segments, spec.num_users)
         self.item_category = rng.integers(0, spec.num_categories, spec.num_items)
-        self.user_bias = rng.normal(0, 0.2, spec.num_users)
-        self.item_bias = rng.normal(0, 0.2, spec.num_items)
+        self.user_bias = rng.normal(0, 0.1, spec.num_users)
+        self.item_bias = rng.normal(0, 0.1, spec.num_items)
         self.item_price = rng.lognormal(3.0, 0.8, spec.num_items)
         self.item_quality = rng.normal(0, 1, spec.num_items)
-        # scenario-specific preferences: per leaf, per item category (and per user segment);
-        # the small conversion-rich leaf departs most from the others (negative transfer).
+        # scenario-specific preferences: per leaf, a direction in the category / segment latent
+        # space (low rank, so a small scenario can learn it); the small conversion-rich leaf
+        # departs most from the others, so hard sharing shows negative transfer there.
         leaf_scale = np.array([0.3, 0.45, 0.6, 0.9])[:, None]
-        self.ctr_leaf_cat = rng.normal(0, 1, (4, spec.num_categories)) * leaf_scale
-        self.ctr_leaf_seg = rng.normal(0, 0.3, (4, spec.num_segments))
-        self.cvr_cat = rng.normal(0, 0.5, spec.num_categories)
-        self.cvr_leaf_cat = rng.normal(0, 1, (4, spec.num_categories)) * leaf_scale * 0.8
+
+        def directional(latent: np.ndarray, sd: np.ndarray) -> np.ndarray:
+            eff = rng.normal(0, 1, (4, K)) @ latent.T  # [4, N]
+            return eff / eff.std(axis=1, keepdims=True) * sd
+
+        self.ctr_leaf_cat = directional(self.cat_vec, leaf_scale)  # [4, C]
+        self.ctr_leaf_seg = directional(self.taste, np.full((4, 1), 0.3))  # [4, S]
+        self.cvr_cat = directional(self.cat_vec, np.full((1, 1), 0.5))[0]  # [C]
+        self.cvr_leaf_cat = directional(self.cat_vec, leaf_scale * 0.8)  # [4, C]
+        self.user_raw_id = rng.integers(0, 2**62, spec.num_users, dtype=np.int64)
+        self.item_raw_id = rng.integers(0, 2**62, spec.num_items, dtype=np.int64)
         self.users = _zipf_sampler(rng, spec.num_users, 1.05, 20.0)
         self.items = _zipf_sampler(rng, spec.num_items, 1.05, 20.0)
         # each segment's favourite categories (history is drawn mostly from these)
@@ -183,8 +194,8 @@ class _World:
         conversion = click & (rng.random(n) < pcvr)
         return {
             "row_id": np.arange(start_id, start_id + n, dtype=np.int64),
-            "user_id": user.astype(np.int64),
-            "item_id": item.astype(np.int64),
+            "user_id": self.user_raw_id[user],
+            "item_id": self.item_raw_id[item],
             "user_segment": seg.astype(np.int64),
             "item_category": cat.astype(np.int64),
             "hist_categories": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(hist.astype(np.int64))),

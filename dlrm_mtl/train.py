@@ -56,6 +56,23 @@ def evaluate(dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device
     return acc.compute()
 
 
+def lr_factor(cfg: Config, total_steps: int):
+    """Multiplier of both learning rates at a step: linear warm-up, then constant or cosine decay."""
+    warm, floor = cfg.train.warmup_steps, cfg.train.lr_min_factor
+    if cfg.train.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.lr_schedule {cfg.train.lr_schedule!r}: expected constant or cosine")
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.train.lr_schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
 def dense_fingerprint(dmp: torch.nn.Module) -> Dict[str, str]:
     """sha256 of every replicated (DDP) parameter: equal on all ranks when data parallelism is sound."""
     import hashlib
@@ -122,13 +139,14 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         writer = SummaryWriter(str(run_dir / "tb"))
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
 
+    steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.train.epochs))
     step = 0
     trained_rows = 0
     padded_rows = 0
     train_seconds = 0.0
     metrics: List[Dict[str, object]] = []
     last_terms: Dict[str, float] = {}
-    steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
     for epoch in range(cfg.train.epochs):
         train_stream.set_epoch(epoch)
         bar = None
@@ -146,6 +164,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step += 1
             rows = batch.num_real_rows
             trained_rows += rows
@@ -164,6 +183,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                     for k, v in last_terms.items():
                         writer.add_scalar(k, v, step)
                     writer.add_scalar("throughput/samples_per_s", sps, step)
+                    writer.add_scalar("lr/factor", scheduler.get_last_lr()[0] / cfg.train.sparse_lr, step)
                     for name, g in gates.items():
                         writer.add_histogram(f"gates/{name}", g.float().mean(0).flatten(), step)
                 if bar is not None:

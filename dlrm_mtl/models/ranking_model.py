@@ -54,7 +54,9 @@ class DenseArch(nn.Module):
         self.interaction = DotInteraction(F, D)
         self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, cfg.scenario_emb_dim) for l in schema.scenarios)
         self.scenario_layers = nn.ModuleList()
-        d = self.interaction.out_dim
+        # the scenario embeddings are gate inputs *and* part of x (design §3): experts can then
+        # model scenario-dependent effects of the features, not only be weighted by scenario
+        d = self.interaction.out_dim + len(schema.scenarios) * cfg.scenario_emb_dim
         sl = cfg.scenario_layer
         for level in schema.scenarios:
             layer = ScenarioLayer(d, level.num_values, cfg.scenario_emb_dim, sl.num_shared, sl.num_specific, sl.hidden, sl.out_dim)
@@ -67,11 +69,11 @@ class DenseArch(nn.Module):
         self.level_names = [l.name for l in schema.scenarios]
 
     def forward(self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        x = self.interaction(self.dense_mlp(dense), pooled)  # [B, d]
+        embs = [emb(scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
+        x = torch.cat([self.interaction(self.dense_mlp(dense), pooled)] + embs, dim=1)  # [B, d]
         gates: Dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.scenario_layers):
-            sid = scenario[:, i]
-            x, g = layer(x, sid, self.scenario_emb[i](sid))  # [B, d'], [B, E]
+            x, g = layer(x, scenario[:, i], embs[i])  # [B, d'], [B, E]
             gates[f"scenario/{self.level_names[i]}"] = g
         y, g = self.task_layer(x)  # [T, B, d'], [B, T, E]
         gates["task/cgc"] = g

@@ -38,9 +38,12 @@ class ExpertBank(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for a, b in zip(sizes[:-1], sizes[1:]):
-            bound = 1.0 / math.sqrt(a)  # nn.Linear's default init, per expert
+            # He (Kaiming) uniform init: keeps activation variance through ReLU layers; the
+            # nn.Linear default (bound 1/sqrt(in)) shrinks it ~6x per layer, which starves a
+            # stack of scenario and task layers of signal.
+            bound = math.sqrt(6.0 / a)
             self.weights.append(nn.Parameter(torch.empty(num_experts, a, b).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_experts, b).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.zeros(num_experts, b)))
 
     def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
         """x: ``[B, in]`` -> ``[B, count, out]`` for experts ``start .. start+count-1`` (default all)."""
