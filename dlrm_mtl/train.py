@@ -150,7 +150,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     for epoch in range(cfg.train.epochs):
         train_stream.set_epoch(epoch)
         bar = None
-        if env.is_main and cfg.train.progress:
+        if env.is_main and cfg.train.progress and sys.stdout.isatty():
             from tqdm import tqdm
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=100)
@@ -188,6 +188,9 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                         writer.add_histogram(f"gates/{name}", g.float().mean(0).flatten(), step)
                 if bar is not None:
                     bar.set_postfix_str(f"loss {last_terms.get('loss/total', math.nan):.4f} {sps:,.0f} samples/s")
+                elif cfg.train.progress and (i + 1) % (cfg.train.log_every * 4) == 0:
+                    _log(env, f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {last_terms.get('loss/total', math.nan):.4f} "
+                              f"{sps:,.0f} samples/s")
         train_seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()

@@ -1,5 +1,7 @@
 """TorchX component for dlrm_mtl training.
 
+(No `from __future__ import annotations` here: TorchX decodes arguments from real type objects.)
+
 Runs ``python -m dlrm_mtl train --config CONFIG [--set K=V ...]`` under torchrun on every
 replica (TorchX's ``dist.ddp``), so the same component works with any TorchX scheduler::
 
@@ -12,7 +14,6 @@ replica (TorchX's ``dist.ddp``), so the same component works with any TorchX sch
 puts ``.venv/bin`` first).
 """
 
-from __future__ import annotations
 
 import os
 from typing import Dict, List, Optional
