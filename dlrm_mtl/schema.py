@@ -251,6 +251,8 @@ class Schema:
     def load(cls, path: str | Path) -> "Schema":
         with open(path) as fh:
             d = yaml.safe_load(fh)
+        if not isinstance(d, dict):
+            raise SchemaError(f"{path}: expected a YAML mapping with sparse/dense/scenarios/tasks, got {type(d).__name__}")
         try:
             return cls.from_dict(d)
         except SchemaError as e:

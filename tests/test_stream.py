@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlrm_mtl.data import ParquetStream, assign_row_groups, list_row_groups
-from dlrm_mtl.data.stream import DataError
+from dlrm_mtl.data.stream import DataError, hash_ids
 from dlrm_mtl.schema import Schema
 
 
@@ -35,6 +35,8 @@ def test_batches_equal_parquet_rows(synthetic_small, shuffle):
             offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
             vals = jt.values().numpy()
             expected = rows[f.name].to_pylist()
+            if f.hash:
+                expected = hash_ids(np.array(expected, dtype=np.int64), f.num_embeddings).tolist()
             for i in range(n):
                 got = vals[offsets[i] : offsets[i + 1]].tolist()
                 exp = expected[i] if f.multi_hot else [expected[i]]
