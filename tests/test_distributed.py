@@ -54,4 +54,12 @@ def test_torchx_two_workers_shard_tables_and_agree_on_dense(synthetic_small, tmp
     for key in ("auc", "oracle_auc", "logloss", "calibration", "count"):
         assert key in by[("all", "ctcvr")]
     assert (run_dir / "checkpoints" / "final" / ".metadata").exists()
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"loss/ctr", "loss/ctcvr", "loss/total", "throughput/samples_per_s", "lr/factor",
+                "eval_auc/ctr/all", "eval_auc/ctcvr/vertical/product_card", "eval_oracle_auc/ctr/all"}
+    assert expected <= tags, expected - tags
+    assert set(acc.Tags()["histograms"]) >= {"gates/scenario/channel", "gates/scenario/domain", "gates/task/cgc"}

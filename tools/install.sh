@@ -27,8 +27,9 @@ if [ "$STACK" = cpu ]; then
   "$UV" pip install --python "$VENV/bin/python" "${links[@]}" \
     --override tools/cpu-overrides.txt -e ".[cpu,dev]"
 else
-  # GPU machines: a CUDA torch must be present or is pulled by fbgemm-gpu's pin.
-  "$UV" pip install --python "$VENV/bin/python" "${links[@]}" -e ".[gpu,dev]"
+  # GPU machines: PyPI's CUDA builds of torch 2.13.0 and fbgemm-gpu 1.8.0. No local
+  # find-links here: they hold the +cpu torch wheel, which would satisfy torch==2.13.0.
+  "$UV" pip install --python "$VENV/bin/python" -e ".[gpu,dev]"
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, torchrec, fbgemm_gpu  # noqa: F401 -- fails loudly on a broken stack
