@@ -1,0 +1,73 @@
+"""The training batch: a TorchRec ``Pipelineable`` so TrainPipelineSparseDist can move it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch of B impressions.
+
+    Attributes:
+        sparse: KJT with one key per schema sparse feature (schema order), stride B.
+        dense: ``[B, Fd]`` float32, transforms already applied.
+        scenario: ``[B, L]`` int64, one id per scenario level.
+        labels: ``[B, T]`` float32, 0 where the label is null (see ``label_mask``).
+        label_mask: ``[B, T]`` bool, False where the label is null or the row is padding.
+        row_id: ``[B]`` int64 (-1 for padding rows), for exactly-once accounting.
+        oracle: ``[B, T]`` float32 true conditional probabilities, when the data has them.
+        weight: ``[B]`` float32 per-row weight; 0 marks a padding row.
+    """
+
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor
+    scenario: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    row_id: torch.Tensor
+    weight: torch.Tensor
+    oracle: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    @property
+    def num_real_rows(self) -> int:
+        return int((self.row_id >= 0).sum())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            dense=self.dense.to(device=device, non_blocking=non_blocking),
+            scenario=self.scenario.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            label_mask=self.label_mask.to(device=device, non_blocking=non_blocking),
+            row_id=self.row_id.to(device=device, non_blocking=non_blocking),
+            weight=self.weight.to(device=device, non_blocking=non_blocking),
+            oracle=None if self.oracle is None else self.oracle.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse.record_stream(stream)
+        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle):
+            if t is not None:
+                t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            scenario=self.scenario.pin_memory(),
+            labels=self.labels.pin_memory(),
+            label_mask=self.label_mask.pin_memory(),
+            row_id=self.row_id.pin_memory(),
+            weight=self.weight.pin_memory(),
+            oracle=None if self.oracle is None else self.oracle.pin_memory(),
+        )

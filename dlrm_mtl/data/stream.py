@@ -1,0 +1,460 @@
+"""Streaming Parquet reader: row groups split across ranks, bounded shuffle, padded equal steps.
+
+Design §2. ``pyarrow.dataset`` lists the files and splits them into row-group fragments;
+each rank reads only the row groups assigned to it (balanced by row count, deterministic),
+one at a time, so memory is bounded by the shuffle buffer, never the data set.
+
+Equal steps policy: every rank yields exactly ``num_batches`` batches of exactly
+``batch_size`` rows. The last real batch of a rank is filled up with *padding rows*
+(``row_id == -1``, ``weight == 0``, ``label_mask`` all False, no sparse ids), and a rank
+whose share is smaller yields whole padding batches until every rank is done. No row is
+dropped and none is read twice; padding rows carry no loss and are excluded from metrics,
+so collectives never hang on uneven shards.
+
+Validation happens per row group before shuffling, so errors name the file, the column and
+the row (0-based index within the file)::
+
+    DataError: data/train/part-00003.parquet: column 'item_id', row 70123: id 100000 outside
+    [0, 100000) (set hash: true in the schema to hash raw ids)
+
+Example::
+
+    stream = ParquetStream(schema, "data/synthetic/train", batch_size=2048, rank=0, world_size=2)
+    for batch in stream:        # Batch(sparse=KJT, dense=[B, Fd], scenario=[B, L], ...)
+        ...
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs  # noqa: F401  (pa.fs)
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.schema import Schema
+
+
+class DataError(ValueError):
+    """Bad input data, naming the file, column and row."""
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: str
+    file_index: int
+    index: int  # row group index within the file
+    first_row: int  # index of its first row within the file
+    num_rows: int
+
+
+def _dataset(paths: str | Sequence[str]) -> ds.Dataset:
+    try:
+        return ds.dataset(paths, format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{paths}: cannot open as Parquet: {e}") from None
+
+
+def list_row_groups(paths: str | Sequence[str] | ds.Dataset) -> List[RowGroup]:
+    """Every row group of every file under ``paths``, in sorted file order."""
+    dset = paths if isinstance(paths, ds.Dataset) else _dataset(paths)
+    out: List[RowGroup] = []
+    for fi, frag in enumerate(sorted(dset.get_fragments(), key=lambda f: f.path)):
+        first = 0
+        try:
+            groups = frag.metadata.num_row_groups
+            for rg in range(groups):
+                n = frag.metadata.row_group(rg).num_rows
+                out.append(RowGroup(frag.path, fi, rg, first, n))
+                first += n
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{frag.path}: cannot read Parquet metadata: {e}") from None
+    return out
+
+
+def assign_row_groups(groups: Sequence[RowGroup], world_size: int) -> List[List[RowGroup]]:
+    """Deterministic balanced split: largest row groups first, each to the least-loaded rank."""
+    shards: List[List[RowGroup]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    order = sorted(range(len(groups)), key=lambda i: (-groups[i].num_rows, i))
+    for i in order:
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        shards[r].append(groups[i])
+        load[r] += groups[i].num_rows
+    for s in shards:
+        s.sort(key=lambda g: (g.file_index, g.index))
+    return shards
+
+
+def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Stable hash of int64 raw ids into [0, num_buckets): splitmix64's finaliser, then modulo.
+
+    Identical on every machine and run (pure uint64 arithmetic), and it mixes the bits so
+    structured raw ids (sequential, strided, high-bit only) spread evenly over the buckets.
+    """
+    z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(num_buckets)).astype(np.int64)
+
+
+class RowGroupConverter:
+    """Validates one Arrow row group against the schema and returns clean columns.
+
+    Output table columns: ``row_id`` int64, each sparse feature (int64 ids, lists for
+    multi-hot, hashed/truncated), ``dense`` fixed-size list of float32 (transformed),
+    ``scenario`` per level int64, ``label:<task>`` float32, ``mask:<task>`` bool,
+    ``weight`` float32 and ``oracle:<task>`` float32 when present.
+    """
+
+    def __init__(self, schema: Schema, with_oracle: bool = True, filesystem: Optional[pa.fs.FileSystem] = None) -> None:
+        self.schema = schema
+        self.filesystem = filesystem
+        self.format = ds.ParquetFileFormat()
+        self.with_oracle = with_oracle and all(t.oracle for t in schema.tasks)
+        self.columns = schema.columns(with_oracle=self.with_oracle)
+
+    def read(self, group: RowGroup) -> pa.Table:
+        try:
+            frag = self.format.make_fragment(group.path, self.filesystem, row_groups=[group.index])
+            missing = [c for c in self.columns if c not in frag.physical_schema.names]
+            if missing:
+                raise DataError(f"{group.path}: missing column(s) {missing} required by schema {self.schema.name!r}")
+            table = frag.to_table(columns=self.columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{group.path}: row group {group.index}: cannot read: {e}") from None
+        return self.convert(table, group)
+
+    def convert(self, t: pa.Table, group: RowGroup) -> pa.Table:
+        s = self.schema
+        n = t.num_rows
+
+        def fail(column: str, local_row: int, msg: str) -> DataError:
+            return DataError(f"{group.path}: column {column!r}, row {group.first_row + local_row}: {msg}")
+
+        out: Dict[str, pa.Array] = {}
+        if s.row_id:
+            out["row_id"] = pc.cast(t[s.row_id], pa.int64()).combine_chunks()
+        else:
+            out["row_id"] = pa.array(
+                (group.file_index << 40) + group.first_row + np.arange(n, dtype=np.int64)
+            )
+        for f in s.sparse:
+            col = t[f.column].combine_chunks()
+            if f.multi_hot:
+                if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+                    raise DataError(f"{group.path}: column {f.column!r}: expected a list of ids, got {col.type}")
+                col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
+                if f.max_len:
+                    col = pc.list_slice(col, 0, f.max_len)
+                values = pc.list_flatten(col)
+            else:
+                if pa.types.is_list(col.type):
+                    raise DataError(f"{group.path}: column {f.column!r}: declared single-hot but holds lists")
+                values = col
+            if not pa.types.is_integer(values.type):
+                raise DataError(f"{group.path}: column {f.column!r}: expected integer ids, got {values.type}")
+            if f.multi_hot and values.null_count:
+                bad_pos = int(np.argmax(~pc.is_valid(values).to_numpy(zero_copy_only=False)))
+                offs = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).cumsum()
+                raise fail(f.column, int(np.searchsorted(offs, bad_pos, side="right")), "null id inside a multi-hot list")
+            ids = values.to_numpy(zero_copy_only=False) if values.null_count == 0 else None
+            if ids is None:  # null single-hot id: empty bag for that row
+                valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+                ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+            ids = ids.astype(np.int64, copy=False)
+            if f.hash:
+                ids = hash_ids(ids, f.num_embeddings)
+            else:
+                bad = (ids < 0) | (ids >= f.num_embeddings)
+                if bad.any():
+                    pos = int(np.argmax(bad))
+                    row = pos
+                    if f.multi_hot:
+                        offs = col.offsets.to_numpy()[: n + 1] - col.offsets[0].as_py()
+                        row = int(np.searchsorted(offs, pos, side="right") - 1)
+                    raise fail(
+                        f.column, row,
+                        f"id {int(ids[pos])} outside [0, {f.num_embeddings}) "
+                        "(set hash: true in the schema to hash raw ids)",
+                    )
+            if f.multi_hot:
+                offsets = pc.subtract(col.offsets, col.offsets[0]) if col.offset else col.offsets
+                out[f.name] = pa.ListArray.from_arrays(offsets, pa.array(ids))
+            elif values.null_count:
+                out[f.name] = pa.array(ids, mask=~valid)
+            else:
+                out[f.name] = pa.array(ids)
+        dense = np.zeros((n, len(s.dense)), dtype=np.float32)
+        for j, d in enumerate(s.dense):
+            col = t[d.column]
+            if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
+                raise DataError(f"{group.path}: column {d.column!r}: expected a number, got {col.type}")
+            if col.null_count:
+                raise fail(d.column, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null dense value")
+            x = col.to_numpy().astype(np.float32)
+            if not np.isfinite(x).all():
+                raise fail(d.column, int(np.argmax(~np.isfinite(x))), f"non-finite dense value {x[~np.isfinite(x)][0]}")
+            if d.transform == "log1p":
+                if (x < 0).any():
+                    raise fail(d.column, int(np.argmax(x < 0)), f"log1p of negative value {x[x < 0][0]}")
+                x = np.log1p(x)
+            dense[:, j] = x
+        out["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), max(len(s.dense), 1)) if s.dense else pa.array(np.zeros(n, dtype=np.float32))
+        for lvl in s.scenarios:
+            col = t[lvl.column]
+            if col.null_count:
+                raise fail(lvl.column, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null scenario id")
+            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                raise DataError(f"{group.path}: column {lvl.column!r}: expected integer scenario ids, got {col.type}")
+            xf = col.to_numpy()
+            if pa.types.is_floating(col.type):
+                frac = ~np.isfinite(xf) | (xf != np.round(xf))
+                if frac.any():
+                    raise fail(lvl.column, int(np.argmax(frac)), f"scenario id {xf[frac][0]} is not an integer")
+            x = xf.astype(np.int64)
+            bad = (x < 0) | (x >= lvl.num_values)
+            if bad.any():
+                raise fail(lvl.column, int(np.argmax(bad)), f"scenario id {int(x[bad][0])} outside [0, {lvl.num_values})")
+            out["scenario:" + lvl.name] = pa.array(x)
+        labels: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        for task in s.tasks:
+            col = t[task.label]
+            if pa.types.is_boolean(col.type):
+                col = pc.cast(col, pa.int8())
+            elif not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                raise DataError(f"{group.path}: column {task.label!r}: expected a numeric or boolean label, got {col.type}")
+            valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+            y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
+            if task.type == "binary":
+                bad = valid & (y != 0) & (y != 1)
+                if bad.any():
+                    raise fail(task.label, int(np.argmax(bad)), f"label {y[bad][0]} not in {{0, 1}}")
+            labels[task.name] = (y, valid)
+        for task in s.tasks:
+            y, valid = labels[task.name]
+            if task.parent is not None:
+                py, pvalid = labels[task.parent]
+                bad = valid & pvalid & (y == 1) & (py == 0)
+                if bad.any():
+                    raise fail(task.label, int(np.argmax(bad)), f"positive {task.name!r} label on a row whose parent {task.parent!r} is 0")
+            out["label:" + task.name] = pa.array(y)
+            out["mask:" + task.name] = pa.array(valid)
+        if s.weight:
+            w = t[s.weight].to_numpy(zero_copy_only=False).astype(np.float32)
+            if not np.isfinite(w).all() or (w < 0).any():
+                raise fail(s.weight, int(np.argmax(~np.isfinite(w) | (w < 0))), "weight must be finite and >= 0")
+            out["weight"] = pa.array(w)
+        else:
+            out["weight"] = pa.array(np.ones(n, dtype=np.float32))
+        if self.with_oracle:
+            for task in s.tasks:
+                out["oracle:" + task.name] = pc.cast(t[task.oracle], pa.float32()).combine_chunks()
+        return pa.table(out)
+
+
+def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:
+    """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
+    n = t.num_rows
+    pad = batch_size - n
+    assert pad >= 0
+    lengths: List[np.ndarray] = []
+    values: List[np.ndarray] = []
+    for f in schema.sparse:
+        col = t[f.name].combine_chunks()
+        if f.multi_hot:
+            lens = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int32)
+            vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        else:
+            valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+            lens = valid.astype(np.int32)
+            vals = col.to_numpy(zero_copy_only=False)[valid] if col.null_count else col.to_numpy(zero_copy_only=False)
+        lengths.append(np.concatenate([lens, np.zeros(pad, dtype=np.int32)]))
+        values.append(vals.astype(np.int64, copy=False))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in schema.sparse],
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths)),
+    )
+
+    def padded(x: np.ndarray, fill: float | int | bool) -> torch.Tensor:
+        if pad:
+            x = np.concatenate([x, np.full((pad,) + x.shape[1:], fill, dtype=x.dtype)])
+        return torch.from_numpy(np.array(x, copy=True, order="C"))
+
+    nd = len(schema.dense)
+    dense = _np(pa.chunked_array(t["dense"].chunks).combine_chunks().flatten()).reshape(n, nd) if nd else np.zeros((n, 0), np.float32)
+    scen = np.stack([_np(t["scenario:" + l.name]) for l in schema.scenarios], axis=1)
+    labels = np.stack([_np(t["label:" + k.name]) for k in schema.tasks], axis=1)
+    mask = np.stack([_np(t["mask:" + k.name]) for k in schema.tasks], axis=1)
+    oracle = None
+    if with_oracle:
+        oracle = padded(np.stack([_np(t["oracle:" + k.name]) for k in schema.tasks], axis=1), 0.0)
+    return Batch(
+        sparse=kjt,
+        dense=padded(dense.astype(np.float32, copy=False), 0.0),
+        scenario=padded(scen.astype(np.int64), 0),
+        labels=padded(labels.astype(np.float32), 0.0),
+        label_mask=padded(mask.astype(bool), False),
+        row_id=padded(_np(t["row_id"]).astype(np.int64), -1),
+        weight=padded(_np(t["weight"]).astype(np.float32), 0.0),
+        oracle=oracle,
+    )
+
+
+class ParquetStream:
+    """Iterable of equal-size, equal-count Batches for one rank (see module docstring).
+
+    Args:
+        schema: the data set schema.
+        paths: file, directory, list of files (anything ``pyarrow.dataset`` accepts).
+        batch_size: rows per batch on this rank.
+        rank, world_size: this rank's position; row groups are split by ``assign_row_groups``.
+        shuffle_buffer_rows: rows held for shuffling (0 = read order, no shuffle).
+        seed: shuffle seed; the order depends on (seed, epoch, rank).
+        prefetch_batches: batches converted ahead by a background thread (0 = inline).
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        paths: str | Sequence[str],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer_rows: int = 0,
+        seed: int = 0,
+        prefetch_batches: int = 4,
+        with_oracle: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be > 0")
+        self.schema = schema
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer_rows = shuffle_buffer_rows
+        self.seed = seed
+        self.prefetch_batches = prefetch_batches
+        self.epoch = 0
+        dset = _dataset(paths)
+        self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
+        self.with_oracle = self.converter.with_oracle
+        groups = list_row_groups(dset)
+        if not groups:
+            raise DataError(f"{paths}: no Parquet row groups found")
+        shards = assign_row_groups(groups, world_size)
+        self.groups = shards[rank]
+        self._any_group = next(g for g in groups if g.num_rows > 0) if any(g.num_rows for g in groups) else groups[0]
+        self.rows_per_rank = [sum(g.num_rows for g in s) for s in shards]
+        self.num_rows = self.rows_per_rank[rank]
+        self.total_rows = sum(self.rows_per_rank)
+        self.num_batches = max(1, max(-(-r // batch_size) for r in self.rows_per_rank))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ---------------------------------------------------------------- producer
+    def _tables(self) -> Iterator[pa.Table]:
+        """Clean tables of exactly batch_size rows (the last one may be shorter)."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        groups = list(self.groups)
+        if self.shuffle_buffer_rows > 0:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        buffer: List[pa.Table] = []
+        held = 0
+        B = self.batch_size
+
+        def drain(final: bool) -> Iterator[pa.Table]:
+            nonlocal buffer, held
+            if not buffer:
+                return
+            t = pa.concat_tables(buffer)
+            if self.shuffle_buffer_rows > 0:
+                t = t.take(pa.array(rng.permutation(t.num_rows)))
+            keep = t.num_rows if final else t.num_rows - t.num_rows % B
+            for start in range(0, keep, B):
+                yield t.slice(start, min(B, keep - start))
+            rest = t.slice(keep)
+            buffer, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+        threshold = max(self.shuffle_buffer_rows, B)
+        for g in groups:
+            if g.num_rows == 0:
+                continue
+            t = self.converter.read(g)
+            buffer.append(t)
+            held += t.num_rows
+            if held >= threshold:
+                yield from drain(final=False)
+        yield from drain(final=True)
+
+    def _batches(self) -> Iterator[Batch]:
+        produced = 0
+        for t in self._tables():
+            yield table_to_batch(t, self.schema, self.batch_size, self.with_oracle)
+            produced += 1
+        empty = None
+        while produced < self.num_batches:
+            if empty is None:
+                empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle)
+            yield empty
+            produced += 1
+        if produced != self.num_batches:
+            raise RuntimeError(f"rank {self.rank}: produced {produced} batches, expected {self.num_batches}")
+
+    def _empty_table(self) -> pa.Table:
+        return self.converter.read(self._any_group).slice(0, 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.prefetch_batches <= 0:
+            yield from self._batches()
+            return
+        q: "queue.Queue[object]" = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for b in self._batches():
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as e:  # surfaced in the consumer thread
+                q.put(e)
+
+        th = threading.Thread(target=work, name=f"dlrm_mtl-reader-r{self.rank}", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            stop.set()
