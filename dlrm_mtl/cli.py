@@ -17,7 +17,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_third_party_logs() -> None:
+    """Hide the stack's deprecation chatter (TorchRec planner notices, torch FutureWarnings,
+    fbgemm import notes) so the run's own log is readable; DLRM_MTL_VERBOSE=1 keeps it."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("DLRM_MTL_VERBOSE"):
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchrec|fbgemm_gpu)\b.*")
+    for name in ("torchrec", "torch.fx", "torch.distributed", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _train(args: argparse.Namespace) -> int:
+    quiet_third_party_logs()
     from dlrm_mtl.config import Config
     from dlrm_mtl.train import train
 

@@ -28,6 +28,7 @@ class DataConfig:
     batch_size: int = 2048  # per rank
     shuffle_buffer_rows: int = 65536  # bounded shuffle buffer per rank; 0 = no shuffle
     prefetch_batches: int = 4  # batches prepared ahead by the reader thread
+    num_workers: int = 2  # threads reading/decoding row groups ahead (per rank)
 
     def schema_path(self) -> str:
         """The schema file: ``schema`` if set, else schema.yaml next to or above ``train``."""

@@ -53,7 +53,9 @@ class SparseFeature:
     multi_hot: bool = False
     max_len: int = 0  # multi-hot truncation; 0 = keep all
     pooling: str = "sum"
-    hash: bool = False  # False: ids must lie in [0, num_embeddings); True: id mod num_embeddings
+    # False: int ids must lie in [0, num_embeddings). True: int or string raw ids are hashed
+    # (stable: FNV-1a for strings, splitmix64 finaliser, modulo num_embeddings).
+    hash: bool = False
     column: str = ""  # defaults to name
 
     def __post_init__(self) -> None:
@@ -62,11 +64,23 @@ class SparseFeature:
 
 @dataclass
 class DenseFeature:
-    """One numeric feature, with a declared transform applied at read time."""
+    """One numeric feature, transformed at read time in this order:
+
+    null -> ``default`` (counted; a null without a default is an error), then ``transform``
+    (``log1p`` needs values >= 0), then clipping to [``clip_min``, ``clip_max``] (counted),
+    then, when ``standardize``, ``(x - mean) / std`` with statistics written into the schema
+    by ``dlrm-mtl dense-stats``.
+    """
 
     name: str
     transform: str = "none"
     column: str = ""
+    default: Optional[float] = None
+    clip_min: Optional[float] = None
+    clip_max: Optional[float] = None
+    standardize: bool = False
+    mean: Optional[float] = None
+    std: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.column = self.column or self.name
@@ -152,6 +166,13 @@ class Schema:
         for d in self.dense:
             if d.transform not in DENSE_TRANSFORMS:
                 raise SchemaError(f"dense feature {d.name!r}: transform {d.transform!r} not in {DENSE_TRANSFORMS}")
+            if d.clip_min is not None and d.clip_max is not None and d.clip_min > d.clip_max:
+                raise SchemaError(f"dense feature {d.name!r}: clip_min > clip_max")
+            if d.standardize and (d.mean is None or not d.std):
+                raise SchemaError(
+                    f"dense feature {d.name!r}: standardize needs mean and std > 0 "
+                    "(compute them with `dlrm-mtl dense-stats`)"
+                )
         for s in self.scenarios:
             if s.num_values <= 0:
                 raise SchemaError(f"scenario level {s.name!r}: num_values must be > 0")

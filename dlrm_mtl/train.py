@@ -56,6 +56,20 @@ def evaluate(dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device
     return acc.compute()
 
 
+def _merged_counters(stream: ParquetStream) -> Dict[str, int]:
+    """The stream's policy counters (null ids, truncated lists, ...) summed over all ranks."""
+    local = stream.counters()
+    if dist.get_world_size() == 1:
+        return local
+    gathered: List[Dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    out: Dict[str, int] = {}
+    for g in gathered:
+        for k, v in g.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def lr_factor(cfg: Config, total_steps: int):
     """Multiplier of both learning rates at a step: linear warm-up, then constant or cosine decay."""
     warm, floor = cfg.train.warmup_steps, cfg.train.lr_min_factor
@@ -125,9 +139,11 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     train_stream = ParquetStream(
         schema, cfg.data.train, B, env.rank, env.world_size,
         shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.train.seed, prefetch_batches=cfg.data.prefetch_batches,
+        num_workers=cfg.data.num_workers,
     )
     eval_stream = ParquetStream(
-        schema, cfg.data.eval, B, env.rank, env.world_size, prefetch_batches=cfg.data.prefetch_batches
+        schema, cfg.data.eval, B, env.rank, env.world_size, prefetch_batches=cfg.data.prefetch_batches,
+        num_workers=cfg.data.num_workers,
     )
     _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
               f"{len(train_stream)} steps/epoch of {B} rows/rank; eval rows {eval_stream.total_rows}")
@@ -194,6 +210,12 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         train_seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        counters = _merged_counters(train_stream)
+        if counters:
+            _log(env, "input policies applied (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+            if writer is not None:
+                for k, v in counters.items():
+                    writer.add_scalar(f"data/{k}", v, step)
         if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1:
             metrics = evaluate(dmp, eval_stream, schema, env.device)
             if writer is not None:
@@ -218,7 +240,10 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     _write_rank_report(run_dir, env, dmp, trained_rows, padded_rows)
     ckpt = run_dir / "checkpoints" / "final"
     dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(ckpt))
-    result = {"metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step}
+    result = {
+        "metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step,
+        "data_counters": _merged_counters(train_stream),
+    }
     if env.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         if writer is not None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -40,11 +42,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.data.errors import DataError
+from dlrm_mtl.data.source import Source, open_source
 from dlrm_mtl.schema import Schema
-
-
-class DataError(ValueError):
-    """Bad input data, naming the file, column and row."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,9 @@ class RowGroup:
     num_rows: int
 
 
-def _dataset(paths: str | Sequence[str]) -> ds.Dataset:
-    try:
-        return ds.dataset(paths, format="parquet")
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{paths}: cannot open as Parquet: {e}") from None
-
-
-def list_row_groups(paths: str | Sequence[str] | ds.Dataset) -> List[RowGroup]:
+def list_row_groups(paths: Source | ds.Dataset, filesystem: Optional[pa.fs.FileSystem] = None) -> List[RowGroup]:
     """Every row group of every file under ``paths``, in sorted file order."""
-    dset = paths if isinstance(paths, ds.Dataset) else _dataset(paths)
+    dset = paths if isinstance(paths, ds.Dataset) else open_source(paths, filesystem)
     out: List[RowGroup] = []
     for fi, frag in enumerate(sorted(dset.get_fragments(), key=lambda f: f.path)):
         first = 0
@@ -107,6 +100,26 @@ def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
     return (z % np.uint64(num_buckets)).astype(np.int64)
 
 
+def hash_strings(values: pa.Array, num_buckets: int) -> np.ndarray:
+    """Stable hash of string/binary raw ids: FNV-1a 64 over the UTF-8 bytes, then ``hash_ids``.
+
+    Vectorised over rows (one pass per byte position), identical on every machine and run.
+    """
+    arr = pc.cast(values, pa.large_binary()) if not pa.types.is_large_binary(values.type) else values
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for k in range(int(lengths.max()) if n else 0):
+        active = lengths > k
+        h[active] = (h[active] ^ data[starts[active] + k].astype(np.uint64)) * prime
+    return hash_ids(h.view(np.int64), num_buckets)
+
+
 class RowGroupConverter:
     """Validates one Arrow row group against the schema and returns clean columns.
 
@@ -122,6 +135,14 @@ class RowGroupConverter:
         self.format = ds.ParquetFileFormat()
         self.with_oracle = with_oracle and all(t.oracle for t in schema.tasks)
         self.columns = schema.columns(with_oracle=self.with_oracle)
+        self.counters: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _count(self, key: str, n: int) -> None:
+        """Counted input policies (null ids, truncated lists, filled/clipped dense values)."""
+        if n:
+            with self._lock:
+                self.counters[key] = self.counters.get(key, 0) + n
 
     def read(self, group: RowGroup) -> pa.Table:
         try:
@@ -154,27 +175,40 @@ class RowGroupConverter:
                 if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
                     raise DataError(f"{group.path}: column {f.column!r}: expected a list of ids, got {col.type}")
                 col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
+                truncated = 0
                 if f.max_len:
-                    col = pc.list_slice(col, 0, f.max_len)
+                    over = pc.subtract(pc.list_value_length(col), f.max_len).to_numpy(zero_copy_only=False)
+                    truncated = int(over[over > 0].sum())
+                    if truncated:
+                        col = pc.list_slice(col, 0, f.max_len)
                 values = pc.list_flatten(col)
             else:
                 if pa.types.is_list(col.type):
                     raise DataError(f"{group.path}: column {f.column!r}: declared single-hot but holds lists")
-                values = col
-            if not pa.types.is_integer(values.type):
-                raise DataError(f"{group.path}: column {f.column!r}: expected integer ids, got {values.type}")
+                values, truncated = col, 0
+            is_str = pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
+            if is_str and not f.hash:
+                raise DataError(f"{group.path}: column {f.column!r}: string ids need `hash: true` in the schema")
+            if not is_str and not pa.types.is_integer(values.type):
+                raise DataError(f"{group.path}: column {f.column!r}: expected integer or string ids, got {values.type}")
             if f.multi_hot and values.null_count:
                 bad_pos = int(np.argmax(~pc.is_valid(values).to_numpy(zero_copy_only=False)))
                 offs = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).cumsum()
                 raise fail(f.column, int(np.searchsorted(offs, bad_pos, side="right")), "null id inside a multi-hot list")
-            ids = values.to_numpy(zero_copy_only=False) if values.null_count == 0 else None
-            if ids is None:  # null single-hot id: empty bag for that row
+            valid = None
+            if values.null_count:  # null single-hot id: an empty bag for that row (counted)
                 valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
-                ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
-            ids = ids.astype(np.int64, copy=False)
-            if f.hash:
-                ids = hash_ids(ids, f.num_embeddings)
+                self._count(f"null_ids/{f.column}", int((~valid).sum()))
+                values = pc.fill_null(values, "" if is_str else 0)
+            if truncated:
+                self._count(f"truncated_ids/{f.column}", truncated)
+            if is_str:
+                ids = hash_strings(values, f.num_embeddings)
             else:
+                ids = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            if f.hash and not is_str:
+                ids = hash_ids(ids, f.num_embeddings)
+            elif not f.hash:
                 bad = (ids < 0) | (ids >= f.num_embeddings)
                 if bad.any():
                     pos = int(np.argmax(bad))
@@ -190,7 +224,7 @@ class RowGroupConverter:
             if f.multi_hot:
                 offsets = pc.subtract(col.offsets, col.offsets[0]) if col.offset else col.offsets
                 out[f.name] = pa.ListArray.from_arrays(offsets, pa.array(ids))
-            elif values.null_count:
+            elif valid is not None:
                 out[f.name] = pa.array(ids, mask=~valid)
             else:
                 out[f.name] = pa.array(ids)
@@ -200,7 +234,11 @@ class RowGroupConverter:
             if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
                 raise DataError(f"{group.path}: column {d.column!r}: expected a number, got {col.type}")
             if col.null_count:
-                raise fail(d.column, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null dense value")
+                if d.default is None:
+                    raise fail(d.column, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))),
+                               "null dense value (declare `default:` in the schema to fill nulls)")
+                self._count(f"null_dense/{d.column}", col.null_count)
+                col = pc.fill_null(col, d.default)
             x = col.to_numpy().astype(np.float32)
             if not np.isfinite(x).all():
                 raise fail(d.column, int(np.argmax(~np.isfinite(x))), f"non-finite dense value {x[~np.isfinite(x)][0]}")
@@ -208,6 +246,13 @@ class RowGroupConverter:
                 if (x < 0).any():
                     raise fail(d.column, int(np.argmax(x < 0)), f"log1p of negative value {x[x < 0][0]}")
                 x = np.log1p(x)
+            if d.clip_min is not None or d.clip_max is not None:
+                lo = -np.inf if d.clip_min is None else d.clip_min
+                hi = np.inf if d.clip_max is None else d.clip_max
+                self._count(f"clipped_dense/{d.column}", int(((x < lo) | (x > hi)).sum()))
+                x = np.clip(x, lo, hi)
+            if d.standardize:
+                x = (x - np.float32(d.mean)) / np.float32(d.std)
             dense[:, j] = x
         out["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), max(len(s.dense), 1)) if s.dense else pa.array(np.zeros(n, dtype=np.float32))
         for lvl in s.scenarios:
@@ -234,6 +279,7 @@ class RowGroupConverter:
             elif not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
                 raise DataError(f"{group.path}: column {task.label!r}: expected a numeric or boolean label, got {col.type}")
             valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+            self._count(f"null_labels/{task.label}", int((~valid).sum()))
             y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
             if task.type == "binary":
                 bad = valid & (y != 0) & (y != 1)
@@ -322,18 +368,21 @@ class ParquetStream:
 
     Args:
         schema: the data set schema.
-        paths: file, directory, list of files (anything ``pyarrow.dataset`` accepts).
+        paths: file, directory, glob, URI (s3://, gs://, hdfs://, any fsspec scheme) or a list
+            of them; see :mod:`dlrm_mtl.data.source`.
         batch_size: rows per batch on this rank.
         rank, world_size: this rank's position; row groups are split by ``assign_row_groups``.
         shuffle_buffer_rows: rows held for shuffling (0 = read order, no shuffle).
         seed: shuffle seed; the order depends on (seed, epoch, rank).
         prefetch_batches: batches converted ahead by a background thread (0 = inline).
+        filesystem: an explicit pyarrow filesystem for ``paths`` (default: from the URI).
+        num_workers: threads reading and converting row groups ahead (1 = the reader thread only).
     """
 
     def __init__(
         self,
         schema: Schema,
-        paths: str | Sequence[str],
+        paths: Source,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -341,6 +390,8 @@ class ParquetStream:
         seed: int = 0,
         prefetch_batches: int = 4,
         with_oracle: bool = True,
+        filesystem: Optional[pa.fs.FileSystem] = None,
+        num_workers: int = 2,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be > 0")
@@ -350,8 +401,9 @@ class ParquetStream:
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.seed = seed
         self.prefetch_batches = prefetch_batches
+        self.num_workers = num_workers
         self.epoch = 0
-        dset = _dataset(paths)
+        dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
         self.with_oracle = self.converter.with_oracle
         groups = list_row_groups(dset)
@@ -364,6 +416,10 @@ class ParquetStream:
         self.num_rows = self.rows_per_rank[rank]
         self.total_rows = sum(self.rows_per_rank)
         self.num_batches = max(1, max(-(-r // batch_size) for r in self.rows_per_rank))
+
+    def counters(self) -> Dict[str, int]:
+        """Counted input policies so far on this rank (see RowGroupConverter)."""
+        return dict(self.converter.counters)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -396,15 +452,31 @@ class ParquetStream:
             buffer, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
         threshold = max(self.shuffle_buffer_rows, B)
-        for g in groups:
-            if g.num_rows == 0:
-                continue
-            t = self.converter.read(g)
+        for t in self._read(g for g in groups if g.num_rows > 0):
             buffer.append(t)
             held += t.num_rows
             if held >= threshold:
                 yield from drain(final=False)
         yield from drain(final=True)
+
+    def _read(self, groups: Iterator[RowGroup]) -> Iterator[pa.Table]:
+        """Converted row groups in ``groups`` order, read by ``num_workers`` threads ahead.
+
+        pyarrow's Parquet decoding releases the GIL, so threads read row groups in parallel;
+        results are yielded in submission order, which keeps the stream deterministic.
+        """
+        if self.num_workers <= 1:
+            for g in groups:
+                yield self.converter.read(g)
+            return
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}") as pool:
+            pending: "deque[Future[pa.Table]]" = deque()
+            for g in groups:
+                pending.append(pool.submit(self.converter.read, g))
+                if len(pending) > self.num_workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def _batches(self) -> Iterator[Batch]:
         produced = 0
