@@ -62,6 +62,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from dlrm_mtl.inspect_data import format_report, inspect_data
+    from dlrm_mtl.schema import Schema
+
+    report = inspect_data(Schema.load(args.schema), args.data, world_size=args.world_size, batch_size=args.batch_size)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _dense_stats(args: argparse.Namespace) -> int:
+    from dlrm_mtl.inspect_data import dense_stats
+    from dlrm_mtl.schema import Schema
+
+    schema = dense_stats(Schema.load(args.schema), args.data)
+    schema.save(args.out)
+    for d in schema.dense:
+        print(f"{d.name:<20} mean {d.mean:.6g}  std {d.std:.6g}")
+    print(f"wrote {args.out} (standardize: true on every dense feature)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="dlrm-mtl", description="Multi-scenario multi-task ranking on TorchRec.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -77,12 +100,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
     t.set_defaults(fn=_train)
 
+    i = sub.add_parser("inspect-data", help="validate a data set against its schema and summarise it")
+    i.add_argument("--schema", required=True)
+    i.add_argument("--data", required=True, nargs="+", help="files, directories, globs or URIs")
+    i.add_argument("--world-size", type=int, default=1, help="show the row groups each rank would read")
+    i.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size for the steps per epoch")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(fn=_inspect)
+
+    d = sub.add_parser("dense-stats", help="compute dense feature mean/std and write a standardizing schema")
+    d.add_argument("--schema", required=True)
+    d.add_argument("--data", required=True, nargs="+")
+    d.add_argument("--out", required=True, help="schema file to write")
+    d.set_defaults(fn=_dense_stats)
+
     r = sub.add_parser("report", help="print the scenario x task metrics table of a finished run")
     r.add_argument("run_dir")
     r.set_defaults(fn=_report)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    from dlrm_mtl.data.errors import DataError
+    from dlrm_mtl.schema import SchemaError
+
+    try:
+        return args.fn(args)
+    except (DataError, SchemaError) as e:
+        print(f"dlrm-mtl {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

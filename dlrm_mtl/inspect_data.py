@@ -213,7 +213,7 @@ def inspect_data(
         raw = _raw_table(g, raw_columns, fs)
         for c in raw.column_names:
             col_rows[c] += raw.num_rows
-            col_nulls[c] += 0
+            col_nulls[c] += raw[c].null_count
         del raw
 
         leaf = _leaf_ids(t, schema)

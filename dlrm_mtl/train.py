@@ -10,13 +10,14 @@ events under ``tb/``, a DCP checkpoint under ``checkpoints/final`` and ``metrics
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dlrm_mtl.config import Config
-from dlrm_mtl.data import ParquetStream
+from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import MetricAccumulator, format_table
@@ -50,10 +51,32 @@ def evaluate(dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device
     with torch.no_grad():
         for batch in stream:
             batch = batch.to(device, non_blocking=True)
-            _, (logits, _, _) = dmp(batch)
+            _, (logits, _, _, _) = dmp(batch)
             acc.update(batch, logits)
     dmp.train()
     return acc.compute()
+
+
+def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg: Config):
+    """TorchRec's TrainPipelineSparseDist when ``train.pipeline`` asks for it (``auto``: on GPU)."""
+    mode = cfg.train.pipeline
+    if mode not in ("auto", "sparse_dist", "none"):
+        raise ValueError(f"train.pipeline {mode!r}: expected auto, sparse_dist or none")
+    if mode == "none" or (mode == "auto" and env.device.type != "cuda"):
+        return None
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+
+
+def _device_batches(batches: Iterator[Batch], env: DistEnv, cfg: Config) -> Iterator[Batch]:
+    """Host batches -> device (pinned first on GPU, so the copy can run asynchronously)."""
+    for b in batches:
+        if env.device.type == "cuda":
+            if cfg.data.pin_memory:
+                b = b.pin_memory()
+            b = b.to(env.device, non_blocking=True)
+        yield b
 
 
 def _merged_counters(stream: ParquetStream) -> Dict[str, int]:
@@ -163,6 +186,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     train_seconds = 0.0
     metrics: List[Dict[str, object]] = []
     last_terms: Dict[str, float] = {}
+    pipeline = make_pipeline(dmp, optimizer, env, cfg)
     for epoch in range(cfg.train.epochs):
         train_stream.set_epoch(epoch)
         bar = None
@@ -172,19 +196,22 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=100)
         t0 = time.perf_counter()
         window_rows, window_t = 0, time.perf_counter()
-        for i, batch in enumerate(train_stream):
-            if i >= steps_per_epoch:
-                break  # every rank stops at the same step: same stream length on all ranks
-            batch = batch.to(env.device, non_blocking=True)
-            loss, (logits, terms, gates) = dmp(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        batches = _device_batches(itertools.islice(iter(train_stream), steps_per_epoch), env, cfg)
+        for i in range(steps_per_epoch):
+            if pipeline is not None:
+                # TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i
+                logits, terms, gates, real = pipeline.progress(batches)  # returns the output only
+            else:
+                batch = next(batches)
+                loss, (logits, terms, gates, real) = dmp(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
             scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step += 1
-            rows = batch.num_real_rows
+            rows = int(real)
             trained_rows += rows
-            padded_rows += batch.batch_size - rows
+            padded_rows += B - rows
             window_rows += rows
             if bar is not None:
                 bar.update(1)
@@ -217,7 +244,11 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 for k, v in counters.items():
                     writer.add_scalar(f"data/{k}", v, step)
         if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1:
+            if pipeline is not None:
+                pipeline.detach()  # the plain forward for evaluation; attach() again after
             metrics = evaluate(dmp, eval_stream, schema, env.device)
+            if pipeline is not None and epoch < cfg.train.epochs - 1:
+                pipeline.attach(dmp)
             if writer is not None:
                 for r in metrics:
                     for key in ("auc", "logloss", "calibration"):

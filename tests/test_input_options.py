@@ -192,3 +192,39 @@ def test_zero_row_row_group_and_schema_drift_between_files(tmp_path, schema, bas
     _write(d / "c.parquet", bad)
     with pytest.raises(DataError, match=r"c\.parquet.*'item_category'"):
         list(ParquetStream(schema, str(d), 64, prefetch_batches=0))
+
+
+def test_row_id_must_be_present_and_non_negative(tmp_path, schema, base):
+    rid = base["row_id"].to_pylist()
+    rid[4] = None
+    path = _write(tmp_path / "r.parquet", _swap(base, "row_id", pa.array(rid, pa.int64())))
+    with pytest.raises(DataError, match=r"r\.parquet.*'row_id', row 4: null row id"):
+        list(ParquetStream(schema, str(path), 512, prefetch_batches=0))
+    rid[4] = -3
+    path = _write(tmp_path / "r2.parquet", _swap(base, "row_id", pa.array(rid, pa.int64())))
+    with pytest.raises(DataError, match=r"'row_id', row 4: negative row id"):
+        list(ParquetStream(schema, str(path), 512, prefetch_batches=0))
+
+
+def test_fractional_default_on_integer_dense_column(tmp_path, schema, base):
+    pos = [None if i == 3 else int(v) for i, v in enumerate(base["position"].to_pylist())]
+    path = _write(tmp_path / "p.parquet", _swap(base, "position", pa.array(pos, pa.int64())))
+    s = _with_dense(schema, "position", default=2.5)
+    (b,) = list(ParquetStream(s, str(path), 512, prefetch_batches=0))
+    j = [d.name for d in s.dense].index("position")
+    assert b.dense[3, j].item() == 2.5
+
+
+def test_cli_inspect_data_reports_and_fails_cleanly(tmp_path, synthetic_small, schema, base, capsys):
+    from dlrm_mtl.cli import main
+
+    assert main(["inspect-data", "--schema", str(synthetic_small / "schema.yaml"), "--data",
+                 str(synthetic_small / "train"), "--world-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "vertical/product_card" in out and "rank 2:" in out
+    seg = base["user_segment"].to_pylist()
+    seg[7] = 10_000
+    bad = _write(tmp_path / "bad.parquet", _swap(base, "user_segment", pa.array(seg, pa.int64())))
+    assert main(["inspect-data", "--schema", str(synthetic_small / "schema.yaml"), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.parquet" in err and "'user_segment', row 7" in err

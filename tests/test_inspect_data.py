@@ -309,3 +309,14 @@ def test_glob_and_list_sources(tiny_dir):
     a = inspect_data(tiny_schema(), str(tiny_dir / "part-*.parquet"))
     b = inspect_data(tiny_schema(), [str(tiny_dir / "part-0.parquet"), str(tiny_dir / "part-1.parquet")])
     assert a["total_rows"] == b["total_rows"] == 6 and a["num_files"] == b["num_files"] == 2
+
+
+def test_only_empty_row_groups(tiny_dir):
+    r = inspect_data(tiny_schema(), str(tiny_dir / "part-1.parquet"), world_size=2)
+    assert (r["total_rows"], r["num_row_groups"], r["empty_row_groups"]) == (0, 1, 1)
+    assert r["steps_per_epoch"] == 1  # as ParquetStream: one (padding) step per epoch
+    assert r["scenarios"]["s0"]["tasks"]["click"]["rate"] is None
+    assert r["dense"]["x"]["count"] == 0 and r["cardinality"]["a"]["distinct"] == 0
+    assert "n/a" in format_report(r)
+    with pytest.raises(DataError, match="no rows"):
+        dense_stats(tiny_schema(), str(tiny_dir / "part-1.parquet"))

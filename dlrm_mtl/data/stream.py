@@ -164,7 +164,16 @@ class RowGroupConverter:
 
         out: Dict[str, pa.Array] = {}
         if s.row_id:
-            out["row_id"] = pc.cast(t[s.row_id], pa.int64()).combine_chunks()
+            rid = t[s.row_id]
+            if not pa.types.is_integer(rid.type):
+                raise DataError(f"{group.path}: column {s.row_id!r}: expected integer row ids, got {rid.type}")
+            if rid.null_count:
+                raise fail(s.row_id, int(np.argmax(~pc.is_valid(rid).to_numpy(zero_copy_only=False))), "null row id")
+            rid = pc.cast(rid, pa.int64()).combine_chunks()
+            neg = rid.to_numpy(zero_copy_only=False) < 0
+            if neg.any():
+                raise fail(s.row_id, int(np.argmax(neg)), "negative row id (negative ids mark padding rows)")
+            out["row_id"] = rid
         else:
             out["row_id"] = pa.array(
                 (group.file_index << 40) + group.first_row + np.arange(n, dtype=np.int64)
@@ -174,7 +183,9 @@ class RowGroupConverter:
             if f.multi_hot:
                 if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
                     raise DataError(f"{group.path}: column {f.column!r}: expected a list of ids, got {col.type}")
-                col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
+                if col.null_count:  # a null list is an empty bag (counted)
+                    self._count(f"null_lists/{f.column}", col.null_count)
+                    col = col.fill_null(pa.scalar([], type=col.type))
                 truncated = 0
                 if f.max_len:
                     over = pc.subtract(pc.list_value_length(col), f.max_len).to_numpy(zero_copy_only=False)
@@ -238,7 +249,7 @@ class RowGroupConverter:
                     raise fail(d.column, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))),
                                "null dense value (declare `default:` in the schema to fill nulls)")
                 self._count(f"null_dense/{d.column}", col.null_count)
-                col = pc.fill_null(col, d.default)
+                col = pc.fill_null(pc.cast(col, pa.float64()), float(d.default))
             x = col.to_numpy().astype(np.float32)
             if not np.isfinite(x).all():
                 raise fail(d.column, int(np.argmax(~np.isfinite(x))), f"non-finite dense value {x[~np.isfinite(x)][0]}")

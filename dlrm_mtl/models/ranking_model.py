@@ -108,7 +108,8 @@ class MultiScenarioMultiTaskModel(nn.Module):
 class TrainModule(nn.Module):
     """Model + loss, in the shape TorchRec's train pipelines expect: ``batch -> (loss, output)``.
 
-    ``output`` is ``(logits [B, T], loss terms, gates)``.
+    ``output`` is ``(logits [B, T] detached, loss terms, gates, number of real rows)``; gates
+    may carry grad, so detach them before keeping them beyond the step.
     """
 
     def __init__(self, model: MultiScenarioMultiTaskModel, loss: EntireSpaceLoss) -> None:
@@ -117,6 +118,9 @@ class TrainModule(nn.Module):
         self.loss = loss
 
     def forward(self, batch: Batch):
-        logits, gates = self.model(batch.sparse, batch.dense, batch.scenario)
-        total, terms = self.loss(logits, batch.labels, batch.label_mask, batch.weight)
-        return total, (logits.detach(), terms, {k: g.detach() for k, g in gates.items()})
+        # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
+        # (the dense arch and the loss are leaf modules there) and a Proxy cannot be unpacked.
+        out = self.model(batch.sparse, batch.dense, batch.scenario)
+        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight)
+        real_rows = (batch.row_id >= 0).sum()
+        return loss[0], (out[0].detach(), loss[1], out[1], real_rows)
