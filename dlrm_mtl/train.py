@@ -203,8 +203,11 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 logits, terms, gates, real = pipeline.progress(batches)  # returns the output only
             else:
                 batch = next(batches)
-                loss, (logits, terms, gates, real) = dmp(batch)
+                # zero_grad *before* the forward: it also hands the current learning rate to the
+                # fused fbgemm tables, which capture it at forward time (TrainPipelineSparseDist
+                # uses the same order; after the forward the lr would lag one step behind)
                 optimizer.zero_grad()
+                loss, (logits, terms, gates, real) = dmp(batch)
                 loss.backward()
                 optimizer.step()
             scheduler.step()  # fused table optimizers read their lr from param_groups on step()

@@ -146,8 +146,8 @@ def build_dlrm_mtl(schema: Schema, cfg: Config) -> Tuple[StepFn, Dict[str, Dict[
     dmp, optimizer, plan = shard_model(module, cfg, env)
 
     def step(batch: Batch) -> torch.Tensor:
+        optimizer.zero_grad()  # before the forward, as in dlrm_mtl.train (fused tables take the lr then)
         loss, _ = dmp(batch)
-        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         return loss.detach()
