@@ -234,7 +234,7 @@ def test_tiny_exact_report(tiny_dir):
     assert nr == {"a": (2, 6), "h": (1, 6), "x": (2, 6), "y": (0, 6), "s": (0, 6), "click": (1, 6), "buy": (1, 6)}
     assert r["null_rates"]["a"]["rate"] == pytest.approx(1 / 3)
     assert r["counters"] == {
-        "null_ids/a": 2, "truncated_ids/h": 1, "null_dense/x": 2, "clipped_dense/y": 1,
+        "null_ids/a": 2, "null_lists/h": 1, "truncated_ids/h": 1, "null_dense/x": 2, "clipped_dense/y": 1,
         "null_labels/click": 1, "null_labels/buy": 1,
     }
     # null single-hot ids are not ids; multi-hot after truncation to 2: {1, 2, 3, 5}
