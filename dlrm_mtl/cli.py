@@ -85,6 +85,21 @@ def _dense_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.plan import format_plan, sharding_plan
+
+    quiet_third_party_logs()
+    cfg = Config.load(args.config, args.set)
+    if args.memory_per_rank is not None:
+        cfg.sharding.memory_per_rank_gb = args.memory_per_rank
+    summary = sharding_plan(cfg, args.world_size, device=args.device)
+    print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="dlrm-mtl", description="Multi-scenario multi-task ranking on TorchRec.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -113,6 +128,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--data", required=True, nargs="+")
     d.add_argument("--out", required=True, help="schema file to write")
     d.set_defaults(fn=_dense_stats)
+
+    pl = sub.add_parser("plan", help="print the TorchRec sharding plan for a world size, without training")
+    pl.add_argument("--config", help="YAML config file")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pl.add_argument("--memory-per-rank", type=float, default=None, help="GB per rank (default: sharding.memory_per_rank_gb)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=_plan)
 
     r = sub.add_parser("report", help="print the scenario x task metrics table of a finished run")
     r.add_argument("run_dir")
