@@ -65,11 +65,22 @@ class ModelConfig:
 
 
 @dataclass
+class TableShardingConfig:
+    """Per-table planner constraints (empty list: use the defaults)."""
+
+    types: List[str] = field(default_factory=list)  # e.g. [row_wise]
+    compute_kernels: List[str] = field(default_factory=list)  # e.g. [fused]
+
+
+@dataclass
 class ShardingConfig:
     # sharding types the planner may choose from. column_wise is left out by default:
     # row-wise Adagrad state under column_wise cannot be resharded (stack-notes).
     types: List[str] = field(default_factory=lambda: ["table_wise", "row_wise", "table_row_wise"])
-    memory_per_rank_gb: float = 8.0  # planner's HBM (GPU) or DDR (CPU) capacity per rank
+    # planner's HBM (GPU) or DDR (CPU) capacity per rank; 0 = read it from the hardware
+    # (GPU memory, or host memory divided by the local ranks)
+    memory_per_rank_gb: float = 0.0
+    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # per-table overrides
 
 
 @dataclass
@@ -160,6 +171,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         args = [a for a in get_args(tp) if a is not type(None)]
         return _coerce(args[0], value, where)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, arg = get_args(tp)
+        return {str(k): _coerce(arg, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

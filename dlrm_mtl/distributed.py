@@ -89,8 +89,8 @@ class CPUWideEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 def make_planner(cfg: Config, env: DistEnv, world_size: Optional[int] = None) -> EmbeddingShardingPlanner:
     """The planner used by training and ``dlrm-mtl plan`` alike."""
     ws = world_size or env.world_size
-    cap = int(cfg.sharding.memory_per_rank_gb * 1024**3)
     compute = "cuda" if env.device.type == "cuda" else "cpu"
+    cap = memory_per_rank_bytes(cfg, compute, env.local_world_size)
     topo = Topology(
         world_size=ws,
         compute_device=compute,
@@ -101,10 +101,31 @@ def make_planner(cfg: Config, env: DistEnv, world_size: Optional[int] = None) ->
     from dlrm_mtl.schema import Schema  # local: avoid a cycle at import time
 
     schema = Schema.load(cfg.data.schema_path())
-    constraints: Dict[str, ParameterConstraints] = {
-        t: ParameterConstraints(sharding_types=list(cfg.sharding.types)) for t in {f.table for f in schema.sparse}
-    }
+    tables = {f.table for f in schema.sparse}
+    unknown = set(cfg.sharding.tables) - tables
+    if unknown:
+        raise ValueError(f"sharding.tables names unknown table(s) {sorted(unknown)}; the schema has {sorted(tables)}")
+    constraints: Dict[str, ParameterConstraints] = {}
+    for t in tables:
+        override = cfg.sharding.tables.get(t)
+        constraints[t] = ParameterConstraints(
+            sharding_types=list(override.types) if override and override.types else list(cfg.sharding.types),
+            compute_kernels=list(override.compute_kernels) if override and override.compute_kernels else None,
+        )
     return EmbeddingShardingPlanner(topology=topo, batch_size=cfg.data.batch_size, constraints=constraints)
+
+
+def memory_per_rank_bytes(cfg: Config, compute: str, local_world_size: int) -> int:
+    """``sharding.memory_per_rank_gb`` or, when 0, the real hardware's: the GPU's memory, or
+    the host's memory divided by the ranks on it."""
+    if cfg.sharding.memory_per_rank_gb > 0:
+        return int(cfg.sharding.memory_per_rank_gb * 1024**3)
+    if compute == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("no GPU here to read its memory from: set sharding.memory_per_rank_gb")
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(host // max(1, local_world_size))
 
 
 def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from dlrm_mtl.config import Config
-from dlrm_mtl.distributed import CPUWideEmbeddingBagCollectionSharder, DistEnv, make_planner, plan_summary
+from dlrm_mtl.distributed import CPUWideEmbeddingBagCollectionSharder, DistEnv, make_planner, memory_per_rank_bytes, plan_summary
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
@@ -43,7 +43,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
     return {
         "world_size": world_size,
         "device": device,
-        "memory_per_rank_gb": cfg.sharding.memory_per_rank_gb,
+        "memory_per_rank_gb": memory_per_rank_bytes(cfg, device, env.local_world_size) / 1024**3,
         "tables": plan_summary(plan),
         "bytes_per_rank": per_rank,
         "imbalance": (max(per_rank) / mean) if mean else 1.0,
@@ -52,7 +52,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
 
 def format_plan(summary: Dict[str, Any]) -> str:
     lines = [f"sharding plan for {summary['world_size']} rank(s) on {summary['device']} "
-             f"(capacity {summary['memory_per_rank_gb']} GB per rank)",
+             f"(capacity {summary['memory_per_rank_gb']:.1f} GB per rank)",
              f"{'table':<14} {'sharding':<16} {'kernel':<10} ranks"]
     for table, p in summary["tables"].items():
         ranks: List[int] = p["ranks"]  # type: ignore[assignment]

@@ -35,3 +35,27 @@ def test_plan_cli_prints_tables_and_ranks(synthetic_small, capsys):
     for table in ("t_user", "t_item", "t_segment", "t_category", "t_device"):
         assert table in out
     assert "rank 1" in out and "imbalance" in out
+
+
+def test_per_table_overrides_and_capacity(synthetic_small):
+    cfg = Config.load(None, [
+        f"data.train={synthetic_small / 'train'}",
+        "sharding.types=[table_wise]",
+        "sharding.tables={t_user: {types: [row_wise]}, t_item: {types: [table_row_wise]}}",
+        "sharding.memory_per_rank_gb=2",
+    ])
+    p = sharding_plan(cfg, 2)
+    kinds = {t: v["sharding_type"] for t, v in p["tables"].items()}
+    assert kinds == {"t_user": "row_wise", "t_item": "table_row_wise", "t_segment": "table_wise",
+                     "t_category": "table_wise", "t_device": "table_wise"}
+    assert p["memory_per_rank_gb"] == 2.0
+    auto = sharding_plan(Config.load(None, [f"data.train={synthetic_small / 'train'}"]), 2, local_world_size=2)
+    import os
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    assert auto["memory_per_rank_gb"] == pytest.approx(host_gb / 2, rel=1e-6)  # from the hardware
+
+
+def test_per_table_override_of_unknown_table_is_an_error(synthetic_small):
+    cfg = Config.load(None, [f"data.train={synthetic_small / 'train'}", "sharding.tables={t_nope: {types: [row_wise]}}"])
+    with pytest.raises(ValueError, match="t_nope"):
+        sharding_plan(cfg, 2)
