@@ -85,6 +85,16 @@ def _dense_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    quiet_third_party_logs()
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.evaluate import evaluate_checkpoint
+
+    cfg = Config.load(args.config, args.set)
+    evaluate_checkpoint(cfg, args.checkpoint, args.data or cfg.data.eval, args.out)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -128,6 +138,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--data", required=True, nargs="+")
     d.add_argument("--out", required=True, help="schema file to write")
     d.set_defaults(fn=_dense_stats)
+
+    e = sub.add_parser("evaluate", help="metrics of a checkpoint on a data set (one or several ranks)")
+    e.add_argument("--config", required=True, help="the run's config (RUN_DIR/config.yaml)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--checkpoint", required=True, help="e.g. RUN_DIR/checkpoints/final")
+    e.add_argument("--data", default=None, help="default: data.eval of the config")
+    e.add_argument("--out", required=True, help="directory for metrics.json")
+    e.set_defaults(fn=_evaluate)
 
     pl = sub.add_parser("plan", help="print the TorchRec sharding plan for a world size, without training")
     pl.add_argument("--config", help="YAML config file")

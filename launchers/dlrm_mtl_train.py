@@ -9,6 +9,8 @@ replica (TorchX's ``dist.ddp``), so the same component works with any TorchX sch
     torchx run -s local_cwd launchers/dlrm_mtl_train.py:train -j 2x1 --config configs/demo.yaml \
         train.epochs=2 data.batch_size=4096        # trailing KEY=VALUE pairs become --set overrides
     torchx run -s slurm launchers/dlrm_mtl_train.py:train -j 4x8 --gpu 8 --config my.yaml
+    torchx run -s local_cwd launchers/dlrm_mtl_train.py:evaluate -j 1x2 --config runs/demo/config.yaml \
+        --checkpoint runs/demo/checkpoints/final --out runs/demo/eval
 
 ``local_cwd`` runs in the current directory; ``torchrun`` must be on PATH (``make demo``
 puts ``.venv/bin`` first).
@@ -76,4 +78,57 @@ def train(
         rdzv_port=rdzv_port,
         rdzv_backend=rdzv_backend,
         mounts=mounts,
+    )
+
+
+def evaluate(
+    *overrides: str,
+    config: str,
+    checkpoint: str,
+    out: str,
+    data: str = "",
+    j: str = "1x2",
+    image: str = "",
+    name: str = "/dlrm-mtl-evaluate",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    rdzv_backend: str = "c10d",
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Evaluates a dlrm_mtl checkpoint (any world size: tables are resharded on load).
+
+    Args:
+        overrides: config overrides KEY=VALUE, passed as ``--set KEY=VALUE``
+        config: the run's config (RUN_DIR/config.yaml)
+        checkpoint: checkpoint directory, e.g. RUN_DIR/checkpoints/final
+        out: directory for metrics.json
+        data: data to evaluate on (default: data.eval of the config)
+        j: {nnodes}x{nproc_per_node}
+        image: container image, or the working directory for local_cwd (default: cwd)
+        name: job name
+        h: named resource (overrides cpu/gpu/memMB)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+        env: extra environment variables
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on rank 0's host (multi-node)
+        rdzv_backend: rendezvous backend
+        mounts: mounts for container schedulers
+    """
+    args = ["evaluate", "--config", config, "--checkpoint", checkpoint, "--out", out]
+    if data:
+        args += ["--data", data]
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r}: expected KEY=VALUE")
+        args += ["--set", ov]
+    return dist.ddp(
+        *args, m="dlrm_mtl", image=image or os.getcwd(), name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
+        env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
     )

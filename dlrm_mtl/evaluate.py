@@ -1,0 +1,58 @@
+"""``dlrm-mtl evaluate``: metrics of a checkpoint on a data set, on one or several ranks.
+
+Builds the model exactly as training does (same planner, so any world size works: DCP
+reshards the tables on load), loads the ``model`` entry of a checkpoint written by
+``dlrm-mtl train`` (``RUN_DIR/checkpoints/final``), streams ``--data`` split by row group
+across ranks and writes ``metrics.json`` (same format as training) plus the table.
+
+Example::
+
+    torchrun --nproc_per_node 2 -m dlrm_mtl evaluate --config runs/demo/config.yaml \\
+        --checkpoint runs/demo/checkpoints/final --data data/synthetic/eval --out runs/demo/eval
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from dlrm_mtl.config import Config
+from dlrm_mtl.data import ParquetStream
+from dlrm_mtl.distributed import init_distributed, shard_model
+from dlrm_mtl.losses import EntireSpaceLoss
+from dlrm_mtl.metrics import format_table
+from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
+from dlrm_mtl.schema import Schema
+from dlrm_mtl.train import evaluate
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -> Dict[str, Any]:
+    if not (Path(checkpoint) / ".metadata").exists():
+        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no .metadata)")
+    env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
+    try:
+        schema = Schema.load(cfg.data.schema_path())
+        module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema))
+        dmp, _, _ = shard_model(module, cfg, env)
+        state = {"model": dmp.state_dict()}
+        dcp.load(state, checkpoint_id=checkpoint)
+        dmp.load_state_dict(state["model"])
+        stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size,
+                               prefetch_batches=cfg.data.prefetch_batches, num_workers=cfg.data.num_workers)
+        metrics = evaluate(dmp, stream, schema, env.device)
+        result = {"metrics": metrics, "checkpoint": str(checkpoint), "data": str(data), "world_size": env.world_size}
+        if env.is_main:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(result, indent=2))
+            print(format_table(metrics))
+            print(f"[dlrm_mtl] wrote {out}/metrics.json")
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
