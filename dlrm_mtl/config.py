@@ -70,6 +70,10 @@ class TableShardingConfig:
 
     types: List[str] = field(default_factory=list)  # e.g. [row_wise]
     compute_kernels: List[str] = field(default_factory=list)  # e.g. [fused]
+    # fused optimizer of this table: rowwise_adagrad (default) | adagrad | sgd (CPU and GPU;
+    # fbgemm has no Adam on CPU); lr 0 = train.sparse_lr
+    optimizer: str = "rowwise_adagrad"
+    lr: float = 0.0
 
 
 @dataclass

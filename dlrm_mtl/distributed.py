@@ -142,6 +142,24 @@ def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
     return out
 
 
+TABLE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+def apply_table_optimizers(ebc: nn.Module, cfg: Config) -> Dict[str, str]:
+    """Registers each table's fused optimizer (fbgemm applies it in the backward pass):
+    row-wise Adagrad at ``train.sparse_lr`` unless ``sharding.tables.<t>`` says otherwise."""
+    chosen: Dict[str, str] = {}
+    for name, bag in ebc.embedding_bags.items():  # type: ignore[union-attr]
+        override = cfg.sharding.tables.get(name)
+        kind = override.optimizer if override else "rowwise_adagrad"
+        if kind not in TABLE_OPTIMIZERS:
+            raise ValueError(f"sharding.tables.{name}.optimizer {kind!r}: expected one of {sorted(TABLE_OPTIMIZERS)}")
+        lr = override.lr if override and override.lr > 0 else cfg.train.sparse_lr
+        apply_optimizer_in_backward(TABLE_OPTIMIZERS[kind], bag.parameters(), {"lr": lr})
+        chosen[name] = f"{kind}(lr={lr:g})"
+    return chosen
+
+
 def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> Tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
     """Fused row-wise Adagrad on the tables, planner-chosen sharding, DMP (DDP on dense), Adam on dense.
 
@@ -151,7 +169,7 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> Tuple[Distribut
     ebcs = [m for m in module.modules() if isinstance(m, MultiScenarioMultiTaskModel)]
     if len(ebcs) != 1:
         raise ValueError("expected exactly one MultiScenarioMultiTaskModel in the module")
-    apply_optimizer_in_backward(RowWiseAdagrad, ebcs[0].ebc.parameters(), {"lr": cfg.train.sparse_lr})
+    apply_table_optimizers(ebcs[0].ebc, cfg)
     sharder = CPUWideEmbeddingBagCollectionSharder()
     planner = make_planner(cfg, env)
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)

@@ -18,19 +18,24 @@ from typing import Any, Dict, List
 import torch
 
 from dlrm_mtl.config import Config
-from dlrm_mtl.distributed import CPUWideEmbeddingBagCollectionSharder, DistEnv, make_planner, memory_per_rank_bytes, plan_summary
+from dlrm_mtl.distributed import (
+    CPUWideEmbeddingBagCollectionSharder,
+    DistEnv,
+    apply_table_optimizers,
+    make_planner,
+    memory_per_rank_bytes,
+    plan_summary,
+)
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 
 def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world_size: int = 0) -> Dict[str, Any]:
     """Plans ``cfg``'s tables over ``world_size`` ranks; returns tables, per-rank storage, imbalance."""
     schema = Schema.load(cfg.data.schema_path())
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema))
-    apply_optimizer_in_backward(RowWiseAdagrad, module.model.ebc.parameters(), {"lr": cfg.train.sparse_lr})
+    optimizers = apply_table_optimizers(module.model.ebc, cfg)
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
     planner = make_planner(cfg, env, world_size=world_size)
     plan = planner.plan(module, [CPUWideEmbeddingBagCollectionSharder()])
@@ -44,7 +49,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
         "world_size": world_size,
         "device": device,
         "memory_per_rank_gb": memory_per_rank_bytes(cfg, device, env.local_world_size) / 1024**3,
-        "tables": plan_summary(plan),
+        "tables": {t: dict(p, optimizer=optimizers[t]) for t, p in plan_summary(plan).items()},
         "bytes_per_rank": per_rank,
         "imbalance": (max(per_rank) / mean) if mean else 1.0,
     }
@@ -53,11 +58,11 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
 def format_plan(summary: Dict[str, Any]) -> str:
     lines = [f"sharding plan for {summary['world_size']} rank(s) on {summary['device']} "
              f"(capacity {summary['memory_per_rank_gb']:.1f} GB per rank)",
-             f"{'table':<14} {'sharding':<16} {'kernel':<10} ranks"]
+             f"{'table':<14} {'sharding':<16} {'kernel':<10} {'optimizer':<28} ranks"]
     for table, p in summary["tables"].items():
         ranks: List[int] = p["ranks"]  # type: ignore[assignment]
         shown = ",".join(map(str, ranks)) if len(ranks) <= 16 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
-        lines.append(f"{table:<14} {p['sharding_type']:<16} {p['compute_kernel']:<10} {shown}")
+        lines.append(f"{table:<14} {p['sharding_type']:<16} {p['compute_kernel']:<10} {p.get('optimizer', ''):<28} {shown}")
     lines.append("estimated embedding storage per rank (weights + optimizer state):")
     for r, b in enumerate(summary["bytes_per_rank"]):
         lines.append(f"  rank {r:<3} {b / 2**20:10.2f} MiB")

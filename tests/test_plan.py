@@ -59,3 +59,16 @@ def test_per_table_override_of_unknown_table_is_an_error(synthetic_small):
     cfg = Config.load(None, [f"data.train={synthetic_small / 'train'}", "sharding.tables={t_nope: {types: [row_wise]}}"])
     with pytest.raises(ValueError, match="t_nope"):
         sharding_plan(cfg, 2)
+
+
+def test_per_table_optimizer_overrides(synthetic_small):
+    """The plan reports the optimizer registered by `apply_table_optimizers`, the function
+    training uses; unknown optimizers (fbgemm has no Adam on CPU) are refused."""
+    cfg = Config.load(None, [f"data.train={synthetic_small / 'train'}",
+                             "sharding.tables={t_device: {optimizer: sgd, lr: 1.0e-12}, t_segment: {optimizer: adagrad}}"])
+    p = sharding_plan(cfg, 1)
+    assert p["tables"]["t_device"]["optimizer"] == "sgd(lr=1e-12)"
+    assert p["tables"]["t_segment"]["optimizer"].startswith("adagrad(")
+    assert p["tables"]["t_user"]["optimizer"].startswith("rowwise_adagrad(")
+    with pytest.raises(ValueError, match="adam"):
+        sharding_plan(Config.load(None, [f"data.train={synthetic_small / 'train'}", "sharding.tables={t_user: {optimizer: adam}}"]), 1)
