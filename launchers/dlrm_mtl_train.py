@@ -18,7 +18,7 @@ puts ``.venv/bin`` first).
 
 
 import os
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torchx.specs as specs
 from torchx.components import dist
@@ -58,27 +58,19 @@ def train(
         rdzv_backend: rendezvous backend (c10d, static, etcd)
         mounts: mounts for container schedulers, e.g. type=bind,src=/data,dst=/data
     """
-    args = ["train", "--config", config]
+    return _dlrm_mtl_job(
+        ["train", "--config", config], overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
+    )
+
+
+def _dlrm_mtl_job(args: List[str], overrides: Tuple[str, ...], image: str, **ddp_kwargs: Any) -> specs.AppDef:
+    """``python -m dlrm_mtl ARGS --set K=V ...`` under torchrun on every replica (dist.ddp)."""
     for ov in overrides:
         if "=" not in ov:
             raise ValueError(f"override {ov!r}: expected KEY=VALUE")
-        args += ["--set", ov]
-    return dist.ddp(
-        *args,
-        m="dlrm_mtl",
-        image=image or os.getcwd(),
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=env,
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
-        rdzv_backend=rdzv_backend,
-        mounts=mounts,
-    )
+        args = args + ["--set", ov]
+    return dist.ddp(*args, m="dlrm_mtl", image=image or os.getcwd(), **ddp_kwargs)
 
 
 def evaluate(
@@ -121,14 +113,8 @@ def evaluate(
         rdzv_backend: rendezvous backend
         mounts: mounts for container schedulers
     """
-    args = ["evaluate", "--config", config, "--checkpoint", checkpoint, "--out", out]
-    if data:
-        args += ["--data", data]
-    for ov in overrides:
-        if "=" not in ov:
-            raise ValueError(f"override {ov!r}: expected KEY=VALUE")
-        args += ["--set", ov]
-    return dist.ddp(
-        *args, m="dlrm_mtl", image=image or os.getcwd(), name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
-        env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
+    args = ["evaluate", "--config", config, "--checkpoint", checkpoint, "--out", out] + (["--data", data] if data else [])
+    return _dlrm_mtl_job(
+        args, overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
     )
