@@ -39,8 +39,11 @@ def _log(env: DistEnv, msg: str) -> None:
 
 
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a small host tensor over ranks (moved to the GPU and back under NCCL)."""
     if dist.get_world_size() > 1:
-        dist.all_reduce(x)
+        y = x.to("cuda") if dist.get_backend() == "nccl" else x
+        dist.all_reduce(y)
+        x = y.cpu()
     return x
 
 
@@ -186,6 +189,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     train_seconds = 0.0
     metrics: List[Dict[str, object]] = []
     last_terms: Dict[str, float] = {}
+    counters: Dict[str, int] = {}
     pipeline = make_pipeline(dmp, optimizer, env, cfg)
     for epoch in range(cfg.train.epochs):
         train_stream.set_epoch(epoch)
@@ -195,7 +199,8 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=100)
         t0 = time.perf_counter()
-        window_rows, window_t = 0, time.perf_counter()
+        window_t = time.perf_counter()
+        window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
         batches = _device_batches(itertools.islice(iter(train_stream), steps_per_epoch), env, cfg)
         for i in range(steps_per_epoch):
             if pipeline is not None:
@@ -212,18 +217,22 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 optimizer.step()
             scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step += 1
-            rows = int(real)
-            trained_rows += rows
-            padded_rows += B - rows
-            window_rows += rows
+            window_steps += 1
+            # real-row count stays a device tensor until the next log: an int() here would
+            # synchronise the GPU every step and defeat the pipeline's overlap
+            window_real = window_real + real.detach()
             if bar is not None:
                 bar.update(1)
             if step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
+                window_rows = int(window_real)
+                trained_rows += window_rows
+                padded_rows += B * window_steps - window_rows
+                window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
                 names = sorted(terms)
-                vals = _all_reduce_sum(torch.stack([terms[k] for k in names] + [torch.tensor(float(window_rows))]).cpu().double())
+                vals = _all_reduce_sum(torch.tensor([float(terms[k]) for k in names] + [float(window_rows)], dtype=torch.float64))
                 now = time.perf_counter()
                 sps = float(vals[-1]) / max(now - window_t, 1e-9)
-                window_rows, window_t = 0, now
+                window_t = now
                 last_terms = {k: float(v) / env.world_size for k, v in zip(names, vals[:-1])}
                 if writer is not None:
                     for k, v in last_terms.items():
@@ -242,7 +251,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
             bar.close()
         counters = _merged_counters(train_stream)
         if counters:
-            _log(env, "input policies applied (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+            _log(env, "input policies applied so far (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
             if writer is not None:
                 for k, v in counters.items():
                     writer.add_scalar(f"data/{k}", v, step)
@@ -276,7 +285,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(ckpt))
     result = {
         "metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step,
-        "data_counters": _merged_counters(train_stream),
+        "data_counters": counters,  # cumulative over the epochs, summed over ranks
     }
     if env.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
