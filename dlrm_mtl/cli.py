@@ -1,4 +1,4 @@
-"""``dlrm-mtl`` command line: generate, train."""
+"""``dlrm-mtl`` command line: generate, convert, train, evaluate, report, inspect-data, dense-stats, plan."""
 
 from __future__ import annotations
 
@@ -14,6 +14,26 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {args.rows} rows to {args.out}/train, {args.out}/eval and {args.out}/schema.yaml")
     for r in describe(f"{args.out}/train"):
         print(f"  leaf {r['leaf']}: {r['rows']:>9} train rows  ctr {r['ctr']:.3f}  cvr {r['cvr']:.3f}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dlrm_mtl.datasets import ConvertOptions, convert
+
+    extra = {}
+    for kv in args.opt:
+        if "=" not in kv:
+            print(f"dlrm-mtl convert: --opt {kv!r}: expected key=value", file=sys.stderr)
+            return 2
+        k, v = kv.split("=", 1)
+        extra[k.strip()] = v.strip()
+    opts = ConvertOptions(row_group_rows=args.row_group_rows, file_rows=max(args.file_rows, args.row_group_rows),
+                          seed=args.seed, limit=args.limit, extra=extra)
+    try:
+        convert(args.name, args.raw, args.out, opts)
+    except FileNotFoundError as e:
+        print(f"dlrm-mtl convert: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -119,6 +139,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--rows", type=int, default=1_000_000)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_generate)
+
+    from dlrm_mtl.datasets import CONVERTERS
+    from dlrm_mtl.datasets.common import DEFAULT_FILE_ROWS, DEFAULT_ROW_GROUP_ROWS
+
+    c = sub.add_parser("convert", help="convert a public data set download (datasets/<name>/README.md) to Parquet + schema")
+    c.add_argument("name", choices=sorted(CONVERTERS))
+    c.add_argument("--raw", required=True, help="directory of the unpacked raw download")
+    c.add_argument("--out", required=True, help="output directory (train/, eval/ or test/, schema.yaml, conversion.json)")
+    c.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS)
+    c.add_argument("--file-rows", type=int, default=DEFAULT_FILE_ROWS, help="rows per Parquet part file")
+    c.add_argument("--seed", type=int, default=0, help="seed of the hashed split where there is no official one")
+    c.add_argument("--limit", type=int, default=0, help="read at most this many lines per raw file (smoke runs)")
+    c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="converter option, e.g. countries=NL,US (aliexpress)")
+    c.set_defaults(fn=_convert)
 
     t = sub.add_parser("train", help="train (one process, or one rank under torchrun/TorchX)")
     t.add_argument("--config", help="YAML config file")

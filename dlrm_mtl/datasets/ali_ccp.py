@@ -1,0 +1,181 @@
+"""Ali-CCP (Alibaba Click and Conversion Prediction, Tianchi data set 408; Ma et al.,
+SIGIR 2018, ESMM) → dlrm_mtl Parquet with tasks click → purchase.
+
+Raw format (the data set's description): per split, a **sample skeleton** file
+``sample_skeleton_{train,test}.csv`` with one impression per line::
+
+    sample_id,click,buy,common_feature_index,feature_num,feature_list
+
+and a **common features** file ``common_features_{train,test}.csv`` with the features shared
+by the samples of one request (mostly the user's)::
+
+    common_feature_index,feature_num,feature_list
+
+``feature_list`` is ``feature_num`` features joined by ``\\x01``; a feature is
+``field_id\\x02feature_id\\x03value`` (``feature_id`` an integer, ``value`` a float; for
+the ``*_14`` behaviour fields the value is a count). ``buy`` = 1 implies ``click`` = 1.
+
+Features: the 23 fields of the ESMM paper. Single-valued fields become one table each
+(``f101`` user id, ``f205`` item id, ...); the four ``*_14`` fields (categories, shops,
+brands and intentions the user interacted with in 14 days) are multi-hot (mean pooled,
+truncated to ``max_len``; their count values are not used). Feature ids are mapped to dense
+ids per field in order of first appearance (train first), so tables are exactly as large
+as the vocabulary. Field **301** (the position context; 3 values in the data) is the
+scenario, as in the Scenario-Wise Rec benchmark.
+
+Memory: the skeleton is streamed; the common features of the split being converted are held
+in a dict (request → its parsed, truncated features), as every join must. Official
+train/test split (``out/train``, ``out/test``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pyarrow as pa
+
+from dlrm_mtl.datasets.common import (
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, finish, numbered_lines,
+)
+from dlrm_mtl.schema import Schema, ScenarioLevel, SparseFeature, Task
+
+SINGLE_FIELDS: List[str] = ["101", "121", "122", "124", "125", "126", "127", "128", "129",
+                            "205", "206", "207", "210", "216", "508", "509", "702", "853"]
+MULTI_FIELDS: List[str] = ["109_14", "110_14", "127_14", "150_14"]
+SCENARIO_FIELD = "301"
+KNOWN_FIELDS = set(SINGLE_FIELDS) | set(MULTI_FIELDS) | {SCENARIO_FIELD}
+MAX_LEN = 50  # behaviour lists kept per multi-hot field
+EMBEDDING_DIM = 16
+
+Features = Dict[str, List[int]]  # field -> raw feature ids
+
+
+def column(field: str) -> str:
+    return "f" + field
+
+
+def ali_ccp_schema(table_sizes: Dict[str, int], scenario_values: List[str]) -> Schema:
+    sparse = [SparseFeature(column(f), f"t_{f}", table_sizes[f], EMBEDDING_DIM) for f in SINGLE_FIELDS]
+    sparse += [SparseFeature(column(f), f"t_{f}", table_sizes[f], EMBEDDING_DIM, multi_hot=True, max_len=MAX_LEN,
+                             pooling="mean") for f in MULTI_FIELDS]
+    return Schema(
+        name="ali_ccp",
+        row_id="row_id",
+        sparse=sparse,
+        dense=[],
+        scenarios=[ScenarioLevel("context", max(len(scenario_values), 1), column="scenario",
+                                 value_names=[f"301={v}" for v in scenario_values] or ["none"])],
+        tasks=[Task("ctr", "click"), Task("cvr", "purchase", parent="ctr", loss_space="entire", entire_name="ctcvr")],
+    )
+
+
+def _arrow_schema() -> pa.Schema:
+    return pa.schema(
+        [("row_id", pa.int64()), ("sample_id", pa.int64())]
+        + [(column(f), pa.int64()) for f in SINGLE_FIELDS]
+        + [(column(f), pa.list_(pa.int64())) for f in MULTI_FIELDS]
+        + [("scenario", pa.int64()), ("click", pa.int8()), ("purchase", pa.int8())]
+    )
+
+
+def parse_features(path: Path, line_no: int, line: str, count_text: str, feature_list: str,
+                   unknown: Dict[str, int]) -> Features:
+    """``field\\x02id\\x03value`` items joined by ``\\x01`` -> field -> ids (known fields)."""
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise FormatError(path, line_no, f"feature_num {count_text!r} is not an integer", line) from None
+    items = feature_list.split("\x01") if feature_list else []
+    if len(items) != count:
+        raise FormatError(path, line_no, f"feature_num says {count} features, the feature list has {len(items)}", line)
+    out: Features = {}
+    for item in items:
+        field, sep1, rest = item.partition("\x02")
+        fid, sep2, value = rest.partition("\x03")
+        if not sep1 or not sep2:
+            raise FormatError(path, line_no, f"feature {item!r} is not field\\x02id\\x03value", line)
+        try:
+            ident = int(fid)
+            float(value)
+        except ValueError:
+            raise FormatError(path, line_no, f"feature {item!r}: id must be an integer and value a number", line) from None
+        if field not in KNOWN_FIELDS:
+            unknown[field] = unknown.get(field, 0) + 1
+            continue
+        ids = out.setdefault(field, [])
+        if field in MULTI_FIELDS:
+            if len(ids) < MAX_LEN:
+                ids.append(ident)
+        elif not ids:  # single-valued field: the first occurrence
+            ids.append(ident)
+    return out
+
+
+def load_common(path: Path, unknown: Dict[str, int], limit: int = 0) -> Dict[str, Features]:
+    common: Dict[str, Features] = {}
+    for line_no, line in numbered_lines(path, limit=limit):
+        parts = line.split(",", 2)
+        if len(parts) != 3:
+            raise FormatError(path, line_no, "expected common_feature_index,feature_num,feature_list", line)
+        common[parts[0]] = parse_features(path, line_no, line, parts[1], parts[2], unknown)
+    return common
+
+
+def _raw_file(raw: Path, stem: str) -> Path:
+    for cand in (raw / f"{stem}.csv", raw / f"{stem}.csv.gz"):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"{raw}: {stem}.csv not found (Ali-CCP sample_train.tar.gz / sample_test.tar.gz, unpacked)")
+
+
+def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
+    """Convert ``raw/{sample_skeleton,common_features}_{train,test}.csv`` into
+    ``out/{train,test}`` + schema."""
+    raw, out = Path(raw), Path(out)
+    vocab = {f: Vocabulary() for f in SINGLE_FIELDS + MULTI_FIELDS}
+    scenario_vocab = Vocabulary()
+    unknown: Dict[str, int] = {}
+    arrow = _arrow_schema()
+    sinks = {s: ParquetSink(out / s, arrow, ["scenario"], ["click", "purchase"], opts.row_group_rows, opts.file_rows)
+             for s in ("train", "test")}
+    missing_common = 0
+    row_id = 0
+    for split in ("train", "test"):
+        skeleton, common_path = _raw_file(raw, f"sample_skeleton_{split}"), _raw_file(raw, f"common_features_{split}")
+        common = load_common(common_path, unknown)
+        for line_no, line in numbered_lines(skeleton, limit=opts.limit):
+            parts = line.split(",", 5)
+            if len(parts) != 6:
+                raise FormatError(skeleton, line_no, "expected sample_id,click,buy,common_feature_index,feature_num,feature_list", line)
+            sample_id, click, buy, index, count, feats = parts
+            if click not in ("0", "1") or buy not in ("0", "1"):
+                raise FormatError(skeleton, line_no, f"click {click!r} / buy {buy!r} must be 0 or 1", line)
+            if buy == "1" and click == "0":
+                raise FormatError(skeleton, line_no, "buy = 1 on a sample with click = 0 (a purchase must follow a click)", line)
+            try:
+                sid = int(sample_id)
+            except ValueError:
+                raise FormatError(skeleton, line_no, f"sample_id {sample_id!r} is not an integer", line) from None
+            features = dict(common.get(index, {}))
+            if index not in common:
+                missing_common += 1
+            features.update(parse_features(skeleton, line_no, line, count, feats, unknown))
+            scen = features.get(SCENARIO_FIELD)
+            row = {"row_id": row_id, "sample_id": sid, "click": int(click), "purchase": int(buy),
+                   "scenario": scenario_vocab(str(scen[0]) if scen else "none")}
+            for f in SINGLE_FIELDS:
+                ids = features.get(f)
+                row[column(f)] = vocab[f](str(ids[0])) if ids else None  # absent: an empty bag
+            for f in MULTI_FIELDS:
+                row[column(f)] = [vocab[f](str(i)) for i in features.get(f, [])]
+            sinks[split].add(row)
+            row_id += 1
+        del common
+    schema = ali_ccp_schema({f: max(len(v), 1) for f, v in vocab.items()}, scenario_vocab.values())
+    names: Dict[Tuple[int, ...], str] = {(i,): n for i, n in enumerate(schema.scenarios[0].value_names)}
+    notes = {"vocabulary_sizes": {f: len(v) for f, v in vocab.items()}, "scenario_values": scenario_vocab.values(),
+             "samples_without_common_features": missing_common, "unknown_fields": unknown}
+    if unknown and not opts.quiet:
+        print(f"ali-ccp: ignored features of fields not in the ESMM list: {unknown}")
+    return finish(out, schema, sinks, names, opts, notes)
