@@ -72,7 +72,7 @@ def census_schema(vocab_sizes: Dict[str, int], stats: Optional[Dict[str, tuple]]
         row_id="row_id",
         sparse=[SparseFeature(c, f"t_{c}", vocab_sizes[c], EMBEDDING_DIM) for c in CATEGORICAL],
         dense=dense,
-        scenarios=[ScenarioLevel("population", 1, column="scenario", value_names=["all"])],
+        scenarios=[ScenarioLevel("population", 1, column="scenario", value_names=["everyone"])],
         tasks=[Task("income", "income_50k"), Task("marital", "never_married")],
     )
 

@@ -1,0 +1,488 @@
+"""Public data set converters on small fixtures written in each raw format (tests/dataset_fixtures.py):
+the Parquet output is compared row by row with reference values computed here from the records
+the fixtures wrote; splits, scenario ids, schemas and format errors (file + line) are checked."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dataset_fixtures as fx  # noqa: E402
+
+from dlrm_mtl.datasets import ConvertOptions, FormatError, convert  # noqa: E402
+from dlrm_mtl.datasets import ali_ccp as ac  # noqa: E402
+from dlrm_mtl.datasets import aliexpress as ax  # noqa: E402
+from dlrm_mtl.datasets import census_income as ci  # noqa: E402
+from dlrm_mtl.datasets import kuairand as kr  # noqa: E402
+from dlrm_mtl.datasets import movielens as ml  # noqa: E402
+from dlrm_mtl.schema import Schema  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(quiet=True)
+
+
+def read_rows(directory: Path) -> list:
+    """All rows of a split directory (part files in name order, recursively), as dicts."""
+    files = sorted(directory.rglob("part-*.parquet"))
+    assert files, directory
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def first_appearance(values) -> dict:
+    ids = {}
+    for v in values:
+        ids.setdefault(v, len(ids))
+    return ids
+
+
+# =========================================================================== Census-income
+@pytest.fixture(scope="module")
+def census(tmp_path_factory):
+    d = tmp_path_factory.mktemp("census")
+    recs = fx.write_census(d / "raw", n_train=300, n_test=160)
+    res = convert("census-income", d / "raw", d / "out", ConvertOptions(row_group_rows=64, file_rows=128, **QUIET))
+    return d, recs, res
+
+
+def test_census_rows_labels_and_vocabularies(census):
+    d, recs, res = census
+    train = read_rows(d / "out" / "train")
+    assert len(train) == 300
+    all_recs = recs["train"] + recs["test"]
+    for c in ci.CATEGORICAL:  # reference vocabulary: first appearance, train then test file order
+        vocab = first_appearance(r[c] for r in all_recs)
+        assert [row[c] for row in train] == [vocab[r[c]] for r in recs["train"]], c
+        assert res.schema.sparse[ci.CATEGORICAL.index(c)].num_embeddings == len(vocab)
+    for row, rec in zip(train, recs["train"]):
+        assert row["income_50k"] == (rec["income"] == "50000+.")
+        assert row["never_married"] == (rec["marital_stat"] == "Never married")
+        for c in ci.CONTINUOUS:
+            assert row[c] == pytest.approx(float(rec[c]))
+        assert row["scenario"] == 0
+    # marital status and income are labels, the instance weight is dropped: none is a feature
+    feats = {f.column for f in res.schema.sparse} | {f.column for f in res.schema.dense}
+    assert not feats & {"marital_stat", "income", "instance_weight"}
+    assert [(t.name, t.label, t.parent) for t in res.schema.tasks] == [("income", "income_50k", None), ("marital", "never_married", None)]
+    # dense standardisation from the training rows (log1p on the money columns)
+    for f in res.schema.dense:
+        x = np.array([float(r[f.name]) for r in recs["train"]])
+        x = np.log1p(x) if f.transform == "log1p" else x
+        assert f.standardize and f.mean == pytest.approx(x.mean()) and f.std == pytest.approx(x.std() or 1.0)
+    # Parquet layout: row groups of 64 rows, files of <= 128 rows
+    files = sorted((d / "out" / "train").glob("part-*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [128, 128, 44]
+    assert pq.ParquetFile(files[0]).metadata.num_row_groups == 2
+
+
+def test_census_test_file_halved_into_eval_and_test(census):
+    d, recs, res = census
+    ev, te = read_rows(d / "out" / "eval"), read_rows(d / "out" / "test")
+    assert len(ev) + len(te) == 160 and 40 < len(ev) < 120
+    ids = sorted(r["row_id"] for r in ev + te)
+    assert ids == list(range(300, 460))  # every test-file line exactly once
+    for row in ev + te:  # row_id - 300 is the test-file line index
+        rec = recs["test"][row["row_id"] - 300]
+        assert row["income_50k"] == (rec["income"] == "50000+.") and row["age"] == float(rec["age"])
+    assert res.splits["eval"]["everyone"]["rows"] == len(ev)
+    assert res.splits["eval"]["everyone"]["income_50k_rate"] == pytest.approx(np.mean([r["income_50k"] for r in ev]))
+    # another seed gives another (still complete) split
+    res2 = convert("census-income", d / "raw", d / "out_seed1", ConvertOptions(seed=1, **QUIET))
+    ev2 = {r["row_id"] for r in read_rows(d / "out_seed1" / "eval")}
+    assert ev2 != {r["row_id"] for r in ev}
+    assert res2.splits["eval"]["everyone"]["rows"] + res2.splits["test"]["everyone"]["rows"] == 160
+
+
+def test_census_gzip_input_and_determinism(census, tmp_path):
+    d, recs, _ = census
+    fx.write_census(tmp_path / "raw", n_train=300, n_test=160, gz=True)
+    convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=64, file_rows=128, **QUIET))
+    for split in ("train", "eval", "test"):
+        a = sorted((d / "out" / split).glob("*.parquet"))
+        b = sorted((tmp_path / "out" / split).glob("*.parquet"))
+        assert [f.name for f in a] == [f.name for f in b]
+        for fa, fb in zip(a, b):
+            assert pq.read_table(fa).equals(pq.read_table(fb))
+    assert (d / "out" / "schema.yaml").read_text() == (tmp_path / "out" / "schema.yaml").read_text()
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda f: f[:-1], "expected 42 comma-separated fields, found 41"),
+    (lambda f: f[:-1] + ["50000"], "income class"),
+    (lambda f: ["forty"] + f[1:], "column 'age'"),
+])
+def test_census_bad_line_names_file_and_line(tmp_path, mutate, reason):
+    recs = fx.write_census(tmp_path / "raw", n_train=20, n_test=10)
+    lines = (tmp_path / "raw" / "census-income.data").read_text(encoding="latin-1").splitlines()
+    lines[6] = ", ".join(mutate([x.strip() for x in lines[6].split(",")]))
+    (tmp_path / "raw" / "census-income.data").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    with pytest.raises(FormatError, match=r"census-income\.data: line 7: .*" + reason.replace("(", r"\(")) as e:
+        convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    assert e.value.line_no == 7 and e.value.path.endswith("census-income.data")
+    assert recs
+
+
+# =========================================================================== MovieLens
+def reference_age_group(variant: str, age: int) -> int:
+    if variant == "1m":
+        return {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}[age]
+    return 0 if age < 25 else 1 if age < 35 else 2
+
+
+@pytest.mark.parametrize("variant", ["1m", "100k"])
+def test_movielens_rows_and_split(tmp_path, variant):
+    recs = fx.write_movielens(tmp_path / "raw", variant, n_ratings=1500)
+    res = convert("movielens", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=100, **QUIET))
+    splits = {s: read_rows(tmp_path / "out" / s) for s in ("train", "eval", "test")}
+    rows = sorted((r for s in splits.values() for r in s), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == list(range(1, 1501))  # row_id = ratings line number, each once
+    for row, (u, m, rating, ts) in zip(rows, recs["ratings"]):
+        user, movie = recs["users"][u], recs["movies"][m]
+        assert (row["user_id"], row["movie_id"], row["rating"], row["timestamp"]) == (u, m, rating, ts)
+        assert row["click"] == (rating > 3) and row["like"] == (rating > 4)
+        assert row["age_group"] == reference_age_group(variant, user["age"])
+        assert row["genres"] == movie["genres"]
+        assert row["gender"] == (user["gender"] == "F") and row["zip_prefix"] == user["zip"][:3]
+        expected_year = None if movie["date"] == "" else movie["year"]
+        assert row["release_year"] == expected_year
+    # a (user, movie) pair always lands in the same split; about 80/10/10
+    where = {}
+    for s, rs in splits.items():
+        for r in rs:
+            assert where.setdefault((r["user_id"], r["movie_id"]), s) == s
+    assert 0.72 < len(splits["train"]) / 1500 < 0.88
+    sch = res.schema
+    assert [t.name for t in sch.tasks] == ["click", "like"] and sch.tasks[1].parent == "click"
+    assert sch.scenarios[0].value_names == ["under_25", "25_34", "35_plus"]
+    assert sch.sparse[0].num_embeddings == max(recs["users"]) + 1
+    for name in ("under_25", "25_34", "35_plus"):
+        sel = [r for r in splits["train"] if r["age_group"] == ml.AGE_GROUP_NAMES.index(name)]
+        assert res.splits["train"][name]["rows"] == len(sel)
+        assert res.splits["train"][name]["like_rate"] == pytest.approx(np.mean([r["like"] for r in sel]))
+    years = [r["release_year"] for r in splits["train"] if r["release_year"] is not None]
+    assert sch.dense[0].mean == pytest.approx(np.mean(years)) and sch.dense[0].std == pytest.approx(np.std(years))
+
+
+@pytest.mark.parametrize("variant,file,bad,reason", [
+    ("1m", "ratings.dat", "1::2::5", "expected 4 '::'-separated fields, found 3"),
+    ("1m", "ratings.dat", "1::2::7::978300760", "rating 7 outside 1..5"),
+    ("1m", "ratings.dat", "9999::2::4::978300760", "user 9999 is not in the users file"),
+    ("1m", "movies.dat", "7::Film (1990)::Action|Cooking", "unknown genre 'Cooking'"),
+    ("100k", "u.data", "1\t2\tfive\t881250949", "rating 'five' is not an integer"),
+    ("100k", "u.user", "3|30|X|writer|12345", "gender 'X'"),
+])
+def test_movielens_bad_line_names_file_and_line(tmp_path, variant, file, bad, reason):
+    fx.write_movielens(tmp_path / "raw", variant, n_ratings=50)
+    p = tmp_path / "raw" / file
+    lines = p.read_text(encoding="latin-1").splitlines()
+    lines[2] = bad
+    p.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    with pytest.raises(FormatError, match=rf"{file}: line 3: {reason}"):
+        convert("movielens", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
+# =========================================================================== AliExpress
+def test_aliexpress_joint_and_per_country(tmp_path):
+    recs = fx.write_aliexpress(tmp_path / "raw", n=120)
+    res = convert("aliexpress", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=50, **QUIET))
+    countries = ["NL", "ES", "FR", "US"]
+    assert res.schema.scenarios[0].value_names == countries
+    for split in ("train", "test"):
+        for sid, c in enumerate(countries):
+            rows = read_rows(tmp_path / "out" / split / c)
+            raw_rows = recs[f"{split}/{c}"]
+            assert len(rows) == len(raw_rows)
+            for row, r in zip(rows, raw_rows):
+                assert row["search_id"] == r[0] and row["country"] == sid
+                assert [row[k] for k in ax.CATEGORICAL] == r[1:17]
+                assert np.allclose([row[k] for k in ax.NUMERICAL], r[17:80], atol=1e-6)
+                assert (row["click"], row["conversion"]) == (r[80], r[81])
+            assert res.splits[f"{split}/{c}"][c]["rows"] == len(raw_rows)
+    every = [r for k, v in recs.items() for r in v]
+    for j, f in enumerate(res.schema.sparse):  # tables: max id + 1 over all files
+        assert f.num_embeddings == max(r[1 + j] for r in every) + 1
+    train = np.array([r[17:80] for k, v in recs.items() if k.startswith("train") for r in v], dtype=np.float64)
+    assert np.allclose([f.mean for f in res.schema.dense], train.mean(0))
+    assert np.allclose([f.std for f in res.schema.dense], train.std(0))
+    assert res.schema.tasks[1].parent == "ctr" and res.schema.entire_name(res.schema.tasks[1]) == "ctcvr"
+    # a subset of countries: ids follow NL, ES, FR, US, RU among those chosen
+    res2 = convert("aliexpress", tmp_path / "raw", tmp_path / "out2", ConvertOptions(extra={"countries": "us,nl"}, **QUIET))
+    assert res2.schema.scenarios[0].value_names == ["NL", "US"]
+    assert {r["country"] for r in read_rows(tmp_path / "out2" / "train" / "US")} == {1}
+    assert not (tmp_path / "out2" / "train" / "ES").exists()
+
+
+@pytest.mark.parametrize("line_index,mutate,reason", [
+    (5, lambda f: f[:-1], "expected 82 comma-separated columns"),
+    (5, lambda f: f[:-2] + ["0", "1"], "conversion = 1 on a row with click = 0"),
+    (5, lambda f: f[:3] + ["x7"] + f[4:], "categorical column cat_03"),
+    (5, lambda f: f[:-1] + ["2"], "conversion label '2' is not 0 or 1"),
+    (0, lambda f: ["1"] * len(f), "expected a header line"),
+])
+def test_aliexpress_bad_line(tmp_path, line_index, mutate, reason):
+    fx.write_aliexpress(tmp_path / "raw", countries=("NL", "FR"), n=20)
+    p = tmp_path / "raw" / "AliExpress_FR" / "test.csv"
+    lines = p.read_text().splitlines()
+    lines[line_index] = ",".join(mutate(lines[line_index].split(",")))
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match=rf"AliExpress_FR/test\.csv: line {line_index + 1}: {reason}"):
+        convert("aliexpress", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
+# =========================================================================== Ali-CCP
+def test_ali_ccp_join_ids_scenarios_and_labels(tmp_path):
+    recs = fx.write_ali_ccp(tmp_path / "raw", n_common=20, n_samples=300)
+    res = convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=64, **QUIET))
+    # reference: join each sample with its request's common features, then first-appearance ids
+    joined = []
+    for split in ("train", "test"):
+        for s in recs[split]["samples"]:
+            feats = {}
+            for f, i, _ in recs[split]["commons"][s["common"]] + s["items"]:
+                feats.setdefault(f, []).append(i)
+            joined.append((split, s, feats))
+    vocab = {f: {} for f in ac.SINGLE_FIELDS + ac.MULTI_FIELDS}
+    scen = {}
+    expected = {"train": [], "test": []}
+    for split, s, feats in joined:
+        row = {"sample_id": s["sample_id"], "click": s["click"], "purchase": s["buy"],
+               "scenario": scen.setdefault(feats["301"][0], len(scen))}
+        for f in ac.SINGLE_FIELDS:
+            row["f" + f] = vocab[f].setdefault(feats[f][0], len(vocab[f])) if f in feats else None
+        for f in ac.MULTI_FIELDS:
+            row["f" + f] = [vocab[f].setdefault(i, len(vocab[f])) for i in feats.get(f, [])[:ac.MAX_LEN]]
+        expected[split].append(row)
+    for split in ("train", "test"):
+        got = read_rows(tmp_path / "out" / split)
+        assert [{k: r[k] for k in expected[split][0]} for r in got] == expected[split]
+    assert any(len(r["f109_14"]) == ac.MAX_LEN for r in expected["train"])  # truncation exercised
+    assert res.schema.scenarios[0].value_names == [f"301={v}" for v in scen]
+    for f in res.schema.sparse:
+        assert f.num_embeddings == len(vocab[f.name[1:]])
+    assert res.notes["unknown_fields"].get("999", 0) > 0
+    assert [(t.name, t.label, t.parent) for t in res.schema.tasks] == [("ctr", "click", None), ("cvr", "purchase", "ctr")]
+
+
+def _bump_feature_num(line: str) -> str:
+    parts = line.split(",", 5)
+    parts[4] = str(int(parts[4]) + 1)
+    return ",".join(parts)
+
+
+@pytest.mark.parametrize("file,mutate,reason", [
+    ("sample_skeleton_train.csv", lambda l: _bump_feature_num(l), "feature_num says"),
+    ("sample_skeleton_train.csv", lambda l: "x" + l, "sample_id 'x"),
+    ("sample_skeleton_train.csv", lambda l: l.split(",", 3)[0] + ",0,1," + l.split(",", 3)[3], "buy = 1 on a sample with click = 0"),
+    ("common_features_test.csv", lambda l: l.replace("\x03", "", 1), "feature .* is not field"),
+])
+def test_ali_ccp_bad_line(tmp_path, file, mutate, reason):
+    fx.write_ali_ccp(tmp_path / "raw", n_common=5, n_samples=20)
+    p = tmp_path / "raw" / file
+    lines = p.read_text().split("\n")
+    lines[3] = mutate(lines[3])
+    p.write_text("\n".join(lines))
+    with pytest.raises(FormatError, match=rf"{file}: line 4: {reason}"):
+        convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
+# =========================================================================== KuaiRand
+def test_kuairand_tabs_split_by_date_and_labels(tmp_path):
+    recs = fx.write_kuairand(tmp_path / "raw", n=400)
+    res = convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=64, **QUIET))
+    tabs = first_appearance(r["tab"] for r in recs["rows"])
+    rows = read_rows(tmp_path / "out" / "train") + read_rows(tmp_path / "out" / "test")
+    rows.sort(key=lambda r: r["row_id"])
+    assert len(rows) == len(recs["rows"])
+    for row, r in zip(rows, recs["rows"]):
+        assert (row["click"], row["long_view"], row["like"]) == (r["is_click"], r["long_view"], r["is_like"])
+        assert row["tab"] == tabs[r["tab"]] and row["date"] == r["date"]
+    assert {r["date"] for r in read_rows(tmp_path / "out" / "test")} == {d for d in range(20220501, 20220509)} & {r["date"] for r in recs["rows"]}
+    assert res.schema.scenarios[0].value_names == [f"tab{t}" for t in tabs]
+    assert all(t.parent is None for t in res.schema.tasks)
+    assert all(0 < len(r["tag"]) <= 2 for r in rows)
+    # only some tabs: ids in the given order, the rest skipped and counted
+    res2 = convert("kuairand", tmp_path / "raw", tmp_path / "out2", ConvertOptions(extra={"tabs": "4,1"}, **QUIET))
+    kept = [r for r in recs["rows"] if r["tab"] in (1, 4)]
+    got = read_rows(tmp_path / "out2" / "train") + read_rows(tmp_path / "out2" / "test")
+    assert len(got) == len(kept) and res2.schema.scenarios[0].value_names == ["tab4", "tab1"]
+    assert sum(res2.notes["skipped_rows_by_tab"].values()) == len(recs["rows"]) - len(kept)
+    assert {r["tab"] for r in got} == {0, 1}
+
+
+def test_kuairand_bad_line(tmp_path):
+    fx.write_kuairand(tmp_path / "raw", n=40)
+    p = tmp_path / "raw" / "log_standard_4_22_to_5_08_pure.csv"
+    lines = p.read_text().splitlines()
+    f = lines[4].split(",")
+    f[fx.KUAIRAND_LOG_COLUMNS.index("is_click")] = "2"
+    lines[4] = ",".join(f)
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match=r"log_standard_4_22_to_5_08_pure\.csv: line 5: is_click '2' is not 0 or 1"):
+        convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
+# =========================================================================== CLI, committed schemas
+def test_cli_convert_and_its_errors(tmp_path, capsys):
+    from dlrm_mtl.cli import main
+
+    fx.write_movielens(tmp_path / "raw", "100k", n_ratings=60)
+    assert main(["convert", "movielens", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                 "--row-group-rows", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "movielens_100k" in out and "under_25" in out and "click" in out
+    assert Schema.load(tmp_path / "out" / "schema.yaml").name == "movielens_100k"
+    assert all(pq.ParquetFile(f).metadata.row_group(0).num_rows <= 16 for f in (tmp_path / "out" / "train").glob("*.parquet"))
+    (tmp_path / "raw" / "u.data").write_text("1\t2\n")
+    assert main(["convert", "movielens", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")]) == 2
+    assert "u.data: line 1: expected 4" in capsys.readouterr().err
+    assert main(["convert", "census-income", "--raw", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def _layout(schema: Schema) -> dict:
+    """What must not drift between the committed schema and the converter (sizes and
+    statistics come from the data)."""
+    return {
+        "sparse": [(f.name, f.table, f.dim, f.multi_hot, f.max_len, f.pooling, f.hash) for f in schema.sparse],
+        "dense": [(d.name, d.transform, d.standardize) for d in schema.dense],
+        "scenarios": [(s.name, s.column) for s in schema.scenarios],
+        "tasks": [(t.name, t.label, t.parent, t.loss_space) for t in schema.tasks],
+        "row_id": schema.row_id,
+    }
+
+
+@pytest.mark.parametrize("name,folder,writer", [
+    ("census-income", "census_income", lambda p: fx.write_census(p, 30, 10)),
+    ("movielens", "movielens", lambda p: fx.write_movielens(p, "1m", n_ratings=40)),
+    ("aliexpress", "aliexpress", lambda p: fx.write_aliexpress(p, n=10)),
+    ("ali-ccp", "ali_ccp", lambda p: fx.write_ali_ccp(p, 4, 20)),
+    ("kuairand", "kuairand", lambda p: fx.write_kuairand(p, 40)),
+])
+def test_committed_schema_matches_converter_layout(tmp_path, name, folder, writer):
+    writer(tmp_path / "raw")
+    res = convert(name, tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    committed = Schema.load(ROOT / "datasets" / folder / "schema.yaml")
+    assert _layout(committed) == _layout(res.schema)
+
+
+# =========================================================================== training on converted fixtures
+TRAIN_CASES = [
+    ("census-income", lambda p: fx.write_census(p, 200, 80), "eval"),
+    ("movielens", lambda p: fx.write_movielens(p, "1m", n_ratings=600), "eval"),
+    ("aliexpress", lambda p: fx.write_aliexpress(p, n=80), "test"),
+    ("ali-ccp", lambda p: fx.write_ali_ccp(p, 10, 200), "test"),
+    ("kuairand", lambda p: fx.write_kuairand(p, 300), "test"),
+]
+
+
+@pytest.mark.slow
+def test_train_a_few_steps_on_every_converted_fixture(tmp_path):
+    """Every converted data set trains through the real path (DMP, fused tables, task graph)
+    with its committed base config, and the evaluation covers every eval row of every
+    scenario and task (counts equal the converter's own counts)."""
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.train import train
+
+    for name, writer, eval_split in TRAIN_CASES:
+        raw, out = tmp_path / name / "raw", tmp_path / name / "out"
+        writer(raw)
+        res = convert(name, raw, out, ConvertOptions(row_group_rows=64, **QUIET))
+        folder = name.replace("-", "_")
+        cfg = Config.load(str(ROOT / "datasets" / folder / "configs" / "base.yaml"), [
+            f"data.train={out / 'train'}", f"data.eval={out / eval_split}", f"data.schema={out / 'schema.yaml'}",
+            f"train.run_dir={tmp_path / name / 'run'}", "train.max_steps=3", "train.epochs=1", "data.batch_size=32",
+            "train.progress=false", "data.shuffle_buffer_rows=256", "train.log_every=1",
+        ])
+        result = train(cfg)
+        metrics = {(m["scenario"], m["task"]): m for m in result["metrics"]}
+        splits = {k: v for k, v in res.splits.items() if k == eval_split or k.startswith(eval_split + "/")}
+        per_scenario = {}
+        for split in splits.values():
+            for scen, d in split.items():
+                per_scenario[scen] = per_scenario.get(scen, 0) + d["rows"]
+        root_tasks = [t.name for t in res.schema.tasks if t.parent is None]
+        for task in root_tasks:
+            assert metrics[("all", task)]["count"] == sum(per_scenario.values()), (name, task)
+            for scen, n in per_scenario.items():
+                if len(per_scenario) > 1:
+                    assert metrics[(scen, task)]["count"] == n, (name, scen, task)
+        assert all(math.isfinite(m["logloss"]) for m in result["metrics"]), name
+        shutil.rmtree(tmp_path / name / "run", ignore_errors=True)
+
+
+# =========================================================================== comparison tool
+def test_results_table_means_stds_and_best():
+    from dlrm_mtl.datasets.compare import results_table, summarise
+
+    def rows(auc_all, auc_nl):
+        return [{"scenario": "all", "task": "ctr", "auc": auc_all, "logloss": 0.3},
+                {"scenario": "NL", "task": "ctr", "auc": auc_nl, "logloss": 0.4}]
+
+    runs = {"mmoe": [rows(0.70, 0.60), rows(0.72, 0.62)], "ple": [rows(0.75, 0.55), rows(0.73, 0.57)]}
+    s = summarise(runs)
+    assert s[("all", "ctr")]["mmoe"][0] == pytest.approx(0.71)
+    assert s[("all", "ctr")]["ple"][1] == pytest.approx(np.std([0.75, 0.73], ddof=1))
+    md = results_table(runs).splitlines()
+    assert md[0] == "| task | scenario | mmoe | ple |"
+    assert md[2].startswith("| ctr | all | 0.7100 ± 0.0141 | **0.7400 ± 0.0141** |")
+    assert md[3].startswith("| ctr | NL | **0.6100 ± 0.0141** | 0.5600 ± 0.0141 |")
+
+
+def test_comparison_commands_compose_base_then_architecture(tmp_path, capsys):
+    from dlrm_mtl.datasets.compare import main
+
+    assert main(["--dataset", "aliexpress", "--data", str(tmp_path / "ax"), "--out", str(tmp_path / "runs"),
+                 "--seeds", "0,1", "--dry-run", "--set", "train.epochs=1"]) == 0
+    cmds = [line[2:].split() for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    archs = (ROOT / "datasets" / "aliexpress" / "ARCHS").read_text().split()
+    assert len(cmds) == 2 * len(archs)
+    for cmd, (arch, seed) in zip(cmds, [(a, s) for a in archs for s in (0, 1)]):
+        configs = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--config"]
+        assert configs == ["datasets/aliexpress/configs/base.yaml", f"datasets/aliexpress/configs/{arch}.yaml"]
+        sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
+        assert f"train.seed={seed}" in sets and f"train.run_dir={tmp_path / 'runs' / arch / f'seed{seed}'}" in sets
+        assert sets[-1] == "train.epochs=1" and f"data.eval={tmp_path / 'ax' / 'test'}" in sets
+
+
+@pytest.mark.parametrize("folder", ["census_income", "aliexpress", "ali_ccp", "movielens", "kuairand"])
+def test_every_listed_architecture_has_a_fragment(folder):
+    d = ROOT / "datasets" / folder
+    archs = (d / "ARCHS").read_text().split()
+    assert archs and (d / "README.md").exists() and (d / "run_comparison.sh").exists()
+    scenario_level = Schema.load(d / "schema.yaml").scenarios[0].name
+    for arch in archs:
+        model = yaml.safe_load((d / "configs" / f"{arch}.yaml").read_text())["model"]
+        assert model["task_layers"], arch
+        for layer in model["scenario_layers"]:
+            assert layer["level"] == scenario_level, (folder, arch)
+
+
+@pytest.mark.slow
+def test_comparison_runs_and_tables_the_runs_metrics(tmp_path):
+    """End to end on the converted Census fixture: the default architecture, one seed, a
+    few steps; results.md carries the AUC the run wrote into metrics.json."""
+    import json
+    import os
+
+    from dlrm_mtl.datasets.compare import run_comparison
+
+    fx.write_census(tmp_path / "raw", 200, 80)
+    convert("census-income", tmp_path / "raw", tmp_path / "data", ConvertOptions(row_group_rows=64, **QUIET))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        run_comparison("census_income", tmp_path / "data", tmp_path / "runs", ["default"], [0],
+                       overrides=["train.max_steps=2", "data.batch_size=32"])
+    finally:
+        os.chdir(cwd)
+    metrics = json.loads((tmp_path / "runs" / "default" / "seed0" / "metrics.json").read_text())["metrics"]
+    md = (tmp_path / "runs" / "results.md").read_text()
+    auc = {m["task"]: m["auc"] for m in metrics if m["scenario"] == "all"}
+    assert f"| income | all | {auc['income']:.4f} |" in md and f"| marital | all | {auc['marital']:.4f} |" in md
