@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 Metrics = List[Dict[str, object]]  # the "metrics" rows of a run's metrics.json
+# each run is its own job: rendezvous variables of a surrounding process are not inherited
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def train_command(configs_dir: Path, arch: str, data: Path, run_dir: Path, seed: int, eval_split: str,
@@ -96,7 +100,7 @@ def run_comparison(dataset: str, data: Path, out: Path, archs: Sequence[str], se
             print("+ " + " ".join(cmd), flush=True)
             if dry_run:
                 continue
-            proc = subprocess.run(cmd)
+            proc = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k not in DIST_ENV})
             if proc.returncode != 0:
                 raise RuntimeError(f"{arch} seed {seed}: training failed (exit {proc.returncode}); see the log above")
             runs.setdefault(arch, []).append(json.loads((run_dir / "metrics.json").read_text())["metrics"])
