@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.set_defaults(fn=_convert)
 
     t = sub.add_parser("train", help="train (one process, or one rank under torchrun/TorchX)")
-    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--config", action="append", default=[], help="YAML config file; repeat to compose (later files override earlier)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
     t.set_defaults(fn=_train)
 
@@ -183,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.set_defaults(fn=_evaluate)
 
     pl = sub.add_parser("plan", help="print the TorchRec sharding plan for a world size, without training")
-    pl.add_argument("--config", help="YAML config file")
+    pl.add_argument("--config", action="append", default=[], help="YAML config file; repeat to compose (later files override earlier)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--world-size", type=int, required=True)
     pl.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -44,23 +44,44 @@ class DataConfig:
 
 
 @dataclass
-class ExpertLayerConfig:
-    """Shape of one expert layer (scenario layer or task layer)."""
+class LayerConfig:
+    """One scenario or task layer of the expert arch, selected by ``type`` (see
+    ``dlrm_mtl/models/arch.py`` for the types and the fields each one reads; fields a type does
+    not read keep their defaults).
 
-    num_shared: int = 2  # shared experts
-    num_specific: int = 1  # specific experts per scenario value (or per task)
+    Example (YAML)::
+
+        scenario_layers: [{type: aesm, level: channel}, {type: aesm, level: domain}]
+        task_layers: [{type: ple, levels: 2}]
+    """
+
+    type: str = "cgc"
+    # scenario layers: the scenario level that routes rows ("each": one layer per level, in
+    # schema order; "leaf": the combined id of all levels; "" = the first level)
+    level: str = "each"
+    num_shared: int = 2  # shared experts (cgc, ple, hinet)
+    num_specific: int = 1  # specific experts per scenario value or per task (cgc, ple, hinet)
+    num_experts: int = 4  # experts of gate-only designs (omoe, mmoe, ml_mmoe, aesm)
     hidden: List[int] = field(default_factory=list)  # expert MLP hidden sizes ([] = one layer)
-    out_dim: int = 128
+    out_dim: int = 64
+    levels: int = 1  # stacked extraction levels (ple, ml_mmoe)
+    sub_experts: int = 2  # HiNet: sub-experts per SEI module
+    gate: str = "softmax"  # softmax | noisy | topk (gate-only designs)
+    top_k: int = 0  # experts kept per row by a top-K gate
+    noise: float = 1.0  # gate noise scale in training (noisy gate, AESM²)
+    k_specific: int = 1  # AESM²: specific experts selected per row
+    k_shared: int = 1  # AESM²: shared experts selected per row
+    aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL), 0 = off
+    norm: bool = True  # STAR: partitioned normalisation
 
 
 @dataclass
 class ModelConfig:
     dense_arch: List[int] = field(default_factory=lambda: [64])  # + embedding dim appended
-    scenario_emb_dim: int = 8  # gate-input embedding per scenario level
-    scenario_layer: ExpertLayerConfig = field(default_factory=ExpertLayerConfig)
-    task_layer: ExpertLayerConfig = field(
-        default_factory=lambda: ExpertLayerConfig(num_shared=2, num_specific=1, hidden=[], out_dim=64)
-    )
+    scenario_emb_dim: int = 8  # embedding per scenario level (gate input and part of x)
+    # stacked scenario layers, then stacked task layers (design §3); [] = none of that kind
+    scenario_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", level="each", out_dim=128)])
+    task_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", out_dim=64)])
     tower: List[int] = field(default_factory=lambda: [64])
 
 
@@ -127,11 +148,17 @@ class Config:
         return _build(cls, d or {}, "")
 
     @classmethod
-    def load(cls, path: Optional[str] = None, overrides: Sequence[str] = ()) -> "Config":
+    def load(cls, path: Union[None, str, Sequence[str]] = None, overrides: Sequence[str] = ()) -> "Config":
+        """YAML file(s) then ``key=value`` overrides. Several files compose: mappings merge
+        recursively and a later file's value (scalar or list) replaces an earlier one."""
         d: Dict[str, Any] = {}
-        if path:
-            with open(path) as fh:
-                d = yaml.safe_load(fh) or {}
+        paths = [path] if isinstance(path, str) else list(path or [])
+        for p in paths:
+            with open(p) as fh:
+                loaded = yaml.safe_load(fh) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+            _merge(d, loaded)
         for ov in overrides:
             if "=" not in ov:
                 raise ConfigError(f"--set {ov!r}: expected key=value")
@@ -142,6 +169,14 @@ class Config:
     def save(self, path: Union[str, Path]) -> None:
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def _merge(into: Dict[str, Any], other: Dict[str, Any]) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _set_path(d: Dict[str, Any], keys: List[str], value: Any) -> None:

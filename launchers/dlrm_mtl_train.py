@@ -44,7 +44,8 @@ def train(
 
     Args:
         overrides: config overrides KEY=VALUE, passed as ``--set KEY=VALUE``
-        config: dlrm_mtl YAML config file (path as seen by the workers)
+        config: dlrm_mtl YAML config file (path as seen by the workers); several files compose
+            when separated by commas, e.g. ``base.yaml,arch/hinet.yaml`` (later ones override)
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 (one host, two ranks) or 2x1
         image: container image, or the working directory for local_cwd (default: cwd)
         name: job name
@@ -59,7 +60,7 @@ def train(
         mounts: mounts for container schedulers, e.g. type=bind,src=/data,dst=/data
     """
     return _dlrm_mtl_job(
-        ["train", "--config", config], overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        ["train"] + [a for c in config.split(",") for a in ("--config", c)], overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
         j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
     )
 

@@ -26,8 +26,8 @@ def test_load_yaml_and_overrides(tmp_path):
     })
     cfg = Config.load(path, overrides=[
         "train.epochs=5",                      # override a value from the file
-        "model.scenario_layer.num_shared=7",   # nested dataclass, 3 levels
-        "model.task_layer.hidden=[8, 4]",      # list of ints
+        "model.task_layers=[{type: mmoe, num_experts: 7}]",   # list of dataclasses
+        "model.dense_arch=[8, 4]",      # list of ints
         "sharding.types=[table_wise]",         # list of strings
         "train.dense_lr=1",                    # int -> float
         "sharding.memory_per_rank_gb=2",       # int -> float
@@ -39,9 +39,9 @@ def test_load_yaml_and_overrides(tmp_path):
     assert cfg.data.batch_size == 64
     assert cfg.train.epochs == 5
     assert cfg.model.tower == [32, 16]
-    assert cfg.model.scenario_layer.num_shared == 7
-    assert cfg.model.scenario_layer.num_specific == 1  # rest of the section keeps defaults
-    assert cfg.model.task_layer.hidden == [8, 4]
+    assert cfg.model.task_layers[0].type == "mmoe" and cfg.model.task_layers[0].num_experts == 7
+    assert cfg.model.task_layers[0].num_specific == 1  # rest of the layer keeps defaults
+    assert cfg.model.dense_arch == [8, 4]
     assert cfg.sharding.types == ["table_wise"]
     assert cfg.train.dense_lr == 1.0 and type(cfg.train.dense_lr) is float
     assert cfg.sharding.memory_per_rank_gb == 2.0 and type(cfg.sharding.memory_per_rank_gb) is float
@@ -64,7 +64,7 @@ def test_empty_yaml_file(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("train.epoch=2", "train.epoch"),
     ("trian.epochs=2", "trian"),
-    ("model.scenario_layer.num_experts=2", "model.scenario_layer.num_experts"),
+    ("model.task_layers=[{type: mmoe, experts: 2}]", "model.task_layers.experts"),
 ])
 def test_unknown_key_from_override(override, key):
     with pytest.raises(ConfigError) as ei:
@@ -87,7 +87,7 @@ def test_unknown_key_from_file(tmp_path):
     ("train.run_dir=123", "train.run_dir"),
     ("model.tower=64", "model.tower"),  # not a list
     ("model.tower=[64, x]", "model.tower"),  # bad element
-    ("model.scenario_layer=3", "model.scenario_layer"),  # section given a scalar
+    ("model.scenario_layers=3", "model.scenario_layers"),  # section given a scalar
 ])
 def test_wrong_type(override, where):
     with pytest.raises(ConfigError) as ei:
@@ -115,7 +115,7 @@ def test_override_through_scalar():
 def test_save_load_roundtrip(tmp_path):
     cfg = Config.load(None, [
         "data.train=/d/train", "data.schema=/d/s.yaml", "train.epochs=4", "train.dense_lr=0.5",
-        "sharding.types=[row_wise, table_wise]", "model.task_layer.hidden=[3]", "train.progress=false",
+        "sharding.types=[row_wise, table_wise]", "model.dense_arch=[3]", "train.progress=false",
     ])
     path = tmp_path / "saved.yaml"
     cfg.save(path)
@@ -162,3 +162,18 @@ def test_schema_path_missing(tmp_path):
 def test_schema_path_of_synthetic_data(synthetic_small):
     cfg = Config.load(None, [f"data.train={synthetic_small / 'train'}"])
     assert cfg.data.schema_path() == str(synthetic_small / "schema.yaml")
+
+
+def test_config_files_compose_later_overrides_earlier(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {epochs: 3, seed: 5}\nmodel:\n  task_layers: [{type: cgc}, {type: mmoe}]\n  tower: [16]\n")
+    arch = tmp_path / "arch.yaml"
+    arch.write_text("train: {epochs: 1}\nmodel:\n  task_layers: [{type: ple, levels: 2}]\n")
+    cfg = Config.load([str(base), str(arch)], ["train.seed=9"])
+    assert cfg.train.epochs == 1 and cfg.train.seed == 9  # mapping merged key by key
+    assert [l.type for l in cfg.model.task_layers] == ["ple"]  # a list is replaced, not merged
+    assert cfg.model.task_layers[0].levels == 2 and cfg.model.tower == [16]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        Config.load([str(base), str(bad)])

@@ -1,4 +1,4 @@
-"""Unit tests for dlrm_mtl.modules: ExpertBank, SoftmaxGate, ScenarioLayer, CGCLayer, DotInteraction, MLP."""
+"""Unit tests for dlrm_mtl.modules: ExpertBank, SoftmaxGate, ScenarioCGCLayer, DotInteraction, MLP (task layers: test_task_layers.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrm_mtl.modules import CGCLayer, DotInteraction, ExpertBank, MLP, ScenarioLayer, SoftmaxGate
+from dlrm_mtl.modules import DotInteraction, ExpertBank, MLP, ScenarioCGCLayer, SoftmaxGate
 
 ATOL = 1e-6
 
@@ -44,6 +44,11 @@ def reference_expert(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
     for w, b in zip(bank.weights, bank.biases):
         h = torch.relu(h @ w[e] + b[e])
     return h
+
+
+def reference_gate_logits(gate: SoftmaxGate, x: torch.Tensor) -> torch.Tensor:
+    """[B, G, E] by one matmul per gate (x [B, in] shared, or [G, B, in] per gate)."""
+    return torch.stack([(x if x.dim() == 2 else x[g]) @ gate.weight[g] + gate.bias[g] for g in range(gate.num_gates)], dim=1)
 
 
 # ---------------------------------------------------------------------------- ExpertBank
@@ -92,6 +97,19 @@ def test_expert_bank_subset_equals_slice(hidden, start, count):
     torch.testing.assert_close(sub, full[:, start:end], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("hidden", [[], [8, 4]])
+def test_expert_bank_per_expert_inputs_equal_loop(hidden):
+    """x [B, E, in]: expert e reads x[:, e] (PLE's task experts on their task's input)."""
+    torch.manual_seed(12)
+    bank = ExpertBank(4, in_dim=6, hidden=hidden, out_dim=3).double()
+    x = torch.randn(9, 4, 6, dtype=torch.float64)
+    y = bank(x)
+    ref = torch.stack([reference_expert(bank, e, x[:, e]) for e in range(4)], dim=1)
+    torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
+    sub = bank(x[:, 1:3], start=1, count=2)
+    torch.testing.assert_close(sub, ref[:, 1:3], atol=ATOL, rtol=0)
+
+
 def test_expert_bank_gradients_reach_all_layers():
     torch.manual_seed(4)
     bank = ExpertBank(3, in_dim=5, hidden=[6], out_dim=2)
@@ -122,30 +140,37 @@ def test_softmax_gate_matches_manual_softmax():
     torch.manual_seed(6)
     gate = SoftmaxGate(4, num_gates=2, num_experts=3).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    logits = x @ gate.proj.weight.T + gate.proj.bias  # [B, G*E]
-    expected = torch.exp(logits.view(5, 2, 3))
+    logits = torch.stack([x @ gate.weight[g] + gate.bias[g] for g in range(2)], dim=1)  # [B, G, E]
+    expected = torch.exp(logits)
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(gate(x), expected, atol=ATOL, rtol=0)
+    # per-gate inputs: gate g reads xs[g]
+    xs = torch.randn(2, 5, 4, dtype=torch.float64)
+    per = torch.softmax(torch.stack([xs[g] @ gate.weight[g] + gate.bias[g] for g in range(2)], dim=1), dim=-1)
+    torch.testing.assert_close(gate(xs), per, atol=ATOL, rtol=0)
 
 
-# ---------------------------------------------------------------------------- ScenarioLayer
+# ---------------------------------------------------------------------------- ScenarioCGCLayer
 
 
 def make_scenario_layer(num_shared=2, num_specific=2, hidden=(6,), S=3, in_dim=5, emb=3, out=4, seed=7):
     torch.manual_seed(seed)
-    return ScenarioLayer(in_dim, num_scenarios=S, emb_dim=emb, num_shared=num_shared,
+    return ScenarioCGCLayer(in_dim, num_scenarios=S, emb_dim=emb, num_shared=num_shared,
                          num_specific=num_specific, hidden=list(hidden), out_dim=out).double()
 
 
-def manual_scenario_output(layer: ScenarioLayer, x, scenario, emb):
+def manual_scenario_output(layer: ScenarioCGCLayer, x, scenario, emb):
     """Per row: gate(x ⊕ emb) row of its scenario applied to [shared experts, own specific experts]."""
     B = x.shape[0]
     E = layer.num_shared + layer.num_specific
-    gate_logits = torch.cat([x, emb], dim=1) @ layer.gate.proj.weight.T + layer.gate.proj.bias
+    if layer.gate is None:  # a single expert: weight 1
+        gate_logits = x.new_zeros(B, layer.num_scenarios, 1)
+    else:
+        gate_logits = reference_gate_logits(layer.gate, torch.cat([x, emb], dim=1))  # [B, S, E]
     ys, gs = [], []
     for b in range(B):
         s = int(scenario[b])
-        lg = gate_logits[b].view(layer.num_scenarios, E)[s]
+        lg = gate_logits[b, s]
         g = torch.softmax(lg, dim=0)
         outs = []
         for k in range(layer.num_shared):
@@ -164,7 +189,8 @@ def test_scenario_layer_shape_gates_and_manual_formula(num_shared, num_specific)
     x = torch.randn(B, 5, dtype=torch.float64)
     scenario = torch.tensor([0, 1, 2, 0, 2, 1, 1, 0, 2])
     emb = torch.randn(B, 3, dtype=torch.float64)
-    y, gates = layer(x, scenario, emb)
+    y, gates = layer(x, scenario, emb)[:2]
+    gates = gates[""]
     assert y.shape == (B, 4)
     assert gates.shape == (B, num_shared + num_specific)
     torch.testing.assert_close(gates.sum(-1), torch.ones(B, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -178,7 +204,8 @@ def test_scenario_layer_uses_own_scenario_gate_and_experts():
     layer = make_scenario_layer()
     x = torch.randn(1, 5, dtype=torch.float64).repeat(3, 1)
     emb = torch.randn(1, 3, dtype=torch.float64).repeat(3, 1)
-    y, gates = layer(x, torch.tensor([0, 1, 2]), emb)
+    y, gates = layer(x, torch.tensor([0, 1, 2]), emb)[:2]
+    gates = gates[""]
     assert not torch.allclose(gates[0], gates[1]) and not torch.allclose(gates[1], gates[2])
     assert not torch.allclose(y[0], y[1]) and not torch.allclose(y[1], y[2])
 
@@ -190,7 +217,7 @@ def test_scenario_layer_routing_gradients():
     x = torch.randn(B, 5, dtype=torch.float64)
     scenario = torch.tensor([0, 1, 2] * 4)
     emb = torch.randn(B, 3, dtype=torch.float64)
-    y, _ = layer(x, scenario, emb)
+    y = layer(x, scenario, emb).y
     rows0 = scenario == 0
     y[rows0].pow(2).sum().backward()
     E_sp = layer.num_specific
@@ -205,7 +232,7 @@ def test_scenario_layer_routing_gradients():
         assert w.grad.abs().sum() > 0
     # gate: only the logits of scenario 0's gate receive gradient
     E = layer.num_shared + layer.num_specific
-    gw = layer.gate.proj.weight.grad.view(layer.num_scenarios, E, -1)
+    gw = layer.gate.weight.grad  # [S, in, E]
     assert gw[0].abs().sum() > 0
     assert torch.all(gw[1:] == 0)
 
@@ -215,11 +242,11 @@ def test_scenario_layer_output_of_row_independent_of_other_scenarios_specific_we
     x = torch.randn(6, 5, dtype=torch.float64)
     scenario = torch.tensor([0, 1, 2, 0, 1, 2])
     emb = torch.randn(6, 3, dtype=torch.float64)
-    y0, _ = layer(x, scenario, emb)
+    y0 = layer(x, scenario, emb).y
     with torch.no_grad():
         for w in layer.specific.weights:
             w[1].add_(torch.randn_like(w[1]))  # perturb scenario 1's expert
-    y1, _ = layer(x, scenario, emb)
+    y1 = layer(x, scenario, emb).y
     keep = scenario != 1
     torch.testing.assert_close(y1[keep], y0[keep], atol=ATOL, rtol=0)
     assert not torch.allclose(y1[~keep], y0[~keep])
@@ -230,7 +257,8 @@ def test_scenario_layer_scenario_without_rows():
     x = torch.randn(4, 5, dtype=torch.float64)
     scenario = torch.tensor([0, 2, 2, 0])  # scenario 1 has no rows
     emb = torch.randn(4, 3, dtype=torch.float64)
-    y, gates = layer(x, scenario, emb)
+    y, gates = layer(x, scenario, emb)[:2]
+    gates = gates[""]
     y_ref, g_ref = manual_scenario_output(layer, x, scenario, emb)
     torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(gates, g_ref, atol=ATOL, rtol=0)
@@ -242,87 +270,15 @@ def test_scenario_layer_scenario_without_rows_shared_only():
     x = torch.randn(4, 5, dtype=torch.float64)
     scenario = torch.tensor([0, 2, 2, 0])
     emb = torch.randn(4, 3, dtype=torch.float64)
-    y, gates = layer(x, scenario, emb)
+    y, gates = layer(x, scenario, emb)[:2]
+    gates = gates[""]
     y_ref, g_ref = manual_scenario_output(layer, x, scenario, emb)
     torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
 
 
 def test_scenario_layer_rejects_no_experts():
     with pytest.raises(ValueError):
-        ScenarioLayer(4, 2, 2, num_shared=0, num_specific=0, hidden=[], out_dim=3)
-
-
-# ---------------------------------------------------------------------------- CGCLayer
-
-
-def make_cgc(T=3, E_sh=2, E_sp=2, hidden=(6,), seed=8):
-    torch.manual_seed(seed)
-    return CGCLayer(5, num_tasks=T, num_shared=E_sh, num_specific=E_sp, hidden=list(hidden), out_dim=4).double()
-
-
-def manual_cgc(cgc: CGCLayer, x):
-    T, E_sh, E_sp = cgc.num_tasks, cgc.num_shared, cgc.num_specific
-    E = E_sh + E_sp
-    g = torch.softmax((x @ cgc.gate.proj.weight.T + cgc.gate.proj.bias).view(x.shape[0], T, E), dim=-1)
-    ys = []
-    for t in range(T):
-        idx = list(range(E_sh)) + [E_sh + t * E_sp + j for j in range(E_sp)]
-        outs = [reference_expert(cgc.experts, k, x) for k in idx]  # each [B, d]
-        ys.append(sum(g[:, t, k : k + 1] * outs[k] for k in range(E)))
-    return torch.stack(ys), g
-
-
-@pytest.mark.parametrize("T,E_sh,E_sp", [(3, 2, 2), (2, 1, 1), (2, 0, 2), (2, 2, 0)])
-def test_cgc_shapes_and_manual_formula(T, E_sh, E_sp):
-    cgc = make_cgc(T, E_sh, E_sp)
-    x = torch.randn(7, 5, dtype=torch.float64)
-    y, gates = cgc(x)
-    assert y.shape == (T, 7, 4)
-    assert gates.shape == (7, T, E_sh + E_sp)
-    torch.testing.assert_close(gates.sum(-1), torch.ones(7, T, dtype=torch.float64), atol=1e-6, rtol=0)
-    y_ref, g_ref = manual_cgc(cgc, x)
-    torch.testing.assert_close(gates, g_ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("mode", ["zero", "perturb"])
-def test_cgc_task_output_independent_of_other_tasks_specific_experts(mode):
-    T, E_sh, E_sp = 3, 2, 2
-    cgc = make_cgc(T, E_sh, E_sp)
-    x = torch.randn(8, 5, dtype=torch.float64)
-    y0, _ = cgc(x)
-    other = 1
-    sl = slice(E_sh + other * E_sp, E_sh + (other + 1) * E_sp)
-    with torch.no_grad():
-        for w, b in zip(cgc.experts.weights, cgc.experts.biases):
-            if mode == "zero":
-                w[sl].zero_()
-                b[sl].zero_()
-            else:
-                w[sl].add_(torch.randn_like(w[sl]))
-                b[sl].add_(torch.randn_like(b[sl]))
-    y1, _ = cgc(x)
-    for t in range(T):
-        if t == other:
-            assert not torch.allclose(y1[t], y0[t]), "task 1's own experts changed: its output must change"
-        else:
-            torch.testing.assert_close(y1[t], y0[t], atol=0, rtol=0)
-
-
-def test_cgc_shared_experts_affect_every_task():
-    cgc = make_cgc(3, 2, 1)
-    x = torch.randn(8, 5, dtype=torch.float64)
-    y0, _ = cgc(x)
-    with torch.no_grad():
-        cgc.experts.biases[-1][0].add_(1.0)
-    y1, _ = cgc(x)
-    for t in range(3):
-        assert not torch.allclose(y1[t], y0[t])
-
-
-def test_cgc_rejects_no_experts():
-    with pytest.raises(ValueError):
-        CGCLayer(4, num_tasks=2, num_shared=0, num_specific=0, hidden=[], out_dim=3)
+        ScenarioCGCLayer(4, 2, 2, num_shared=0, num_specific=0, hidden=[], out_dim=3)
 
 
 # ---------------------------------------------------------------------------- DotInteraction

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -11,10 +11,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm_mtl.config import ModelConfig
+from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
-from dlrm_mtl.modules import MLP, CGCLayer, DotInteraction, ScenarioLayer
+from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
+from dlrm_mtl.modules import MLP, DotInteraction, LayerOutput
 from dlrm_mtl.schema import Schema
 
 
@@ -36,11 +37,17 @@ def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
 
 
 class DenseArch(nn.Module):
-    """Everything after the embedding lookup: dense MLP, interaction, scenario layers (one per
-    scenario level, stacked), a CGC task layer and one tower per task.
+    """Everything after the embedding lookup: dense MLP, interaction, the stacked scenario
+    layers, the stacked task layers and one tower per task (design §3).
 
-    ``pooled [B, F, D]``, ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]`` and the
-    gate weights of every layer (for expert-utilisation logging).
+    ``pooled [B, F, D]``, ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
+    weights of every layer by name (``scenario{i}/{level}/...``, ``task{j}/...``; for
+    expert-utilisation logging) and the auxiliary losses, each already multiplied by its
+    layer's ``aux_weight`` (``aux/scenario{i}/{level}/{name}``).
+
+    A scenario layer with ``level: each`` expands to one layer per scenario level; ``leaf``
+    routes by the combined id of all levels. With no task layers the towers read the last
+    scenario representation directly.
     """
 
     def __init__(self, schema: Schema, cfg: ModelConfig) -> None:
@@ -50,35 +57,87 @@ class DenseArch(nn.Module):
             raise ValueError(f"the dot interaction needs one embedding dim for all features, got {sorted(dims)}")
         (D,) = dims
         F = len(schema.sparse)
+        T = len(schema.tasks)
+        e = cfg.scenario_emb_dim
+        self.num_tasks = T
         self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch) + [D])
         self.interaction = DotInteraction(F, D)
-        self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, cfg.scenario_emb_dim) for l in schema.scenarios)
-        self.scenario_layers = nn.ModuleList()
+        self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, e) for l in schema.scenarios)
+        level_names = [l.name for l in schema.scenarios]
+        sizes = [l.num_values for l in schema.scenarios]
         # the scenario embeddings are gate inputs *and* part of x (design §3): experts can then
         # model scenario-dependent effects of the features, not only be weighted by scenario
-        d = self.interaction.out_dim + len(schema.scenarios) * cfg.scenario_emb_dim
-        sl = cfg.scenario_layer
-        for level in schema.scenarios:
-            layer = ScenarioLayer(d, level.num_values, cfg.scenario_emb_dim, sl.num_shared, sl.num_specific, sl.hidden, sl.out_dim)
-            self.scenario_layers.append(layer)
+        d = self.interaction.out_dim + len(sizes) * e
+        self.scenario_layers = nn.ModuleList()
+        self.layer_levels: List[int] = []  # level index per scenario layer; -1 = leaf
+        self.scenario_layer_names: List[str] = []
+        for lc in cfg.scenario_layers:
+            if lc.level == "each":
+                levels = list(range(len(sizes)))
+            elif lc.level in ("", "leaf"):
+                levels = [0 if lc.level == "" else -1]
+            elif lc.level in level_names:
+                levels = [level_names.index(lc.level)]
+            else:
+                raise ConfigError(f"model.scenario_layers: level {lc.level!r} is not a scenario level of the schema {level_names} (or each, leaf)")
+            for lvl in levels:
+                n = math.prod(sizes) if lvl < 0 else sizes[lvl]
+                emb_dim = e * len(sizes) if lvl < 0 else e
+                layer = build_scenario_layer(lc, d, n, emb_dim, T)
+                self.scenario_layer_names.append(f"scenario{len(self.scenario_layers)}/{'leaf' if lvl < 0 else level_names[lvl]}")
+                self.scenario_layers.append(layer)
+                self.layer_levels.append(lvl)
+                self._aux_weights_of(layer, lc)
+                d = layer.out_dim
+        self.register_buffer("level_strides", torch.tensor([math.prod(sizes[i + 1 :]) for i in range(len(sizes))]), persistent=False)
+        self.task_layers = nn.ModuleList()
+        for lc in cfg.task_layers:
+            layer = build_task_layer(lc, d, T, len(sizes) * e)
+            self.task_layers.append(layer)
+            self._aux_weights_of(layer, lc)
             d = layer.out_dim
-        tl = cfg.task_layer
-        T = len(schema.tasks)
-        self.task_layer = CGCLayer(d, T, tl.num_shared, tl.num_specific, tl.hidden, tl.out_dim)
-        self.towers = nn.ModuleList(nn.Sequential(MLP(tl.out_dim, list(cfg.tower)), nn.Linear(cfg.tower[-1] if cfg.tower else tl.out_dim, 1)) for _ in range(T))
-        self.level_names = [l.name for l in schema.scenarios]
+        self.towers = nn.ModuleList(nn.Sequential(MLP(d, list(cfg.tower)), nn.Linear(cfg.tower[-1] if cfg.tower else d, 1)) for _ in range(T))
 
-    def forward(self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    @staticmethod
+    def _aux_weights_of(layer: nn.Module, lc: LayerConfig) -> None:
+        layer.aux_weight = lc.aux_weight  # type: ignore[assignment]
+
+    def forward(
+        self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         embs = [emb(scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
-        x = torch.cat([self.interaction(self.dense_mlp(dense), pooled)] + embs, dim=1)  # [B, d]
+        context = torch.cat(embs, dim=1)  # [B, L·e]
+        x = torch.cat([self.interaction(self.dense_mlp(dense), pooled), context], dim=1)  # [B, d]
         gates: Dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.scenario_layers):
-            x, g = layer(x, scenario[:, i], embs[i])  # [B, d'], [B, E]
-            gates[f"scenario/{self.level_names[i]}"] = g
-        y, g = self.task_layer(x)  # [T, B, d'], [B, T, E]
-        gates["task/cgc"] = g
-        logits = torch.cat([tower(y[t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
-        return logits, gates
+        aux: Dict[str, torch.Tensor] = {}
+        offset: Optional[torch.Tensor] = None  # [B, T]
+
+        def collect(name: str, layer: nn.Module, out: LayerOutput) -> None:
+            nonlocal offset
+            for k, g in out.gates.items():
+                gates[f"{name}/{k}" if k else name] = g
+            for k, a in out.aux.items():
+                aux[f"aux/{name}/{k}"] = a * layer.aux_weight
+            if out.logit_offset is not None:
+                offset = out.logit_offset if offset is None else offset + out.logit_offset
+
+        for name, lvl, layer in zip(self.scenario_layer_names, self.layer_levels, self.scenario_layers):
+            if lvl < 0:
+                out = layer(x, (scenario * self.level_strides).sum(dim=1), context)
+            else:
+                out = layer(x, scenario[:, lvl], embs[lvl])
+            collect(name, layer, out)
+            x = out.y  # [B, d']
+        for j, layer in enumerate(self.task_layers):
+            out = layer(x, context)
+            collect(f"task{j}", layer, out)
+            x = out.y  # [T, B, d']
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.num_tasks, *x.shape)
+        logits = torch.cat([tower(x[t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
+        if offset is not None:
+            logits = logits + offset
+        return logits, gates, aux
 
 
 class MultiScenarioMultiTaskModel(nn.Module):
@@ -90,7 +149,7 @@ class MultiScenarioMultiTaskModel(nn.Module):
     Example::
 
         model = MultiScenarioMultiTaskModel(schema, ModelConfig(), device=torch.device("cpu"))
-        logits, gates = model(batch.sparse, batch.dense, batch.scenario)   # [B, T]
+        logits, gates, aux = model(batch.sparse, batch.dense, batch.scenario)   # [B, T]
     """
 
     def __init__(self, schema: Schema, cfg: ModelConfig, device: Optional[torch.device] = None) -> None:
@@ -99,28 +158,52 @@ class MultiScenarioMultiTaskModel(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.dense_arch = DenseArch(schema, cfg)
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         kt = self.ebc(sparse).to_dict()
         pooled = torch.stack([kt[name] for name in self.feature_names], dim=1)  # [B, F, D]
         return self.dense_arch(pooled, dense, scenario)
+
+
+class AuxiliaryLosses(nn.Module):
+    """Adds the model's (already weighted) auxiliary losses to the task loss and logs each.
+
+    A module of its own so TorchRec's pipeline tracer treats it as a leaf (a dict cannot be
+    iterated during fx tracing).
+    """
+
+    def forward(
+        self, loss: Tuple[torch.Tensor, Dict[str, torch.Tensor]], aux: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        total, terms = loss[0], dict(loss[1])
+        if not aux:
+            return total, terms
+        for name, a in aux.items():
+            total = total + a
+            terms[name] = a.detach()
+        terms["loss/total"] = total.detach()
+        return total, terms
 
 
 class TrainModule(nn.Module):
     """Model + loss, in the shape TorchRec's train pipelines expect: ``batch -> (loss, output)``.
 
     ``output`` is ``(logits [B, T] detached, loss terms, gates, number of real rows)``; gates
-    may carry grad, so detach them before keeping them beyond the step.
+    may carry grad, so detach them before keeping them beyond the step. The model's auxiliary
+    losses (already weighted) are added to the total and logged as their own terms.
     """
 
     def __init__(self, model: MultiScenarioMultiTaskModel, loss: EntireSpaceLoss) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
+        self.add_aux = AuxiliaryLosses()
 
     def forward(self, batch: Batch):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the dense arch and the loss are leaf modules there) and a Proxy cannot be unpacked.
         out = self.model(batch.sparse, batch.dense, batch.scenario)
-        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight)
+        loss = self.add_aux(self.loss(out[0], batch.labels, batch.label_mask, batch.weight), out[2])
         real_rows = (batch.row_id >= 0).sum()
         return loss[0], (out[0].detach(), loss[1], out[1], real_rows)

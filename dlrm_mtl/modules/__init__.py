@@ -1,8 +1,24 @@
-from dlrm_mtl.modules.cgc import CGCLayer
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.interaction import DotInteraction
+from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mlp import MLP
-from dlrm_mtl.modules.scenario_layer import ScenarioLayer
+from dlrm_mtl.modules.mmoe import MMoELayer, SharedBottomLayer
+from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
+from dlrm_mtl.modules.scenario_cgc import ScenarioCGCLayer
+from dlrm_mtl.modules.task_input import split_task_input
 
-__all__ = ["CGCLayer", "DotInteraction", "ExpertBank", "MLP", "ScenarioLayer", "SoftmaxGate"]
+__all__ = [
+    "CGCLayer",
+    "DotInteraction",
+    "ExpertBank",
+    "ExtractionNetwork",
+    "LayerOutput",
+    "MLP",
+    "MMoELayer",
+    "PLELayer",
+    "ScenarioCGCLayer",
+    "SharedBottomLayer",
+    "SoftmaxGate",
+    "split_task_input",
+]

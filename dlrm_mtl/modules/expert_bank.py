@@ -27,6 +27,7 @@ class ExpertBank(nn.Module):
         bank = ExpertBank(4, in_dim=32, hidden=[64], out_dim=16)
         bank(torch.randn(8, 32)).shape               # [8, 4, 16]
         bank(torch.randn(8, 32), start=2, count=2)   # experts 2 and 3 only: [8, 2, 16]
+        bank(torch.randn(8, 4, 32)).shape            # expert e on input [:, e]: [8, 4, 16]
     """
 
     def __init__(self, num_experts: int, in_dim: int, hidden: List[int], out_dim: int) -> None:
@@ -46,11 +47,19 @@ class ExpertBank(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(num_experts, b)))
 
     def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
-        """x: ``[B, in]`` -> ``[B, count, out]`` for experts ``start .. start+count-1`` (default all)."""
+        """Experts ``start .. start+count-1`` (default all) -> ``[B, count, out]``.
+
+        x: ``[B, in]`` (every expert sees the same input) or ``[B, count, in]`` (expert e sees
+        ``x[:, e]``, e.g. PLE's task-specific experts on their task's input).
+        """
         E = self.num_experts - start if count is None else count
         w0 = self.weights[0][start : start + E]  # [E, in, h]
         b0 = self.biases[0][start : start + E]  # [E, h]
-        h = torch.relu((x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, w0.shape[-1]) + b0)  # [B, E, h]
+        if x.dim() == 2:
+            h = (x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, w0.shape[-1])  # [B, E, h]
+        else:
+            h = torch.einsum("bei,eih->beh", x, w0)  # [B, E, h]
+        h = torch.relu(h + b0)
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
             h = torch.relu(torch.einsum("beh,ehk->bek", h, w[start : start + E]) + b[start : start + E])
         return h

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 from torch import nn
 
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.layer_output import LayerOutput
 
 
-class ScenarioLayer(nn.Module):
+class ScenarioCGCLayer(nn.Module):
     """Maps ``x [B, d]`` routed by a scenario id ``[B]`` to ``[B, d']``.
 
     For a row of scenario s (one level of the hierarchy) the layer mixes the ``num_shared``
@@ -20,19 +21,21 @@ class ScenarioLayer(nn.Module):
 
         y = Σ_k g_{s,k}(x ⊕ e_s) · expert_k(x),   k ∈ shared ∪ specific(s)
 
-    This is CGC (Tang et al. 2020, eq. 1-3) applied over scenarios instead of tasks, as in
+    This is CGC (Tang et al. 2020, eq. 1-4) applied over scenarios instead of tasks, as in
     HiNet's scenario extraction layer (Zhou et al. 2023, §III-B) without its sub-expert
-    ensembles and scenario-aware attention (issue 3 adds those as their own layers).
+    ensembles and scenario-aware attention (see :class:`HiNetScenarioLayer` for those). With
+    ``num_shared=0, num_specific=1`` it is the per-scenario separate network baseline
+    ("Parallel DNN": every scenario has its own layer, nothing shared above the embeddings).
 
     Scenario-specific experts run only on their own scenario's rows (rows grouped by
     scenario; one batched bank call per scenario), so the cost does not grow with S.
 
     Example::
 
-        layer = ScenarioLayer(32, num_scenarios=2, emb_dim=8, num_shared=2, num_specific=1,
+        layer = ScenarioCGCLayer(32, num_scenarios=2, emb_dim=8, num_shared=2, num_specific=1,
                               hidden=[64], out_dim=16)
-        y, gates = layer(torch.randn(8, 32), torch.randint(0, 2, (8,)), torch.randn(8, 8))
-        y.shape, gates.shape   # [8, 16], [8, 3] (shared experts first, then the row's own)
+        out = layer(torch.randn(8, 32), torch.randint(0, 2, (8,)), torch.randn(8, 8))
+        out.y.shape, out.gates[""].shape   # [8, 16], [8, 3] (shared experts first, then the row's own)
     """
 
     def __init__(
@@ -52,11 +55,12 @@ class ScenarioLayer(nn.Module):
         self.num_shared, self.num_specific = num_shared, num_specific
         self.shared = ExpertBank(num_shared, in_dim, hidden, out_dim) if num_shared else None
         self.specific = ExpertBank(num_scenarios * num_specific, in_dim, hidden, out_dim) if num_specific else None
-        self.gate = SoftmaxGate(in_dim + emb_dim, num_scenarios, num_shared + num_specific)
+        # one expert per row (the separate-network baseline): nothing to gate
+        self.gate = SoftmaxGate(in_dim + emb_dim, num_scenarios, num_shared + num_specific) if num_shared + num_specific > 1 else None
         self.out_dim = out_dim
 
-    def forward(self, x: torch.Tensor, scenario: torch.Tensor, scenario_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, d]``, scenario ``[B]`` int, scenario_emb ``[B, e]`` -> (``[B, d']``, gates ``[B, E_sh + E_sp]``)."""
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor, scenario_emb: torch.Tensor) -> LayerOutput:
+        """x ``[B, d]``, scenario ``[B]`` int, scenario_emb ``[B, e]`` -> ``y [B, d']``, gates ``{"": [B, E_sh + E_sp]}``."""
         B = x.shape[0]
         parts = []
         if self.shared is not None:
@@ -68,6 +72,9 @@ class ScenarioLayer(nn.Module):
                 spec = spec.index_copy(0, idx, self.specific(x.index_select(0, idx), s * self.num_specific, self.num_specific))
             parts.append(spec)  # [B, E_sp, d']
         experts = torch.cat(parts, dim=1)  # [B, E, d']
-        all_gates = self.gate(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
-        gates = all_gates[torch.arange(B, device=x.device), scenario]  # [B, E]
-        return torch.bmm(gates.unsqueeze(1), experts).squeeze(1), gates
+        if self.gate is None:
+            gates = x.new_ones(B, 1)  # [B, 1]
+        else:
+            all_gates = self.gate(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
+            gates = all_gates[torch.arange(B, device=x.device), scenario]  # [B, E]
+        return LayerOutput(torch.bmm(gates.unsqueeze(1), experts).squeeze(1), {"": gates})

@@ -1,0 +1,70 @@
+"""Multi-gate (and one-gate) mixture of experts."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from dlrm_mtl.modules.expert_bank import ExpertBank
+from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.task_input import split_task_input
+
+
+class MMoELayer(nn.Module):
+    """MMoE (Ma et al., KDD 2018, §4.2, eq. 5-6): E shared experts, one softmax gate per task::
+
+        f^k(x) = Σ_i g^k(x)_i f_i(x),   g^k(x) = softmax(W_gk x)
+
+    With ``one_gate=True`` all tasks share one gate: OMoE, the paper's one-gate baseline (§4.1
+    eq. 4, §5). Maps ``x [B, d]`` (or ``[T, B, d]``: task k's gate reads ``x[k]``, experts the
+    mean, see :func:`split_task_input`) to ``[T, B, d']``; gates ``{"": [B, T, E]}`` (``[B, 1, E]``
+    for OMoE).
+
+    Example::
+
+        mmoe = MMoELayer(32, num_tasks=2, num_experts=4, hidden=[], out_dim=16)
+        out = mmoe(torch.randn(8, 32))
+        out.y.shape, out.gates[""].shape   # [2, 8, 16], [8, 2, 4]
+    """
+
+    def __init__(
+        self, in_dim: int, num_tasks: int, num_experts: int, hidden: List[int], out_dim: int, one_gate: bool = False
+    ) -> None:
+        super().__init__()
+        self.num_tasks, self.one_gate, self.out_dim = num_tasks, one_gate, out_dim
+        self.experts = ExpertBank(num_experts, in_dim, hidden, out_dim)
+        self.gate = SoftmaxGate(in_dim, 1 if one_gate else num_tasks, num_experts)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
+        task_in, shared_in = split_task_input(x, self.num_tasks)
+        e = self.experts(shared_in)  # [B, E, d']
+        g = self.gate(shared_in if self.one_gate else task_in)  # [B, G, E]
+        y = torch.einsum("bge,bed->gbd", g, e)  # [G, B, d']
+        if self.one_gate:
+            y = y.expand(self.num_tasks, *y.shape[1:])
+        return LayerOutput(y, {"": g})
+
+
+class SharedBottomLayer(nn.Module):
+    """Shared-Bottom / hard parameter sharing (Caruana 1997; the MMoE paper's first baseline,
+    §5.2, Fig. 1a): one ReLU MLP whose output every task's tower reads. Equals an
+    :class:`MMoELayer` with a single expert (its gates are then identically 1).
+
+    Example::
+
+        sb = SharedBottomLayer(32, num_tasks=2, hidden=[64], out_dim=16)
+        sb(torch.randn(8, 32)).y.shape   # [2, 8, 16]
+    """
+
+    def __init__(self, in_dim: int, num_tasks: int, hidden: List[int], out_dim: int) -> None:
+        super().__init__()
+        self.num_tasks, self.out_dim = num_tasks, out_dim
+        self.bottom = ExpertBank(1, in_dim, hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
+        _, shared_in = split_task_input(x, self.num_tasks)
+        y = self.bottom(shared_in)[:, 0]  # [B, d']
+        return LayerOutput(y.unsqueeze(0).expand(self.num_tasks, *y.shape))

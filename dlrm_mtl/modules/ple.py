@@ -1,0 +1,125 @@
+"""Progressive Layered Extraction: CGC extraction networks, stacked."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dlrm_mtl.modules.expert_bank import ExpertBank
+from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.task_input import split_task_input
+
+
+class ExtractionNetwork(nn.Module):
+    """One extraction network of PLE (Tang et al., RecSys 2020, §4.3, Fig. 5).
+
+    Task k's gate reads task k's input and mixes the shared experts and task k's own experts
+    only (CGC, eq. 2-4)::
+
+        g^k(x) = w^k(x_k) · S^k(x),   w^k(x_k) = softmax(W_g^k x_k),
+        S^k = [E_(k,1) .. E_(k,m_k), E_(s,1) .. E_(s,m_s)]
+
+    Shared experts read the shared input and task k's experts read task k's input. With
+    ``shared_gate`` (every level of PLE but the last, eq. 5) a further gate on the shared input
+    mixes *all* experts into the next level's shared input.
+
+    ``task_in [T, B, d]``, ``shared_in [B, d]`` -> ``task_out [T, B, d']``, ``shared_out [B, d']``
+    (or None) and the gates ``{"task": [B, T, E_sh + E_sp], "shared": [B, 1, E_sh + T·E_sp]}``.
+    Shared experts come first in every gate's expert axis.
+    """
+
+    def __init__(
+        self, in_dim: int, num_tasks: int, num_shared: int, num_specific: int, hidden: List[int], out_dim: int, shared_gate: bool
+    ) -> None:
+        super().__init__()
+        if num_shared + num_specific <= 0:
+            raise ValueError("an extraction network needs at least one expert per task")
+        if shared_gate and num_shared <= 0:
+            raise ValueError("PLE's shared gate needs shared experts (num_shared > 0)")
+        self.num_tasks, self.num_shared, self.num_specific, self.out_dim = num_tasks, num_shared, num_specific, out_dim
+        self.shared = ExpertBank(num_shared, in_dim, hidden, out_dim) if num_shared else None
+        self.specific = ExpertBank(num_tasks * num_specific, in_dim, hidden, out_dim) if num_specific else None
+        # one expert per task (the separate-network baseline): nothing to gate
+        self.task_gate = SoftmaxGate(in_dim, num_tasks, num_shared + num_specific) if num_shared + num_specific > 1 else None
+        self.shared_gate = SoftmaxGate(in_dim, 1, num_shared + num_tasks * num_specific) if shared_gate else None
+
+    def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        T, B, _ = task_in.shape
+        D = self.out_dim
+        per_task: List[torch.Tensor] = []  # parts of [B, T, E, d']
+        pool: List[torch.Tensor] = []  # parts of [B, E_all, d'] for the shared gate
+        if self.shared is not None:
+            sh = self.shared(shared_in)  # [B, E_sh, d']
+            per_task.append(sh.unsqueeze(1).expand(B, T, self.num_shared, D))
+            pool.append(sh)
+        if self.specific is not None:
+            sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
+            sp = self.specific(sp_in)  # [B, T·E_sp, d']
+            per_task.append(sp.view(B, T, self.num_specific, D))
+            pool.append(sp)
+        experts = torch.cat(per_task, dim=2)  # [B, T, E, d']
+        gates = {"task": self.task_gate(task_in) if self.task_gate is not None else task_in.new_ones(B, T, 1)}  # [B, T, E]
+        task_out = torch.einsum("bte,bted->tbd", gates["task"], experts)  # [T, B, d']
+        shared_out = None
+        if self.shared_gate is not None:
+            gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
+            shared_out = torch.einsum("be,bed->bd", gates["shared"][:, 0], torch.cat(pool, dim=1))  # [B, d']
+        return task_out, shared_out, gates
+
+
+class PLELayer(nn.Module):
+    """PLE (Tang et al., RecSys 2020, §4.3, eq. 5-6): ``levels`` stacked extraction networks;
+    every level but the last keeps a shared stream through its shared gate. ``levels=1`` is CGC
+    (§4.2, eq. 1-4); ``num_shared=0, num_specific=1, levels=1`` is one separate network per task
+    (the single-task baseline, with the embeddings and the layers below still shared).
+
+    Maps ``x [B, d]`` (or ``[T, B, d]``, see :func:`split_task_input`) to ``[T, B, d']``; gates
+    are named ``level{l}/task`` ``[B, T, E]`` and ``level{l}/shared`` ``[B, 1, E_all]``.
+
+    Example::
+
+        ple = PLELayer(32, num_tasks=2, num_shared=2, num_specific=1, hidden=[], out_dim=16, levels=2)
+        out = ple(torch.randn(8, 32))
+        out.y.shape, out.gates["level0/shared"].shape, out.gates["level1/task"].shape
+        # [2, 8, 16], [8, 1, 4], [8, 2, 3]
+    """
+
+    def __init__(
+        self, in_dim: int, num_tasks: int, num_shared: int, num_specific: int, hidden: List[int], out_dim: int, levels: int = 1
+    ) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"PLE needs levels >= 1, got {levels}")
+        self.num_tasks = num_tasks
+        self.levels = nn.ModuleList(
+            ExtractionNetwork(in_dim if l == 0 else out_dim, num_tasks, num_shared, num_specific, hidden, out_dim, shared_gate=l < levels - 1)
+            for l in range(levels)
+        )
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
+        task_in, shared_in = split_task_input(x, self.num_tasks)
+        gates: Dict[str, torch.Tensor] = {}
+        for l, net in enumerate(self.levels):
+            task_in, shared_out, g = net(task_in, shared_in)
+            gates.update({f"level{l}/{k}": v for k, v in g.items()})
+            if shared_out is not None:
+                shared_in = shared_out
+        return LayerOutput(task_in, gates)
+
+
+class CGCLayer(PLELayer):
+    """CGC (Tang et al., RecSys 2020, §4.2, eq. 1-4): PLE with one extraction network.
+
+    Example::
+
+        cgc = CGCLayer(32, num_tasks=2, num_shared=2, num_specific=1, hidden=[64], out_dim=16)
+        out = cgc(torch.randn(8, 32))
+        out.y.shape, out.gates["level0/task"].shape   # [2, 8, 16], [8, 2, 3]
+    """
+
+    def __init__(self, in_dim: int, num_tasks: int, num_shared: int, num_specific: int, hidden: List[int], out_dim: int) -> None:
+        super().__init__(in_dim, num_tasks, num_shared, num_specific, hidden, out_dim, levels=1)
