@@ -21,12 +21,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 Metrics = List[Dict[str, object]]  # the "metrics" rows of a run's metrics.json
 # each run is its own job: rendezvous variables of a surrounding process are not inherited
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def run_subprocess(cmd: List[str]) -> int:
+    """Run one training command as its own job (rendezvous variables not inherited)."""
+    return subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k not in DIST_ENV}).returncode
 
 
 def train_command(configs_dir: Path, arch: str, data: Path, run_dir: Path, seed: int, eval_split: str,
@@ -86,7 +91,10 @@ def results_table(runs: Dict[str, List[Metrics]], metric: str = "auc", higher_is
 
 def run_comparison(dataset: str, data: Path, out: Path, archs: Sequence[str], seeds: Sequence[int],
                    configs_dir: Optional[Path] = None, eval_split: str = "", overrides: Sequence[str] = (),
-                   nproc: int = 1, dry_run: bool = False) -> Dict[str, List[Metrics]]:
+                   nproc: int = 1, dry_run: bool = False,
+                   runner: Callable[[List[str]], int] = run_subprocess) -> Dict[str, List[Metrics]]:
+    """Train every (arch, seed), then write ``out/results.md`` and ``out/results.json``.
+    ``runner`` executes one command line and returns its exit status."""
     configs_dir = configs_dir or Path("datasets") / dataset.replace("-", "_") / "configs"
     if not eval_split:
         eval_split = "eval" if (data / "eval").exists() and not (data / "test").exists() else "test"
@@ -100,9 +108,9 @@ def run_comparison(dataset: str, data: Path, out: Path, archs: Sequence[str], se
             print("+ " + " ".join(cmd), flush=True)
             if dry_run:
                 continue
-            proc = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k not in DIST_ENV})
-            if proc.returncode != 0:
-                raise RuntimeError(f"{arch} seed {seed}: training failed (exit {proc.returncode}); see the log above")
+            rc = runner(cmd)
+            if rc != 0:
+                raise RuntimeError(f"{arch} seed {seed}: training failed (exit {rc}); see the log above")
             runs.setdefault(arch, []).append(json.loads((run_dir / "metrics.json").read_text())["metrics"])
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
