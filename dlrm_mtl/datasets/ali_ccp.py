@@ -19,17 +19,19 @@ Features: the 23 fields of the ESMM paper. Single-valued fields become one table
 (``f101`` user id, ``f205`` item id, ...); the four ``*_14`` fields (categories, shops,
 brands and intentions the user interacted with in 14 days) are multi-hot (mean pooled,
 truncated to ``max_len``; their count values are not used). Feature ids are mapped to dense
-ids per field in order of first appearance (train first), so tables are exactly as large
-as the vocabulary. Field **301** (the position context; 3 values in the data) is the
+ids per field in order of first appearance (per split: the common features file in file
+order, then the skeleton; train before test), so tables are exactly as large as the
+vocabulary. Field **301** (the position context; 3 values in the data) is the
 scenario, as in the Scenario-Wise Rec benchmark.
 
 Memory: the skeleton is streamed; the common features of the split being converted are held
-in a dict (request → its parsed, truncated features), as every join must. Official
-train/test split (``out/train``, ``out/test``).
+in a dict (request → its parsed, truncated features packed into an int64 array), as every
+join must. Official train/test split (``out/train``, ``out/test``).
 """
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -49,6 +51,7 @@ MAX_LEN = 50  # behaviour lists kept per multi-hot field
 EMBEDDING_DIM = 16
 
 Features = Dict[str, List[int]]  # field -> raw feature ids
+PACK_ORDER = SINGLE_FIELDS + MULTI_FIELDS + [SCENARIO_FIELD]
 
 
 def column(field: str) -> str:
@@ -65,7 +68,7 @@ def ali_ccp_schema(table_sizes: Dict[str, int], scenario_values: List[str]) -> S
         sparse=sparse,
         dense=[],
         scenarios=[ScenarioLevel("context", max(len(scenario_values), 1), column="scenario",
-                                 value_names=[f"301={v}" for v in scenario_values] or ["none"])],
+                                 value_names=[v if v == "none" else f"301={v}" for v in scenario_values] or ["none"])],
         tasks=[Task("ctr", "click"), Task("cvr", "purchase", parent="ctr", loss_space="entire", entire_name="ctcvr")],
     )
 
@@ -112,13 +115,49 @@ def parse_features(path: Path, line_no: int, line: str, count_text: str, feature
     return out
 
 
-def load_common(path: Path, unknown: Dict[str, int], limit: int = 0) -> Dict[str, Features]:
-    common: Dict[str, Features] = {}
+def pack(features: Features) -> array:
+    """Features as one int64 array (per field of ``PACK_ORDER``: count, then ids): about
+    8 bytes per id instead of ~36 for a list of Python ints, so a split's common features
+    (~730k requests, at most 9 + 4 x 50 ids each) fit in about a gigabyte at worst."""
+    a = array("q")
+    for f in PACK_ORDER:
+        ids = features.get(f, ())
+        a.append(len(ids))
+        a.extend(ids)
+    return a
+
+
+def unpack(a: array) -> Features:
+    out: Features = {}
+    i = 0
+    for f in PACK_ORDER:
+        n = a[i]
+        if n:
+            out[f] = a[i + 1:i + 1 + n].tolist()
+        i += 1 + n
+    return out
+
+
+def to_dense(features: Features, vocab: Dict[str, Vocabulary], scenario_vocab: Vocabulary) -> Features:
+    """Raw feature ids -> dense ids (per-field vocabularies; field 301 -> scenario id)."""
+    out: Features = {}
+    for f, ids in features.items():
+        v = scenario_vocab if f == SCENARIO_FIELD else vocab[f]
+        out[f] = [v(i) for i in ids]
+    return out
+
+
+def load_common(path: Path, unknown: Dict[str, int], vocab: Dict[str, Vocabulary], scenario_vocab: Vocabulary,
+                limit: int = 0) -> Dict[str, array]:
+    """common_feature_index -> packed dense-id features of one common features file. Ids are
+    assigned here, in file order (once per request rather than once per sample)."""
+    common: Dict[str, array] = {}
     for line_no, line in numbered_lines(path, limit=limit):
         parts = line.split(",", 2)
         if len(parts) != 3:
             raise FormatError(path, line_no, "expected common_feature_index,feature_num,feature_list", line)
-        common[parts[0]] = parse_features(path, line_no, line, parts[1], parts[2], unknown)
+        raw_features = parse_features(path, line_no, line, parts[1], parts[2], unknown)
+        common[parts[0]] = pack(to_dense(raw_features, vocab, scenario_vocab))
     return common
 
 
@@ -143,7 +182,7 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
     row_id = 0
     for split in ("train", "test"):
         skeleton, common_path = _raw_file(raw, f"sample_skeleton_{split}"), _raw_file(raw, f"common_features_{split}")
-        common = load_common(common_path, unknown)
+        common = load_common(common_path, unknown, vocab, scenario_vocab)
         for line_no, line in numbered_lines(skeleton, limit=opts.limit):
             parts = line.split(",", 5)
             if len(parts) != 6:
@@ -157,24 +196,26 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
                 sid = int(sample_id)
             except ValueError:
                 raise FormatError(skeleton, line_no, f"sample_id {sample_id!r} is not an integer", line) from None
-            features = dict(common.get(index, {}))
-            if index not in common:
+            packed = common.get(index)
+            if packed is None:
                 missing_common += 1
-            features.update(parse_features(skeleton, line_no, line, count, feats, unknown))
+            features = unpack(packed) if packed is not None else {}
+            own = parse_features(skeleton, line_no, line, count, feats, unknown)
+            features.update(to_dense(own, vocab, scenario_vocab))  # the sample's own fields win
             scen = features.get(SCENARIO_FIELD)
             row = {"row_id": row_id, "sample_id": sid, "click": int(click), "purchase": int(buy),
-                   "scenario": scenario_vocab(str(scen[0]) if scen else "none")}
+                   "scenario": scen[0] if scen else scenario_vocab("none")}
             for f in SINGLE_FIELDS:
                 ids = features.get(f)
-                row[column(f)] = vocab[f](str(ids[0])) if ids else None  # absent: an empty bag
+                row[column(f)] = ids[0] if ids else None  # absent: an empty bag
             for f in MULTI_FIELDS:
-                row[column(f)] = [vocab[f](str(i)) for i in features.get(f, [])]
+                row[column(f)] = features.get(f, [])
             sinks[split].add(row)
             row_id += 1
         del common
-    schema = ali_ccp_schema({f: max(len(v), 1) for f, v in vocab.items()}, scenario_vocab.values())
+    schema = ali_ccp_schema({f: max(len(v), 1) for f, v in vocab.items()}, [str(v) for v in scenario_vocab.values()])
     names: Dict[Tuple[int, ...], str] = {(i,): n for i, n in enumerate(schema.scenarios[0].value_names)}
-    notes = {"vocabulary_sizes": {f: len(v) for f, v in vocab.items()}, "scenario_values": scenario_vocab.values(),
+    notes = {"vocabulary_sizes": {f: len(v) for f, v in vocab.items()}, "scenario_values": [str(v) for v in scenario_vocab.values()],
              "samples_without_common_features": missing_common, "unknown_fields": unknown}
     if unknown and not opts.quiet:
         print(f"ali-ccp: ignored features of fields not in the ESMM list: {unknown}")

@@ -3,7 +3,7 @@ seeded splits, vocabularies and a row-group Parquet writer that counts what it w
 
 A converter reads raw files line by line (``open_text`` also reads ``.gz``), turns each line
 into a dict of column values, and hands it to a :class:`ParquetSink`, which buffers at most
-one row group per output directory and writes it with ``pyarrow.parquet.ParquetWriter``.
+one row group per output directory (Python rows or Arrow tables) and writes it with ``pyarrow.parquet.ParquetWriter``.
 Nothing holds a whole raw file in memory.
 
 Example::
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -137,6 +138,21 @@ class RunningMoments:
         self.mean += d / self.n
         self.m2 += d * (x - self.mean)
 
+    def add_batch(self, x: "np.ndarray") -> None:
+        """Many values at once (Chan et al.'s pairwise update; equal to ``add`` one by one up
+        to rounding)."""
+        n = int(x.size)
+        if not n:
+            return
+        x = x.astype(np.float64, copy=False)
+        mean = float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        tot = self.n + n
+        d = mean - self.mean
+        self.mean += d * n / tot
+        self.m2 += m2 + d * d * self.n * n / tot
+        self.n = tot
+
     def result(self) -> Tuple[float, float]:
         """(mean, std); std 1.0 where it would be 0 (a constant column)."""
         std = math.sqrt(self.m2 / self.n) if self.n else 0.0
@@ -164,6 +180,26 @@ class SplitStats:
                 nul[j] += 1
             elif v:
                 pos[j] += 1
+
+    def add_table(self, table: pa.Table) -> None:
+        """Counts of a whole Arrow table (same result as ``add`` row by row)."""
+        if not table.num_rows:
+            return
+        keys = np.stack([table[c].to_numpy().astype(np.int64) for c in self.scenario_columns], axis=1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        for j_key, key_arr in enumerate(uniq):
+            key = tuple(int(k) for k in key_arr)
+            sel = inverse == j_key
+            self.rows[key] = self.rows.get(key, 0) + int(sel.sum())
+            pos = self.positives.setdefault(key, [0] * len(self.label_columns))
+            nul = self.nulls.setdefault(key, [0] * len(self.label_columns))
+            for j, c in enumerate(self.label_columns):
+                col = table[c]
+                valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False))
+                vals = col.fill_null(0).to_numpy().astype(np.float64)
+                nul[j] += int((sel & ~valid).sum())
+                pos[j] += int(((vals != 0) & sel & valid).sum())
 
     @property
     def total(self) -> int:
@@ -213,31 +249,64 @@ class ParquetSink:
         self.file_rows = file_rows
         self.stats = SplitStats(list(scenario_columns), list(label_columns))
         self._cols: Dict[str, list] = {f.name: [] for f in schema}
+        self._chunks: List[pa.Table] = []  # pending rows not yet written (< one row group)
+        self._pending_rows = 0
         self._writer: Optional[pq.ParquetWriter] = None
         self._file_index = 0
         self._rows_in_file = 0
         self.files: List[Path] = []
 
     def add(self, row: Dict[str, Any]) -> None:
+        """One row (a dict with every column)."""
         for name, col in self._cols.items():
             col.append(row[name])
         self.stats.add(row)
-        if len(next(iter(self._cols.values()))) >= self.row_group_rows:
-            self._flush()
+        self._pending_rows += 1
+        if self._pending_rows >= self.row_group_rows:
+            self._write_full_groups()
 
-    def _flush(self) -> None:
+    def add_table(self, table: pa.Table) -> None:
+        """Many rows at once (an Arrow table with this sink's columns; cast to its types)."""
+        table = table.select(self.schema.names).cast(self.schema)
+        self._materialize()
+        self._chunks.append(table)
+        self.stats.add_table(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._write_full_groups()
+
+    def _materialize(self) -> None:
+        """Python-list rows -> one Arrow chunk."""
         n = len(next(iter(self._cols.values())))
-        if not n:
+        if n:
+            self._chunks.append(pa.table({f.name: pa.array(self._cols[f.name], type=f.type) for f in self.schema},
+                                         schema=self.schema))
+            for col in self._cols.values():
+                col.clear()
+
+    def _write_full_groups(self, final: bool = False) -> None:
+        self._materialize()
+        if not self._chunks:
             return
-        table = pa.table({f.name: pa.array(self._cols[f.name], type=f.type) for f in self.schema}, schema=self.schema)
+        pending = pa.concat_tables(self._chunks)
+        self._chunks = []
+        start = 0
+        while pending.num_rows - start >= self.row_group_rows or (final and start < pending.num_rows):
+            self._write_group(pending.slice(start, min(self.row_group_rows, pending.num_rows - start)))
+            start += self.row_group_rows
+        rest = pending.slice(start) if start < pending.num_rows else None
+        if rest is not None and rest.num_rows:
+            self._chunks.append(rest)
+        self._pending_rows = 0 if rest is None else rest.num_rows
+
+    def _write_group(self, group: pa.Table) -> None:
+        n = group.num_rows
         if self._writer is None:
             path = self.directory / f"part-{self._file_index:05d}.parquet"
             self._writer = pq.ParquetWriter(path, self.schema)
             self.files.append(path)
-        self._writer.write_table(table, row_group_size=n)
+        self._writer.write_table(group, row_group_size=n)
         self._rows_in_file += n
-        for col in self._cols.values():
-            col.clear()
         if self._rows_in_file >= self.file_rows:
             self._writer.close()
             self._writer = None
@@ -245,7 +314,7 @@ class ParquetSink:
             self._rows_in_file = 0
 
     def close(self) -> None:
-        self._flush()
+        self._write_full_groups(final=True)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
