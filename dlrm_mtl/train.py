@@ -31,6 +31,7 @@ from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import MetricAccumulator, format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
+from dlrm_mtl.utilisation import ExpertUtilisation, render_heatmap
 
 
 def _log(env: DistEnv, msg: str) -> None:
@@ -47,17 +48,35 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def evaluate(dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device) -> List[Dict[str, object]]:
-    """Runs the model over ``stream`` and returns exact, rank-merged metric rows."""
+def evaluate(
+    dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device,
+    utilisation: Optional[ExpertUtilisation] = None,
+) -> List[Dict[str, object]]:
+    """Runs the model over ``stream`` and returns exact, rank-merged metric rows (and fills
+    ``utilisation`` with the gate weights, when given)."""
     acc = MetricAccumulator(schema)
     dmp.eval()
     with torch.no_grad():
         for batch in stream:
             batch = batch.to(device, non_blocking=True)
-            _, (logits, _, _, _) = dmp(batch)
+            _, (logits, _, gates, _) = dmp(batch)
             acc.update(batch, logits)
+            if utilisation is not None:
+                utilisation.update(gates, batch.scenario, batch.row_id >= 0)
     dmp.train()
     return acc.compute()
+
+
+def _log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[str, Any]:
+    """Heatmap image and histogram per gate in TensorBoard; the matrices for metrics.json."""
+    out: Dict[str, Any] = {}
+    for name, (matrix, rows) in util.heatmaps().items():
+        out[name] = {"rows": rows, "matrix": np.round(np.nan_to_num(matrix, nan=-1.0), 5).tolist()}
+        if writer is not None:
+            writer.add_image(f"utilisation/{name}", render_heatmap(matrix), step, dataformats="CHW")
+            writer.add_histogram(f"utilisation/{name}", np.nan_to_num(matrix).mean(axis=0), step)
+            writer.add_text(f"utilisation/{name}", "rows: " + ", ".join(rows) + " (columns: experts)", step)
+    return out
 
 
 def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg: Config):
@@ -188,6 +207,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     padded_rows = 0
     train_seconds = 0.0
     metrics: List[Dict[str, object]] = []
+    utilisation: Dict[str, Any] = {}
     last_terms: Dict[str, float] = {}
     counters: Dict[str, int] = {}
     pipeline = make_pipeline(dmp, optimizer, env, cfg)
@@ -258,7 +278,9 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1:
             if pipeline is not None:
                 pipeline.detach()  # the plain forward for evaluation; attach() again after
-            metrics = evaluate(dmp, eval_stream, schema, env.device)
+            util = ExpertUtilisation(schema)
+            metrics = evaluate(dmp, eval_stream, schema, env.device, util)
+            utilisation = _log_utilisation(util, writer, step)
             if pipeline is not None and epoch < cfg.train.epochs - 1:
                 pipeline.attach(dmp)
             if writer is not None:
@@ -286,6 +308,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     result = {
         "metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step,
         "data_counters": counters,  # cumulative over the epochs, summed over ranks
+        "expert_utilisation": utilisation,  # gate -> {"rows": labels, "matrix": [R][E]} (last eval)
     }
     if env.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))

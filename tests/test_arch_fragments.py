@@ -28,7 +28,7 @@ EXPECTED = {
     "omoe": (None, MMoELayer),
     "ml_mmoe": (None, MultiLevelMMoELayer),
     "cross_stitch": (None, CrossStitchLayer),
-    "cgc": (None, PLELayer),
+    "cgc": ("ScenarioCGCLayer", PLELayer),  # the default arch: scenario CGC per level + CGC
     "ple": (None, PLELayer),
 }
 
@@ -47,7 +47,7 @@ def test_fragment_composes_with_demo_and_builds_its_layers(name):
     if scen_cls is None:
         assert len(model.scenario_layers) == 0
     else:
-        assert [type(l) for l in model.scenario_layers] == [scen_cls] * len(SCHEMA.scenarios)
+        assert [type(l).__name__ for l in model.scenario_layers] == [getattr(scen_cls, "__name__", scen_cls)] * len(SCHEMA.scenarios)
         assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
     assert [type(l) for l in model.task_layers] == [task_cls]
     if name == "omoe":
