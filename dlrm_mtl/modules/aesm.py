@@ -1,12 +1,12 @@
 """AESM²: automatic expert selection over scenarios (scenario layers) and over tasks (task layers).
 
 Zou et al., "Automatic Expert Selection for Multi-Scenario and Multi-Task Search", SIGIR 2022
-(arXiv 2205.14321), §3: multi-scenario layers stacked per level of the scenario tree, then
-multi-task layers; in each layer E experts, one gate per scenario (task), and the expert
-selection by KL distance with its two auxiliary losses. Equation numbers of the paper could
-not be checked offline (the paper text was not available when this was written); the
-sections and the authors' TensorFlow release (read for understanding, not copied) are the
-reference for the details below.
+(arXiv 2205.14321), method section: multi-scenario layers stacked per level of the scenario
+tree, then multi-task layers; in each layer E experts, one gate per scenario (task), and the
+expert selection by KL distance with its two auxiliary losses. The paper's section and
+equation numbers could not be checked here (its method text was not available offline; cited
+below by subsection name); the authors' TensorFlow release, read for understanding and not
+copied, fixed the details noted below.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ExpertSelection(NamedTuple):
 def select_experts(
     logits: torch.Tensor, target: torch.Tensor, k_specific: int, k_shared: int, noise_std: float = 0.0
 ) -> ExpertSelection:
-    """AESM²'s expert selection for N rows with G gates over E experts (§3, "expert selection").
+    """AESM²'s expert selection for N rows with G gates over E experts (method section, "expert selection").
 
     1. In training (``noise_std > 0``) Gaussian noise ``N(0, noise_std²)`` is added to the
        logits ``[N, G, E]`` used for the selection.
@@ -103,7 +103,7 @@ def _check(num_experts: int, k_specific: int, k_shared: int) -> None:
 
 
 class AESMScenarioLayer(nn.Module):
-    """AESM² multi-scenario layer (Zou et al. 2022, §3, multi-scenario layer): E experts, one gate
+    """AESM² multi-scenario layer (Zou et al. 2022, "multi-scenario layer"): E experts, one gate
     per scenario of the layer's level (G = S) on ``x ⊕ e_s``, and the expert selection of
     :func:`select_experts` against the row's scenario::
 
@@ -156,7 +156,7 @@ class AESMScenarioLayer(nn.Module):
 
 
 class AESMTaskLayer(nn.Module):
-    """AESM² multi-task layer (Zou et al. 2022, §3, multi-task layer): E experts shared by the T
+    """AESM² multi-task layer (Zou et al. 2022, "multi-task layer"): E experts shared by the T
     tasks, one gate per task (G = T); task t's gate input is its representation ⊕ the scenario
     context (all levels' scenario embeddings) ⊕ a learnable task indicator embedding, and the
     selection of :func:`select_experts` runs against the one-hot task vector: for task t,
