@@ -13,7 +13,7 @@ import torch
 
 from dlrm_mtl.config import Config
 from dlrm_mtl.models.ranking_model import DenseArch
-from dlrm_mtl.modules import AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MMoELayer, MultiLevelMMoELayer, PLELayer
+from dlrm_mtl.modules import AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MMoELayer, MultiLevelMMoELayer, PLELayer, ScenarioCGCLayer
 from dlrm_mtl.synthetic import synthetic_schema
 
 from test_arch import check_trains_every_parameter
@@ -21,14 +21,14 @@ from test_arch import check_trains_every_parameter
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = synthetic_schema()
 
-# fragment -> (scenario layer class or None, task layer class, extra check)
+# fragment -> (class of its scenario layers, one per level, or None; class of its task layer)
 EXPECTED = {
     "aesm": (AESMScenarioLayer, AESMTaskLayer),
     "mmoe": (None, MMoELayer),
     "omoe": (None, MMoELayer),
     "ml_mmoe": (None, MultiLevelMMoELayer),
     "cross_stitch": (None, CrossStitchLayer),
-    "cgc": ("ScenarioCGCLayer", PLELayer),  # the default arch: scenario CGC per level + CGC
+    "cgc": (ScenarioCGCLayer, PLELayer),  # the default arch: scenario CGC per level + CGC
     "ple": (None, PLELayer),
 }
 
@@ -47,7 +47,7 @@ def test_fragment_composes_with_demo_and_builds_its_layers(name):
     if scen_cls is None:
         assert len(model.scenario_layers) == 0
     else:
-        assert [type(l).__name__ for l in model.scenario_layers] == [getattr(scen_cls, "__name__", scen_cls)] * len(SCHEMA.scenarios)
+        assert [type(l) for l in model.scenario_layers] == [scen_cls] * len(SCHEMA.scenarios)
         assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
     assert [type(l) for l in model.task_layers] == [task_cls]
     if name == "omoe":
