@@ -3,10 +3,19 @@
 Zou et al., "Automatic Expert Selection for Multi-Scenario and Multi-Task Search", SIGIR 2022
 (arXiv 2205.14321), method section: multi-scenario layers stacked per level of the scenario
 tree, then multi-task layers; in each layer E experts, one gate per scenario (task), and the
-expert selection by KL distance with its two auxiliary losses. The paper's section and
-equation numbers could not be checked here (its method text was not available offline; cited
-below by subsection name); the authors' TensorFlow release, read for understanding and not
-copied, fixed the details noted below.
+expert selection by KL distance with its two auxiliary losses.
+
+Equation numbers: none are cited, on purpose. The paper's section and equation numbers were
+looked for again (stored copy of its LaTeX source, SPIQA ``2205.14321v2.txt``, and its
+extracted-paragraph twin), but only their introduction is retrievable; the method section
+and its numbered equations are not, so the steps below are cited by subsection name and no
+equation number is guessed. Add them once the method text can be read.
+
+What was checked, step by step, is the authors' TensorFlow release (``select_experts``,
+``create_gate_masks``, ``scenario_layers``, ``task_layers``, ``cal_KLdis``; read for
+understanding, not copied): noise scale, softmax axis, both KL distances, top-K selection,
+use of the clean gate for the output, and task-layer inputs match it. Deviations from the
+release, each intended, are listed in :func:`select_experts` and the layer docstrings.
 """
 
 from __future__ import annotations
@@ -62,6 +71,21 @@ def select_experts(
        ``KL_sh`` over the selected shared experts (they pull specific experts' distributions
        towards one scenario and shared ones towards uniform; differentiable in the logits).
 
+    Deviations from the authors' release (the paper's equations could not be read; see the
+    module docstring):
+
+    * Step 4: the release picks the specific and the shared top-K independently, so one
+      expert can be both (its mask entry is then 2, doubling its logit) and fewer than
+      ``k_sp + k_sh`` experts are used; here the shared experts are chosen among the others,
+      so exactly ``k_sp + k_sh`` distinct experts are used, and ``kl_shared`` averages over
+      those (it can differ from the release's mean over the unrestricted top-K).
+    * Step 5: the release masks by *multiplying* the logits by ``-1e9`` outside the
+      selection, which for a negative logit gives ``+1e9`` and hands that unselected expert
+      almost all the weight; here the logits are set to ``-inf`` outside the selection,
+      which is what the release's own comment says the mask is for (weight → 0).
+    * Step 3: ``KL_sp`` is computed exactly as ``−log P[target, e]`` from ``log_softmax``; the
+      release smooths both distributions by ``1e-9`` (≈ ``−log(P + 1e-9)``, same ranking).
+
     Args:
         logits: ``[N, G, E]`` gate logits (without noise).
         target: ``[N]`` long, the row's scenario (task) id in ``[0, G)``.
@@ -103,7 +127,8 @@ def _check(num_experts: int, k_specific: int, k_shared: int) -> None:
 
 
 class AESMScenarioLayer(nn.Module):
-    """AESM² multi-scenario layer (Zou et al. 2022, "multi-scenario layer"): E experts, one gate
+    """AESM² multi-scenario layer (Zou et al. 2022, "multi-scenario layer"; equation numbers not
+    available, see the module docstring): E experts, one gate
     per scenario of the layer's level (G = S) on ``x ⊕ e_s``, and the expert selection of
     :func:`select_experts` against the row's scenario::
 
@@ -114,6 +139,12 @@ class AESMScenarioLayer(nn.Module):
     scale by the number of experts, so ``noise`` is the per-expert factor. All E experts run
     as one batched bank call (the selection is per row, so grouping rows by expert would need
     a gather per expert; at the E of this family the dense bank is cheaper).
+
+    Gate input: ``e_s`` is whatever the caller passes; the model passes the layer's own level
+    embedding. The release's gate at tree depth i > 0 is meant to see the embeddings of all
+    levels up to i. Deviation, kept: the model concatenates every level's embedding into the
+    input of the first layer only, so a deeper layer's gate sees the other levels only
+    through ``x`` (the previous layer's output), not as raw embeddings.
 
     ``x [B, d]``, ``scenario [B]`` long, ``scenario_emb [B, e]`` -> ``y [B, d']``, gates
     ``{"": [B, E]}`` (exactly ``k_specific + k_shared`` non-zeros per row), aux
@@ -156,7 +187,8 @@ class AESMScenarioLayer(nn.Module):
 
 
 class AESMTaskLayer(nn.Module):
-    """AESM² multi-task layer (Zou et al. 2022, "multi-task layer"): E experts shared by the T
+    """AESM² multi-task layer (Zou et al. 2022, "multi-task layer"; equation numbers not
+    available, see the module docstring): E experts shared by the T
     tasks, one gate per task (G = T); task t's gate input is its representation ⊕ the scenario
     context (all levels' scenario embeddings) ⊕ a learnable task indicator embedding, and the
     selection of :func:`select_experts` runs against the one-hot task vector: for task t,
