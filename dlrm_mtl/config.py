@@ -73,6 +73,7 @@ class LayerConfig:
     k_shared: int = 1  # AESM²: shared experts selected per row
     aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL), 0 = off
     norm: bool = True  # STAR: partitioned normalisation
+    task_emb_dim: int = 8  # AESM² task layer: size of the learnable task indicator embedding (gate input)
 
 
 @dataclass

@@ -11,6 +11,8 @@ scenario layers     fields read
 ==================  ==================================================================
 ``separate``        hidden, out_dim — one network per scenario (Parallel DNN)
 ``cgc``             num_shared, num_specific, hidden, out_dim
+``aesm``            num_experts, k_specific, k_shared, noise, hidden, out_dim, aux_weight
+                    — AESM² expert selection over the level's scenarios (noise std noise·E)
 ==================  ==================================================================
 
 ==================  ==================================================================
@@ -18,21 +20,50 @@ task layers         fields read
 ==================  ==================================================================
 ``separate``        hidden, out_dim — one network per task (single-task baseline)
 ``shared_bottom``   hidden, out_dim
-``omoe``            num_experts, hidden, out_dim
-``mmoe``            num_experts, hidden, out_dim
+``omoe``            num_experts, hidden, out_dim, gate, top_k, noise
+``mmoe``            num_experts, hidden, out_dim, gate, top_k, noise
 ``cgc``             num_shared, num_specific, hidden, out_dim
 ``ple``             num_shared, num_specific, hidden, out_dim, levels
+``aesm``            num_experts, k_specific, k_shared, noise, task_emb_dim, hidden, out_dim,
+                    aux_weight — AESM² expert selection over tasks
+``ml_mmoe``         num_experts, hidden, out_dim, levels — multi-level MMoE
+``cross_stitch``    hidden, out_dim, levels — one network per task, α mixing per level
 ==================  ==================================================================
+
+``gate`` (omoe, mmoe): ``softmax`` | ``noisy`` (Shazeer et al. 2017, noise in training only;
+``top_k`` 0 = all experts) | ``topk`` (each row keeps ``top_k`` experts).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
+from dlrm_mtl.modules import GATE_KINDS, AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MultiLevelMMoELayer
+
+
+def _gate_args(c: LayerConfig) -> Dict[str, Any]:
+    """The gate fields of omoe/mmoe, checked so that a bad value names the config key."""
+    if c.gate not in GATE_KINDS:
+        raise ConfigError(f"model.task_layers: type {c.type}: gate {c.gate!r} is not one of {list(GATE_KINDS)}")
+    if c.gate == "topk" and not 1 <= c.top_k <= c.num_experts:
+        raise ConfigError(f"model.task_layers: type {c.type}: gate topk needs 1 <= top_k <= num_experts ({c.num_experts}), got {c.top_k}")
+    if c.gate == "noisy" and not 0 <= c.top_k <= c.num_experts:
+        raise ConfigError(f"model.task_layers: type {c.type}: top_k must be in [0, num_experts ({c.num_experts})], got {c.top_k}")
+    return dict(gate=c.gate, top_k=c.top_k, noise=c.noise)
+
+
+def _aesm_args(c: LayerConfig, where: str, num_experts: int) -> LayerConfig:
+    """AESM²'s selection sizes, checked so that a bad value names the config key."""
+    if c.k_specific < 0 or c.k_shared < 0 or not 1 <= c.k_specific + c.k_shared <= num_experts:
+        raise ConfigError(
+            f"model.{where}: type aesm needs 1 <= k_specific + k_shared <= num_experts ({num_experts}), got {c.k_specific} + {c.k_shared}"
+        )
+    return c
+
 
 # (cfg, in_dim, num_scenarios, emb_dim, num_tasks) -> module
 ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
@@ -42,15 +73,24 @@ TaskLayerBuilder = Callable[[LayerConfig, int, int, int], nn.Module]
 SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim),
     "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim),
+    "aesm": lambda c, d, S, e, T: AESMScenarioLayer(
+        d, S, e, c.num_experts, _aesm_args(c, "scenario_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise
+    ),
 }
 
 TASK_LAYERS: Dict[str, TaskLayerBuilder] = {
     "separate": lambda c, d, T, ctx: PLELayer(d, T, 0, 1, c.hidden, c.out_dim, levels=1),
     "shared_bottom": lambda c, d, T, ctx: SharedBottomLayer(d, T, c.hidden, c.out_dim),
-    "omoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, one_gate=True),
-    "mmoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim),
+    "omoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, one_gate=True, **_gate_args(c)),
+    "mmoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, **_gate_args(c)),
     "cgc": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=1),
     "ple": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=c.levels),
+    "aesm": lambda c, d, T, ctx: AESMTaskLayer(
+        d, T, ctx, c.num_experts, _aesm_args(c, "task_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim,
+        noise=c.noise, task_emb_dim=c.task_emb_dim,
+    ),
+    "ml_mmoe": lambda c, d, T, ctx: MultiLevelMMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, levels=c.levels),
+    "cross_stitch": lambda c, d, T, ctx: CrossStitchLayer(d, T, c.hidden, c.out_dim, levels=c.levels),
 }
 
 

@@ -1,9 +1,13 @@
+from dlrm_mtl.modules.aesm import AESMScenarioLayer, AESMTaskLayer, ExpertSelection, select_experts
+from dlrm_mtl.modules.cross_stitch import CrossStitchLayer, cross_stitch_init
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.gates import GATE_KINDS, NoisyGate, TopKGate, keep_top_k, make_gate
 from dlrm_mtl.modules.interaction import DotInteraction
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mlp import MLP
 from dlrm_mtl.modules.mmoe import MMoELayer, SharedBottomLayer
+from dlrm_mtl.modules.ml_mmoe import MultiLevelMMoELayer
 from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
 from dlrm_mtl.modules.scenario_cgc import ScenarioCGCLayer
 from dlrm_mtl.modules.task_input import split_task_input
@@ -21,4 +25,17 @@ __all__ = [
     "SharedBottomLayer",
     "SoftmaxGate",
     "split_task_input",
+    # issue 3b: gates, AESM², ML-MMoE, Cross-Stitch
+    "AESMScenarioLayer",
+    "AESMTaskLayer",
+    "CrossStitchLayer",
+    "ExpertSelection",
+    "GATE_KINDS",
+    "MultiLevelMMoELayer",
+    "NoisyGate",
+    "TopKGate",
+    "cross_stitch_init",
+    "keep_top_k",
+    "make_gate",
+    "select_experts",
 ]

@@ -1,10 +1,11 @@
-"""Gates: softmax weights over experts."""
+"""Gates: softmax weights over experts; noisy and top-K masked variants (Shazeer et al. 2017)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,3 +38,112 @@ class SoftmaxGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=-1)  # [B, G, E]
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """KeepTopK of Shazeer et al. 2017 (eq. 5): the k largest entries of the last axis keep
+    their value, the others become −∞, so a following softmax gives them exactly 0 and
+    renormalises the kept ones to sum to 1. Exactly k entries are kept per row even under ties
+    (``torch.topk`` picks k indices; the mask is built from the indices, not a threshold).
+
+    Example::
+
+        keep_top_k(torch.tensor([[1.0, 3.0, 2.0]]), 2)   # [[-inf, 3., 2.]]
+    """
+    E = logits.shape[-1]
+    if not 1 <= k <= E:
+        raise ValueError(f"top_k must be in [1, {E}] (the number of experts), got {k}")
+    if k == E:
+        return logits
+    idx = logits.topk(k, dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class TopKGate(SoftmaxGate):
+    """G softmax gates that keep only each row's ``top_k`` experts (Shazeer et al. 2017, eq. 3
+    and 5 without the noise)::
+
+        G(x) = softmax(KeepTopK(W_g x + b_g, k))
+
+    The other experts' weights are exactly 0 and the kept ones sum to 1. Same API as
+    :class:`SoftmaxGate` (``.logits()`` are the dense logits).
+
+    Example::
+
+        gate = TopKGate(32, num_gates=2, num_experts=4, top_k=2)
+        w = gate(torch.randn(8, 32))       # [8, 2, 4], two non-zeros per row, rows sum to 1
+    """
+
+    def __init__(self, in_dim: int, num_gates: int, num_experts: int, top_k: int) -> None:
+        super().__init__(in_dim, num_gates, num_experts)
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(keep_top_k(self.logits(x), self.top_k), dim=-1)  # [B, G, E]
+
+
+class NoisyGate(SoftmaxGate):
+    """Noisy (top-K) gating of Shazeer et al. 2017, "Outrageously Large Neural Networks" (§2.1,
+    eq. 3-5)::
+
+        H(x)_i = (x W_g)_i + noise · N(0, 1) · softplus((x W_noise)_i)     (eq. 4)
+        G(x)   = softmax(KeepTopK(H(x), k))                                 (eq. 3, 5)
+
+    The noise is drawn only in training; in eval mode ``H(x) = x W_g`` and the gate equals the
+    noiseless (top-K) softmax gate. ``top_k = 0`` keeps every expert (a dense noisy softmax
+    gate). ``noise`` scales the learned noise (1 = the paper). ``W_noise`` starts at zero as
+    in the paper (§2.1, "we initialize W_g and W_noise to zeros"; ``W_g`` keeps SoftmaxGate's
+    initialisation so that the gates differ from the start). Deviation: the paper's
+    load-balancing losses (importance / load, §4) are not included.
+
+    Example::
+
+        gate = NoisyGate(32, num_gates=2, num_experts=4, top_k=2)
+        gate.train(); gate(torch.randn(8, 32))   # noisy, [8, 2, 4], two non-zeros per row
+        gate.eval();  gate(torch.randn(8, 32))   # deterministic
+    """
+
+    def __init__(self, in_dim: int, num_gates: int, num_experts: int, top_k: int = 0, noise: float = 1.0) -> None:
+        super().__init__(in_dim, num_gates, num_experts)
+        if not 0 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [0, {num_experts}] (0 = all experts), got {top_k}")
+        self.top_k, self.noise = top_k, noise
+        self.noise_weight = nn.Parameter(torch.zeros(num_gates, in_dim, num_experts))
+        self.noise_bias = nn.Parameter(torch.zeros(num_gates, num_experts))
+
+    def noisy_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """H(x) ``[B, G, E]`` (eq. 4): logits plus noise in training, the plain logits in eval."""
+        h = self.logits(x)  # [B, G, E]
+        if not self.training or self.noise == 0:
+            return h
+        eq = "bi,gie->bge" if x.dim() == 2 else "gbi,gie->bge"
+        std = F.softplus(torch.einsum(eq, x, self.noise_weight) + self.noise_bias)  # [B, G, E]
+        return h + self.noise * torch.randn_like(h) * std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.noisy_logits(x)
+        if self.top_k:
+            h = keep_top_k(h, self.top_k)
+        return torch.softmax(h, dim=-1)  # [B, G, E]
+
+
+GATE_KINDS = ("softmax", "noisy", "topk")
+
+
+def make_gate(kind: str, in_dim: int, num_gates: int, num_experts: int, top_k: int = 0, noise: float = 1.0) -> SoftmaxGate:
+    """The gate named by ``LayerConfig.gate``: ``softmax`` | ``noisy`` (top_k 0 = dense) | ``topk``.
+
+    Example::
+
+        make_gate("topk", 32, num_gates=2, num_experts=4, top_k=1)   # a TopKGate
+    """
+    if kind == "softmax":
+        return SoftmaxGate(in_dim, num_gates, num_experts)
+    if kind == "noisy":
+        return NoisyGate(in_dim, num_gates, num_experts, top_k=top_k, noise=noise)
+    if kind == "topk":
+        return TopKGate(in_dim, num_gates, num_experts, top_k=top_k)
+    raise ValueError(f"unknown gate {kind!r}; known: {list(GATE_KINDS)}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl.modules.expert_bank import ExpertBank
-from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.gates import make_gate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.task_input import split_task_input
 
@@ -19,7 +19,9 @@ class MMoELayer(nn.Module):
         f^k(x) = Σ_i g^k(x)_i f_i(x),   g^k(x) = softmax(W_gk x)
 
     With ``one_gate=True`` all tasks share one gate: OMoE, the paper's one-gate baseline (§4.1
-    eq. 4, §5). Maps ``x [B, d]`` (or ``[T, B, d]``: task k's gate reads ``x[k]``, experts the
+    eq. 4, §5). ``gate`` picks the gate (see :func:`make_gate`): ``softmax`` (the paper),
+    ``noisy`` (Shazeer et al. 2017 eq. 3-5, noise in training only, ``top_k`` 0 = dense) or
+    ``topk`` (each row keeps its ``top_k`` experts, the rest weigh exactly 0). Maps ``x [B, d]`` (or ``[T, B, d]``: task k's gate reads ``x[k]``, experts the
     mean, see :func:`split_task_input`) to ``[T, B, d']``; gates ``{"": [B, T, E]}`` (``[B, 1, E]``
     for OMoE).
 
@@ -31,12 +33,21 @@ class MMoELayer(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, num_tasks: int, num_experts: int, hidden: List[int], out_dim: int, one_gate: bool = False
+        self,
+        in_dim: int,
+        num_tasks: int,
+        num_experts: int,
+        hidden: List[int],
+        out_dim: int,
+        one_gate: bool = False,
+        gate: str = "softmax",
+        top_k: int = 0,
+        noise: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_tasks, self.one_gate, self.out_dim = num_tasks, one_gate, out_dim
         self.experts = ExpertBank(num_experts, in_dim, hidden, out_dim)
-        self.gate = SoftmaxGate(in_dim, 1 if one_gate else num_tasks, num_experts)
+        self.gate = make_gate(gate, in_dim, 1 if one_gate else num_tasks, num_experts, top_k=top_k, noise=noise)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         task_in, shared_in = split_task_input(x, self.num_tasks)
