@@ -4,6 +4,7 @@ the fixtures wrote; splits, scenario ids, schemas and format errors (file + line
 
 from __future__ import annotations
 
+import gzip
 import math
 import shutil
 import sys
@@ -223,6 +224,10 @@ def test_aliexpress_fast_reader_equals_line_parser(tmp_path, monkeypatch):
     """The vectorised pyarrow CSV path and the line-by-line parser write the same rows and
     the same schema (statistics equal up to rounding)."""
     fx.write_aliexpress(tmp_path / "raw", countries=("NL", "US"), n=90)
+    plain = tmp_path / "raw" / "AliExpress_US" / "train.csv"  # a gzipped file is read the same way
+    with gzip.open(str(plain) + ".gz", "wb") as fh:
+        fh.write(plain.read_bytes())
+    plain.unlink()
     fast = convert("aliexpress", tmp_path / "raw", tmp_path / "fast", ConvertOptions(row_group_rows=32, **QUIET))
 
     def no_fast_path(*args, **kwargs):
@@ -237,6 +242,11 @@ def test_aliexpress_fast_reader_equals_line_parser(tmp_path, monkeypatch):
     assert fast.splits == slow.splits
     assert [f.num_embeddings for f in fast.schema.sparse] == [f.num_embeddings for f in slow.schema.sparse]
     assert np.allclose([(f.mean, f.std) for f in fast.schema.dense], [(f.mean, f.std) for f in slow.schema.dense], rtol=1e-9)
+    assert fast.splits["train/US"]["US"]["rows"] == 90
+    monkeypatch.undo()  # --limit: at most that many data lines per raw file, on both paths
+    limited = convert("aliexpress", tmp_path / "raw", tmp_path / "limited", ConvertOptions(limit=7, **QUIET))
+    assert {k: v[k.split("/")[1]]["rows"] for k, v in limited.splits.items()} == {
+        "train/NL": 7, "train/US": 7, "test/NL": 7, "test/US": 7}
 
 
 @pytest.mark.parametrize("line_index,mutate,reason", [
