@@ -11,6 +11,10 @@ scenario layers     fields read
 ==================  ==================================================================
 ``separate``        hidden, out_dim — one network per scenario (Parallel DNN)
 ``cgc``             num_shared, num_specific, hidden, out_dim
+``star``            hidden, out_dim, norm — STAR: W_s ⊙ W FCN, partitioned norm, aux net
+``hmoe``            hidden, out_dim — HMoE: one expert per scenario, others stop-grad
+``hinet``           sub_experts, hidden, out_dim — HiNet SEI + SAN; out_dim of the
+                    layer is 3 × out_dim (shared ⊕ own specific ⊕ SAN)
 ==================  ==================================================================
 
 ==================  ==================================================================
@@ -33,6 +37,7 @@ from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
+from dlrm_mtl.modules import HiNetScenarioLayer, HMoELayer, STARLayer
 
 # (cfg, in_dim, num_scenarios, emb_dim, num_tasks) -> module
 ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
@@ -42,6 +47,9 @@ TaskLayerBuilder = Callable[[LayerConfig, int, int, int], nn.Module]
 SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim),
     "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim),
+    "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm),
+    "hmoe": lambda c, d, S, e, T: HMoELayer(d, S, e, c.hidden, c.out_dim),
+    "hinet": lambda c, d, S, e, T: HiNetScenarioLayer(d, S, e, c.sub_experts, c.hidden, c.out_dim),
 }
 
 TASK_LAYERS: Dict[str, TaskLayerBuilder] = {
