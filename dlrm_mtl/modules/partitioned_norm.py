@@ -24,6 +24,16 @@ class PartitionedNorm(nn.Module):
     than 2 rows in a batch does not update its moving statistics (its variance is undefined);
     its rows are still normalised with the batch's (single-row: zero) statistics.
 
+    A feature that is *constant* within scenario s (e.g. the scenario embedding, which
+    :class:`DenseArch` appends to ``x``) has zero variance there: batch statistics map it to
+    exactly 0, but its moving statistics would divide the lag of the moving mean behind the
+    (still training) embedding by sqrt(ε) and blow it up ~300× in evaluation. Such a feature
+    carries nothing beyond the scenario id, which the star FCN is already conditioned on, so
+    PN records which features were constant (max = min over the scenario's rows) in the last
+    training batch and maps them to 0 before the affine terms, in training and evaluation
+    alike. (STAR feeds the domain indicator to its auxiliary network, not through PN, so the
+    paper does not meet this case.)
+
     Under DDP every rank normalises with its own batch's statistics (like ``BatchNorm1d``,
     not ``SyncBatchNorm``); the moving statistics are buffers, broadcast from rank 0.
 
@@ -45,20 +55,21 @@ class PartitionedNorm(nn.Module):
         self.scenario_beta = nn.Parameter(torch.zeros(num_scenarios, dim))  # β_s
         self.register_buffer("running_mean", torch.zeros(num_scenarios, dim))  # E_s
         self.register_buffer("running_var", torch.ones(num_scenarios, dim))  # Var_s
+        self.register_buffer("constant", torch.zeros(num_scenarios, dim, dtype=torch.bool))  # feature constant within s
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         if self.training:
-            mean, var = self._batch_stats(x, scenario)  # [S, d], [S, d]
+            mean, var, constant = self._batch_stats(x, scenario)  # [S, d] each
         else:
-            mean, var = self.running_mean, self.running_var
-        scale = (self.gamma * self.scenario_gamma) * torch.rsqrt(var + self.eps)  # [S, d]
-        shift = (self.beta + self.scenario_beta) - mean * scale  # [S, d]
-        return x * scale[scenario] + shift[scenario]  # [B, d]
+            mean, var, constant = self.running_mean, self.running_var, self.constant
+        x_hat = (x - mean[scenario]) * torch.rsqrt(var + self.eps)[scenario]  # [B, d]
+        x_hat = x_hat.masked_fill(constant[scenario], 0.0)
+        return x_hat * (self.gamma * self.scenario_gamma)[scenario] + (self.beta + self.scenario_beta)[scenario]  # eq. 2: [B, d]
 
     def _batch_stats(self, x: torch.Tensor, scenario: torch.Tensor):
-        """Per-scenario mean and (biased) variance of the batch's rows, as ``[S, d]`` tensors
-        (rows of absent scenarios: 0 and 1); updates the moving statistics of scenarios with
-        at least 2 rows."""
+        """Per-scenario mean, (biased) variance and constancy of the batch's rows, as ``[S, d]``
+        tensors (rows of absent scenarios: 0, 1, False); updates the moving statistics of
+        scenarios with at least 2 rows."""
         S, d = self.num_scenarios, self.dim
         count = torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, scenario, torch.ones_like(x[:, 0]))  # [S]
         n = count.clamp(min=1).unsqueeze(1)  # [S, 1]
@@ -68,8 +79,13 @@ class PartitionedNorm(nn.Module):
         var = torch.where(count.unsqueeze(1) > 0, var, torch.ones_like(var))
         with torch.no_grad():
             seen = (count >= 2).unsqueeze(1)  # [S, 1]
+            index = scenario.unsqueeze(1).expand_as(x)  # [B, d]
+            hi = x.new_full((S, d), float("-inf")).scatter_reduce(0, index, x, "amax")  # [S, d]
+            lo = x.new_full((S, d), float("inf")).scatter_reduce(0, index, x, "amin")  # [S, d]
+            constant = seen & (hi == lo)  # [S, d]
+            self.constant.copy_(torch.where(seen, constant, self.constant))
             unbiased = var * count.unsqueeze(1) / (count.unsqueeze(1) - 1).clamp(min=1)
             m = self.momentum
             self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean))
             self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased, self.running_var))
-        return mean, var
+        return mean, var, constant
