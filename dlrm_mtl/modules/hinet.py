@@ -58,7 +58,7 @@ class ScenarioAwareAttention(nn.Module):
 
 class HiNetScenarioLayer(nn.Module):
     """HiNet's scenario extraction layer (Zhou et al., ICDE 2023, "HiNet: Novel Multi-Scenario &
-    Multi-Task Learning with Hierarchical Information Extraction", §III-B, Fig. 2): for a row
+    Multi-Task Learning with Hierarchical Information Extraction", §III-B): for a row
     of scenario s::
 
         E_sh = SEI_shared(x)                    scenario-shared expert (an SEI module)

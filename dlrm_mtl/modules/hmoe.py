@@ -14,7 +14,7 @@ from dlrm_mtl.modules.layer_output import LayerOutput
 
 class HMoELayer(nn.Module):
     """HMoE (Li et al., CIKM 2020, "Improving Multi-Scenario Learning to Rank in E-commerce by
-    Exploiting Task Relationships in the Label Space", §4; the multi-scenario baseline of
+    Exploiting Task Relationships in the Label Space"; the multi-scenario baseline of
     AESM², Zou et al. SIGIR 2022) as a scenario layer.
 
     One expert network f_j per scenario j. Every row is passed through every scenario's expert;

@@ -15,14 +15,14 @@ from dlrm_mtl.modules.star_fcn import StarTopologyFCN
 
 class STARLayer(nn.Module):
     """STAR (Sheng et al., CIKM 2021, "One Model to Serve All: Star Topology Adaptive
-    Recommender for Multi-Domain CTR Prediction", §4, Fig. 3) as a scenario layer::
+    Recommender for Multi-Domain CTR Prediction", §4) as a scenario layer::
 
         z  = PN(x, s)                       partitioned normalisation (§4.1, eq. 2), if ``norm``
         y  = StarFCN(z, s)                  W*_s = W_s ⊙ W, b*_s = b_s + b (§4.2, eq. 3-4)
         s_a = AuxNet(e_s)                   auxiliary network on the scenario indicator (§4.3)
 
     and ``s_a`` is returned as ``logit_offset [B, T]``, which :class:`DenseArch` adds to every
-    task's logit (eq. 5: ``ŷ = sigmoid(s_m + s_a)``).
+    task's logit (§4.3: ``ŷ = sigmoid(s_m + s_a)``, s_m the main network's logit).
 
     Deviations, and why:
 

@@ -13,7 +13,7 @@ from dlrm_mtl.modules.gates import SoftmaxGate
 
 class SubExpertIntegration(nn.Module):
     """M independent SEI modules of HiNet (Zhou et al., ICDE 2023, "HiNet: Novel Multi-Scenario
-    & Multi-Task Learning with Hierarchical Information Extraction", §III-B, Fig. 3): module m
+    & Multi-Task Learning with Hierarchical Information Extraction", §III-B): module m
     is K sub-experts (ReLU MLPs) and a softmax gate on the same input mixing them::
 
         SEI_m(x) = Σ_k g_{m,k}(x) · f_{m,k}(x),    g_m(x) = softmax(W_m x + b_m)
