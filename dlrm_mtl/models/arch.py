@@ -13,6 +13,10 @@ scenario layers     fields read
 ``cgc``             num_shared, num_specific, hidden, out_dim
 ``aesm``            num_experts, k_specific, k_shared, noise, hidden, out_dim, aux_weight
                     — AESM² expert selection over the level's scenarios (noise std noise·E)
+``star``            hidden, out_dim, norm — STAR: W_s ⊙ W FCN, partitioned norm, aux net
+``hmoe``            hidden, out_dim — HMoE: one expert per scenario, others stop-grad
+``hinet``           sub_experts, hidden, out_dim — HiNet SEI + SAN; out_dim of the
+                    layer is 3 × out_dim (shared ⊕ own specific ⊕ SAN)
 ==================  ==================================================================
 
 ==================  ==================================================================
@@ -64,6 +68,7 @@ def _aesm_args(c: LayerConfig, where: str, num_experts: int) -> LayerConfig:
         )
     return c
 
+from dlrm_mtl.modules import HiNetScenarioLayer, HMoELayer, STARLayer
 
 # (cfg, in_dim, num_scenarios, emb_dim, num_tasks) -> module
 ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
@@ -76,6 +81,9 @@ SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "aesm": lambda c, d, S, e, T: AESMScenarioLayer(
         d, S, e, c.num_experts, _aesm_args(c, "scenario_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise
     ),
+    "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm),
+    "hmoe": lambda c, d, S, e, T: HMoELayer(d, S, e, c.hidden, c.out_dim),
+    "hinet": lambda c, d, S, e, T: HiNetScenarioLayer(d, S, e, c.sub_experts, c.hidden, c.out_dim),
 }
 
 TASK_LAYERS: Dict[str, TaskLayerBuilder] = {

@@ -11,6 +11,12 @@ from dlrm_mtl.modules.ml_mmoe import MultiLevelMMoELayer
 from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
 from dlrm_mtl.modules.scenario_cgc import ScenarioCGCLayer
 from dlrm_mtl.modules.task_input import split_task_input
+from dlrm_mtl.modules.partitioned_norm import PartitionedNorm
+from dlrm_mtl.modules.star_fcn import StarTopologyFCN
+from dlrm_mtl.modules.star import STARLayer
+from dlrm_mtl.modules.hmoe import HMoELayer
+from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
+from dlrm_mtl.modules.hinet import HiNetScenarioLayer, ScenarioAwareAttention
 
 __all__ = [
     "CGCLayer",
@@ -25,7 +31,6 @@ __all__ = [
     "SharedBottomLayer",
     "SoftmaxGate",
     "split_task_input",
-    # issue 3b: gates, AESM², ML-MMoE, Cross-Stitch
     "AESMScenarioLayer",
     "AESMTaskLayer",
     "CrossStitchLayer",
@@ -38,4 +43,11 @@ __all__ = [
     "keep_top_k",
     "make_gate",
     "select_experts",
+    "PartitionedNorm",
+    "StarTopologyFCN",
+    "STARLayer",
+    "HMoELayer",
+    "SubExpertIntegration",
+    "HiNetScenarioLayer",
+    "ScenarioAwareAttention",
 ]

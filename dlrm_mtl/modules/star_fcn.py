@@ -1,0 +1,71 @@
+"""STAR's star-topology fully-connected network: shared weights ⊙ scenario-specific weights."""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import nn
+
+
+class StarTopologyFCN(nn.Module):
+    """Star Topology FCN (Sheng et al., CIKM 2021, "One Model to Serve All: Star Topology
+    Adaptive Recommender for Multi-Domain CTR Prediction", §4.2, eq. 3-4).
+
+    Every layer has centred (shared) parameters ``W, b`` and per-scenario parameters
+    ``W_s, b_s``; a row of scenario s goes through the layer with (eq. 3)::
+
+        W*_s = W_s ⊙ W,    b*_s = b_s + b
+
+    and ``out = φ(W*_s^T in + b*_s)`` (eq. 4), φ = ReLU after every layer (the last one too:
+    the output is a representation for the task layers / towers, not a logit).
+
+    Sizes ``in_dim -> hidden... -> out_dim``. ``W`` is He-uniform initialised (as in
+    :class:`ExpertBank`), ``W_s`` to ones and both biases to zero, so every scenario starts
+    from the shared network and learns its multiplicative deviation.
+
+    Rows are grouped by scenario (one index_select / index_copy per scenario, as in
+    :class:`ScenarioCGCLayer`), so a row is computed with its own scenario's weights only:
+    the cost is that of one FCN, not S of them. Building ``W*_s`` for all S costs S times the
+    parameter count per step, independent of the batch size.
+
+    ``x [B, in]``, ``scenario [B]`` -> ``[B, out]``.
+
+    Example::
+
+        fcn = StarTopologyFCN(32, num_scenarios=3, hidden=[64], out_dim=16)
+        fcn(torch.randn(8, 32), torch.randint(0, 3, (8,))).shape   # [8, 16]
+        fcn.effective_weights(1)[0].shape                          # W*_1 of layer 0: [32, 64]
+    """
+
+    def __init__(self, in_dim: int, num_scenarios: int, hidden: List[int], out_dim: int) -> None:
+        super().__init__()
+        self.num_scenarios, self.out_dim = num_scenarios, out_dim
+        sizes = [in_dim] + list(hidden) + [out_dim]
+        self.shared_weights = nn.ParameterList()  # W: [in, out] per layer
+        self.shared_biases = nn.ParameterList()  # b: [out]
+        self.scenario_weights = nn.ParameterList()  # W_s: [S, in, out]
+        self.scenario_biases = nn.ParameterList()  # b_s: [S, out]
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            bound = math.sqrt(6.0 / a)
+            self.shared_weights.append(nn.Parameter(torch.empty(a, b).uniform_(-bound, bound)))
+            self.shared_biases.append(nn.Parameter(torch.zeros(b)))
+            self.scenario_weights.append(nn.Parameter(torch.ones(num_scenarios, a, b)))
+            self.scenario_biases.append(nn.Parameter(torch.zeros(num_scenarios, b)))
+
+    def effective_weights(self, s: int) -> List[torch.Tensor]:
+        """``W*_s = W_s ⊙ W`` of every layer (eq. 3), ``[in, out]`` each."""
+        return [w_s[s] * w for w, w_s in zip(self.shared_weights, self.scenario_weights)]
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        weights = [w_s * w for w, w_s in zip(self.shared_weights, self.scenario_weights)]  # [S, in, out] per layer
+        biases = [b_s + b for b, b_s in zip(self.shared_biases, self.scenario_biases)]  # [S, out] per layer
+        y = x.new_zeros(x.shape[0], self.out_dim)  # [B, out]
+        for s in range(self.num_scenarios):
+            idx = (scenario == s).nonzero(as_tuple=True)[0]  # rows of scenario s
+            h = x.index_select(0, idx)  # [B_s, in]
+            for w, b in zip(weights, biases):
+                h = torch.relu(torch.addmm(b[s], h, w[s]))  # eq. 4: [B_s, out]
+            y = y.index_copy(0, idx, h)
+        return y
