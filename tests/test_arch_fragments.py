@@ -13,7 +13,10 @@ import torch
 
 from dlrm_mtl.config import Config
 from dlrm_mtl.models.ranking_model import DenseArch
-from dlrm_mtl.modules import AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MMoELayer, MultiLevelMMoELayer, PLELayer, ScenarioCGCLayer
+from dlrm_mtl.modules import (
+    AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, HiNetScenarioLayer, HMoELayer, MMoELayer, MultiLevelMMoELayer,
+    PLELayer, ScenarioCGCLayer, SharedBottomLayer, STARLayer,
+)
 from dlrm_mtl.synthetic import synthetic_schema
 
 from test_arch import check_trains_every_parameter
@@ -21,20 +24,26 @@ from test_arch import check_trains_every_parameter
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = synthetic_schema()
 
-# fragment -> (class of its scenario layers, one per level, or None; class of its task layer)
+# fragment -> (classes of its scenario layers, classes of its task layers), in stack order
 EXPECTED = {
-    "aesm": (AESMScenarioLayer, AESMTaskLayer),
-    "mmoe": (None, MMoELayer),
-    "omoe": (None, MMoELayer),
-    "ml_mmoe": (None, MultiLevelMMoELayer),
-    "cross_stitch": (None, CrossStitchLayer),
-    "cgc": (ScenarioCGCLayer, PLELayer),  # the default arch: scenario CGC per level + CGC
-    "ple": (None, PLELayer),
+    "aesm": ([AESMScenarioLayer] * 2, [AESMTaskLayer]),  # channel, then domain
+    "mmoe": ([], [MMoELayer]),
+    "omoe": ([], [MMoELayer]),
+    "ml_mmoe": ([], [MultiLevelMMoELayer]),
+    "cross_stitch": ([], [CrossStitchLayer]),
+    "cgc": ([ScenarioCGCLayer] * 2, [PLELayer]),  # the default arch: scenario CGC per level + CGC
+    "ple": ([], [PLELayer]),
+    "star": ([STARLayer], []),  # one STAR network over the leaf scenarios
+    "hmoe": ([HMoELayer], []),
+    "hinet": ([HiNetScenarioLayer], [PLELayer]),
+    "parallel_dnn": ([ScenarioCGCLayer], [SharedBottomLayer]),
+    "shared_bottom": ([], [SharedBottomLayer]),
+    "single_task": ([], [PLELayer]),
 }
 
 
 def test_every_fragment_is_tested():
-    assert {p.stem for p in (ROOT / "configs" / "arch").glob("*.yaml")} >= set(EXPECTED)
+    assert {p.stem for p in (ROOT / "configs" / "arch").glob("*.yaml")} == set(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -43,17 +52,14 @@ def test_fragment_composes_with_demo_and_builds_its_layers(name):
     assert cfg.data.batch_size == 1024  # the demo's settings survive the merge
     torch.manual_seed(0)
     model = DenseArch(SCHEMA, cfg.model)
-    scen_cls, task_cls = EXPECTED[name]
-    if scen_cls is None:
-        assert len(model.scenario_layers) == 0
-    else:
-        assert [type(l) for l in model.scenario_layers] == [scen_cls] * len(SCHEMA.scenarios)
-        assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
-    assert [type(l) for l in model.task_layers] == [task_cls]
+    scen, task = EXPECTED[name]
+    assert [type(l) for l in model.scenario_layers] == scen
+    assert [type(l) for l in model.task_layers] == task
     if name == "omoe":
         assert model.task_layers[0].one_gate
     _, _, aux = check_trains_every_parameter(model)
     if name == "aesm":
+        assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
         assert set(aux) == {f"aux/{n}/{k}" for n in ("scenario0/channel", "scenario1/domain", "task0") for k in ("kl_specific", "kl_shared")}
 
 
