@@ -14,7 +14,8 @@ class ExpertBank(nn.Module):
 
     Every expert is ``in_dim -> hidden... -> out_dim`` with ReLU after every layer (experts in
     MMoE/PLE/HiNet are ReLU MLPs). Layer 0 of all experts is a single ``[B, in] @ [in, E*h]``
-    matmul; deeper layers are one batched einsum ``[B, E, h] x [E, h, k]``.
+    matmul; deeper layers are one batched matmul ``[E, B, h] x [E, h, k]`` (expert-major, so
+    no copies between layers). The output is a ``[B, E, out]`` view of an expert-major tensor.
 
     Args:
         num_experts: E.
@@ -51,15 +52,19 @@ class ExpertBank(nn.Module):
 
         x: ``[B, in]`` (every expert sees the same input) or ``[B, count, in]`` (expert e sees
         ``x[:, e]``, e.g. PLE's task-specific experts on their task's input).
+
+        Layer 0 with a shared input is one ``addmm`` over the concatenated weights ``[in, E·h]``
+        (bias fused); every other layer is one ``baddbmm`` over the expert axis. ReLU runs in
+        place on the fresh matmul outputs (no extra pass over memory).
         """
         E = self.num_experts - start if count is None else count
         w0 = self.weights[0][start : start + E]  # [E, in, h]
         b0 = self.biases[0][start : start + E]  # [E, h]
         if x.dim() == 2:
-            h = (x @ w0.permute(1, 0, 2).reshape(self.in_dim, -1)).view(x.shape[0], E, w0.shape[-1])  # [B, E, h]
+            h = torch.addmm(b0.reshape(-1), x, w0.permute(1, 0, 2).reshape(self.in_dim, -1))  # [B, E·h]
+            h = h.relu_().view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
         else:
-            h = torch.einsum("bei,eih->beh", x, w0)  # [B, E, h]
-        h = torch.relu(h + b0)
+            h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).relu_()  # [E, B, h]
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
-            h = torch.relu(torch.einsum("beh,ehk->bek", h, w[start : start + E]) + b[start : start + E])
-        return h
+            h = torch.baddbmm(b[start : start + E].unsqueeze(1), h, w[start : start + E]).relu_()  # [E, B, k]
+        return h.transpose(0, 1)  # [B, E, out]
