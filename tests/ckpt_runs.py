@@ -49,8 +49,9 @@ def run(cmd: Sequence[str], env_extra: Optional[Dict[str, str]] = None, expect_o
     return proc
 
 
-def train_1proc(data: Path, run_dir: Path, *extra: str, epochs: int = 2, **kw) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dlrm_mtl", "train", "--config", "configs/demo.yaml",
+def train_1proc(data: Path, run_dir: Path, *extra: str, epochs: int = 2, flags: Sequence[str] = (),
+                **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dlrm_mtl", "train", "--config", "configs/demo.yaml", *flags,
                 *train_args(data, run_dir, *extra, epochs=epochs)], **kw)
 
 
@@ -139,3 +140,21 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
         elif x != y:
             diffs.append(f"{k}: {x!r} != {y!r}")
     assert not diffs, f"{what}: {len(diffs)} entries differ: " + "; ".join(diffs[:8])
+
+
+def train_in_process(data: Path, run_dir: Path, *extra: str, epochs: int = 2) -> dict:
+    """One rank in this very process (no import cost); the launcher's env vars are restored after."""
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.train import train
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    sets = train_args(data, run_dir, *extra, epochs=epochs)[1::2]
+    try:
+        return train(Config.load(str(ROOT / "configs" / "demo.yaml"), sets))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
