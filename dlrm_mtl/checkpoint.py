@@ -164,17 +164,19 @@ def _local_bytes(obj: Any, count_replicated: bool) -> int:
 
 
 def fault_point(where: str, step: int, rank: int) -> None:
-    """Test hook: ``DLRM_MTL_TEST_KILL=WHERE:STEP:RANK:MARKER`` SIGKILLs this process once.
+    """Test hook: ``DLRM_MTL_TEST_KILL=WHERE:STEP:RANK:MARKER`` SIGKILLs this process once
+    (STEP ``*``: any step).
 
-    WHERE is ``step`` (right after an optimizer step) or ``save`` (after the shards of a
-    checkpoint are written, before it is complete). MARKER is created first, so the
+    WHERE is ``step`` (right after an optimizer step), ``save`` (after the shards of a
+    checkpoint are written, before it is complete) or ``end`` (after the last collective of
+    training, before the exit barrier). MARKER is created first, so the
     restarted process runs on.
     """
     spec = os.environ.get("DLRM_MTL_TEST_KILL")
     if not spec:
         return
     w, s, r, marker = spec.split(":", 3)
-    if w == where and int(s) == step and int(r) == rank and not os.path.exists(marker):
+    if w == where and s in ("*", str(step)) and int(r) == rank and not os.path.exists(marker):
         _write_durable(Path(marker), f"{where} {step} {rank}\n".encode())
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -138,6 +138,7 @@ def train(cfg: Config) -> Dict[str, Any]:
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     try:
         result = _train(cfg, env)
+        fault_point("end", result["step"], env.rank)
         # every rank leaves together: a rank that died after the last collective turns into an
         # error here (within train.timeout_s) instead of letting the others exit 0 while the
         # launcher waits for the dead one

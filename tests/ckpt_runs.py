@@ -62,7 +62,7 @@ def train_torchrun(data: Path, run_dir: Path, nproc: int, *extra: str, epochs: i
                 *train_args(data, run_dir, *extra, epochs=epochs)], **kw)
 
 
-def kill_env(where: str, step: int, rank: int, marker: Path) -> Dict[str, str]:
+def kill_env(where: str, step, rank: int, marker: Path) -> Dict[str, str]:
     return {"DLRM_MTL_TEST_KILL": f"{where}:{step}:{rank}:{marker}"}
 
 
