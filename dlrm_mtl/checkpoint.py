@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
 
 from dlrm_mtl.config import Config
 from dlrm_mtl.data.stream import ParquetStream, Segment
@@ -190,6 +191,15 @@ def _agree(error: Optional[str], what: str) -> None:
     bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
     if bad:
         raise CheckpointError(f"{what}: " + "; ".join(bad))
+
+
+def _short(e: BaseException) -> str:
+    """One line per failed rank instead of DCP's tracebacks."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {type(x).__name__}: {str(x).strip().splitlines()[-1] if str(x).strip() else ''}"
+                         for r, x in sorted(failures.items()))
+    return f"{type(e).__name__}: {e}"
 
 
 def _column_wise(t: Optional[str]) -> bool:
@@ -356,9 +366,10 @@ class CheckpointManager:
         _agree(error, f"checkpoint {name} not written")
         try:
             dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-        except Exception as e:  # DCP gathers every rank's failure and raises on all ranks
+        except (Exception, DCPException) as e:  # DCP gathers every rank's failure and raises on all ranks
             self._discard(tmp)
-            raise CheckpointError(f"checkpoint {name} not written ({self._latest_text()}): {e}") from e
+            raise CheckpointError(f"checkpoint {name} not written: {_short(e)}{self._space_text()} "
+                                  f"({self._latest_text()})") from e
         fault_point("save", progress.step, self.env.rank)
         error = None
         try:
@@ -397,7 +408,18 @@ class CheckpointManager:
             _agree(error, f"checkpoint {name} not written")
         except CheckpointError as e:
             self._discard(tmp)
-            raise CheckpointError(f"{e} ({self._latest_text()})") from None
+            raise CheckpointError(f"{e}{self._space_text()} ({self._latest_text()})") from None
+
+    def _space_text(self) -> str:
+        """The free space, to tell a full disk from other write errors (torch.save reports
+        ENOSPC as "unexpected pos")."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return ""
+        need = getattr(self, "estimated_bytes", 0)
+        return (f"; {free / 2**20:.1f} MiB free on the file system of {self.root}"
+                + (f", a checkpoint needs ≈ {need / 2**20:.1f} MiB (disk full?)" if need else ""))
 
     def _discard(self, tmp: Path) -> None:
         if self.env.is_main:
@@ -482,7 +504,7 @@ class CheckpointManager:
             to_load["optim"] = optimizer.state_dict()
         try:
             dcp.load(to_load, checkpoint_id=str(path))
-        except Exception as e:
+        except (Exception, DCPException) as e:
             hint = "" if model_only else " (set checkpoint.model_only=true to load the weights only and reset the optimizer state)"
             raise CheckpointError(f"cannot load checkpoint {path}: {e}{hint}") from e
         dmp.load_state_dict(to_load["model"])
