@@ -99,3 +99,40 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     assert latest_checkpoint(mgr.root).name == "step_000000003"
     mgr.preflight(model, opt)
     assert sorted(p.name for p in mgr.root.iterdir()) == ["step_000000002", "step_000000003"]
+
+
+@pytest.mark.slow
+def test_column_wise_to_row_wise_is_refused_unless_model_only(synthetic_small, tmp_path):
+    import json
+
+    from ckpt_runs import exported, small_schema, train_in_process
+    from dlrm_mtl.losses import EntireSpaceLoss
+    from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
+    from dlrm_mtl.schema import Schema
+
+    cw = tmp_path / "cw"
+    train_in_process(synthetic_small, cw, "sharding.types=[column_wise]", "train.max_steps=3", epochs=1)
+    plan = json.loads((cw / "plan.json").read_text())
+    assert {p["sharding_type"] for p in plan.values()} == {"column_wise"}
+    final = cw / "checkpoints" / "final"
+    with pytest.raises(CheckpointError, match=r"cannot reshard row-wise Adagrad state to or from column-wise.*"
+                                              r"t_user: column_wise .* -> row_wise.*checkpoint.model_only=true"):
+        train_in_process(synthetic_small, tmp_path / "rw", "sharding.types=[row_wise]", f"checkpoint.resume={final}", epochs=1)
+    # the fallback: weights only (the run had finished its one epoch: no step, `final` = the loaded weights)
+    rw = tmp_path / "rw2"
+    train_in_process(synthetic_small, rw, "sharding.types=[row_wise]", f"checkpoint.resume={final}",
+                     "checkpoint.model_only=true", epochs=1)
+    a, b = exported(final, tmp_path / "a.pt"), exported(rw / "checkpoints" / "final", tmp_path / "b.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the optimizer state was reset: row-wise Adagrad's accumulators start from zero again
+    moments = [k for k in b["optim"]["state"] if "t_user" in k]
+    assert moments and all(float(v.abs().sum()) == 0 for k in moments for v in b["optim"]["state"][k].values()
+                           if isinstance(v, torch.Tensor))
+    # the exported file loads into an unsharded TrainModule (model and loss state) with strict keys
+    cfg = Config.load(None, [f"data.schema={small_schema(synthetic_small)}"])
+    schema = Schema.load(cfg.data.schema)
+    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema))
+    module.load_state_dict(b["model"], strict=True)
+    assert torch.equal(module.state_dict()["model.ebc.embedding_bags.t_user.weight"], a["model"]["model.ebc.embedding_bags.t_user.weight"])
