@@ -197,8 +197,12 @@ def _short(e: BaseException) -> str:
     """One line per failed rank instead of DCP's tracebacks."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
-        return "; ".join(f"rank {r}: {type(x).__name__}: {str(x).strip().splitlines()[-1] if str(x).strip() else ''}"
-                         for r, x in sorted(failures.items()))
+        parts = []
+        for r, x in sorted(failures.items()):
+            x = x[0] if isinstance(x, tuple) else x  # (exception, stack summary)
+            text = str(x).strip()
+            parts.append(f"rank {r}: {type(x).__name__}: {text.splitlines()[-1] if text else ''}")
+        return "; ".join(parts)
     return f"{type(e).__name__}: {e}"
 
 
