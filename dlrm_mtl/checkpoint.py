@@ -326,6 +326,13 @@ class CheckpointManager:
         self._barrier()
 
     def _remove_incomplete(self) -> None:
+        # a complete checkpoint set aside while a new one of the same name (``final``) was being
+        # put in place: restore it unless the new one got its COMPLETE marker
+        for trash in self.root.glob(".trash-*"):
+            target = self.root / trash.name[len(".trash-"):]
+            if is_complete(trash) and not is_complete(target):
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(trash, target)
         for p in self.root.iterdir():
             if p.name.startswith(".tmp-") or p.name.startswith(".trash-") or (
                     p.is_dir() and (p.name == "final" or _STEP_DIR.match(p.name)) and not is_complete(p)):

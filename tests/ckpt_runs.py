@@ -108,9 +108,10 @@ def assert_exactly_once(run_dir: Path, data: Path, epochs: int) -> None:
 
 
 def exported(ckpt: Path, out: Path) -> dict:
-    from dlrm_mtl.export import export_checkpoint
+    """``dlrm-mtl export-checkpoint --with-optimizer`` (in this process), loaded back."""
+    from dlrm_mtl.cli import main
 
-    export_checkpoint(ckpt, out, with_optimizer=True)
+    assert main(["export-checkpoint", "--checkpoint", str(ckpt), "--out", str(out), "--with-optimizer"]) == 0
     return torch.load(out, weights_only=False)
 
 

@@ -99,6 +99,14 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     assert latest_checkpoint(mgr.root).name == "step_000000003"
     mgr.preflight(model, opt)
     assert sorted(p.name for p in mgr.root.iterdir()) == ["step_000000002", "step_000000003"]
+    # killed while replacing `final`: the old one (set aside, complete) comes back
+    final = mgr.save(model, opt, sched, progress, name="final")
+    final.rename(mgr.root / ".trash-final")
+    (mgr.root / "final").mkdir()
+    (mgr.root / "final" / ".metadata").write_bytes(b"partial")
+    mgr.preflight(model, opt)
+    assert latest_checkpoint(mgr.root) == final
+    assert sorted(p.name for p in mgr.root.iterdir()) == ["final", "step_000000002", "step_000000003"]
 
 
 @pytest.mark.slow
