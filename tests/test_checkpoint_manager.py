@@ -144,3 +144,16 @@ def test_column_wise_to_row_wise_is_refused_unless_model_only(synthetic_small, t
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema))
     module.load_state_dict(b["model"], strict=True)
     assert torch.equal(module.state_dict()["model.ebc.embedding_bags.t_user.weight"], a["model"]["model.ebc.embedding_bags.t_user.weight"])
+
+
+def test_due_every_n_steps_and_every_m_minutes(tmp_path):
+    import time
+
+    mgr, *_ = _setup(tmp_path / "checkpoints", width=8)
+    mgr.cfg.checkpoint.every_steps = 3
+    assert [s for s in range(1, 10) if mgr.due(s)] == [3, 6, 9]
+    mgr.cfg.checkpoint.every_steps, mgr.cfg.checkpoint.every_minutes, mgr.cfg.train.log_every = 0, 0.002, 2
+    assert not mgr.due(2)  # 0.12 s have not passed since the manager started
+    time.sleep(0.15)
+    assert not mgr.due(3)  # time is checked on log steps only (where ranks sync anyway)
+    assert mgr.due(4)
