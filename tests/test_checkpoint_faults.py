@@ -47,7 +47,7 @@ def test_a_dead_node_ends_a_two_node_job_within_bounded_time(two_hosts, syntheti
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{two_hosts[0][2]}:29623", "--rdzv_id", f"fault-{where}",
                "--local_addr", addr, "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}",
                "-m", "dlrm_mtl", "train", "--config", "configs/demo.yaml",
-               *train_args(synthetic_small, run, "train.timeout_s=300", "checkpoint.at_end=false", epochs=2)]
+               *train_args(synthetic_small, run, "train.timeout_s=300", "checkpoint.at_end=false", epochs=1)]
         env = dict(os.environ, GLOO_SOCKET_IFNAME=dev, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                    **kill_env(where, step, 1, marker))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
