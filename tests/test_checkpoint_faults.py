@@ -63,6 +63,7 @@ def test_a_dead_node_ends_a_two_node_job_within_bounded_time(two_hosts, syntheti
     assert marker.exists(), "rank 1 was never killed:\n" + outs[1][-3000:]
     killed_at = marker.stat().st_mtime
     bound = 60
+    print(f"{where}: nodes failed {[round(t - killed_at, 1) for t in ended]} s after the kill")
     for node, (p, out, t) in enumerate(zip(procs, outs, ended)):
         assert p.returncode != 0, f"node {node} exited 0 although its peer died:\n{out[-3000:]}"
         assert t - killed_at < bound, f"node {node} needed {t - killed_at:.0f} s to fail"
