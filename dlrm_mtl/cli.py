@@ -1,4 +1,4 @@
-"""``dlrm-mtl`` command line: generate, convert, train, evaluate, report, inspect-data, dense-stats, plan."""
+"""``dlrm-mtl`` command line: generate, convert, train, evaluate, export-checkpoint, report, inspect-data, dense-stats, plan."""
 
 from __future__ import annotations
 
@@ -58,8 +58,17 @@ def _train(args: argparse.Namespace) -> int:
     from dlrm_mtl.config import Config
     from dlrm_mtl.train import train
 
-    cfg = Config.load(args.config, args.set)
+    overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume is not None else [])
+    cfg = Config.load(args.config, overrides)
     train(cfg)
+    return 0
+
+
+def _export_checkpoint(args: argparse.Namespace) -> int:
+    from dlrm_mtl.export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out, with_optimizer=args.with_optimizer)
+    print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB (step {info['step']})")
     return 0
 
 
@@ -158,7 +167,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     t = sub.add_parser("train", help="train (one process, or one rank under torchrun/TorchX)")
     t.add_argument("--config", action="append", default=[], help="YAML config file; repeat to compose (later files override earlier)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
+    t.add_argument("--resume", default=None, metavar="auto|none|DIR",
+                   help="checkpoint.resume: auto = the latest complete checkpoint of the run, or a checkpoint directory")
     t.set_defaults(fn=_train)
+
+    x = sub.add_parser("export-checkpoint", help="write a sharded checkpoint as one unsharded torch.save file")
+    x.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. RUN_DIR/checkpoints/final")
+    x.add_argument("--out", required=True, help="output file (.pt)")
+    x.add_argument("--with-optimizer", action="store_true", help="also export the optimizer states")
+    x.set_defaults(fn=_export_checkpoint)
 
     i = sub.add_parser("inspect-data", help="validate a data set against its schema and summarise it")
     i.add_argument("--schema", required=True)
@@ -196,12 +213,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.set_defaults(fn=_report)
 
     args = p.parse_args(argv)
+    from dlrm_mtl.checkpoint import CheckpointError
     from dlrm_mtl.data.errors import DataError
     from dlrm_mtl.schema import SchemaError
 
     try:
         return args.fn(args)
-    except (DataError, SchemaError) as e:
+    except (DataError, SchemaError, CheckpointError) as e:
         print(f"dlrm-mtl {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

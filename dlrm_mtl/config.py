@@ -134,11 +134,35 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded, atomic checkpoints and resume (docs/checkpoints.md)."""
+
+    dir: str = ""  # default: <train.run_dir>/checkpoints
+    every_steps: int = 0  # save every N optimizer steps (0: off)
+    every_minutes: float = 0.0  # save when M minutes passed since the last one (0: off)
+    keep_last: int = 3  # complete step checkpoints kept (the final one is always kept)
+    at_end: bool = True  # save `final` when training ends
+    # "" = resume from the latest complete checkpoint only when the launcher restarted the job
+    # (torchrun's TORCHELASTIC_RESTART_COUNT > 0), else start fresh; "auto" = the latest complete
+    # one if any; "none" = never; or a checkpoint directory
+    resume: str = ""
+    # load the weights only and start the optimizer state afresh (the fallback where TorchRec
+    # cannot reshard a state, e.g. row-wise Adagrad to/from column_wise); step, epoch and
+    # data position are still restored
+    model_only: bool = False
+    min_free_gb: float = 0.0  # refuse to start when the checkpoint disk has less free space (0: estimate)
+    # append the row ids trained at every step to <run_dir>/audit/rankN.rows (tests, audits);
+    # a resume truncates them back to the checkpoint's step
+    audit_rows: bool = False
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:

@@ -70,8 +70,32 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_ra
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world)
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(rank, world, timeout)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv(rank, world, local_rank, local_world, device, backend)
+
+
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0): the rendezvous store, its
+    keys prefixed by the attempt.
+
+    torchrun's c10d agent keeps one store across restarts, so the keys that
+    ``dist.new_group`` (which DMP calls) publishes are still there from the killed attempt,
+    and a restarted rank connects to a dead peer's old address ("Gloo connectFullMesh
+    failed ... Connection refused"). A per-attempt prefix keeps every attempt apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        return None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    tcp = dist.TCPStore(host, port, world, is_master=(not agent_store and rank == 0), timeout=timeout,
+                        multi_tenant=not agent_store)
+    return dist.PrefixStore(f"/dlrm_mtl/attempt_{attempt}", tcp)
 
 
 class CPUWideEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from dlrm_mtl.checkpoint import is_complete
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import ParquetStream
 from dlrm_mtl.distributed import init_distributed, shard_model
@@ -32,8 +33,8 @@ from dlrm_mtl.train import evaluate
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -> Dict[str, Any]:
-    if not (Path(checkpoint) / ".metadata").exists():
-        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no .metadata)")
+    if not is_complete(Path(checkpoint)):
+        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no .metadata or no COMPLETE marker)")
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     try:
         schema = Schema.load(cfg.data.schema_path())

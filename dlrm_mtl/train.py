@@ -1,7 +1,8 @@
 """Training loop: one process or one rank of a torchrun/TorchX job.
 
 Writes into ``train.run_dir``: ``config.yaml``, ``plan.json`` (table -> sharding), TensorBoard
-events under ``tb/``, a DCP checkpoint under ``checkpoints/final`` and ``metrics.json``::
+events under ``tb/``, checkpoints under ``checkpoints/`` (``step_N`` every ``checkpoint.every_steps``
+/ ``every_minutes``, ``final`` at the end; see :mod:`dlrm_mtl.checkpoint`) and ``metrics.json``::
 
     {"metrics": [{"scenario", "task", "auc", "oracle_auc", "logloss", "calibration", "count", ...}],
      "throughput": {"samples_per_s", "train_seconds", "steps", "world_size"},
@@ -22,8 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
+from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, data_fingerprint, fault_point
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model
@@ -155,7 +156,14 @@ def _write_rank_report(run_dir: Path, env: DistEnv, dmp: torch.nn.Module, traine
 def train(cfg: Config) -> Dict[str, Any]:
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     try:
-        return _train(cfg, env)
+        result = _train(cfg, env)
+        fault_point("end", result["step"], env.rank)
+        # every rank leaves together: a rank that died after the last collective turns into an
+        # error here (within train.timeout_s) instead of letting the others exit 0 while the
+        # launcher waits for the dead one
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -202,17 +210,20 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
 
     steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.train.epochs))
-    step = 0
-    trained_rows = 0
-    padded_rows = 0
-    train_seconds = 0.0
+    ckpt = CheckpointManager(cfg, env, run_dir, summary, data_fingerprint(train_stream))
+    ckpt.preflight(dmp, optimizer)
+    progress = ckpt.resume(dmp, optimizer, scheduler, audit=cfg.checkpoint.audit_rows)
+    audit = RowAudit(run_dir, env.rank) if cfg.checkpoint.audit_rows else None
+    step = progress.step
+    trained_rows, padded_rows = progress.rows_trained, progress.padding_rows
+    train_seconds = progress.train_seconds
     metrics: List[Dict[str, object]] = []
     utilisation: Dict[str, Any] = {}
     last_terms: Dict[str, float] = {}
     counters: Dict[str, int] = {}
     pipeline = make_pipeline(dmp, optimizer, env, cfg)
-    for epoch in range(cfg.train.epochs):
-        train_stream.set_epoch(epoch)
+    for epoch in range(progress.epoch, cfg.train.epochs):
+        steps_per_epoch = progress.enter_epoch(train_stream, epoch, cfg)  # steps left (all, unless resumed)
         bar = None
         if env.is_main and cfg.train.progress and sys.stdout.isatty():
             from tqdm import tqdm
@@ -222,6 +233,8 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         window_t = time.perf_counter()
         window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
         batches = _device_batches(itertools.islice(iter(train_stream), steps_per_epoch), env, cfg)
+        if audit is not None:
+            batches = audit.tap(batches)
         for i in range(steps_per_epoch):
             if pipeline is not None:
                 # TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i
@@ -236,11 +249,19 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 loss.backward()
                 optimizer.step()
             scheduler.step()  # fused table optimizers read their lr from param_groups on step()
-            step += 1
+            step = progress.advance()
             window_steps += 1
             # real-row count stays a device tensor until the next log: an int() here would
             # synchronise the GPU every step and defeat the pipeline's overlap
             window_real = window_real + real.detach()
+            if audit is not None:
+                audit.record(step, epoch)
+            fault_point("step", step, env.rank)
+            if ckpt.due(step):
+                progress.rows_trained = trained_rows + int(window_real)
+                progress.padding_rows = padded_rows + B * window_steps - int(window_real)
+                progress.train_seconds = train_seconds + time.perf_counter() - t0
+                ckpt.save(dmp, optimizer, scheduler, progress, audit=audit)
             if bar is not None:
                 bar.update(1)
             if step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
@@ -267,6 +288,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                     _log(env, f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {last_terms.get('loss/total', math.nan):.4f} "
                               f"{sps:,.0f} samples/s")
         train_seconds += time.perf_counter() - t0
+        progress.finish_epoch()
         if bar is not None:
             bar.close()
         counters = _merged_counters(train_stream)
@@ -302,9 +324,14 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         "world_size": env.world_size,
         "batch_size_per_rank": B,
     }
+    if not metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
+        metrics = evaluate(dmp, eval_stream, schema, env.device)
     _write_rank_report(run_dir, env, dmp, trained_rows, padded_rows)
-    ckpt = run_dir / "checkpoints" / "final"
-    dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(ckpt))
+    if cfg.checkpoint.at_end:
+        progress.rows_trained, progress.padding_rows, progress.train_seconds = trained_rows, padded_rows, train_seconds
+        ckpt.save(dmp, optimizer, scheduler, progress, name="final", audit=audit)
+    if audit is not None:
+        audit.close()
     result = {
         "metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step,
         "data_counters": counters,  # cumulative over the epochs, summed over ranks

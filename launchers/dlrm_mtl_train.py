@@ -36,6 +36,7 @@ def train(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     rdzv_backend: str = "c10d",
     mounts: Optional[List[str]] = None,
@@ -54,15 +55,22 @@ def train(
         gpu: GPUs per replica
         memMB: memory per replica in MB
         env: extra environment variables, e.g. NCCL_DEBUG=INFO,GLOO_SOCKET_IFNAME=eth0
-        max_retries: scheduler retries
+        max_retries: scheduler retries (whole-job resubmissions, where the scheduler supports them)
+        max_restarts: torchrun restarts all workers up to this many times when one fails; the
+            restarted run resumes from the latest complete checkpoint (set checkpoint.every_steps)
         rdzv_port: c10d rendezvous port on rank 0's host (multi-node)
         rdzv_backend: rendezvous backend (c10d, static, etcd)
         mounts: mounts for container schedulers, e.g. type=bind,src=/data,dst=/data
     """
-    return _dlrm_mtl_job(
+    app = _dlrm_mtl_job(
         ["train"] + [a for c in config.split(",") for a in ("--config", c)], overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
         j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
     )
+    if max_restarts:
+        role = app.roles[0]
+        assert role.args[0] == "-c" and role.args[1].startswith("torchrun "), role.args
+        role.args[1] = role.args[1].replace("torchrun ", f"torchrun --max_restarts {int(max_restarts)} ", 1)
+    return app
 
 
 def _dlrm_mtl_job(args: List[str], overrides: Tuple[str, ...], image: str, **ddp_kwargs: Any) -> specs.AppDef:

@@ -26,12 +26,13 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,21 @@ from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.data.source import Source, open_source
 from dlrm_mtl.schema import Schema
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of one epoch trained by one world size before an interruption.
+
+    Its order is fully determined by these fields (and the epoch and the segments before
+    it), so ``batches`` is all a checkpoint needs to know which rows it trained.
+    """
+
+    world_size: int
+    batch_size: int
+    shuffle_buffer_rows: int
+    seed: int
+    batches: int  # steps trained in this segment
 
 
 @dataclass(frozen=True)
@@ -73,15 +89,20 @@ def list_row_groups(paths: Source | ds.Dataset, filesystem: Optional[pa.fs.FileS
     return out
 
 
-def assign_row_groups(groups: Sequence[RowGroup], world_size: int) -> List[List[RowGroup]]:
-    """Deterministic balanced split: largest row groups first, each to the least-loaded rank."""
+def assign_row_groups(groups: Sequence[RowGroup], world_size: int, rows: Optional[Sequence[int]] = None) -> List[List[RowGroup]]:
+    """Deterministic balanced split: largest row groups first, each to the least-loaded rank.
+
+    ``rows`` (default: each group's ``num_rows``) are the rows to balance, e.g. the rows a
+    resumed epoch has not trained yet.
+    """
+    rows = [g.num_rows for g in groups] if rows is None else list(rows)
     shards: List[List[RowGroup]] = [[] for _ in range(world_size)]
     load = [0] * world_size
-    order = sorted(range(len(groups)), key=lambda i: (-groups[i].num_rows, i))
+    order = sorted(range(len(groups)), key=lambda i: (-rows[i], i))
     for i in order:
         r = min(range(world_size), key=lambda k: (load[k], k))
         shards[r].append(groups[i])
-        load[r] += groups[i].num_rows
+        load[r] += rows[i]
     for s in shards:
         s.sort(key=lambda g: (g.file_index, g.index))
     return shards
@@ -420,55 +441,137 @@ class ParquetStream:
         groups = list_row_groups(dset)
         if not groups:
             raise DataError(f"{paths}: no Parquet row groups found")
-        shards = assign_row_groups(groups, world_size)
-        self.groups = shards[rank]
+        self.all_groups = groups
+        self._group_index = {(g.file_index, g.index): i for i, g in enumerate(groups)}
         self._any_group = next(g for g in groups if g.num_rows > 0) if any(g.num_rows for g in groups) else groups[0]
-        self.rows_per_rank = [sum(g.num_rows for g in s) for s in shards]
-        self.num_rows = self.rows_per_rank[rank]
-        self.total_rows = sum(self.rows_per_rank)
-        self.num_batches = max(1, max(-(-r // batch_size) for r in self.rows_per_rank))
+        self.total_rows = sum(g.num_rows for g in groups)
+        self._segment = 0  # index of the current segment of the epoch (see set_epoch)
+        self._keep: Dict[int, np.ndarray] = {}  # group index -> rows still to train this epoch
+        self._skip = 0
+        self._assign()
+
+    def _assign(self) -> None:
+        """This rank's row groups and the epoch's step count for the current segment."""
+        shards = self._shards(self.world_size, self._keep, fresh=self._segment == 0)
+        self.groups = shards[self.rank]
+        self.rows_per_rank = [sum(self._remaining(g, self._keep) for g in sh) for sh in shards]
+        self.num_rows = self.rows_per_rank[self.rank]
+        least = 1 if self._segment == 0 else 0  # a resumed epoch may have no rows left
+        self.num_batches = max(least, max(-(-r // self.batch_size) for r in self.rows_per_rank))
+
+    def _remaining(self, g: RowGroup, keep: Dict[int, np.ndarray]) -> int:
+        k = keep.get(self._group_index[(g.file_index, g.index)])
+        return g.num_rows if k is None else int(k.sum())
+
+    def _shards(self, world_size: int, keep: Dict[int, np.ndarray], fresh: bool) -> List[List[RowGroup]]:
+        """Row groups per rank: all of them in an epoch's first segment, else those with rows left."""
+        if fresh:
+            return assign_row_groups(self.all_groups, world_size)
+        left = [(g, self._remaining(g, keep)) for g in self.all_groups]
+        left = [(g, n) for g, n in left if n > 0]
+        return assign_row_groups([g for g, _ in left], world_size, [n for _, n in left])
 
     def counters(self) -> Dict[str, int]:
         """Counted input policies so far on this rank (see RowGroupConverter)."""
         return dict(self.converter.counters)
 
     def __len__(self) -> int:
+        """Batches of the current segment of the epoch (skipped ones included), equal on all ranks."""
         return self.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, history: Sequence[Segment] = (), skip_batches: int = 0) -> None:
+        """Positions the stream in ``epoch``: exact resume, also across world sizes.
+
+        ``history``: the earlier *segments* of this epoch, each a stretch trained by one world
+        size (and batch size, shuffle buffer, seed) before an interruption. Their rows are
+        excluded (recomputed from row-group metadata alone: the order of a segment depends
+        only on row counts, seed, epoch and rank), and the rows left are split afresh over
+        this world size, so every row of the epoch is trained exactly once.
+        ``skip_batches``: batches of the current segment this world already trained (a resume
+        with the same world size): the stream continues at the exact next batch, shuffle
+        included, by reading and dropping the skipped ones.
+        """
         self.epoch = epoch
+        self._segment = len(history)
+        self._keep = self._rows_left(history)
+        self._skip = skip_batches
+        self._assign()
+        if skip_batches > self.num_batches:
+            raise ValueError(f"skip_batches {skip_batches} > {self.num_batches} batches in epoch {epoch}")
+
+    def _rng(self, rank: int, segment: int, seed: int) -> np.random.Generator:
+        return np.random.default_rng([seed, self.epoch, rank] + ([segment] if segment else []))
+
+    def _rows_left(self, history: Sequence[Segment]) -> Dict[int, np.ndarray]:
+        """Group index -> mask of the rows no segment of ``history`` trained (metadata only)."""
+        keep = {i: np.ones(g.num_rows, dtype=bool) for i, g in enumerate(self.all_groups)}
+        for si, seg in enumerate(history):
+            before = {i: k.copy() for i, k in keep.items()} if si else {}
+            shards = self._shards(seg.world_size, before, fresh=si == 0)
+            for r, groups in enumerate(shards):
+                tables = self._ordered(
+                    groups, self._rng(r, si, seg.seed), seg.batch_size, seg.shuffle_buffer_rows,
+                    lambda gs, before=before: (self._index_table(g, before) for g in gs), before,
+                )
+                for t in itertools.islice(tables, seg.batches):
+                    gi, ri = t["g"].to_numpy(), t["r"].to_numpy()
+                    for i in np.unique(gi):
+                        keep[int(i)][ri[gi == i]] = False
+        return {i: k for i, k in keep.items() if not k.all()}
+
+    def _index_table(self, g: RowGroup, keep: Dict[int, np.ndarray]) -> pa.Table:
+        """Stand-in for a row group in replays: (group index, row) per row still to train."""
+        gi = self._group_index[(g.file_index, g.index)]
+        t = pa.table({"g": np.full(g.num_rows, gi, dtype=np.int64), "r": np.arange(g.num_rows, dtype=np.int64)})
+        return t.filter(pa.array(keep[gi])) if gi in keep else t
 
     # ---------------------------------------------------------------- producer
-    def _tables(self) -> Iterator[pa.Table]:
-        """Clean tables of exactly batch_size rows (the last one may be shorter)."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        groups = list(self.groups)
-        if self.shuffle_buffer_rows > 0:
+    def _ordered(
+        self, groups: List[RowGroup], rng: np.random.Generator, B: int, shuffle_rows: int,
+        read: Callable[[Iterator[RowGroup]], Iterator[pa.Table]], keep: Dict[int, np.ndarray],
+    ) -> Iterator[pa.Table]:
+        """Tables of exactly ``B`` rows (the last may be shorter) in the epoch's order.
+
+        The one place that decides the order: shuffled row groups, then a bounded shuffle
+        buffer. Random draws depend only on row counts, so the same code replays a stream
+        from metadata (``read`` yielding index tables) to find which rows it trained.
+        """
+        groups = list(groups)
+        if shuffle_rows > 0:
             groups = [groups[i] for i in rng.permutation(len(groups))]
         buffer: List[pa.Table] = []
         held = 0
-        B = self.batch_size
 
         def drain(final: bool) -> Iterator[pa.Table]:
             nonlocal buffer, held
             if not buffer:
                 return
             t = pa.concat_tables(buffer)
-            if self.shuffle_buffer_rows > 0:
+            if shuffle_rows > 0:
                 t = t.take(pa.array(rng.permutation(t.num_rows)))
-            keep = t.num_rows if final else t.num_rows - t.num_rows % B
-            for start in range(0, keep, B):
-                yield t.slice(start, min(B, keep - start))
-            rest = t.slice(keep)
+            n = t.num_rows if final else t.num_rows - t.num_rows % B
+            for start in range(0, n, B):
+                yield t.slice(start, min(B, n - start))
+            rest = t.slice(n)
             buffer, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
-        threshold = max(self.shuffle_buffer_rows, B)
-        for t in self._read(g for g in groups if g.num_rows > 0):
+        threshold = max(shuffle_rows, B)
+        for t in read(g for g in groups if self._remaining(g, keep) > 0):
             buffer.append(t)
             held += t.num_rows
             if held >= threshold:
                 yield from drain(final=False)
         yield from drain(final=True)
+
+    def _tables(self) -> Iterator[pa.Table]:
+        """Clean tables of exactly batch_size rows (the last one may be shorter)."""
+        rng = self._rng(self.rank, self._segment, self.seed)
+        return self._ordered(self.groups, rng, self.batch_size, self.shuffle_buffer_rows, self._read, self._keep)
+
+    def _read_group(self, g: RowGroup) -> pa.Table:
+        t = self.converter.read(g)
+        keep = self._keep.get(self._group_index[(g.file_index, g.index)])
+        return t if keep is None else t.filter(pa.array(keep))
 
     def _read(self, groups: Iterator[RowGroup]) -> Iterator[pa.Table]:
         """Converted row groups in ``groups`` order, read by ``num_workers`` threads ahead.
@@ -478,12 +581,12 @@ class ParquetStream:
         """
         if self.num_workers <= 1:
             for g in groups:
-                yield self.converter.read(g)
+                yield self._read_group(g)
             return
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}") as pool:
             pending: "deque[Future[pa.Table]]" = deque()
             for g in groups:
-                pending.append(pool.submit(self.converter.read, g))
+                pending.append(pool.submit(self._read_group, g))
                 if len(pending) > self.num_workers:
                     yield pending.popleft().result()
             while pending:
@@ -492,13 +595,15 @@ class ParquetStream:
     def _batches(self) -> Iterator[Batch]:
         produced = 0
         for t in self._tables():
-            yield table_to_batch(t, self.schema, self.batch_size, self.with_oracle)
+            if produced >= self._skip:  # skipped batches (a resume) are read but not converted
+                yield table_to_batch(t, self.schema, self.batch_size, self.with_oracle)
             produced += 1
         empty = None
         while produced < self.num_batches:
-            if empty is None:
-                empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle)
-            yield empty
+            if produced >= self._skip:
+                if empty is None:
+                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle)
+                yield empty
             produced += 1
         if produced != self.num_batches:
             raise RuntimeError(f"rank {self.rank}: produced {produced} batches, expected {self.num_batches}")

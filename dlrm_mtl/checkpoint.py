@@ -1,0 +1,601 @@
+"""Sharded, atomic training checkpoints and exact resume (design §6, docs/checkpoints.md).
+
+A checkpoint is one directory under ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
+
+    step_000000120/                 # or final/
+        .metadata, __R_0.distcp     # torch.distributed.checkpoint: "model" (sharded tables, dense
+                                    # params, loss state) and "optim" (fused table + dense states)
+        trainer/state.json          # step, epoch, data position, LR schedule, plan, config
+        trainer/rankR.pt            # per rank: RNG states (torch, CUDA, numpy, python), row counters
+        COMPLETE                    # written last: a directory without it is ignored and removed
+
+Writing is atomic: everything goes to ``.tmp-NAME`` (files fsynced), the directory is renamed
+to ``NAME`` and only then ``COMPLETE`` is written (via a fsynced temp file and a rename), so a
+process killed at any moment leaves either a complete checkpoint or one that is ignored.
+
+Example::
+
+    ckpt = CheckpointManager(cfg, env, run_dir, plan=plan_summary(plan))
+    ckpt.preflight(dmp, optimizer)                   # writable directory, enough free space
+    progress = ckpt.resume(dmp, optimizer, scheduler)  # TrainProgress (fresh if nothing to resume)
+    ...
+    if ckpt.due(progress.step):
+        ckpt.save(dmp, optimizer, scheduler, progress)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
+
+from dlrm_mtl.config import Config
+from dlrm_mtl.data.stream import ParquetStream, Segment
+
+FORMAT_VERSION = 1
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or loaded; the message says what to do."""
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: what a checkpoint restores besides tensors.
+
+    ``segments`` are the stretches of the current epoch trained so far, one per world size
+    (see :class:`dlrm_mtl.data.stream.Segment`); an epoch that starts has none.
+    ``rows_trained``/``padding_rows`` are this rank's counters, ``train_seconds`` the run's.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    segments: List[Segment] = field(default_factory=list)
+    train_seconds: float = 0.0
+    rows_trained: int = 0
+    padding_rows: int = 0
+
+    def enter_epoch(self, stream: ParquetStream, epoch: int, cfg: Config) -> int:
+        """Positions ``stream`` at this epoch's next batch; returns the steps left in the epoch.
+
+        Same world size, batch size, shuffle buffer and seed as the last segment: continue it
+        (skip the batches it trained). Anything else: a new segment over the rows left.
+        """
+        if epoch != self.epoch:
+            self.epoch, self.segments = epoch, []
+        here = Segment(stream.world_size, stream.batch_size, stream.shuffle_buffer_rows, stream.seed, 0)
+        last = self.segments[-1] if self.segments else None
+        if last is not None and dataclasses.replace(last, batches=0) == here:
+            stream.set_epoch(epoch, history=self.segments[:-1], skip_batches=last.batches)
+        else:
+            stream.set_epoch(epoch, history=self.segments)
+            self.segments.append(here)
+        done_in_epoch = sum(s.batches for s in self.segments)
+        left = len(stream) - self.segments[-1].batches
+        if cfg.train.max_steps > 0:
+            left = min(left, max(0, cfg.train.max_steps - done_in_epoch))
+        return left
+
+    def advance(self) -> int:
+        """One optimizer step trained; returns the new global step."""
+        self.step += 1
+        self.segments[-1] = dataclasses.replace(self.segments[-1], batches=self.segments[-1].batches + 1)
+        return self.step
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.segments = self.epoch + 1, []
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Writes ``path`` via a fsynced temp file and an atomic rename."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file() and (Path(path) / ".metadata").is_file()
+
+
+def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, path), oldest first (``final`` last on ties)."""
+    out = []
+    if not Path(root).is_dir():
+        return out
+    for p in Path(root).iterdir():
+        if p.is_dir() and (p.name == "final" or _STEP_DIR.match(p.name)) and is_complete(p):
+            try:
+                step = int(json.loads((p / COMPLETE).read_text())["step"])
+            except (ValueError, KeyError, OSError):
+                continue
+            out.append((step, p))
+    return sorted(out, key=lambda sp: (sp[0], sp[1].name == "final", sp[1].name))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _local_bytes(obj: Any, count_replicated: bool) -> int:
+    """Bytes this rank writes for ``obj`` (nested state dicts of tensors / sharded tensors)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(obj, dict):
+        return sum(_local_bytes(v, count_replicated) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_local_bytes(v, count_replicated) for v in obj)
+    if isinstance(obj, ShardedTensor):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in obj.local_shards())
+    if hasattr(obj, "to_local") and isinstance(obj, torch.Tensor):  # DTensor
+        t = obj.to_local()
+        return t.numel() * t.element_size()
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() if count_replicated else 0
+    return 0
+
+
+def fault_point(where: str, step: int, rank: int) -> None:
+    """Test hook: ``DLRM_MTL_TEST_KILL=WHERE:STEP:RANK:MARKER`` SIGKILLs this process once
+    (STEP ``*``: any step).
+
+    WHERE is ``step`` (right after an optimizer step), ``save`` (after the shards of a
+    checkpoint are written, before it is complete) or ``end`` (after the last collective of
+    training, before the exit barrier). MARKER is created first, so the
+    restarted process runs on.
+    """
+    spec = os.environ.get("DLRM_MTL_TEST_KILL")
+    if not spec:
+        return
+    w, s, r, marker = spec.split(":", 3)
+    if w == where and s in ("*", str(step)) and int(r) == rank and not os.path.exists(marker):
+        _write_durable(Path(marker), f"{where} {step} {rank}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _agree(error: Optional[str], what: str) -> None:
+    """Raises the same CheckpointError on every rank if any rank reported an error."""
+    errors: List[Optional[str]] = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if bad:
+        raise CheckpointError(f"{what}: " + "; ".join(bad))
+
+
+def _short(e: BaseException) -> str:
+    """One line per failed rank instead of DCP's tracebacks."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for r, x in sorted(failures.items()):
+            x = x[0] if isinstance(x, tuple) else x  # (exception, stack summary)
+            text = str(x).strip()
+            parts.append(f"rank {r}: {type(x).__name__}: {text.splitlines()[-1] if text else ''}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}"
+
+
+def _column_wise(t: Optional[str]) -> bool:
+    return bool(t) and "column_wise" in str(t)
+
+
+class RowAudit:
+    """Per-rank log of the row ids trained at every step (``checkpoint.audit_rows``).
+
+    ``RUN_DIR/audit/rankR.rows``, one line per step: ``STEP EPOCH ID ID ...`` (real rows
+    only). :meth:`tap` records the row ids of batches as the loop (or TorchRec's pipeline,
+    which reads ahead) pulls them; :meth:`record` writes the oldest one for the step just
+    trained. A resume truncates every rank's file back to the checkpoint's step, so the files
+    always say which rows the model state has seen.
+    """
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.dir = Path(run_dir) / "audit"
+        self.path = self.dir / f"rank{rank}.rows"
+        self._pending: List[np.ndarray] = []
+        self._fh = None
+
+    @staticmethod
+    def truncate(run_dir: Path, step: int) -> None:
+        """Keeps the lines of steps <= ``step`` in every rank's file (rank 0 calls it)."""
+        d = Path(run_dir) / "audit"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.glob("rank*.rows"):
+            lines = f.read_bytes().split(b"\n")
+            kept = [ln for ln in lines[:-1] if int(ln.split(b" ", 1)[0]) <= step]  # [:-1]: unfinished line
+            _write_durable(f, b"".join(ln + b"\n" for ln in kept))
+
+    def tap(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for b in batches:
+            ids = b.row_id.detach().cpu().numpy()
+            self._pending.append(ids[ids >= 0])
+            yield b
+
+    def record(self, step: int, epoch: int) -> None:
+        if self._fh is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "ab")
+        ids = self._pending.pop(0)
+        self._fh.write(f"{step} {epoch} ".encode() + " ".join(map(str, ids.tolist())).encode() + b"\n")
+
+    def sync(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def data_fingerprint(stream: ParquetStream) -> str:
+    """sha256 of the row-group list (paths, indices, row counts): a resumed epoch's position
+    means something only over the same data."""
+    h = hashlib.sha256()
+    for g in stream.all_groups:
+        h.update(f"{g.path}|{g.index}|{g.num_rows}\n".encode())
+    return h.hexdigest()
+
+
+class CheckpointManager:
+    """Saves, finds, prunes and loads the checkpoints of one run (see module docstring).
+
+    Every method is collective (all ranks call it in the same order). The checkpoint
+    directory must be shared by all ranks (DCP's own assumption).
+    """
+
+    def __init__(self, cfg: Config, env: Any, run_dir: Path, plan: Dict[str, Dict[str, Any]], fingerprint: str = "") -> None:
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(run_dir)
+        self.root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.plan = plan
+        self.fingerprint = fingerprint
+        self._last_save = time.monotonic()
+        c = cfg.checkpoint
+        if c.every_steps < 0 or c.every_minutes < 0:
+            raise CheckpointError("checkpoint.every_steps and checkpoint.every_minutes must be >= 0")
+
+    # ------------------------------------------------------------ checks, cleanup
+    def preflight(self, dmp: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Before training: the directory is writable and has room for a checkpoint.
+
+        The space needed is this run's state (tables, dense, optimizer states incl. Adam's
+        two moments) summed over ranks, plus 10 %; ``checkpoint.min_free_gb`` overrides it.
+        Also removes incomplete checkpoints (``.tmp-*`` and directories without COMPLETE).
+        """
+        need = _local_bytes(dmp.state_dict(), self.env.is_main) + _local_bytes(optimizer.state_dict(), self.env.is_main)
+        dense = sum(p.numel() * p.element_size() for n, p in dmp.named_parameters() if "embedding_bags" not in n)
+        need += 2 * dense if self.env.is_main else 0  # Adam's moments, created at the first step
+        total = torch.tensor([need], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = total.to("cuda") if dist.get_backend() == "nccl" else total
+            dist.all_reduce(t)
+            total = t.cpu()
+        need = int(int(total[0]) * 1.1) + (1 << 20)
+        if self.cfg.checkpoint.min_free_gb > 0:
+            need = int(self.cfg.checkpoint.min_free_gb * 1024**3)
+        self.estimated_bytes = need
+        error = None
+        if self.env.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe = self.root / f".probe-{os.getpid()}"
+                _write_durable(probe, b"x" * 4096)
+                probe.unlink()
+                self._remove_incomplete()
+                free = shutil.disk_usage(self.root).free
+                if free < need:
+                    error = (f"only {free / 2**20:.1f} MiB free on the file system of {self.root}, a checkpoint needs "
+                             f"≈ {need / 2**20:.1f} MiB (free space, set checkpoint.dir elsewhere, or "
+                             "checkpoint.min_free_gb if the estimate is wrong)")
+            except OSError as e:
+                error = f"checkpoint.dir {self.root} is not writable: {e}"
+        _agree(error, "cannot checkpoint this run")
+        self._barrier()
+
+    def _remove_incomplete(self) -> None:
+        # a complete checkpoint set aside while a new one of the same name (``final``) was being
+        # put in place: restore it unless the new one got its COMPLETE marker
+        for trash in self.root.glob(".trash-*"):
+            target = self.root / trash.name[len(".trash-"):]
+            if is_complete(trash) and not is_complete(target):
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(trash, target)
+        for p in self.root.iterdir():
+            if p.name.startswith(".tmp-") or p.name.startswith(".trash-") or (
+                    p.is_dir() and (p.name == "final" or _STEP_DIR.match(p.name)) and not is_complete(p)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        """Whether to save after ``step`` (every N steps, or M minutes decided by rank 0)."""
+        c = self.cfg.checkpoint
+        if c.every_steps > 0 and step % c.every_steps == 0:
+            return True
+        if c.every_minutes > 0 and step % max(1, self.cfg.train.log_every) == 0:
+            flag = torch.tensor([int(time.monotonic() - self._last_save >= c.every_minutes * 60)], dtype=torch.int64)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                t = flag.to("cuda") if dist.get_backend() == "nccl" else flag
+                dist.broadcast(t, src=0)
+                flag = t.cpu()
+            return bool(flag[0])
+        return False
+
+    def save(self, dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: TrainProgress,
+             name: Optional[str] = None, audit: Optional[RowAudit] = None) -> Path:
+        """Writes a complete checkpoint atomically and prunes old ones; returns its path.
+
+        Raises CheckpointError on every rank if any rank fails (disk full, permissions);
+        the previous checkpoint stays the latest complete one.
+        """
+        name = name or f"step_{progress.step:09d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        error = None
+        if self.env.is_main:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                (tmp / "trainer").mkdir(parents=True)
+            except OSError as e:
+                error = f"cannot create {tmp}: {e}"
+        _agree(error, f"checkpoint {name} not written")
+        try:
+            dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+        except (Exception, DCPException) as e:  # DCP gathers every rank's failure and raises on all ranks
+            self._discard(tmp)
+            raise CheckpointError(f"checkpoint {name} not written: {_short(e)}{self._space_text()} "
+                                  f"({self._latest_text()})") from e
+        fault_point("save", progress.step, self.env.rank)
+        error = None
+        try:
+            torch.save(self._rank_state(progress), tmp / "trainer" / f"rank{self.env.rank}.pt")
+            with open(tmp / "trainer" / f"rank{self.env.rank}.pt", "rb+") as fh:
+                os.fsync(fh.fileno())
+            if audit is not None:
+                audit.sync()
+            if self.env.is_main:
+                _write_durable(tmp / "trainer" / "state.json", json.dumps(self._state(scheduler, progress), indent=1).encode())
+        except OSError as e:
+            error = str(e)
+        self._fail_if(error, tmp, name)
+        error = None
+        if self.env.is_main:
+            try:
+                _fsync_dir(tmp)
+                trash = self.root / f".trash-{name}"
+                if final.exists():
+                    os.replace(final, trash)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                marker = {"step": progress.step, "epoch": progress.epoch, "world_size": self.env.world_size,
+                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format": FORMAT_VERSION}
+                _write_durable(final / COMPLETE, json.dumps(marker).encode())
+                shutil.rmtree(trash, ignore_errors=True)
+                self._prune()
+            except OSError as e:
+                error = str(e)
+        self._fail_if(error, tmp, name)
+        self._last_save = time.monotonic()
+        return final
+
+    def _fail_if(self, error: Optional[str], tmp: Path, name: str) -> None:
+        try:
+            _agree(error, f"checkpoint {name} not written")
+        except CheckpointError as e:
+            self._discard(tmp)
+            raise CheckpointError(f"{e}{self._space_text()} ({self._latest_text()})") from None
+
+    def _space_text(self) -> str:
+        """The free space, to tell a full disk from other write errors (torch.save reports
+        ENOSPC as "unexpected pos")."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return ""
+        need = getattr(self, "estimated_bytes", 0)
+        return (f"; {free / 2**20:.1f} MiB free on the file system of {self.root}"
+                + (f", a checkpoint needs ≈ {need / 2**20:.1f} MiB (disk full?)" if need else ""))
+
+    def _discard(self, tmp: Path) -> None:
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _latest_text(self) -> str:
+        latest = latest_checkpoint(self.root)
+        return f"the latest complete checkpoint is still {latest}" if latest else "no complete checkpoint exists yet"
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        steps = [p for _, p in list_checkpoints(self.root) if p.name != "final"]
+        if keep > 0:
+            for p in steps[:-keep]:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _rank_state(self, progress: TrainProgress) -> Dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "rows_trained": progress.rows_trained,
+            "padding_rows": progress.padding_rows,
+        }
+
+    def _state(self, scheduler: Any, progress: TrainProgress) -> Dict[str, Any]:
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {
+            "format": FORMAT_VERSION,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "segments": [dataclasses.asdict(s) for s in progress.segments],
+            "train_seconds": progress.train_seconds,
+            "world_size": self.env.world_size,
+            "scheduler": sched,
+            "plan": self.plan,
+            "data_fingerprint": self.fingerprint,
+            "config": self.cfg.to_dict(),
+        }
+
+    # ---------------------------------------------------------------- resuming
+    def resume_path(self) -> Optional[Path]:
+        """The checkpoint to resume from per ``checkpoint.resume`` (rank 0 decides, all agree)."""
+        mode = self.cfg.checkpoint.resume
+        choice: List[Optional[str]] = [None]
+        error = None
+        if self.env.is_main:
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            if mode in ("auto",) or (mode == "" and restarted):
+                latest = latest_checkpoint(self.root)
+                choice[0] = str(latest) if latest else None
+            elif mode not in ("", "none"):
+                if not is_complete(Path(mode)):
+                    error = f"checkpoint.resume={mode}: not a complete checkpoint (no COMPLETE marker or no .metadata)"
+                choice[0] = mode
+        _agree(error, "cannot resume")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+    def resume(self, dmp: torch.nn.Module, optimizer: Any, scheduler: Any, audit: bool = False) -> TrainProgress:
+        """Loads the checkpoint ``checkpoint.resume`` selects (or none) and returns the progress.
+
+        Tables and optimizer states are resharded by DCP when the world size or plan changed;
+        a plan change to or from column-wise sharding of a row-wise Adagrad table cannot be
+        (its per-row state is kept per column shard) and raises unless ``checkpoint.model_only``.
+        """
+        path = self.resume_path()
+        if path is None:
+            if audit and self.env.is_main:
+                shutil.rmtree(self.run_dir / "audit", ignore_errors=True)
+            self._barrier()
+            return TrainProgress()
+        state = json.loads((path / "trainer" / "state.json").read_text())
+        model_only = self.cfg.checkpoint.model_only
+        if not model_only:
+            self._check_reshardable(path, state)
+        to_load: Dict[str, Any] = {"model": dmp.state_dict()}
+        if not model_only:
+            _init_dense_state(optimizer)
+            to_load["optim"] = optimizer.state_dict()
+        try:
+            dcp.load(to_load, checkpoint_id=str(path))
+        except (Exception, DCPException) as e:
+            hint = "" if model_only else " (set checkpoint.model_only=true to load the weights only and reset the optimizer state)"
+            raise CheckpointError(f"cannot load checkpoint {path}: {e}{hint}") from e
+        dmp.load_state_dict(to_load["model"])
+        if not model_only:
+            optimizer.load_state_dict(to_load["optim"])
+        sched = dict(scheduler.state_dict())
+        sched.update(state["scheduler"])
+        scheduler.load_state_dict(sched)
+        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            g["lr"] = lr
+        segments = [Segment(**s) for s in state["segments"]]
+        if segments and self.fingerprint and state.get("data_fingerprint") and state["data_fingerprint"] != self.fingerprint:
+            raise CheckpointError(
+                f"{path}: it stopped in the middle of epoch {state['epoch']}, but data.train lists other row groups "
+                "than when it was written; the position within the epoch would be meaningless (restore the data, "
+                "or resume from a checkpoint written at an epoch boundary)")
+        progress = TrainProgress(step=int(state["step"]), epoch=int(state["epoch"]), segments=segments,
+                                 train_seconds=float(state["train_seconds"]))
+        rank_file = path / "trainer" / f"rank{self.env.rank}.pt"
+        same_world = int(state["world_size"]) == self.env.world_size
+        if same_world and rank_file.exists():
+            rs = torch.load(rank_file, weights_only=False)
+            torch.set_rng_state(rs["torch"])
+            if rs["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rs["cuda"])
+            np.random.set_state(rs["numpy"])
+            random.setstate(rs["python"])
+            progress.rows_trained, progress.padding_rows = int(rs["rows_trained"]), int(rs["padding_rows"])
+        else:  # another world size: fresh per-rank RNG streams, the old counters summed on rank 0
+            seed = self.cfg.train.seed * 1_000_003 + progress.step * 101 + self.env.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            if self.env.is_main:
+                for f in sorted((path / "trainer").glob("rank*.pt")):
+                    rs = torch.load(f, weights_only=False)
+                    progress.rows_trained += int(rs["rows_trained"])
+                    progress.padding_rows += int(rs["padding_rows"])
+        if audit and self.env.is_main:
+            RowAudit.truncate(self.run_dir, progress.step)
+        self._barrier()
+        if self.env.is_main:
+            print(f"[dlrm_mtl] resumed from {path}: step {progress.step}, epoch {progress.epoch}, "
+                  f"{sum(s.batches for s in segments)} steps into the epoch"
+                  + (f", world size {state['world_size']} -> {self.env.world_size}" if not same_world else "")
+                  + (" (weights only; optimizer state reset)" if model_only else ""), flush=True)
+        return progress
+
+    def _check_reshardable(self, path: Path, state: Dict[str, Any]) -> None:
+        old_plan: Dict[str, Dict[str, Any]] = state.get("plan", {})
+        bad = []
+        for table, new in self.plan.items():
+            old = old_plan.get(table)
+            if old is None:
+                continue
+            kind = self.cfg.sharding.tables[table].optimizer if table in self.cfg.sharding.tables else "rowwise_adagrad"
+            changed = (old["sharding_type"], old["ranks"]) != (new["sharding_type"], new["ranks"])
+            if kind == "rowwise_adagrad" and changed and (_column_wise(old["sharding_type"]) or _column_wise(new["sharding_type"])):
+                bad.append(f"{table}: {old['sharding_type']} on ranks {old['ranks']} -> {new['sharding_type']} on ranks {new['ranks']}")
+        if bad:
+            raise CheckpointError(
+                f"cannot resume from {path}: TorchRec cannot reshard row-wise Adagrad state to or from column-wise "
+                f"sharding (it keeps one state per row and column shard): {'; '.join(bad)}. Either keep the old "
+                "plan (sharding.tables.<t>.types) or set checkpoint.model_only=true to load the weights and start "
+                "the optimizer state afresh")
+
+
+def _init_dense_state(optimizer: Any) -> None:
+    """Materialises lazily created optimizer state (Adam's moments and step) so DCP can load
+    into it in place; fused table optimizers create theirs eagerly. Parameters are unchanged
+    in effect: the checkpoint overwrites them right after."""
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+
+    optims = [o for _, o in optimizer.optimizers] if isinstance(optimizer, CombinedOptimizer) else [optimizer]
+    for opt in optims:
+        if isinstance(opt, KeyedOptimizer) and not opt.state:
+            with torch.no_grad():
+                saved = {k: p.detach().clone() for k, p in opt.params.items()}
+            opt.init_state()
+            with torch.no_grad():
+                for k, p in opt.params.items():
+                    p.copy_(saved[k])
+                    p.grad = None
