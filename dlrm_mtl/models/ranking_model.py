@@ -121,6 +121,6 @@ class TrainModule(nn.Module):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the dense arch and the loss are leaf modules there) and a Proxy cannot be unpacked.
         out = self.model(batch.sparse, batch.dense, batch.scenario)
-        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight)
+        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight, batch.scenario, {}, batch.bias)
         real_rows = (batch.row_id >= 0).sum()
         return loss[0], (out[0].detach(), loss[1], out[1], real_rows)
