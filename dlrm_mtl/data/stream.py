@@ -302,7 +302,9 @@ class RowGroupConverter:
             labels[task.name] = (y, valid)
         for task in s.tasks:
             y, valid = labels[task.name]
-            if task.parent is not None and task.type == "binary" and not task.parent_negated:
+            # child ⇒ parent only matters where the chained label is the product (entire space);
+            # a branch label outside its parent's space (ESM²'s buy on ¬D rows) is just ignored
+            if task.parent is not None and task.type == "binary" and not task.parent_negated and task.loss_space == "entire":
                 py, pvalid = labels[task.parent]
                 bad = valid & pvalid & (y == 1) & (py == 0)
                 if bad.any():
