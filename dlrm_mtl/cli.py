@@ -104,7 +104,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     from dlrm_mtl.compare import compare_runs, format_comparison
 
-    rows = compare_runs(args.run_a, args.run_b)
+    try:
+        rows = compare_runs(args.run_a, args.run_b)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dlrm-mtl compare: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(rows, indent=2) if args.json else format_comparison(rows, args.run_a, args.run_b))
     return 0
 
