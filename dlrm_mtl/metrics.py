@@ -412,7 +412,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     binary = [r for r in rows if r.get("type") != "regression"]
     regression = [r for r in rows if r.get("type") == "regression"]
     has_gauc = any("gauc" in r for r in binary)
-    head = (f"{'scenario':<24} {'task':<8} {'auc':>7} {'oracle':>7} {'gap':>7} " + (f"{'gauc':>7} " if has_gauc else "")
+    tw = max([8] + [len(str(r["task"])) for r in rows])  # task column width
+    head = (f"{'scenario':<24} {'task':<{tw}} {'auc':>7} {'oracle':>7} {'gap':>7} " + (f"{'gauc':>7} " if has_gauc else "")
             + f"{'logloss':>8} {'ne':>6} {'calib':>6} {'rows':>9} {'pos':>7}")
     lines = [head, "-" * len(head)]
     key = lambda r: (str(r["task"]), r["scenario"] != "all", str(r["scenario"]))  # noqa: E731
@@ -420,17 +421,17 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
         oracle = r.get("oracle_auc")
         gap = (oracle - r["auc"]) if oracle is not None else None  # type: ignore[operator]
         lines.append(
-            f"{str(r['scenario']):<24} {str(r['task']):<8} {f(r['auc'], 7)} {f(oracle, 7)} {f(gap, 7)} "
+            f"{str(r['scenario']):<24} {str(r['task']):<{tw}} {f(r['auc'], 7)} {f(oracle, 7)} {f(gap, 7)} "
             + (f"{f(r.get('gauc'), 7)} " if has_gauc else "")
             + f"{f(r['logloss'], 8)} {f(r.get('ne'), 6, 3)} {f(r['calibration'], 6, 3)} {r['count']:>9} {r['positives']:>7}"
         )
     if regression:
         has_o = any("oracle_mse" in r for r in regression)
-        h2 = f"{'scenario':<24} {'task':<8} {'mse':>9} " + (f"{'oracle':>9} " if has_o else "") + f"{'mae':>9} {'label':>8} {'pred':>8} {'rows':>9}"
+        h2 = f"{'scenario':<24} {'task':<{tw}} {'mse':>9} " + (f"{'oracle':>9} " if has_o else "") + f"{'mae':>9} {'label':>8} {'pred':>8} {'rows':>9}"
         lines += ["", h2, "-" * len(h2)]
         for r in sorted(regression, key=key):
             lines.append(
-                f"{str(r['scenario']):<24} {str(r['task']):<8} {f(r['mse'], 9, 5)} " + (f"{f(r.get('oracle_mse'), 9, 5)} " if has_o else "")
+                f"{str(r['scenario']):<24} {str(r['task']):<{tw}} {f(r['mse'], 9, 5)} " + (f"{f(r.get('oracle_mse'), 9, 5)} " if has_o else "")
                 + f"{f(r['mae'], 9, 5)} {f(r['label_mean'], 8)} {f(r['pred_mean'], 8)} {r['count']:>9}"
             )
     return "\n".join(lines)
