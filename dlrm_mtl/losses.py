@@ -114,7 +114,7 @@ class EntireSpaceLoss(nn.Module):
         self.bias_tower: Optional[BiasTower] = None
         self.bias_tasks: List[int] = []
         if schema.position_bias is not None:
-            self.bias_tower = BiasTower(len(schema.position_bias.features), cfg.bias_tower)
+            self.bias_tower = BiasTower(len(schema.position_bias.features), cfg.bias_tower, schema.position_bias.reference)
             self.bias_tasks = [schema.task_index(n) for n in schema.position_bias.tasks]
 
     def _scenario_lambda(self, cfg: LossConfig, share: Optional[Sequence[float]]) -> torch.Tensor:

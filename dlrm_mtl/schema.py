@@ -167,10 +167,15 @@ class PositionBias:
     """YouTube MMoE §4.4 shallow tower (Zhao et al. 2019): numeric bias ``features`` (columns,
     e.g. the display position) feed a small tower whose output is added to the logits of
     ``tasks`` during training only; serving and evaluation use the main model alone. Bias
-    features should not also be dense features of the model."""
+    features must not also be dense features of the model.
+
+    ``reference``: bias feature values at which the tower's output is 0 (default 0 for each
+    feature), so dropping the tower means predicting as if every item were shown there (e.g.
+    ``[1]``: the top position). It also pins the tower's intercept to the main model."""
 
     features: List[str]
     tasks: List[str]
+    reference: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -279,6 +284,8 @@ class Schema:
                     raise SchemaError(f"position_bias: task {n!r} is not a task")
                 if by_name[n].derived:
                     raise SchemaError(f"position_bias: task {n!r} is a sum_of task (it has no logit)")
+            if pb.reference and len(pb.reference) != len(pb.features):
+                raise SchemaError(f"position_bias: reference has {len(pb.reference)} values for {len(pb.features)} features")
             dense_cols = {d.column for d in self.dense}
             both = sorted(set(pb.features) & dense_cols)
             if both:

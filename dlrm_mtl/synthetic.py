@@ -91,7 +91,7 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
     schema = _base_schema(spec, tasks)
     if spec.position_bias:
         schema.dense = [d for d in schema.dense if d.name != "position"]
-        schema.position_bias = PositionBias(features=["position"], tasks=["ctr"])
+        schema.position_bias = PositionBias(features=["position"], tasks=["ctr"], reference=[1.0])
         schema.validate()
     return schema
 

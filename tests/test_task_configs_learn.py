@@ -44,6 +44,11 @@ def data(tmp_path_factory):
     return out
 
 
+# the regression head starts near 0 while completion ratios average ~0.75, and only clicked
+# rows (~6 %) train it: a larger dense step lets it get there within one short epoch
+EXTRA = {"regression": ["--set", "train.dense_lr=0.01"]}
+
+
 def train(data: Path, name: str, run_dir: Path) -> dict:
     cmd = [
         sys.executable, "-m", "dlrm_mtl", "train", "--config", f"configs/{name}.yaml",
@@ -51,7 +56,7 @@ def train(data: Path, name: str, run_dir: Path) -> dict:
         "--set", f"data.schema={data / f'schema_{name}.yaml'}", "--set", f"train.run_dir={run_dir}",
         "--set", "data.batch_size=256", "--set", "train.epochs=1", "--set", "train.progress=false",
         "--set", "train.dense_lr=0.005", "--set", "train.lr_schedule=constant",
-    ]
+    ] + EXTRA.get(name, [])
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -62,34 +67,37 @@ def row(result: dict, task: str, scenario: str = "all") -> dict:
     return next(r for r in result["metrics"] if r["task"] == task and r["scenario"] == scenario)
 
 
-def check_binary(r: dict, min_auc: float) -> None:
+def check_binary(r: dict, min_auc: float, calibrated: bool = True) -> None:
     assert r["auc"] > min_auc, r
     assert r["auc"] < r["oracle_auc"] + 0.01, r  # never above the ceiling (beyond noise)
-    assert r["ne"] < 1.0, r  # better than the constant base-rate predictor
-    assert 0.6 < r["calibration"] < 1.6, r
+    if calibrated:
+        assert r["ne"] < 1.0, r  # better than the constant base-rate predictor
+        assert 0.6 < r["calibration"] < 1.6, r
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_task_config_learns(data, tmp_path, name):
     result = train(data, name, tmp_path / name)
-    check_binary(row(result, "ctr"), 0.68)
+    # with the position-bias tower dropped, ctr predicts the click rate at position 1 (the
+    # schema's reference), above the data's mix of positions: ranks well, calibrated to position 1
+    check_binary(row(result, "ctr"), 0.7, calibrated=name != "position_bias")
     loss = result["loss"]
     if name == "esm2":
-        check_binary(row(result, "ctavr"), 0.65)
-        check_binary(row(result, "ctcvr"), 0.70)
+        check_binary(row(result, "ctavr"), 0.7)
+        check_binary(row(result, "ctcvr"), 0.75)
         assert row(result, "cvr")["auc"] > 0.6  # the mixture y2·y3 + (1−y2)·y4 on clicked rows
         assert {"loss/ctr", "loss/ctavr", "loss/ctcvr"} <= set(loss)
     elif name in ("esmm", "ple_masks"):
-        check_binary(row(result, "ctcvr"), 0.70)
-        assert row(result, "cvr")["auc"] > 0.6
+        check_binary(row(result, "ctcvr"), 0.75)
+        assert row(result, "cvr")["auc"] > 0.62
     if name == "ple_masks":
         steps = result["step"]
         assert loss["loss_weight/cvr"] == pytest.approx(0.999 ** (steps - 1), rel=1e-3)  # w·γ^t, t = steps before the last
     if name == "regression":
         r = row(result, "completion")
         ds_var = _completion_variance(data)
-        assert r["mse"] < 0.8 * ds_var, (r, ds_var)
+        assert r["mse"] < 0.8 * ds_var, (r, ds_var)  # clearly better than predicting the mean
         assert r["mse"] > r["oracle_mse"] - 0.005, r  # not better than the truth
         assert r["mse"] < r["oracle_mse"] + 0.5 * (ds_var - r["oracle_mse"]), (r, ds_var)
         # uncertainty weights are learnt (trained by the dense optimizer through DMP) and logged
@@ -98,6 +106,8 @@ def test_task_config_learns(data, tmp_path, name):
         drop = _bias_tower_drop(tmp_path / name / "checkpoints" / "final", tmp_path / "ckpt.pt")
         true_drop = POSITION_EFFECT * 9  # click logit falls by 0.3 per position from 1 to 10
         assert 0.6 * true_drop < drop < 1.4 * true_drop, drop
+        # serving = position 1: predictions sit above the observed (mixed-position) click rate
+        assert row(result, "ctr")["calibration"] > 1.1
 
 
 def _completion_variance(data: Path) -> float:
@@ -116,8 +126,9 @@ def _bias_tower_drop(ckpt: Path, tmp: Path) -> float:
 
     dcp_to_torch_save(str(ckpt), str(tmp))
     sd = torch.load(tmp, weights_only=False)["model"]
-    tower = BiasTower(1, [16])
-    tower.load_state_dict({k[len("loss.bias_tower."):]: v for k, v in sd.items() if k.startswith("loss.bias_tower.")})
+    tower = BiasTower(1, [16], reference=[1.0])
+    state = {k[len("loss.bias_tower."):]: v for k, v in sd.items() if k.startswith("loss.bias_tower.")}
+    tower.load_state_dict(state)
     with torch.no_grad():
         out = tower(torch.arange(1.0, 11.0)[:, None])[:, 0]
     return float(out[0] - out[-1])

@@ -252,14 +252,14 @@ def test_aux_losses_added_and_logged():
 def test_position_bias_tower_in_training_only():
     schema = make_schema([Task("ctr", "click"), Task("cvr", "conv", parent="ctr", entire_name="ctcvr")],
                          position_bias=PositionBias(features=["position"], tasks=["ctr"]))
-    loss = EntireSpaceLoss(schema, LossConfig(bias_tower=[]))  # a linear tower: a·pos + b
+    loss = EntireSpaceLoss(schema, LossConfig(bias_tower=[]))  # a linear tower: a·pos + b − (a·0 + b)
     with torch.no_grad():
         loss.bias_tower.out.weight.fill_(-0.5)
         loss.bias_tower.out.bias.fill_(0.25)
     logits, labels = [[0.3, -0.2], [1.0, 0.4]], [[1, 0], [0, 0]]
     pos = torch.tensor([[1.0], [3.0]])
     _, terms, _ = run(schema, logits, labels, bias=pos, loss=loss)
-    z = [0.3 - 0.5 + 0.25, 1.0 - 1.5 + 0.25]  # bias added to ctr only
+    z = [0.3 - 0.5, 1.0 - 1.5]  # bias added to ctr only; 0 at the reference (0), so no intercept
     ctr = (bce(sig(z[0]), 1) + bce(sig(z[1]), 0)) / 2
     ctcvr = (bce(sig(z[0]) * sig(-0.2), 0) + bce(sig(z[1]) * sig(0.4), 0)) / 2
     assert terms["loss/ctr"].item() == pytest.approx(ctr, rel=1e-5)
@@ -289,6 +289,19 @@ def test_task_graph_validation(tasks, fragment):
     with pytest.raises(SchemaError, match=None) as ei:
         make_schema(tasks)
     assert fragment in str(ei.value)
+
+
+def test_bias_tower_is_zero_at_reference():
+    from dlrm_mtl.modules.bias_tower import BiasTower
+
+    torch.manual_seed(0)
+    tower = BiasTower(2, [8], reference=[1.0, 0.5])
+    x = torch.tensor([[1.0, 0.5], [3.0, 0.5], [1.0, 2.0]])
+    out = tower(x)
+    assert out.shape == (3, 1)
+    assert out[0, 0].item() == 0.0
+    f = lambda v: tower.out(tower.mlp(v))  # noqa: E731
+    torch.testing.assert_close(out, f(x) - f(torch.tensor([[1.0, 0.5]])))
 
 
 def test_position_bias_feature_cannot_be_dense():
