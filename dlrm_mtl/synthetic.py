@@ -22,9 +22,9 @@ Options (``SyntheticSpec``; all off by default, and the default data set is unch
   D (``d_action``, e.g. add-to-cart) with y2 = P(D | click); conversion then follows
   y3 = P(buy | D) or y4 = P(buy | ¬D), so pCVR = y2·y3 + (1−y2)·y4. Truths:
   ``true_pdact``, ``true_pbuy_d``, ``true_pbuy_o``, and ``true_pcvr`` is that mixture.
-* ``regression``: a completion ratio ``completion`` in [0, 1] on clicked rows (null on the
-  others), drawn from Beta(μκ, (1−μ)κ) with known mean μ = ``true_completion``
-  (PLE's VCR), so the best possible MSE is known.
+* ``regression``: a completion ratio ``completion`` in [0, 1] on every impression (e.g. of
+  an auto-playing preview), drawn from Beta(μκ, (1−μ)κ), κ = 8, with known mean
+  μ = ``true_completion`` (PLE's VCR), so the best possible MSE is known.
 * ``position_bias``: the schema moves ``position`` from the dense features to a
   position-bias tower on ``ctr`` (the click model has the effect −``position_effect``·(pos−1)).
 
@@ -86,8 +86,7 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
     else:
         tasks.append(Task("cvr", "conversion", parent="ctr", loss_space=spec.cvr_loss_space, entire_name="ctcvr", oracle="true_pcvr"))
     if spec.regression:
-        tasks.append(Task("completion", "completion", type="regression", parent="ctr", loss_space="parent_positive",
-                          oracle="true_completion"))
+        tasks.append(Task("completion", "completion", type="regression", oracle="true_completion"))
     schema = _base_schema(spec, tasks)
     if spec.position_bias:
         schema.dense = [d for d in schema.dense if d.name != "position"]
@@ -248,10 +247,7 @@ class _World:
             mu = 1 / (1 + np.exp(-(0.2 + 0.7 * affinity + 0.5 * quality - 0.3 * (np.log1p(price) - 3.0))))
             kappa = 8.0
             y = rng.beta(mu * kappa, (1 - mu) * kappa)
-            extra.update(
-                completion=pa.array(y.astype(np.float32), mask=~click),
-                true_completion=mu.astype(np.float32),
-            )
+            extra.update(completion=y.astype(np.float32), true_completion=mu.astype(np.float32))
         return {
             "row_id": np.arange(start_id, start_id + n, dtype=np.int64),
             "user_id": self.user_raw_id[user],

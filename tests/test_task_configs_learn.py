@@ -44,9 +44,8 @@ def data(tmp_path_factory):
     return out
 
 
-# the regression head starts near 0 while completion ratios average ~0.75, and only clicked
-# rows (~6 %) train it: a larger dense step lets it get there within one short epoch
-EXTRA = {"regression": ["--set", "train.dense_lr=0.01"]}
+# uncertainty weighting starts every s_k at 0 and needs a few more steps than static weights
+EXTRA = {"regression": ["--set", "train.epochs=3"]}
 
 
 def train(data: Path, name: str, run_dir: Path) -> dict:
@@ -111,10 +110,10 @@ def test_task_config_learns(data, tmp_path, name):
 
 
 def _completion_variance(data: Path) -> float:
+    """MSE of the best constant predictor (the label mean) on the evaluated rows."""
     import pyarrow.parquet as pq
 
     y = pq.read_table(data / "eval", columns=["completion"])["completion"].to_numpy(zero_copy_only=False).astype(float)
-    y = y[~np.isnan(y)]
     return float(y.var())
 
 
