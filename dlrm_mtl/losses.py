@@ -63,7 +63,7 @@ class EntireSpaceLoss(nn.Module):
     serving never see it (the metrics use the model's logits).
 
     Returns the total and every term (detached) for logging: ``loss/<term>``,
-    ``loss/aux/...``, ``loss_weight/<term>`` (w·γ^t), ``loss_log_var/<term>`` (uncertainty),
+    ``aux/...`` (the model's names), ``loss_weight/<term>`` (w·γ^t), ``loss_log_var/<term>`` (uncertainty),
     ``loss/total``.
 
     Example::
@@ -222,8 +222,7 @@ class EntireSpaceLoss(nn.Module):
                 terms[f"loss_log_var/{name}"] = self.log_var[k].detach()
         for name, v in (aux or {}).items():
             total = total + self.cfg.aux_weight * v
-            key = name if name.startswith("aux/") else f"aux/{name}"
-            terms[f"loss/{key}"] = v.detach()
+            terms[name if name.startswith("aux/") else f"aux/{name}"] = v.detach()  # as the model names it
         terms["loss/total"] = total.detach()
         if self.training:
             with torch.no_grad():

@@ -243,8 +243,8 @@ def test_aux_losses_added_and_logged():
     total, terms, _ = run(schema, [[0.3], [-0.2]], [[1], [0]], aux=aux, cfg=LossConfig(aux_weight=2.0))
     ctr = (bce(sig(0.3), 1) + bce(sig(-0.2), 0)) / 2
     assert total.item() == pytest.approx(ctr + 2.0 * 0.35, rel=1e-5)
-    assert terms["loss/aux/scenario/l0/kl_specific"].item() == pytest.approx(0.25)
-    assert terms["loss/aux/task/kl_shared"].item() == pytest.approx(0.1)
+    assert terms["aux/scenario/l0/kl_specific"].item() == pytest.approx(0.25)
+    assert terms["aux/task/kl_shared"].item() == pytest.approx(0.1)
     total.backward()
     assert aux["aux/scenario/l0/kl_specific"].grad.item() == pytest.approx(2.0)
 
