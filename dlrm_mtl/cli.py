@@ -1,4 +1,4 @@
-"""``dlrm-mtl`` command line: generate, convert, train, evaluate, export-checkpoint, report, inspect-data, dense-stats, plan."""
+"""``dlrm-mtl`` command line: generate, convert, train, evaluate, export-checkpoint, compare, report, plan, inspect-data, dense-stats."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from typing import List, Optional
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dlrm_mtl.synthetic import describe, generate
+    from dataclasses import replace
 
-    generate(args.out, rows=args.rows, seed=args.seed)
+    from dlrm_mtl.synthetic import SyntheticSpec, describe, generate
+
+    spec = replace(SyntheticSpec(), esm2=args.esm2, regression=args.regression, position_bias=args.position_bias,
+                   cvr_loss_space=args.cvr_loss_space)
+    generate(args.out, rows=args.rows, seed=args.seed, spec=spec)
     print(f"wrote {args.rows} rows to {args.out}/train, {args.out}/eval and {args.out}/schema.yaml")
     for r in describe(f"{args.out}/train"):
         print(f"  leaf {r['leaf']}: {r['rows']:>9} train rows  ctr {r['ctr']:.3f}  cvr {r['cvr']:.3f}")
@@ -124,6 +128,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from dlrm_mtl.compare import compare_runs, format_comparison
+
+    try:
+        rows = compare_runs(args.run_a, args.run_b)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dlrm-mtl compare: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2) if args.json else format_comparison(rows, args.run_a, args.run_b))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -147,6 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--out", required=True, help="output directory (train/, eval/, schema.yaml)")
     g.add_argument("--rows", type=int, default=1_000_000)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--esm2", action="store_true", help="ESM² split: deterministic action d_action between click and buy")
+    g.add_argument("--regression", action="store_true", help="add a completion-ratio regression task on clicked rows")
+    g.add_argument("--position-bias", action="store_true", help="schema: position feeds a bias tower on ctr, not the model")
+    g.add_argument("--cvr-loss-space", choices=["entire", "parent_positive"], default="entire",
+                   help="schema: train cvr on the entire space (ESMM) or on clicked rows (PLE mask)")
     g.set_defaults(fn=_generate)
 
     from dlrm_mtl.datasets import CONVERTERS
@@ -207,6 +230,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     pl.add_argument("--memory-per-rank", type=float, default=None, help="GB per rank (default: sharding.memory_per_rank_gb)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=_plan)
+
+    c = sub.add_parser("compare", help="per scenario x task differences and MTL gain (PLE eq. 11) of two runs")
+    c.add_argument("run_a", help="the run to judge (e.g. the multi-task model): RUN_DIR or its metrics.json")
+    c.add_argument("run_b", help="the baseline (e.g. the single-task model): RUN_DIR or its metrics.json")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_compare)
 
     r = sub.add_parser("report", help="print the scenario x task metrics table of a finished run")
     r.add_argument("run_dir")

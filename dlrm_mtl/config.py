@@ -157,12 +157,40 @@ class CheckpointConfig:
 
 
 @dataclass
+class LossConfig:
+    """Loss weighting (docs/tasks.md). Keys of the per-task maps are schema task names.
+
+    Total loss = Σ_scenario-weighted terms:
+    ``Σ_k w_k · γ_k^t · u_k(L_k) + aux_weight · Σ aux``, with w_k the static weight
+    (``task_weights[k]``, else the schema's ``Task.weight``), γ_k the PLE decay (``decay``,
+    PLE eq. 10, t = training step), u_k the identity (``weighting: static``) or Kendall et al.'s
+    uncertainty term (``weighting: uncertainty``: exp(−s_k)·L_k + s_k/2 for binary tasks,
+    exp(−s_k)·L_k/2 + s_k/2 for regression, s_k = log σ_k² learnable). Rows are weighted by
+    λ of their leaf scenario (HiNet): ``scenario_weighting: none`` (λ = 1), ``static``
+    (``scenario_weights`` by leaf name, e.g. ``home/hot_card``, default 1) or
+    ``inverse_share`` (λ_s = 1 / (S · share_s): every scenario carries the same total weight;
+    shares from ``scenario_shares`` or counted on the training data).
+    """
+
+    weighting: str = "static"  # static | uncertainty
+    task_weights: Dict[str, float] = field(default_factory=dict)
+    decay: Dict[str, float] = field(default_factory=dict)  # γ_k per task (PLE); 1 = no decay
+    uncertainty_init: float = 0.0  # initial s_k = log σ_k²
+    scenario_weighting: str = "none"  # none | static | inverse_share
+    scenario_weights: Dict[str, float] = field(default_factory=dict)
+    scenario_shares: Dict[str, float] = field(default_factory=dict)  # leaf name -> share of training rows
+    aux_weight: float = 1.0  # multiplies the model's auxiliary losses (already weighted per layer)
+    bias_tower: List[int] = field(default_factory=lambda: [16])  # hidden sizes of the position-bias tower
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:

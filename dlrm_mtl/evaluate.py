@@ -38,7 +38,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     try:
         schema = Schema.load(cfg.data.schema_path())
-        module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema))
+        module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
         dmp, _, _ = shard_model(module, cfg, env)
         state = {"model": dmp.state_dict()}
         dcp.load(state, checkpoint_id=checkpoint)

@@ -8,7 +8,7 @@ process group, no TorchRec), so the output loads into an unsharded model anywher
     sd = torch.load("model.pt")
     sd["model"]      # {"model.ebc.embedding_bags.t_user.weight": [500000, 16], "model.dense...": ...}
     sd["trainer"]    # step, epoch, plan, config of the checkpoint (trainer/state.json)
-    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema))
+    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema, cfg.loss))
     module.load_state_dict(sd["model"])
 
 Memory: the whole state (every table) is held once in host memory.

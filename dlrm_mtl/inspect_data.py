@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -124,9 +124,13 @@ def _leaf_ids(t: pa.Table, schema: Schema) -> np.ndarray:
     return leaf
 
 
-def _ancestors(schema: Schema, task_name: str) -> List[int]:
-    """Indices of the strict ancestors of a task (root first)."""
-    return schema.chain(task_name)[:-1]
+def _ancestors(schema: Schema, task_name: str) -> List[Tuple[int, bool]]:
+    """The conditions of a task's conditional space, root first: (task index, positive);
+    ``positive`` is False for a negated parent (``parent: "!dact"``)."""
+    task = schema.tasks[schema.task_index(task_name)]
+    if task.derived:
+        return schema.steps(task.parent_name) if task.parent is not None else []  # type: ignore[arg-type]
+    return schema.steps(task_name)[:-1]
 
 
 def _raw_table(group: RowGroup, columns: List[str], filesystem: Optional[pa.fs.FileSystem]) -> pa.Table:
@@ -225,8 +229,8 @@ def inspect_data(
             positives[i] += np.bincount(leaf[m[:, i] & y[:, i]], minlength=n_leaf)
             if ancestors[i]:
                 inp = m[:, i].copy()
-                for a in ancestors[i]:
-                    inp &= m[:, a] & y[:, a]
+                for a, positive in ancestors[i]:
+                    inp &= m[:, a] & (y[:, a] if positive else ~y[:, a])
                 p_labeled[i] += np.bincount(leaf[inp], minlength=n_leaf)
                 p_positives[i] += np.bincount(leaf[inp & y[:, i]], minlength=n_leaf)
 

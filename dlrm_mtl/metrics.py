@@ -1,32 +1,61 @@
-"""Per scenario × task evaluation metrics, exact across ranks (design §5).
+"""Per scenario × task evaluation metrics, exact across ranks, in bounded memory (design §5).
 
-Each rank accumulates its evaluation rows (predictions, labels, masks, scenario, oracle) as
-small numpy arrays; ``compute`` gathers them to every rank and computes exact metrics on the
-union, so distributed values equal single-process values on the same rows. Memory is
-O(eval rows × tasks) per rank: fine for held-out splits of a few million rows; issue 4
-replaces it with a bounded-memory histogram AUC for larger ones.
+Reported per (scenario, task view) and for ``all`` scenarios (``leaf scenario`` rows merge
+into ``all`` by summing their statistics):
 
-Reported per (scenario, task) and for ``all`` scenarios:
+* binary views: ``auc`` (ROC AUC, ties 1/2), ``auc_max_error`` (its bound, below),
+  ``oracle_auc`` (same AUC of the true probability, when the data carries it), ``logloss``,
+  ``ne`` (normalised entropy: logloss / H(positive rate), He et al. 2014), ``calibration``
+  (Σ prediction / Σ label), ``positive_rate``, ``count`` (rows), ``positives``, and
+  ``gauc`` / ``gauc_users`` / ``gauc_skipped_users`` when the schema declares ``user_id``;
+* regression views: ``mse``, ``mae``, ``label_mean``, ``pred_mean``, ``count`` and
+  ``oracle_mse`` (MSE of the true value) when the data carries it.
 
-* ``auc``: exact ROC AUC with ties counted one half (Mann-Whitney U by midranks);
-* ``oracle_auc``: the same AUC of the true probability, when the data carries it;
-* ``logloss``, ``calibration`` (Σ prediction / Σ label), ``count`` (rows), ``positives``.
+Views of a task: a root task on every row with a label (``ctr``); a chained task's
+conditional prediction on its conditional space (``cvr`` on clicked rows) and its
+entire-space prediction on every row (``ctcvr``); a regression task on its space.
 
-Task slices: a root task (``ctr``) on every row; a chained task's conditional head (``cvr``)
-on rows whose ancestors are all positive (clicked rows); its entire-space product (``ctcvr``)
-on every row.
+How the merge is exact and memory bounded:
+
+* counts and sums (rows, positives, Σp, Σ logloss, Σ(p−y)², Σ|p−y|) are float64/int sums per
+  (view, leaf scenario), all-reduced: distributed values equal single-process values (up to
+  float64 summation order, ~1e-15 relative);
+* AUC: a fixed histogram per (view, leaf, label) over the prediction's *logit*, clamped to
+  [−16, 16] in bins of width 1/1024 (32,768 bins; probabilities below σ(−16) ≈ 1.1e-7 or
+  above 1 − 1.1e-7 share the end bins). Integer counts merge exactly across ranks, so the
+  distributed AUC equals the single-process AUC bit for bit. Pairs inside one bin count
+  1/2, like exact ties; the only error is for pairs whose logits differ by < 1/1024 but fall
+  in one bin, bounded by ``auc_max_error`` = ½ Σ_b n1_b n0_b / (N1 N0), reported per row
+  (typically ≈ 1e-4 or less; 0 when all predictions sit in distinct bins). Memory:
+  V views × S leaves × 2 × 32,768 int64 (≈ 0.5 MB per view and leaf), independent of rows;
+* GAUC (impression-weighted mean of per-user AUC; users whose rows in the slice carry only
+  one class are skipped and counted in ``gauc_skipped_users``): needs the rows grouped by
+  user. Each rank keeps (user, leaf, prediction, label) of its rows for the binary views;
+  ``compute`` routes every user to rank hash(user) mod world size (one gather per rank), so
+  each rank holds only its users' rows, computes their exact per-user AUCs and the weighted
+  sums are all-reduced. This is exact, and its memory is O(eval rows / world size) — the one
+  part that grows with the evaluation set (≈ 24 bytes per row and binary view).
+
+Example::
+
+    acc = MetricAccumulator(schema)
+    for batch in eval_stream:
+        acc.update(batch, logits)
+    rows = acc.compute()   # [{"scenario": "home/hot_card", "task": "ctr", "auc": ..., ...}, ...]
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.losses import log1mexp
 from dlrm_mtl.schema import Schema
 from dlrm_mtl.task_graph import TaskGraph
 
@@ -73,8 +102,102 @@ def leaf_ids(scenario: torch.Tensor, schema: Schema) -> torch.Tensor:
     return leaf
 
 
+AUC_LOGIT_RANGE = 16.0  # logits are clamped to [-16, 16] for the AUC histogram
+AUC_BINS_PER_UNIT = 1024  # bin width 1/1024 in logit
+AUC_BINS = int(2 * AUC_LOGIT_RANGE * AUC_BINS_PER_UNIT)
+
+
+def logit_bins(z: torch.Tensor) -> torch.Tensor:
+    """``[N]`` logits (float64) -> ``[N]`` int64 histogram bins in [0, AUC_BINS), monotone in z."""
+    b = torch.floor((z.clamp(-AUC_LOGIT_RANGE, AUC_LOGIT_RANGE) + AUC_LOGIT_RANGE) * AUC_BINS_PER_UNIT)
+    return b.to(torch.int64).clamp(0, AUC_BINS - 1)
+
+
+def histogram_auc(h1: np.ndarray, h0: np.ndarray) -> Tuple[float, float]:
+    """AUC and its maximum error from per-bin positive/negative counts (ascending bins).
+
+    AUC = Σ_b n1_b (N0_below_b + ½ n0_b) / (N1 N0); the exact AUC lies within
+    ½ Σ_b n1_b n0_b / (N1 N0) of it (pairs sharing a bin). NaN when a class is missing."""
+    h1 = np.asarray(h1, dtype=np.float64)
+    h0 = np.asarray(h0, dtype=np.float64)
+    n1, n0 = h1.sum(), h0.sum()
+    if n1 == 0 or n0 == 0:
+        return float("nan"), float("nan")
+    below = np.cumsum(h0) - h0
+    return float((h1 * (below + 0.5 * h0)).sum() / (n1 * n0)), float(0.5 * (h1 * h0).sum() / (n1 * n0))
+
+
+def normalized_entropy(mean_logloss: float, positive_rate: float) -> float:
+    """NE = logloss / H(positive rate) (He et al. 2014); NaN when the slice has one class."""
+    p = positive_rate
+    if not 0 < p < 1 or math.isnan(mean_logloss):
+        return float("nan")
+    return mean_logloss / -(p * math.log(p) + (1 - p) * math.log1p(-p))
+
+
+def grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact AUC per group (ties 1/2): returns ``(rows per group, auc per group)`` for the
+    groups holding both classes (others are dropped). Vectorised: one lexsort."""
+    if groups.size == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.lexsort((scores, groups))
+    g, s, y = groups[order], scores[order], labels[order].astype(np.float64)
+    pos = np.arange(g.size)
+    new_g = np.r_[True, g[1:] != g[:-1]]
+    gid = np.cumsum(new_g) - 1
+    gstart = pos[new_g][gid]
+    new_run = new_g | np.r_[True, s[1:] != s[:-1]]
+    run_id = np.cumsum(new_run) - 1
+    run_start = pos[new_run][run_id]
+    run_len = np.bincount(run_id)[run_id]
+    mid = (run_start - gstart + 1) + (run_len - 1) / 2.0  # 1-based midrank within the group
+    n = np.bincount(gid).astype(np.float64)
+    n1 = np.bincount(gid, weights=y)
+    n0 = n - n1
+    r1 = np.bincount(gid, weights=mid * y)
+    ok = (n1 > 0) & (n0 > 0)
+    return n[ok], (r1[ok] - n1[ok] * (n1[ok] + 1) / 2.0) / (n1[ok] * n0[ok])
+
+
+@dataclass(frozen=True)
+class View:
+    """One evaluated prediction of a task: ``source`` cond | entire, on ``space`` rows."""
+
+    name: str
+    task: int
+    source: str  # "cond" or "entire"
+    regression: bool
+
+
+def task_views(schema: Schema, graph: TaskGraph) -> List[View]:
+    out: List[View] = []
+    for i, t in enumerate(schema.tasks):
+        if t.type == "regression":
+            out.append(View(t.name, i, "cond", True))
+        elif t.parent is None:
+            out.append(View(t.name, i, "entire" if t.derived else "cond", False))
+        else:
+            out.append(View(t.name, i, "cond", False))
+            out.append(View(graph.entire_names[i], i, "entire", False))
+    return out
+
+
+# per (view, leaf) sums, in this order
+_SUMS = ("count", "positives", "sum_pred", "sum_logloss", "sum_sq", "sum_abs", "sum_label", "sum_oracle_sq")
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        y = x.to("cuda") if dist.get_backend() == "nccl" else x
+        dist.all_reduce(y)
+        return y.cpu()
+    return x
+
+
 class MetricAccumulator:
-    """Collects evaluation rows on one rank; ``compute()`` merges all ranks exactly.
+    """Collects sufficient statistics on one rank; ``compute()`` merges all ranks exactly.
+
+    See the module docstring for the metrics and the memory/error guarantees.
 
     Example::
 
@@ -87,88 +210,228 @@ class MetricAccumulator:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self.graph = TaskGraph(schema)
-        self.parts: List[Dict[str, np.ndarray]] = []
+        self.views = task_views(schema, self.graph)
+        self.S = schema.num_leaf_scenarios
+        V = len(self.views)
+        self.sums = torch.zeros(V, self.S, len(_SUMS), dtype=torch.float64)
+        self.hist = torch.zeros(V * self.S * 2 * AUC_BINS, dtype=torch.int64)
+        self.oracle_hist: Optional[torch.Tensor] = None
+        self.has_oracle = False
+        self.rows = 0
+        # GAUC: per binary view, (user, leaf, score, label) of the rows in its space
+        self.user_parts: List[Dict[str, np.ndarray]] = []
 
     @torch.no_grad()
     def update(self, batch: Batch, logits: torch.Tensor) -> None:
+        g = self.graph
         real = (batch.row_id >= 0).cpu()
-        logits = logits.detach().float().cpu()[real]
-        labels = batch.labels.cpu()[real]
+        z = logits.detach().cpu().double()[real]  # [N, T]
+        labels = batch.labels.cpu().double()[real]
         mask = batch.label_mask.cpu()[real]
-        part = {
-            "leaf": leaf_ids(batch.scenario.cpu()[real], self.schema).numpy(),
-            "cond_p": torch.sigmoid(logits).numpy(),
-            "entire_p": self.graph.entire_log_prob(logits).exp().numpy(),
-            "labels": labels.numpy(),
-            "mask": mask.numpy(),
-            "chained_y": self.graph.chained(labels).numpy(),
-            "chained_mask": self.graph.chained(mask, "all").numpy(),
-            "in_parent": (self.graph.parent_positive(labels, mask) & mask).numpy(),
-        }
+        leaf = leaf_ids(batch.scenario.cpu()[real], self.schema)  # [N]
+        N = int(real.sum())
+        if N == 0:
+            return
+        self.rows += N
+        entire_lp = g.entire_log_prob(z)
+        cond_lp = g.cond_log_prob(z, entire_lp)
+        y_entire, known_entire = g.entire_labels(labels, mask)
+        in_space = g.parent_positive(labels, mask) & mask
+        oracle = None
         if batch.oracle is not None:
-            oracle = batch.oracle.cpu()[real].double()
-            part["oracle_cond"] = oracle.numpy()
-            part["oracle_entire"] = torch.stack([oracle[:, c].prod(dim=1) for c in self.graph.chains], dim=1).numpy()
-        self.parts.append(part)
+            self.has_oracle = True
+            if self.oracle_hist is None:
+                self.oracle_hist = torch.zeros_like(self.hist)
+            oracle = self._oracle(batch.oracle.cpu().double()[real])
+        user = batch.user.cpu()[real].numpy() if (batch.user is not None and self.schema.user_id) else None
+        S = self.S
+        for v, view in enumerate(self.views):
+            i = view.task
+            if view.regression:
+                m = in_space[:, i] if self.schema.tasks[i].parent is not None else mask[:, i]
+                pred, y = z[:, i][m], labels[:, i][m]
+                lf = leaf[m]
+                stats = [torch.ones_like(y), torch.zeros_like(y), pred, torch.zeros_like(y), (pred - y) ** 2,
+                         (pred - y).abs(), y, torch.zeros_like(y)]
+                if oracle is not None:
+                    stats[7] = (oracle[0][:, i][m] - y) ** 2
+                self._add_sums(v, lf, stats)
+                continue
+            if view.source == "cond":
+                root = self.schema.tasks[i].parent is None
+                m = mask[:, i] if root else in_space[:, i]
+                lp, y = cond_lp[:, i][m], labels[:, i][m]
+                o = None if oracle is None else oracle[0][:, i][m]
+            else:
+                m = known_entire[:, i]
+                lp, y = entire_lp[:, i][m], y_entire[:, i][m]
+                o = None if oracle is None else oracle[1][:, i][m]
+            lf = leaf[m]
+            p = lp.exp()
+            pc_ = p.clamp(1e-7, 1 - 1e-7)
+            ll = -(y * pc_.log() + (1 - y) * torch.log1p(-pc_))
+            zz = lp - log1mexp(lp)  # logit of the prediction, exact in log space
+            yi = y.to(torch.int64)
+            self._add_sums(v, lf, [torch.ones_like(y), y, p, ll, torch.zeros_like(y), torch.zeros_like(y), y, torch.zeros_like(y)])
+            base = ((v * S + lf) * 2 + yi) * AUC_BINS
+            self.hist.index_add_(0, base + logit_bins(zz), torch.ones_like(base))
+            if o is not None and self.oracle_hist is not None:
+                oz = torch.log(o) - torch.log1p(-o)
+                self.oracle_hist.index_add_(0, base + logit_bins(oz), torch.ones_like(base))
+            if user is not None:
+                mm = m.numpy()
+                self.user_parts.append({
+                    "view": np.full(int(mm.sum()), v, dtype=np.int16), "user": user[mm], "leaf": lf.numpy().astype(np.int32),
+                    "score": zz.numpy(), "label": yi.numpy().astype(np.int8),
+                })
 
-    def _merged(self) -> Dict[str, np.ndarray]:
-        keys = self.parts[0].keys() if self.parts else []
-        local = {k: np.concatenate([p[k] for p in self.parts]) for k in keys}
+    def _oracle(self, o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """True (conditional, entire-space) probabilities from the oracle columns."""
+        g = self.graph
+        cond = o
+        cols = []
+        for i in range(o.shape[1]):
+            if not g.binary[i]:
+                cols.append(o[:, i])
+                continue
+            steps = g.context[i] + ([] if g.branches[i] else [])
+            ctx = torch.ones_like(o[:, i])
+            for j, s in steps:
+                ctx = ctx * (o[:, j] if s else 1 - o[:, j])
+            cols.append(ctx * o[:, i])
+        return cond, torch.stack(cols, dim=1)
+
+    def _add_sums(self, v: int, leaf: torch.Tensor, stats: List[torch.Tensor]) -> None:
+        st = torch.stack(stats, dim=1)  # [n, K]
+        self.sums[v].index_add_(0, leaf, st)
+
+    # ------------------------------------------------------------------ merge
+    def _gauc_sums(self) -> torch.Tensor:
+        """``[V, S + 1, 4]``: Σ n_u·AUC_u, Σ n_u, users, skipped users (slice 0 = all)."""
+        V, S = len(self.views), self.S
+        out = torch.zeros(V, S + 1, 4, dtype=torch.float64)
+        keys = ("view", "user", "leaf", "score", "label")
+        local = {k: np.concatenate([p[k] for p in self.user_parts]) if self.user_parts else np.zeros(0) for k in keys}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: List[Optional[Dict[str, np.ndarray]]] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
-            gathered = [g for g in gathered if g]
-            keys = gathered[0].keys() if gathered else []
-            return {k: np.concatenate([g[k] for g in gathered]) for k in keys}
-        return local
+            from dlrm_mtl.data.stream import hash_ids
+
+            W, rank = dist.get_world_size(), dist.get_rank()
+            dest = hash_ids(local["user"].astype(np.int64), W) if local["user"].size else np.zeros(0, np.int64)
+            mine = None
+            for dst in range(W):
+                part = {k: a[dest == dst] for k, a in local.items()}
+                got: Optional[List[Any]] = [None] * W if rank == dst else None
+                dist.gather_object(part, got, dst=dst)
+                if rank == dst:
+                    mine = got
+            assert mine is not None
+            local = {k: np.concatenate([m[k] for m in mine]) for k in keys}
+        if local["user"].size:
+            view = local["view"].astype(np.int64)
+            user = local["user"].astype(np.int64)
+            leaf = local["leaf"].astype(np.int64)
+            for v in range(V):
+                sel_v = view == v
+                for sl in range(S + 1):
+                    sel = sel_v if sl == 0 else sel_v & (leaf == sl - 1)
+                    if not sel.any():
+                        continue
+                    n, a = grouped_auc(user[sel], local["label"][sel], local["score"][sel])
+                    total_users = np.unique(user[sel]).size
+                    out[v, sl] = torch.tensor([(n * a).sum(), n.sum(), n.size, total_users - n.size], dtype=torch.float64)
+        return _all_reduce(out)
 
     def compute(self) -> List[Dict[str, object]]:
-        d = self._merged()
-        if not d:
+        rows_total = int(_all_reduce(torch.tensor([self.rows], dtype=torch.int64))[0])
+        if rows_total == 0:
             return []
+        has_oracle = bool(int(_all_reduce(torch.tensor([int(self.has_oracle)], dtype=torch.int64))[0]))
+        sums = _all_reduce(self.sums.clone())
+        hist = _all_reduce(self.hist.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
+        ohist = None
+        if has_oracle:
+            oh = self.oracle_hist if self.oracle_hist is not None else torch.zeros_like(self.hist)
+            ohist = _all_reduce(oh.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
+        with_gauc = self.schema.user_id is not None
+        gauc = self._gauc_sums() if with_gauc else None
         names = scenario_names(self.schema)
-        slices = [("all", np.ones(d["leaf"].shape[0], dtype=bool))] + [(n, d["leaf"] == i) for i, n in enumerate(names)]
-        rows: List[Dict[str, object]] = []
-        has_oracle = "oracle_cond" in d
-        for i, task in enumerate(self.schema.tasks):
-            views = []
-            if task.parent is None:
-                views.append((task.name, d["cond_p"][:, i], d["labels"][:, i], d["mask"][:, i], "oracle_cond"))
-            else:
-                views.append((task.name, d["cond_p"][:, i], d["labels"][:, i], d["in_parent"][:, i], "oracle_cond"))
-                views.append((self.graph.entire_names[i], d["entire_p"][:, i], d["chained_y"][:, i], d["chained_mask"][:, i], "oracle_entire"))
-            for name, p, y, m, okey in views:
-                for sname, sm in slices:
-                    sel = sm & m
-                    yy, pp = y[sel], p[sel]
-                    row: Dict[str, object] = {
-                        "scenario": sname,
-                        "task": name,
-                        "count": int(sel.sum()),
-                        "positives": int(yy.sum()),
-                        "auc": auc(yy, pp),
-                        "logloss": logloss(yy, pp),
-                        "calibration": float(pp.sum() / yy.sum()) if yy.sum() > 0 else float("nan"),
-                    }
+        out: List[Dict[str, object]] = []
+        for v, view in enumerate(self.views):
+            for sl, sname in enumerate(["all"] + names):
+                if sl == 0:
+                    st = sums[v].sum(0).tolist()
+                    h = hist[v].sum(0)
+                    oh_ = None if ohist is None else ohist[v].sum(0)
+                else:
+                    st = sums[v, sl - 1].tolist()
+                    h = hist[v, sl - 1]
+                    oh_ = None if ohist is None else ohist[v, sl - 1]
+                s = dict(zip(_SUMS, st))
+                n = s["count"]
+                nan = float("nan")
+                row: Dict[str, object] = {"scenario": sname, "task": view.name, "count": int(round(n))}
+                if view.regression:
+                    row.update(
+                        type="regression",
+                        mse=s["sum_sq"] / n if n else nan,
+                        mae=s["sum_abs"] / n if n else nan,
+                        label_mean=s["sum_label"] / n if n else nan,
+                        pred_mean=s["sum_pred"] / n if n else nan,
+                    )
                     if has_oracle:
-                        row["oracle_auc"] = auc(yy, d[okey][:, i][sel])
-                    rows.append(row)
-        return rows
+                        row["oracle_mse"] = s["sum_oracle_sq"] / n if n else nan
+                else:
+                    pos = s["positives"]
+                    a, err = histogram_auc(h[1], h[0])
+                    ll = s["sum_logloss"] / n if n else nan
+                    rate = pos / n if n else nan
+                    row.update(
+                        positives=int(round(pos)),
+                        positive_rate=rate,
+                        auc=a,
+                        auc_max_error=err,
+                        logloss=ll,
+                        ne=normalized_entropy(ll, rate) if n else nan,
+                        calibration=s["sum_pred"] / pos if pos > 0 else nan,
+                    )
+                    if oh_ is not None:
+                        row["oracle_auc"], row["oracle_auc_max_error"] = histogram_auc(oh_[1], oh_[0])
+                    if gauc is not None:
+                        num, den, users, skipped = gauc[v, sl].tolist()
+                        row.update(gauc=num / den if den > 0 else nan, gauc_users=int(users), gauc_skipped_users=int(skipped))
+                out.append(row)
+        return out
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
-    """A readable scenario × task table."""
-    head = f"{'scenario':<24} {'task':<8} {'auc':>7} {'oracle':>7} {'gap':>7} {'logloss':>8} {'calib':>6} {'rows':>9} {'pos':>7}"
-    lines = [head, "-" * len(head)]
+    """A readable scenario × task table (binary views, then regression views)."""
 
     def f(x: object, w: int, p: int = 4) -> str:
         return f"{'n/a':>{w}}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:>{w}.{p}f}"
 
-    for r in sorted(rows, key=lambda r: (str(r["task"]), r["scenario"] != "all", str(r["scenario"]))):
+    binary = [r for r in rows if r.get("type") != "regression"]
+    regression = [r for r in rows if r.get("type") == "regression"]
+    has_gauc = any("gauc" in r for r in binary)
+    tw = max([8] + [len(str(r["task"])) for r in rows])  # task column width
+    head = (f"{'scenario':<24} {'task':<{tw}} {'auc':>7} {'oracle':>7} {'gap':>7} " + (f"{'gauc':>7} " if has_gauc else "")
+            + f"{'logloss':>8} {'ne':>6} {'calib':>6} {'rows':>9} {'pos':>7}")
+    lines = [head, "-" * len(head)]
+    key = lambda r: (str(r["task"]), r["scenario"] != "all", str(r["scenario"]))  # noqa: E731
+    for r in sorted(binary, key=key):
         oracle = r.get("oracle_auc")
         gap = (oracle - r["auc"]) if oracle is not None else None  # type: ignore[operator]
         lines.append(
-            f"{str(r['scenario']):<24} {str(r['task']):<8} {f(r['auc'], 7)} {f(oracle, 7)} {f(gap, 7)} "
-            f"{f(r['logloss'], 8)} {f(r['calibration'], 6, 3)} {r['count']:>9} {r['positives']:>7}"
+            f"{str(r['scenario']):<24} {str(r['task']):<{tw}} {f(r['auc'], 7)} {f(oracle, 7)} {f(gap, 7)} "
+            + (f"{f(r.get('gauc'), 7)} " if has_gauc else "")
+            + f"{f(r['logloss'], 8)} {f(r.get('ne'), 6, 3)} {f(r['calibration'], 6, 3)} {r['count']:>9} {r['positives']:>7}"
         )
+    if regression:
+        has_o = any("oracle_mse" in r for r in regression)
+        h2 = f"{'scenario':<24} {'task':<{tw}} {'mse':>9} " + (f"{'oracle':>9} " if has_o else "") + f"{'mae':>9} {'label':>8} {'pred':>8} {'rows':>9}"
+        lines += ["", h2, "-" * len(h2)]
+        for r in sorted(regression, key=key):
+            lines.append(
+                f"{str(r['scenario']):<24} {str(r['task']):<{tw}} {f(r['mse'], 9, 5)} " + (f"{f(r.get('oracle_mse'), 9, 5)} " if has_o else "")
+                + f"{f(r['mae'], 9, 5)} {f(r['label_mean'], 8)} {f(r['pred_mean'], 8)} {r['count']:>9}"
+            )
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from dlrm_mtl.schema import Schema
 def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world_size: int = 0) -> Dict[str, Any]:
     """Plans ``cfg``'s tables over ``world_size`` ranks; returns tables, per-rank storage, imbalance."""
     schema = Schema.load(cfg.data.schema_path())
-    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema))
+    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
     optimizers = apply_table_optimizers(module.model.ebc, cfg)
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
     planner = make_planner(cfg, env, world_size=world_size)

@@ -21,6 +21,20 @@ Example::
       - {name: ctr, label: click, oracle: true_pctr}
       - {name: cvr, label: conversion, parent: ctr, loss_space: entire,
          entire_name: ctcvr, oracle: true_pcvr}
+    user_id: user_id          # optional: enables GAUC
+    position_bias: {features: [position], tasks: [ctr]}   # optional shallow bias tower
+
+Task graph syntax (see :class:`Task` and docs/tasks.md):
+
+* ``parent: ctr`` chains a task: its head predicts P(task | ctr = 1);
+* ``parent: "!dact"`` conditions on the parent being *negative*: P(task | dact = 0, and
+  dact's own ancestors positive) -- ESM²'s "buy without a deterministic action" branch;
+* ``sum_of: [buy_d, buy_o]`` defines a *derived* task with no head of its own: its
+  entire-space probability is the sum of the branches' entire-space probabilities (the
+  branches must be mutually exclusive, i.e. split on some task and its negation), e.g.
+  ESM²'s pCTCVR = pCTR·[y2·y3 + (1−y2)·y4];
+* ``loss_space: none`` gives a task no loss term of its own (ESM²'s branch heads are trained
+  only through the derived sum).
 """
 
 from __future__ import annotations
@@ -28,14 +42,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 DENSE_TRANSFORMS = ("none", "log1p")
 POOLINGS = ("sum", "mean")
-LOSS_SPACES = ("entire", "parent_positive")
-TASK_TYPES = ("binary",)
+LOSS_SPACES = ("entire", "parent_positive", "none")
+TASK_TYPES = ("binary", "regression")
 
 
 class SchemaError(ValueError):
@@ -103,10 +117,25 @@ class ScenarioLevel:
 class Task:
     """A prediction task. ``parent`` chains it (ESMM): its head predicts P(task | parent).
 
+    ``type``: ``binary`` (0/1 label, sigmoid head, BCE) or ``regression`` (real label, e.g. a
+    completion ratio; linear head, MSE; it may have a parent, trained on the parent-positive
+    rows, but cannot be a parent, a branch or entire-space).
+
+    ``parent``: another task's name, or ``"!name"`` for the negated parent (the task lives on
+    rows where that parent is 0 and the parent's ancestors are 1).
+
     ``loss_space``: ``entire`` trains the chained product against the chained label on every
-    impression (ESMM); ``parent_positive`` trains the conditional head only on rows whose
-    parent label is 1 (PLE's sample-space mask). ``oracle`` names a column holding the true
-    conditional probability (synthetic data), used to report the oracle AUC.
+    impression (ESMM); ``parent_positive`` trains the conditional head only on rows inside its
+    conditional space (PLE's sample-space mask, eq. 9); ``none``: no loss term of its own.
+    A root task (no parent) always trains on every row with a label.
+
+    ``sum_of``: a derived binary task without a head: entire-space probability = Σ of the
+    listed branch tasks' entire-space probabilities (ESM²). Its label must be implied by its
+    ``parent`` (e.g. buy ⇒ click). The model still emits a logit column for it (one column per
+    task keeps logits, labels and masks aligned); that column is ignored.
+
+    ``oracle`` names a column holding the true conditional probability (synthetic data), used
+    to report the oracle AUC. ``weight``: static loss weight w_k of the task's term.
     """
 
     name: str
@@ -117,6 +146,36 @@ class Task:
     entire_name: str = ""  # metric name of the chained (entire-space) prediction
     oracle: Optional[str] = None
     weight: float = 1.0
+    sum_of: List[str] = field(default_factory=list)
+
+    @property
+    def parent_name(self) -> Optional[str]:
+        """The parent task's name without the negation mark."""
+        return None if self.parent is None else self.parent.lstrip("!")
+
+    @property
+    def parent_negated(self) -> bool:
+        return self.parent is not None and self.parent.startswith("!")
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.sum_of)
+
+
+@dataclass
+class PositionBias:
+    """YouTube MMoE §4.4 shallow tower (Zhao et al. 2019): numeric bias ``features`` (columns,
+    e.g. the display position) feed a small tower whose output is added to the logits of
+    ``tasks`` during training only; serving and evaluation use the main model alone. Bias
+    features must not also be dense features of the model.
+
+    ``reference``: bias feature values at which the tower's output is 0 (default 0 for each
+    feature), so dropping the tower means predicting as if every item were shown there (e.g.
+    ``[1]``: the top position). It also pins the tower's intercept to the main model."""
+
+    features: List[str]
+    tasks: List[str]
+    reference: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -127,7 +186,9 @@ class Schema:
     scenarios: List[ScenarioLevel]
     tasks: List[Task]
     row_id: Optional[str] = None
-    weight: Optional[str] = None
+    weight: Optional[str] = None  # per-row sample weight column (finite, >= 0)
+    user_id: Optional[str] = None  # user column (int or string), enables GAUC
+    position_bias: Optional[PositionBias] = None
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -177,22 +238,105 @@ class Schema:
             if s.num_values <= 0:
                 raise SchemaError(f"scenario level {s.name!r}: num_values must be > 0")
         names = {t.name for t in self.tasks}
+        by_name = {t.name: t for t in self.tasks}
         for t in self.tasks:
             if t.type not in TASK_TYPES:
                 raise SchemaError(f"task {t.name!r}: type {t.type!r} not in {TASK_TYPES}")
             if t.loss_space not in LOSS_SPACES:
                 raise SchemaError(f"task {t.name!r}: loss_space {t.loss_space!r} not in {LOSS_SPACES}")
-            if t.parent is not None and t.parent not in names:
+            if t.parent is not None and t.parent_name not in names:
                 raise SchemaError(f"task {t.name!r}: parent {t.parent!r} is not a task")
         # parents must form a forest (no cycles)
-        by_name = {t.name: t for t in self.tasks}
         for t in self.tasks:
             seen, cur = set(), t
             while cur.parent is not None:
                 if cur.name in seen:
                     raise SchemaError(f"task {t.name!r}: parent chain has a cycle")
                 seen.add(cur.name)
-                cur = by_name[cur.parent]
+                cur = by_name[cur.parent_name]  # type: ignore[index]
+        for t in self.tasks:
+            if t.parent is not None:
+                p = by_name[t.parent_name]  # type: ignore[index]
+                if p.type != "binary":
+                    raise SchemaError(f"task {t.name!r}: parent {p.name!r} is a {p.type} task (only binary tasks can be parents)")
+                if p.derived:
+                    raise SchemaError(f"task {t.name!r}: parent {p.name!r} is a sum_of task (no head to chain on)")
+            if t.type == "regression":
+                if t.parent is not None and t.loss_space != "parent_positive" and t.loss_space != "none":
+                    raise SchemaError(
+                        f"task {t.name!r}: a regression task with a parent needs loss_space parent_positive "
+                        "(an entire-space product of a regression value is undefined)"
+                    )
+                if t.sum_of:
+                    raise SchemaError(f"task {t.name!r}: sum_of needs a binary task")
+            if t.derived:
+                self._validate_sum(t, by_name)
+        branches = {b for t in self.tasks for b in t.sum_of}
+        for b in branches:
+            if by_name[b].type != "binary" or by_name[b].derived:
+                raise SchemaError(f"task {b!r}: a sum_of branch must be a binary head task")
+        if self.position_bias is not None:
+            pb = self.position_bias
+            if not pb.features or not pb.tasks:
+                raise SchemaError("position_bias: needs at least one feature and one task")
+            for n in pb.tasks:
+                if n not in names:
+                    raise SchemaError(f"position_bias: task {n!r} is not a task")
+                if by_name[n].derived:
+                    raise SchemaError(f"position_bias: task {n!r} is a sum_of task (it has no logit)")
+            if pb.reference and len(pb.reference) != len(pb.features):
+                raise SchemaError(f"position_bias: reference has {len(pb.reference)} values for {len(pb.features)} features")
+            dense_cols = {d.column for d in self.dense}
+            both = sorted(set(pb.features) & dense_cols)
+            if both:
+                raise SchemaError(
+                    f"position_bias: feature(s) {both} are also dense features; the model would learn the bias "
+                    "itself and the tower would not be dropped at serving"
+                )
+
+    def steps(self, task: str) -> List[Tuple[int, bool]]:
+        """The conditions defining a head task's entire-space event, from the root down:
+        ``(task index, positive)``; e.g. ESM²'s ``buy_o`` (parent ``!dact``, dact's parent ctr)
+        -> ``[(ctr, True), (dact, False), (buy_o, True)]``. A sum_of task has none itself."""
+        by_name = {t.name: t for t in self.tasks}
+        out: List[Tuple[int, bool]] = []
+        cur: Optional[Task] = by_name[task]
+        positive = True
+        while cur is not None:
+            if not cur.derived:
+                out.append((self.task_index(cur.name), positive))
+            positive = not cur.parent_negated
+            cur = by_name[cur.parent_name] if cur.parent is not None else None  # type: ignore[index]
+        return out[::-1]
+
+    def _validate_sum(self, t: Task, by_name: Dict[str, Task]) -> None:
+        for b in t.sum_of:
+            if b not in by_name:
+                raise SchemaError(f"task {t.name!r}: sum_of names {b!r}, which is not a task")
+            if b == t.name:
+                raise SchemaError(f"task {t.name!r}: sum_of cannot name itself")
+        if len(set(t.sum_of)) != len(t.sum_of) or len(t.sum_of) < 2:
+            raise SchemaError(f"task {t.name!r}: sum_of needs two or more distinct branches")
+        if t.parent_negated:
+            raise SchemaError(f"task {t.name!r}: a sum_of task cannot have a negated parent")
+        if t.parent is not None:
+            ctx = self.steps(t.parent_name)  # type: ignore[arg-type]
+            for b in t.sum_of:
+                if self.steps(b)[: len(ctx)] != ctx:
+                    raise SchemaError(
+                        f"task {t.name!r}: branch {b!r} does not pass through the parent {t.parent!r} "
+                        "(each branch's chain must start with the parent's chain)"
+                    )
+        # mutually exclusive branches: each pair splits on some task (positive in one, negated in the other)
+        for i, a in enumerate(t.sum_of):
+            for b in t.sum_of[i + 1 :]:
+                sa, sb = dict(self.steps(a)), dict(self.steps(b))
+                if not any(k in sb and sb[k] != v for k, v in sa.items()):
+                    raise SchemaError(
+                        f"task {t.name!r}: branches {a!r} and {b!r} are not mutually exclusive (their chains must "
+                        "split on a task and its negation, e.g. parent: dact vs parent: \"!dact\"), so their "
+                        "probabilities cannot be summed"
+                    )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -203,19 +347,24 @@ class Schema:
         return self.task_names.index(name)
 
     def chain(self, task: str) -> List[int]:
-        """Indices of the tasks from the root down to ``task`` (inclusive)."""
+        """Indices of the tasks from the root down to ``task`` (inclusive), negations ignored."""
         by_name = {t.name: t for t in self.tasks}
         out = []
         cur: Optional[str] = task
         while cur is not None:
             out.append(self.task_index(cur))
-            cur = by_name[cur].parent
+            cur = by_name[cur].parent_name
         return out[::-1]
 
     def entire_name(self, task: Task) -> str:
+        """Metric / loss-term name of a task's entire-space prediction (``ctcvr``)."""
         if task.parent is None:
             return task.name
-        return task.entire_name or "_".join(self.task_names[i] for i in self.chain(task.name))
+        if task.entire_name:
+            return task.entire_name
+        if task.derived:
+            return "_".join([self.task_names[i] for i in self.chain(task.parent_name)] + [task.name])  # type: ignore[arg-type]
+        return "_".join(("not_" if not pos else "") + self.task_names[i] for i, pos in self.steps(task.name))
 
     @property
     def num_leaf_scenarios(self) -> int:
@@ -232,6 +381,8 @@ class Schema:
         ) + [f.column for f in self.sparse] + [d.column for d in self.dense] + [
             s.column for s in self.scenarios
         ] + [t.label for t in self.tasks] + ([self.weight] if self.weight else []) + (
+            [self.user_id] if self.user_id else []
+        ) + (list(self.position_bias.features) if self.position_bias else []) + (
             [t.oracle for t in self.tasks if t.oracle] if with_oracle else []
         ):
             if c not in cols:
@@ -244,7 +395,7 @@ class Schema:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Schema":
-        known = {"name", "sparse", "dense", "scenarios", "tasks", "row_id", "weight"}
+        known = {"name", "sparse", "dense", "scenarios", "tasks", "row_id", "weight", "user_id", "position_bias"}
         unknown = set(d) - known
         if unknown:
             raise SchemaError(f"unknown schema keys: {sorted(unknown)}")
@@ -266,7 +417,20 @@ class Schema:
             tasks=build(Task, d.get("tasks"), "tasks"),
             row_id=d.get("row_id"),
             weight=d.get("weight"),
+            user_id=d.get("user_id"),
+            position_bias=cls._position_bias(d.get("position_bias")),
         )
+
+    @staticmethod
+    def _position_bias(d: Any) -> Optional[PositionBias]:
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise SchemaError(f"position_bias: expected a mapping with features and tasks, got {d!r}")
+        try:
+            return PositionBias(**d)
+        except TypeError as e:
+            raise SchemaError(f"position_bias: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Schema":

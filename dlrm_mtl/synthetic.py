@@ -16,6 +16,18 @@ conversion-rich). Labels come from a known model:
 The true ``true_pctr``, ``true_pcvr``, ``true_pctcvr`` are written per row, so every run can
 report the oracle AUC (the ceiling any model can reach). Deterministic for a seed.
 
+Options (``SyntheticSpec``; all off by default, and the default data set is unchanged by them):
+
+* ``esm2``: ESM²'s action split (Wen et al. 2020). A clicked row takes a deterministic action
+  D (``d_action``, e.g. add-to-cart) with y2 = P(D | click); conversion then follows
+  y3 = P(buy | D) or y4 = P(buy | ¬D), so pCVR = y2·y3 + (1−y2)·y4. Truths:
+  ``true_pdact``, ``true_pbuy_d``, ``true_pbuy_o``, and ``true_pcvr`` is that mixture.
+* ``regression``: a completion ratio ``completion`` in [0, 1] on every impression (e.g. of
+  an auto-playing preview), drawn from Beta(μκ, (1−μ)κ), κ = 8, with known mean
+  μ = ``true_completion`` (PLE's VCR), so the best possible MSE is known.
+* ``position_bias``: the schema moves ``position`` from the dense features to a
+  position-bias tower on ``ctr`` (the click model has the effect −``position_effect``·(pos−1)).
+
 Example::
 
     from dlrm_mtl.synthetic import generate
@@ -33,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
+from dlrm_mtl.schema import DenseFeature, PositionBias, Schema, ScenarioLevel, SparseFeature, Task
 
 
 @dataclass(frozen=True)
@@ -54,9 +66,36 @@ class SyntheticSpec:
     train_files: int = 6
     eval_files: int = 2
     row_group_rows: int = 32_768
+    esm2: bool = False  # ESM² deterministic-action split of the conversion path
+    regression: bool = False  # completion-ratio regression target on clicked rows
+    position_bias: bool = False  # schema: position feeds a bias tower instead of the model
+    position_effect: float = 0.08  # click logit decreases by this per position
+    cvr_loss_space: str = "entire"  # schema: entire (ESMM) | parent_positive (PLE's mask)
 
 
 def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
+    tasks = [Task("ctr", "click", oracle="true_pctr")]
+    if spec.esm2:
+        tasks += [
+            Task("dact", "d_action", parent="ctr", loss_space="entire", entire_name="ctavr", oracle="true_pdact"),
+            Task("buy_d", "conversion", parent="dact", loss_space="none", oracle="true_pbuy_d"),
+            Task("buy_o", "conversion", parent="!dact", loss_space="none", oracle="true_pbuy_o"),
+            Task("cvr", "conversion", parent="ctr", loss_space="entire", entire_name="ctcvr", oracle="true_pcvr",
+                 sum_of=["buy_d", "buy_o"]),
+        ]
+    else:
+        tasks.append(Task("cvr", "conversion", parent="ctr", loss_space=spec.cvr_loss_space, entire_name="ctcvr", oracle="true_pcvr"))
+    if spec.regression:
+        tasks.append(Task("completion", "completion", type="regression", oracle="true_completion"))
+    schema = _base_schema(spec, tasks)
+    if spec.position_bias:
+        schema.dense = [d for d in schema.dense if d.name != "position"]
+        schema.position_bias = PositionBias(features=["position"], tasks=["ctr"], reference=[1.0])
+        schema.validate()
+    return schema
+
+
+def _base_schema(spec: SyntheticSpec, tasks: List[Task]) -> Schema:
     return Schema(
         name="synthetic",
         row_id="row_id",
@@ -83,10 +122,8 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
             ScenarioLevel("channel", 2, value_names=["home", "vertical"]),
             ScenarioLevel("domain", 2, value_names=["hot_card", "product_card"]),
         ],
-        tasks=[
-            Task("ctr", "click", oracle="true_pctr"),
-            Task("cvr", "conversion", parent="ctr", loss_space="entire", entire_name="ctcvr", oracle="true_pcvr"),
-        ],
+        tasks=tasks,
+        user_id="user_id",
     )
 
 
@@ -178,7 +215,7 @@ class _World:
             + self.user_bias[user]
             + self.item_bias[item]
             + 0.35 * quality
-            - 0.08 * (position - 1)
+            - spec.position_effect * (position - 1)
         )
         cvr_logit = (
             _logit(np.asarray(spec.cvr_base))[leaf]
@@ -192,6 +229,25 @@ class _World:
         pcvr = 1 / (1 + np.exp(-cvr_logit))
         click = rng.random(n) < pctr
         conversion = click & (rng.random(n) < pcvr)
+        extra: Dict[str, object] = {}
+        # options draw after every default draw, so the default columns stay byte-identical
+        if spec.esm2:
+            pdact = 1 / (1 + np.exp(-(-0.4 + 0.8 * affinity + 0.5 * quality)))
+            pbuy_d = 1 / (1 + np.exp(-(cvr_logit + 1.2)))
+            pbuy_o = 1 / (1 + np.exp(-(cvr_logit - 1.2)))
+            d_action = click & (rng.random(n) < pdact)
+            u = rng.random(n)
+            conversion = click & np.where(d_action, u < pbuy_d, u < pbuy_o)
+            pcvr = pdact * pbuy_d + (1 - pdact) * pbuy_o
+            extra.update(
+                d_action=d_action.astype(np.int64), true_pdact=pdact.astype(np.float32),
+                true_pbuy_d=pbuy_d.astype(np.float32), true_pbuy_o=pbuy_o.astype(np.float32),
+            )
+        if spec.regression:
+            mu = 1 / (1 + np.exp(-(0.2 + 0.7 * affinity + 0.5 * quality - 0.3 * (np.log1p(price) - 3.0))))
+            kappa = 8.0
+            y = rng.beta(mu * kappa, (1 - mu) * kappa)
+            extra.update(completion=y.astype(np.float32), true_completion=mu.astype(np.float32))
         return {
             "row_id": np.arange(start_id, start_id + n, dtype=np.int64),
             "user_id": self.user_raw_id[user],
@@ -211,6 +267,7 @@ class _World:
             "true_pctr": pctr.astype(np.float32),
             "true_pcvr": pcvr.astype(np.float32),
             "true_pctcvr": (pctr * pcvr).astype(np.float32),
+            **extra,
         }
 
 

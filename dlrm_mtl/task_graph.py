@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +11,20 @@ from dlrm_mtl.schema import Schema
 
 
 class TaskGraph:
-    """The forest of tasks. Head t predicts the conditional P(t | parent(t)); the entire-space
-    probability of t is the product along its chain (ESMM, Ma et al. 2018, eq. 1-2:
-    pCTCVR = pCTR · pCVR). Deeper chains (click → cart → buy) work the same way.
+    """The forest of tasks (design §4).
+
+    Head t predicts the conditional P(t | context(t)); the entire-space probability of t is
+    the product along its chain (ESMM, Ma et al. 2018, eq. 1-2: pCTCVR = pCTR · pCVR).
+    Deeper chains (click → cart → buy) work the same way. A negated parent (``parent:
+    "!dact"``) contributes (1 − p_dact) instead of p_dact. A ``sum_of`` task adds up the
+    entire-space probabilities of mutually exclusive branches; with ESM² (Wen et al. 2020,
+    eq. 4-6; y2 = P(D | click), y3 = P(buy | D), y4 = P(buy | ¬D))::
+
+        pCTCVR = pCTR · [y2 · y3 + (1 − y2) · y4]
+
+    Everything is computed in log space (``log σ(z)``, ``log σ(−z) = log(1 − σ(z))``,
+    logsumexp for sums), so products of small probabilities never underflow to log(0).
+    Regression heads are passed through unchanged (never sigmoid'ed).
 
     Example::
 
@@ -24,16 +35,115 @@ class TaskGraph:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
-        self.chains: List[List[int]] = [schema.chain(t.name) for t in schema.tasks]
-        self.entire_names: List[str] = [schema.entire_name(t) for t in schema.tasks]
+        tasks = schema.tasks
+        self.chains: List[List[int]] = [schema.chain(t.name) for t in tasks]
+        self.entire_names: List[str] = [schema.entire_name(t) for t in tasks]
+        self.steps: List[List[Tuple[int, bool]]] = [schema.steps(t.name) if not t.derived else [] for t in tasks]
+        self.binary = [t.type == "binary" for t in tasks]
+        self.regression_idx = [i for i, t in enumerate(tasks) if t.type == "regression"]
+        self.branches: List[List[int]] = [[schema.task_index(b) for b in t.sum_of] for t in tasks]
+        # the context of a task: the event its head is conditioned on (steps before it)
+        self.context: List[List[Tuple[int, bool]]] = []
+        for i, t in enumerate(tasks):
+            if t.derived:
+                self.context.append(schema.steps(t.parent_name) if t.parent is not None else [])  # type: ignore[arg-type]
+            else:
+                self.context.append(self.steps[i][:-1])
 
+    # ------------------------------------------------------------------ predictions
     def entire_log_prob(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` logits of the conditional heads -> ``[B, T]`` log of the chained probabilities."""
-        logp = F.logsigmoid(logits)  # [B, T]
-        return torch.stack([logp[:, chain].sum(dim=1) for chain in self.chains], dim=1)
+        """``[B, T]`` logits of the heads -> ``[B, T]`` log entire-space probabilities.
+
+        Regression columns hold 0 (they have no probability); use :meth:`predictions`."""
+        pos = F.logsigmoid(logits)  # [B, T] log p
+        neg = F.logsigmoid(-logits)  # [B, T] log (1 - p)
+        cols: List[Optional[torch.Tensor]] = [None] * logits.shape[1]
+        for i in range(logits.shape[1]):
+            if not self.binary[i] or self.branches[i]:
+                continue
+            cols[i] = sum((pos[:, j] if s else neg[:, j]) for j, s in self.steps[i])  # type: ignore[assignment]
+        for i, br in enumerate(self.branches):
+            if br:
+                cols[i] = torch.logsumexp(torch.stack([cols[j] for j in br], dim=1), dim=1)  # type: ignore[misc]
+        zero = torch.zeros_like(logits[:, 0])
+        return torch.stack([c if c is not None else zero for c in cols], dim=1)
+
+    def cond_log_prob(self, logits: torch.Tensor, entire: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, T]`` log of the conditional probability each task predicts (head tasks:
+        log σ(z); sum_of tasks: entire − log P(context)). Regression columns hold 0."""
+        entire = self.entire_log_prob(logits) if entire is None else entire
+        pos, neg = F.logsigmoid(logits), F.logsigmoid(-logits)
+        cols = []
+        for i in range(logits.shape[1]):
+            if not self.binary[i]:
+                cols.append(torch.zeros_like(logits[:, i]))
+            elif self.branches[i]:
+                ctx = sum(((pos[:, j] if s else neg[:, j]) for j, s in self.context[i]), torch.zeros_like(logits[:, i]))
+                cols.append((entire[:, i] - ctx).clamp(max=0.0))
+            else:
+                cols.append(pos[:, i])
+        return torch.stack(cols, dim=1)
+
+    def predictions(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(conditional, entire)`` predictions ``[B, T]`` each: probabilities for binary
+        tasks, the raw head output for regression tasks (in both)."""
+        entire_lp = self.entire_log_prob(logits)
+        cond = self.cond_log_prob(logits, entire_lp).exp()
+        entire = entire_lp.exp()
+        if self.regression_idx:
+            r = self.regression_idx
+            cond = cond.clone()
+            entire = entire.clone()
+            cond[:, r] = logits[:, r]
+            entire[:, r] = logits[:, r]
+        return cond, entire
+
+    def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Conditional and entire-space predictions by metric name (e.g. ctr, cvr, ctcvr)."""
+        out: Dict[str, torch.Tensor] = {}
+        cond, entire = self.predictions(logits)
+        for i, t in enumerate(self.schema.tasks):
+            out[t.name] = cond[:, i]
+            if t.parent is not None and t.type == "binary":
+                out[self.entire_names[i]] = entire[:, i]
+        return out
+
+    # ------------------------------------------------------------------ labels and spaces
+    def _holds(self, labels: torch.Tensor, mask: torch.Tensor, steps: List[Tuple[int, bool]]) -> torch.Tensor:
+        """``[B]`` bool: every condition in ``steps`` is known and true on the row."""
+        ok = torch.ones_like(labels[:, 0], dtype=torch.bool)
+        for j, s in steps:
+            ok = ok & mask[:, j] & ((labels[:, j] == 1) if s else (labels[:, j] == 0))
+        return ok
+
+    def _known(self, mask: torch.Tensor, steps: List[Tuple[int, bool]]) -> torch.Tensor:
+        ok = torch.ones_like(mask[:, 0], dtype=torch.bool)
+        for j, _ in steps:
+            ok = ok & mask[:, j]
+        return ok
+
+    def entire_labels(self, labels: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, known)`` of each task's entire-space event, ``[B, T]`` each.
+
+        Head task: y = Π over its chain of (y_j or 1 − y_j for a negated step), known where every
+        label on the chain is; sum_of task: y = its own label ∧ its context, known where its
+        label and its context's labels are. Regression columns: the label itself."""
+        ys, ks = [], []
+        for i in range(labels.shape[1]):
+            if not self.binary[i]:
+                ys.append(labels[:, i])
+                ks.append(mask[:, i])
+            elif self.branches[i]:
+                ctx = self.context[i]
+                ys.append((labels[:, i] * self._holds(labels, mask, ctx)).to(labels.dtype))
+                ks.append(mask[:, i] & self._known(mask, ctx))
+            else:
+                ys.append(self._holds(labels, mask, self.steps[i]).to(labels.dtype))
+                ks.append(self._known(mask, self.steps[i]))
+        return torch.stack(ys, dim=1), torch.stack(ks, dim=1)
 
     def chained(self, x: torch.Tensor, reduce: str = "prod") -> torch.Tensor:
-        """Per task, reduce ``x [B, T]`` along the chain (labels: product; masks: all)."""
+        """Per task, reduce ``x [B, T]`` along the (un-negated) chain (labels: product; masks: all)."""
         cols = []
         for chain in self.chains:
             c = x[:, chain]
@@ -41,23 +151,6 @@ class TaskGraph:
         return torch.stack(cols, dim=1)
 
     def parent_positive(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` bool: the row lies in task t's conditional sample space (every ancestor label is 1)."""
-        cols = []
-        for chain in self.chains:
-            anc = chain[:-1]
-            if anc:
-                cols.append(((labels[:, anc] == 1) & mask[:, anc]).all(dim=1))
-            else:
-                cols.append(torch.ones_like(labels[:, 0], dtype=torch.bool))
-        return torch.stack(cols, dim=1)
-
-    def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Conditional and entire-space probabilities by metric name (e.g. ctr, cvr, ctcvr)."""
-        out: Dict[str, torch.Tensor] = {}
-        cond = torch.sigmoid(logits)
-        entire = self.entire_log_prob(logits).exp()
-        for i, t in enumerate(self.schema.tasks):
-            out[t.name] = cond[:, i]
-            if t.parent is not None:
-                out[self.entire_names[i]] = entire[:, i]
-        return out
+        """``[B, T]`` bool: the row lies in task t's conditional sample space (its context
+        holds: every ancestor label is known and 1, or 0 for a negated parent)."""
+        return torch.stack([self._holds(labels, mask, ctx) for ctx in self.context], dim=1)

@@ -180,7 +180,14 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
 
     model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
-    module = TrainModule(model, EntireSpaceLoss(schema))
+    loss_fn = EntireSpaceLoss(schema, cfg.loss)
+    if cfg.loss.scenario_weighting == "inverse_share" and not cfg.loss.scenario_shares:
+        from dlrm_mtl.data.scenario_share import scenario_shares
+
+        share = scenario_shares(schema, cfg.data.train)  # every rank reads the same columns: same λ
+        loss_fn.set_scenario_share(share)
+        _log(env, "scenario weights λ (inverse share): " + ", ".join(f"{n}={v:.3f}" for n, v in zip(loss_fn.leaf_names, loss_fn.scenario_lambda.tolist())))
+    module = TrainModule(model, loss_fn)
     dmp, optimizer, plan = shard_model(module, cfg, env)
     summary = plan_summary(plan)
     if env.is_main:
@@ -307,12 +314,10 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 pipeline.attach(dmp)
             if writer is not None:
                 for r in metrics:
-                    for key in ("auc", "logloss", "calibration"):
-                        v = r[key]
+                    for key in ("auc", "oracle_auc", "gauc", "logloss", "ne", "calibration", "mse", "mae", "oracle_mse"):
+                        v = r.get(key)
                         if isinstance(v, float) and not math.isnan(v):
                             writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
-                    if "oracle_auc" in r and not math.isnan(r["oracle_auc"]):  # type: ignore[arg-type]
-                        writer.add_scalar(f"eval_oracle_auc/{r['task']}/{r['scenario']}", r["oracle_auc"], step)
             _log(env, f"epoch {epoch} eval:\n" + format_table(metrics))
 
     total_rows = int(_all_reduce_sum(torch.tensor([trained_rows], dtype=torch.int64))[0])

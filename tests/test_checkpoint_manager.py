@@ -141,7 +141,7 @@ def test_column_wise_to_row_wise_is_refused_unless_model_only(synthetic_small, t
     # the exported file loads into an unsharded TrainModule (model and loss state) with strict keys
     cfg = Config.load(None, [f"data.schema={small_schema(synthetic_small)}"])
     schema = Schema.load(cfg.data.schema)
-    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema))
+    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model), EntireSpaceLoss(schema, cfg.loss))
     module.load_state_dict(b["model"], strict=True)
     assert torch.equal(module.state_dict()["model.ebc.embedding_bags.t_user.weight"], a["model"]["model.ebc.embedding_bags.t_user.weight"])
 

@@ -38,6 +38,9 @@ def test_evaluate_two_workers_reproduces_training_metrics(synthetic_small, tmp_p
         assert evaluated[key]["count"] == m["count"] and evaluated[key]["positives"] == m["positives"]
         assert evaluated[key]["auc"] == pytest.approx(m["auc"], abs=1e-6), key
         assert evaluated[key]["logloss"] == pytest.approx(m["logloss"], rel=1e-5), key
+        # issue 4's metrics flow through evaluate too (GAUC: the synthetic schema declares user_id)
+        for k in ("ne", "gauc", "positive_rate", "auc_max_error"):
+            assert evaluated[key][k] == pytest.approx(m[k], rel=1e-5, nan_ok=True), (key, k)
 
 
 def test_evaluate_rejects_an_incomplete_checkpoint(tmp_path, synthetic_small):

@@ -177,8 +177,12 @@ def test_bad_transform_and_task_type():
     d["dense"][0]["transform"] = "sqrt"
     _expect(d, "'price'", "'sqrt'")
     d = _chain3()
+    d["tasks"][0]["type"] = "ranking"
+    _expect(d, "'ctr'", "'ranking'")
+    # a regression task cannot be a parent
+    d = _chain3()
     d["tasks"][0]["type"] = "regression"
-    _expect(d, "'ctr'", "'regression'")
+    _expect(d, "parent 'ctr'", "regression")
 
 
 def test_unknown_top_level_key():

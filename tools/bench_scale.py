@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
             if len(batches) == need:
                 break
     torch.manual_seed(0)
-    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema))
+    module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
     dmp, opt, _ = shard_model(module, cfg, env)
 
     def step(b) -> None:

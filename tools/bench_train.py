@@ -103,7 +103,7 @@ class PlainModel(nn.Module):
                 self.tables[f.table] = bag
         self.feature_tables = [(f.name, f.table) for f in schema.sparse]
         self.dense_arch = DenseArch(schema, cfg.model)
-        self.loss = EntireSpaceLoss(schema)
+        self.loss = EntireSpaceLoss(schema, cfg.loss)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         kjt = batch.sparse
@@ -111,8 +111,8 @@ class PlainModel(nn.Module):
             [self.tables[table](kjt[name].values(), kjt[name].offsets()) for name, table in self.feature_tables],
             dim=1,
         )  # [B, F, D]
-        logits, _ = self.dense_arch(pooled, batch.dense, batch.scenario)
-        total, _ = self.loss(logits, batch.labels, batch.label_mask, batch.weight)
+        logits, _, aux = self.dense_arch(pooled, batch.dense, batch.scenario)
+        total, _ = self.loss(logits, batch.labels, batch.label_mask, batch.weight, batch.scenario, aux, batch.bias)
         return total
 
 
@@ -141,7 +141,7 @@ def build_dlrm_mtl(schema: Schema, cfg: Config) -> Tuple[StepFn, Dict[str, Dict[
     env = init_distributed("gloo", 120, cfg.train.threads_per_rank)
     torch.manual_seed(SEED)
     module = TrainModule(
-        MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema)
+        MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss)
     )
     dmp, optimizer, plan = shard_model(module, cfg, env)
 

@@ -23,6 +23,8 @@ class Batch(Pipelineable):
         row_id: ``[B]`` int64 (-1 for padding rows), for exactly-once accounting.
         oracle: ``[B, T]`` float32 true conditional probabilities, when the data has them.
         weight: ``[B]`` float32 per-row weight; 0 marks a padding row.
+        bias: ``[B, Fb]`` float32 position-bias features (schema ``position_bias``), or None.
+        user: ``[B]`` int64 user ids (schema ``user_id``; strings hashed), or None; for GAUC.
     """
 
     sparse: KeyedJaggedTensor
@@ -33,6 +35,8 @@ class Batch(Pipelineable):
     row_id: torch.Tensor
     weight: torch.Tensor
     oracle: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    user: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -52,11 +56,13 @@ class Batch(Pipelineable):
             row_id=self.row_id.to(device=device, non_blocking=non_blocking),
             weight=self.weight.to(device=device, non_blocking=non_blocking),
             oracle=None if self.oracle is None else self.oracle.to(device=device, non_blocking=non_blocking),
+            bias=None if self.bias is None else self.bias.to(device=device, non_blocking=non_blocking),
+            user=None if self.user is None else self.user.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
-        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle):
+        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user):
             if t is not None:
                 t.record_stream(stream)
 
@@ -70,4 +76,6 @@ class Batch(Pipelineable):
             row_id=self.row_id.pin_memory(),
             weight=self.weight.pin_memory(),
             oracle=None if self.oracle is None else self.oracle.pin_memory(),
+            bias=None if self.bias is None else self.bias.pin_memory(),
+            user=None if self.user is None else self.user.pin_memory(),
         )

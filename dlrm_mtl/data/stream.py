@@ -147,7 +147,8 @@ class RowGroupConverter:
     Output table columns: ``row_id`` int64, each sparse feature (int64 ids, lists for
     multi-hot, hashed/truncated), ``dense`` fixed-size list of float32 (transformed),
     ``scenario`` per level int64, ``label:<task>`` float32, ``mask:<task>`` bool,
-    ``weight`` float32 and ``oracle:<task>`` float32 when present.
+    ``weight`` float32, ``oracle:<task>`` float32 when present, ``bias`` (fixed-size list of
+    float32, schema ``position_bias``) and ``user`` int64 (schema ``user_id``) when declared.
     """
 
     def __init__(self, schema: Schema, with_oracle: bool = True, filesystem: Optional[pa.fs.FileSystem] = None) -> None:
@@ -317,10 +318,14 @@ class RowGroupConverter:
                 bad = valid & (y != 0) & (y != 1)
                 if bad.any():
                     raise fail(task.label, int(np.argmax(bad)), f"label {y[bad][0]} not in {{0, 1}}")
+            elif not np.isfinite(y[valid]).all():
+                raise fail(task.label, int(np.argmax(valid & ~np.isfinite(y))), "non-finite regression label")
             labels[task.name] = (y, valid)
         for task in s.tasks:
             y, valid = labels[task.name]
-            if task.parent is not None:
+            # child ⇒ parent only matters where the chained label is the product (entire space);
+            # a branch label outside its parent's space (ESM²'s buy on ¬D rows) is just ignored
+            if task.parent is not None and task.type == "binary" and not task.parent_negated and task.loss_space == "entire":
                 py, pvalid = labels[task.parent]
                 bad = valid & pvalid & (y == 1) & (py == 0)
                 if bad.any():
@@ -337,6 +342,28 @@ class RowGroupConverter:
         if self.with_oracle:
             for task in s.tasks:
                 out["oracle:" + task.name] = pc.cast(t[task.oracle], pa.float32()).combine_chunks()
+        if s.position_bias is not None:
+            feats = s.position_bias.features
+            bias = np.zeros((n, len(feats)), dtype=np.float32)
+            for j, c in enumerate(feats):
+                col = t[c]
+                if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
+                    raise DataError(f"{group.path}: column {c!r}: expected a numeric bias feature, got {col.type}")
+                x = pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+                if not np.isfinite(x).all():
+                    raise fail(c, int(np.argmax(~np.isfinite(x))), "null or non-finite bias feature")
+                bias[:, j] = x
+            out["bias"] = pa.FixedSizeListArray.from_arrays(pa.array(bias.reshape(-1)), len(feats))
+        if s.user_id:
+            col = t[s.user_id].combine_chunks()
+            if col.null_count:
+                raise fail(s.user_id, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null user id")
+            if pa.types.is_integer(col.type):
+                out["user"] = pc.cast(col, pa.int64())
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+                out["user"] = pa.array(hash_strings(col, 2**62))
+            else:
+                raise DataError(f"{group.path}: column {s.user_id!r}: expected integer or string user ids, got {col.type}")
         return pa.table(out)
 
 
@@ -383,6 +410,11 @@ def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bo
     oracle = None
     if with_oracle:
         oracle = padded(np.stack([_np(t["oracle:" + k.name]) for k in schema.tasks], axis=1), 0.0)
+    bias = None
+    if schema.position_bias is not None:
+        nb = len(schema.position_bias.features)
+        bias = padded(_np(pa.chunked_array(t["bias"].chunks).combine_chunks().flatten()).reshape(n, nb).astype(np.float32), 0.0)
+    user = padded(_np(t["user"]).astype(np.int64), -1) if schema.user_id else None
     return Batch(
         sparse=kjt,
         dense=padded(dense.astype(np.float32, copy=False), 0.0),
@@ -392,6 +424,8 @@ def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bo
         row_id=padded(_np(t["row_id"]).astype(np.int64), -1),
         weight=padded(_np(t["weight"]).astype(np.float32), 0.0),
         oracle=oracle,
+        bias=bias,
+        user=user,
     )
 
 

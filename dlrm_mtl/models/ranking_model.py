@@ -166,44 +166,24 @@ class MultiScenarioMultiTaskModel(nn.Module):
         return self.dense_arch(pooled, dense, scenario)
 
 
-class AuxiliaryLosses(nn.Module):
-    """Adds the model's (already weighted) auxiliary losses to the task loss and logs each.
-
-    A module of its own so TorchRec's pipeline tracer treats it as a leaf (a dict cannot be
-    iterated during fx tracing).
-    """
-
-    def forward(
-        self, loss: Tuple[torch.Tensor, Dict[str, torch.Tensor]], aux: Dict[str, torch.Tensor]
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        total, terms = loss[0], dict(loss[1])
-        if not aux:
-            return total, terms
-        for name, a in aux.items():
-            total = total + a
-            terms[name] = a.detach()
-        terms["loss/total"] = total.detach()
-        return total, terms
-
-
 class TrainModule(nn.Module):
     """Model + loss, in the shape TorchRec's train pipelines expect: ``batch -> (loss, output)``.
 
     ``output`` is ``(logits [B, T] detached, loss terms, gates, number of real rows)``; gates
     may carry grad, so detach them before keeping them beyond the step. The model's auxiliary
-    losses (already weighted) are added to the total and logged as their own terms.
+    losses (already weighted per layer) go to the loss, which adds them to the total and logs
+    each as its own term.
     """
 
     def __init__(self, model: MultiScenarioMultiTaskModel, loss: EntireSpaceLoss) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
-        self.add_aux = AuxiliaryLosses()
 
     def forward(self, batch: Batch):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the dense arch and the loss are leaf modules there) and a Proxy cannot be unpacked.
         out = self.model(batch.sparse, batch.dense, batch.scenario)
-        loss = self.add_aux(self.loss(out[0], batch.labels, batch.label_mask, batch.weight), out[2])
+        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight, batch.scenario, out[2], batch.bias)
         real_rows = (batch.row_id >= 0).sum()
         return loss[0], (out[0].detach(), loss[1], out[1], real_rows)
