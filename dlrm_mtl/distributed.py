@@ -49,12 +49,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# rendezvous variables init_distributed set itself (a process not launched by torchrun);
+# shutdown_distributed removes them, so a later in-process run or a child process does not
+# inherit a stale MASTER_PORT / RANK
+_STANDALONE_ENV: List[str] = []
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_rank: int = 0) -> DistEnv:
-    """Initialises the default process group (gloo on CPU, NCCL on GPU) from torchrun's env."""
+    """Initialises the default process group (gloo on CPU, NCCL on GPU) from torchrun's env
+    (a world of one on a free local port when not launched by torchrun)."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        standalone = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        for k, v in standalone.items():
+            if k not in os.environ:
+                os.environ[k] = v
+                _STANDALONE_ENV.append(k)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -77,6 +86,15 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_ra
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv(rank, world, local_rank, local_world, device, backend)
+
+
+def shutdown_distributed() -> None:
+    """Destroys the default process group and removes the rendezvous variables that
+    :func:`init_distributed` set for a standalone process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    while _STANDALONE_ENV:
+        os.environ.pop(_STANDALONE_ENV.pop(), None)
 
 
 def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> Optional[dist.Store]:

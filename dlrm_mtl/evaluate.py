@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from dlrm_mtl.checkpoint import is_complete
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import ParquetStream
-from dlrm_mtl.distributed import init_distributed, shard_model
+from dlrm_mtl.distributed import init_distributed, shard_model, shutdown_distributed
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -55,5 +55,4 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
             print(f"[dlrm_mtl] wrote {out}/metrics.json")
         return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, data_fingerprint, fault_point
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import Batch, ParquetStream
-from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model
+from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model, shutdown_distributed
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import MetricAccumulator, format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -165,8 +165,7 @@ def train(cfg: Config) -> Dict[str, Any]:
             dist.barrier()
         return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:

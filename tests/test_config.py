@@ -177,3 +177,4 @@ def test_config_files_compose_later_overrides_earlier(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         Config.load([str(base), str(bad)])
+
