@@ -111,6 +111,10 @@ class ScenarioLevel:
 
     def __post_init__(self) -> None:
         self.column = self.column or self.name
+        if self.value_names and len(self.value_names) != self.num_values:
+            raise SchemaError(f"scenario level {self.name!r}: {len(self.value_names)} value_names for num_values {self.num_values}")
+        if "all" in self.value_names:
+            raise SchemaError(f"scenario level {self.name!r}: the value name 'all' is reserved for the metrics' overall row")
 
 
 @dataclass

@@ -294,3 +294,12 @@ def test_synthetic_columns():
     assert len(cols) == len(set(cols))
     for c in ("row_id", "true_pctr", "true_pcvr", "user_id", "hist_categories", "price", "channel", "domain", "click", "conversion"):
         assert c in cols
+
+
+def test_scenario_value_names_are_checked():
+    from dlrm_mtl.schema import ScenarioLevel, SchemaError
+
+    with pytest.raises(SchemaError, match="reserved"):
+        ScenarioLevel("country", 2, value_names=["all", "NL"])
+    with pytest.raises(SchemaError, match="3 value_names for num_values 2"):
+        ScenarioLevel("country", 2, value_names=["a", "b", "c"])
