@@ -8,7 +8,8 @@ conversion-rich). Labels come from a known model:
 * pCTR = σ(b_ctr[s] + <u, v> + β_ctr[s]·v + γ[s]·u
           + 0.9·[item category in the user's history] + user/item id biases + quality − position)
 * pCVR = σ(b_cvr[s] + 0.6·<u, v> + c·v + β_cvr[s]·v − price + activity)
-  (<u, v> is shared by both tasks and all scenarios; β, γ are scenario-specific directions in
+  (<u, v> is shared by both tasks and all scenarios — unless ``small_leaf_conflict`` flips it in
+  the smallest leaf; β, γ are scenario-specific directions in
   the latent space, largest
   in the small scenario, so hard sharing shows negative transfer there)
 * click ~ Bernoulli(pCTR); conversion ~ click · Bernoulli(pCVR)   (conversion ⇒ click)
@@ -71,6 +72,10 @@ class SyntheticSpec:
     position_bias: bool = False  # schema: position feeds a bias tower instead of the model
     position_effect: float = 0.08  # click logit decreases by this per position
     cvr_loss_space: str = "entire"  # schema: entire (ESMM) | parent_positive (PLE's mask)
+    # conflicting preferences in the smallest leaf (vertical/product_card): the shared affinity
+    # <u, v> enters its click and conversion logits with weight 1 − 2·c instead of 1 (c = 0.75:
+    # −0.5, users there avoid what everyone else likes). 0 = the default world, byte-identical.
+    small_leaf_conflict: float = 0.0
 
 
 def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
@@ -206,6 +211,8 @@ class _World:
         quality = self.item_quality[item]
 
         affinity = (self.taste[seg] * self.cat_vec[cat]).sum(1)  # shared <u, v>
+        if spec.small_leaf_conflict:
+            affinity = affinity * np.where(leaf == 3, 1.0 - 2.0 * spec.small_leaf_conflict, 1.0)
         ctr_logit = (
             _logit(np.asarray(spec.ctr_base))[leaf]
             + affinity

@@ -170,3 +170,25 @@ def test_describe(gen_a):
         assert s["ctr"] == pytest.approx(click[m].mean())
         assert s["cvr"] == pytest.approx(conv[m].sum() / max(click[m].sum(), 1))
         assert 0 <= s["cvr"] <= 1 and 0 <= s["ctr"] <= 1
+
+
+def test_small_leaf_conflict_flips_the_shared_affinity_only_in_the_smallest_leaf(tmp_path):
+    """Same seed with and without the conflict: other leaves are row-for-row identical; in the
+    smallest leaf both logits move by the shared affinity term, −2c·<u,v> for click and
+    0.6·(−2c)·<u,v> for conversion, so their shifts have the fixed ratio 0.6."""
+    spec = SyntheticSpec(train_files=1, eval_files=1, row_group_rows=5000)
+    generate(tmp_path / "a", rows=6000, seed=4, spec=spec)
+    generate(tmp_path / "b", rows=6000, seed=4, spec=SyntheticSpec(train_files=1, eval_files=1, row_group_rows=5000, small_leaf_conflict=0.75))
+    cols = ["channel", "domain", "true_pctr", "true_pcvr"]
+    a = pq.ParquetDataset(tmp_path / "a" / "train").read(columns=cols).to_pydict()
+    b = pq.ParquetDataset(tmp_path / "b" / "train").read(columns=cols).to_pydict()
+    leaf = np.array(a["channel"]) * 2 + np.array(a["domain"])
+    assert (leaf == 3).sum() > 100
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    for col in ("true_pctr", "true_pcvr"):
+        np.testing.assert_array_equal(np.array(a[col])[leaf != 3], np.array(b[col])[leaf != 3])
+    d_ctr = (logit(np.array(b["true_pctr"])) - logit(np.array(a["true_pctr"])))[leaf == 3]
+    d_cvr = (logit(np.array(b["true_pcvr"])) - logit(np.array(a["true_pcvr"])))[leaf == 3]
+    big = np.abs(d_ctr) > 1e-3
+    assert big.mean() > 0.9  # the conflict changes nearly every row of the leaf
+    np.testing.assert_allclose(d_cvr[big] / d_ctr[big], 0.6, rtol=1e-4)

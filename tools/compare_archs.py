@@ -69,6 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data", default="data/compare")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--conflict", type=float, default=0.0,
+                   help="SyntheticSpec.small_leaf_conflict: the smallest leaf's preferences oppose the others'")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--runs", default="runs/compare")
@@ -77,10 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     data = Path(a.data)
     if not (data / "schema.yaml").exists():
-        from dlrm_mtl.synthetic import generate
+        from dlrm_mtl.synthetic import SyntheticSpec, generate
 
         print(f"[compare] generating {a.rows} rows into {data}", flush=True)
-        generate(data, rows=a.rows, seed=a.seed)
+        generate(data, rows=a.rows, seed=a.seed, spec=SyntheticSpec(small_leaf_conflict=a.conflict))
     names = a.arch or sorted(f.stem for f in ARCH_DIR.glob("*.yaml"))
     results: Dict[str, dict] = {}
     for name in names:
@@ -112,7 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tasks = [t for t in first["metrics_by"]]
     md = "\n\n".join(table(results, t, scenarios) for t in tasks)
     cmdline = "tools/compare_archs.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = (f"Produced by `.venv/bin/python {cmdline}` — {a.rows:,} synthetic rows (seed {a.seed}), "
+    md = (f"Produced by `.venv/bin/python {cmdline}` — {a.rows:,} synthetic rows (seed {a.seed}, "
+          f"small_leaf_conflict {a.conflict}), "
           f"{a.epochs} epoch(s), batch {a.batch}, world size 1. Bold: best in the column.\n\n" + md)
     print(md)
     if a.out:
