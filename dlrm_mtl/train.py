@@ -238,7 +238,8 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         t0 = time.perf_counter()
         window_t = time.perf_counter()
         window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
-        batches = _device_batches(itertools.islice(iter(train_stream), steps_per_epoch), env, cfg)
+        epoch_iter = iter(train_stream)
+        batches = _device_batches(itertools.islice(epoch_iter, steps_per_epoch), env, cfg)
         if audit is not None:
             batches = audit.tap(batches)
         for i in range(steps_per_epoch):
@@ -294,6 +295,10 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                     _log(env, f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {last_terms.get('loss/total', math.nan):.4f} "
                               f"{sps:,.0f} samples/s")
         train_seconds += time.perf_counter() - t0
+        # stop the reader threads now (max_steps leaves the stream unfinished): an abandoned
+        # generator would only be closed by the garbage collector, and a reader thread still
+        # inside pyarrow at interpreter exit can abort the process
+        epoch_iter.close()
         progress.finish_epoch()
         if bar is not None:
             bar.close()

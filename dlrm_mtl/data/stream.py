@@ -679,4 +679,5 @@ class ParquetStream:
                     raise item
                 yield item  # type: ignore[misc]
         finally:
-            stop.set()
+            stop.set()  # the reader returns at its next put (timeout 0.1 s); wait for it, so no
+            th.join(timeout=60)  # reader thread outlives an iterator that was closed early
