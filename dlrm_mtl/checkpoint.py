@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
 
+from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config
 from dlrm_mtl.data.stream import ParquetStream, Segment
 
@@ -299,10 +300,7 @@ class CheckpointManager:
         dense = sum(p.numel() * p.element_size() for n, p in dmp.named_parameters() if "embedding_bags" not in n)
         need += 2 * dense if self.env.is_main else 0  # Adam's moments, created at the first step
         total = torch.tensor([need], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = total.to("cuda") if dist.get_backend() == "nccl" else total
-            dist.all_reduce(t)
-            total = t.cpu()
+        total = all_reduce_host(total)
         need = int(int(total[0]) * 1.1) + (1 << 20)
         if self.cfg.checkpoint.min_free_gb > 0:
             need = int(self.cfg.checkpoint.min_free_gb * 1024**3)
@@ -350,11 +348,7 @@ class CheckpointManager:
             return True
         if c.every_minutes > 0 and step % max(1, self.cfg.train.log_every) == 0:
             flag = torch.tensor([int(time.monotonic() - self._last_save >= c.every_minutes * 60)], dtype=torch.int64)
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                t = flag.to("cuda") if dist.get_backend() == "nccl" else flag
-                dist.broadcast(t, src=0)
-                flag = t.cpu()
-            return bool(flag[0])
+            return bool(broadcast_host(flag, src=0)[0])  # rank 0's clock decides for all
         return False
 
     def save(self, dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: TrainProgress,

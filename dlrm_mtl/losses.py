@@ -10,7 +10,7 @@ from torch import nn
 
 from dlrm_mtl.config import LossConfig
 from dlrm_mtl.modules.bias_tower import BiasTower
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, leaf_ids, scenario_names
 from dlrm_mtl.task_graph import TaskGraph
 
 
@@ -75,8 +75,6 @@ class EntireSpaceLoss(nn.Module):
 
     def __init__(self, schema: Schema, cfg: Optional[LossConfig] = None, scenario_share: Optional[Sequence[float]] = None) -> None:
         super().__init__()
-        from dlrm_mtl.metrics import scenario_names  # local: metrics imports the batch/data stack
-
         cfg = cfg or LossConfig()
         self.schema = schema
         self.cfg = cfg
@@ -84,6 +82,8 @@ class EntireSpaceLoss(nn.Module):
         tasks = schema.tasks
         # one term per task with a loss space
         self.term_tasks: List[int] = [i for i, t in enumerate(tasks) if t.loss_space != "none"]
+        # sum_of tasks have no head of their own: their logit column is unused
+        self.unused_logits: List[int] = [i for i, t in enumerate(tasks) if t.derived]
         self.term_names: List[str] = [
             self.graph.entire_names[i] if tasks[i].parent is not None and tasks[i].loss_space == "entire" and tasks[i].type == "binary" else tasks[i].name
             for i in self.term_tasks
@@ -161,8 +161,6 @@ class EntireSpaceLoss(nn.Module):
         in_space = g.parent_positive(labels, label_mask) & label_mask  # [B, T]
         lam = torch.ones_like(weight)
         if scenario is not None and self.cfg.scenario_weighting != "none":
-            from dlrm_mtl.metrics import leaf_ids
-
             lam = self.scenario_lambda[leaf_ids(scenario, self.schema)]  # [B]
         losses = []
         for i in self.term_tasks:
@@ -202,8 +200,6 @@ class EntireSpaceLoss(nn.Module):
             add = torch.zeros_like(logits)
             add[:, self.bias_tasks] = b.expand(-1, len(self.bias_tasks))
             logits = logits + add
-        # sum_of tasks ignore their logit column; 0 · it keeps DDP from seeing unused parameters
-        unused = [i for i, t in enumerate(self.schema.tasks) if t.derived]
         per_task = self.per_task(logits, labels, label_mask, weight, scenario)  # [K]
         w = self.term_weights()  # [K]
         if self.log_var is not None:
@@ -212,8 +208,8 @@ class EntireSpaceLoss(nn.Module):
         else:
             weighted = w * per_task
         total = weighted.sum()
-        if unused:
-            total = total + 0.0 * logits[:, unused].sum()
+        if self.unused_logits:  # 0 · the unused columns keeps DDP from seeing unused parameters
+            total = total + 0.0 * logits[:, self.unused_logits].sum()
         terms: Dict[str, torch.Tensor] = {}
         for k, name in enumerate(self.term_names):
             terms[f"loss/{name}"] = per_task[k].detach()

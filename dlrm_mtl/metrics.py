@@ -54,9 +54,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import log1mexp
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, leaf_ids, scenario_names  # noqa: F401 (re-exported)
 from dlrm_mtl.task_graph import TaskGraph
 
 
@@ -83,23 +84,6 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(labels, dtype=np.float64)
     return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean()) if y.size else float("nan")
-
-
-def scenario_names(schema: Schema) -> List[str]:
-    """Names of the leaf scenarios in leaf-id order (mixed radix over the levels)."""
-    names = [""]
-    for level in schema.scenarios:
-        vals = level.value_names or [f"{level.name}{v}" for v in range(level.num_values)]
-        names = [f"{a}/{b}" if a else b for a in names for b in vals]
-    return names
-
-
-def leaf_ids(scenario: torch.Tensor, schema: Schema) -> torch.Tensor:
-    """``[B, L]`` per-level ids -> ``[B]`` leaf ids."""
-    leaf = torch.zeros_like(scenario[:, 0])
-    for i, level in enumerate(schema.scenarios):
-        leaf = leaf * level.num_values + scenario[:, i]
-    return leaf
 
 
 AUC_LOGIT_RANGE = 16.0  # logits are clamped to [-16, 16] for the AUC histogram
@@ -184,14 +168,6 @@ def task_views(schema: Schema, graph: TaskGraph) -> List[View]:
 
 # per (view, leaf) sums, in this order
 _SUMS = ("count", "positives", "sum_pred", "sum_logloss", "sum_sq", "sum_abs", "sum_label", "sum_oracle_sq")
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        y = x.to("cuda") if dist.get_backend() == "nccl" else x
-        dist.all_reduce(y)
-        return y.cpu()
-    return x
 
 
 class MetricAccumulator:
@@ -339,19 +315,19 @@ class MetricAccumulator:
                     n, a = grouped_auc(user[sel], local["label"][sel], local["score"][sel])
                     total_users = np.unique(user[sel]).size
                     out[v, sl] = torch.tensor([(n * a).sum(), n.sum(), n.size, total_users - n.size], dtype=torch.float64)
-        return _all_reduce(out)
+        return all_reduce_host(out)
 
     def compute(self) -> List[Dict[str, object]]:
-        rows_total = int(_all_reduce(torch.tensor([self.rows], dtype=torch.int64))[0])
+        rows_total = int(all_reduce_host(torch.tensor([self.rows], dtype=torch.int64))[0])
         if rows_total == 0:
             return []
-        has_oracle = bool(int(_all_reduce(torch.tensor([int(self.has_oracle)], dtype=torch.int64))[0]))
-        sums = _all_reduce(self.sums.clone())
-        hist = _all_reduce(self.hist.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
+        has_oracle = bool(int(all_reduce_host(torch.tensor([int(self.has_oracle)], dtype=torch.int64))[0]))
+        sums = all_reduce_host(self.sums.clone())
+        hist = all_reduce_host(self.hist.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
         ohist = None
         if has_oracle:
             oh = self.oracle_hist if self.oracle_hist is not None else torch.zeros_like(self.hist)
-            ohist = _all_reduce(oh.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
+            ohist = all_reduce_host(oh.clone()).view(len(self.views), self.S, 2, AUC_BINS).numpy()
         with_gauc = self.schema.user_id is not None
         gauc = self._gauc_sums() if with_gauc else None
         names = scenario_names(self.schema)

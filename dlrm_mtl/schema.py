@@ -450,3 +450,20 @@ class Schema:
     def save(self, path: str | Path) -> None:
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def scenario_names(schema: Schema) -> List[str]:
+    """Names of the leaf scenarios in leaf-id order (mixed radix over the levels)."""
+    names = [""]
+    for level in schema.scenarios:
+        vals = level.value_names or [f"{level.name}{v}" for v in range(level.num_values)]
+        names = [f"{a}/{b}" if a else b for a in names for b in vals]
+    return names
+
+
+def leaf_ids(scenario: "torch.Tensor", schema: Schema) -> "torch.Tensor":
+    """``[B, L]`` per-level ids -> ``[B]`` leaf ids (mixed radix, first level most significant)."""
+    leaf = scenario[:, 0] * 0
+    for i, level in enumerate(schema.scenarios):
+        leaf = leaf * level.num_values + scenario[:, i]
+    return leaf

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, data_fingerprint, fault_point
+from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model, shutdown_distributed
@@ -38,15 +39,6 @@ from dlrm_mtl.utilisation import ExpertUtilisation, render_heatmap
 def _log(env: DistEnv, msg: str) -> None:
     if env.is_main:
         print(f"[dlrm_mtl] {msg}", flush=True)
-
-
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a small host tensor over ranks (moved to the GPU and back under NCCL)."""
-    if dist.get_world_size() > 1:
-        y = x.to("cuda") if dist.get_backend() == "nccl" else x
-        dist.all_reduce(y)
-        x = y.cpu()
-    return x
 
 
 def evaluate(
@@ -277,7 +269,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                 padded_rows += B * window_steps - window_rows
                 window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
                 names = sorted(terms)
-                vals = _all_reduce_sum(torch.tensor([float(terms[k]) for k in names] + [float(window_rows)], dtype=torch.float64))
+                vals = all_reduce_host(torch.tensor([float(terms[k]) for k in names] + [float(window_rows)], dtype=torch.float64))
                 now = time.perf_counter()
                 sps = float(vals[-1]) / max(now - window_t, 1e-9)
                 window_t = now
@@ -324,7 +316,7 @@ def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
                             writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
             _log(env, f"epoch {epoch} eval:\n" + format_table(metrics))
 
-    total_rows = int(_all_reduce_sum(torch.tensor([trained_rows], dtype=torch.int64))[0])
+    total_rows = int(all_reduce_host(torch.tensor([trained_rows], dtype=torch.int64))[0])
     throughput = {
         "samples_per_s": total_rows / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlrm_mtl.metrics import leaf_ids, scenario_names
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.collectives import all_reduce_host
+from dlrm_mtl.schema import Schema, leaf_ids, scenario_names
 
 
 class ExpertUtilisation:
@@ -53,11 +53,7 @@ class ExpertUtilisation:
         counts = self.counts.clone()
         sums = {k: v.clone() for k, v in sorted(self.sums.items())}
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([counts] + [v.flatten() for v in sums.values()])
-            if dist.get_backend() == "nccl":
-                flat = flat.cuda()
-            dist.all_reduce(flat)
-            flat = flat.cpu()
+            flat = all_reduce_host(torch.cat([counts] + [v.flatten() for v in sums.values()]))
             counts, off = flat[: len(counts)], len(counts)
             for k, v in sums.items():
                 sums[k] = flat[off : off + v.numel()].view_as(v)

@@ -16,7 +16,7 @@ from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
 from dlrm_mtl.modules import MLP, DotInteraction, LayerOutput
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, leaf_ids
 
 
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
@@ -89,7 +89,7 @@ class DenseArch(nn.Module):
                 self.layer_levels.append(lvl)
                 self._aux_weights_of(layer, lc)
                 d = layer.out_dim
-        self.register_buffer("level_strides", torch.tensor([math.prod(sizes[i + 1 :]) for i in range(len(sizes))]), persistent=False)
+        self.schema = schema
         self.task_layers = nn.ModuleList()
         for lc in cfg.task_layers:
             layer = build_task_layer(lc, d, T, len(sizes) * e)
@@ -123,7 +123,7 @@ class DenseArch(nn.Module):
 
         for name, lvl, layer in zip(self.scenario_layer_names, self.layer_levels, self.scenario_layers):
             if lvl < 0:
-                out = layer(x, (scenario * self.level_strides).sum(dim=1), context)
+                out = layer(x, leaf_ids(scenario, self.schema), context)
             else:
                 out = layer(x, scenario[:, lvl], embs[lvl])
             collect(name, layer, out)
