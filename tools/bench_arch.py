@@ -24,8 +24,16 @@ ML-MMoE), ``num_shared = E // 2`` and ``num_specific = E // 2`` per scenario or 
 HiNet), so every layer has at least E experts to choose from. Expert MLPs get one hidden layer
 (``--hidden``) so the deeper-layer einsum is exercised too.
 
+``--bank`` times one ``ExpertBank`` alone instead (no gates, towers, ...) against the loop,
+and next to both its *GEMM floor*: the batched bank's matmuls alone on preallocated buffers.
+Every implementation of the same experts performs those FLOPs, so ``loop / floor`` bounds the
+speed-up any batched bank can reach at those shapes. Minor page faults per step are printed
+too (a deterministic count of first touches of fresh memory, which timings on a shared VM
+are not). See docs/architectures.md, "The bank alone, and the GEMM floor".
+
 Example::
 
+    .venv/bin/python tools/bench_arch.py --bank --experts 8 16 --batch-sizes 256 1024 4096
     .venv/bin/python tools/bench_arch.py --experts 4 8 16 --batch 1024
     .venv/bin/python tools/bench_arch.py --arch mmoe ple --experts 8 --json bench_arch.json
 """
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -148,6 +157,107 @@ def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, war
     return out
 
 
+def bank_gemms(bank: ExpertBank, B: int) -> List:
+    """The matmuls one forward + backward of ``bank`` on a shared ``[B, in]`` input performs.
+
+    As closures over preallocated operands and outputs (``out=``), so timing them measures the
+    GEMMs alone: no allocation, no elementwise pass, no dispatch of anything else. Forward:
+    layer 0 ``[B, in] x [in, E*h]`` and one ``[E, B, h] x [E, h, k]`` per deeper layer. Backward
+    per layer: the weight gradient and the input gradient (the bank's input needs a gradient).
+    """
+    E = bank.num_experts
+    sizes = [bank.in_dim] + [w.shape[2] for w in bank.weights]
+    ops = []
+    # layer 0: forward, weight grad, input grad (on the concatenated weights)
+    x, w0 = torch.randn(B, sizes[0]), torch.randn(sizes[0], E * sizes[1])
+    g0 = torch.randn(B, E * sizes[1])
+    o_f, o_w, o_i = torch.empty(B, E * sizes[1]), torch.empty(sizes[0], E * sizes[1]), torch.empty(B, sizes[0])
+    ops += [lambda: torch.mm(x, w0, out=o_f), lambda: torch.mm(x.T, g0, out=o_w), lambda: torch.mm(g0, w0.T, out=o_i)]
+    for a, b in zip(sizes[1:-1], sizes[2:]):
+        h, w, g = torch.randn(E, B, a), torch.randn(E, a, b), torch.randn(E, B, b)
+        f, dw, di = torch.empty(E, B, b), torch.empty(E, a, b), torch.empty(E, B, a)
+        ops += [lambda h=h, w=w, f=f: torch.bmm(h, w, out=f),
+                lambda h=h, g=g, dw=dw: torch.bmm(h.transpose(1, 2), g, out=dw),
+                lambda g=g, w=w, di=di: torch.bmm(g, w.transpose(1, 2), out=di)]
+    return ops
+
+
+def bench_bank(B: int, E: int, hidden: List[int], in_dim: int, out_dim: int, steps: int, warmup: int, chunk: int) -> Dict[str, float]:
+    """One ``ExpertBank`` alone (forward + backward) vs ``LoopExpertBank``, and the GEMM floor.
+
+    ``floor`` is the time of the batched bank's matmuls alone (:func:`bank_gemms`). Any
+    implementation of the same experts performs these FLOPs, so ``loop / floor`` bounds the
+    ratio a batched bank could reach at these shapes if everything but its GEMMs cost nothing.
+    """
+    torch.manual_seed(0)
+    bank = ExpertBank(E, in_dim, hidden, out_dim)
+    loop = LoopExpertBank(bank)
+    x = torch.randn(B, in_dim, requires_grad=True)
+    gy = torch.randn(B, E, out_dim)
+    flops = 0
+    sizes = [in_dim] + list(hidden) + [out_dim]
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        flops += 3 * 2 * B * E * a * b  # forward, weight grad, input grad
+    with torch.no_grad():
+        diff = float((bank(x) - loop(x)).abs().max())
+
+    def fwd_bwd(m: nn.Module) -> None:
+        (m(x) * gy).sum().backward()
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+
+    gemms = bank_gemms(bank, B)
+
+    def floor() -> None:
+        for op in gemms:
+            op()
+
+    cases = {"batched": lambda: fwd_bwd(bank), "loop": lambda: fwd_bwd(loop), "floor": floor}
+    times: Dict[str, List[float]] = {k: [] for k in cases}
+    faults = {k: 0 for k in cases}
+    for f in cases.values():
+        for _ in range(warmup):
+            f()
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for k, f in cases.items():
+            for _ in range(n):
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        done += n
+    out: Dict[str, float] = {"batch": B, "experts": E, "hidden": list(hidden), "max_abs_diff": diff}
+    for k, ts in times.items():
+        out[f"{k}_ms"] = 1000 * statistics.median(ts)
+        out[f"{k}_page_faults"] = faults[k] / len(ts)  # minor faults per step: first touches of fresh memory
+    out["floor_gflops"] = flops / (out["floor_ms"] / 1000) / 1e9
+    out["ratio"] = out["loop_ms"] / out["batched_ms"]
+    out["max_ratio"] = out["loop_ms"] / out["floor_ms"]
+    return out
+
+
+def main_bank(a: argparse.Namespace) -> int:
+    rows = []
+    print("ExpertBank alone, forward + backward, median ms per step (in_dim %d, out_dim %d)" % (a.bank_in, a.bank_out))
+    print(f"{'batch':>6}{'E':>4}{'hidden':>8}{'batched':>9}{'loop':>9}{'ratio':>8}{'floor':>9}{'GFLOP/s':>9}{'loop/floor':>11}"
+          f"{'faults b/l':>13}{'max|diff|':>11}")
+    for B in a.batch_sizes:
+        for E in a.experts:
+            for hid in a.bank_hidden:
+                hidden = [hid] if hid > 0 else []
+                r = bench_bank(B, E, hidden, a.bank_in, a.bank_out, a.steps, a.warmup, a.chunk)
+                rows.append(r)
+                print(f"{B:>6}{E:>4}{hid:>8}{r['batched_ms']:>9.2f}{r['loop_ms']:>9.2f}{r['ratio']:>7.2f}x"
+                      f"{r['floor_ms']:>9.2f}{r['floor_gflops']:>9.0f}{r['max_ratio']:>10.2f}x"
+                      f"{r['batched_page_faults']:>7.0f}/{r['loop_page_faults']:<5.0f}{r['max_abs_diff']:>11.1e}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="*", default=None, help="names of configs/arch/*.yaml (default: all)")
@@ -159,9 +269,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--chunk", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--bank", action="store_true",
+                   help="time one ExpertBank alone (no gates, towers, ...) against the loop and its GEMM floor")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024, 4096], help="--bank: batch sizes")
+    p.add_argument("--bank-hidden", nargs="+", type=int, default=[0, 64], help="--bank: expert hidden sizes (0 = one layer)")
+    p.add_argument("--bank-in", type=int, default=149, help="--bank: input width (149 = the synthetic task-layer input)")
+    p.add_argument("--bank-out", type=int, default=64)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.bank:
+        return main_bank(a)
     names = a.arch or sorted(f.stem for f in ARCH_DIR.glob("*.yaml"))
     rows = []
     print(f"{'arch':<16}{'E':>4}{'batched/s':>12}{'loop/s':>12}{'ratio':>8}{'ratio(med)':>11}{'max|diff|':>11}")
