@@ -561,3 +561,31 @@ def test_comparison_runs_and_tables_the_runs_metrics(tmp_path):
         assert [c.strip().strip("*") for c in row.split("|")[3:5]] == cells, row
     saved = yaml.safe_load((tmp_path / "runs" / "mmoe" / "seed1" / "config.yaml").read_text())
     assert [l["type"] for l in saved["model"]["task_layers"]] == ["mmoe"] and saved["train"]["seed"] == 1
+
+
+@pytest.mark.slow
+def test_run_comparison_script_converts_once_then_plans_every_arch_and_seed(tmp_path):
+    """datasets/census_income/run_comparison.sh -> datasets/run_comparison.sh: converts the raw
+    files into $DATA with the converter named after the folder, then hands every listed
+    architecture x seed to dlrm_mtl.datasets.compare (--dry-run prints the commands)."""
+    import os
+    import subprocess
+    import sys
+
+    fx.write_census(tmp_path / "raw", 120, 60)
+    env = dict(os.environ, PY=sys.executable, RAW=str(tmp_path / "raw"), DATA=str(tmp_path / "data"),
+               OUT=str(tmp_path / "runs"), SEEDS="0,1")
+    script = ROOT / "datasets" / "census_income" / "run_comparison.sh"
+    r = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "schema.yaml").exists() and list((tmp_path / "data" / "train").glob("*.parquet"))
+    archs = (ROOT / "datasets" / "census_income" / "ARCHS").read_text().split()
+    for arch in archs:
+        for seed in (0, 1):
+            assert str(tmp_path / "runs" / arch / f"seed{seed}") in r.stdout, (arch, seed, r.stdout)
+    # a second run finds $DATA converted and does not need RAW
+    env.pop("RAW")
+    assert subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120).returncode == 0
+    # an unknown folder is refused by name
+    bad = subprocess.run(["bash", str(ROOT / "datasets" / "run_comparison.sh"), "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "datasets/nope/ARCHS not found" in bad.stderr and "census_income" in bad.stderr

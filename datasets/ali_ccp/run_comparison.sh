@@ -1,20 +1,5 @@
 #!/usr/bin/env bash
-# The architecture comparison on ali-ccp (see datasets/ali_ccp/README.md for what to expect).
+# The architecture comparison on ali_ccp (see datasets/ali_ccp/README.md for what to expect).
 #   RAW=/path/to/unpacked/download datasets/ali_ccp/run_comparison.sh [--set key=value ...]
-# Converts once into $DATA (default data/ali_ccp), trains every architecture in
-# datasets/ali_ccp/ARCHS for each seed in $SEEDS (default 0,1,2) with $NPROC workers (default 1),
-# and writes $OUT/results.md (default runs/ali_ccp). Extra arguments go to every training run,
-# e.g. --set train.epochs=1 for a quick pass.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-DATA=${DATA:-data/ali_ccp}
-if [ ! -f "$DATA/schema.yaml" ]; then
-  if [ -z "${RAW:-}" ]; then
-    echo "$DATA/schema.yaml not found: set RAW=<unpacked download> to convert it (datasets/ali_ccp/README.md)" >&2
-    exit 2
-  fi
-  "$PY" -m dlrm_mtl convert ali-ccp --raw "$RAW" --out "$DATA" ${CONVERT_ARGS:-}
-fi
-exec "$PY" -m dlrm_mtl.datasets.compare --dataset ali_ccp --data "$DATA" --out "${OUT:-runs/ali_ccp}" \
-  --seeds "${SEEDS:-0,1,2}" --nproc "${NPROC:-1}" ${ARCHS:+--archs "$ARCHS"} "$@"
+# Environment and arguments: datasets/run_comparison.sh.
+exec "$(dirname "$0")/../run_comparison.sh" ali_ccp "$@"

@@ -1,20 +1,5 @@
 #!/usr/bin/env bash
-# The architecture comparison on census-income (see datasets/census_income/README.md for what to expect).
+# The architecture comparison on census_income (see datasets/census_income/README.md for what to expect).
 #   RAW=/path/to/unpacked/download datasets/census_income/run_comparison.sh [--set key=value ...]
-# Converts once into $DATA (default data/census_income), trains every architecture in
-# datasets/census_income/ARCHS for each seed in $SEEDS (default 0,1,2) with $NPROC workers (default 1),
-# and writes $OUT/results.md (default runs/census_income). Extra arguments go to every training run,
-# e.g. --set train.epochs=1 for a quick pass.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-DATA=${DATA:-data/census_income}
-if [ ! -f "$DATA/schema.yaml" ]; then
-  if [ -z "${RAW:-}" ]; then
-    echo "$DATA/schema.yaml not found: set RAW=<unpacked download> to convert it (datasets/census_income/README.md)" >&2
-    exit 2
-  fi
-  "$PY" -m dlrm_mtl convert census-income --raw "$RAW" --out "$DATA" ${CONVERT_ARGS:-}
-fi
-exec "$PY" -m dlrm_mtl.datasets.compare --dataset census_income --data "$DATA" --out "${OUT:-runs/census_income}" \
-  --seeds "${SEEDS:-0,1,2}" --nproc "${NPROC:-1}" ${ARCHS:+--archs "$ARCHS"} "$@"
+# Environment and arguments: datasets/run_comparison.sh.
+exec "$(dirname "$0")/../run_comparison.sh" census_income "$@"

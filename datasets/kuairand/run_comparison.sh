@@ -1,20 +1,5 @@
 #!/usr/bin/env bash
 # The architecture comparison on kuairand (see datasets/kuairand/README.md for what to expect).
 #   RAW=/path/to/unpacked/download datasets/kuairand/run_comparison.sh [--set key=value ...]
-# Converts once into $DATA (default data/kuairand), trains every architecture in
-# datasets/kuairand/ARCHS for each seed in $SEEDS (default 0,1,2) with $NPROC workers (default 1),
-# and writes $OUT/results.md (default runs/kuairand). Extra arguments go to every training run,
-# e.g. --set train.epochs=1 for a quick pass.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-DATA=${DATA:-data/kuairand}
-if [ ! -f "$DATA/schema.yaml" ]; then
-  if [ -z "${RAW:-}" ]; then
-    echo "$DATA/schema.yaml not found: set RAW=<unpacked download> to convert it (datasets/kuairand/README.md)" >&2
-    exit 2
-  fi
-  "$PY" -m dlrm_mtl convert kuairand --raw "$RAW" --out "$DATA" ${CONVERT_ARGS:-}
-fi
-exec "$PY" -m dlrm_mtl.datasets.compare --dataset kuairand --data "$DATA" --out "${OUT:-runs/kuairand}" \
-  --seeds "${SEEDS:-0,1,2}" --nproc "${NPROC:-1}" ${ARCHS:+--archs "$ARCHS"} "$@"
+# Environment and arguments: datasets/run_comparison.sh.
+exec "$(dirname "$0")/../run_comparison.sh" kuairand "$@"
