@@ -53,3 +53,12 @@ def test_bank_benchmark_floor_counts_the_banks_matmuls():
     assert [tuple(o.shape) for o in outs] == [(16, 18), (10, 18), (16, 10), (3, 16, 5), (3, 6, 5), (3, 16, 6)]
     r = bench.bench_bank(16, 3, [6], 10, 5, steps=2, warmup=1, chunk=1)
     assert r["max_abs_diff"] < 1e-6 and r["floor_ms"] > 0 and r["max_ratio"] == r["loop_ms"] / r["floor_ms"]
+
+
+def test_mixture_benchmark_compares_the_same_model_and_restores_the_threshold():
+    from dlrm_mtl.modules import mixture
+
+    before = mixture.SMALL_MIXTURE
+    r = bench.bench_mixture(None, 64, steps=2, warmup=1, chunk=1)  # the default arch: CGC layers with small mixtures
+    assert mixture.SMALL_MIXTURE == before
+    assert r["max_abs_diff"] < 1e-5 and r["mixture_median_ms"] > 0 and r["bmm_median_ms"] > 0

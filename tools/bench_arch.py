@@ -24,6 +24,9 @@ ML-MMoE), ``num_shared = E // 2`` and ``num_specific = E // 2`` per scenario or 
 HiNet), so every layer has at least E experts to choose from. Expert MLPs get one hidden layer
 (``--hidden``) so the deeper-layer einsum is exercised too.
 
+``--mixture`` times each fragment as shipped with ``mix_experts``' broadcast path for small
+gated sums against the same model with every gated sum a batched matmul.
+
 ``--bank`` times one ``ExpertBank`` alone instead (no gates, towers, ...) against the loop,
 and next to both its *GEMM floor*: the batched bank's matmuls alone on preallocated buffers.
 Every implementation of the same experts performs those FLOPs, so ``loop / floor`` bounds the
@@ -239,6 +242,66 @@ def bench_bank(B: int, E: int, hidden: List[int], in_dim: int, out_dim: int, ste
     return out
 
 
+def bench_mixture(fragment: Optional[Path], B: int, steps: int, warmup: int, chunk: int) -> Dict[str, float]:
+    """The dense arch of ``fragment`` as shipped (``None``: the default config) with
+    ``mix_experts``' broadcast path for small mixtures, against the same model with every
+    mixture a batched matmul (``SMALL_MIXTURE = 0``): same weights, same inputs, alternating."""
+    from dlrm_mtl.modules import mixture
+
+    schema = synthetic_schema()
+    torch.manual_seed(0)
+    cfg = Config.load([str(fragment)]) if fragment else Config()
+    model = DenseArch(schema, cfg.model)
+    batch = inputs(schema, B)
+    threshold = mixture.SMALL_MIXTURE
+
+    def bmm_only() -> float:
+        mixture.SMALL_MIXTURE = 0
+        try:
+            return step(model, batch)
+        finally:
+            mixture.SMALL_MIXTURE = threshold
+
+    cases = {"mixture": lambda: step(model, batch), "bmm": bmm_only}
+    model.eval()
+    with torch.no_grad():
+        a = model(*batch)[0]
+        mixture.SMALL_MIXTURE = 0
+        b = model(*batch)[0]
+        mixture.SMALL_MIXTURE = threshold
+    model.train()
+    for f in cases.values():
+        for _ in range(warmup):
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in cases}
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for k, f in cases.items():
+            for _ in range(n):
+                times[k].append(f())
+        done += n
+    out = {"arch": fragment.stem if fragment else "default", "max_abs_diff": float((a - b).abs().max())}
+    for k, ts in times.items():
+        out[f"{k}_median_ms"] = 1000 * statistics.median(ts)
+    out["ratio"] = out["bmm_median_ms"] / out["mixture_median_ms"]
+    return out
+
+
+def main_mixture(a: argparse.Namespace) -> int:
+    names = a.arch or ["default"] + sorted(f.stem for f in ARCH_DIR.glob("*.yaml"))
+    print(f"dense arch as configured, batch {a.batch}, {torch.get_num_threads()} threads: median ms per step")
+    print(f"{'arch':<16}{'mix_experts':>12}{'bmm only':>10}{'speed-up':>10}{'max|diff|':>11}")
+    rows = []
+    for name in names:
+        r = bench_mixture(None if name == "default" else ARCH_DIR / f"{name}.yaml", a.batch, a.steps, a.warmup, a.chunk)
+        rows.append(r)
+        print(f"{name:<16}{r['mixture_median_ms']:>12.2f}{r['bmm_median_ms']:>10.2f}{r['ratio']:>9.2f}x{r['max_abs_diff']:>11.1e}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main_bank(a: argparse.Namespace) -> int:
     rows = []
     print("ExpertBank alone, forward + backward, median ms per step (in_dim %d, out_dim %d)" % (a.bank_in, a.bank_out))
@@ -275,11 +338,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bank-hidden", nargs="+", type=int, default=[0, 64], help="--bank: expert hidden sizes (0 = one layer)")
     p.add_argument("--bank-in", type=int, default=149, help="--bank: input width (149 = the synthetic task-layer input)")
     p.add_argument("--bank-out", type=int, default=64)
+    p.add_argument("--mixture", action="store_true",
+                   help="each fragment as shipped: mix_experts' small-mixture path vs a batched matmul for every mixture")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.bank:
         return main_bank(a)
+    if a.mixture:
+        return main_mixture(a)
     names = a.arch or sorted(f.stem for f in ARCH_DIR.glob("*.yaml"))
     rows = []
     print(f"{'arch':<16}{'E':>4}{'batched/s':>12}{'loop/s':>12}{'ratio':>8}{'ratio(med)':>11}{'max|diff|':>11}")

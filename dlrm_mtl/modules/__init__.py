@@ -6,6 +6,7 @@ from dlrm_mtl.modules.gates import GATE_KINDS, NoisyGate, TopKGate, keep_top_k, 
 from dlrm_mtl.modules.interaction import DotInteraction
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mlp import MLP
+from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.mmoe import MMoELayer, SharedBottomLayer
 from dlrm_mtl.modules.ml_mmoe import MultiLevelMMoELayer
 from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
@@ -25,6 +26,7 @@ __all__ = [
     "ExtractionNetwork",
     "LayerOutput",
     "MLP",
+    "mix_experts",
     "MMoELayer",
     "PLELayer",
     "ScenarioCGCLayer",

@@ -29,6 +29,7 @@ from torch import nn
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class ExpertSelection(NamedTuple):
@@ -182,7 +183,7 @@ class AESMScenarioLayer(nn.Module):
         logits = self.gate.logits(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
         noise_std = self.noise * self.num_experts if self.training else 0.0
         sel = select_experts(logits, scenario, self.k_specific, self.k_shared, noise_std)
-        y = torch.einsum("be,bed->bd", sel.gates, experts)  # [B, d']
+        y = mix_experts(sel.gates.unsqueeze(1), experts).squeeze(1)  # [B, d']
         return LayerOutput(y, {"": sel.gates}, {"kl_specific": sel.kl_specific, "kl_shared": sel.kl_shared})
 
 
@@ -255,6 +256,6 @@ class AESMTaskLayer(nn.Module):
         noise_std = self.noise * E if self.training else 0.0
         sel = select_experts(logits.reshape(T * B, T, E), target, self.k_specific, self.k_shared, noise_std)
         gates = sel.gates.view(T, B, E)  # [T, B, E]
-        y = torch.einsum("tbe,tbed->tbd", gates, experts.expand(T, B, E, experts.shape[-1]))  # [T, B, d']
+        y = mix_experts(gates.unsqueeze(-2), experts).squeeze(-2)  # [T, B, d']
         aux: Dict[str, torch.Tensor] = {"kl_specific": sel.kl_specific, "kl_shared": sel.kl_shared}
         return LayerOutput(y, {"": gates.transpose(0, 1)}, aux)

@@ -9,6 +9,7 @@ from torch import nn
 
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class ScenarioAwareAttention(nn.Module):
@@ -53,7 +54,7 @@ class ScenarioAwareAttention(nn.Module):
         else:
             logits = self.score(scenario_emb)  # [B, S]
             weights = torch.softmax(logits.masked_fill(own, float("-inf")), dim=-1)  # [B, S], own = 0
-        return torch.bmm(weights.unsqueeze(1), specific).squeeze(1), weights  # [B, d], [B, S]
+        return mix_experts(weights.unsqueeze(1), specific).squeeze(1), weights  # [B, d], [B, S]
 
 
 class HiNetScenarioLayer(nn.Module):

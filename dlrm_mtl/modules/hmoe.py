@@ -10,6 +10,7 @@ from torch import nn
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class HMoELayer(nn.Module):
@@ -58,5 +59,5 @@ class HMoELayer(nn.Module):
         own = nn.functional.one_hot(scenario, self.num_scenarios).to(torch.bool).unsqueeze(-1)  # [B, S, 1]
         experts = torch.where(own, experts, experts.detach())  # other scenarios' outputs: stop-gradient
         gates = self.gate(torch.cat([x, scenario_emb], dim=1))[torch.arange(B, device=x.device), scenario]  # [B, S]
-        y = torch.bmm(gates.unsqueeze(1), experts).squeeze(1)  # [B, d']
+        y = mix_experts(gates.unsqueeze(1), experts).squeeze(1)  # [B, d']
         return LayerOutput(y, {"": gates})

@@ -11,6 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.task_input import split_task_input
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class MultiLevelMMoELayer(nn.Module):
@@ -56,7 +57,7 @@ class MultiLevelMMoELayer(nn.Module):
         for l, (gate, bank) in enumerate(zip(self.inner_gates, list(self.banks)[1:])):
             g = gate(shared_in)  # [B, E_next, E]
             gates[f"level{l}"] = g
-            h = bank(torch.einsum("bje,bed->bjd", g, h))  # next level's expert j on its own input: [B, E, d']
+            h = bank(mix_experts(g, h))  # next level's expert j on its own input: [B, E, d']
         g = self.task_gate(task_in)  # [B, T, E]
         gates["task"] = g
-        return LayerOutput(torch.einsum("bte,bed->tbd", g, h), gates)  # [T, B, d']
+        return LayerOutput(mix_experts(g, h).transpose(0, 1), gates)  # [T, B, d']

@@ -11,6 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import make_gate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.task_input import split_task_input
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class MMoELayer(nn.Module):
@@ -53,7 +54,7 @@ class MMoELayer(nn.Module):
         task_in, shared_in = split_task_input(x, self.num_tasks)
         e = self.experts(shared_in)  # [B, E, d']
         g = self.gate(shared_in if self.one_gate else task_in)  # [B, G, E]
-        y = torch.einsum("bge,bed->gbd", g, e)  # [G, B, d']
+        y = mix_experts(g, e).transpose(0, 1)  # [G, B, d']
         if self.one_gate:
             y = y.expand(self.num_tasks, *y.shape[1:])
         return LayerOutput(y, {"": g})

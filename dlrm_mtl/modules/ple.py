@@ -11,6 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.task_input import split_task_input
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class ExtractionNetwork(nn.Module):
@@ -62,11 +63,11 @@ class ExtractionNetwork(nn.Module):
             pool.append(sp)
         experts = torch.cat(per_task, dim=2)  # [B, T, E, d']
         gates = {"task": self.task_gate(task_in) if self.task_gate is not None else task_in.new_ones(B, T, 1)}  # [B, T, E]
-        task_out = torch.einsum("bte,bted->tbd", gates["task"], experts)  # [T, B, d']
+        task_out = mix_experts(gates["task"].unsqueeze(-2), experts).squeeze(-2).transpose(0, 1)  # [T, B, d']
         shared_out = None
         if self.shared_gate is not None:
             gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
-            shared_out = torch.einsum("be,bed->bd", gates["shared"][:, 0], torch.cat(pool, dim=1))  # [B, d']
+            shared_out = mix_experts(gates["shared"], torch.cat(pool, dim=1)).squeeze(1)  # [B, d']
         return task_out, shared_out, gates
 
 

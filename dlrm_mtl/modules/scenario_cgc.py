@@ -10,6 +10,7 @@ from torch import nn
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class ScenarioCGCLayer(nn.Module):
@@ -77,4 +78,4 @@ class ScenarioCGCLayer(nn.Module):
         else:
             all_gates = self.gate(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
             gates = all_gates[torch.arange(B, device=x.device), scenario]  # [B, E]
-        return LayerOutput(torch.bmm(gates.unsqueeze(1), experts).squeeze(1), {"": gates})
+        return LayerOutput(mix_experts(gates.unsqueeze(1), experts).squeeze(1), {"": gates})

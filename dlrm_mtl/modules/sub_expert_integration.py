@@ -9,6 +9,7 @@ from torch import nn
 
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.mixture import mix_experts
 
 
 class SubExpertIntegration(nn.Module):
@@ -43,4 +44,4 @@ class SubExpertIntegration(nn.Module):
         B = x.shape[0]
         experts = self.experts(x).view(B, self.num_modules, self.sub_experts, self.out_dim)  # [B, M, K, out]
         gates = self.gate(x)  # [B, M, K]
-        return torch.einsum("bmk,bmkd->bmd", gates, experts), gates  # [B, M, out], [B, M, K]
+        return mix_experts(gates.unsqueeze(-2), experts).squeeze(-2), gates  # [B, M, out], [B, M, K]
