@@ -61,6 +61,11 @@ def test_fragment_composes_with_demo_and_builds_its_layers(name):
     if name == "aesm":
         assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
         assert set(aux) == {f"aux/{n}/{k}" for n in ("scenario0/channel", "scenario1/domain", "task0") for k in ("kl_specific", "kl_shared")}
+    # DDP's gradient layout contract: a gradient with other strides than its parameter is
+    # copied into the bucket every step (and warned about) instead of being written in place
+    odd = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters()
+           if p.grad is not None and p.grad.stride() != p.stride()]
+    assert odd == [], odd
 
 
 @pytest.mark.slow

@@ -32,6 +32,12 @@ class SoftmaxGate(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in]`` or ``[G, B, in]`` -> gate logits ``[B, G, E]``."""
+        if x.dim() == 2 and self.num_gates == 1:
+            # x @ W[0], not a batched product over a gate axis of size 1: the latter's backward
+            # gives the [1, in, E] weight a gradient whose (meaningless) stride on that axis
+            # differs from the parameter's, and DDP then warns "Grad strides do not match bucket
+            # view strides" and copies the gradient into its bucket every step.
+            return (x @ self.weight[0]).unsqueeze(1) + self.bias  # [B, 1, E]
         if x.dim() == 2:
             return torch.einsum("bi,gie->bge", x, self.weight) + self.bias
         return torch.einsum("gbi,gie->bge", x, self.weight) + self.bias
