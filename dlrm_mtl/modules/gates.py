@@ -11,7 +11,7 @@ from torch import nn
 
 class SoftmaxGate(nn.Module):
     """G independent softmax gates over E experts: ``w_g(x) = softmax(W_g x + b_g)`` (MMoE, Ma et
-    al. KDD 2018, eq. 5; PLE, Tang et al. RecSys 2020, eq. 3).
+    al. KDD 2018, eq. 6; PLE, Tang et al. RecSys 2020, eq. 3).
 
     The input is either shared by all gates, ``x [B, in]``, or one per gate, ``x [G, B, in]``
     (PLE: task k's gate reads task k's representation). Initialised like ``nn.Linear``.
