@@ -14,9 +14,10 @@ SMALL_MIXTURE = 400
 def mix_experts(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """``out[..., g, :] = Σ_e gates[..., g, e] · experts[..., e, :]``.
 
-    The combination step of MMoE (Ma et al. 2018, eq. 5: f^k(x) = Σ_i g^k(x)_i f_i(x)), CGC/PLE
-    (Tang et al. 2020, eq. 2: g^k(x) = w^k(x) S^k(x)), HiNet's SEI and SAN, HMoE and AESM²: G gates' weights over E
-    expert outputs of width D, per row. Leading (batch) dimensions broadcast.
+    The combination step of MMoE (Ma et al. 2018, eq. 5: f^k(x) = Σ_i g^k(x)_i f_i(x)),
+    CGC/PLE (Tang et al. 2020, eq. 2: g^k(x) = w^k(x) S^k(x)), HiNet's SEI and SAN, HMoE and
+    AESM²: G gates' weights over E expert outputs of width D, per row. Leading (batch)
+    dimensions broadcast.
 
     Small mixtures (``G·E·D < 400`` on CPU, e.g. CGC with 3 experts of width 128 and one gate)
     are computed as a broadcast multiply and a sum over E, which autograd differentiates with
