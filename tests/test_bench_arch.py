@@ -62,3 +62,23 @@ def test_mixture_benchmark_compares_the_same_model_and_restores_the_threshold():
     r = bench.bench_mixture(None, 64, steps=2, warmup=1, chunk=1)  # the default arch: CGC layers with small mixtures
     assert mixture.SMALL_MIXTURE == before
     assert r["max_abs_diff"] < 1e-5 and r["mixture_median_ms"] > 0 and r["bmm_median_ms"] > 0
+
+
+def test_free_banks_record_every_bank_call_for_the_dense_arch_bound():
+    """--bound: the dense arch with free banks records each bank call's rows; scenario-specific
+    experts see only their scenario's rows (CGC per level), so the floor is timed for exactly
+    the GEMMs the batched model runs."""
+    torch.manual_seed(0)
+    schema = synthetic_schema()
+    cfg = bench.scaled_config(ROOT / "configs" / "arch" / "cgc.yaml", experts=4, hidden=8)
+    model = DenseArch(schema, cfg.model)
+    free = bench.to_free(model)
+    batch = bench.inputs(schema, 64)
+    ops = bench.gemm_floor_ops(free, batch)
+    calls = [c for m in free.modules() if isinstance(m, bench.FreeExpertBank) for c in m.calls]
+    n_banks = sum(isinstance(m, ExpertBank) for m in model.modules())
+    assert len([m for m in free.modules() if isinstance(m, bench.FreeExpertBank)]) == n_banks
+    # each scenario level: a shared-expert call on all rows, and one call per scenario value on
+    # that value's rows only (together: every row once per level)
+    assert sum(r for r, _, _ in calls if r < 64) == 64 * len(schema.scenarios)
+    assert len(ops) == 3 * 2 * len(calls)  # forward, weight grad, input grad for both layers of every call

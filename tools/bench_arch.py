@@ -129,27 +129,44 @@ def step(model: nn.Module, batch) -> float:
     return time.perf_counter() - t
 
 
-def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, warmup: int, chunk: int) -> Dict[str, float]:
+def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, warmup: int, chunk: int,
+              bound: bool = False) -> Dict[str, float]:
     schema = synthetic_schema()
     torch.manual_seed(0)
     cfg = scaled_config(fragment, experts, hidden)
     batched = DenseArch(schema, cfg.model)
     loop = to_loop(batched)
     batch = inputs(schema, B)
+    models = {"batched": batched, "loop": loop}
+    floor_ops: List = []
+    if bound:
+        models["free"] = to_free(batched)
+        floor_ops = gemm_floor_ops(models["free"], batch)
     batched.eval(), loop.eval()  # no gate noise / BN batch stats for the equality check
     with torch.no_grad():
         diff = float((batched(*batch)[0] - loop(*batch)[0]).abs().max())
-    batched.train(), loop.train()
-    for m in (batched, loop):
+    for m in models.values():
+        m.train()
+
+    def floor() -> float:
+        t = time.perf_counter()
+        for op in floor_ops:
+            op()
+        return time.perf_counter() - t
+
+    cases = {name: (lambda m=m: step(m, batch)) for name, m in models.items()}
+    if bound:
+        cases["floor"] = floor
+    for f in cases.values():
         for _ in range(warmup):
-            step(m, batch)
-    times: Dict[str, List[float]] = {"batched": [], "loop": []}
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in cases}
     done = 0
     while done < steps:
         n = min(chunk, steps - done)
-        for name, m in (("batched", batched), ("loop", loop)):
+        for name, f in cases.items():
             for _ in range(n):
-                times[name].append(step(m, batch))
+                times[name].append(f())
         done += n
     out = {"arch": fragment.stem, "experts": experts, "max_abs_diff": diff}
     for name, ts in times.items():
@@ -157,31 +174,102 @@ def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, war
         out[f"{name}_median_ms"] = 1000 * statistics.median(ts)
     out["ratio"] = out["batched_samples_per_s"] / out["loop_samples_per_s"]
     out["ratio_median"] = out["loop_median_ms"] / out["batched_median_ms"]
+    if bound:
+        # the best any batched bank could do in this dense arch: everything but the banks as
+        # measured (banks free), plus the banks' GEMMs alone
+        out["ideal_median_ms"] = out["free_median_ms"] + out["floor_median_ms"]
+        out["max_ratio"] = out["loop_median_ms"] / out["ideal_median_ms"]
     return out
 
 
-def bank_gemms(bank: ExpertBank, B: int) -> List:
-    """The matmuls one forward + backward of ``bank`` on a shared ``[B, in]`` input performs.
+def bank_gemms(bank: ExpertBank, B: int, count: Optional[int] = None, per_expert: bool = False) -> List:
+    """The matmuls one forward + backward of ``bank`` on ``B`` rows performs.
 
     As closures over preallocated operands and outputs (``out=``), so timing them measures the
     GEMMs alone: no allocation, no elementwise pass, no dispatch of anything else. Forward:
-    layer 0 ``[B, in] x [in, E*h]`` and one ``[E, B, h] x [E, h, k]`` per deeper layer. Backward
-    per layer: the weight gradient and the input gradient (the bank's input needs a gradient).
+    layer 0 ``[B, in] x [in, E*h]`` (``per_expert``: ``[E, B, in] x [E, in, h]``, expert e on
+    its own input) and one ``[E, B, h] x [E, h, k]`` per deeper layer. Backward per layer: the
+    weight gradient and the input gradient (the bank's input needs a gradient). ``count``:
+    experts evaluated (default all).
     """
-    E = bank.num_experts
+    E = bank.num_experts if count is None else count
     sizes = [bank.in_dim] + [w.shape[2] for w in bank.weights]
     ops = []
-    # layer 0: forward, weight grad, input grad (on the concatenated weights)
-    x, w0 = torch.randn(B, sizes[0]), torch.randn(sizes[0], E * sizes[1])
-    g0 = torch.randn(B, E * sizes[1])
-    o_f, o_w, o_i = torch.empty(B, E * sizes[1]), torch.empty(sizes[0], E * sizes[1]), torch.empty(B, sizes[0])
-    ops += [lambda: torch.mm(x, w0, out=o_f), lambda: torch.mm(x.T, g0, out=o_w), lambda: torch.mm(g0, w0.T, out=o_i)]
-    for a, b in zip(sizes[1:-1], sizes[2:]):
+    if per_expert:
+        layers = list(zip(sizes[:-1], sizes[1:]))
+    else:  # layer 0: forward, weight grad, input grad on the concatenated weights
+        x, w0 = torch.randn(B, sizes[0]), torch.randn(sizes[0], E * sizes[1])
+        g0 = torch.randn(B, E * sizes[1])
+        o_f, o_w, o_i = torch.empty(B, E * sizes[1]), torch.empty(sizes[0], E * sizes[1]), torch.empty(B, sizes[0])
+        ops += [lambda: torch.mm(x, w0, out=o_f), lambda: torch.mm(x.T, g0, out=o_w), lambda: torch.mm(g0, w0.T, out=o_i)]
+        layers = list(zip(sizes[1:-1], sizes[2:]))
+    for a, b in layers:
         h, w, g = torch.randn(E, B, a), torch.randn(E, a, b), torch.randn(E, B, b)
         f, dw, di = torch.empty(E, B, b), torch.empty(E, a, b), torch.empty(E, B, a)
         ops += [lambda h=h, w=w, f=f: torch.bmm(h, w, out=f),
                 lambda h=h, g=g, dw=dw: torch.bmm(h.transpose(1, 2), g, out=dw),
                 lambda g=g, w=w, di=di: torch.bmm(g, w.transpose(1, 2), out=di)]
+    return ops
+
+
+class _FreeExperts(torch.autograd.Function):
+    """Stands in for a bank's compute at no cost: the output is a slice of a preallocated
+    zero buffer and the input's gradient a fresh zero tensor (a memset of ``[B, in]``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, buf: torch.Tensor, B: int, E: int, D: int) -> torch.Tensor:
+        ctx.x_shape = x.shape
+        return buf[: B * E * D].view(B, E, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.new_zeros(ctx.x_shape), None, None, None, None
+
+
+class FreeExpertBank(nn.Module):
+    """An ExpertBank whose experts cost nothing (see :class:`_FreeExperts`); it records the
+    shape of every call (rows, experts, per-expert input) so the bank's GEMM floor can be
+    timed for exactly the calls the model makes."""
+
+    def __init__(self, bank: ExpertBank) -> None:
+        super().__init__()
+        self.bank = bank
+        self.calls: List[tuple] = []
+        self.recording = False
+        self.buf = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
+        E = self.bank.num_experts - start if count is None else count
+        B, D = x.shape[0], self.bank.out_dim
+        if self.recording:
+            self.calls.append((B, E, x.dim() == 3))
+        if self.buf.numel() < B * E * D:
+            self.buf = torch.zeros(B * E * D)
+        return _FreeExperts.apply(x, self.buf, B, E, D)
+
+
+def to_free(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ExpertBank replaced by a FreeExpertBank."""
+    model = copy.deepcopy(model)
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, ExpertBank):
+                setattr(mod, child_name, FreeExpertBank(child))
+    return model
+
+
+def gemm_floor_ops(free: nn.Module, batch) -> List:
+    """The GEMM floor of every bank call one step of ``free`` (a :func:`to_free` model) makes."""
+    banks = [m for m in free.modules() if isinstance(m, FreeExpertBank)]
+    for b in banks:
+        b.recording, b.calls = True, []
+    with torch.no_grad():
+        free(*batch)
+    ops = []
+    for b in banks:
+        b.recording = False
+        for rows, E, per_expert in b.calls:
+            ops += bank_gemms(b.bank, rows, E, per_expert)
     return ops
 
 
@@ -338,6 +426,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bank-hidden", nargs="+", type=int, default=[0, 64], help="--bank: expert hidden sizes (0 = one layer)")
     p.add_argument("--bank-in", type=int, default=149, help="--bank: input width (149 = the synthetic task-layer input)")
     p.add_argument("--bank-out", type=int, default=64)
+    p.add_argument("--bound", action="store_true",
+                   help="also time the dense arch with free banks plus every bank call's GEMM floor: "
+                        "loop / (free + floor) bounds the ratio any batched bank could reach")
     p.add_argument("--mixture", action="store_true",
                    help="each fragment as shipped: mix_experts' small-mixture path vs a batched matmul for every mixture")
     a = p.parse_args(argv)
@@ -349,13 +440,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_mixture(a)
     names = a.arch or sorted(f.stem for f in ARCH_DIR.glob("*.yaml"))
     rows = []
-    print(f"{'arch':<16}{'E':>4}{'batched/s':>12}{'loop/s':>12}{'ratio':>8}{'ratio(med)':>11}{'max|diff|':>11}")
+    extra = f"{'free ms':>9}{'floor ms':>9}{'loop/ideal':>11}" if a.bound else ""
+    print(f"{'arch':<16}{'E':>4}{'batched/s':>12}{'loop/s':>12}{'ratio':>8}{'ratio(med)':>11}{extra}{'max|diff|':>11}")
     for name in names:
         for E in a.experts:
-            r = bench_one(ARCH_DIR / f"{name}.yaml", E, a.hidden, a.batch, a.steps, a.warmup, a.chunk)
+            r = bench_one(ARCH_DIR / f"{name}.yaml", E, a.hidden, a.batch, a.steps, a.warmup, a.chunk, a.bound)
             rows.append(r)
+            extra = (f"{r['free_median_ms']:>9.2f}{r['floor_median_ms']:>9.2f}{r['max_ratio']:>10.2f}x" if a.bound else "")
             print(f"{name:<16}{E:>4}{r['batched_samples_per_s']:>12,.0f}{r['loop_samples_per_s']:>12,.0f}"
-                  f"{r['ratio']:>7.2f}x{r['ratio_median']:>10.2f}x{r['max_abs_diff']:>11.1e}", flush=True)
+                  f"{r['ratio']:>7.2f}x{r['ratio_median']:>10.2f}x{extra}{r['max_abs_diff']:>11.1e}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0
