@@ -24,6 +24,10 @@ ML-MMoE), ``num_shared = E // 2`` and ``num_specific = E // 2`` per scenario or 
 HiNet), so every layer has at least E experts to choose from. Expert MLPs get one hidden layer
 (``--hidden``) so the deeper-layer einsum is exercised too.
 
+``--bound`` adds, per fragment, the best ratio any batched bank could reach in it: the model
+with free banks (``FreeExpertBank``: zero-cost stand-ins that record every call) plus the GEMM
+floor of exactly the recorded calls; ``loop / (free + floor)`` is printed as ``loop/ideal``.
+
 ``--mixture`` times each fragment as shipped with ``mix_experts``' broadcast path for small
 gated sums against the same model with every gated sum a batched matmul.
 
