@@ -11,6 +11,7 @@ from dlrm_mtl.modules.mmoe import MMoELayer, SharedBottomLayer
 from dlrm_mtl.modules.ml_mmoe import MultiLevelMMoELayer
 from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
 from dlrm_mtl.modules.scenario_cgc import ScenarioCGCLayer
+from dlrm_mtl.modules.scenario_routing import ScenarioGroups, group_by_scenario
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.partitioned_norm import PartitionedNorm
 from dlrm_mtl.modules.star_fcn import StarTopologyFCN
@@ -30,6 +31,8 @@ __all__ = [
     "MMoELayer",
     "PLELayer",
     "ScenarioCGCLayer",
+    "ScenarioGroups",
+    "group_by_scenario",
     "SharedBottomLayer",
     "SoftmaxGate",
     "split_task_input",

@@ -11,6 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.scenario_routing import group_by_scenario
 
 
 class ScenarioCGCLayer(nn.Module):
@@ -29,7 +30,8 @@ class ScenarioCGCLayer(nn.Module):
     ("Parallel DNN": every scenario has its own layer, nothing shared above the embeddings).
 
     Scenario-specific experts run only on their own scenario's rows (rows grouped by
-    scenario; one batched bank call per scenario), so the cost does not grow with S.
+    scenario with :func:`group_by_scenario`; one batched bank call per scenario), so the cost
+    does not grow with S.
 
     Example::
 
@@ -67,11 +69,10 @@ class ScenarioCGCLayer(nn.Module):
         if self.shared is not None:
             parts.append(self.shared(x))  # [B, E_sh, d']
         if self.specific is not None:
-            spec = x.new_zeros(B, self.num_specific, self.out_dim)
-            for s in range(self.num_scenarios):
-                idx = (scenario == s).nonzero(as_tuple=True)[0]
-                spec = spec.index_copy(0, idx, self.specific(x.index_select(0, idx), s * self.num_specific, self.num_specific))
-            parts.append(spec)  # [B, E_sp, d']
+            groups = group_by_scenario(scenario, self.num_scenarios)
+            k = self.num_specific
+            spec = [self.specific(x_s, s * k, k) for s, x_s in enumerate(groups.split(x))]  # [B_s, E_sp, d'] each
+            parts.append(groups.merge(spec))  # [B, E_sp, d']
         experts = torch.cat(parts, dim=1)  # [B, E, d']
         if self.gate is None:
             gates = x.new_ones(B, 1)  # [B, 1]

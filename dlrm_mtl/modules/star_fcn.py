@@ -8,6 +8,8 @@ from typing import List
 import torch
 from torch import nn
 
+from dlrm_mtl.modules.scenario_routing import group_by_scenario
+
 
 class StarTopologyFCN(nn.Module):
     """Star Topology FCN (Sheng et al., CIKM 2021, "One Model to Serve All: Star Topology
@@ -25,8 +27,7 @@ class StarTopologyFCN(nn.Module):
     :class:`ExpertBank`), ``W_s`` to ones and both biases to zero, so every scenario starts
     from the shared network and learns its multiplicative deviation.
 
-    Rows are grouped by scenario (one index_select / index_copy per scenario, as in
-    :class:`ScenarioCGCLayer`), so a row is computed with its own scenario's weights only:
+    Rows are grouped by scenario (:func:`group_by_scenario`, as in :class:`ScenarioCGCLayer`), so a row is computed with its own scenario's weights only:
     the cost is that of one FCN, not S of them. Building ``W*_s`` for all S costs S times the
     parameter count per step, independent of the batch size.
 
@@ -61,11 +62,10 @@ class StarTopologyFCN(nn.Module):
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         weights = [w_s * w for w, w_s in zip(self.shared_weights, self.scenario_weights)]  # [S, in, out] per layer
         biases = [b_s + b for b, b_s in zip(self.shared_biases, self.scenario_biases)]  # [S, out] per layer
-        y = x.new_zeros(x.shape[0], self.out_dim)  # [B, out]
-        for s in range(self.num_scenarios):
-            idx = (scenario == s).nonzero(as_tuple=True)[0]  # rows of scenario s
-            h = x.index_select(0, idx)  # [B_s, in]
+        groups = group_by_scenario(scenario, self.num_scenarios)
+        outs = []
+        for s, h in enumerate(groups.split(x)):  # h: [B_s, in], scenario s's rows
             for w, b in zip(weights, biases):
                 h = torch.relu(torch.addmm(b[s], h, w[s]))  # eq. 4: [B_s, out]
-            y = y.index_copy(0, idx, h)
-        return y
+            outs.append(h)
+        return groups.merge(outs)  # [B, out]
