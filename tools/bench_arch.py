@@ -54,7 +54,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -93,14 +93,19 @@ class LoopExpertBank(nn.Module):
         return torch.stack(outs, dim=1)  # [B, E, out]
 
 
-def to_loop(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every ExpertBank replaced by a LoopExpertBank (same weights)."""
+def replace_banks(model: nn.Module, make: Callable[[ExpertBank], nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` with every ExpertBank ``b`` replaced by ``make(b)``."""
     model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, ExpertBank):
-                setattr(mod, child_name, LoopExpertBank(child))
+                setattr(mod, child_name, make(child))
     return model
+
+
+def to_loop(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ExpertBank replaced by a LoopExpertBank (same weights)."""
+    return replace_banks(model, LoopExpertBank)
 
 
 def scaled_config(fragment: Path, experts: int, hidden: int) -> Config:
@@ -124,13 +129,40 @@ def inputs(schema, B: int, seed: int = 0):
     return pooled, dense, scenario
 
 
-def step(model: nn.Module, batch) -> float:
-    t = time.perf_counter()
+def step(model: nn.Module, batch) -> None:
+    """One forward + backward of a dense arch on ``batch``."""
     logits, _, aux = model(*batch)
     loss = logits.sum() + sum(aux.values(), torch.zeros(()))
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+
+
+def time_alternating(cases: Dict[str, Callable[[], None]], steps: int, warmup: int, chunk: int) -> Dict[str, Dict[str, float]]:
+    """Runs every case ``warmup`` times, then ``steps`` timed times each, alternating between
+    the cases in chunks of ``chunk`` (so load on the machine hits all of them alike).
+
+    Returns per case: ``median_ms``, ``steps_per_s`` (steps / summed seconds: multiply by
+    the batch for samples/s) and ``page_faults`` (minor faults per step: first touches of fresh
+    memory, a count that noise on the machine does not move).
+    """
+    for f in cases.values():
+        for _ in range(warmup):
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in cases}
+    faults = {k: 0 for k in cases}
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for k, f in cases.items():
+            for _ in range(n):
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        done += n
+    return {k: {"median_ms": 1000 * statistics.median(ts), "steps_per_s": len(ts) / sum(ts),
+                "page_faults": faults[k] / len(ts)} for k, ts in times.items()}
 
 
 def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, warmup: int, chunk: int,
@@ -152,30 +184,13 @@ def bench_one(fragment: Path, experts: int, hidden: int, B: int, steps: int, war
     for m in models.values():
         m.train()
 
-    def floor() -> float:
-        t = time.perf_counter()
-        for op in floor_ops:
-            op()
-        return time.perf_counter() - t
-
-    cases = {name: (lambda m=m: step(m, batch)) for name, m in models.items()}
+    cases: Dict[str, Callable[[], None]] = {name: (lambda m=m: step(m, batch)) for name, m in models.items()}
     if bound:
-        cases["floor"] = floor
-    for f in cases.values():
-        for _ in range(warmup):
-            f()
-    times: Dict[str, List[float]] = {k: [] for k in cases}
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        for name, f in cases.items():
-            for _ in range(n):
-                times[name].append(f())
-        done += n
+        cases["floor"] = lambda: [op() for op in floor_ops]
     out = {"arch": fragment.stem, "experts": experts, "max_abs_diff": diff}
-    for name, ts in times.items():
-        out[f"{name}_samples_per_s"] = B * len(ts) / sum(ts)
-        out[f"{name}_median_ms"] = 1000 * statistics.median(ts)
+    for name, r in time_alternating(cases, steps, warmup, chunk).items():
+        out[f"{name}_samples_per_s"] = B * r["steps_per_s"]
+        out[f"{name}_median_ms"] = r["median_ms"]
     out["ratio"] = out["batched_samples_per_s"] / out["loop_samples_per_s"]
     out["ratio_median"] = out["loop_median_ms"] / out["batched_median_ms"]
     if bound:
@@ -254,12 +269,7 @@ class FreeExpertBank(nn.Module):
 
 def to_free(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every ExpertBank replaced by a FreeExpertBank."""
-    model = copy.deepcopy(model)
-    for mod in list(model.modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, ExpertBank):
-                setattr(mod, child_name, FreeExpertBank(child))
-    return model
+    return replace_banks(model, FreeExpertBank)
 
 
 def gemm_floor_ops(free: nn.Module, batch) -> List:
@@ -302,32 +312,11 @@ def bench_bank(B: int, E: int, hidden: List[int], in_dim: int, out_dim: int, ste
         x.grad = None
 
     gemms = bank_gemms(bank, B)
-
-    def floor() -> None:
-        for op in gemms:
-            op()
-
-    cases = {"batched": lambda: fwd_bwd(bank), "loop": lambda: fwd_bwd(loop), "floor": floor}
-    times: Dict[str, List[float]] = {k: [] for k in cases}
-    faults = {k: 0 for k in cases}
-    for f in cases.values():
-        for _ in range(warmup):
-            f()
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        for k, f in cases.items():
-            for _ in range(n):
-                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        done += n
+    cases = {"batched": lambda: fwd_bwd(bank), "loop": lambda: fwd_bwd(loop), "floor": lambda: [op() for op in gemms]}
     out: Dict[str, float] = {"batch": B, "experts": E, "hidden": list(hidden), "max_abs_diff": diff}
-    for k, ts in times.items():
-        out[f"{k}_ms"] = 1000 * statistics.median(ts)
-        out[f"{k}_page_faults"] = faults[k] / len(ts)  # minor faults per step: first touches of fresh memory
+    for k, r in time_alternating(cases, steps, warmup, chunk).items():
+        out[f"{k}_ms"] = r["median_ms"]
+        out[f"{k}_page_faults"] = r["page_faults"]
     out["floor_gflops"] = flops / (out["floor_ms"] / 1000) / 1e9
     out["ratio"] = out["loop_ms"] / out["batched_ms"]
     out["max_ratio"] = out["loop_ms"] / out["floor_ms"]
@@ -347,10 +336,10 @@ def bench_mixture(fragment: Optional[Path], B: int, steps: int, warmup: int, chu
     batch = inputs(schema, B)
     threshold = mixture.SMALL_MIXTURE
 
-    def bmm_only() -> float:
+    def bmm_only() -> None:
         mixture.SMALL_MIXTURE = 0
         try:
-            return step(model, batch)
+            step(model, batch)
         finally:
             mixture.SMALL_MIXTURE = threshold
 
@@ -362,20 +351,9 @@ def bench_mixture(fragment: Optional[Path], B: int, steps: int, warmup: int, chu
         b = model(*batch)[0]
         mixture.SMALL_MIXTURE = threshold
     model.train()
-    for f in cases.values():
-        for _ in range(warmup):
-            f()
-    times: Dict[str, List[float]] = {k: [] for k in cases}
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        for k, f in cases.items():
-            for _ in range(n):
-                times[k].append(f())
-        done += n
     out = {"arch": fragment.stem if fragment else "default", "max_abs_diff": float((a - b).abs().max())}
-    for k, ts in times.items():
-        out[f"{k}_median_ms"] = 1000 * statistics.median(ts)
+    for k, r in time_alternating(cases, steps, warmup, chunk).items():
+        out[f"{k}_median_ms"] = r["median_ms"]
     out["ratio"] = out["bmm_median_ms"] / out["mixture_median_ms"]
     return out
 
