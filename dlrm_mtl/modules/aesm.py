@@ -21,7 +21,7 @@ release, each intended, are listed in :func:`select_experts` and the layer docst
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -127,7 +127,28 @@ def _check(num_experts: int, k_specific: int, k_shared: int) -> None:
         )
 
 
-class AESMScenarioLayer(nn.Module):
+class _AESMLayer(nn.Module):
+    """What both AESM² layers share: E experts in one bank, G gates over them on a gate input
+    of ``gate_dim`` features, and the selection of :func:`select_experts` with noise of
+    standard deviation ``noise · E`` in training only."""
+
+    def __init__(self, in_dim: int, gate_dim: int, num_gates: int, num_experts: int, k_specific: int,
+                 k_shared: int, hidden: List[int], out_dim: int, noise: float) -> None:
+        super().__init__()
+        _check(num_experts, k_specific, k_shared)
+        self.num_experts = num_experts
+        self.k_specific, self.k_shared, self.noise, self.out_dim = k_specific, k_shared, noise, out_dim
+        self.experts = ExpertBank(num_experts, in_dim, hidden, out_dim)
+        self.gate = SoftmaxGate(gate_dim, num_gates, num_experts)
+
+    def select(self, logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``logits [N, G, E]``, ``target [N]`` -> gates ``[N, E]``, aux ``{"kl_specific", "kl_shared"}``."""
+        noise_std = self.noise * self.num_experts if self.training else 0.0
+        sel = select_experts(logits, target, self.k_specific, self.k_shared, noise_std)
+        return sel.gates, {"kl_specific": sel.kl_specific, "kl_shared": sel.kl_shared}
+
+
+class AESMScenarioLayer(_AESMLayer):
     """AESM² multi-scenario layer (Zou et al. 2022, "multi-scenario layer"; equation numbers not
     available, see the module docstring): E experts, one gate
     per scenario of the layer's level (G = S) on ``x ⊕ e_s``, and the expert selection of
@@ -171,23 +192,18 @@ class AESMScenarioLayer(nn.Module):
         out_dim: int,
         noise: float = 0.0,
     ) -> None:
-        super().__init__()
-        _check(num_experts, k_specific, k_shared)
-        self.num_scenarios, self.num_experts = num_scenarios, num_experts
-        self.k_specific, self.k_shared, self.noise, self.out_dim = k_specific, k_shared, noise, out_dim
-        self.experts = ExpertBank(num_experts, in_dim, hidden, out_dim)
-        self.gate = SoftmaxGate(in_dim + emb_dim, num_scenarios, num_experts)
+        super().__init__(in_dim, in_dim + emb_dim, num_scenarios, num_experts, k_specific, k_shared, hidden, out_dim, noise)
+        self.num_scenarios = num_scenarios
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor, scenario_emb: torch.Tensor) -> LayerOutput:
         experts = self.experts(x)  # [B, E, d']
         logits = self.gate.logits(torch.cat([x, scenario_emb], dim=1))  # [B, S, E]
-        noise_std = self.noise * self.num_experts if self.training else 0.0
-        sel = select_experts(logits, scenario, self.k_specific, self.k_shared, noise_std)
-        y = mix_experts(sel.gates.unsqueeze(1), experts).squeeze(1)  # [B, d']
-        return LayerOutput(y, {"": sel.gates}, {"kl_specific": sel.kl_specific, "kl_shared": sel.kl_shared})
+        gates, aux = self.select(logits, scenario)  # [B, E]
+        y = mix_experts(gates.unsqueeze(1), experts).squeeze(1)  # [B, d']
+        return LayerOutput(y, {"": gates}, aux)
 
 
-class AESMTaskLayer(nn.Module):
+class AESMTaskLayer(_AESMLayer):
     """AESM² multi-task layer (Zou et al. 2022, "multi-task layer"; equation numbers not
     available, see the module docstring): E experts shared by the T
     tasks, one gate per task (G = T); task t's gate input is its representation ⊕ the scenario
@@ -226,13 +242,10 @@ class AESMTaskLayer(nn.Module):
         noise: float = 0.0,
         task_emb_dim: int = 8,
     ) -> None:
-        super().__init__()
-        _check(num_experts, k_specific, k_shared)
-        self.num_tasks, self.num_experts = num_tasks, num_experts
-        self.k_specific, self.k_shared, self.noise, self.out_dim = k_specific, k_shared, noise, out_dim
-        self.experts = ExpertBank(num_experts, in_dim, hidden, out_dim)
+        super().__init__(in_dim, in_dim + context_dim + task_emb_dim, num_tasks, num_experts, k_specific, k_shared,
+                         hidden, out_dim, noise)
+        self.num_tasks = num_tasks
         self.task_emb = nn.Parameter(torch.randn(num_tasks, task_emb_dim) * 0.1)  # [T, te]
-        self.gate = SoftmaxGate(in_dim + context_dim + task_emb_dim, num_tasks, num_experts)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         T, E = self.num_tasks, self.num_experts
@@ -253,9 +266,7 @@ class AESMTaskLayer(nn.Module):
         # every gate g on every task t's input: [T, B, G=T, E]
         logits = torch.einsum("tbi,gie->tbge", gate_in, self.gate.weight) + self.gate.bias
         target = torch.arange(T, device=x.device).repeat_interleave(B)  # [T·B]: row (t, b) -> task t
-        noise_std = self.noise * E if self.training else 0.0
-        sel = select_experts(logits.reshape(T * B, T, E), target, self.k_specific, self.k_shared, noise_std)
-        gates = sel.gates.view(T, B, E)  # [T, B, E]
+        gates, aux = self.select(logits.reshape(T * B, T, E), target)
+        gates = gates.view(T, B, E)  # [T, B, E]
         y = mix_experts(gates.unsqueeze(-2), experts).squeeze(-2)  # [T, B, d']
-        aux: Dict[str, torch.Tensor] = {"kl_specific": sel.kl_specific, "kl_shared": sel.kl_shared}
         return LayerOutput(y, {"": gates.transpose(0, 1)}, aux)
