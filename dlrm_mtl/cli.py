@@ -57,14 +57,28 @@ def quiet_third_party_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _timed_stack_import() -> float:
+    """Imports torch, torchrec and fbgemm_gpu; returns the seconds it took (0 when already
+    imported), reported as ``import_s`` next to the run's start-up time."""
+    import time
+
+    t0 = time.perf_counter()
+    import fbgemm_gpu  # noqa: F401
+    import torch  # noqa: F401
+    import torchrec  # noqa: F401
+
+    return time.perf_counter() - t0
+
+
 def _train(args: argparse.Namespace) -> int:
     quiet_third_party_logs()
+    import_s = _timed_stack_import()
     from dlrm_mtl.config import Config
     from dlrm_mtl.train import train
 
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume is not None else [])
     cfg = Config.load(args.config, overrides)
-    train(cfg)
+    train(cfg, import_s=import_s)
     return 0
 
 
@@ -242,13 +256,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.set_defaults(fn=_report)
 
     args = p.parse_args(argv)
-    from dlrm_mtl.checkpoint import CheckpointError
     from dlrm_mtl.data.errors import DataError
     from dlrm_mtl.schema import SchemaError
 
     try:
         return args.fn(args)
-    except (DataError, SchemaError, CheckpointError) as e:
+    except Exception as e:
+        from dlrm_mtl.checkpoint import CheckpointError  # here, not above: it imports torch
+
+        if not isinstance(e, (DataError, SchemaError, CheckpointError)):
+            raise
         print(f"dlrm-mtl {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -74,11 +74,18 @@ class LayerConfig:
     aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL), 0 = off
     norm: bool = True  # STAR: partitioned normalisation
     task_emb_dim: int = 8  # AESM² task layer: size of the learnable task indicator embedding (gate input)
+    # cgc/separate scenario layers: how rows reach their scenario's experts (auto | gather | static)
+    routing: str = "auto"
 
 
 @dataclass
 class ModelConfig:
-    dense_arch: List[int] = field(default_factory=lambda: [64])  # + embedding dim appended
+    # dot: DLRM pairwise dot products (+ first-order terms; every sparse feature one dim);
+    # concat: dense and pooled embeddings side by side (the MMoE/PLE papers' input)
+    interaction: str = "dot"
+    # dense MLP hidden sizes; dot appends the embedding dim. With concat, [] passes the dense
+    # features through unchanged, otherwise the last size is the MLP's output
+    dense_arch: List[int] = field(default_factory=lambda: [64])
     scenario_emb_dim: int = 8  # embedding per scenario level (gate input and part of x)
     # stacked scenario layers, then stacked task layers (design §3); [] = none of that kind
     scenario_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", level="each", out_dim=128)])

@@ -1,4 +1,5 @@
-"""``dlrm-mtl evaluate``: metrics of a checkpoint on a data set, on one or several ranks.
+"""Evaluation: the loop over a stream (:func:`evaluate`, used by training too) and
+``dlrm-mtl evaluate``, the metrics of a checkpoint on a data set, on one or several ranks.
 
 Builds the model exactly as training does (same planner, so any world size works: DCP
 reshards the tables on load), loads the ``model`` entry of a checkpoint written by
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +27,29 @@ from dlrm_mtl.config import Config
 from dlrm_mtl.data import ParquetStream
 from dlrm_mtl.distributed import init_distributed, shard_model, shutdown_distributed
 from dlrm_mtl.losses import EntireSpaceLoss
-from dlrm_mtl.metrics import format_table
+from dlrm_mtl.metrics import MetricAccumulator, format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
-from dlrm_mtl.train import evaluate
+from dlrm_mtl.utilisation import ExpertUtilisation
+
+
+def evaluate(
+    dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device,
+    utilisation: Optional[ExpertUtilisation] = None,
+) -> List[Dict[str, object]]:
+    """Runs the model over ``stream`` and returns exact, rank-merged metric rows (and fills
+    ``utilisation`` with the gate weights, when given)."""
+    acc = MetricAccumulator(schema)
+    dmp.eval()
+    with torch.no_grad():
+        for batch in stream:
+            batch = batch.to(device, non_blocking=True)
+            _, (logits, _, gates, _) = dmp(batch)
+            acc.update(batch, logits)
+            if utilisation is not None:
+                utilisation.update(gates, batch.scenario, batch.row_id >= 0)
+    dmp.train()
+    return acc.compute()
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -> Dict[str, Any]:
@@ -39,7 +59,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
     try:
         schema = Schema.load(cfg.data.schema_path())
         module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
-        dmp, _, _ = shard_model(module, cfg, env)
+        dmp, _, _ = shard_model(module, cfg, env, schema)
         state = {"model": dmp.state_dict()}
         dcp.load(state, checkpoint_id=checkpoint)
         dmp.load_state_dict(state["model"])

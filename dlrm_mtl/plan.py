@@ -37,7 +37,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
     optimizers = apply_table_optimizers(module.model.ebc, cfg)
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
-    planner = make_planner(cfg, env, world_size=world_size)
+    planner = make_planner(cfg, env, schema, world_size=world_size)
     plan = planner.plan(module, [CPUWideEmbeddingBagCollectionSharder()])
     per_rank = [0] * world_size
     for option in planner._best_plan or []:  # TorchRec keeps the chosen options' estimates here

@@ -5,8 +5,15 @@ events under ``tb/``, checkpoints under ``checkpoints/`` (``step_N`` every ``che
 / ``every_minutes``, ``final`` at the end; see :mod:`dlrm_mtl.checkpoint`) and ``metrics.json``::
 
     {"metrics": [{"scenario", "task", "auc", "oracle_auc", "logloss", "calibration", "count", ...}],
-     "throughput": {"samples_per_s", "train_seconds", "steps", "world_size"},
+     "throughput": {"samples_per_s", "train_seconds", "eval_seconds", "steps", "world_size",
+                    "import_s", "startup_s", "first_step_unix", "setup_phases": {...}},
      "plan": {...}, "loss": {...}}
+
+The loop is a handful of functions with one job each: :func:`setup_run` builds everything a
+run needs (:class:`TrainRun`), :func:`train_step` is one optimizer step, :class:`LogWindow`
+keeps the per-window counters on the device and :func:`log_window` reads them (the only
+host synchronisation of a step, on logging steps), :func:`run_epoch` iterates one epoch and
+:func:`finish_run` writes the results. Evaluation lives in :mod:`dlrm_mtl.evaluate`.
 """
 
 from __future__ import annotations
@@ -17,20 +24,22 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, data_fingerprint, fault_point
+from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data_fingerprint, fault_point
 from dlrm_mtl.collectives import all_reduce_host
-from dlrm_mtl.config import Config
+from dlrm_mtl.config import Config, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model, shutdown_distributed
+from dlrm_mtl.evaluate import evaluate
 from dlrm_mtl.losses import EntireSpaceLoss
-from dlrm_mtl.metrics import MetricAccumulator, format_table
+from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
 from dlrm_mtl.utilisation import ExpertUtilisation, render_heatmap
@@ -41,23 +50,31 @@ def _log(env: DistEnv, msg: str) -> None:
         print(f"[dlrm_mtl] {msg}", flush=True)
 
 
-def evaluate(
-    dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device,
-    utilisation: Optional[ExpertUtilisation] = None,
-) -> List[Dict[str, object]]:
-    """Runs the model over ``stream`` and returns exact, rank-merged metric rows (and fills
-    ``utilisation`` with the gate weights, when given)."""
-    acc = MetricAccumulator(schema)
-    dmp.eval()
-    with torch.no_grad():
-        for batch in stream:
-            batch = batch.to(device, non_blocking=True)
-            _, (logits, _, gates, _) = dmp(batch)
-            acc.update(batch, logits)
-            if utilisation is not None:
-                utilisation.update(gates, batch.scenario, batch.row_id >= 0)
-    dmp.train()
-    return acc.compute()
+def process_start_unix() -> Optional[float]:
+    """Wall-clock time this process started (Linux ``/proc``; 10 ms resolution), or None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class PhaseClock:
+    """Seconds spent in each named set-up phase (``with clock("planner"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    def __call__(self, name: str) -> "PhaseClock":
+        self._name, self._t0 = name, time.perf_counter()
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
 
 
 def _log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[str, Any]:
@@ -72,9 +89,8 @@ def _log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[st
     return out
 
 
-def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg: Config):
+def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, mode: str):
     """TorchRec's TrainPipelineSparseDist when ``train.pipeline`` asks for it (``auto``: on GPU)."""
-    mode = cfg.train.pipeline
     if mode not in ("auto", "sparse_dist", "none"):
         raise ValueError(f"train.pipeline {mode!r}: expected auto, sparse_dist or none")
     if mode == "none" or (mode == "auto" and env.device.type != "cuda"):
@@ -84,13 +100,13 @@ def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: D
     return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
 
 
-def _device_batches(batches: Iterator[Batch], env: DistEnv, cfg: Config) -> Iterator[Batch]:
+def _device_batches(batches: Iterator[Batch], device: torch.device, pin_memory: bool) -> Iterator[Batch]:
     """Host batches -> device (pinned first on GPU, so the copy can run asynchronously)."""
     for b in batches:
-        if env.device.type == "cuda":
-            if cfg.data.pin_memory:
+        if device.type == "cuda":
+            if pin_memory:
                 b = b.pin_memory()
-            b = b.to(env.device, non_blocking=True)
+            b = b.to(device, non_blocking=True)
         yield b
 
 
@@ -108,16 +124,16 @@ def _merged_counters(stream: ParquetStream) -> Dict[str, int]:
     return out
 
 
-def lr_factor(cfg: Config, total_steps: int):
+def lr_factor(cfg: TrainConfig, total_steps: int):
     """Multiplier of both learning rates at a step: linear warm-up, then constant or cosine decay."""
-    warm, floor = cfg.train.warmup_steps, cfg.train.lr_min_factor
-    if cfg.train.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"train.lr_schedule {cfg.train.lr_schedule!r}: expected constant or cosine")
+    warm, floor = cfg.warmup_steps, cfg.lr_min_factor
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.lr_schedule {cfg.lr_schedule!r}: expected constant or cosine")
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if cfg.train.lr_schedule == "constant":
+        if cfg.lr_schedule == "constant":
             return 1.0
         t = min(1.0, (step - warm) / max(1, total_steps - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
@@ -145,10 +161,347 @@ def _write_rank_report(run_dir: Path, env: DistEnv, dmp: torch.nn.Module, traine
     (d / f"rank{env.rank}.json").write_text(json.dumps(report, indent=2))
 
 
-def train(cfg: Config) -> Dict[str, Any]:
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class TrainRun:
+    """Everything one training run holds between its set-up and its results."""
+
+    cfg: Config
+    env: DistEnv
+    schema: Schema
+    run_dir: Path
+    dmp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: Dict[str, Dict[str, object]]
+    train_stream: ParquetStream
+    eval_stream: ParquetStream
+    writer: Any
+    ckpt: CheckpointManager
+    progress: TrainProgress
+    audit: Optional[RowAudit]
+    pipeline: Any
+    phases: PhaseClock
+
+
+def _open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
+    train_stream = ParquetStream(
+        schema, data.train, data.batch_size, env.rank, env.world_size,
+        shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=data.prefetch_batches,
+        num_workers=data.num_workers,
+    )
+    eval_stream = ParquetStream(
+        schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=data.prefetch_batches,
+        num_workers=data.num_workers,
+    )
+    return train_stream, eval_stream
+
+
+def _build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
+    """Model (on the meta device: DMP materialises only this rank's shards) + loss."""
+    model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
+    loss_fn = EntireSpaceLoss(schema, cfg.loss)
+    if cfg.loss.scenario_weighting == "inverse_share" and not cfg.loss.scenario_shares:
+        from dlrm_mtl.data.scenario_share import scenario_shares
+
+        share = scenario_shares(schema, cfg.data.train)  # every rank reads the same columns: same λ
+        loss_fn.set_scenario_share(share)
+        _log(env, "scenario weights λ (inverse share): " + ", ".join(f"{n}={v:.3f}" for n, v in zip(loss_fn.leaf_names, loss_fn.scenario_lambda.tolist())))
+    return TrainModule(model, loss_fn)
+
+
+def _open_writer(run_dir: Path, cfg: Config, env: DistEnv) -> Any:
+    """TensorBoard writer on rank 0 (None elsewhere), with the config as text."""
+    if not env.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+    return writer
+
+
+def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
+    """Builds the model, plan, DMP, optimizers, streams, writer and checkpoint state of a run
+    (resuming from a checkpoint when ``checkpoint.resume`` says so); times each phase."""
+    clock = PhaseClock()
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    with clock("schema"):
+        schema = Schema.load(cfg.data.schema_path())
+    run_dir = Path(cfg.train.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+    _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
+    with clock("model"):
+        module = _build_module(cfg, schema, env)
+    with clock("plan_and_shard"):
+        dmp, optimizer, plan = shard_model(module, cfg, env, schema)
+    summary = plan_summary(plan)
+    if env.is_main:
+        (run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
+        for table, p in summary.items():
+            _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
+    with clock("streams"):
+        train_stream, eval_stream = _open_streams(schema, cfg.data, env, cfg.train.seed)
+    _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
+              f"{len(train_stream)} steps/epoch of {cfg.data.batch_size} rows/rank; eval rows {eval_stream.total_rows}")
+    with clock("tensorboard"):
+        writer = _open_writer(run_dir, cfg, env)
+    steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, steps_per_epoch * cfg.train.epochs))
+    with clock("checkpoint"):
+        ckpt = CheckpointManager(cfg, env, run_dir, summary, data_fingerprint(train_stream))
+        ckpt.preflight(dmp, optimizer)
+        progress = ckpt.resume(dmp, optimizer, scheduler, audit=cfg.checkpoint.audit_rows)
+    audit = RowAudit(run_dir, env.rank) if cfg.checkpoint.audit_rows else None
+    pipeline = make_pipeline(dmp, optimizer, env, cfg.train.pipeline)
+    return TrainRun(cfg, env, schema, run_dir, dmp, optimizer, scheduler, summary, train_stream, eval_stream, writer,
+                    ckpt, progress, audit, pipeline, clock)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def train_step(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> Tuple[Any, ...]:
+    """One optimizer step on ``batch``; returns the module's output
+    ``(logits, loss terms, gates, real rows)``, all still on the device.
+
+    ``zero_grad`` comes *before* the forward: it also hands the current learning rate to the
+    fused fbgemm tables, which capture it at forward time (TrainPipelineSparseDist uses the
+    same order; after the forward the lr would lag one step behind).
+    """
+    optimizer.zero_grad()
+    loss, output = dmp(batch)
+    loss.backward()
+    optimizer.step()
+    return output
+
+
+class LogWindow:
+    """Rows and steps since the last log line. The real-row count stays a device tensor until
+    the window is read: an ``int()`` every step would synchronise the GPU and defeat the
+    pipeline's overlap."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.real: Optional[torch.Tensor] = None
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, real_rows: torch.Tensor) -> None:
+        r = real_rows.detach()
+        self.real = r if self.real is None else self.real + r
+        self.steps += 1
+
+    def real_rows(self) -> int:
+        """Real rows in the window (synchronises with the device)."""
+        return 0 if self.real is None else int(self.real)
+
+
+@dataclass
+class Totals:
+    """This rank's running counters over the run."""
+
+    trained_rows: int = 0
+    padded_rows: int = 0
+    train_seconds: float = 0.0
+    last_terms: Dict[str, float] = field(default_factory=dict)
+
+
+def log_window(run: TrainRun, window: LogWindow, totals: Totals, terms: Dict[str, torch.Tensor],
+               gates: Dict[str, torch.Tensor], step: int, epoch: int, i: int, steps_in_epoch: int) -> None:
+    """Closes a log window: counts its rows into ``totals``, averages the loss terms over
+    ranks and writes them, samples/s, the lr factor and gate histograms to TensorBoard, and
+    prints a progress line (step, rows, samples/s, loss, ETA)."""
+    B = run.cfg.data.batch_size
+    rows = window.real_rows()
+    totals.trained_rows += rows
+    totals.padded_rows += B * window.steps - rows
+    names = sorted(terms)
+    vals = all_reduce_host(torch.tensor([float(terms[k]) for k in names] + [float(rows)], dtype=torch.float64))
+    now = time.perf_counter()
+    sps = float(vals[-1]) / max(now - window.t0, 1e-9)
+    totals.last_terms = {k: float(v) / run.env.world_size for k, v in zip(names, vals[:-1])}
+    writer = run.writer
+    if writer is not None:
+        for k, v in totals.last_terms.items():
+            writer.add_scalar(k, v, step)
+        writer.add_scalar("throughput/samples_per_s", sps, step)
+        writer.add_scalar("lr/factor", run.scheduler.get_last_lr()[0] / run.cfg.train.sparse_lr, step)
+        for name, g in gates.items():
+            writer.add_histogram(f"gates/{name}", g.float().mean(0).flatten(), step)
+    if run.cfg.train.progress:
+        left = steps_in_epoch - (i + 1)
+        eta = left * (now - window.t0) / max(window.steps, 1)
+        _log(run.env, f"epoch {epoch} step {i + 1}/{steps_in_epoch} (global {step}) rows {totals.trained_rows:,} "
+                      f"loss {totals.last_terms.get('loss/total', math.nan):.4f} {sps:,.0f} samples/s, epoch ETA {eta:.0f}s")
+    window.reset()
+
+
+def _save_step_checkpoint(run: TrainRun, window: LogWindow, totals: Totals, t0: float) -> None:
+    B = run.cfg.data.batch_size
+    rows = window.real_rows()
+    run.progress.rows_trained = totals.trained_rows + rows
+    run.progress.padding_rows = totals.padded_rows + B * window.steps - rows
+    run.progress.train_seconds = totals.train_seconds + time.perf_counter() - t0
+    run.ckpt.save(run.dmp, run.optimizer, run.scheduler, run.progress, audit=run.audit)
+
+
+def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional[Callable[[], None]] = None,
+              on_step_end: Optional[Callable[[int, bool], None]] = None) -> None:
+    """Trains one epoch (or what is left of it after a resume): steps, windows, checkpoints.
+
+    ``on_first_step()`` runs before the first step, ``on_step_end(step, logged)`` after every
+    iteration (``tools/count_ops.py`` counts operators per iteration with it)."""
+    cfg, env, progress = run.cfg, run.env, run.progress
+    steps = progress.enter_epoch(run.train_stream, epoch, cfg)  # steps left (all, unless resumed)
+    t0 = time.perf_counter()
+    window = LogWindow(env.device)
+    epoch_iter = iter(run.train_stream)
+    batches = _device_batches(itertools.islice(epoch_iter, steps), env.device, cfg.data.pin_memory)
+    if run.audit is not None:
+        batches = run.audit.tap(batches)
+    try:
+        for i in range(steps):
+            if on_first_step is not None and i == 0:
+                on_first_step()
+            if run.pipeline is not None:
+                # TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i
+                logits, terms, gates, real = run.pipeline.progress(batches)  # returns the output only
+            else:
+                logits, terms, gates, real = train_step(run.dmp, run.optimizer, next(batches))
+            run.scheduler.step()  # fused table optimizers read their lr from param_groups on step()
+            step = progress.advance()
+            window.add(real)
+            if run.audit is not None:
+                run.audit.record(step, epoch)
+            fault_point("step", step, env.rank)
+            if run.ckpt.due(step):
+                _save_step_checkpoint(run, window, totals, t0)
+            logged = step % cfg.train.log_every == 0 or i == steps - 1
+            if logged:
+                log_window(run, window, totals, terms, gates, step, epoch, i, steps)
+            if on_step_end is not None:
+                on_step_end(step, logged)
+    finally:
+        # stop the reader threads now (max_steps leaves the stream unfinished): an abandoned
+        # generator would only be closed by the garbage collector, and a reader thread still
+        # inside pyarrow at interpreter exit can abort the process
+        epoch_iter.close()
+    totals.train_seconds += time.perf_counter() - t0
+    progress.finish_epoch()
+
+
+def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:
+    counters = _merged_counters(run.train_stream)
+    if counters:
+        _log(run.env, "input policies applied so far (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+        if run.writer is not None:
+            for k, v in counters.items():
+                run.writer.add_scalar(f"data/{k}", v, step)
+    return counters
+
+
+def _evaluate_epoch(run: TrainRun, epoch: int, step: int, last_epoch: bool) -> Tuple[List[Dict[str, object]], Dict[str, Any]]:
+    """Evaluation after an epoch: exact metrics, expert utilisation, TensorBoard scalars."""
+    if run.pipeline is not None:
+        run.pipeline.detach()  # the plain forward for evaluation; attach() again after
+    util = ExpertUtilisation(run.schema)
+    metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device, util)
+    utilisation = _log_utilisation(util, run.writer, step)
+    if run.pipeline is not None and not last_epoch:
+        run.pipeline.attach(run.dmp)
+    if run.writer is not None:
+        for r in metrics:
+            for key in ("auc", "oracle_auc", "gauc", "logloss", "ne", "calibration", "mse", "mae", "oracle_mse"):
+                v = r.get(key)
+                if isinstance(v, float) and not math.isnan(v):
+                    run.writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
+    _log(run.env, f"epoch {epoch} eval:\n" + format_table(metrics))
+    return metrics, utilisation
+
+
+def finish_run(run: TrainRun, totals: Totals, metrics: List[Dict[str, object]], utilisation: Dict[str, Any],
+               counters: Dict[str, int], timeline: Dict[str, Any]) -> Dict[str, Any]:
+    """Final checkpoint, per-rank report, ``metrics.json`` and the closing log lines."""
+    env, progress, step = run.env, run.progress, run.progress.step
+    total_rows = int(all_reduce_host(torch.tensor([totals.trained_rows], dtype=torch.int64))[0])
+    throughput = {
+        "samples_per_s": total_rows / max(totals.train_seconds, 1e-9),
+        "train_seconds": totals.train_seconds,
+        "rows_trained": total_rows,
+        "steps": step,
+        "world_size": env.world_size,
+        "batch_size_per_rank": run.cfg.data.batch_size,
+        **timeline,
+    }
+    _write_rank_report(run.run_dir, env, run.dmp, totals.trained_rows, totals.padded_rows)
+    if run.cfg.checkpoint.at_end:
+        progress.rows_trained, progress.padding_rows, progress.train_seconds = totals.trained_rows, totals.padded_rows, totals.train_seconds
+        run.ckpt.save(run.dmp, run.optimizer, run.scheduler, progress, name="final", audit=run.audit)
+    if run.audit is not None:
+        run.audit.close()
+    result = {
+        "metrics": metrics, "throughput": throughput, "plan": run.plan, "loss": totals.last_terms, "step": step,
+        "data_counters": counters,  # cumulative over the epochs, summed over ranks
+        "expert_utilisation": utilisation,  # gate -> {"rows": labels, "matrix": [R][E]} (last eval)
+    }
+    if env.is_main:
+        (run.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        if run.writer is not None:
+            run.writer.add_scalar("throughput/epoch_samples_per_s", throughput["samples_per_s"], step)
+            run.writer.close()
+        _log(env, f"trained {total_rows} rows in {totals.train_seconds:.1f}s: {throughput['samples_per_s']:,.0f} samples/s "
+                  f"on {env.world_size} rank(s)")
+        _log(env, f"wrote {run.run_dir}/metrics.json; TensorBoard: tensorboard --logdir {run.run_dir}/tb")
+    return result
+
+
+def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
+    """The epochs of a set-up run, evaluation where configured, then :func:`finish_run`."""
+    cfg = run.cfg
+    totals = Totals(run.progress.rows_trained, run.progress.padding_rows, run.progress.train_seconds)
+    timeline: Dict[str, Any] = {"import_s": import_s, "eval_seconds": 0.0,
+                                "setup_phases": {k: round(v, 4) for k, v in run.phases.seconds.items()}}
+    started = process_start_unix()
+
+    def first_step() -> None:
+        if "first_step_unix" not in timeline:
+            now = time.time()
+            timeline["first_step_unix"] = now
+            timeline["startup_s"] = None if started is None else now - started
+
+    metrics: List[Dict[str, object]] = []
+    utilisation: Dict[str, Any] = {}
+    counters: Dict[str, int] = {}
+    for epoch in range(run.progress.epoch, cfg.train.epochs):
+        run_epoch(run, epoch, totals, first_step)
+        counters = _log_counters(run, run.progress.step)
+        last = epoch == cfg.train.epochs - 1
+        if cfg.train.eval_every_epoch or last:
+            t = time.perf_counter()
+            metrics, utilisation = _evaluate_epoch(run, epoch, run.progress.step, last)
+            timeline["eval_seconds"] += time.perf_counter() - t
+    if not metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
+        t = time.perf_counter()
+        metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device)
+        timeline["eval_seconds"] += time.perf_counter() - t
+    return finish_run(run, totals, metrics, utilisation, counters, timeline)
+
+
+def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:
+    """Trains as configured; ``import_s`` (the caller's seconds spent importing torch, torchrec
+    and fbgemm) is reported next to the start-up time in ``metrics.json``."""
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     try:
-        result = _train(cfg, env)
+        result = run_training(setup_run(cfg, env), import_s)
         fault_point("end", result["step"], env.rank)
         # every rank leaves together: a rank that died after the last collective turns into an
         # error here (within train.timeout_s) instead of letting the others exit 0 while the
@@ -158,192 +511,3 @@ def train(cfg: Config) -> Dict[str, Any]:
         return result
     finally:
         shutdown_distributed()
-
-
-def _train(cfg: Config, env: DistEnv) -> Dict[str, Any]:
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    schema = Schema.load(cfg.data.schema_path())
-    run_dir = Path(cfg.train.run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-    _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
-
-    model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
-    loss_fn = EntireSpaceLoss(schema, cfg.loss)
-    if cfg.loss.scenario_weighting == "inverse_share" and not cfg.loss.scenario_shares:
-        from dlrm_mtl.data.scenario_share import scenario_shares
-
-        share = scenario_shares(schema, cfg.data.train)  # every rank reads the same columns: same λ
-        loss_fn.set_scenario_share(share)
-        _log(env, "scenario weights λ (inverse share): " + ", ".join(f"{n}={v:.3f}" for n, v in zip(loss_fn.leaf_names, loss_fn.scenario_lambda.tolist())))
-    module = TrainModule(model, loss_fn)
-    dmp, optimizer, plan = shard_model(module, cfg, env)
-    summary = plan_summary(plan)
-    if env.is_main:
-        (run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
-        for table, p in summary.items():
-            _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
-
-    B = cfg.data.batch_size
-    train_stream = ParquetStream(
-        schema, cfg.data.train, B, env.rank, env.world_size,
-        shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.train.seed, prefetch_batches=cfg.data.prefetch_batches,
-        num_workers=cfg.data.num_workers,
-    )
-    eval_stream = ParquetStream(
-        schema, cfg.data.eval, B, env.rank, env.world_size, prefetch_batches=cfg.data.prefetch_batches,
-        num_workers=cfg.data.num_workers,
-    )
-    _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
-              f"{len(train_stream)} steps/epoch of {B} rows/rank; eval rows {eval_stream.total_rows}")
-
-    writer = None
-    if env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"))
-        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
-
-    steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.train.epochs))
-    ckpt = CheckpointManager(cfg, env, run_dir, summary, data_fingerprint(train_stream))
-    ckpt.preflight(dmp, optimizer)
-    progress = ckpt.resume(dmp, optimizer, scheduler, audit=cfg.checkpoint.audit_rows)
-    audit = RowAudit(run_dir, env.rank) if cfg.checkpoint.audit_rows else None
-    step = progress.step
-    trained_rows, padded_rows = progress.rows_trained, progress.padding_rows
-    train_seconds = progress.train_seconds
-    metrics: List[Dict[str, object]] = []
-    utilisation: Dict[str, Any] = {}
-    last_terms: Dict[str, float] = {}
-    counters: Dict[str, int] = {}
-    pipeline = make_pipeline(dmp, optimizer, env, cfg)
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        steps_per_epoch = progress.enter_epoch(train_stream, epoch, cfg)  # steps left (all, unless resumed)
-        bar = None
-        if env.is_main and cfg.train.progress and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", file=sys.stdout, mininterval=2.0, dynamic_ncols=False, ncols=100)
-        t0 = time.perf_counter()
-        window_t = time.perf_counter()
-        window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
-        epoch_iter = iter(train_stream)
-        batches = _device_batches(itertools.islice(epoch_iter, steps_per_epoch), env, cfg)
-        if audit is not None:
-            batches = audit.tap(batches)
-        for i in range(steps_per_epoch):
-            if pipeline is not None:
-                # TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i
-                logits, terms, gates, real = pipeline.progress(batches)  # returns the output only
-            else:
-                batch = next(batches)
-                # zero_grad *before* the forward: it also hands the current learning rate to the
-                # fused fbgemm tables, which capture it at forward time (TrainPipelineSparseDist
-                # uses the same order; after the forward the lr would lag one step behind)
-                optimizer.zero_grad()
-                loss, (logits, terms, gates, real) = dmp(batch)
-                loss.backward()
-                optimizer.step()
-            scheduler.step()  # fused table optimizers read their lr from param_groups on step()
-            step = progress.advance()
-            window_steps += 1
-            # real-row count stays a device tensor until the next log: an int() here would
-            # synchronise the GPU every step and defeat the pipeline's overlap
-            window_real = window_real + real.detach()
-            if audit is not None:
-                audit.record(step, epoch)
-            fault_point("step", step, env.rank)
-            if ckpt.due(step):
-                progress.rows_trained = trained_rows + int(window_real)
-                progress.padding_rows = padded_rows + B * window_steps - int(window_real)
-                progress.train_seconds = train_seconds + time.perf_counter() - t0
-                ckpt.save(dmp, optimizer, scheduler, progress, audit=audit)
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
-                window_rows = int(window_real)
-                trained_rows += window_rows
-                padded_rows += B * window_steps - window_rows
-                window_real, window_steps = torch.zeros((), dtype=torch.int64, device=env.device), 0
-                names = sorted(terms)
-                vals = all_reduce_host(torch.tensor([float(terms[k]) for k in names] + [float(window_rows)], dtype=torch.float64))
-                now = time.perf_counter()
-                sps = float(vals[-1]) / max(now - window_t, 1e-9)
-                window_t = now
-                last_terms = {k: float(v) / env.world_size for k, v in zip(names, vals[:-1])}
-                if writer is not None:
-                    for k, v in last_terms.items():
-                        writer.add_scalar(k, v, step)
-                    writer.add_scalar("throughput/samples_per_s", sps, step)
-                    writer.add_scalar("lr/factor", scheduler.get_last_lr()[0] / cfg.train.sparse_lr, step)
-                    for name, g in gates.items():
-                        writer.add_histogram(f"gates/{name}", g.float().mean(0).flatten(), step)
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {last_terms.get('loss/total', math.nan):.4f} {sps:,.0f} samples/s")
-                elif cfg.train.progress and (i + 1) % (cfg.train.log_every * 4) == 0:
-                    _log(env, f"epoch {epoch} step {i + 1}/{steps_per_epoch} loss {last_terms.get('loss/total', math.nan):.4f} "
-                              f"{sps:,.0f} samples/s")
-        train_seconds += time.perf_counter() - t0
-        # stop the reader threads now (max_steps leaves the stream unfinished): an abandoned
-        # generator would only be closed by the garbage collector, and a reader thread still
-        # inside pyarrow at interpreter exit can abort the process
-        epoch_iter.close()
-        progress.finish_epoch()
-        if bar is not None:
-            bar.close()
-        counters = _merged_counters(train_stream)
-        if counters:
-            _log(env, "input policies applied so far (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
-            if writer is not None:
-                for k, v in counters.items():
-                    writer.add_scalar(f"data/{k}", v, step)
-        if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1:
-            if pipeline is not None:
-                pipeline.detach()  # the plain forward for evaluation; attach() again after
-            util = ExpertUtilisation(schema)
-            metrics = evaluate(dmp, eval_stream, schema, env.device, util)
-            utilisation = _log_utilisation(util, writer, step)
-            if pipeline is not None and epoch < cfg.train.epochs - 1:
-                pipeline.attach(dmp)
-            if writer is not None:
-                for r in metrics:
-                    for key in ("auc", "oracle_auc", "gauc", "logloss", "ne", "calibration", "mse", "mae", "oracle_mse"):
-                        v = r.get(key)
-                        if isinstance(v, float) and not math.isnan(v):
-                            writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
-            _log(env, f"epoch {epoch} eval:\n" + format_table(metrics))
-
-    total_rows = int(all_reduce_host(torch.tensor([trained_rows], dtype=torch.int64))[0])
-    throughput = {
-        "samples_per_s": total_rows / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds,
-        "rows_trained": total_rows,
-        "steps": step,
-        "world_size": env.world_size,
-        "batch_size_per_rank": B,
-    }
-    if not metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
-        metrics = evaluate(dmp, eval_stream, schema, env.device)
-    _write_rank_report(run_dir, env, dmp, trained_rows, padded_rows)
-    if cfg.checkpoint.at_end:
-        progress.rows_trained, progress.padding_rows, progress.train_seconds = trained_rows, padded_rows, train_seconds
-        ckpt.save(dmp, optimizer, scheduler, progress, name="final", audit=audit)
-    if audit is not None:
-        audit.close()
-    result = {
-        "metrics": metrics, "throughput": throughput, "plan": summary, "loss": last_terms, "step": step,
-        "data_counters": counters,  # cumulative over the epochs, summed over ranks
-        "expert_utilisation": utilisation,  # gate -> {"rows": labels, "matrix": [R][E]} (last eval)
-    }
-    if env.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-        if writer is not None:
-            writer.add_scalar("throughput/epoch_samples_per_s", throughput["samples_per_s"], step)
-            writer.close()
-        _log(env, f"trained {total_rows} rows in {train_seconds:.1f}s: {throughput['samples_per_s']:,.0f} samples/s "
-                  f"on {env.world_size} rank(s)")
-        _log(env, f"wrote {run_dir}/metrics.json; TensorBoard: tensorboard --logdir {run_dir}/tb")
-    return result

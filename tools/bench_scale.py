@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
                 break
     torch.manual_seed(0)
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
-    dmp, opt, _ = shard_model(module, cfg, env)
+    dmp, opt, _ = shard_model(module, cfg, env, schema)
 
     def step(b) -> None:
         opt.zero_grad()

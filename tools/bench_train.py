@@ -143,7 +143,7 @@ def build_dlrm_mtl(schema: Schema, cfg: Config) -> Tuple[StepFn, Dict[str, Dict[
     module = TrainModule(
         MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss)
     )
-    dmp, optimizer, plan = shard_model(module, cfg, env)
+    dmp, optimizer, plan = shard_model(module, cfg, env, schema)
 
     def step(batch: Batch) -> torch.Tensor:
         optimizer.zero_grad()  # before the forward, as in dlrm_mtl.train (fused tables take the lr then)

@@ -1,6 +1,31 @@
-from dlrm_mtl.data.batch import Batch
-from dlrm_mtl.data.errors import DataError
-from dlrm_mtl.data.source import SourceError, open_source, resolve_files
-from dlrm_mtl.data.stream import ParquetStream, RowGroup, Segment, assign_row_groups, list_row_groups
+"""Parquet sources, the streaming reader and the batch.
 
-__all__ = ["DataError", "SourceError", "open_source", "resolve_files", "Batch", "ParquetStream", "RowGroup", "Segment", "assign_row_groups", "list_row_groups"]
+The names are loaded on first use (PEP 562): ``dlrm_mtl.data.errors`` and ``source`` need
+only pyarrow, so commands that never build a batch do not pay for importing torch/torchrec.
+"""
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Batch": "batch",
+    "DataError": "errors",
+    "SourceError": "source",
+    "open_source": "source",
+    "resolve_files": "source",
+    "ParquetStream": "stream",
+    "RowGroup": "stream",
+    "Segment": "stream",
+    "assign_row_groups": "stream",
+    "list_row_groups": "stream",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'dlrm_mtl.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dlrm_mtl.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -46,6 +46,7 @@ from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
+from dlrm_mtl.modules.scenario_routing import ROUTINGS
 from dlrm_mtl.modules import GATE_KINDS, AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MultiLevelMMoELayer
 
 
@@ -58,6 +59,12 @@ def _gate_args(c: LayerConfig) -> Dict[str, Any]:
     if c.gate == "noisy" and not 0 <= c.top_k <= c.num_experts:
         raise ConfigError(f"model.task_layers: type {c.type}: top_k must be in [0, num_experts ({c.num_experts})], got {c.top_k}")
     return dict(gate=c.gate, top_k=c.top_k, noise=c.noise)
+
+
+def _routing(c: LayerConfig) -> str:
+    if c.routing not in ROUTINGS:
+        raise ConfigError(f"model.scenario_layers: type {c.type}: routing {c.routing!r} is not one of {list(ROUTINGS)}")
+    return c.routing
 
 
 def _aesm_args(c: LayerConfig, where: str, num_experts: int) -> LayerConfig:
@@ -76,8 +83,8 @@ ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
 TaskLayerBuilder = Callable[[LayerConfig, int, int, int], nn.Module]
 
 SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
-    "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim),
-    "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim),
+    "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim, routing=_routing(c)),
+    "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim, routing=_routing(c)),
     "aesm": lambda c, d, S, e, T: AESMScenarioLayer(
         d, S, e, c.num_experts, _aesm_args(c, "scenario_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise
     ),

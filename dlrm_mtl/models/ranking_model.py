@@ -9,13 +9,13 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
-from dlrm_mtl.modules import MLP, DotInteraction, LayerOutput
+from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput
 from dlrm_mtl.schema import Schema, leaf_ids
 
 
@@ -40,7 +40,7 @@ class DenseArch(nn.Module):
     """Everything after the embedding lookup: dense MLP, interaction, the stacked scenario
     layers, the stacked task layers and one tower per task (design §3).
 
-    ``pooled [B, F, D]``, ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
+    ``pooled [B, F, D]`` or ``[B, Σ D_f]`` (schema order), ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
     weights of every layer by name (``scenario{i}/{level}/...``, ``task{j}/...``; for
     expert-utilisation logging) and the auxiliary losses, each already multiplied by its
     layer's ``aux_weight`` (``aux/scenario{i}/{level}/{name}``).
@@ -52,16 +52,26 @@ class DenseArch(nn.Module):
 
     def __init__(self, schema: Schema, cfg: ModelConfig) -> None:
         super().__init__()
-        dims = {f.dim for f in schema.sparse}
-        if len(dims) != 1:
-            raise ValueError(f"the dot interaction needs one embedding dim for all features, got {sorted(dims)}")
-        (D,) = dims
+        dims = [f.dim for f in schema.sparse]
         F = len(schema.sparse)
         T = len(schema.tasks)
         e = cfg.scenario_emb_dim
         self.num_tasks = T
-        self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch) + [D])
-        self.interaction = DotInteraction(F, D)
+        self.interaction: nn.Module
+        if cfg.interaction == "dot":
+            if len(set(dims)) != 1:
+                raise ConfigError(f"model.interaction dot needs one embedding dim for all features, got {sorted(set(dims))} (use concat)")
+            D = dims[0]
+            self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch) + [D])
+            self.interaction = DotInteraction(F, D)
+            self.pooled_shape: Tuple[int, ...] = (F, D)
+        elif cfg.interaction == "concat":
+            self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch)) if cfg.dense_arch else nn.Identity()
+            dense_dim = cfg.dense_arch[-1] if cfg.dense_arch else len(schema.dense)
+            self.interaction = ConcatInteraction(dense_dim, sum(dims))
+            self.pooled_shape = (sum(dims),)
+        else:
+            raise ConfigError(f"model.interaction {cfg.interaction!r}: expected dot or concat")
         self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, e) for l in schema.scenarios)
         level_names = [l.name for l in schema.scenarios]
         sizes = [l.num_values for l in schema.scenarios]
@@ -107,6 +117,7 @@ class DenseArch(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         embs = [emb(scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
         context = torch.cat(embs, dim=1)  # [B, L·e]
+        pooled = pooled.reshape(pooled.shape[0], *self.pooled_shape)  # dot: [B, F, D]; concat: [B, Σ D_f]
         x = torch.cat([self.interaction(self.dense_mlp(dense), pooled), context], dim=1)  # [B, d]
         gates: Dict[str, torch.Tensor] = {}
         aux: Dict[str, torch.Tensor] = {}
@@ -140,11 +151,23 @@ class DenseArch(nn.Module):
         return logits, gates, aux
 
 
+@torch.fx.wrap
+def pooled_in_order(kt: KeyedTensor, names: List[str]) -> torch.Tensor:
+    """``[B, Σ D_f]``: the pooled embeddings of ``names``, in that order. The KeyedTensor's own
+    column order depends on the sharding plan; when it already is ``names``' order (the usual
+    case) its values are returned as they are, otherwise the columns are gathered by key.
+    fx-wrapped: TorchRec's pipelines trace the model and see this as one call."""
+    if kt.keys() == names:
+        return kt.values()
+    by_key = kt.to_dict()
+    return torch.cat([by_key[n] for n in names], dim=1)
+
+
 class MultiScenarioMultiTaskModel(nn.Module):
     """EmbeddingBagCollection (sharded under DMP) + :class:`DenseArch`.
 
     Pooled embeddings are read *by key* from the KeyedTensor (its column order depends on the
-    sharding plan, stack-notes) and stacked in schema order into ``[B, F, D]``.
+    sharding plan) into ``[B, Σ D_f]`` in schema order (see :func:`pooled_in_order`).
 
     Example::
 
@@ -161,8 +184,7 @@ class MultiScenarioMultiTaskModel(nn.Module):
     def forward(
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        kt = self.ebc(sparse).to_dict()
-        pooled = torch.stack([kt[name] for name in self.feature_names], dim=1)  # [B, F, D]
+        pooled = pooled_in_order(self.ebc(sparse), self.feature_names)  # [B, Σ D_f]
         return self.dense_arch(pooled, dense, scenario)
 
 

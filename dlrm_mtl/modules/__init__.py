@@ -3,7 +3,7 @@ from dlrm_mtl.modules.cross_stitch import CrossStitchLayer, cross_stitch_init
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.gates import GATE_KINDS, NoisyGate, TopKGate, keep_top_k, make_gate
-from dlrm_mtl.modules.interaction import DotInteraction
+from dlrm_mtl.modules.interaction import ConcatInteraction, DotInteraction
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mlp import MLP
 from dlrm_mtl.modules.mixture import mix_experts
@@ -22,6 +22,7 @@ from dlrm_mtl.modules.hinet import HiNetScenarioLayer, ScenarioAwareAttention
 
 __all__ = [
     "CGCLayer",
+    "ConcatInteraction",
     "DotInteraction",
     "ExpertBank",
     "ExtractionNetwork",

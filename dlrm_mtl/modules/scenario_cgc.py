@@ -11,7 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mixture import mix_experts
-from dlrm_mtl.modules.scenario_routing import group_by_scenario
+from dlrm_mtl.modules.scenario_routing import ROUTINGS, group_by_scenario, static_routing
 
 
 class ScenarioCGCLayer(nn.Module):
@@ -29,9 +29,15 @@ class ScenarioCGCLayer(nn.Module):
     ``num_shared=0, num_specific=1`` it is the per-scenario separate network baseline
     ("Parallel DNN": every scenario has its own layer, nothing shared above the embeddings).
 
-    Scenario-specific experts run only on their own scenario's rows (rows grouped by
-    scenario with :func:`group_by_scenario`; one batched bank call per scenario), so the cost
-    does not grow with S.
+    ``routing`` picks how a row reaches its scenario's experts (equal results either way):
+
+    * ``gather``: rows grouped by scenario (:func:`group_by_scenario`; one batched bank call per
+      scenario), so the expert cost does not grow with S; the group sizes are read on the
+      host (one synchronisation) and the shapes depend on the data;
+    * ``static``: every scenario's specific experts run on every row (one bank call) and each
+      row takes its own scenario's outputs with a gather: S × the specific experts' FLOPs, but
+      static shapes, no host synchronisation, a dozen fewer operators (CUDA-graph capturable);
+    * ``auto`` (default): ``static`` on GPU or when S ≤ 4, else ``gather``.
 
     Example::
 
@@ -50,10 +56,14 @@ class ScenarioCGCLayer(nn.Module):
         num_specific: int,
         hidden: List[int],
         out_dim: int,
+        routing: str = "auto",
     ) -> None:
         super().__init__()
         if num_shared + num_specific <= 0:
             raise ValueError("a scenario layer needs at least one expert")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r}: expected one of {ROUTINGS}")
+        self.routing = routing
         self.num_scenarios = num_scenarios
         self.num_shared, self.num_specific = num_shared, num_specific
         self.shared = ExpertBank(num_shared, in_dim, hidden, out_dim) if num_shared else None
@@ -69,10 +79,15 @@ class ScenarioCGCLayer(nn.Module):
         if self.shared is not None:
             parts.append(self.shared(x))  # [B, E_sh, d']
         if self.specific is not None:
-            groups = group_by_scenario(scenario, self.num_scenarios)
             k = self.num_specific
-            spec = [self.specific(x_s, s * k, k) for s, x_s in enumerate(groups.split(x))]  # [B_s, E_sp, d'] each
-            parts.append(groups.merge(spec))  # [B, E_sp, d']
+            if static_routing(self.routing, x, self.num_scenarios):
+                every = self.specific(x).view(B, self.num_scenarios, k, -1)  # [B, S, E_sp, d']
+                own = scenario.view(B, 1, 1, 1).expand(B, 1, k, every.shape[-1])
+                parts.append(every.gather(1, own).squeeze(1))  # [B, E_sp, d']
+            else:
+                groups = group_by_scenario(scenario, self.num_scenarios)
+                spec = [self.specific(x_s, s * k, k) for s, x_s in enumerate(groups.split(x))]  # [B_s, E_sp, d'] each
+                parts.append(groups.merge(spec))  # [B, E_sp, d']
         experts = torch.cat(parts, dim=1)  # [B, E, d']
         if self.gate is None:
             gates = x.new_ones(B, 1)  # [B, 1]

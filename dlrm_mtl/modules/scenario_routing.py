@@ -7,6 +7,19 @@ from typing import List, NamedTuple
 import torch
 
 
+ROUTINGS = ("auto", "gather", "static")
+STATIC_MAX_SCENARIOS = 4  # auto: static routing on CPU up to this many scenarios
+
+
+def static_routing(routing: str, x: torch.Tensor, num_scenarios: int) -> bool:
+    """Whether a layer with ``routing`` (auto | gather | static) runs the static-shape
+    formulation on ``x``: ``auto`` does on GPU (no host synchronisation, capturable) and on
+    CPU for few scenarios, where S × the specific experts' FLOPs cost less than grouping."""
+    if routing == "auto":
+        return x.is_cuda or num_scenarios <= STATIC_MAX_SCENARIOS
+    return routing == "static"
+
+
 class ScenarioGroups(NamedTuple):
     """A batch's rows grouped by scenario.
 
