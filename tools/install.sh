@@ -5,6 +5,9 @@
 #        tensorboard. All pins live in pyproject.toml.
 #   GPU (nvidia-smi works): the `gpu` extra (fbgemm-gpu 1.8.0 matching a CUDA torch).
 # Force a side with DLRM_MTL_STACK=cpu|gpu. Nothing is downloaded after this step.
+# Bytecode is compiled here (--compile-bytecode): where PYTHONDONTWRITEBYTECODE is set (CI,
+# containers) Python would otherwise recompile torch/torchrec on every start (9 s instead of
+# 3.7 s to import them on the 2-core development machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -24,12 +27,12 @@ links=()
 for d in /opt/wheels; do [ -d "$d" ] && links+=(--find-links "$d"); done
 echo "[install] stack=$STACK venv=$VENV"
 if [ "$STACK" = cpu ]; then
-  "$UV" pip install --python "$VENV/bin/python" "${links[@]}" \
+  "$UV" pip install --python "$VENV/bin/python" "${links[@]}" --compile-bytecode \
     --override tools/cpu-overrides.txt -e ".[cpu,dev]"
 else
   # GPU machines: PyPI's CUDA builds of torch 2.13.0 and fbgemm-gpu 1.8.0. No local
   # find-links here: they hold the +cpu torch wheel, which would satisfy torch==2.13.0.
-  "$UV" pip install --python "$VENV/bin/python" -e ".[gpu,dev]"
+  "$UV" pip install --python "$VENV/bin/python" --compile-bytecode -e ".[gpu,dev]"
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, torchrec, fbgemm_gpu  # noqa: F401 -- fails loudly on a broken stack
