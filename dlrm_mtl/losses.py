@@ -111,6 +111,9 @@ class EntireSpaceLoss(nn.Module):
         self.register_buffer("uncertainty_scale", torch.tensor([0.5 if r else 1.0 for r in regression]), persistent=False)
         self.leaf_names = scenario_names(schema)
         self.register_buffer("scenario_lambda", self._scenario_lambda(cfg, scenario_share))  # persistent
+        self.term_matrices: Optional[TermMatrices] = None
+        if all(t.type == "binary" and not t.derived for t in tasks):
+            self.term_matrices = TermMatrices(self.graph, self.term_tasks)
         self.bias_tower: Optional[BiasTower] = None
         self.bias_tasks: List[int] = []
         if schema.position_bias is not None:
@@ -153,15 +156,43 @@ class EntireSpaceLoss(nn.Module):
         weight: torch.Tensor,
         scenario: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``[K]`` per-term mean losses (K = tasks with a loss space)."""
+        """``[K]`` per-term mean losses (K = tasks with a loss space).
+
+        Binary task graphs without ``sum_of`` tasks (ESMM chains, PLE masks, negated parents)
+        take :meth:`_per_task_matrix`: every term at once, a few dozen operators whatever the
+        number of tasks. Regression and ``sum_of`` tasks take the per-term loop
+        (:meth:`_per_task_loop`); both give the same values (tests/test_losses.py)."""
+        lam: Optional[torch.Tensor] = None
+        if scenario is not None and self.cfg.scenario_weighting != "none":
+            lam = self.scenario_lambda[leaf_ids(scenario, self.schema)]  # [B]
+        if self.term_matrices is not None:
+            return self._per_task_matrix(logits, labels, label_mask, weight, lam)
+        return self._per_task_loop(logits, labels, label_mask, weight, lam)
+
+    def _per_task_matrix(
+        self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
+        lam: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        m = self.term_matrices
+        assert m is not None
+        lp, ln = m.log_probs(logits)  # [B, K] x 2: log p and log(1 - p) of each term's prediction
+        y, known = m.labels(labels, label_mask)  # [B, K] float, [B, K] bool
+        loss = -(y * lp + (1 - y) * ln)  # [B, K]
+        r = weight.unsqueeze(1) * known  # [B, K]
+        num = loss * r if lam is None else loss * (r * lam.unsqueeze(1))
+        return num.sum(0) / r.sum(0).clamp(min=1e-12)
+
+    def _per_task_loop(
+        self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
+        lam: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         g = self.graph
         entire_lp = g.entire_log_prob(logits)  # [B, T]
         cond_lp = g.cond_log_prob(logits, entire_lp)  # [B, T]
         y_entire, known_entire = g.entire_labels(labels, label_mask)  # [B, T] x 2
         in_space = g.parent_positive(labels, label_mask) & label_mask  # [B, T]
-        lam = torch.ones_like(weight)
-        if scenario is not None and self.cfg.scenario_weighting != "none":
-            lam = self.scenario_lambda[leaf_ids(scenario, self.schema)]  # [B]
+        if lam is None:
+            lam = torch.ones_like(weight)
         losses = []
         for i in self.term_tasks:
             t = self.schema.tasks[i]
@@ -224,6 +255,85 @@ class EntireSpaceLoss(nn.Module):
             with torch.no_grad():
                 self.step += 1
         return total, terms
+
+
+class TermMatrices(nn.Module):
+    """The loss terms of a binary task graph (no ``sum_of`` tasks) as constant matrices, so
+    that every term's prediction, label and row mask come out of a few matrix operations.
+
+    Term k of task i is one of: a root task, BCE of σ(z_i) on rows where its label is known;
+    ``parent_positive``, BCE of σ(z_i) on rows inside its conditional space (every ancestor
+    known and positive, or negative for a negated parent) where its label is known; ``entire``,
+    BCE of the chained product on rows where every label on the chain is known, against the
+    chained event (ESMM eq. 3). In log space::
+
+        log P_entire = [log σ(z), log σ(−z)] @ P            (P: [2T, T], one 1 per chain step)
+        count_k      = [pos, neg, known, y] @ H[:, k]        (pos = known ∧ y = 1, neg = known ∧ y = 0)
+
+    a term's chained event / space holds where its count equals the number of conditions.
+    Matrices are buffers (not persistent): they move with the module and never reach a
+    checkpoint.
+    """
+
+    def __init__(self, graph: TaskGraph, term_tasks: List[int]) -> None:
+        super().__init__()
+        schema = graph.schema
+        T, K = len(schema.tasks), len(term_tasks)
+        P = torch.zeros(2 * T, T)
+        for i, steps in enumerate(graph.steps):
+            for j, positive in steps:
+                P[j if positive else T + j, i] = 1.0
+        src = []  # column of [log σ(z) | log P_entire] (and of its complement) per term
+        hy, hm = torch.zeros(4 * T, K), torch.zeros(4 * T, K)
+        y_is_event = torch.zeros(K, dtype=torch.bool)
+
+        def conditions(h: torch.Tensor, k: int, steps: List[Tuple[int, bool]]) -> None:
+            for j, positive in steps:
+                h[j if positive else T + j, k] = 1.0
+
+        for k, i in enumerate(term_tasks):
+            t = schema.tasks[i]
+            if t.parent is None:  # root: its own label where known
+                src.append(i)
+                hy[3 * T + i, k] = 1.0
+                hm[2 * T + i, k] = 1.0
+            elif t.loss_space == "entire":  # chained event where the chain's labels are known
+                src.append(T + i)
+                conditions(hy, k, graph.steps[i])
+                y_is_event[k] = True
+                for j, _ in graph.steps[i]:
+                    hm[2 * T + j, k] = 1.0
+            else:  # parent_positive: own label inside the conditional space
+                src.append(i)
+                hy[3 * T + i, k] = 1.0
+                conditions(hm, k, graph.context[i])
+                hm[2 * T + i, k] = 1.0
+        self.T = T
+        self.any_entire = any(s >= T for s in src)
+        self.register_buffer("chain", P, persistent=False)
+        self.register_buffer("src", torch.tensor(src, dtype=torch.int64), persistent=False)
+        self.register_buffer("h_label", hy, persistent=False)
+        self.register_buffer("h_known", hm, persistent=False)
+        self.register_buffer("n_label", hy.sum(0), persistent=False)
+        self.register_buffer("n_known", hm.sum(0), persistent=False)
+        self.register_buffer("y_is_event", y_is_event, persistent=False)
+
+    def log_probs(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``logits [B, T]`` -> (log p, log(1 − p)) of each term's prediction, ``[B, K]`` each."""
+        pos, neg = F.logsigmoid(logits), F.logsigmoid(-logits)  # [B, T]
+        if self.any_entire:
+            entire = torch.cat([pos, neg], dim=1) @ self.chain  # [B, T] log P_entire
+            pos = torch.cat([pos, entire], dim=1)  # [B, 2T]
+            neg = torch.cat([neg, log1mexp(entire)], dim=1)
+        return pos.index_select(1, self.src), neg.index_select(1, self.src)
+
+    def labels(self, labels: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``labels, mask [B, T]`` -> (label, in-space) of each term, ``[B, K]`` each."""
+        known = mask.to(labels.dtype)
+        a = torch.cat([known * (labels == 1), known * (labels == 0), known, labels], dim=1)  # [B, 4T]
+        y = a @ self.h_label  # [B, K]
+        y = torch.where(self.y_is_event, (y == self.n_label).to(y.dtype), y)
+        return y, (a @ self.h_known) == self.n_known
 
 
 def inverse_share_weights(share: Sequence[float]) -> torch.Tensor:

@@ -346,3 +346,31 @@ def test_mlp_empty_layers_is_identity():
     assert mlp.out_dim == 4
     x = torch.randn(3, 4)
     assert torch.equal(mlp(x), x)
+
+
+def test_concat_interaction_and_dense_arch_reads_pooled_in_schema_order():
+    """model.interaction=concat: x = [raw dense (dense_arch []), pooled embeddings in schema
+    order, scenario embeddings]; pooled_in_order gathers by key when the KeyedTensor's order
+    differs from the schema's."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from dlrm_mtl.config import ModelConfig
+    from dlrm_mtl.models.ranking_model import DenseArch, pooled_in_order
+    from dlrm_mtl.modules import ConcatInteraction
+    from dlrm_mtl.schema import DenseFeature, ScenarioLevel, Schema, SparseFeature, Task
+
+    inter = ConcatInteraction(3, 10)
+    d, s = torch.randn(4, 3), torch.randn(4, 2, 5)
+    assert torch.equal(inter(d, s), torch.cat([d, s[:, 0], s[:, 1]], 1)) and inter.out_dim == 13
+    kt = KeyedTensor(keys=["b", "a"], length_per_key=[2, 3], values=torch.arange(20.0).view(4, 5))
+    assert torch.equal(pooled_in_order(kt, ["a", "b"]), torch.cat([kt.values()[:, 2:], kt.values()[:, :2]], 1))
+    assert pooled_in_order(kt, ["b", "a"]) is kt.values() or torch.equal(pooled_in_order(kt, ["b", "a"]), kt.values())
+    schema = Schema("c", [SparseFeature("a", "ta", 10, 3), SparseFeature("b", "tb", 10, 2)], [DenseFeature("x"), DenseFeature("y")],
+                    [ScenarioLevel("s", 2)], [Task("t", "t")])
+    arch = DenseArch(schema, ModelConfig(interaction="concat", dense_arch=[], scenario_emb_dim=4, scenario_layers=[], task_layers=[], tower=[]))
+    assert arch.interaction.out_dim == 2 + 5
+    assert arch.towers[0][1].in_features == 2 + 5 + 4  # dense, embeddings, scenario embedding
+    logits, _, _ = arch(torch.randn(6, 5), torch.randn(6, 2), torch.zeros(6, 1, dtype=torch.long))
+    assert logits.shape == (6, 1)
+    with pytest.raises(ValueError, match="dot needs one embedding dim"):
+        DenseArch(schema, ModelConfig(interaction="dot"))

@@ -54,3 +54,24 @@ def test_batches_equal_parquet_rows(synthetic_small, shuffle):
         assert not batch.label_mask[~real].any()
         assert (batch.weight[~real] == 0).all() and (batch.weight[real] == 1).all()
     assert seen == table.num_rows
+
+
+def test_batch_kjt_carries_per_key_lengths_and_offsets(synthetic_small):
+    """The reader hands TorchRec per-key lengths and offsets computed on the host (the input
+    dist would otherwise read them back from the device every step); they must match the
+    lengths, also on the padded last batch."""
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    stream = ParquetStream(schema, str(synthetic_small / "train"), 1000, 0, 1, shuffle_buffer_rows=0, prefetch_batches=0)
+    batches = list(stream)
+    stream_small = ParquetStream(schema, str(synthetic_small / "train"), 4096, 0, 1, shuffle_buffer_rows=0, prefetch_batches=0)
+    batches.append(list(stream_small)[-1])  # 9600 rows: the last batch of 4096 is padded
+    assert (batches[-1].row_id < 0).any()
+    for b in batches:
+        kjt = b.sparse
+        assert kjt._length_per_key is not None and kjt._offset_per_key is not None
+        lengths = kjt.lengths().view(len(kjt.keys()), -1)
+        assert kjt._length_per_key == lengths.sum(1).tolist()
+        assert kjt._offset_per_key == [0] + torch.cumsum(lengths.sum(1), 0).tolist()
+        assert kjt.offsets()[-1].item() == kjt.values().numel()
+        pad = b.row_id < 0
+        assert (lengths[:, pad] == 0).all()

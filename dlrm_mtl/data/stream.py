@@ -373,29 +373,47 @@ def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _sparse_kjt(t: pa.Table, schema: Schema, batch_size: int) -> KeyedJaggedTensor:
+    """The KJT of ``t``'s sparse features (schema order), stride ``batch_size`` (padding rows
+    have no ids). Lengths are filled into one ``[F, B]`` array, and the per-key lengths and
+    offsets are computed here on the host and handed to the KJT, so nothing downstream
+    (input dist, permutes) has to read them back from a device."""
+    n = t.num_rows
+    F = len(schema.sparse)
+    lengths = np.zeros((F, batch_size), dtype=np.int32)
+    values: List[np.ndarray] = []
+    for k, f in enumerate(schema.sparse):
+        col = t[f.name]
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        if f.multi_hot:
+            lengths[k, :n] = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+            vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        elif col.null_count:
+            valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+            lengths[k, :n] = valid
+            vals = col.to_numpy(zero_copy_only=False)[valid]
+        else:
+            lengths[k, :n] = 1
+            vals = col.to_numpy(zero_copy_only=False)
+        values.append(vals.astype(np.int64, copy=False))
+    per_key = lengths.sum(axis=1)
+    offset_per_key = np.concatenate([[0], np.cumsum(per_key)])
+    return KeyedJaggedTensor(
+        keys=[f.name for f in schema.sparse],
+        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(lengths.reshape(-1)),
+        stride=batch_size,
+        length_per_key=per_key.tolist(),
+        offset_per_key=offset_per_key.tolist(),
+    )
+
+
 def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:
     """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
     n = t.num_rows
     pad = batch_size - n
     assert pad >= 0
-    lengths: List[np.ndarray] = []
-    values: List[np.ndarray] = []
-    for f in schema.sparse:
-        col = t[f.name].combine_chunks()
-        if f.multi_hot:
-            lens = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int32)
-            vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-        else:
-            valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
-            lens = valid.astype(np.int32)
-            vals = col.to_numpy(zero_copy_only=False)[valid] if col.null_count else col.to_numpy(zero_copy_only=False)
-        lengths.append(np.concatenate([lens, np.zeros(pad, dtype=np.int32)]))
-        values.append(vals.astype(np.int64, copy=False))
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in schema.sparse],
-        values=torch.from_numpy(np.concatenate(values)),
-        lengths=torch.from_numpy(np.concatenate(lengths)),
-    )
+    kjt = _sparse_kjt(t, schema, batch_size)
 
     def padded(x: np.ndarray, fill: float | int | bool) -> torch.Tensor:
         if pad:
