@@ -145,11 +145,16 @@ def make_planner(cfg: Config, env: DistEnv, schema: Schema, world_size: Optional
     unknown = set(cfg.sharding.tables) - tables
     if unknown:
         raise ValueError(f"sharding.tables names unknown table(s) {sorted(unknown)}; the schema has {sorted(tables)}")
+    types = list(cfg.sharding.types)
+    if ws == 1 and ShardingType.TABLE_WISE.value in types:
+        # one rank holds every table whatever the type; row-wise sharding would still bucketize
+        # every batch and read the bucket sizes back from the device (a host sync per step)
+        types = [ShardingType.TABLE_WISE.value]
     constraints: Dict[str, ParameterConstraints] = {}
     for t in tables:
         override = cfg.sharding.tables.get(t)
         constraints[t] = ParameterConstraints(
-            sharding_types=list(override.types) if override and override.types else list(cfg.sharding.types),
+            sharding_types=list(override.types) if override and override.types else types,
             compute_kernels=list(override.compute_kernels) if override and override.compute_kernels else None,
         )
     return EmbeddingShardingPlanner(topology=topo, batch_size=cfg.data.batch_size, constraints=constraints)

@@ -64,6 +64,7 @@ SYNC_OPS = {
 class StepCount:
     ops: int = 0
     syncs: int = 0
+    host_reads: int = 0  # reads of host-resident tensors (not synchronisations)
     by_op: Counter[str] = field(default_factory=collections.Counter)
     sync_by_op: Counter[str] = field(default_factory=collections.Counter)
 
@@ -79,16 +80,22 @@ class OpCounter(TorchDispatchMode):
         c.current.ops, c.current.syncs   # 4 ops (randn, mul, sum, _local_scalar_dense), 1 sync
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host_resident: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
         self.current = StepCount()
         self.steps: List[StepCount] = []
+        # tensors that live on the host by design (fbgemm's per-table iteration counter
+        # ``iter_cpu``): reading them never waits for a device
+        self.host_ptrs = {t.data_ptr() for t in host_resident}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.current.ops += 1
         self.current.by_op[str(func.overloadpacket.__name__)] += 1
         if self._is_sync(func, args, kwargs or {}):
-            self.note_sync(str(func.overloadpacket.__name__))
+            if func.overloadpacket is aten._local_scalar_dense and args[0].data_ptr() in self.host_ptrs:
+                self.current.host_reads += 1
+            else:
+                self.note_sync(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
 
     @staticmethod
@@ -132,6 +139,25 @@ def counting_host_reads(counter: OpCounter) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
+
+
+def host_counters(module: torch.nn.Module) -> List[torch.Tensor]:
+    """fbgemm's ``iter_cpu`` counters under ``module``. TorchRec's sharded modules keep their
+    lookups in plain lists (invisible to ``named_modules``), so this walks those too."""
+    out, stack, seen = [], [module], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        t = getattr(m, "iter_cpu", None)
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+        stack.extend(c for c in m._modules.values() if c is not None)
+        for v in vars(m).values():
+            if isinstance(v, list):
+                stack.extend(c for c in v if isinstance(c, torch.nn.Module))
+    return out
 
 
 @dataclass
@@ -179,7 +205,7 @@ def count_case(name: str, configs: Sequence[str], data: Path, run_dir: Path, ste
     logged_at: Dict[int, bool] = {}
     try:
         run = setup_run(cfg, env)
-        counter = OpCounter()
+        counter = OpCounter(host_resident=host_counters(run.dmp))
 
         def on_step_end(step: int, logged: bool) -> None:
             counter.cut()
