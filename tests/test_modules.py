@@ -369,8 +369,33 @@ def test_concat_interaction_and_dense_arch_reads_pooled_in_schema_order():
                     [ScenarioLevel("s", 2)], [Task("t", "t")])
     arch = DenseArch(schema, ModelConfig(interaction="concat", dense_arch=[], scenario_emb_dim=4, scenario_layers=[], task_layers=[], tower=[]))
     assert arch.interaction.out_dim == 2 + 5
-    assert arch.towers[0][1].in_features == 2 + 5 + 4  # dense, embeddings, scenario embedding
+    assert arch.towers.weights[0].shape == (1, 2 + 5 + 4, 1)  # dense, embeddings, scenario embedding
     logits, _, _ = arch(torch.randn(6, 5), torch.randn(6, 2), torch.zeros(6, 1, dtype=torch.long))
     assert logits.shape == (6, 1)
     with pytest.raises(ValueError, match="dot needs one embedding dim"):
         DenseArch(schema, ModelConfig(interaction="dot"))
+
+
+def test_task_towers_equal_one_mlp_per_task():
+    """TaskTowers (stacked weights, one baddbmm per layer) equals T separate Linear-ReLU-Linear
+    towers with the same weights, outputs and gradients."""
+    from dlrm_mtl.modules import TaskTowers
+
+    torch.manual_seed(0)
+    towers = TaskTowers(3, 6, [5]).double()
+    x = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    out = towers(x)
+    assert out.shape == (11, 3)
+    ref = []
+    for t in range(3):
+        h = torch.relu(x[t] @ towers.weights[0][t] + towers.biases[0][t])
+        ref.append(h @ towers.weights[1][t] + towers.biases[1][t])
+    ref = torch.cat(ref, dim=1)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    ga = torch.autograd.grad((out * w).sum(), [x, *towers.parameters()])
+    gb = torch.autograd.grad((ref * w).sum(), [x, *towers.parameters()])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    bound = 1 / 6 ** 0.5  # nn.Linear's init range
+    assert towers.weights[0].abs().max() <= bound and towers.biases[0].abs().max() <= bound

@@ -15,7 +15,7 @@ from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
-from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput
+from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.schema import Schema, leaf_ids
 
 
@@ -106,7 +106,7 @@ class DenseArch(nn.Module):
             self.task_layers.append(layer)
             self._aux_weights_of(layer, lc)
             d = layer.out_dim
-        self.towers = nn.ModuleList(nn.Sequential(MLP(d, list(cfg.tower)), nn.Linear(cfg.tower[-1] if cfg.tower else d, 1)) for _ in range(T))
+        self.towers = TaskTowers(T, d, list(cfg.tower))
 
     @staticmethod
     def _aux_weights_of(layer: nn.Module, lc: LayerConfig) -> None:
@@ -145,7 +145,7 @@ class DenseArch(nn.Module):
             x = out.y  # [T, B, d']
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.num_tasks, *x.shape)
-        logits = torch.cat([tower(x[t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
+        logits = self.towers(x)  # [B, T]
         if offset is not None:
             logits = logits + offset
         return logits, gates, aux

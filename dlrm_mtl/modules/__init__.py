@@ -19,6 +19,7 @@ from dlrm_mtl.modules.star import STARLayer
 from dlrm_mtl.modules.hmoe import HMoELayer
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
 from dlrm_mtl.modules.hinet import HiNetScenarioLayer, ScenarioAwareAttention
+from dlrm_mtl.modules.towers import TaskTowers
 
 __all__ = [
     "CGCLayer",
@@ -56,4 +57,5 @@ __all__ = [
     "SubExpertIntegration",
     "HiNetScenarioLayer",
     "ScenarioAwareAttention",
+    "TaskTowers",
 ]

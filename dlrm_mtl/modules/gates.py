@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x W_g + b_g`` for G gates at once: ``x [B, in]`` (shared) or ``[G, B, in]`` (one input
+    per gate), ``weight [G, in, E]``, ``bias [G, E]`` -> ``[B, G, E]`` (a transposed view of one
+    ``baddbmm``; a shared input is expanded, a stride-0 view, not copied)."""
+    if x.dim() == 2:
+        x = x.expand(weight.shape[0], *x.shape)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight).transpose(0, 1)
+
+
 class SoftmaxGate(nn.Module):
     """G independent softmax gates over E experts: ``w_g(x) = softmax(W_g x + b_g)`` (MMoE, Ma et
     al. KDD 2018, eq. 6; PLE, Tang et al. RecSys 2020, eq. 3).
@@ -38,9 +47,7 @@ class SoftmaxGate(nn.Module):
             # differs from the parameter's, and DDP then warns "Grad strides do not match bucket
             # view strides" and copies the gradient into its bucket every step.
             return (x @ self.weight[0]).unsqueeze(1) + self.bias  # [B, 1, E]
-        if x.dim() == 2:
-            return torch.einsum("bi,gie->bge", x, self.weight) + self.bias
-        return torch.einsum("gbi,gie->bge", x, self.weight) + self.bias
+        return gate_affine(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=-1)  # [B, G, E]
@@ -125,9 +132,9 @@ class NoisyGate(SoftmaxGate):
         h = self.logits(x)  # [B, G, E]
         if not self.training or self.noise == 0:
             return h
-        eq = "bi,gie->bge" if x.dim() == 2 else "gbi,gie->bge"
-        std = F.softplus(torch.einsum(eq, x, self.noise_weight) + self.noise_bias)  # [B, G, E]
-        return h + self.noise * torch.randn_like(h) * std
+        std = F.softplus(gate_affine(x, self.noise_weight, self.noise_bias))  # [B, G, E]
+        # a contiguous [B, G, E] draw (h itself is a transposed view)
+        return h + self.noise * torch.randn(h.shape, dtype=h.dtype, device=h.device) * std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.noisy_logits(x)
