@@ -74,7 +74,7 @@ class LayerConfig:
     aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL), 0 = off
     norm: bool = True  # STAR: partitioned normalisation
     task_emb_dim: int = 8  # AESM² task layer: size of the learnable task indicator embedding (gate input)
-    # cgc/separate scenario layers: how rows reach their scenario's experts (auto | gather | static)
+    # cgc/separate/star scenario layers: how rows reach their scenario's parameters (auto | gather | static)
     routing: str = "auto"
 
 

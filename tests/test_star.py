@@ -189,3 +189,22 @@ def test_partitioned_norm_maps_a_feature_constant_within_a_scenario_to_its_shift
     torch.testing.assert_close(y_eval[:, 2], shift)  # not (x − lagging mean) / sqrt(≈0 + ε)
     # the varying features are normalised with the moving statistics as usual
     torch.testing.assert_close(y_eval[:, :2], ref_pn(pn, x, scenario, pn.running_mean, pn.running_var)[:, :2])
+
+
+def test_star_static_routing_equals_gather_routing():
+    """STAR's FCN with static routing (every scenario's FCN on every row, then a gather) gives
+    the grouped computation's outputs and gradients (float64)."""
+    from dlrm_mtl.modules import StarTopologyFCN
+
+    torch.manual_seed(1)
+    a = StarTopologyFCN(10, 3, [7], 5, routing="gather").double()
+    b = StarTopologyFCN(10, 3, [7], 5, routing="static").double()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # scenario weights start at 1: make them differ
+    b.load_state_dict(a.state_dict())
+    x, s = torch.randn(29, 10, dtype=torch.float64), torch.randint(0, 3, (29,))
+    ya, yb = a(x, s), b(x, s)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(torch.autograd.grad(ya.square().sum(), list(a.parameters())), torch.autograd.grad(yb.square().sum(), list(b.parameters()))):
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)

@@ -88,7 +88,7 @@ SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "aesm": lambda c, d, S, e, T: AESMScenarioLayer(
         d, S, e, c.num_experts, _aesm_args(c, "scenario_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise
     ),
-    "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm),
+    "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm, routing=_routing(c)),
     "hmoe": lambda c, d, S, e, T: HMoELayer(d, S, e, c.hidden, c.out_dim),
     "hinet": lambda c, d, S, e, T: HiNetScenarioLayer(d, S, e, c.sub_experts, c.hidden, c.out_dim),
 }

@@ -10,6 +10,7 @@ from torch import nn
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
 from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.scenario_routing import own_scenario
 
 
 class ScenarioAwareAttention(nn.Module):
@@ -48,7 +49,7 @@ class ScenarioAwareAttention(nn.Module):
         self.score = nn.Linear(emb_dim, num_scenarios) if num_scenarios > 2 else None
 
     def forward(self, scenario_emb: torch.Tensor, scenario: torch.Tensor, specific: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        own = nn.functional.one_hot(scenario, self.num_scenarios).to(torch.bool)  # [B, S]
+        own = own_scenario(scenario, self.num_scenarios)  # [B, S]
         if self.score is None:
             weights = (~own).to(specific.dtype)  # [B, 2]: the one other scenario
         else:

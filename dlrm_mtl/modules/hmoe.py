@@ -11,6 +11,7 @@ from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.scenario_routing import own_scenario
 
 
 class HMoELayer(nn.Module):
@@ -56,7 +57,7 @@ class HMoELayer(nn.Module):
     def forward(self, x: torch.Tensor, scenario: torch.Tensor, scenario_emb: torch.Tensor) -> LayerOutput:
         B = x.shape[0]
         experts = self.experts(x)  # [B, S, d']
-        own = nn.functional.one_hot(scenario, self.num_scenarios).to(torch.bool).unsqueeze(-1)  # [B, S, 1]
+        own = own_scenario(scenario, self.num_scenarios).unsqueeze(-1)  # [B, S, 1]
         experts = torch.where(own, experts, experts.detach())  # other scenarios' outputs: stop-gradient
         gates = self.gate(torch.cat([x, scenario_emb], dim=1))[torch.arange(B, device=x.device), scenario]  # [B, S]
         y = mix_experts(gates.unsqueeze(1), experts).squeeze(1)  # [B, d']

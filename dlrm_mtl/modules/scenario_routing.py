@@ -20,6 +20,13 @@ def static_routing(routing: str, x: torch.Tensor, num_scenarios: int) -> bool:
     return routing == "static"
 
 
+def own_scenario(scenario: torch.Tensor, num_scenarios: int) -> torch.Tensor:
+    """``[B, S]`` bool, True at each row's own scenario: ``one_hot`` without its range check
+    (which reads the ids' min and max back to the host every call). Ids are validated where
+    the batch is read."""
+    return scenario.unsqueeze(1) == torch.arange(num_scenarios, device=scenario.device)
+
+
 class ScenarioGroups(NamedTuple):
     """A batch's rows grouped by scenario.
 

@@ -58,10 +58,11 @@ class STARLayer(nn.Module):
         out_dim: int,
         norm: bool = True,
         aux_hidden: int = 32,
+        routing: str = "auto",
     ) -> None:
         super().__init__()
         self.norm = PartitionedNorm(in_dim, num_scenarios) if norm else None
-        self.fcn = StarTopologyFCN(in_dim, num_scenarios, hidden, out_dim)
+        self.fcn = StarTopologyFCN(in_dim, num_scenarios, hidden, out_dim, routing=routing)
         self.aux_net = nn.Sequential(MLP(emb_dim, [aux_hidden]), nn.Linear(aux_hidden, num_tasks))
         self.out_dim = out_dim
 

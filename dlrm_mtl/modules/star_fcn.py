@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-from dlrm_mtl.modules.scenario_routing import group_by_scenario
+from dlrm_mtl.modules.scenario_routing import ROUTINGS, group_by_scenario, static_routing
 
 
 class StarTopologyFCN(nn.Module):
@@ -27,8 +27,11 @@ class StarTopologyFCN(nn.Module):
     :class:`ExpertBank`), ``W_s`` to ones and both biases to zero, so every scenario starts
     from the shared network and learns its multiplicative deviation.
 
-    Rows are grouped by scenario (:func:`group_by_scenario`, as in :class:`ScenarioCGCLayer`), so a row is computed with its own scenario's weights only:
-    the cost is that of one FCN, not S of them. Building ``W*_s`` for all S costs S times the
+    ``routing`` as in :class:`ScenarioCGCLayer`: ``gather`` groups rows by scenario
+    (:func:`group_by_scenario`), so a row is computed with its own scenario's weights only and
+    the cost is that of one FCN, not S of them; ``static`` runs every scenario's FCN on every
+    row (one ``baddbmm`` per layer, S × the FLOPs, static shapes, no host synchronisation) and
+    keeps each row's own; ``auto``: static on GPU or for S ≤ 4. Building ``W*_s`` for all S costs S times the
     parameter count per step, independent of the batch size.
 
     ``x [B, in]``, ``scenario [B]`` -> ``[B, out]``.
@@ -40,9 +43,11 @@ class StarTopologyFCN(nn.Module):
         fcn.effective_weights(1)[0].shape                          # W*_1 of layer 0: [32, 64]
     """
 
-    def __init__(self, in_dim: int, num_scenarios: int, hidden: List[int], out_dim: int) -> None:
+    def __init__(self, in_dim: int, num_scenarios: int, hidden: List[int], out_dim: int, routing: str = "auto") -> None:
         super().__init__()
-        self.num_scenarios, self.out_dim = num_scenarios, out_dim
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r}: expected one of {ROUTINGS}")
+        self.num_scenarios, self.out_dim, self.routing = num_scenarios, out_dim, routing
         sizes = [in_dim] + list(hidden) + [out_dim]
         self.shared_weights = nn.ParameterList()  # W: [in, out] per layer
         self.shared_biases = nn.ParameterList()  # b: [out]
@@ -62,6 +67,12 @@ class StarTopologyFCN(nn.Module):
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         weights = [w_s * w for w, w_s in zip(self.shared_weights, self.scenario_weights)]  # [S, in, out] per layer
         biases = [b_s + b for b, b_s in zip(self.shared_biases, self.scenario_biases)]  # [S, out] per layer
+        if static_routing(self.routing, x, self.num_scenarios):
+            h = x.expand(self.num_scenarios, *x.shape)  # [S, B, in], a stride-0 view
+            for w, b in zip(weights, biases):
+                h = torch.relu(torch.baddbmm(b.unsqueeze(1), h, w))  # eq. 4 for every scenario: [S, B, out]
+            own = scenario.view(1, -1, 1).expand(1, x.shape[0], h.shape[-1])
+            return h.gather(0, own).squeeze(0)  # [B, out]
         groups = group_by_scenario(scenario, self.num_scenarios)
         outs = []
         for s, h in enumerate(groups.split(x)):  # h: [B_s, in], scenario s's rows
