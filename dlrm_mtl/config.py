@@ -30,6 +30,9 @@ class DataConfig:
     prefetch_batches: int = 4  # batches prepared ahead by the reader thread
     num_workers: int = 2  # threads reading/decoding row groups ahead (per rank)
     pin_memory: bool = True  # on GPU: page-locked host batches for asynchronous copies
+    # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
+    # step leaves free, so they never preempt its intra-op threads) | normal
+    background_priority: str = "idle"
 
     def schema_path(self) -> str:
         """The schema file: ``schema`` if set, else schema.yaml next to or above ``train``."""

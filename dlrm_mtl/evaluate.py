@@ -64,7 +64,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
         dcp.load(state, checkpoint_id=checkpoint)
         dmp.load_state_dict(state["model"])
         stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size,
-                               prefetch_batches=cfg.data.prefetch_batches, num_workers=cfg.data.num_workers)
+                               prefetch_batches=cfg.data.prefetch_batches, num_workers=cfg.data.num_workers,
+                               background_priority=cfg.data.background_priority)
         metrics = evaluate(dmp, stream, schema, env.device)
         result = {"metrics": metrics, "checkpoint": str(checkpoint), "data": str(data), "world_size": env.world_size}
         if env.is_main:

@@ -190,11 +190,11 @@ def _open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> 
     train_stream = ParquetStream(
         schema, data.train, data.batch_size, env.rank, env.world_size,
         shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=data.prefetch_batches,
-        num_workers=data.num_workers,
+        num_workers=data.num_workers, background_priority=data.background_priority,
     )
     eval_stream = ParquetStream(
         schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=data.prefetch_batches,
-        num_workers=data.num_workers,
+        num_workers=data.num_workers, background_priority=data.background_priority,
     )
     return train_stream, eval_stream
 

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections import deque
@@ -172,7 +173,9 @@ class RowGroupConverter:
             missing = [c for c in self.columns if c not in frag.physical_schema.names]
             if missing:
                 raise DataError(f"{group.path}: missing column(s) {missing} required by schema {self.schema.name!r}")
-            table = frag.to_table(columns=self.columns)
+            # decoded on this thread: the reader's own workers parallelise across row groups, and
+            # pyarrow's pool would otherwise take the cores the training step's threads run on
+            table = frag.to_table(columns=self.columns, use_threads=False)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{group.path}: row group {group.index}: cannot read: {e}") from None
         return self.convert(table, group)
@@ -461,6 +464,11 @@ class ParquetStream:
         prefetch_batches: batches converted ahead by a background thread (0 = inline).
         filesystem: an explicit pyarrow filesystem for ``paths`` (default: from the URI).
         num_workers: threads reading and converting row groups ahead (1 = the reader thread only).
+        background_priority: ``idle`` runs the reader threads under Linux's SCHED_IDLE policy
+            (they get a core only when the training step's threads leave it), ``normal`` keeps
+            the default. On a machine whose cores the step's intra-op threads fill, a reader at
+            normal priority preempts one of them mid-operator and the others wait for it at the
+            operator's barrier.
     """
 
     def __init__(
@@ -476,7 +484,10 @@ class ParquetStream:
         with_oracle: bool = True,
         filesystem: Optional[pa.fs.FileSystem] = None,
         num_workers: int = 2,
+        background_priority: str = "idle",
     ) -> None:
+        if background_priority not in ("idle", "normal"):
+            raise ValueError(f"background_priority {background_priority!r}: expected idle or normal")
         if batch_size <= 0:
             raise ValueError("batch_size must be > 0")
         self.schema = schema
@@ -486,6 +497,7 @@ class ParquetStream:
         self.seed = seed
         self.prefetch_batches = prefetch_batches
         self.num_workers = num_workers
+        self.background_priority = background_priority
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -620,6 +632,14 @@ class ParquetStream:
         rng = self._rng(self.rank, self._segment, self.seed)
         return self._ordered(self.groups, rng, self.batch_size, self.shuffle_buffer_rows, self._read, self._keep)
 
+    def _background_thread(self) -> None:
+        """Lowers the calling reader thread to ``background_priority`` (Linux; elsewhere a no-op)."""
+        if self.background_priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+            except OSError:
+                pass
+
     def _read_group(self, g: RowGroup) -> pa.Table:
         t = self.converter.read(g)
         keep = self._keep.get(self._group_index[(g.file_index, g.index)])
@@ -635,7 +655,8 @@ class ParquetStream:
             for g in groups:
                 yield self._read_group(g)
             return
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}") as pool:
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}",
+                                initializer=self._background_thread) as pool:
             pending: "deque[Future[pa.Table]]" = deque()
             for g in groups:
                 pending.append(pool.submit(self._read_group, g))
@@ -673,6 +694,7 @@ class ParquetStream:
 
         def work() -> None:
             try:
+                self._background_thread()
                 for b in self._batches():
                     while not stop.is_set():
                         try:
