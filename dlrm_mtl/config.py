@@ -27,8 +27,12 @@ class DataConfig:
     schema: str = ""  # default: <dirname of train>/schema.yaml
     batch_size: int = 2048  # per rank
     shuffle_buffer_rows: int = 65536  # bounded shuffle buffer per rank; 0 = no shuffle
-    prefetch_batches: int = 4  # batches prepared ahead by the reader thread
-    num_workers: int = 2  # threads reading/decoding row groups ahead (per rank)
+    # batches prepared ahead by a reader thread, and threads reading/decoding row groups ahead
+    # (per rank). -1 = auto: 4 and up to 2 where the rank has cores its compute threads leave
+    # free, 0 and 0 (read inline, between steps) where they take every core: a reader sharing
+    # a core with the step's intra-op threads slows the step more than reading costs
+    prefetch_batches: int = -1
+    num_workers: int = -1
     pin_memory: bool = True  # on GPU: page-locked host batches for asynchronous copies
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
     # step leaves free, so they never preempt its intra-op threads) | normal

@@ -25,7 +25,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from dlrm_mtl.config import Config
+from dlrm_mtl.config import Config, DataConfig
 from dlrm_mtl.models import MultiScenarioMultiTaskModel
 from dlrm_mtl.schema import Schema
 
@@ -87,6 +87,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_ra
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv(rank, world, local_rank, local_world, device, backend)
+
+
+def reader_threads(data: DataConfig, env: DistEnv) -> Tuple[int, int]:
+    """``(prefetch_batches, num_workers)`` with ``-1`` (auto) resolved: background reading
+    only where this rank has a core its intra-op threads leave free (always on GPU)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = cores // max(1, env.local_world_size) - torch.get_num_threads()
+    if env.device.type == "cuda":
+        spare = max(spare, 1)
+    prefetch = data.prefetch_batches if data.prefetch_batches >= 0 else (4 if spare >= 1 else 0)
+    workers = data.num_workers if data.num_workers >= 0 else (min(2, spare) if spare >= 1 else 0)
+    return prefetch, workers
 
 
 def shutdown_distributed() -> None:

@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from dlrm_mtl.checkpoint import is_complete
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import ParquetStream
-from dlrm_mtl.distributed import init_distributed, shard_model, shutdown_distributed
+from dlrm_mtl.distributed import init_distributed, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import MetricAccumulator, format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -63,9 +63,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
         state = {"model": dmp.state_dict()}
         dcp.load(state, checkpoint_id=checkpoint)
         dmp.load_state_dict(state["model"])
-        stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size,
-                               prefetch_batches=cfg.data.prefetch_batches, num_workers=cfg.data.num_workers,
-                               background_priority=cfg.data.background_priority)
+        prefetch, workers = reader_threads(cfg.data, env)
+        stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
+                               num_workers=workers, background_priority=cfg.data.background_priority)
         metrics = evaluate(dmp, stream, schema, env.device)
         result = {"metrics": metrics, "checkpoint": str(checkpoint), "data": str(data), "world_size": env.world_size}
         if env.is_main:

@@ -36,7 +36,7 @@ from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data
 from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.config import Config, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
-from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, shard_model, shutdown_distributed
+from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.evaluate import evaluate
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
@@ -53,10 +53,10 @@ def _log(env: DistEnv, msg: str) -> None:
 def process_start_unix() -> Optional[float]:
     """Wall-clock time this process started (Linux ``/proc``; 10 ms resolution), or None."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # since boot
+        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)  # /proc/stat's btime is whole seconds
+        return booted + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -186,15 +186,17 @@ class TrainRun:
     phases: PhaseClock
 
 
-def _open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
+def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
+    """The training stream (shuffled) and the evaluation stream of this rank."""
+    prefetch, workers = reader_threads(data, env)
     train_stream = ParquetStream(
         schema, data.train, data.batch_size, env.rank, env.world_size,
-        shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=data.prefetch_batches,
-        num_workers=data.num_workers, background_priority=data.background_priority,
+        shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=prefetch,
+        num_workers=workers, background_priority=data.background_priority,
     )
     eval_stream = ParquetStream(
-        schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=data.prefetch_batches,
-        num_workers=data.num_workers, background_priority=data.background_priority,
+        schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
+        num_workers=workers, background_priority=data.background_priority,
     )
     return train_stream, eval_stream
 
@@ -246,7 +248,7 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         for table, p in summary.items():
             _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
     with clock("streams"):
-        train_stream, eval_stream = _open_streams(schema, cfg.data, env, cfg.train.seed)
+        train_stream, eval_stream = open_streams(schema, cfg.data, env, cfg.train.seed)
     _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
               f"{len(train_stream)} steps/epoch of {cfg.data.batch_size} rows/rank; eval rows {eval_stream.total_rows}")
     with clock("tensorboard"):

@@ -54,10 +54,19 @@ class ExpertBank(nn.Module):
         ``x[:, e]``, e.g. PLE's task-specific experts on their task's input).
 
         Layer 0 with a shared input is one ``addmm`` over the concatenated weights ``[in, E·h]``
-        (bias fused); every other layer is one ``baddbmm`` over the expert axis. ReLU runs in
+        (bias fused); every other layer is one ``baddbmm`` over the expert axis. A single expert
+        on a shared input runs every layer as an ``addmm`` (CPU ``bmm`` is slower than ``mm``
+        for the same product). ReLU runs in
         place on the fresh matmul outputs (no extra pass over memory).
         """
         E = self.num_experts - start if count is None else count
+        if E == 1 and x.dim() == 2:  # one expert (Shared-Bottom): plain addmm per layer, not bmm
+            h = x
+            for w, b in zip(self.weights, self.biases):
+                w1 = w.view(w.shape[1], w.shape[2]) if w.shape[0] == 1 else w[start]  # [in, out]
+                b1 = b.view(-1) if b.shape[0] == 1 else b[start]
+                h = torch.addmm(b1, h, w1).relu_()
+            return h.unsqueeze(1)  # [B, 1, out]
         w0 = self.weights[0][start : start + E]  # [E, in, h]
         b0 = self.biases[0][start : start + E]  # [E, h]
         if x.dim() == 2:
