@@ -71,6 +71,8 @@ def test_free_banks_record_every_bank_call_for_the_dense_arch_bound():
     torch.manual_seed(0)
     schema = synthetic_schema()
     cfg = bench.scaled_config(ROOT / "configs" / "arch" / "cgc.yaml", experts=4, hidden=8)
+    for layer in cfg.model.scenario_layers:
+        layer.routing = "gather"  # rows grouped by scenario (static routing runs every expert on every row)
     model = DenseArch(schema, cfg.model)
     free = bench.to_free(model)
     batch = bench.inputs(schema, 64)
