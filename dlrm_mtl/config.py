@@ -144,7 +144,7 @@ class TrainConfig:
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50
     eval_every_epoch: bool = True
-    progress: bool = True
+    progress: bool = True  # rank 0 prints a line per log window: step, rows, loss, samples/s, epoch ETA
 
 
 @dataclass
