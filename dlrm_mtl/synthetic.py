@@ -288,7 +288,29 @@ def generate(out: str | Path, rows: int = 1_000_000, seed: int = 0, spec: Synthe
     schema = synthetic_schema(spec)
     n_eval = int(round(rows * spec.eval_fraction))
     splits = [("train", rows - n_eval, spec.train_files), ("eval", n_eval, spec.eval_files)]
-    next_id = 0
+    for part in split_parts(out, splits, seed):
+        table = pa.table(world.rows(part.rows, part.rng, part.first_id))
+        pq.write_table(table, part.path, row_group_size=spec.row_group_rows)
+    schema.save(out / "schema.yaml")
+    return schema
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """One Parquet part file to write: ``rows`` rows with ids from ``first_id``, drawn from ``rng``."""
+
+    split: str
+    path: Path
+    rows: int
+    first_id: int
+    rng: np.random.Generator
+
+
+def split_parts(out: Path, splits: List[tuple], seed: int) -> List[SplitPart]:
+    """The part files of ``splits`` (``(name, rows, files)`` each) under ``out/<name>/``, rows
+    spread evenly over the files, row ids consecutive over all splits, one generator per file
+    seeded by (seed, split, file). Emptied directories are created; stale parts removed."""
+    parts, next_id = [], 0
     for split_i, (split, n_split, n_files) in enumerate(splits):
         d = out / split
         d.mkdir(parents=True, exist_ok=True)
@@ -297,12 +319,9 @@ def generate(out: str | Path, rows: int = 1_000_000, seed: int = 0, spec: Synthe
         sizes = np.full(n_files, n_split // n_files)
         sizes[: n_split % n_files] += 1
         for f, n in enumerate(sizes):
-            rng = np.random.default_rng([seed, 2, split_i, f])
-            table = pa.table(world.rows(int(n), rng, next_id))
+            parts.append(SplitPart(split, d / f"part-{f:05d}.parquet", int(n), next_id, np.random.default_rng([seed, 2, split_i, f])))
             next_id += int(n)
-            pq.write_table(table, d / f"part-{f:05d}.parquet", row_group_size=spec.row_group_rows)
-    schema.save(out / "schema.yaml")
-    return schema
+    return parts
 
 
 def describe(path: str | Path) -> List[Dict[str, float]]:

@@ -407,22 +407,15 @@ def generate(shape: str, out: Path, train_rows: int, eval_rows: int, seed: int =
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
     transforms = dict(CENSUS_DENSE) if shape == "census" else {"release_year": "none"}
     sums = {k: np.zeros(3) for k in transforms}  # n, Σx, Σx² after the transform
-    next_id = 0
-    for split_i, (split, rows, n_files) in enumerate((("train", train_rows, files[0]), ("eval", eval_rows, files[1]))):
-        d = out / split
-        d.mkdir(parents=True, exist_ok=True)
-        for old in d.glob("part-*.parquet"):
-            old.unlink()
-        sizes = np.full(n_files, rows // n_files)
-        sizes[: rows % n_files] += 1
-        for f, n in enumerate(sizes):
-            cols = world.rows(int(n), np.random.default_rng([seed, 2, split_i, f]), next_id)
-            next_id += int(n)
-            if split == "train":
-                for k, tr in transforms.items():
-                    x = np.log1p(cols[k].astype(np.float64)) if tr == "log1p" else cols[k].astype(np.float64)
-                    sums[k] += [x.size, x.sum(), (x * x).sum()]
-            pq.write_table(pa.table(cols), d / f"part-{f:05d}.parquet", row_group_size=row_group_rows)
+    from dlrm_mtl.synthetic import split_parts
+
+    for part in split_parts(out, [("train", train_rows, files[0]), ("eval", eval_rows, files[1])], seed):
+        cols = world.rows(part.rows, part.rng, part.first_id)
+        if part.split == "train":
+            for k, tr in transforms.items():
+                x = np.log1p(cols[k].astype(np.float64)) if tr == "log1p" else cols[k].astype(np.float64)
+                sums[k] += [x.size, x.sum(), (x * x).sum()]
+        pq.write_table(pa.table(cols), part.path, row_group_size=row_group_rows)
     stats = {k: (float(s[1] / s[0]), float(math.sqrt(max(s[2] / s[0] - (s[1] / s[0]) ** 2, 1e-12)))) for k, s in sums.items()}
     shape_schema(shape, stats).save(out / "schema.yaml")
     (out / "done.json").write_text(json.dumps(_data_key(shape, train_rows, eval_rows, seed)))
