@@ -75,3 +75,43 @@ def test_batch_kjt_carries_per_key_lengths_and_offsets(synthetic_small):
         assert kjt.offsets()[-1].item() == kjt.values().numel()
         pad = b.row_id < 0
         assert (lengths[:, pad] == 0).all()
+
+
+def test_batch_columns_cut_the_same_batches_as_converting_each_slice(tmp_path):
+    """The reader converts a drained buffer once (BatchColumns) and cuts its batches with numpy
+    slices; every batch equals converting that slice on its own (multi-hot lists with nulls
+    and empty lists, nullable single-hot ids, padding)."""
+    from dlrm_mtl.data.batch_columns import BatchColumns, table_to_batch
+    from dlrm_mtl.data.stream import RowGroup, RowGroupConverter
+    from dlrm_mtl.schema import DenseFeature, ScenarioLevel, SparseFeature, Task
+
+    schema = Schema("bc", [SparseFeature("a", "ta", 50, 4), SparseFeature("m", "tm", 30, 4, multi_hot=True),
+                           SparseFeature("u", "tu", 1000, 4, hash=True)],
+                    [DenseFeature("x"), DenseFeature("y")], [ScenarioLevel("s", 3)], [Task("c", "c"), Task("v", "v", parent="c")],
+                    row_id="row_id")
+    rng = np.random.default_rng(0)
+    n = 900
+    lists = [None if i % 17 == 0 else list(rng.integers(0, 30, rng.integers(0, 4))) for i in range(n)]
+    users = [None if i % 11 == 0 else int(v) for i, v in enumerate(rng.integers(0, 10**9, n))]
+    c = rng.integers(0, 2, n).astype(float)
+    t = pa.table({
+        "row_id": np.arange(n), "a": rng.integers(0, 50, n), "m": pa.array(lists, pa.list_(pa.int64())),
+        "u": pa.array(users, pa.int64()), "x": rng.normal(size=n), "y": rng.normal(size=n), "s": rng.integers(0, 3, n),
+        "c": c, "v": pa.array([None if i % 3 else float(i % 2) * c[i] for i in range(n)]),
+    })
+    pq.write_table(t, tmp_path / "p.parquet")
+    conv = RowGroupConverter(schema, with_oracle=False, filesystem=pa.fs.LocalFileSystem())
+    clean = conv.read(RowGroup(str(tmp_path / "p.parquet"), 0, 0, 0, n))
+    clean = clean.take(pa.array(rng.permutation(n)))  # a shuffled buffer, as the reader drains it
+    cols = BatchColumns(clean, schema, with_oracle=False)
+    for start, rows in [(0, 256), (256, 256), (768, 132), (512, 0)]:
+        a, b = cols.batch(start, rows, 256), table_to_batch(clean.slice(start, rows), schema, 256, False)
+        for f in ("dense", "scenario", "labels", "label_mask", "row_id", "weight"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        assert a.sparse.keys() == b.sparse.keys()
+        assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+        assert a.sparse._length_per_key == b.sparse._length_per_key and a.sparse._offset_per_key == b.sparse._offset_per_key
+        ref = clean.slice(start, rows)
+        assert a.row_id[:rows].tolist() == ref["row_id"].to_pylist() and (a.row_id[rows:] == -1).all()
+        m_lengths = a.sparse.lengths().view(3, 256)[1, :rows].tolist()
+        assert m_lengths == [len(v) if v is not None else 0 for v in ref["m"].to_pylist()]

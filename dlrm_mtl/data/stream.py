@@ -40,10 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs  # noqa: F401  (pa.fs)
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.data.batch_columns import BatchColumns, table_to_batch
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.data.source import Source, open_source
 from dlrm_mtl.schema import Schema
@@ -370,86 +368,6 @@ class RowGroupConverter:
         return pa.table(out)
 
 
-def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.to_numpy(zero_copy_only=False)
-
-
-def _sparse_kjt(t: pa.Table, schema: Schema, batch_size: int) -> KeyedJaggedTensor:
-    """The KJT of ``t``'s sparse features (schema order), stride ``batch_size`` (padding rows
-    have no ids). Lengths are filled into one ``[F, B]`` array, and the per-key lengths and
-    offsets are computed here on the host and handed to the KJT, so nothing downstream
-    (input dist, permutes) has to read them back from a device."""
-    n = t.num_rows
-    F = len(schema.sparse)
-    lengths = np.zeros((F, batch_size), dtype=np.int32)
-    values: List[np.ndarray] = []
-    for k, f in enumerate(schema.sparse):
-        col = t[f.name]
-        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        if f.multi_hot:
-            lengths[k, :n] = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-            vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-        elif col.null_count:
-            valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
-            lengths[k, :n] = valid
-            vals = col.to_numpy(zero_copy_only=False)[valid]
-        else:
-            lengths[k, :n] = 1
-            vals = col.to_numpy(zero_copy_only=False)
-        values.append(vals.astype(np.int64, copy=False))
-    per_key = lengths.sum(axis=1)
-    offset_per_key = np.concatenate([[0], np.cumsum(per_key)])
-    return KeyedJaggedTensor(
-        keys=[f.name for f in schema.sparse],
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(lengths.reshape(-1)),
-        stride=batch_size,
-        length_per_key=per_key.tolist(),
-        offset_per_key=offset_per_key.tolist(),
-    )
-
-
-def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:
-    """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
-    n = t.num_rows
-    pad = batch_size - n
-    assert pad >= 0
-    kjt = _sparse_kjt(t, schema, batch_size)
-
-    def padded(x: np.ndarray, fill: float | int | bool) -> torch.Tensor:
-        if pad:
-            x = np.concatenate([x, np.full((pad,) + x.shape[1:], fill, dtype=x.dtype)])
-        return torch.from_numpy(np.array(x, copy=True, order="C"))
-
-    nd = len(schema.dense)
-    dense = _np(pa.chunked_array(t["dense"].chunks).combine_chunks().flatten()).reshape(n, nd) if nd else np.zeros((n, 0), np.float32)
-    scen = np.stack([_np(t["scenario:" + l.name]) for l in schema.scenarios], axis=1)
-    labels = np.stack([_np(t["label:" + k.name]) for k in schema.tasks], axis=1)
-    mask = np.stack([_np(t["mask:" + k.name]) for k in schema.tasks], axis=1)
-    oracle = None
-    if with_oracle:
-        oracle = padded(np.stack([_np(t["oracle:" + k.name]) for k in schema.tasks], axis=1), 0.0)
-    bias = None
-    if schema.position_bias is not None:
-        nb = len(schema.position_bias.features)
-        bias = padded(_np(pa.chunked_array(t["bias"].chunks).combine_chunks().flatten()).reshape(n, nb).astype(np.float32), 0.0)
-    user = padded(_np(t["user"]).astype(np.int64), -1) if schema.user_id else None
-    return Batch(
-        sparse=kjt,
-        dense=padded(dense.astype(np.float32, copy=False), 0.0),
-        scenario=padded(scen.astype(np.int64), 0),
-        labels=padded(labels.astype(np.float32), 0.0),
-        label_mask=padded(mask.astype(bool), False),
-        row_id=padded(_np(t["row_id"]).astype(np.int64), -1),
-        weight=padded(_np(t["weight"]).astype(np.float32), 0.0),
-        oracle=oracle,
-        bias=bias,
-        user=user,
-    )
-
-
 class ParquetStream:
     """Iterable of equal-size, equal-count Batches for one rank (see module docstring).
 
@@ -594,7 +512,17 @@ class ParquetStream:
         self, groups: List[RowGroup], rng: np.random.Generator, B: int, shuffle_rows: int,
         read: Callable[[Iterator[RowGroup]], Iterator[pa.Table]], keep: Dict[int, np.ndarray],
     ) -> Iterator[pa.Table]:
-        """Tables of exactly ``B`` rows (the last may be shorter) in the epoch's order.
+        """Tables of exactly ``B`` rows (the last may be shorter) in the epoch's order
+        (:meth:`_spans`, each cut out of its buffer)."""
+        for t, start, n in self._spans(groups, rng, B, shuffle_rows, read, keep):
+            yield t.slice(start, n)
+
+    def _spans(
+        self, groups: List[RowGroup], rng: np.random.Generator, B: int, shuffle_rows: int,
+        read: Callable[[Iterator[RowGroup]], Iterator[pa.Table]], keep: Dict[int, np.ndarray],
+    ) -> Iterator[Tuple[pa.Table, int, int]]:
+        """``(buffer, start, rows)`` per batch of exactly ``B`` rows (the last may be shorter),
+        in the epoch's order; consecutive batches share their drained buffer.
 
         The one place that decides the order: shuffled row groups, then a bounded shuffle
         buffer. Random draws depend only on row counts, so the same code replays a stream
@@ -606,7 +534,7 @@ class ParquetStream:
         buffer: List[pa.Table] = []
         held = 0
 
-        def drain(final: bool) -> Iterator[pa.Table]:
+        def drain(final: bool) -> Iterator[Tuple[pa.Table, int, int]]:
             nonlocal buffer, held
             if not buffer:
                 return
@@ -615,7 +543,7 @@ class ParquetStream:
                 t = t.take(pa.array(rng.permutation(t.num_rows)))
             n = t.num_rows if final else t.num_rows - t.num_rows % B
             for start in range(0, n, B):
-                yield t.slice(start, min(B, n - start))
+                yield t, start, min(B, n - start)
             rest = t.slice(n)
             buffer, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
@@ -627,10 +555,10 @@ class ParquetStream:
                 yield from drain(final=False)
         yield from drain(final=True)
 
-    def _tables(self) -> Iterator[pa.Table]:
-        """Clean tables of exactly batch_size rows (the last one may be shorter)."""
+    def _tables(self) -> Iterator[Tuple[pa.Table, int, int]]:
+        """Spans of clean rows, exactly batch_size each (the last one may be shorter)."""
         rng = self._rng(self.rank, self._segment, self.seed)
-        return self._ordered(self.groups, rng, self.batch_size, self.shuffle_buffer_rows, self._read, self._keep)
+        return self._spans(self.groups, rng, self.batch_size, self.shuffle_buffer_rows, self._read, self._keep)
 
     def _background_thread(self) -> None:
         """Lowers the calling reader thread to ``background_priority`` (Linux; elsewhere a no-op)."""
@@ -667,9 +595,12 @@ class ParquetStream:
 
     def _batches(self) -> Iterator[Batch]:
         produced = 0
-        for t in self._tables():
+        buffer, columns = None, None
+        for t, start, n in self._tables():
             if produced >= self._skip:  # skipped batches (a resume) are read but not converted
-                yield table_to_batch(t, self.schema, self.batch_size, self.with_oracle)
+                if t is not buffer:  # a new shuffle buffer: convert its columns once
+                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle)
+                yield columns.batch(start, n, self.batch_size)
             produced += 1
         empty = None
         while produced < self.num_batches:

@@ -1,0 +1,134 @@
+"""A clean table's columns as numpy arrays, converted once, cut into padded batches."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.schema import Schema
+
+
+def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _matrix(t: pa.Table, name: str, n: int, width: int, dtype: type) -> np.ndarray:
+    """A fixed-size-list column as ``[n, width]``."""
+    if width == 0:
+        return np.zeros((n, 0), dtype)
+    return _np(pa.chunked_array(t[name].chunks).combine_chunks().flatten()).reshape(n, width).astype(dtype, copy=False)
+
+
+class BatchColumns:
+    """The columns of a clean table (``RowGroupConverter`` output: row_id, one column per sparse
+    feature, ``dense``, ``scenario:*``, ``label:*``, ``mask:*``, ``weight``, optional
+    ``oracle:*``, ``bias``, ``user``) as numpy arrays, converted once; :meth:`batch` cuts rows
+    ``[start, start + n)`` into a :class:`Batch` padded to ``batch_size`` with numpy slices only.
+
+    The reader converts each drained shuffle buffer once and cuts all of its batches from it,
+    instead of converting every batch's Arrow slice column by column.
+
+    Sparse features are kept as (lengths, offsets, values) per feature (lengths and offsets
+    ``None`` for a single-hot column without nulls: one id per row); the batch's KJT gets its
+    per-key lengths and offsets computed on the host, so nothing downstream reads them back.
+
+    Example::
+
+        cols = BatchColumns(table, schema, with_oracle=False)
+        first = cols.batch(0, 1024, 1024)
+        last = cols.batch(1024, table.num_rows - 1024, 1024)   # padded to 1024 rows
+    """
+
+    def __init__(self, t: pa.Table, schema: Schema, with_oracle: bool) -> None:
+        n = t.num_rows
+        self.schema, self.rows = schema, n
+        self.keys = [f.name for f in schema.sparse]
+        self.sparse: List[Tuple[Optional[np.ndarray], Optional[np.ndarray], np.ndarray]] = []
+        for f in schema.sparse:
+            col = _array(t[f.name])
+            if f.multi_hot:
+                lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+                vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+            elif col.null_count:
+                lens = pc.is_valid(col).to_numpy(zero_copy_only=False).astype(np.int32)
+                vals = col.to_numpy(zero_copy_only=False)[lens.astype(bool)]
+            else:
+                lens = None
+                vals = col.to_numpy(zero_copy_only=False)
+            offs = None if lens is None else np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+            self.sparse.append((lens, offs, vals.astype(np.int64, copy=False)))
+        self.dense = _matrix(t, "dense", n, len(schema.dense), np.float32)  # [n, Fd]
+        self.scenario = np.stack([_np(t["scenario:" + l.name]) for l in schema.scenarios], axis=1).astype(np.int64)  # [n, L]
+        self.labels = np.stack([_np(t["label:" + k.name]) for k in schema.tasks], axis=1).astype(np.float32)  # [n, T]
+        self.mask = np.stack([_np(t["mask:" + k.name]) for k in schema.tasks], axis=1).astype(bool)  # [n, T]
+        self.row_id = _np(t["row_id"]).astype(np.int64)
+        self.weight = _np(t["weight"]).astype(np.float32)
+        self.oracle = np.stack([_np(t["oracle:" + k.name]) for k in schema.tasks], axis=1) if with_oracle else None
+        self.bias = _matrix(t, "bias", n, len(schema.position_bias.features), np.float32) if schema.position_bias is not None else None
+        self.user = _np(t["user"]).astype(np.int64) if schema.user_id else None
+
+    def batch(self, start: int, n: int, batch_size: int) -> Batch:
+        """Rows ``[start, start + n)``, ``n <= batch_size``, padded with padding rows."""
+        pad = batch_size - n
+        if not 0 <= n <= batch_size or start + n > self.rows:
+            raise ValueError(f"rows [{start}, {start + n}) of {self.rows} do not fit a batch of {batch_size}")
+        stop = start + n
+
+        def padded(x: np.ndarray, fill: float | int | bool) -> torch.Tensor:
+            x = x[start:stop]
+            if pad:
+                x = np.concatenate([x, np.full((pad,) + x.shape[1:], fill, dtype=x.dtype)])
+            return torch.from_numpy(np.array(x, copy=True, order="C"))
+
+        return Batch(
+            sparse=self._kjt(start, stop, batch_size),
+            dense=padded(self.dense, 0.0),
+            scenario=padded(self.scenario, 0),
+            labels=padded(self.labels, 0.0),
+            label_mask=padded(self.mask, False),
+            row_id=padded(self.row_id, -1),
+            weight=padded(self.weight, 0.0),
+            oracle=None if self.oracle is None else padded(self.oracle, 0.0),
+            bias=None if self.bias is None else padded(self.bias, 0.0),
+            user=None if self.user is None else padded(self.user, -1),
+        )
+
+    def _kjt(self, start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
+        n = stop - start
+        lengths = np.zeros((len(self.sparse), batch_size), dtype=np.int32)  # [F, B]
+        values: List[np.ndarray] = []
+        for k, (lens, offs, vals) in enumerate(self.sparse):
+            if lens is None:
+                lengths[k, :n] = 1
+                values.append(vals[start:stop])
+            else:
+                lengths[k, :n] = lens[start:stop]
+                values.append(vals[offs[start] : offs[stop]])
+        per_key = lengths.sum(axis=1)
+        return KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.from_numpy(lengths.reshape(-1)),
+            stride=batch_size,
+            length_per_key=per_key.tolist(),
+            offset_per_key=[0] + np.cumsum(per_key).tolist(),
+        )
+
+
+def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:
+    """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
+    return BatchColumns(t, schema, with_oracle).batch(0, t.num_rows, batch_size)
