@@ -1,4 +1,4 @@
-"""Sharded, atomic training checkpoints and exact resume (design §6, docs/checkpoints.md).
+"""Sharded, atomic training checkpoints and exact resume (docs/checkpoints.md).
 
 A checkpoint is one directory under ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
 

@@ -94,7 +94,7 @@ class ModelConfig:
     # features through unchanged, otherwise the last size is the MLP's output
     dense_arch: List[int] = field(default_factory=lambda: [64])
     scenario_emb_dim: int = 8  # embedding per scenario level (gate input and part of x)
-    # stacked scenario layers, then stacked task layers (design §3); [] = none of that kind
+    # stacked scenario layers, then stacked task layers; [] = none of that kind
     scenario_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", level="each", out_dim=128)])
     task_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", out_dim=64)])
     tower: List[int] = field(default_factory=lambda: [64])
@@ -115,7 +115,7 @@ class TableShardingConfig:
 @dataclass
 class ShardingConfig:
     # sharding types the planner may choose from. column_wise is left out by default:
-    # row-wise Adagrad state under column_wise cannot be resharded (stack-notes).
+    # row-wise Adagrad state under column_wise cannot be resharded (docs/checkpoints.md).
     types: List[str] = field(default_factory=lambda: ["table_wise", "row_wise", "table_row_wise"])
     # planner's HBM (GPU) or DDR (CPU) capacity per rank; 0 = read it from the hardware
     # (GPU memory, or host memory divided by the local ranks)

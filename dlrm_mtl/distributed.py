@@ -1,4 +1,4 @@
-"""Process group, sharding plan and DistributedModelParallel (design §6).
+"""Process group, sharding plan and DistributedModelParallel (docs/scaling.md).
 
 torchrun semantics: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT. A
 plain ``python -m dlrm_mtl train`` (no torchrun) runs as a world of one over a loopback
@@ -131,7 +131,7 @@ def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> Option
 
 class CPUWideEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """The stock sharder offers row_wise / table_row_wise / grid_shard on GPU only; on CPU
-    they work too (stack-notes: forward matches an unsharded reference to ~4e-9), so offer them."""
+    they work too (their forward matched an unsharded reference to ~4e-9 on CPU + gloo), so offer them."""
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = list(super().sharding_types(compute_device_type))

@@ -35,7 +35,7 @@ def bce_from_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class EntireSpaceLoss(nn.Module):
-    """Masked, weighted multi-task loss built from the schema's task graph (design §4).
+    """Masked, weighted multi-task loss built from the schema's task graph (docs/tasks.md).
 
     Per task k (one *term* each, named after what it trains):
 

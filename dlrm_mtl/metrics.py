@@ -1,4 +1,4 @@
-"""Per scenario × task evaluation metrics, exact across ranks, in bounded memory (design §5).
+"""Per scenario × task evaluation metrics, exact across ranks, in bounded memory.
 
 Reported per (scenario, task view) and for ``all`` scenarios (``leaf scenario`` rows merge
 into ``all`` by summing their statistics):

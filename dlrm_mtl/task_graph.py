@@ -11,7 +11,7 @@ from dlrm_mtl.schema import Schema
 
 
 class TaskGraph:
-    """The forest of tasks (design §4).
+    """The forest of tasks (docs/tasks.md).
 
     Head t predicts the conditional P(t | context(t)); the entire-space probability of t is
     the product along its chain (ESMM, Ma et al. 2018, eq. 1-2: pCTCVR = pCTR · pCVR).

@@ -1,5 +1,5 @@
 """Expert utilisation: mean gate weight per leaf scenario, gate and expert, merged over ranks,
-rendered as TensorBoard heatmap images (design §5)."""
+rendered as TensorBoard heatmap images."""
 
 from __future__ import annotations
 

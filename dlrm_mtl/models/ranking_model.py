@@ -1,4 +1,4 @@
-"""The multi-scenario multi-task ranking model (design §3)."""
+"""The multi-scenario multi-task ranking model (README: Architecture in one paragraph)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
 
 class DenseArch(nn.Module):
     """Everything after the embedding lookup: dense MLP, interaction, the stacked scenario
-    layers, the stacked task layers and one tower per task (design §3).
+    layers, the stacked task layers and one tower per task.
 
     ``pooled [B, F, D]`` or ``[B, Σ D_f]`` (schema order), ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
     weights of every layer by name (``scenario{i}/{level}/...``, ``task{j}/...``; for
@@ -75,7 +75,7 @@ class DenseArch(nn.Module):
         self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, e) for l in schema.scenarios)
         level_names = [l.name for l in schema.scenarios]
         sizes = [l.num_values for l in schema.scenarios]
-        # the scenario embeddings are gate inputs *and* part of x (design §3): experts can then
+        # the scenario embeddings are gate inputs *and* part of x: experts can then
         # model scenario-dependent effects of the features, not only be weighted by scenario
         d = self.interaction.out_dim + len(sizes) * e
         self.scenario_layers = nn.ModuleList()
