@@ -7,7 +7,7 @@ Two ways of training the *same* model widths on the *same* rows, each in its own
 * **A = dlrm_mtl**: ``python -m dlrm_mtl train --config CFG.yaml --config configs/arch/<arch>.yaml
   --set ...`` exactly as a user starts it (a world of one over gloo, no torchrun): Parquet
   streamed by ``ParquetStream`` (bounded shuffle, reader threads), embedding tables sharded
-  by TorchRec DMP (fbgemm kernels, fused row-wise Adagrad, ``sparse_lr`` 0.2), Adam on the
+  by TorchRec DMP (fbgemm kernels, fused row-wise Adagrad, ``sparse_lr`` 0.05), Adam on the
   dense part (``dense_lr`` 3e-3), cosine schedule, the entire-space loss, TensorBoard logging,
   exact metrics. Overrides: ``model.interaction=concat`` and ``model.dense_arch=[]`` (x = raw
   dense features ⊕ flattened pooled embeddings ⊕ scenario embeddings, as the peer),
