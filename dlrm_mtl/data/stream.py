@@ -2,7 +2,9 @@
 
 Design §2. ``pyarrow.dataset`` lists the files and splits them into row-group fragments;
 each rank reads only the row groups assigned to it (balanced by row count, deterministic),
-one at a time, so memory is bounded by the shuffle buffer, never the data set.
+one at a time, so memory is bounded by the shuffle buffer, never the data set (about twice
+the buffer: its shuffled Arrow table and the numpy columns its batches are cut from, see
+:class:`dlrm_mtl.data.batch_columns.BatchColumns`).
 
 Equal steps policy: every rank yields exactly ``num_batches`` batches of exactly
 ``batch_size`` rows. The last real batch of a rank is filled up with *padding rows*
