@@ -143,6 +143,12 @@ class TrainConfig:
     # copy and input all-to-all with this batch's compute (auto: on GPU only; it runs and is
     # tested on CPU too, where it gives bit-identical results but no speed-up)
     pipeline: str = "auto"
+    # auto | graph | eager: the dense arch + loss forward and backward replayed as one CUDA graph
+    # each (docs/performance.md, "GPU"); auto: graph on CUDA in training. "graph" on CPU runs the same
+    # static-buffer step without capture (the CPU twin the tests check against eager)
+    cuda_graph: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16: autocast of the dense arch; loss and metrics stay fp32
+    allow_tf32: bool = True  # CUDA: TF32 tensor-core matmuls/convolutions (fp32 range, 10-bit mantissa)
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50

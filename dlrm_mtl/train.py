@@ -99,13 +99,16 @@ def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: D
     return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
 
 
-def _device_batches(batches: Iterator[Batch], device: torch.device, pin_memory: bool) -> Iterator[Batch]:
-    """Host batches -> device (pinned first on GPU, so the copy can run asynchronously)."""
+def _device_batches(batches: Iterator[Batch], device: torch.device, pin_memory: bool, copy: bool = True) -> Iterator[Batch]:
+    """Host batches -> device (pinned first on GPU, so the copy can run asynchronously).
+    ``copy=False`` only pins: TrainPipelineSparseDist copies each batch on its own stream,
+    overlapped with the previous step's compute."""
     for b in batches:
         if device.type == "cuda":
             if pin_memory:
                 b = b.pin_memory()
-            b = b.to(device, non_blocking=True)
+            if copy:
+                b = b.to(device, non_blocking=True)
         yield b
 
 
@@ -210,7 +213,16 @@ def _build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
         share = scenario_shares(schema, cfg.data.train)  # every rank reads the same columns: same λ
         loss_fn.set_scenario_share(share)
         _log(env, "scenario weights λ (inverse share): " + ", ".join(f"{n}={v:.3f}" for n, v in zip(loss_fn.leaf_names, loss_fn.scenario_lambda.tolist())))
-    return TrainModule(model, loss_fn)
+    return TrainModule(model, loss_fn, cuda_graph=cfg.train.cuda_graph, precision=cfg.train.precision)
+
+
+def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
+    """Process-wide math settings of a run: TF32 matmuls and convolutions on CUDA when
+    ``train.allow_tf32`` (PyTorch's own default keeps fp32 GEMMs at full precision, which on
+    an H100 runs them at a fraction of the tensor cores' rate)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
 
 
 def _open_writer(run_dir: Path, cfg: Config, env: DistEnv) -> Any:
@@ -237,6 +249,7 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
+    configure_backends(cfg.train, env.device)
     with clock("model"):
         module = _build_module(cfg, schema, env)
     with clock("plan_and_shard"):
@@ -366,7 +379,7 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     t0 = time.perf_counter()
     window = LogWindow(env.device)
     epoch_iter = iter(run.train_stream)
-    batches = _device_batches(itertools.islice(epoch_iter, steps), env.device, cfg.data.pin_memory)
+    batches = _device_batches(itertools.islice(epoch_iter, steps), env.device, cfg.data.pin_memory, copy=run.pipeline is None)
     if run.audit is not None:
         batches = run.audit.tap(batches)
     try:

@@ -15,6 +15,7 @@ from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
+from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.schema import Schema, leaf_ids
 
@@ -195,17 +196,24 @@ class TrainModule(nn.Module):
     may carry grad, so detach them before keeping them beyond the step. The model's auxiliary
     losses (already weighted per layer) go to the loss, which adds them to the total and logs
     each as its own term.
+
+    The dense arch and the loss run through :class:`DenseStep` (``cuda_graph``, ``precision``:
+    ``train.cuda_graph`` and ``train.precision``), which owns no parameters: the state dict
+    is ``model.*`` and ``loss.*`` either way.
     """
 
-    def __init__(self, model: MultiScenarioMultiTaskModel, loss: EntireSpaceLoss) -> None:
+    def __init__(self, model: MultiScenarioMultiTaskModel, loss: EntireSpaceLoss, cuda_graph: str = "auto",
+                 precision: str = "fp32") -> None:
         super().__init__()
         self.model = model
         self.loss = loss
+        self.dense_step = DenseStep(model.dense_arch, loss, cuda_graph=cuda_graph, precision=precision)
 
     def forward(self, batch: Batch):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
-        # (the dense arch and the loss are leaf modules there) and a Proxy cannot be unpacked.
-        out = self.model(batch.sparse, batch.dense, batch.scenario)
-        loss = self.loss(out[0], batch.labels, batch.label_mask, batch.weight, batch.scenario, out[2], batch.bias)
+        # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
+        # cannot be unpacked.
+        pooled = pooled_in_order(self.model.ebc(batch.sparse), self.model.feature_names)  # [B, Σ D_f]
+        out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias)
         real_rows = (batch.row_id >= 0).sum()
-        return loss[0], (out[0].detach(), loss[1], out[1], real_rows)
+        return out[0], (out[1].detach(), out[2], out[3], real_rows)
