@@ -91,13 +91,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_ra
 
 def reader_threads(data: DataConfig, env: DistEnv) -> Tuple[int, int]:
     """``(prefetch_batches, num_workers)`` with ``-1`` (auto) resolved: background reading
-    only where this rank has a core its intra-op threads leave free (always on GPU)."""
+    only where this rank has a core its intra-op threads leave free. On GPU the intra-op
+    threads are idle (the device computes), so the rank's cores less the training thread and
+    the batch-converting reader thread read row groups: up to 4, 8 batches queued."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    spare = cores // max(1, env.local_world_size) - torch.get_num_threads()
+    per_rank = cores // max(1, env.local_world_size)
     if env.device.type == "cuda":
-        spare = max(spare, 1)
-    prefetch = data.prefetch_batches if data.prefetch_batches >= 0 else (4 if spare >= 1 else 0)
-    workers = data.num_workers if data.num_workers >= 0 else (min(2, spare) if spare >= 1 else 0)
+        auto_prefetch, auto_workers = 8, min(4, max(1, per_rank - 2))
+    else:
+        spare = per_rank - torch.get_num_threads()
+        auto_prefetch, auto_workers = (4, min(2, spare)) if spare >= 1 else (0, 0)
+    prefetch = data.prefetch_batches if data.prefetch_batches >= 0 else auto_prefetch
+    workers = data.num_workers if data.num_workers >= 0 else auto_workers
     return prefetch, workers
 
 
@@ -238,6 +243,10 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=[sharder],
                                    init_data_parallel=dist.get_world_size() > 1)
+    if dist.get_world_size() == 1:
+        # DMP's data-parallel wrapper is what moves the dense part to the device; without it
+        # the dense parameters (built on the host, not meta) would stay there
+        dmp._dmp_wrapped_module.to(env.device)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay, fused=True),

@@ -105,7 +105,7 @@ def _device_batches(batches: Iterator[Batch], device: torch.device, pin_memory: 
     overlapped with the previous step's compute."""
     for b in batches:
         if device.type == "cuda":
-            if pin_memory:
+            if pin_memory and not b.is_pinned():  # the reader thread pins when it runs ahead
                 b = b.pin_memory()
             if copy:
                 b = b.to(device, non_blocking=True)
@@ -191,14 +191,15 @@ class TrainRun:
 def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
     """The training stream (shuffled) and the evaluation stream of this rank."""
     prefetch, workers = reader_threads(data, env)
+    pin = data.pin_memory and env.device.type == "cuda"
     train_stream = ParquetStream(
         schema, data.train, data.batch_size, env.rank, env.world_size,
         shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=prefetch,
-        num_workers=workers, background_priority=data.background_priority,
+        num_workers=workers, background_priority=data.background_priority, pin_memory=pin,
     )
     eval_stream = ParquetStream(
         schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
-        num_workers=workers, background_priority=data.background_priority,
+        num_workers=workers, background_priority=data.background_priority, pin_memory=pin,
     )
     return train_stream, eval_stream
 

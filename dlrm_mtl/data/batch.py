@@ -66,6 +66,10 @@ class Batch(Pipelineable):
             if t is not None:
                 t.record_stream(stream)
 
+    def is_pinned(self) -> bool:
+        """Whether the batch is in page-locked host memory (checked on its dense features)."""
+        return self.dense.is_pinned()
+
     def pin_memory(self) -> "Batch":
         return Batch(
             sparse=self.sparse.pin_memory(),

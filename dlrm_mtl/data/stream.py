@@ -384,6 +384,8 @@ class ParquetStream:
         prefetch_batches: batches converted ahead by a background thread (0 = inline).
         filesystem: an explicit pyarrow filesystem for ``paths`` (default: from the URI).
         num_workers: threads reading and converting row groups ahead (1 = the reader thread only).
+        pin_memory: the reader thread returns page-locked batches (GPU training: the copy to
+            the device can then run asynchronously, and the training thread does not pin).
         background_priority: ``idle`` runs the reader threads under Linux's SCHED_IDLE policy
             (they get a core only when the training step's threads leave it), ``normal`` keeps
             the default. On a machine whose cores the step's intra-op threads fill, a reader at
@@ -405,6 +407,7 @@ class ParquetStream:
         filesystem: Optional[pa.fs.FileSystem] = None,
         num_workers: int = 2,
         background_priority: str = "idle",
+        pin_memory: bool = False,
     ) -> None:
         if background_priority not in ("idle", "normal"):
             raise ValueError(f"background_priority {background_priority!r}: expected idle or normal")
@@ -418,6 +421,7 @@ class ParquetStream:
         self.prefetch_batches = prefetch_batches
         self.num_workers = num_workers
         self.background_priority = background_priority
+        self.pin_memory = pin_memory
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -629,6 +633,8 @@ class ParquetStream:
             try:
                 self._background_thread()
                 for b in self._batches():
+                    if self.pin_memory:  # page-locked here, off the training thread
+                        b = b.pin_memory()
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every GPU check behind docs/performance.md "GPU", in one call on a lent GPU machine (its
+# device time is scarce: one prepared script, results written as they come).
+#
+#   bash tools/gpu_checks.sh              # results under $OUT (default /tmp/gpu_out)
+#
+# Needs the torchrec/fbgemm-gpu bundle for the machine's torch unpacked by .gpu/unpack.sh
+# (docs/performance.md says how it gets there). Steps, each with its own time limit so that
+# one failure leaves the others' results:
+#   1. the synthetic demo data (3M rows, seed 0);
+#   2. tools/bench_gpu.py: the real step vs the plain PyTorch peer, kernels, syncs and busy %
+#      per step at batch 2048 / 8192 / 32768 in fp32 and bf16; dense arch batched vs loop;
+#   3. the real `dlrm-mtl train` loop (demo config, one GPU) at batch 8192 with the dense step
+#      graphed and eager, in bf16, and at batch 2048 (the CPU demo's global batch: AUC parity)
+#      and 32768: metrics.json of each.
+# SKIP_BENCH=1 / SKIP_TRAIN=1 leave a part out; TRAINS="name ..." picks train variants;
+# ROWS=N generates fewer rows (smoke runs).
+set -u
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu_out}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+stamp() { echo "[gpu_checks +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/steps.log"; }
+
+if [ -f .gpu/unpack.sh ]; then
+  source .gpu/unpack.sh > "$OUT/unpack.log" 2>&1 || { tail -20 "$OUT/unpack.log"; exit 1; }
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+PY="${PY:-python3}"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+stamp "unpacked; python $($PY -V 2>&1)"
+
+DATA=/tmp/syn
+if [ ! -f "$DATA/schema.yaml" ]; then
+  timeout 120 $PY -m dlrm_mtl generate --out "$DATA" --rows "${ROWS:-3000000}" --seed 0 > "$OUT/generate.log" 2>&1
+  stamp "generate rc=$?"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout "${BENCH_TIMEOUT:-260}" $PY tools/bench_gpu.py --data "$DATA" --json "$OUT/gpu.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
+  stamp "bench_gpu rc=$?"
+  # what the graph and the pipeline each bring: the same step with one of them off
+  for v in eager:train.cuda_graph=eager nopipe:train.pipeline=none; do
+    timeout 90 $PY tools/bench_gpu.py --data "$DATA" --batch-sizes 8192 --precision fp32 --skip-arch \
+      --set "${v#*:}" --json "$OUT/gpu-${v%%:*}.json" > "$OUT/bench_gpu-${v%%:*}.log" 2>&1
+    stamp "bench_gpu ${v%%:*} rc=$?"
+  done
+fi
+
+train() {  # name, then --set overrides
+  local name=$1; shift
+  local sets=()
+  for s in "$@"; do sets+=(--set "$s"); done
+  timeout "${TRAIN_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl train \
+    --config configs/demo.yaml --set train.run_dir=/tmp/run-$name --set data.train=$DATA/train \
+    --set data.eval=$DATA/eval --set checkpoint.at_end=false "${sets[@]}" > "$OUT/train-$name.log" 2>&1
+  local rc=$?
+  [ -f /tmp/run-$name/metrics.json ] && cp /tmp/run-$name/metrics.json "$OUT/train-$name.json"
+  stamp "train $name rc=$rc"
+}
+
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+  for v in ${TRAINS:-b8192_graph b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
+    case $v in
+      b8192_graph)  train $v data.batch_size=8192 ;;
+      b8192_eager)  train $v data.batch_size=8192 train.cuda_graph=eager ;;
+      b8192_bf16)   train $v data.batch_size=8192 train.precision=bf16 ;;
+      b8192_workers) train $v data.batch_size=8192 data.num_workers=8 data.prefetch_batches=32 ;;
+      b2048_graph)  train $v data.batch_size=2048 ;;
+      b32768_graph) train $v data.batch_size=32768 ;;
+    esac
+  done
+fi
+stamp "done"
