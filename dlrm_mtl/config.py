@@ -140,7 +140,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up before the schedule
     backend: str = "auto"  # auto | gloo | nccl
     # auto | sparse_dist | none: TorchRec's TrainPipelineSparseDist overlaps the next batch's
-    # copy and input all-to-all with this batch's compute (auto: on GPU only; it runs and is
+    # copy and input all-to-all with this batch's compute (auto: on GPU with 2+ ranks; a world
+    # of one has no all-to-all to hide and pays the pipeline's host work. It runs and is
     # tested on CPU too, where it gives bit-identical results but no speed-up)
     pipeline: str = "auto"
     # auto | graph | eager: the dense arch + loss forward and backward replayed as one CUDA graph

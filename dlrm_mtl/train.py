@@ -88,11 +88,23 @@ def _log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[st
     return out
 
 
-def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, mode: str):
-    """TorchRec's TrainPipelineSparseDist when ``train.pipeline`` asks for it (``auto``: on GPU)."""
+def pipeline_wanted(mode: str, env: DistEnv) -> bool:
+    """Whether ``train.pipeline`` (auto | sparse_dist | none) runs TrainPipelineSparseDist.
+
+    ``auto``: on GPU with more than one rank. In a world of one the input all-to-all it
+    overlaps moves nothing, while its host work per step (splits exchanged through the device,
+    5 host synchronisations, awaitables) stays: on an H200 at batch 8192 the graphed step took
+    5.6 ms with the pipeline and 3.4 ms without (docs/performance.md, "GPU")."""
     if mode not in ("auto", "sparse_dist", "none"):
         raise ValueError(f"train.pipeline {mode!r}: expected auto, sparse_dist or none")
-    if mode == "none" or (mode == "auto" and env.device.type != "cuda"):
+    if mode == "auto":
+        return env.device.type == "cuda" and env.world_size > 1
+    return mode == "sparse_dist"
+
+
+def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, mode: str):
+    """TorchRec's TrainPipelineSparseDist when ``train.pipeline`` asks for it (:func:`pipeline_wanted`)."""
+    if not pipeline_wanted(mode, env):
         return None
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -204,7 +216,7 @@ def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> T
     return train_stream, eval_stream
 
 
-def _build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
+def build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
     """Model (on the meta device: DMP materialises only this rank's shards) + loss."""
     model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
     loss_fn = EntireSpaceLoss(schema, cfg.loss)
@@ -252,7 +264,7 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
     _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
     configure_backends(cfg.train, env.device)
     with clock("model"):
-        module = _build_module(cfg, schema, env)
+        module = build_module(cfg, schema, env)
     with clock("plan_and_shard"):
         dmp, optimizer, plan = shard_model(module, cfg, env, schema)
     summary = plan_summary(plan)
@@ -328,6 +340,23 @@ class Totals:
     padded_rows: int = 0
     train_seconds: float = 0.0
     last_terms: Dict[str, float] = field(default_factory=dict)
+    input_wait_seconds: float = 0.0  # the training thread waiting for the reader's next batch
+    first_step_seconds: float = 0.0  # the run's first step (initialisation, graph recording)
+
+
+def _timed(batches: Iterator[Batch], totals: Totals) -> Iterator[Batch]:
+    """``batches``, adding the seconds each ``next`` takes to ``totals.input_wait_seconds``
+    (in metrics.json: a loop bound by its input shows it there)."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        finally:
+            totals.input_wait_seconds += time.perf_counter() - t
+        yield b
 
 
 def log_window(run: TrainRun, window: LogWindow, totals: Totals, terms: Dict[str, torch.Tensor],
@@ -380,13 +409,16 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     t0 = time.perf_counter()
     window = LogWindow(env.device)
     epoch_iter = iter(run.train_stream)
-    batches = _device_batches(itertools.islice(epoch_iter, steps), env.device, cfg.data.pin_memory, copy=run.pipeline is None)
+    batches = _timed(itertools.islice(epoch_iter, steps), totals)
+    batches = _device_batches(batches, env.device, cfg.data.pin_memory, copy=run.pipeline is None)
     if run.audit is not None:
         batches = run.audit.tap(batches)
     try:
         for i in range(steps):
             if on_first_step is not None and i == 0:
                 on_first_step()
+            first = progress.step == 0 and totals.first_step_seconds == 0.0
+            t_step = time.perf_counter()
             if run.pipeline is not None:
                 # TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i
                 logits, terms, gates, real = run.pipeline.progress(batches)  # returns the output only
@@ -395,6 +427,8 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
             run.scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step = progress.advance()
             window.add(real)
+            if first:  # the run's first step: cuBLAS/fbgemm initialisation, the CUDA graph recorded
+                totals.first_step_seconds = time.perf_counter() - t_step
             if run.audit is not None:
                 run.audit.record(step, epoch)
             fault_point("step", step, env.rank)
@@ -455,6 +489,8 @@ def finish_run(run: TrainRun, totals: Totals, metrics: List[Dict[str, object]], 
         "steps": step,
         "world_size": env.world_size,
         "batch_size_per_rank": run.cfg.data.batch_size,
+        "input_wait_seconds": totals.input_wait_seconds,  # this rank's (rank 0's in metrics.json)
+        "first_step_seconds": totals.first_step_seconds,  # included in train_seconds
         **timeline,
     }
     _write_rank_report(run.run_dir, env, run.dmp, totals.trained_rows, totals.padded_rows)

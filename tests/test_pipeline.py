@@ -33,3 +33,20 @@ def test_sparse_dist_pipeline_matches_plain_loop(synthetic_small, tmp_path):
     m_plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     m_piped = json.loads((tmp_path / "piped" / "metrics.json").read_text())
     assert m_plain["metrics"] == m_piped["metrics"]  # eval after detach() uses the same weights
+
+
+def test_auto_pipelines_only_where_an_all_to_all_is_hidden():
+    import torch
+
+    from dlrm_mtl.distributed import DistEnv
+    from dlrm_mtl.train import pipeline_wanted
+
+    def env(world: int, device: str) -> DistEnv:
+        return DistEnv(0, world, 0, world, torch.device(device), "nccl" if device == "cuda" else "gloo")
+
+    assert pipeline_wanted("auto", env(2, "cuda")) and pipeline_wanted("auto", env(8, "cuda"))
+    assert not pipeline_wanted("auto", env(1, "cuda"))  # world of one: measured slower with it
+    assert not pipeline_wanted("auto", env(2, "cpu"))
+    assert pipeline_wanted("sparse_dist", env(1, "cpu")) and not pipeline_wanted("none", env(2, "cuda"))
+    with pytest.raises(ValueError, match="train.pipeline"):
+        pipeline_wanted("always", env(1, "cpu"))

@@ -8,10 +8,11 @@ What is measured
 
    * ``real``: dlrm_mtl as training runs it: ``init_distributed`` (a world of one: NCCL on the
      GPU, gloo on the CPU), ``TrainModule`` + ``shard_model`` (DMP, fbgemm tables with fused
-     row-wise Adagrad, fused Adam on dense), and ``make_pipeline(..., train.pipeline)``: on the
-     GPU TorchRec's ``TrainPipelineSparseDist`` (it copies the pinned host batch to the device
-     itself, on its own stream, one batch ahead); without a pipeline ``train_step`` on the
-     batch copied with ``non_blocking=True``. The config's ``train.precision`` (when this
+     row-wise Adagrad, fused Adam on dense), and ``make_pipeline(..., train.pipeline)``:
+     TorchRec's ``TrainPipelineSparseDist`` where ``train.pipeline`` asks for it (it copies the
+     pinned host batch to the device itself, on its own stream, one batch ahead; ``auto``
+     leaves it out in this world of one, ``--set train.pipeline=sparse_dist`` measures it);
+     without a pipeline ``train_step`` on the batch copied with ``non_blocking=True``. The config's ``train.precision`` (when this
      dlrm_mtl has it) decides bf16; ``dlrm_mtl.train.configure_backends`` (when present) sets
      the TF32 flags before every real chunk. No lr scheduler, no log windows.
    * ``plain``: ``tools/bench_train.py``'s ``PlainModel`` (one ``nn.EmbeddingBag`` per table, the
@@ -321,12 +322,12 @@ def build_real(schema: Schema, cfg: Config, env: DistEnv, batches: Sequence[Batc
                has_precision: bool) -> Side:
     """dlrm_mtl's training path on a world of one: the module built as ``setup_run`` builds it,
     ``shard_model``, ``make_pipeline``; a step is ``pipeline.progress`` or ``train_step``."""
-    from dlrm_mtl.train import _build_module, make_pipeline, train_step
+    from dlrm_mtl.train import build_module, make_pipeline, train_step
 
     if precision != "fp32" and not has_precision:
         raise RuntimeError(f"this dlrm_mtl's config has no train.precision: its real path cannot train in {precision}")
     torch.manual_seed(cfg.train.seed)
-    dmp, optimizer, plan = shard_model(_build_module(cfg, schema, env), cfg, env, schema)
+    dmp, optimizer, plan = shard_model(build_module(cfg, schema, env), cfg, env, schema)
     pipeline = make_pipeline(dmp, optimizer, env, cfg.train.pipeline)
     it = itertools.cycle(batches)  # the pipeline pulls from it one batch ahead, in the same order
     device = env.device

@@ -40,7 +40,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-260}" $PY tools/bench_gpu.py --data "$DATA" --json "$OUT/gpu.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
   stamp "bench_gpu rc=$?"
   # what the graph and the pipeline each bring: the same step with one of them off
-  for v in eager:train.cuda_graph=eager nopipe:train.pipeline=none; do
+  for v in ${BENCH_VARIANTS:-eager:train.cuda_graph=eager pipeline:train.pipeline=sparse_dist}; do
     timeout 90 $PY tools/bench_gpu.py --data "$DATA" --batch-sizes 8192 --precision fp32 --skip-arch \
       --set "${v#*:}" --json "$OUT/gpu-${v%%:*}.json" > "$OUT/bench_gpu-${v%%:*}.log" 2>&1
     stamp "bench_gpu ${v%%:*} rc=$?"
@@ -50,7 +50,9 @@ fi
 train() {  # name, then --set overrides
   local name=$1; shift
   local sets=()
-  for s in "$@"; do sets+=(--set "$s"); done
+  for s in "$@"; do
+    case $s in cfg:*) sets+=(--config "${s#cfg:}") ;; *) sets+=(--set "$s") ;; esac
+  done
   timeout "${TRAIN_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl train \
     --config configs/demo.yaml --set train.run_dir=/tmp/run-$name --set data.train=$DATA/train \
     --set data.eval=$DATA/eval --set checkpoint.at_end=false "${sets[@]}" > "$OUT/train-$name.log" 2>&1
@@ -63,6 +65,7 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
   for v in ${TRAINS:-b8192_graph b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
     case $v in
       b8192_graph)  train $v data.batch_size=8192 ;;
+      b8192_gpu)    train $v cfg:configs/gpu.yaml ;;
       b8192_eager)  train $v data.batch_size=8192 train.cuda_graph=eager ;;
       b8192_bf16)   train $v data.batch_size=8192 train.precision=bf16 ;;
       b8192_workers) train $v data.batch_size=8192 data.num_workers=8 data.prefetch_batches=32 ;;
@@ -72,3 +75,6 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
   done
 fi
 stamp "done"
+# one archive: the device tool brings back only a few files per call
+(cd "$OUT" && tar czf /tmp/results.tgz --exclude results.tgz . && mv /tmp/results.tgz . \
+  && find . -type f ! -name results.tgz ! -name steps.log ! -name gpu.json -delete)
