@@ -11,14 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(data: Path, run: Path, pipeline: str) -> dict:
+def _train(data: Path, run: Path, pipeline: str, *sets: str) -> dict:
     cmd = [
         sys.executable, "-m", "dlrm_mtl", "train", "--config", "configs/demo.yaml",
         "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",
         "--set", f"train.run_dir={run}", "--set", "train.max_steps=12", "--set", "train.epochs=2",
         "--set", "train.eval_every_epoch=true", "--set", "data.batch_size=256",
         "--set", "train.progress=false", "--set", f"train.pipeline={pipeline}",
-    ]
+    ] + [a for kv in sets for a in ("--set", kv)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((run / "ranks" / "rank0.json").read_text())
@@ -33,6 +33,13 @@ def test_sparse_dist_pipeline_matches_plain_loop(synthetic_small, tmp_path):
     m_plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     m_piped = json.loads((tmp_path / "piped" / "metrics.json").read_text())
     assert m_plain["metrics"] == m_piped["metrics"]  # eval after detach() uses the same weights
+    # the step graph's CPU twin inside the real path (DMP, fused tables fed the gradient of the
+    # static pooled input) and under the pipeline: the same weights bit for bit
+    graphed = _train(synthetic_small, tmp_path / "graphed", "sparse_dist", "train.cuda_graph=graph")
+    assert graphed["dense_sha256"] == plain["dense_sha256"]
+    assert json.loads((tmp_path / "graphed" / "metrics.json").read_text())["metrics"] == m_plain["metrics"]  # tables too
+    t = m_plain["throughput"]
+    assert 0 < t["first_step_seconds"] < t["train_seconds"] and 0 <= t["input_wait_seconds"] < t["train_seconds"]
 
 
 def test_auto_pipelines_only_where_an_all_to_all_is_hidden():

@@ -152,3 +152,25 @@ def test_unknown_modes_name_the_config_key():
     with pytest.raises(ValueError, match="train.precision"):
         DenseStep(nn.Linear(1, 1), nn.Linear(1, 1), precision="fp16")
     assert schema_cfg.train.cuda_graph == "auto" and schema_cfg.train.allow_tf32
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_under_auto_and_raises_under_graph(synthetic_small, monkeypatch):
+    import dlrm_mtl.models.dense_step as ds
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+    monkeypatch.setattr(ds, "StepGraph", refuse)
+    cfg = Config.load(None, [])
+    module, batches = _module_and_batches(synthetic_small, cfg, 1)
+    step = module.dense_step
+    step.cuda_graph = "graph"
+    with pytest.raises(RuntimeError, match="capturing"):
+        module(batches[0])
+    step.cuda_graph = "auto"  # on CUDA: recording is attempted, fails, and the step runs eagerly
+    monkeypatch.setattr(ds.DenseStep, "_wants_graph", lambda self, pooled: self.graph_error is None)
+    with pytest.warns(UserWarning, match="could not be captured .*capturing"):
+        loss, _ = module(batches[0])
+    assert step.graph is None and step.graph_error == "RuntimeError: operation not permitted when stream is capturing"
+    loss.backward()  # the eager step's graph
+    module(batches[0])  # no second attempt, no second warning
