@@ -76,15 +76,20 @@ class PhaseClock:
         self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
 
 
-def _log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[str, Any]:
-    """Heatmap image and histogram per gate in TensorBoard; the matrices for metrics.json."""
+def log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[str, Any]:
+    """Per gate in TensorBoard: the heatmap image (``utilisation/<gate>``), the mean weight
+    per expert as a histogram (``utilisation_mean/<gate>``) and the heatmap's row labels as
+    text (``utilisation_rows/<gate>``); returns the matrices for metrics.json.
+
+    Each kind has its own tag: TensorBoard files a tag under the plugin of its first summary,
+    so an image and a histogram sharing one tag leave one of the two pages empty."""
     out: Dict[str, Any] = {}
     for name, (matrix, rows) in util.heatmaps().items():
         out[name] = {"rows": rows, "matrix": np.round(np.nan_to_num(matrix, nan=-1.0), 5).tolist()}
         if writer is not None:
             writer.add_image(f"utilisation/{name}", render_heatmap(matrix), step, dataformats="CHW")
-            writer.add_histogram(f"utilisation/{name}", np.nan_to_num(matrix).mean(axis=0), step)
-            writer.add_text(f"utilisation/{name}", "rows: " + ", ".join(rows) + " (columns: experts)", step)
+            writer.add_histogram(f"utilisation_mean/{name}", np.nan_to_num(matrix).mean(axis=0), step)
+            writer.add_text(f"utilisation_rows/{name}", "rows: " + ", ".join(rows) + " (columns: experts)", step)
     return out
 
 
@@ -464,7 +469,7 @@ def _evaluate_epoch(run: TrainRun, epoch: int, step: int, last_epoch: bool) -> T
         run.pipeline.detach()  # the plain forward for evaluation; attach() again after
     util = ExpertUtilisation(run.schema)
     metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device, util)
-    utilisation = _log_utilisation(util, run.writer, step)
+    utilisation = log_utilisation(util, run.writer, step)
     if run.pipeline is not None and not last_epoch:
         run.pipeline.attach(run.dmp)
     if run.writer is not None:

@@ -56,3 +56,37 @@ def test_heatmap_image_shape_and_brightness_ordering():
     cell = lambda r, c: img[:, r * 4 + 2, c * 4 + 2].astype(int)
     assert cell(0, 1).sum() > cell(1, 0).sum() > cell(0, 0).sum()  # brighter = more weight
     assert (cell(1, 1) == 127).all()  # NaN: grey
+
+
+def test_tensorboard_shows_one_image_histogram_and_text_per_gate(tmp_path):
+    """Read back through TensorBoard's own data provider (what its pages list): every gate has
+    its heatmap on the images page, its histogram on the histograms page, its labels as text."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dlrm_mtl.train import log_utilisation
+
+    class Heatmaps:
+        def heatmaps(self):
+            return {"scenario0/cgc": (np.array([[0.5, 0.5], [0.9, 0.1]]), ["a", "b"]),
+                    "task0/ctr": (np.array([[0.2, 0.8]]), ["ctr"])}
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in (1, 2):
+        out = log_utilisation(Heatmaps(), writer, step)
+    writer.close()
+    assert out["task0/ctr"]["matrix"] == [[0.2, 0.8]]
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    ctx = context.RequestContext()
+    images = provider.list_blob_sequences(ctx, experiment_id="", plugin_name="images")["."]
+    hists = provider.list_tensors(ctx, experiment_id="", plugin_name="histograms")["."]
+    texts = provider.list_tensors(ctx, experiment_id="", plugin_name="text")["."]
+    gates = {"scenario0/cgc", "task0/ctr"}
+    assert set(images) == {f"utilisation/{g}" for g in gates}
+    assert set(hists) == {f"utilisation_mean/{g}" for g in gates}
+    assert set(texts) == {f"utilisation_rows/{g}/text_summary" for g in gates}  # add_text appends /text_summary
+    assert all(images[t].max_step == 2 for t in images)
