@@ -537,6 +537,10 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
     metrics: List[Dict[str, object]] = []
     utilisation: Dict[str, Any] = {}
     counters: Dict[str, int] = {}
+    if cfg.train.progress:
+        steps = len(run.train_stream) if cfg.train.max_steps <= 0 else min(len(run.train_stream), cfg.train.max_steps)
+        _log(run.env, f"training: epochs {run.progress.epoch}..{cfg.train.epochs - 1} x {steps} steps of {cfg.data.batch_size} rows/rank; "
+                      f"a progress line every {cfg.train.log_every} steps and at each epoch's end")
     for epoch in range(run.progress.epoch, cfg.train.epochs):
         run_epoch(run, epoch, totals, first_step)
         counters = _log_counters(run, run.progress.step)
