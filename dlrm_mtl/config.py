@@ -34,6 +34,9 @@ class DataConfig:
     prefetch_batches: int = -1
     num_workers: int = -1
     pin_memory: bool = True  # on GPU: page-locked host batches for asynchronous copies
+    # the schema row_id declares ids unique: before training, every id of the train and eval
+    # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)
+    check_row_ids: bool = True
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
     # step leaves free, so they never preempt its intra-op threads) | normal
     background_priority: str = "idle"

@@ -35,6 +35,7 @@ from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data
 from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.config import Config, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
+from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.evaluate import evaluate
 from dlrm_mtl.losses import EntireSpaceLoss
@@ -221,6 +222,30 @@ def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> T
     return train_stream, eval_stream
 
 
+def check_row_ids(cfg: Config, schema: Schema, env: DistEnv) -> None:
+    """Row ids declared in the schema must be unique in the train and in the eval data
+    (``data.check_row_ids``): a duplicate ends every rank with the error naming both files and
+    rows (printed by the rank whose share of the ids held it)."""
+    if not (schema.row_id and cfg.data.check_row_ids):
+        return
+    from dlrm_mtl.data.row_ids import DuplicateRowIdError, check_unique_row_ids
+
+    error: Optional[DuplicateRowIdError] = None
+    try:
+        for source in (cfg.data.train, cfg.data.eval):
+            if source:
+                check_unique_row_ids(source, schema.row_id, env.rank, env.world_size)
+    except DuplicateRowIdError as e:
+        error = e
+    flags = torch.zeros(env.world_size, dtype=torch.int64)
+    flags[env.rank] = error is not None
+    found = [r for r, f in enumerate(all_reduce_host(flags).tolist()) if f]
+    if error is not None:
+        raise error
+    if found:
+        raise DataError(f"duplicate row ids in the data: rank(s) {found} name the files and rows")
+
+
 def build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
     """Model (on the meta device: DMP materialises only this rank's shards) + loss."""
     model = MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta"))
@@ -268,6 +293,8 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         cfg.save(run_dir / "config.yaml")
     _log(env, f"world_size={env.world_size} backend={env.backend} device={env.device} threads={torch.get_num_threads()}")
     configure_backends(cfg.train, env.device)
+    with clock("row_ids"):
+        check_row_ids(cfg, schema, env)
     with clock("model"):
         module = build_module(cfg, schema, env)
     with clock("plan_and_shard"):
