@@ -57,8 +57,20 @@ def compare_runs(run_a: Union[str, Path], run_b: Union[str, Path]) -> List[Dict[
             a, b = _num(ra[metric]), _num(rb[metric])
             diff = a - b
             gain = diff if metric in HIGHER_IS_BETTER else -diff
-            out.append({"scenario": key[0], "task": key[1], "metric": metric, "a": a, "b": b, "diff": diff, "gain": gain})
+            out.append({"scenario": key[0], "task": key[1], "metric": metric, "a": a, "b": b, "diff": diff, "gain": gain,
+                        "count_a": ra.get("count"), "count_b": rb.get("count")})
     return out
+
+
+def different_data(rows: List[Dict[str, object]]) -> List[str]:
+    """The slices whose evaluation row counts differ between the two runs: metrics measured on
+    different data do not compare (a gain there says nothing about the models)."""
+    seen: Dict[Tuple[str, str], str] = {}
+    for r in rows:
+        a, b = r.get("count_a"), r.get("count_b")
+        if a is not None and b is not None and a != b:
+            seen.setdefault((str(r["scenario"]), str(r["task"])), f"{r['scenario']}/{r['task']}: {a} vs {b} rows")
+    return list(seen.values())
 
 
 def format_comparison(rows: List[Dict[str, object]], name_a: str = "A", name_b: str = "B") -> str:
@@ -67,7 +79,12 @@ def format_comparison(rows: List[Dict[str, object]], name_a: str = "A", name_b: 
         return f"{'n/a':>9}" if math.isnan(v) else f"{v:>9.4f}"
 
     head = f"{'scenario':<24} {'task':<8} {'metric':<8} {'A':>9} {'B':>9} {'A-B':>9} {'gain':>9}"
-    lines = [f"A = {name_a}", f"B = {name_b}", "gain = MTL gain (PLE eq. 11): positive when A is better", "", head, "-" * len(head)]
+    lines = [f"A = {name_a}", f"B = {name_b}", "gain = MTL gain (PLE eq. 11): positive when A is better", ""]
+    differ = different_data(rows)
+    if differ:
+        lines += [f"WARNING: the two runs were evaluated on different data ({len(differ)} slice(s) differ in rows, e.g. "
+                  + "; ".join(differ[:3]) + "): their differences are not model differences", ""]
+    lines += [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (str(r["task"]), r["scenario"] != "all", str(r["scenario"]), str(r["metric"]))):
         lines.append(f"{str(r['scenario']):<24} {str(r['task']):<8} {str(r['metric']):<8} {f(r['a'])} {f(r['b'])} {f(r['diff'])} {f(r['gain'])}")
     if not rows:

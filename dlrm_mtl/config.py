@@ -177,6 +177,9 @@ class CheckpointConfig:
     # cannot reshard a state, e.g. row-wise Adagrad to/from column_wise); step, epoch and
     # data position are still restored
     model_only: bool = False
+    # resuming a run that already finished (every epoch done, metrics.json written) trains
+    # nothing and keeps its metrics.json; true evaluates the final weights again and overwrites it
+    reevaluate_finished: bool = False
     min_free_gb: float = 0.0  # refuse to start when the checkpoint disk has less free space (0: estimate)
     # append the row ids trained at every step to <run_dir>/audit/rankN.rows (tests, audits);
     # a resume truncates them back to the checkpoint's step

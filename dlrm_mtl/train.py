@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data_fingerprint, fault_point
-from dlrm_mtl.collectives import all_reduce_host
+from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.data.errors import DataError
@@ -547,9 +547,30 @@ def finish_run(run: TrainRun, totals: Totals, metrics: List[Dict[str, object]], 
     return result
 
 
+def finished_result(run: TrainRun) -> Optional[Dict[str, Any]]:
+    """A resumed run with every epoch done and its metrics.json written: that metrics.json,
+    kept as it is (a second evaluation would overwrite it, recording this job's world size),
+    unless ``checkpoint.reevaluate_finished``. Rank 0 decides (the run directory may be on
+    its disk only); the others get its ``step``."""
+    if run.progress.epoch < run.cfg.train.epochs or run.progress.step == 0 or run.cfg.checkpoint.reevaluate_finished:
+        return None
+    path = run.run_dir / "metrics.json"
+    keep = torch.tensor([int(run.env.is_main and path.exists())])
+    if int(broadcast_host(keep)[0]) == 0:
+        return None
+    _log(run.env, f"this run finished at step {run.progress.step}: nothing to train; {path} is kept as it is "
+                  f"(checkpoint.reevaluate_finished=true evaluates the final weights again and overwrites it)")
+    if run.writer is not None:
+        run.writer.close()
+    return json.loads(path.read_text()) if run.env.is_main else {"step": run.progress.step}
+
+
 def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
     """The epochs of a set-up run, evaluation where configured, then :func:`finish_run`."""
     cfg = run.cfg
+    done = finished_result(run)
+    if done is not None:
+        return done
     totals = Totals(run.progress.rows_trained, run.progress.padding_rows, run.progress.train_seconds)
     timeline: Dict[str, Any] = {"import_s": import_s, "eval_seconds": 0.0,
                                 "setup_phases": {k: round(v, 4) for k, v in run.phases.seconds.items()}}

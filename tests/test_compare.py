@@ -55,3 +55,12 @@ def test_compare_cli(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["compare", "--json", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 8
+
+
+def test_runs_evaluated_on_different_data_are_flagged(tmp_path, capsys):
+    other = [dict(r, count=r["count"] * 3) if r["scenario"] == "home" else r for r in B]
+    assert main(["compare", str(_write(tmp_path / "a", A)), str(_write(tmp_path / "b", other))]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the two runs were evaluated on different data (1 slice(s)" in out and "home/ctr: 4 vs 12 rows" in out
+    assert main(["compare", str(tmp_path / "a"), str(_write(tmp_path / "c", B))]) == 0
+    assert "WARNING" not in capsys.readouterr().out  # same rows: no warning
