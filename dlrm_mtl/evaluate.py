@@ -46,7 +46,7 @@ def evaluate(
             _, (logits, _, gates, _) = dmp(batch)
             acc.update(batch, logits)
             if utilisation is not None:
-                utilisation.update(gates, batch.scenario, batch.row_id >= 0)
+                utilisation.update(gates, batch.scenario, batch.real)
     dmp.train()
     return acc.compute()
 

@@ -33,7 +33,7 @@ from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.data.source import Source, open_source
 from dlrm_mtl.data.stream import RowGroup, RowGroupConverter, assign_row_groups, list_row_groups
 from dlrm_mtl.metrics import scenario_names
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, leaf_ids
 
 #: Distinct ids are counted exactly up to this many per sparse feature; beyond it the feature
 #: is reported as ``>= MAX_DISTINCT`` and its id set is dropped (8 bytes per id held).
@@ -118,10 +118,9 @@ def _dense_matrix(t: pa.Table, nd: int) -> np.ndarray:
 
 
 def _leaf_ids(t: pa.Table, schema: Schema) -> np.ndarray:
-    leaf = np.zeros(t.num_rows, dtype=np.int64)
-    for lvl in schema.scenarios:
-        leaf = leaf * lvl.num_values + t["scenario:" + lvl.name].to_numpy()
-    return leaf
+    """``[n]`` leaf ids of the converter's (validated) ``scenario:*`` columns."""
+    ids = np.stack([t["scenario:" + lvl.name].to_numpy() for lvl in schema.scenarios], axis=1)  # [n, L]
+    return leaf_ids(ids, schema)
 
 
 def _ancestors(schema: Schema, task_name: str) -> List[Tuple[int, bool]]:

@@ -200,7 +200,7 @@ class MetricAccumulator:
     @torch.no_grad()
     def update(self, batch: Batch, logits: torch.Tensor) -> None:
         g = self.graph
-        real = (batch.row_id >= 0).cpu()
+        real = batch.real.cpu()
         z = logits.detach().cpu().double()[real]  # [N, T]
         labels = batch.labels.cpu().double()[real]
         mask = batch.label_mask.cpu()[real]

@@ -462,7 +462,9 @@ def scenario_names(schema: Schema) -> List[str]:
 
 
 def leaf_ids(scenario: "torch.Tensor", schema: Schema) -> "torch.Tensor":
-    """``[B, L]`` per-level ids -> ``[B]`` leaf ids (mixed radix, first level most significant)."""
+    """``[B, L]`` per-level ids -> ``[B]`` leaf ids (mixed radix, first level most significant);
+    a torch tensor or a numpy array. The one definition of a leaf id (model routing, metrics,
+    data inspection and scenario shares use it)."""
     leaf = scenario[:, 0] * 0
     for i, level in enumerate(schema.scenarios):
         leaf = leaf * level.num_values + scenario[:, i]

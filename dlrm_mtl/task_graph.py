@@ -142,14 +142,6 @@ class TaskGraph:
                 ks.append(self._known(mask, self.steps[i]))
         return torch.stack(ys, dim=1), torch.stack(ks, dim=1)
 
-    def chained(self, x: torch.Tensor, reduce: str = "prod") -> torch.Tensor:
-        """Per task, reduce ``x [B, T]`` along the (un-negated) chain (labels: product; masks: all)."""
-        cols = []
-        for chain in self.chains:
-            c = x[:, chain]
-            cols.append(c.all(dim=1) if reduce == "all" else c.prod(dim=1))
-        return torch.stack(cols, dim=1)
-
     def parent_positive(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` bool: the row lies in task t's conditional sample space (its context
         holds: every ancestor label is known and 1, or 0 for a negated parent)."""

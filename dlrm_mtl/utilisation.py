@@ -26,7 +26,7 @@ class ExpertUtilisation:
     Example::
 
         util = ExpertUtilisation(schema)
-        util.update(gates, batch.scenario, batch.row_id >= 0)
+        util.update(gates, batch.scenario, batch.real)
         for name, (matrix, rows) in util.heatmaps().items(): ...   # matrix [R, E], R row labels
     """
 

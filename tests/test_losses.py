@@ -376,12 +376,10 @@ def test_task_graph_probabilities_three_levels():
     torch.testing.assert_close(probs["ctbuy"], p[:, 0] * p[:, 1] * p[:, 2])
 
 
-def test_task_graph_chained_and_parent_positive():
+def test_task_graph_parent_positive():
     g = TaskGraph(chain3_schema())
     labels = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.float32)
     mask = torch.tensor([[True, True, True], [True, True, True], [True, True, True], [True, False, True]])
-    assert g.chained(labels).tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]
-    assert g.chained(mask, "all").tolist() == [[True, True, True]] * 3 + [[True, False, False]]
     pp = g.parent_positive(labels, mask)
     assert pp.tolist() == [
         [True, True, True],

@@ -307,3 +307,27 @@ def test_bias_tower_is_zero_at_reference():
 def test_position_bias_feature_cannot_be_dense():
     with pytest.raises(SchemaError, match="also dense"):
         make_schema([Task("ctr", "click")], position_bias=PositionBias(features=["price"], tasks=["ctr"]))
+
+
+def test_scenario_shares_count_leaves_and_refuse_ids_out_of_range(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dlrm_mtl.data.errors import DataError
+    from dlrm_mtl.data.scenario_share import scenario_shares
+    from dlrm_mtl.synthetic import synthetic_schema
+
+    schema = synthetic_schema()
+    cols = [lvl.column for lvl in schema.scenarios]
+    sizes = [lvl.num_values for lvl in schema.scenarios]
+    d = tmp_path / "d"
+    d.mkdir()
+    rows = [[0] * len(cols), [sizes[0] - 1] + [0] * (len(cols) - 1), [0] * len(cols)]
+    pq.write_table(pa.table({c: [r[j] for r in rows] for j, c in enumerate(cols)}), d / "a.parquet")
+    share = scenario_shares(schema, str(d))
+    assert share[0] == pytest.approx(2 / 3) and sum(share) == pytest.approx(1.0)
+    bad = [list(r) for r in rows]
+    bad[2][-1] = sizes[-1]  # one past the last id of the last level: clipped silently before
+    pq.write_table(pa.table({c: [r[j] for r in bad] for j, c in enumerate(cols)}), d / "b.parquet")
+    with pytest.raises(DataError, match=rf"b.parquet: column '{cols[-1]}', row 2: scenario id {sizes[-1]} outside"):
+        scenario_shares(schema, str(d))

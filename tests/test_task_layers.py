@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlrm_mtl.modules import CGCLayer, MMoELayer, PLELayer, SharedBottomLayer
+from dlrm_mtl.modules import MMoELayer, PLELayer, SharedBottomLayer
 
 from test_modules import ATOL, reference_expert, reference_gate_logits
 
@@ -34,7 +34,7 @@ def manual_extraction(net, task_in, shared_in):
 @pytest.mark.parametrize("T,E_sh,E_sp", [(3, 2, 2), (2, 1, 1), (2, 0, 2), (2, 2, 0)])
 def test_cgc_shapes_gates_and_manual_formula(T, E_sh, E_sp):
     torch.manual_seed(8)
-    cgc = CGCLayer(5, num_tasks=T, num_shared=E_sh, num_specific=E_sp, hidden=[6], out_dim=4).double()
+    cgc = PLELayer(5, num_tasks=T, num_shared=E_sh, num_specific=E_sp, hidden=[6], out_dim=4, levels=1).double()  # CGC
     x = torch.randn(7, 5, dtype=torch.float64)
     out = cgc(x)
     gates = out.gates["level0/task"]
@@ -51,7 +51,7 @@ def test_cgc_gate_support_excludes_other_tasks_specific_experts(mode):
     """Task k's gate covers shared + its own experts only: changing task 1's experts moves task 1 alone."""
     T, E_sp = 3, 2
     torch.manual_seed(9)
-    cgc = CGCLayer(5, num_tasks=T, num_shared=2, num_specific=E_sp, hidden=[6], out_dim=4).double()
+    cgc = PLELayer(5, num_tasks=T, num_shared=2, num_specific=E_sp, hidden=[6], out_dim=4, levels=1).double()
     x = torch.randn(8, 5, dtype=torch.float64)
     y0 = cgc(x).y
     sl = slice(1 * E_sp, 2 * E_sp)
@@ -68,7 +68,7 @@ def test_cgc_gate_support_excludes_other_tasks_specific_experts(mode):
 
 def test_cgc_rejects_no_experts():
     with pytest.raises(ValueError):
-        CGCLayer(4, num_tasks=2, num_shared=0, num_specific=0, hidden=[], out_dim=3)
+        PLELayer(4, num_tasks=2, num_shared=0, num_specific=0, hidden=[], out_dim=3, levels=1)
 
 
 @pytest.mark.parametrize("levels", [2, 3])
@@ -159,7 +159,7 @@ def test_task_layers_accept_per_task_input():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: CGCLayer(5, 2, 2, 1, [6], 4),
+    lambda: PLELayer(5, 2, 2, 1, [6], 4, levels=1),
     lambda: PLELayer(5, 2, 2, 1, [6], 4, levels=2),
     lambda: MMoELayer(5, 2, 3, [6], 4),
     lambda: MMoELayer(5, 2, 3, [], 4, one_gate=True),

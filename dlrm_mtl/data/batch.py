@@ -43,8 +43,13 @@ class Batch(Pipelineable):
         return self.dense.shape[0]
 
     @property
+    def real(self) -> torch.Tensor:
+        """``[B]`` bool: the batch's real rows (padding rows have ``row_id = -1``)."""
+        return self.row_id >= 0
+
+    @property
     def num_real_rows(self) -> int:
-        return int((self.row_id >= 0).sum())
+        return int(self.real.sum())
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(

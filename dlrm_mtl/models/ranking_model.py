@@ -215,5 +215,5 @@ class TrainModule(nn.Module):
         # cannot be unpacked.
         pooled = pooled_in_order(self.model.ebc(batch.sparse), self.model.feature_names)  # [B, Σ D_f]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias)
-        real_rows = (batch.row_id >= 0).sum()
+        real_rows = batch.real.sum()  # [] on the device: read on log steps only
         return out[0], (out[1].detach(), out[2], out[3], real_rows)

@@ -9,7 +9,7 @@ from dlrm_mtl.modules.mlp import MLP
 from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.mmoe import MMoELayer, SharedBottomLayer
 from dlrm_mtl.modules.ml_mmoe import MultiLevelMMoELayer
-from dlrm_mtl.modules.ple import CGCLayer, ExtractionNetwork, PLELayer
+from dlrm_mtl.modules.ple import ExtractionNetwork, PLELayer
 from dlrm_mtl.modules.scenario_cgc import ScenarioCGCLayer
 from dlrm_mtl.modules.scenario_routing import ScenarioGroups, group_by_scenario
 from dlrm_mtl.modules.task_input import split_task_input
@@ -22,7 +22,6 @@ from dlrm_mtl.modules.hinet import HiNetScenarioLayer, ScenarioAwareAttention
 from dlrm_mtl.modules.towers import TaskTowers
 
 __all__ = [
-    "CGCLayer",
     "ConcatInteraction",
     "DotInteraction",
     "ExpertBank",

@@ -157,8 +157,8 @@ class AESMScenarioLayer(_AESMLayer):
         y = Σ_{e ∈ specific(x) ∪ shared(x)} g_{s,e}(x ⊕ e_s) · expert_e(x)
 
     The selection noise has standard deviation ``noise · E`` in training and is off in eval:
-    the issue asks for a scale proportional to E and the authors' release multiplies its noise
-    scale by the number of experts, so ``noise`` is the per-expert factor. All E experts run
+    the authors' release multiplies its noise scale by the number of experts, so ``noise`` is
+    the per-expert factor. All E experts run
     as one batched bank call (the selection is per row, so grouping rows by expert would need
     a gather per expert; at the E of this family the dense bank is cheaper).
 

@@ -110,17 +110,3 @@ class PLELayer(nn.Module):
             if shared_out is not None:
                 shared_in = shared_out
         return LayerOutput(task_in, gates)
-
-
-class CGCLayer(PLELayer):
-    """CGC (Tang et al., RecSys 2020, §4.2, eq. 1-4): PLE with one extraction network.
-
-    Example::
-
-        cgc = CGCLayer(32, num_tasks=2, num_shared=2, num_specific=1, hidden=[64], out_dim=16)
-        out = cgc(torch.randn(8, 32))
-        out.y.shape, out.gates["level0/task"].shape   # [2, 8, 16], [8, 2, 3]
-    """
-
-    def __init__(self, in_dim: int, num_tasks: int, num_shared: int, num_specific: int, hidden: List[int], out_dim: int) -> None:
-        super().__init__(in_dim, num_tasks, num_shared, num_specific, hidden, out_dim, levels=1)
