@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config
 from dlrm_mtl.data.stream import ParquetStream, Segment
+from dlrm_mtl.watchdog import report, stop_point
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -376,6 +377,8 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {name} not written: {_short(e)}{self._space_text()} "
                                   f"({self._latest_text()})") from e
         fault_point("save", progress.step, self.env.rank)
+        report(progress.step, "checkpoint of step")
+        stop_point("save", progress.step, self.env.rank)
         error = None
         try:
             torch.save(self._rank_state(progress), tmp / "trainer" / f"rank{self.env.rank}.pt")

@@ -29,6 +29,7 @@ from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import MetricAccumulator, format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
+from dlrm_mtl.watchdog import report, stop_point
 from dlrm_mtl.utilisation import ExpertUtilisation
 
 
@@ -41,7 +42,9 @@ def evaluate(
     acc = MetricAccumulator(schema)
     dmp.eval()
     with torch.no_grad():
-        for batch in stream:
+        for i, batch in enumerate(stream):
+            report(i, "eval batch")
+            stop_point("eval", i, stream.rank)
             batch = batch.to(device, non_blocking=True)
             _, (logits, _, gates, _) = dmp(batch)
             acc.update(batch, logits)

@@ -43,6 +43,7 @@ from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
 from dlrm_mtl.schema import Schema
 from dlrm_mtl.utilisation import ExpertUtilisation, render_heatmap
+from dlrm_mtl.watchdog import Watchdog, report, stop_point
 
 
 def _log(env: DistEnv, msg: str) -> None:
@@ -458,12 +459,14 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
                 logits, terms, gates, real = train_step(run.dmp, run.optimizer, next(batches))
             run.scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step = progress.advance()
+            report(step, "step")
             window.add(real)
             if first:  # the run's first step: cuBLAS/fbgemm initialisation, the CUDA graph recorded
                 totals.first_step_seconds = time.perf_counter() - t_step
             if run.audit is not None:
                 run.audit.record(step, epoch)
             fault_point("step", step, env.rank)
+            stop_point("step", step, env.rank)
             if run.ckpt.due(step):
                 _save_step_checkpoint(run, window, totals, t0)
             logged = step % cfg.train.log_every == 0 or i == steps - 1
@@ -608,8 +611,12 @@ def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:
     """Trains as configured; ``import_s`` (the caller's seconds spent importing torch, torchrec
     and fbgemm) is reported next to the start-up time in ``metrics.json``."""
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
+    dog: Optional[Watchdog] = None
     try:
-        result = run_training(setup_run(cfg, env), import_s)
+        run = setup_run(cfg, env)
+        # a rank that stops making progress ends the job within train.timeout_s, naming itself
+        dog = Watchdog.start(cfg.train.timeout_s)
+        result = run_training(run, import_s)
         fault_point("end", result["step"], env.rank)
         # every rank leaves together: a rank that died after the last collective turns into an
         # error here (within train.timeout_s) instead of letting the others exit 0 while the
@@ -618,4 +625,6 @@ def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:
             dist.barrier()
         return result
     finally:
+        if dog is not None:
+            dog.stop()
         shutdown_distributed()
