@@ -211,3 +211,70 @@ def write_kuairand(raw: Path, n: int = 600, seed: int = 0) -> Dict[str, object]:
             lines.append(",".join(str(r[c]) for c in KUAIRAND_LOG_COLUMNS))
         (raw / name).write_text("\n".join(lines) + "\n")
     return {"rows": rows}
+
+
+# --------------------------------------------------------------------------- preprocessed variants
+# torch-rechub's Ali-CCP CSVs (ali_ccp_{train,val,test}.csv): labels, 23 sparse field columns
+# (integer codes, 0 = absent or rare), 8 dense columns.
+ALI_CCP_RECHUB_SPARSE = ["101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210", "216",
+                         "508", "509", "702", "853", "301", "109_14", "110_14", "127_14", "150_14"]
+ALI_CCP_RECHUB_DENSE = ["D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853"]
+ALI_CCP_RECHUB_COLUMNS = ["click", "purchase"] + ALI_CCP_RECHUB_SPARSE + ALI_CCP_RECHUB_DENSE
+
+
+def write_ali_ccp_rechub(raw: Path, files=("train", "val", "test"), n: int = 40, seed: int = 0,
+                         name: str = "ali_ccp_{}.csv", drop=(), extra=()) -> Dict[str, List[Dict[str, str]]]:
+    """One CSV per entry of ``files`` in torch-rechub's layout (columns in ``drop`` left out,
+    columns in ``extra`` appended with junk values); returns file name -> records (column ->
+    text, in file order)."""
+    rng = random.Random(seed)
+    raw.mkdir(parents=True, exist_ok=True)
+    header = [c for c in ALI_CCP_RECHUB_COLUMNS if c not in drop] + list(extra)
+    out = {}
+    for role in files:
+        recs = []
+        for _ in range(n):
+            click = int(rng.random() < 0.3)
+            rec = {"click": str(click), "purchase": str(int(click and rng.random() < 0.4))}
+            for c in ALI_CCP_RECHUB_SPARSE:
+                rec[c] = str(rng.choice([1, 2, 3]) if c == "301" else rng.randint(0, 3 if c.startswith("1") else 12))
+            for c in ALI_CCP_RECHUB_DENSE:
+                rec[c] = repr(round(rng.random(), 4))
+            for c in extra:
+                rec[c] = f"x{rng.randint(0, 9)}"
+            recs.append(rec)
+        fname = name.format(role)
+        (raw / fname).write_text(",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in recs))
+        out[fname] = recs
+    return out
+
+
+# Scenario-Wise Rec's KuaiRand CSV (kuairand_sample.csv): interactions joined with user and
+# video columns, label-encoded; only is_click as a label.
+KUAIRAND_SWR_COLUMNS = (
+    ["user_id", "video_id", "is_click", "play_time_ms", "duration_ms", "profile_stay_time", "comment_stay_time", "tab",
+     "user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author", "follow_user_num",
+     "follow_user_num_range", "fans_user_num", "fans_user_num_range", "friend_user_num", "friend_user_num_range",
+     "register_days", "register_days_range"] + [f"onehot_feat{i}" for i in range(18)]
+    + ["video_type", "visible_status", "server_width", "server_height"]
+)
+
+
+def write_kuairand_swr(raw: Path, n: int = 60, seed: int = 0, name: str = "kuairand_sample.csv", drop=(),
+                       date: bool = False) -> List[Dict[str, str]]:
+    """One CSV in Scenario-Wise Rec's KuaiRand layout (``drop``: columns left out; ``date``:
+    a ``date`` column appended); returns the records (column -> text, in file order)."""
+    rng = random.Random(seed)
+    raw.mkdir(parents=True, exist_ok=True)
+    header = [c for c in KUAIRAND_SWR_COLUMNS if c not in drop] + (["date"] if date else [])
+    recs = []
+    for _ in range(n):
+        rec = {c: str(rng.randint(0, 6)) for c in KUAIRAND_SWR_COLUMNS}
+        rec.update(user_id=str(rng.randint(0, 15)), video_id=str(rng.randint(0, 25)), is_click=str(int(rng.random() < 0.4)),
+                   play_time_ms=str(rng.randint(0, 60000)), duration_ms=str(rng.choice([0, 7600, 30066, 169500])),
+                   tab=str(rng.choice([0, 1, 1, 2, 4, 6])), is_live_streamer=rng.choice(["1", "-124"]),
+                   onehot_feat4=f"{rng.randint(0, 5)}.0", server_width="720.0", server_height="1280.0",
+                   date=str(rng.choice([20220425, 20220430, 20220502, 20220507])))
+        recs.append(rec)
+    (raw / name).write_text(",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in recs))
+    return recs

@@ -18,12 +18,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataset_fixtures as fx  # noqa: E402
 
+from dlrm_mtl.data.errors import DataError  # noqa: E402
 from dlrm_mtl.datasets import ConvertOptions, FormatError, convert  # noqa: E402
 from dlrm_mtl.datasets import ali_ccp as ac  # noqa: E402
 from dlrm_mtl.datasets import aliexpress as ax  # noqa: E402
 from dlrm_mtl.datasets import census_income as ci  # noqa: E402
 from dlrm_mtl.datasets import kuairand as kr  # noqa: E402
 from dlrm_mtl.datasets import movielens as ml  # noqa: E402
+from dlrm_mtl.datasets.common import stable_unit  # noqa: E402
 from dlrm_mtl.schema import Schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +130,78 @@ def test_census_bad_line_names_file_and_line(tmp_path, mutate, reason):
         convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
     assert e.value.line_no == 7 and e.value.path.endswith("census-income.data")
     assert recs
+
+
+
+def hashed_reference(line_no: int, train: float, eval_: float, seed: int = 0) -> str:
+    """The documented --opt split rule (common.HashSplit), written out here."""
+    u = stable_unit(f"split:{line_no}", seed)
+    return "train" if u < train else "eval" if u < train + eval_ else "test"
+
+
+def split_rows(out: Path) -> dict:
+    """split name -> rows of every split directory written under ``out``."""
+    return {d.name: read_rows(d) for d in sorted(out.iterdir()) if d.is_dir()}
+
+
+def test_census_only_the_test_file_needs_split_and_then_splits_every_row_once(tmp_path, capsys):
+    from dlrm_mtl.cli import main
+
+    recs = fx.write_census(tmp_path / "raw", n_train=10, n_test=48)
+    (tmp_path / "raw" / "census-income.data").unlink()
+    # without --opt split: an error that says what is missing and how to proceed
+    with pytest.raises(FileNotFoundError) as e:
+        convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    msg = str(e.value)
+    assert "census-income.data" in msg and "only census-income.test" in msg and "--opt split=0.8" in msg
+    assert main(["convert", "census-income", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "cli")]) == 2
+    assert "--opt split=0.8" in capsys.readouterr().err
+    # with it: train / eval only, every line of the file exactly once, in the documented split
+    res = convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.8", row_group_rows=16, **QUIET))
+    got = split_rows(tmp_path / "out")
+    assert set(got) == {"train", "eval"} and set(res.splits) == {"train", "eval"}
+    rows = sorted((r for rs in got.values() for r in rs), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == list(range(48))
+    for split, rs in got.items():
+        for r in rs:  # row_id = line number - 1 of census-income.test
+            rec = recs["test"][r["row_id"]]
+            assert hashed_reference(r["row_id"] + 1, 0.8, 0.2) == split
+            assert r["income_50k"] == (rec["income"] == "50000+.") and r["age"] == float(rec["age"])
+        assert res.splits[split]["everyone"]["rows"] == len(rs)
+    assert 0 < len(got["eval"]) < len(got["train"])
+    # the dense statistics come from the train rows of that file
+    age = res.schema.dense[0]
+    assert age.name == "age" and age.mean == pytest.approx(np.mean([r["age"] for r in got["train"]]))
+    # --opt split=0.8 (the command line's way) is the same split; F,G adds a test split
+    assert main(["convert", "census-income", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "cli"),
+                 "--opt", "split=0.8"]) == 0
+    assert {k: sorted(r["row_id"] for r in v) for k, v in split_rows(tmp_path / "cli").items()} == \
+        {k: sorted(r["row_id"] for r in v) for k, v in got.items()}
+    assert main(["convert", "census-income", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "cli2"),
+                 "--split", "0.8"]) == 0  # the --split flag: the same
+    assert {k: sorted(r["row_id"] for r in v) for k, v in split_rows(tmp_path / "cli2").items()} == \
+        {k: sorted(r["row_id"] for r in v) for k, v in got.items()}
+    convert("census-income", tmp_path / "raw", tmp_path / "three", ConvertOptions(split="0.5,0.25", seed=3, **QUIET))
+    three = split_rows(tmp_path / "three")
+    assert set(three) == {"train", "eval", "test"}
+    assert sorted(r["row_id"] for rs in three.values() for r in rs) == list(range(48))
+    assert all(hashed_reference(r["row_id"] + 1, 0.5, 0.25, seed=3) == k for k, rs in three.items() for r in rs)
+
+
+def test_census_split_option_is_checked_and_refused_with_both_files(tmp_path):
+    fx.write_census(tmp_path / "raw", n_train=12, n_test=6)
+    with pytest.raises(DataError, match="official train / test split.*drop it"):
+        convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.8", **QUIET))
+    (tmp_path / "raw" / "census-income.test").unlink()
+    for bad in ("1.5", "0", "0.8,0.3", "x"):
+        with pytest.raises(DataError, match=f"--opt split={bad}: expected F"):
+            convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(split=bad, **QUIET))
+    # only census-income.data: the same rule
+    res = convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(extra={"split": "0.5"}, **QUIET))
+    assert res.splits["train"]["everyone"]["rows"] + res.splits["eval"]["everyone"]["rows"] == 12
+    (tmp_path / "raw" / "census-income.data").unlink()
+    with pytest.raises(FileNotFoundError, match="neither census-income.data nor census-income.test"):
+        convert("census-income", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
 
 
 # =========================================================================== MovieLens
@@ -331,6 +405,114 @@ def test_ali_ccp_bad_line(tmp_path, file, mutate, reason):
         convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
 
 
+
+# --------------------------------------------------------------------------- Ali-CCP, torch-rechub CSVs
+def test_ali_ccp_rechub_csvs_by_file_name(tmp_path, capsys):
+    recs = fx.write_ali_ccp_rechub(tmp_path / "raw", files=("train", "val", "test"), n=30, extra=("junk",))
+    res = convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(row_group_rows=8))
+    printed = capsys.readouterr().out
+    # reference: codes re-mapped per field by first appearance over train, val, test
+    order = ["ali_ccp_train.csv", "ali_ccp_val.csv", "ali_ccp_test.csv"]
+    every = [r for f in order for r in recs[f]]
+    vocab = {c: first_appearance(int(r[c]) for r in every) for c in fx.ALI_CCP_RECHUB_SPARSE}
+    got = split_rows(tmp_path / "out")
+    assert set(got) == {"train", "eval", "test"}
+    row_id = 0
+    for split, fname in zip(("train", "eval", "test"), order):
+        rows = got[split]
+        assert len(rows) == len(recs[fname]) == res.splits[split]["301=1"]["rows"] + res.splits[split]["301=2"]["rows"] \
+            + res.splits[split]["301=3"]["rows"]
+        for k, (row, rec) in enumerate(zip(rows, recs[fname])):
+            assert row["row_id"] == row_id and row["sample_id"] == k + 2  # line number (the header is line 1)
+            assert (row["click"], row["purchase"]) == (int(rec["click"]), int(rec["purchase"]))
+            assert row["scenario"] == vocab["301"][int(rec["301"])]
+            for f in ac.SINGLE_FIELDS:
+                assert row["f" + f] == vocab[f][int(rec[f])], f
+            for f in ac.MULTI_FIELDS:
+                assert row["f" + f] == [vocab[f][int(rec[f])]], f
+            row_id += 1
+    assert res.schema.scenarios[0].value_names == [f"301={v}" for v in vocab["301"]]
+    assert {f.name: f.num_embeddings for f in res.schema.sparse} == {"f" + c: len(vocab[c]) for c in vocab if c != "301"}
+    assert _layout(res.schema) == _layout(Schema.load(ROOT / "datasets" / "ali_ccp" / "schema.yaml"))
+    # the dense D* columns and the unknown one: ignored, listed and counted in the summary
+    ignored = fx.ALI_CCP_RECHUB_DENSE + ["junk"]
+    assert res.notes["ignored_columns"] == {f: ignored for f in order}
+    assert f"ignored {len(ignored)} column(s)" in printed and "junk" in printed and "D853" in printed
+    # --opt split is refused where the files carry the split
+    with pytest.raises(DataError, match="--opt split: .* 3 preprocessed Ali-CCP CSV"):
+        convert("ali-ccp", tmp_path / "raw", tmp_path / "o2", ConvertOptions(split="0.8", **QUIET))
+
+
+def test_ali_ccp_rechub_one_csv_needs_split_and_then_splits_every_row_once(tmp_path):
+    recs = fx.write_ali_ccp_rechub(tmp_path / "raw", files=("train",), n=50, name="ali_ccp_{}_sample.csv", drop=("127_14",))
+    rec = recs["ali_ccp_train_sample.csv"]
+    with pytest.raises(FileNotFoundError, match="only one file, ali_ccp_train_sample.csv.*--opt split=0.8"):
+        convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    res = convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.7", seed=5, row_group_rows=16, **QUIET))
+    got = split_rows(tmp_path / "out")
+    assert set(got) == {"train", "eval"}
+    rows = sorted((r for rs in got.values() for r in rs), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == list(range(50))
+    scen = first_appearance(int(r["301"]) for r in rec)
+    for split, rs in got.items():
+        for r in rs:
+            src = rec[r["row_id"]]
+            assert r["sample_id"] == r["row_id"] + 2 and hashed_reference(r["sample_id"], 0.7, 0.3, seed=5) == split
+            assert (r["click"], r["purchase"], r["scenario"]) == (int(src["click"]), int(src["purchase"]), scen[int(src["301"])])
+            assert r["f127_14"] == []  # a field column the file lacks: empty, and listed
+    assert res.notes["absent_fields"] == {"ali_ccp_train_sample.csv": ["127_14"]}
+    assert sum(d["rows"] for d in res.splits["train"].values()) == len(got["train"])
+
+
+def _set_field(line: str, i: int, value: str) -> str:
+    f = line.split(",")
+    f[i] = value
+    return ",".join(f)
+
+
+def test_ali_ccp_rechub_gzip_and_blank_lines_keep_line_numbers(tmp_path):
+    """A gzipped CSV with blank lines (the Arrow reader stops there and the line reader takes
+    over): every data row once, sample_id = its true line number, the split by that number,
+    and a bad row after the blank lines named by its line."""
+    recs = fx.write_ali_ccp_rechub(tmp_path / "raw", files=("train",), n=30, seed=4)["ali_ccp_train.csv"]
+    plain = tmp_path / "raw" / "ali_ccp_train.csv"
+    lines = plain.read_text().splitlines()
+    lines = lines[:11] + ["", "  "] + lines[11:21] + [""] + lines[21:] + [""]  # blank lines 12, 13, 24 and at the end
+    with gzip.open(str(plain) + ".gz", "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    plain.unlink()
+    convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.5", row_group_rows=4, **QUIET))
+    rows = sorted((r for rs in split_rows(tmp_path / "out").values() for r in rs), key=lambda r: r["row_id"])
+    expected_lines = [i + 1 for i, line in enumerate(lines) if line.strip()][1:]
+    assert [r["sample_id"] for r in rows] == expected_lines and len(rows) == len(recs)
+    assert [(r["click"], r["purchase"]) for r in rows] == [(int(x["click"]), int(x["purchase"])) for x in recs]
+    for split, rs in split_rows(tmp_path / "out").items():
+        assert all(hashed_reference(r["sample_id"], 0.5, 0.5) == split for r in rs)
+    lines[25] = _set_field(lines[25], 0, "7")
+    with gzip.open(str(plain) + ".gz", "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match=r"ali_ccp_train\.csv\.gz: line 26: column 'click': label '7' is not 0 or 1"):
+        convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.5", **QUIET))
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda h, r: (h.replace(",301,", ",scene,"), r), r"line 1: header lacks required column\(s\) '301'"),
+    (lambda h, r: (h, r[:3] + [r[3].replace("0,0,", "0,1,", 1)] + r[4:]), "line 5: purchase = 1 on a row with click = 0"),
+    (lambda h, r: (h, r[:6] + [_set_field(r[6], 4, "1.5")] + r[7:]), "line 8: column '122': '1.5' is not an integer"),
+    (lambda h, r: (h, r[:6] + [_set_field(r[6], 20, "")] + r[7:]), "line 8: column '301': '' is not a finite number"),
+    (lambda h, r: (h, r[:2] + [r[2] + ",1"] + r[3:]), "line 4: expected 34 columns"),
+])
+def test_ali_ccp_rechub_bad_input_names_file_column_and_line(tmp_path, mutate, reason):
+    fx.write_ali_ccp_rechub(tmp_path / "raw", files=("train", "test"), n=12, seed=1, extra=("junk",))
+    p = tmp_path / "raw" / "ali_ccp_test.csv"
+    header, *rows = p.read_text().splitlines()
+    rows = ["0,0," + r[4:] for r in rows]  # no purchase anywhere, so the mutation is the only bad row
+    header, rows = mutate(header, rows)
+    p.write_text("\n".join([header] + rows) + "\n")
+    with pytest.raises(FormatError, match=rf"ali_ccp_test\.csv: {reason}"):
+        convert("ali-ccp", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
 # =========================================================================== KuaiRand
 def test_kuairand_tabs_split_by_date_and_labels(tmp_path):
     recs = fx.write_kuairand(tmp_path / "raw", n=400)
@@ -365,6 +547,88 @@ def test_kuairand_bad_line(tmp_path):
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(FormatError, match=r"log_standard_4_22_to_5_08_pure\.csv: line 5: is_click '2' is not 0 or 1"):
         convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+
+
+
+# --------------------------------------------------------------------------- KuaiRand, Scenario-Wise Rec CSV
+def test_kuairand_swr_csv_needs_split_and_then_maps_every_row_once(tmp_path, capsys):
+    recs = fx.write_kuairand_swr(tmp_path / "raw", n=60)
+    with pytest.raises(FileNotFoundError, match="only one file, kuairand_sample.csv.*--opt split=0.8"):
+        convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    res = convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.6,0.2", row_group_rows=16))
+    printed = capsys.readouterr().out
+    got = split_rows(tmp_path / "out")
+    assert set(got) == {"train", "eval", "test"}
+    rows = sorted((r for rs in got.values() for r in rs), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == list(range(60))  # every line once (row_id = line number - 2)
+    tabs = first_appearance(r["tab"] for r in recs)
+    users = first_appearance(r["user_id"] for r in recs)
+    videos = first_appearance(r["video_id"] for r in recs)
+    degree = first_appearance(r["user_active_degree"] for r in recs)
+    feat4 = first_appearance(r["onehot_feat4"] for r in recs)
+    vtype = first_appearance(r["video_type"] for r in recs)
+    for split, rs in got.items():
+        for r in rs:
+            src = recs[r["row_id"]]
+            assert hashed_reference(r["row_id"] + 2, 0.6, 0.2) == split
+            assert r["click"] == int(src["is_click"]) and r["long_view"] is None and r["like"] is None
+            assert r["tab"] == tabs[src["tab"]] and r["date"] is None
+            assert (r["user_id"], r["video_id"]) == (users[src["user_id"]], videos[src["video_id"]])
+            assert (r["user_active_degree"], r["onehot_feat4"], r["video_type"]) == \
+                (degree[src["user_active_degree"]], feat4[src["onehot_feat4"]], vtype[src["video_type"]])
+            assert r["duration_ms"] == float(src["duration_ms"]) and r["tag"] == [] and r["author_id"] is None
+        for t, name in enumerate(res.schema.scenarios[0].value_names):
+            sel = [r for r in rs if r["tab"] == t]
+            if sel:
+                assert res.splits[split][name]["rows"] == len(sel)
+                assert res.splits[split][name]["click_rate"] == pytest.approx(np.mean([r["click"] for r in sel]))
+                assert res.splits[split][name]["like_rate"] is None
+    assert res.schema.scenarios[0].value_names == [f"tab{t}" for t in tabs]
+    dur = np.log1p([float(recs[r["row_id"]]["duration_ms"]) for r in got["train"]])
+    assert res.schema.dense[0].mean == pytest.approx(dur.mean()) and res.schema.dense[0].std == pytest.approx(dur.std())
+    assert _layout(res.schema) == _layout(Schema.load(ROOT / "datasets" / "kuairand" / "schema.yaml"))
+    ignored = ["play_time_ms", "profile_stay_time", "comment_stay_time", "follow_user_num", "fans_user_num",
+               "friend_user_num", "register_days", "visible_status", "server_width", "server_height"]
+    assert res.notes["ignored_columns"] == {"kuairand_sample.csv": ignored}
+    assert "ignored 10 column(s)" in printed and "server_height" in printed
+    assert {"long_view", "is_like", "tag", "author_id"} <= set(res.notes["absent_columns"]["kuairand_sample.csv"])
+    # some tabs only: the others skipped and counted
+    res2 = convert("kuairand", tmp_path / "raw", tmp_path / "out2", ConvertOptions(split="0.8", extra={"tabs": "4,1"}, **QUIET))
+    kept = [r for r in recs if r["tab"] in ("1", "4")]
+    got2 = [r for rs in split_rows(tmp_path / "out2").values() for r in rs]
+    assert len(got2) == len(kept) and res2.schema.scenarios[0].value_names == ["tab4", "tab1"]
+    assert sum(res2.notes["skipped_rows_by_tab"].values()) == 60 - len(kept)
+
+
+def test_kuairand_swr_csv_with_a_date_column_splits_by_date(tmp_path):
+    recs = fx.write_kuairand_swr(tmp_path / "raw", n=40, seed=2, date=True)
+    res = convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(**QUIET))
+    got = split_rows(tmp_path / "out")
+    assert set(got) == {"train", "test"}
+    for split, rs in got.items():
+        for r in rs:
+            src = recs[r["row_id"]]
+            assert r["date"] == int(src["date"]) and (split == "test") == (int(src["date"]) >= 20220501)
+    assert sum(len(rs) for rs in got.values()) == 40 and res.notes["test_from"] == 20220501
+    with pytest.raises(DataError, match="split by date"):
+        convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.8", **QUIET))
+
+
+@pytest.mark.parametrize("drop,column", [("tab", "'tab'"), ("video_id", "'video_id'")])
+def test_kuairand_swr_csv_missing_required_column(tmp_path, drop, column):
+    fx.write_kuairand_swr(tmp_path / "raw", n=10, drop=(drop,))
+    with pytest.raises(FormatError, match=rf"kuairand_sample\.csv: line 1: header lacks required column\(s\) {column}"):
+        convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.8", **QUIET))
+
+
+def test_kuairand_swr_csv_bad_value_names_file_column_and_line(tmp_path):
+    fx.write_kuairand_swr(tmp_path / "raw", n=10)
+    p = tmp_path / "raw" / "kuairand_sample.csv"
+    lines = p.read_text().splitlines()
+    lines[6] = _set_field(lines[6], fx.KUAIRAND_SWR_COLUMNS.index("is_click"), "2")
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match=r"kuairand_sample\.csv: line 7: column 'is_click': label '2' is not 0 or 1"):
+        convert("kuairand", tmp_path / "raw", tmp_path / "out", ConvertOptions(split="0.8", **QUIET))
 
 
 # =========================================================================== CLI, committed schemas
@@ -412,64 +676,90 @@ def test_committed_schema_matches_converter_layout(tmp_path, name, folder, write
 
 
 # =========================================================================== training on converted fixtures
-TRAIN_CASES = [
-    ("census-income", lambda p: fx.write_census(p, 200, 80), "eval"),
-    ("movielens", lambda p: fx.write_movielens(p, "1m", n_ratings=600), "eval"),
-    ("aliexpress", lambda p: fx.write_aliexpress(p, n=80), "test"),
-    ("ali-ccp", lambda p: fx.write_ali_ccp(p, 10, 200), "test"),
-    ("kuairand", lambda p: fx.write_kuairand(p, 300), "test"),
+TRAIN_CASES = [  # (case, converter, fixture writer, eval split, converter options)
+    ("census-income", "census-income", lambda p: fx.write_census(p, 200, 80), "eval", {}),
+    ("movielens", "movielens", lambda p: fx.write_movielens(p, "1m", n_ratings=600), "eval", {}),
+    ("aliexpress", "aliexpress", lambda p: fx.write_aliexpress(p, n=80), "test", {}),
+    ("ali-ccp", "ali-ccp", lambda p: fx.write_ali_ccp(p, 10, 200), "test", {}),
+    ("ali-ccp-rechub-csv", "ali-ccp", lambda p: fx.write_ali_ccp_rechub(p, n=120), "test", {}),
+    ("kuairand", "kuairand", lambda p: fx.write_kuairand(p, 300), "test", {}),
+    ("kuairand-swr-csv", "kuairand", lambda p: fx.write_kuairand_swr(p, n=300), "eval", {"split": "0.7"}),
 ]
 
 
-ISSUE3_SCENARIO_TYPES = {"separate", "cgc", "star", "hmoe", "hinet", "aesm"}
-ISSUE3_TASK_TYPES = {"separate", "shared_bottom", "omoe", "mmoe", "cross_stitch", "cgc", "ple", "aesm"}
+FRAGMENT_SCENARIO_TYPES = {"separate", "cgc", "star", "hmoe", "hinet", "aesm"}
+FRAGMENT_TASK_TYPES = {"separate", "shared_bottom", "omoe", "mmoe", "cross_stitch", "cgc", "ple", "aesm"}
 
 
 @pytest.mark.slow
 def test_train_a_few_steps_on_every_converted_fixture(tmp_path):
-    """Every converted data set trains through the real path (DMP, fused tables, task graph)
-    with its committed base config alone and composed with each architecture fragment whose
-    layer types the model registry has; the evaluation covers every eval row of every scenario
-    and task (counts equal the converter's own counts)."""
+    """Every converted data set (and preprocessed variant) trains through the real path (DMP,
+    fused tables, task graph) with its committed base config alone and composed with each
+    architecture fragment its ARCHS lists; the evaluation covers every labelled eval row of
+    every scenario and task (counts equal the converter's own counts; a task whose labels the
+    variant lacks has none)."""
     from dlrm_mtl.config import Config
     from dlrm_mtl.models.arch import SCENARIO_LAYERS, TASK_LAYERS
     from dlrm_mtl.train import train
 
-    trained = []
-    for name, writer, eval_split in TRAIN_CASES:
-        raw, out = tmp_path / name / "raw", tmp_path / name / "out"
+    trained, expected, unlabelled_by_case = [], [], {}
+    for case, name, writer, eval_split, extra in TRAIN_CASES:
+        raw, out = tmp_path / case / "raw", tmp_path / case / "out"
         writer(raw)
-        res = convert(name, raw, out, ConvertOptions(row_group_rows=64, **QUIET))
+        res = convert(name, raw, out, ConvertOptions(row_group_rows=64, extra=extra, **QUIET))
         folder = ROOT / "datasets" / name.replace("-", "_")
         per_scenario = {}
         for split_name, split in res.splits.items():
             if split_name == eval_split or split_name.startswith(eval_split + "/"):
                 for scen, d in split.items():
                     per_scenario[scen] = per_scenario.get(scen, 0) + d["rows"]
-        root_tasks = [t.name for t in res.schema.tasks if t.parent is None]
-        for arch in ["default"] + (folder / "ARCHS").read_text().split():
+        eval_rows = read_rows(out / eval_split)
+        root_tasks = [t for t in res.schema.tasks if t.parent is None]
+        unlabelled = unlabelled_by_case[case] = {t.name for t in root_tasks if all(r[t.label] is None for r in eval_rows)}
+        archs = ["default"] + (folder / "ARCHS").read_text().split()
+        expected += [(case, a) for a in archs]
+        for arch in archs:
             configs = [str(folder / "configs" / "base.yaml")] + ([] if arch == "default" else [str(folder / "configs" / f"{arch}.yaml")])
             cfg = Config.load(configs, [
                 f"data.train={out / 'train'}", f"data.eval={out / eval_split}", f"data.schema={out / 'schema.yaml'}",
-                f"train.run_dir={tmp_path / name / arch}", "train.max_steps=2", "train.epochs=1", "data.batch_size=32",
+                f"train.run_dir={tmp_path / case / arch}", "train.max_steps=2", "train.epochs=1", "data.batch_size=32",
                 "train.progress=false", "data.shuffle_buffer_rows=256",
             ])
-            if not (all(l.type in SCENARIO_LAYERS for l in cfg.model.scenario_layers)
-                    and all(l.type in TASK_LAYERS for l in cfg.model.task_layers)):
-                continue  # an issue-3 layer type not in the registry yet
+            assert all(l.type in SCENARIO_LAYERS for l in cfg.model.scenario_layers), (case, arch)
+            assert all(l.type in TASK_LAYERS for l in cfg.model.task_layers), (case, arch)
             result = train(cfg)
             metrics = {(m["scenario"], m["task"]): m for m in result["metrics"]}
             for task in root_tasks:
-                assert metrics[("all", task)]["count"] == sum(per_scenario.values()), (name, arch, task)
+                scale = 0 if task.name in unlabelled else 1
+                assert metrics[("all", task.name)]["count"] == scale * sum(per_scenario.values()), (case, arch, task.name)
                 for scen, n in per_scenario.items():
                     if len(per_scenario) > 1:
-                        assert metrics[(scen, task)]["count"] == n, (name, arch, scen, task)
-            assert all(math.isfinite(m["logloss"]) for m in result["metrics"]), (name, arch)
-            shutil.rmtree(tmp_path / name / arch, ignore_errors=True)
-            trained.append((name, arch))
-    # at least the base config and the baseline task layers of every data set
-    for name, _, _ in TRAIN_CASES:
-        assert {(name, "default"), (name, "shared_bottom"), (name, "mmoe"), (name, "ple")} <= set(trained), name
+                        assert metrics[(scen, task.name)]["count"] == scale * n, (case, arch, scen, task.name)
+            assert all(math.isfinite(m["logloss"]) for m in result["metrics"] if m["count"]), (case, arch)
+            shutil.rmtree(tmp_path / case / arch, ignore_errors=True)
+            trained.append((case, arch))
+    assert trained == expected
+    # only the Scenario-Wise Rec CSV lacks labels: it has click alone
+    assert {c: u for c, u in unlabelled_by_case.items() if u} == {"kuairand-swr-csv": {"long_view", "like"}}
+
+
+def test_datasets_readme_names_the_registered_layer_types():
+    """datasets/README.md names the layer types the registry has, and every type an
+    architecture fragment uses is among them (so no listed fragment stops on its type)."""
+    import re
+
+    from dlrm_mtl.models.arch import SCENARIO_LAYERS, TASK_LAYERS
+
+    text = (ROOT / "datasets" / "README.md").read_text()
+    assert "unknown type" not in text
+    flat = " ".join(text.split())
+    listed = {kind: set(re.search(rf"the {kind} types `([a-z_, ]+)`", flat).group(1).replace(" ", "").split(","))
+              for kind in ("scenario", "task")}
+    assert listed["scenario"] == set(SCENARIO_LAYERS) and listed["task"] <= set(TASK_LAYERS)
+    for fragment in sorted((ROOT / "datasets").glob("*/configs/*.yaml")):
+        model = (yaml.safe_load(fragment.read_text()) or {}).get("model") or {}
+        assert {l["type"] for l in model.get("scenario_layers") or []} <= listed["scenario"], fragment
+        assert {l["type"] for l in model.get("task_layers") or []} <= listed["task"], fragment
 
 
 # =========================================================================== comparison tool
@@ -523,8 +813,8 @@ def test_every_listed_architecture_has_a_fragment_that_composes(folder):
         assert [l.type for l in cfg.model.task_layers] == [l["type"] for l in fragment["task_layers"]]
         assert cfg.data == base.data and cfg.train.epochs == base.train.epochs
         assert cfg.train.run_dir == f"runs/{folder}/{arch}"
-        assert {l.type for l in cfg.model.scenario_layers} <= ISSUE3_SCENARIO_TYPES
-        assert cfg.model.task_layers and {l.type for l in cfg.model.task_layers} <= ISSUE3_TASK_TYPES
+        assert {l.type for l in cfg.model.scenario_layers} <= FRAGMENT_SCENARIO_TYPES
+        assert cfg.model.task_layers and {l.type for l in cfg.model.task_layers} <= FRAGMENT_TASK_TYPES
         for layer in cfg.model.scenario_layers:
             assert layer.level == scenario_level, (folder, arch)
 

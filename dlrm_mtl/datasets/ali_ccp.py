@@ -27,6 +27,29 @@ scenario, as in the Scenario-Wise Rec benchmark.
 Memory: the skeleton is streamed; the common features of the split being converted are held
 in a dict (request → its parsed, truncated features packed into an int64 array), as every
 join must. Official train/test split (``out/train``, ``out/test``).
+
+**Preprocessed variant (torch-rechub / Scenario-Wise Rec CSV).** Most copies on disk are the
+joined, label-encoded CSVs torch-rechub's Ali-CCP preprocessing writes (Scenario-Wise Rec
+ships the same layout): ``ali_ccp_train.csv``, ``ali_ccp_val.csv``, ``ali_ccp_test.csv``
+(or the ``*_sample.csv`` excerpts), a header line, then one impression per line::
+
+    click,purchase,101,121,...,853,301,109_14,110_14,127_14,150_14,D109_14,D110_14,D127_14,D150_14,D508,D509,D702,D853
+
+Detection: used when no ``sample_skeleton_*`` file is in the directory; every ``*.csv`` /
+``*.csv.gz`` whose header has both ``click`` and ``purchase`` is such a file, and must also
+have ``301`` (else an error naming the file and the column). Column mapping: ``click`` →
+``click``, ``purchase`` → ``purchase`` (0/1, purchase ⇒ click); ``301`` → ``scenario`` (ids by
+first appearance, ``value_names`` ``301=<value>``); each field column ``101`` ... ``853`` →
+``f<field>``; ``109_14`` ... ``150_14`` (one id per row in this layout) → the multi-hot
+``f<field>`` as a one-id list. Values are the preprocessing's integer codes (0 stands for
+"absent or rare" there and is kept as a value of its own); they are re-mapped per field in
+order of first appearance (train, val, test) like the raw ids. A field column the file lacks
+is written as null (single) or an empty list (multi-hot) and listed; the dense ``D*`` columns
+and any other column are ignored and listed in the summary (the schema has no dense features).
+``sample_id`` is the row's line number in its CSV (the header is line 1). Split: by file name
+(``train`` → ``train``, ``val`` → ``eval``, ``test`` → ``test``); a single file needs
+``--opt split=F`` (:class:`~dlrm_mtl.datasets.common.HashSplit`: train / eval by a seeded hash of
+the line number). The schema is the same as for the raw files.
 """
 
 from __future__ import annotations
@@ -35,10 +58,12 @@ from array import array
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
 import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, finish, numbered_lines,
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, csv_chunks, csv_files, csv_header, finish,
+    hash_split, list_array, numbered_lines, plan_files, refuse_split, require_columns,
 )
 from dlrm_mtl.schema import Schema, ScenarioLevel, SparseFeature, Task
 
@@ -48,6 +73,9 @@ MULTI_FIELDS: List[str] = ["109_14", "110_14", "127_14", "150_14"]
 SCENARIO_FIELD = "301"
 KNOWN_FIELDS = set(SINGLE_FIELDS) | set(MULTI_FIELDS) | {SCENARIO_FIELD}
 MAX_LEN = 50  # behaviour lists kept per multi-hot field
+CSV_LABELS = ["click", "purchase"]  # the preprocessed CSV's label columns (its detection)
+CSV_REQUIRED = CSV_LABELS + [SCENARIO_FIELD]
+CSV_WHAT = "preprocessed Ali-CCP CSV (torch-rechub layout)"
 EMBEDDING_DIM = 16
 
 Features = Dict[str, List[int]]  # field -> raw feature ids
@@ -168,10 +196,36 @@ def _raw_file(raw: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{raw}: {stem}.csv not found (Ali-CCP sample_train.tar.gz / sample_test.tar.gz, unpacked)")
 
 
+def _has_raw_files(raw: Path) -> bool:
+    return any(p.name.startswith(("sample_skeleton_", "common_features_")) for p in raw.iterdir())
+
+
+def preprocessed_files(raw: Path) -> List[Path]:
+    """The preprocessed CSVs in ``raw``: files whose header has ``click`` and ``purchase``
+    (each checked for ``301``)."""
+    found = []
+    for path in csv_files(raw):
+        header = csv_header(path)
+        if all(c in header for c in CSV_LABELS):
+            require_columns(path, header, CSV_REQUIRED, CSV_WHAT)
+            found.append(path)
+    return found
+
+
 def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
     """Convert ``raw/{sample_skeleton,common_features}_{train,test}.csv`` into
-    ``out/{train,test}`` + schema."""
+    ``out/{train,test}`` + schema, or, where those are absent, the preprocessed CSVs
+    (module docstring) into ``out/{train,eval,test}``."""
     raw, out = Path(raw), Path(out)
+    if not _has_raw_files(raw):
+        files = preprocessed_files(raw)
+        if files:
+            return convert_preprocessed(raw, out, files, opts)
+        raise FileNotFoundError(
+            f"{raw}: neither the Tianchi files (sample_skeleton_train.csv, common_features_train.csv, ... from "
+            "sample_train.tar.gz / sample_test.tar.gz) nor a preprocessed CSV whose header has click, purchase and 301 "
+            "(torch-rechub's ali_ccp_train.csv, ali_ccp_val.csv, ali_ccp_test.csv) found")
+    refuse_split(opts, f"{raw} holds the Tianchi files, split into train and test")
     vocab = {f: Vocabulary() for f in SINGLE_FIELDS + MULTI_FIELDS}
     scenario_vocab = Vocabulary()
     unknown: Dict[str, int] = {}
@@ -215,8 +269,73 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
         del common
     schema = ali_ccp_schema({f: max(len(v), 1) for f, v in vocab.items()}, [str(v) for v in scenario_vocab.values()])
     names: Dict[Tuple[int, ...], str] = {(i,): n for i, n in enumerate(schema.scenarios[0].value_names)}
-    notes = {"vocabulary_sizes": {f: len(v) for f, v in vocab.items()}, "scenario_values": [str(v) for v in scenario_vocab.values()],
+    notes = {"variant": "tianchi", "vocabulary_sizes": {f: len(v) for f, v in vocab.items()},
+             "scenario_values": [str(v) for v in scenario_vocab.values()],
              "samples_without_common_features": missing_common, "unknown_fields": unknown}
     if unknown and not opts.quiet:
         print(f"ali-ccp: ignored features of fields not in the ESMM list: {unknown}")
+    return finish(out, schema, sinks, names, opts, notes)
+
+
+def convert_preprocessed(raw: Path, out: Path, files: List[Path], opts: ConvertOptions) -> ConversionResult:
+    """The torch-rechub CSV variant (module docstring): ``files`` split by name, or one file
+    split by ``--opt split``."""
+    rule = hash_split(opts)
+    planned = plan_files(files, rule, raw, CSV_WHAT)
+    split_names = rule.splits if planned[0][1] is None else tuple(r for _, r in planned)
+    arrow = _arrow_schema()
+    sinks = {s: ParquetSink(out / s, arrow, ["scenario"], ["click", "purchase"], opts.row_group_rows, opts.file_rows)
+             for s in split_names}
+    vocab = {f: Vocabulary() for f in SINGLE_FIELDS + MULTI_FIELDS}
+    scenario_vocab = Vocabulary()
+    used = set(CSV_REQUIRED) | set(SINGLE_FIELDS) | set(MULTI_FIELDS)
+    ignored: Dict[str, List[str]] = {}
+    absent: Dict[str, List[str]] = {}
+    row_id = 0
+    for path, role in planned:
+        header = csv_header(path)
+        ignored[path.name] = [c for c in header if c not in used]
+        absent[path.name] = [f for f in SINGLE_FIELDS + MULTI_FIELDS if f not in header]
+        for chunk in csv_chunks(path, chunk_rows=opts.row_group_rows, limit=opts.limit):
+            n = len(chunk)
+            click, purchase = chunk.binary("click"), chunk.binary("purchase")
+            bad = np.flatnonzero(purchase > click)
+            if bad.size:
+                raise chunk.error(int(bad[0]), "purchase = 1 on a row with click = 0 (a purchase must follow a click)")
+            cols: Dict[str, pa.Array] = {
+                "row_id": pa.array(np.arange(row_id, row_id + n, dtype=np.int64)),
+                "sample_id": pa.array(chunk.line_nos),
+            }
+            for f in SINGLE_FIELDS:
+                cols[column(f)] = (pa.array(vocab[f].map_many(chunk.integers(f))) if f in header
+                                   else pa.nulls(n, pa.int64()))
+            for f in MULTI_FIELDS:
+                cols[column(f)] = (list_array(vocab[f].map_many(chunk.integers(f))) if f in header
+                                   else list_array(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)))
+            cols["scenario"] = pa.array(scenario_vocab.map_many(chunk.integers(SCENARIO_FIELD)))
+            cols["click"], cols["purchase"] = pa.array(click), pa.array(purchase)
+            table = pa.Table.from_arrays([cols[name] for name in arrow.names], schema=arrow)
+            if role is not None:
+                sinks[role].add_table(table)
+            else:
+                where = np.array([rule.of(line_no) for line_no in chunk.line_nos.tolist()])
+                for split in split_names:
+                    mask = where == split
+                    if mask.any():
+                        sinks[split].add_table(table.filter(pa.array(mask)))
+            row_id += n
+    scenario_values = [str(v) for v in scenario_vocab.values()]
+    schema = ali_ccp_schema({f: max(len(v), 1) for f, v in vocab.items()}, scenario_values)
+    names: Dict[Tuple[int, ...], str] = {(i,): n for i, n in enumerate(schema.scenarios[0].value_names)}
+    ignored_all = sorted({c for cs in ignored.values() for c in cs})
+    absent_all = sorted({c for cs in absent.values() for c in cs})
+    notes = {"variant": "torch-rechub csv", "files": {p.name: (r or "hashed") for p, r in planned},
+             "split": rule.describe() if rule is not None else "by file name",
+             "vocabulary_sizes": {f: len(v) for f, v in vocab.items()}, "scenario_values": scenario_values,
+             "ignored_columns": ignored, "absent_fields": absent}
+    if not opts.quiet:
+        print(f"ali-ccp: {CSV_WHAT}: {', '.join(f'{p.name} -> {r or rule.describe()}' for p, r in planned)}")
+        print(f"ali-ccp: ignored {len(ignored_all)} column(s) the schema does not use: {', '.join(ignored_all) or '-'}")
+        if absent_all:
+            print(f"ali-ccp: {len(absent_all)} field column(s) absent, written as empty: {', '.join(absent_all)}")
     return finish(out, schema, sinks, names, opts, notes)

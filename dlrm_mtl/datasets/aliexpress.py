@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, finish, numbered_lines,
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, finish, numbered_lines, refuse_split,
 )
 from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
 
@@ -84,6 +84,7 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
     """Convert the per-country CSVs under ``raw``; ``opts.extra['countries']`` (e.g.
     ``"NL,US"``) restricts the countries (default: all present)."""
     raw, out = Path(raw), Path(out)
+    refuse_split(opts, "AliExpress ships train.csv and test.csv per country")
     present = countries_present(raw)
     wanted = opts.extra.get("countries")
     if wanted:

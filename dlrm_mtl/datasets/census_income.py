@@ -16,6 +16,14 @@ columns (one table each, vocabulary in order of first appearance in train then t
 Split: train = ``census-income.data``; the official test file is halved into ``eval``
 (validation) and ``test`` by a seeded hash of its line number, as MMoE did (1:1 random split).
 One scenario level with a single value (Census has no scenarios).
+
+A download with only one of the two files (often only ``census-income.test`` is at hand)
+has no split of its own: ``--opt split=F`` (``ConvertOptions(split="F")``) sends that
+fraction of its rows to ``train`` and the rest to ``eval`` (``F,G``: train / eval / test), by
+:class:`~dlrm_mtl.datasets.common.HashSplit` (a seeded hash of each row's line number);
+vocabularies and dense statistics then come from that one file (statistics from its train
+rows). Without it the converter stops and says so; with both files present ``--opt split``
+is refused (the official split applies).
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from typing import Dict, List, Optional
 import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, Vocabulary, finish, leaf_names, numbered_lines,
-    stable_unit,
+    SPLIT_HINT, ConversionResult, ConvertOptions, FormatError, HashSplit, ParquetSink, RunningMoments, Vocabulary, finish,
+    hash_split, leaf_names, numbered_lines, refuse_split, stable_unit,
 )
 from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
 
@@ -84,12 +92,40 @@ def _arrow_schema() -> pa.Schema:
     )
 
 
-def find_raw(raw: Path, split: str) -> Path:
+def look_for(raw: Path, split: str) -> Optional[Path]:
+    """``raw/census-income.{data,test}`` or its ``.gz``, or None."""
     base = raw / RAW_FILES[split]
     for cand in (base, base.with_name(base.name + ".gz")):
         if cand.exists():
             return cand
-    raise FileNotFoundError(f"{raw}: neither {base.name} nor {base.name}.gz found (the UCI census-income files)")
+    return None
+
+
+def find_raw(raw: Path, split: str) -> Path:
+    found = look_for(raw, split)
+    if found is None:
+        name = RAW_FILES[split]
+        raise FileNotFoundError(f"{raw}: neither {name} nor {name}.gz found (the UCI census-income files)")
+    return found
+
+
+def plan(raw: Path, opts: ConvertOptions) -> List[tuple]:
+    """(raw file, how its rows are split) in conversion order: ``"train"``, ``"halves"`` (the
+    official test file into eval / test) or a :class:`HashSplit` (a one-file download)."""
+    data, test = look_for(raw, "train"), look_for(raw, "test")
+    if data is not None and test is not None:
+        refuse_split(opts, f"{raw} holds both {data.name} and {test.name}, the official train / test split")
+        return [(data, "train"), (test, "halves")]
+    rule = hash_split(opts)
+    if data is None and test is None:
+        raise FileNotFoundError(f"{raw}: neither {RAW_FILES['train']} nor {RAW_FILES['test']} (or their .gz) found "
+                                "(the UCI census-income files)")
+    one = data if data is not None else test
+    if rule is None:
+        other = RAW_FILES["test" if data is not None else "train"]
+        raise FileNotFoundError(f"{raw}: {other} (or {other}.gz) not found, only {one.name}; to convert that one file, "
+                                f"{SPLIT_HINT}; or add {other} for the official split")
+    return [(one, rule)]
 
 
 def parse_line(path: Path, line_no: int, line: str) -> Dict[str, str]:
@@ -112,23 +148,28 @@ def parse_line(path: Path, line_no: int, line: str) -> Dict[str, str]:
 
 
 def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
-    """Convert the UCI files in directory ``raw`` into ``out/{train,eval,test}`` + schema."""
+    """Convert the UCI files in directory ``raw`` into ``out/{train,eval,test}`` + schema
+    (``out/{train,eval}`` for a one-file download split with ``--opt split``)."""
     raw, out = Path(raw), Path(out)
+    files = plan(raw, opts)
     vocab = {c: Vocabulary() for c in CATEGORICAL}
     welford = {c: RunningMoments() for c in CONTINUOUS}
     arrow = _arrow_schema()
     labels = ["income_50k", "never_married"]
+    rule = files[0][1] if isinstance(files[0][1], HashSplit) else None
+    split_names = rule.splits if rule is not None else ("train", "eval", "test")
     sinks = {s: ParquetSink(out / s, arrow, ["scenario"], labels, opts.row_group_rows, opts.file_rows)
-             for s in ("train", "eval", "test")}
+             for s in split_names}
     row_id = 0
-    for raw_split in ("train", "test"):
-        path = find_raw(raw, raw_split)
+    for path, how in files:
         for line_no, line in numbered_lines(path, encoding="latin-1", limit=opts.limit):
             rec = parse_line(path, line_no, line)
-            if raw_split == "train":
+            if how == "train":
                 split = "train"
-            else:  # MMoE: the official test set halved into validation and test at random
+            elif how == "halves":  # MMoE: the official test set halved into validation and test at random
                 split = "eval" if stable_unit(f"census-test:{line_no}", opts.seed) < 0.5 else "test"
+            else:
+                split = how.of(line_no)
             row = {"row_id": row_id, "scenario": 0,
                    "income_50k": INCOME_CLASSES[rec["income"]], "never_married": int(rec["marital_stat"] == NEVER_MARRIED)}
             for c in CATEGORICAL:
@@ -141,5 +182,9 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
             sinks[split].add(row)
             row_id += 1
     schema = census_schema({c: max(len(v), 1) for c, v in vocab.items()}, {c: w.result() for c, w in welford.items()})
-    notes = {"vocabulary_sizes": {c: len(v) for c, v in vocab.items()}}
+    notes = {"vocabulary_sizes": {c: len(v) for c, v in vocab.items()}, "raw_files": [p.name for p, _ in files],
+             "split": rule.describe() if rule is not None else "official: train = census-income.data, "
+             "census-income.test halved into eval / test"}
+    if rule is not None and not opts.quiet:
+        print(f"census-income: one file ({files[0][0].name}), {rule.describe()}")
     return finish(out, schema, sinks, leaf_names(schema), opts, notes)

@@ -4,7 +4,9 @@ seeded splits, vocabularies and a row-group Parquet writer that counts what it w
 A converter reads raw files line by line (``open_text`` also reads ``.gz``), turns each line
 into a dict of column values, and hands it to a :class:`ParquetSink`, which buffers at most
 one row group per output directory (Python rows or Arrow tables) and writes it with ``pyarrow.parquet.ParquetWriter``.
-Nothing holds a whole raw file in memory.
+Nothing holds a whole raw file in memory. Header CSVs (the preprocessed variants) are read
+in chunks of whole columns (:func:`csv_chunks`); a download that ships one file is split by
+:class:`HashSplit` (``--opt split``).
 
 Example::
 
@@ -18,17 +20,21 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dlrm_mtl.data.errors import DataError
@@ -58,6 +64,9 @@ class ConvertOptions:
     limit: int = 0  # stop after this many data lines per raw file (0 = all); for smoke runs
     quiet: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)  # converter-specific (--opt key=value)
+    # hashed split of a download that ships one file: "0.8" (train / eval) or "0.8,0.1"
+    # (train / eval / test); None reads extra["split"] (--opt split=0.8). See HashSplit.
+    split: Optional[str] = None
 
 
 def open_text(path: str | Path, encoding: str = "utf-8") -> io.TextIOBase:
@@ -104,6 +113,67 @@ def stable_unit(key: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2.0**64
 
 
+SPLIT_HINT = ("pass --split 0.8 (or --opt split=0.8; ConvertOptions(split='0.8')): that fraction of the rows goes to train "
+              "and the rest to eval, each row drawn by a seeded hash of its line number (--seed picks the draw; "
+              "'0.8,0.1' gives train / eval / test)")
+
+
+@dataclass(frozen=True)
+class HashSplit:
+    """The split of a download that ships one file (``--opt split=F`` or ``F,G``).
+
+    A row goes to ``train`` when ``u < F``, to ``eval`` when ``F <= u < F + G`` and to
+    ``test`` otherwise, where ``u = stable_unit("split:<line number>", seed)`` in [0, 1) and
+    the line number is the row's 1-based line in its file (a CSV header is line 1). With one
+    number ``G = 1 - F`` and there is no ``test``. Deterministic: the same file and seed give
+    the same split on every machine, whether the file is gzipped or not.
+    """
+
+    train: float
+    eval: float
+    seed: int = 0
+
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        return ("train", "eval") if self.train + self.eval >= 1.0 - 1e-12 else ("train", "eval", "test")
+
+    def of(self, line_no: int) -> str:
+        u = stable_unit(f"split:{line_no}", self.seed)
+        return "train" if u < self.train else "eval" if u < self.train + self.eval else "test"
+
+    def describe(self) -> str:
+        parts = [f"train {self.train:g}", f"eval {self.eval:g}"]
+        if "test" in self.splits:
+            parts.append(f"test {1.0 - self.train - self.eval:g}")
+        return f"hashed split of the line numbers (seed {self.seed}): " + ", ".join(parts)
+
+
+def hash_split(opts: "ConvertOptions") -> Optional[HashSplit]:
+    """The :class:`HashSplit` asked for by ``opts.split`` (or ``opts.extra['split']``), or
+    None. A value that is not ``F`` or ``F,G`` with 0 < F, 0 < G and F + G <= 1 is a
+    :class:`DataError`."""
+    text = opts.split if opts.split is not None else opts.extra.get("split")
+    if text is None or str(text).strip() == "":
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    ok = len(nums) in (1, 2) and all(math.isfinite(x) and 0.0 < x < 1.0 for x in nums) and sum(nums) <= 1.0 + 1e-12
+    if not ok:
+        raise DataError(f"--opt split={text}: expected F (train fraction, eval gets the rest) or F,G (train and eval "
+                        "fractions, test gets the rest), each between 0 and 1 exclusive, F + G <= 1")
+    return HashSplit(nums[0], nums[1] if len(nums) == 2 else 1.0 - nums[0], opts.seed)
+
+
+def refuse_split(opts: "ConvertOptions", why: str) -> None:
+    """A :class:`DataError` when a split was asked for where the input has a split of its own
+    (``why`` says which)."""
+    if hash_split(opts) is not None:
+        raise DataError(f"--opt split: {why}; it is only for a download that ships one file (drop it)")
+
+
 class Vocabulary:
     """Raw value -> dense id in order of first appearance (deterministic for a fixed input
     order). ``reserve`` leading ids for padding/unknown."""
@@ -121,6 +191,17 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def map_many(self, values: "pa.Array | np.ndarray | Sequence") -> "np.ndarray":
+        """Ids of many values at once (int64 array): the same ids, assigned in the same order,
+        as calling the vocabulary on each value in turn (Arrow's dictionary encoding lists the
+        distinct values in order of first appearance)."""
+        arr = values if isinstance(values, pa.Array) else pa.array(np.asarray(values))
+        if not len(arr):
+            return np.zeros(0, dtype=np.int64)
+        enc = pc.dictionary_encode(arr)
+        lookup = np.array([self(v) for v in enc.dictionary.to_pylist()], dtype=np.int64)
+        return lookup[enc.indices.to_numpy(zero_copy_only=False)]
 
     def values(self) -> List[str]:
         return list(self.ids)
@@ -157,6 +238,250 @@ class RunningMoments:
         """(mean, std); std 1.0 where it would be 0 (a constant column)."""
         std = math.sqrt(self.m2 / self.n) if self.n else 0.0
         return (self.mean, std if std > 0 else 1.0)
+
+
+# --------------------------------------------------------------------------- header CSV files
+def csv_header(path: str | Path) -> List[str]:
+    """The first line of a CSV file, split into stripped column names (``[]`` when empty; a
+    leading byte-order mark is dropped)."""
+    with open_text(path) as fh:
+        try:
+            names = [c.strip() for c in next(csv.reader(fh))]
+            if names and names[0].startswith("\ufeff"):
+                names[0] = names[0][1:].strip()
+            return names
+        except StopIteration:
+            return []
+        except UnicodeDecodeError as e:
+            raise FormatError(path, 1, f"not valid utf-8 text ({e.reason})") from None
+
+
+def require_columns(path: str | Path, header: Sequence[str], required: Sequence[str], what: str) -> None:
+    """A :class:`FormatError` on line 1 naming the file and each required column the header lacks."""
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise FormatError(path, 1, f"header lacks required column(s) {', '.join(repr(c) for c in missing)} "
+                          f"(needed by {what})", ",".join(header))
+
+
+class CsvChunk:
+    """Consecutive data rows of a header CSV file (each column an Arrow string array) with
+    their line numbers; columns are read as whole arrays, and a bad value is a
+    :class:`FormatError` naming the file, the line and the column."""
+
+    def __init__(self, path: Path, header: List[str], columns: List[pa.Array], line_nos: "np.ndarray") -> None:
+        self.path, self.header, self.columns, self.line_nos = path, header, columns, line_nos
+        self._index = {c: i for i, c in enumerate(header)}
+
+    def __len__(self) -> int:
+        return len(self.line_nos)
+
+    def take(self, rows: "np.ndarray") -> "CsvChunk":
+        """The chunk of the given row positions (in that order)."""
+        idx = pa.array(rows, type=pa.int64())
+        return CsvChunk(self.path, self.header, [c.take(idx) for c in self.columns], self.line_nos[rows])
+
+    def error(self, i: int, reason: str) -> FormatError:
+        line = ",".join(c[i].as_py() or "" for c in self.columns)
+        return FormatError(self.path, int(self.line_nos[i]), reason, line)
+
+    def text(self, column: str) -> pa.Array:
+        """The column's values as stripped strings."""
+        return pc.utf8_trim_whitespace(self.columns[self._index[column]])
+
+    def _first_bad(self, values: pa.Array, ok) -> int:
+        for i, v in enumerate(values.to_pylist()):
+            if not ok(v):
+                return i
+        return -1
+
+    def numbers(self, column: str, empty: Optional[str] = None) -> "np.ndarray":
+        """float64; a non-numeric value is an error, so is an empty one unless ``empty`` (the
+        text to read in its place) is given."""
+        t = self.text(column)
+        if empty is not None:
+            t = pc.if_else(pc.equal(t, ""), empty, t)
+        try:
+            x = pc.cast(t, pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            x = None
+        if x is None or not np.isfinite(x).all():
+            i = self._first_bad(t, _is_finite_number)
+            raise self.error(i, f"column {column!r}: {t[i].as_py()!r} is not a finite number")
+        return x
+
+    def integers(self, column: str) -> "np.ndarray":
+        """int64; integral floats (``3.0``) are accepted, anything else is an error."""
+        t = self.text(column)
+        try:
+            return pc.cast(t, pa.int64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        x = self.numbers(column)
+        bad = np.flatnonzero((x != np.floor(x)) | (np.abs(x) > 2.0**62))
+        if bad.size:
+            raise self.error(int(bad[0]), f"column {column!r}: {t[int(bad[0])].as_py()!r} is not an integer")
+        return x.astype(np.int64)
+
+    def binary(self, column: str) -> "np.ndarray":
+        """int8 labels; anything but 0 or 1 (``0.0`` / ``1.0`` accepted) is an error."""
+        t = self.text(column)
+        ok = pc.is_in(t, value_set=pa.array(["0", "1", "0.0", "1.0"])).to_numpy(zero_copy_only=False)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise self.error(i, f"column {column!r}: label {t[i].as_py()!r} is not 0 or 1")
+        return pc.is_in(t, value_set=pa.array(["1", "1.0"])).to_numpy(zero_copy_only=False).astype(np.int8)
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def csv_chunks(path: str | Path, chunk_rows: int = 65_536, limit: int = 0) -> Iterator[CsvChunk]:
+    """The data rows of a CSV file with a header line, in chunks (at most ``limit`` rows when
+    > 0). Read with ``pyarrow.csv`` (every column as text); where that reader stops (a blank
+    line, a row with another number of fields than the header, a newline inside a quoted value,
+    bad UTF-8) the rest of the file is read with Python's ``csv`` module, which skips blank
+    lines and names the first bad line in a :class:`FormatError`."""
+    path = Path(path)
+    header = csv_header(path)
+    if not header:
+        raise FormatError(path, 1, "empty file (expected a header line)")
+    done = 0
+    try:
+        reader = pacsv.open_csv(
+            str(path), read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=8 << 20),
+            parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False))
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            n = batch.num_rows
+            blank = _first_blank_row(batch)
+            if blank >= 0:
+                batch, n = batch.slice(0, blank), blank
+            if limit and done + n > limit:
+                batch, n = batch.slice(0, limit - done), limit - done
+            if n:
+                # no blank line so far (one hands over to the line reader): data row k is on line k + 2
+                yield CsvChunk(path, header, list(batch.columns), np.arange(done + 2, done + 2 + n, dtype=np.int64))
+            done += n
+            if limit and done >= limit:
+                return
+            if blank >= 0:
+                break
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    yield from _python_csv_chunks(path, header, chunk_rows, limit, skip=done)
+
+
+def _first_blank_row(batch: pa.RecordBatch) -> int:
+    """Index of the first row the Arrow reader made of an empty line (every value empty), or -1."""
+    cand = pc.equal(batch.column(0), "")
+    if not pc.any(cand).as_py():
+        return -1
+    for col in batch.columns[1:]:
+        cand = pc.and_(cand, pc.equal(col, ""))
+    hits = np.flatnonzero(cand.to_numpy(zero_copy_only=False))
+    return int(hits[0]) if hits.size else -1
+
+
+def _python_csv_chunks(path: Path, header: List[str], chunk_rows: int, limit: int, skip: int) -> Iterator[CsvChunk]:
+    """``csv_chunks`` after its first ``skip`` data rows, with Python's csv module."""
+    width = len(header)
+    with open_text(path) as fh:
+        reader = csv.reader(fh)
+        rows: List[List[str]] = []
+        line_nos: List[int] = []
+        n = 0
+
+        def chunk() -> CsvChunk:
+            cols = [pa.array(c, type=pa.string()) for c in zip(*rows)]
+            return CsvChunk(path, header, cols, np.asarray(line_nos, dtype=np.int64))
+
+        first = True
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except UnicodeDecodeError as e:
+                raise FormatError(path, reader.line_num + 1, f"not valid utf-8 text ({e.reason})") from None
+            except csv.Error as e:
+                raise FormatError(path, reader.line_num, f"not CSV ({e})") from None
+            if first:  # the header
+                first = False
+                continue
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            n += 1
+            if n <= skip:
+                continue
+            if len(fields) != width:
+                raise FormatError(path, reader.line_num, f"expected {width} columns (as the header), found {len(fields)}",
+                                  ",".join(fields))
+            rows.append(fields)
+            line_nos.append(reader.line_num)
+            if len(rows) >= chunk_rows:
+                yield chunk()
+                rows, line_nos = [], []
+            if limit and n >= limit:
+                break
+        if rows:
+            yield chunk()
+
+
+def csv_files(raw: Path) -> List[Path]:
+    """The ``*.csv`` and ``*.csv.gz`` files directly in ``raw``, by name."""
+    return sorted(p for p in raw.iterdir() if p.is_file() and (p.name.endswith(".csv") or p.name.endswith(".csv.gz")))
+
+
+_ROLE_WORDS = {"train": "train", "training": "train", "val": "eval", "valid": "eval", "validation": "eval",
+               "eval": "eval", "dev": "eval", "test": "test"}
+
+
+def file_role(path: Path) -> Optional[str]:
+    """``train``, ``eval`` or ``test`` from the words of a file name (``ali_ccp_val_sample.csv``
+    -> eval), or None when it names no split or more than one."""
+    stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+    words = re.split(r"[^a-z0-9]+", stem.lower())
+    roles = {_ROLE_WORDS[w] for w in words if w in _ROLE_WORDS}
+    return roles.pop() if len(roles) == 1 else None
+
+
+def plan_files(files: Sequence[Path], rule: Optional[HashSplit], raw: Path, what: str) -> List[Tuple[Path, Optional[str]]]:
+    """(file, output split) in conversion order for a variant shipped as one or more files.
+
+    One file: every row goes through ``rule`` (split None); without ``rule`` that is a
+    :class:`FileNotFoundError` saying how to proceed. Several files: the split of each is
+    named by its file (:func:`file_role`: train / val / test), one must be ``train``, no two
+    the same, and ``rule`` must not be given."""
+    if len(files) == 1:
+        if rule is None:
+            raise FileNotFoundError(f"{raw}: {what}: only one file, {files[0].name}, so there is no split to use; "
+                                    f"to make one from it, {SPLIT_HINT}")
+        return [(files[0], None)]
+    if rule is not None:
+        raise DataError(f"--opt split: {raw} holds {len(files)} {what} files ({', '.join(f.name for f in files)}), "
+                        "named by split; it is only for a download that ships one file (drop it, or keep one file)")
+    roles: Dict[str, Path] = {}
+    for f in files:
+        r = file_role(f)
+        if r is None:
+            raise DataError(f"{f}: {what}: cannot tell from the name whether this is the train, val or test file "
+                            f"(other files: {', '.join(g.name for g in files if g != f)}); rename it or keep one file")
+        if r in roles:
+            raise DataError(f"{raw}: {what}: {roles[r].name} and {f.name} are both {r} files; keep one")
+        roles[r] = f
+    if "train" not in roles:
+        raise FileNotFoundError(f"{raw}: {what}: no train file among {', '.join(f.name for f in files)}")
+    return [(roles[r], r) for r in ("train", "eval", "test") if r in roles]
 
 
 @dataclass
@@ -347,6 +672,16 @@ def finish(out: Path, schema: Schema, sinks: Dict[str, ParquetSink], names: Dict
         for split, sink in sinks.items():
             print(sink.stats.format(f"{split} ({len(sink.files)} file(s) in {sink.directory})", names))
     return result
+
+
+def list_array(ids: "np.ndarray", present: "np.ndarray | None" = None) -> pa.Array:
+    """A ``list<int64>`` array with one id per row (an empty list where ``present`` is False)."""
+    n = len(ids)
+    if present is None:
+        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.array(ids, type=pa.int64()))
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(present.astype(np.int32), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[present], type=pa.int64()))
 
 
 def leaf_names(schema: Schema) -> Dict[Tuple[int, ...], str]:

@@ -22,6 +22,30 @@ split's statistics). ``play_time_ms`` and the other feedback columns are outcome
 features. Scenario ids: ``opts.extra['tabs']`` (e.g. ``"0,1,2,4,6"``: rows of other tabs are
 skipped and counted) or every tab in order of first appearance. Split by date: rows on or
 after ``test_from`` (default 20220501, the last 8 days) form ``test``; the rest ``train``.
+
+**Preprocessed variant (Scenario-Wise Rec CSV).** Scenario-Wise Rec distributes KuaiRand as
+one joined CSV (``kuairand_sample.csv``; its script for KuaiRand-1K writes ``kuairand.csv``)
+with a header line and the columns ``user_id, video_id, is_click, play_time_ms, duration_ms,
+profile_stay_time, comment_stay_time, tab``, the user columns (``user_active_degree`` ...
+``register_days_range``, ``onehot_feat0..17``, plus the raw counts ``follow_user_num``,
+``fans_user_num``, ``friend_user_num``, ``register_days``) and ``video_type, visible_status,
+server_width, server_height``; values are integer codes (some written as ``1.0``).
+
+Detection: used when no ``log_standard_*`` file is in the directory; every ``*.csv`` /
+``*.csv.gz`` whose header has ``user_id`` and ``is_click`` is such a file and must also have
+``video_id`` and ``tab`` (else an error naming the file and the column). Column mapping, by
+name: ``is_click`` → ``click``; ``long_view`` → ``long_view`` and ``is_like`` → ``like`` where
+present, else null (masked in training; Scenario-Wise Rec's file has neither); ``tab`` → the
+scenario as above; ``user_id``, ``video_id`` and every column of the raw converter's features
+the file has (``USER_COLUMNS``, ``author_id``, ``video_type``, ``upload_type``, ``music_id``,
+``music_type``, ``tag``, ``duration_ms``) → the same output columns, ids by first appearance of
+the value text; a feature column the file lacks is null (an empty ``tag`` list) and listed;
+every other column (``play_time_ms``, the raw counts, ``visible_status``, ...) is ignored and
+listed in the summary. Split: with a ``date`` column, by date as above; several files, by
+name (``train`` / ``val`` → ``eval`` / ``test``); one file without ``date`` needs
+``--opt split=F`` (:class:`~dlrm_mtl.datasets.common.HashSplit`: train / eval by a seeded hash of
+the line number; ``F,G`` adds test, as Scenario-Wise Rec's 80/10/10 random split). The schema
+is the same as for the raw files.
 """
 
 from __future__ import annotations
@@ -31,10 +55,12 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, Vocabulary, finish, open_text,
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, Vocabulary, csv_chunks, csv_files,
+    csv_header, finish, hash_split, list_array, open_text, plan_files, refuse_split, require_columns,
 )
 from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
 
@@ -48,6 +74,9 @@ LABELS = {"is_click": "click", "long_view": "long_view", "is_like": "like"}
 TAG_MAX_LEN = 8
 EMBEDDING_DIM = 16
 CATEGORICAL = ["user_id", "video_id"] + USER_COLUMNS + [c for c in VIDEO_COLUMNS if c != "tag"]
+CSV_DETECT = ["user_id", "is_click"]  # a header with these is a preprocessed interaction CSV
+CSV_REQUIRED = ["user_id", "video_id", "tab", "is_click"]
+CSV_WHAT = "preprocessed KuaiRand CSV (Scenario-Wise Rec layout)"
 
 
 def kuairand_schema(table_sizes: Dict[str, int], tabs: List[str], duration_stats: tuple) -> Schema:
@@ -101,8 +130,39 @@ def _csv_rows(path: Path, required: List[str]):
             yield line_no, {c: fields[i] for c, i in idx.items()}, fields
 
 
+def preprocessed_files(raw: Path) -> List[Path]:
+    """The preprocessed CSVs in ``raw``: files whose header has ``user_id`` and ``is_click``
+    (each checked for ``video_id`` and ``tab``)."""
+    found = []
+    for path in csv_files(raw):
+        header = csv_header(path)
+        if all(c in header for c in CSV_DETECT):
+            require_columns(path, header, CSV_REQUIRED, CSV_WHAT)
+            found.append(path)
+    return found
+
+
+def _tabs(opts: ConvertOptions) -> Optional[List[str]]:
+    return [t.strip() for t in str(opts.extra["tabs"]).split(",")] if opts.extra.get("tabs") else None
+
+
 def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
+    """Convert the KuaiRand logs and feature files in ``raw`` into ``out/{train,test}``, or,
+    where there are no ``log_standard_*`` files, the preprocessed CSV(s) (module docstring)."""
     raw, out = Path(raw), Path(out)
+    if not sorted(raw.glob("log_standard_*.csv*")):
+        files = preprocessed_files(raw)
+        if files:
+            return convert_preprocessed(raw, out, files, opts)
+        raise FileNotFoundError(f"{raw}: no log_standard_*.csv files (KuaiRand-Pure or KuaiRand-1K, unpacked) and no "
+                                "preprocessed CSV whose header has user_id, video_id, tab and is_click "
+                                "(Scenario-Wise Rec's kuairand_sample.csv / kuairand.csv)")
+    refuse_split(opts, f"{raw} holds the KuaiRand logs, split by date (--opt test_from=YYYYMMDD)")
+    return convert_raw(raw, out, opts)
+
+
+def convert_raw(raw: Path, out: Path, opts: ConvertOptions) -> ConversionResult:
+    """The raw logs + feature files (module docstring)."""
     vocab = {c: Vocabulary() for c in CATEGORICAL + ["tag"]}
     users: Dict[str, Dict[str, int]] = {}
     for _, rec, _ in _csv_rows(_one(raw, "user_features_*.csv*"), ["user_id"] + USER_COLUMNS):
@@ -112,7 +172,7 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
         v: Dict[str, object] = {c: vocab[c](rec[c]) for c in VIDEO_COLUMNS if c != "tag"}
         v["tag"] = [vocab["tag"](t.strip()) for t in rec["tag"].split(",") if t.strip()][:TAG_MAX_LEN]
         videos[rec["video_id"]] = v
-    wanted_tabs: Optional[List[str]] = [t.strip() for t in str(opts.extra["tabs"]).split(",")] if opts.extra.get("tabs") else None
+    wanted_tabs = _tabs(opts)
     tab_vocab = Vocabulary(wanted_tabs or ())
     test_from = int(opts.extra.get("test_from", 20220501))
     arrow = _arrow_schema()
@@ -159,6 +219,103 @@ def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
                 break
     schema = kuairand_schema({c: max(len(v), 1) for c, v in vocab.items()}, tab_vocab.values(), duration.result())
     names = {(i,): f"tab{t}" for i, t in enumerate(tab_vocab.values())}
-    notes = {"tabs": tab_vocab.values(), "skipped_rows_by_tab": skipped_tabs, "test_from": test_from,
+    notes = {"variant": "kuairand logs", "tabs": tab_vocab.values(), "skipped_rows_by_tab": skipped_tabs, "test_from": test_from,
              "vocabulary_sizes": {c: len(v) for c, v in vocab.items()}}
+    return finish(out, schema, sinks, names, opts, notes)
+
+
+def convert_preprocessed(raw: Path, out: Path, files: List[Path], opts: ConvertOptions) -> ConversionResult:
+    """The Scenario-Wise Rec CSV variant (module docstring)."""
+    rule = hash_split(opts)
+    headers = {p: csv_header(p) for p in files}
+    test_from = int(opts.extra.get("test_from", 20220501))
+    by_date = len(files) == 1 and "date" in headers[files[0]]
+    if by_date:
+        refuse_split(opts, f"{files[0]} has a date column, split by date (--opt test_from=YYYYMMDD)")
+        planned: List[tuple] = [(files[0], "by date")]
+        split_names: tuple = ("train", "test")
+    else:
+        planned = plan_files(files, rule, raw, CSV_WHAT)
+        split_names = rule.splits if planned[0][1] is None else tuple(r for _, r in planned)
+    arrow = _arrow_schema()
+    sinks = {s: ParquetSink(out / s, arrow, ["tab"], ["click", "long_view", "like"], opts.row_group_rows, opts.file_rows)
+             for s in split_names}
+    vocab = {c: Vocabulary() for c in CATEGORICAL + ["tag"]}
+    wanted_tabs = _tabs(opts)
+    tab_vocab = Vocabulary(wanted_tabs or ())
+    duration = RunningMoments()
+    skipped_tabs: Dict[str, int] = {}
+    used = set(CSV_REQUIRED) | set(CATEGORICAL) | {"tag", "duration_ms", "date", "long_view", "is_like"}
+    ignored: Dict[str, List[str]] = {}
+    absent: Dict[str, List[str]] = {}
+    row_id = 0
+    for path, role in planned:
+        header = headers[path]
+        ignored[path.name] = [c for c in header if c not in used]
+        absent[path.name] = [c for c in CATEGORICAL + ["tag", "duration_ms", "long_view", "is_like"] if c not in header]
+        for chunk in csv_chunks(path, chunk_rows=opts.row_group_rows, limit=opts.limit):
+            tab = chunk.integers("tab").astype(str)
+            if wanted_tabs is not None:
+                keep = np.isin(tab, wanted_tabs)
+                if not keep.all():
+                    for t, k in zip(*np.unique(tab[~keep], return_counts=True)):
+                        skipped_tabs[str(t)] = skipped_tabs.get(str(t), 0) + int(k)
+                    chunk, tab = chunk.take(np.flatnonzero(keep)), tab[keep]
+            n = len(chunk)
+            if not n:
+                continue
+            cols: Dict[str, pa.Array] = {"row_id": pa.array(np.arange(row_id, row_id + n, dtype=np.int64))}
+            labels = {"click": chunk.binary("is_click")}
+            for out_name, col in (("long_view", "long_view"), ("like", "is_like")):
+                labels[out_name] = chunk.binary(col) if col in header else None
+            for c in CATEGORICAL:
+                cols[c] = pa.array(vocab[c].map_many(chunk.text(c))) if c in header else pa.nulls(n, pa.int64())
+            if "tag" in header:
+                tags = [[vocab["tag"](t.strip()) for t in text.split(",") if t.strip()][:TAG_MAX_LEN]
+                        for text in chunk.text("tag").to_pylist()]
+                cols["tag"] = pa.array(tags, type=pa.list_(pa.int64()))
+            else:
+                cols["tag"] = list_array(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool))
+            dur = chunk.numbers("duration_ms", empty="0") if "duration_ms" in header else None
+            if dur is not None and (dur < 0).any():
+                raise chunk.error(int(np.flatnonzero(dur < 0)[0]), "column 'duration_ms': negative")
+            cols["duration_ms"] = pa.array(dur, type=pa.float32()) if dur is not None else pa.nulls(n, pa.float32())
+            date = chunk.integers("date") if "date" in header else None
+            if date is not None:
+                bad = np.flatnonzero((date < 20000101) | (date > 21000101))
+                if bad.size:
+                    raise chunk.error(int(bad[0]), f"column 'date': {int(date[bad[0]])} is not YYYYMMDD")
+            cols["date"] = pa.array(date.astype(np.int32)) if date is not None else pa.nulls(n, pa.int32())
+            cols["tab"] = pa.array(tab_vocab.map_many(tab))
+            for name, v in labels.items():
+                cols[name] = pa.array(v) if v is not None else pa.nulls(n, pa.int8())
+            table = pa.Table.from_arrays([cols[name] for name in arrow.names], schema=arrow)
+            if role == "by date":
+                where = np.where(date >= test_from, "test", "train")
+            elif role is not None:
+                where = np.full(n, role)
+            else:
+                where = np.array([rule.of(line_no) for line_no in chunk.line_nos.tolist()])
+            for split in split_names:
+                mask = where == split
+                if mask.any():
+                    sinks[split].add_table(table.filter(pa.array(mask)))
+                    if split == "train" and dur is not None:
+                        duration.add_batch(np.log1p(dur[mask]))
+            row_id += n
+    schema = kuairand_schema({c: max(len(v), 1) for c, v in vocab.items()}, tab_vocab.values(), duration.result())
+    names = {(i,): f"tab{t}" for i, t in enumerate(tab_vocab.values())}
+    ignored_all = sorted({c for cs in ignored.values() for c in cs})
+    absent_all = sorted({c for cs in absent.values() for c in cs})
+    how = f"by date (test from {test_from})" if by_date else rule.describe() if rule is not None else "by file name"
+    notes = {"variant": "scenario-wise rec csv", "files": {p.name: (r or "hashed") for p, r in planned}, "split": how,
+             "tabs": tab_vocab.values(), "skipped_rows_by_tab": skipped_tabs,
+             "vocabulary_sizes": {c: len(v) for c, v in vocab.items()}, "ignored_columns": ignored, "absent_columns": absent}
+    if by_date:
+        notes["test_from"] = test_from
+    if not opts.quiet:
+        print(f"kuairand: {CSV_WHAT}: {', '.join(p.name for p, _ in planned)}, split {how}")
+        print(f"kuairand: ignored {len(ignored_all)} column(s) the schema does not use: {', '.join(ignored_all) or '-'}")
+        if absent_all:
+            print(f"kuairand: {len(absent_all)} column(s) absent, written as null: {', '.join(absent_all)}")
     return finish(out, schema, sinks, names, opts, notes)

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
     ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, finish, leaf_names, numbered_lines,
-    stable_unit,
+    refuse_split, stable_unit,
 )
 from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
 
@@ -173,6 +173,7 @@ def _load_movies(raw: Path, variant: str) -> Dict[int, Dict[str, object]]:
 def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
     """Convert an ml-100k or ml-1m directory into ``out/{train,eval,test}`` + schema."""
     raw, out = Path(raw), Path(out)
+    refuse_split(opts, "MovieLens has its own seeded 80/10/10 split of the (user, movie) pairs")
     variant = detect_variant(raw)
     users, movies = _load_users(raw, variant), _load_movies(raw, variant)
     arrow = _arrow_schema()
