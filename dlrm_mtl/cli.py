@@ -32,7 +32,7 @@ def _convert(args: argparse.Namespace) -> int:
         k, v = kv.split("=", 1)
         extra[k.strip()] = v.strip()
     opts = ConvertOptions(row_group_rows=args.row_group_rows, file_rows=max(args.file_rows, args.row_group_rows),
-                          seed=args.seed, limit=args.limit, extra=extra)
+                          seed=args.seed, limit=args.limit, extra=extra, split=args.split)
     try:
         convert(args.name, args.raw, args.out, opts)
     except FileNotFoundError as e:
@@ -72,12 +72,19 @@ def _timed_stack_import() -> float:
 
 def _train(args: argparse.Namespace) -> int:
     quiet_third_party_logs()
-    import_s = _timed_stack_import()
-    from dlrm_mtl.config import Config
-    from dlrm_mtl.train import train
+    from dlrm_mtl.config import Config, check, check_values
+    from dlrm_mtl.schema import Schema
 
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume is not None else [])
+    # config and schema mistakes end here, before any process group starts (under torchrun
+    # every rank fails alike, before the rendezvous); most even before the stack is imported
     cfg = Config.load(args.config, overrides)
+    schema = Schema.load(cfg.data.schema_path())
+    check_values(cfg, schema)
+    import_s = _timed_stack_import()
+    check(cfg, schema)
+    from dlrm_mtl.train import train
+
     train(cfg, import_s=import_s)
     return 0
 
@@ -134,10 +141,13 @@ def _dense_stats(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     quiet_third_party_logs()
-    from dlrm_mtl.config import Config
-    from dlrm_mtl.evaluate import evaluate_checkpoint
+    from dlrm_mtl.config import Config, check
+    from dlrm_mtl.schema import Schema
 
     cfg = Config.load(args.config, args.set)
+    check(cfg, Schema.load(cfg.data.schema_path()))  # before the process group starts
+    from dlrm_mtl.evaluate import evaluate_checkpoint
+
     evaluate_checkpoint(cfg, args.checkpoint, args.data or cfg.data.eval, args.out)
     return 0
 
@@ -159,13 +169,18 @@ def _compare(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from dlrm_mtl.config import Config
-    from dlrm_mtl.plan import format_plan, sharding_plan
+    from dlrm_mtl.config import Config, ConfigError, check
+    from dlrm_mtl.schema import Schema
 
     quiet_third_party_logs()
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     cfg = Config.load(args.config, args.set)
     if args.memory_per_rank is not None:
         cfg.sharding.memory_per_rank_gb = args.memory_per_rank
+    check(cfg, Schema.load(cfg.data.schema_path()))
+    from dlrm_mtl.plan import format_plan, sharding_plan
+
     summary = sharding_plan(cfg, args.world_size, device=args.device)
     print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
     return 0
@@ -196,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS)
     c.add_argument("--file-rows", type=int, default=DEFAULT_FILE_ROWS, help="rows per Parquet part file")
     c.add_argument("--seed", type=int, default=0, help="seed of the hashed split where there is no official one")
+    c.add_argument("--split", default=None, metavar="F[,G]",
+                   help="for a download shipped as one file: fraction F of the rows to train, G to eval, the rest to "
+                        "eval (or test with G), by a seeded hash of each row's line number (same as --opt split=F)")
     c.add_argument("--limit", type=int, default=0, help="read at most this many lines per raw file (smoke runs)")
     c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="converter option, e.g. countries=NL,US (aliexpress)")
@@ -256,17 +274,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.set_defaults(fn=_report)
 
     args = p.parse_args(argv)
+    from dlrm_mtl.config import ConfigError
     from dlrm_mtl.data.errors import DataError
     from dlrm_mtl.schema import SchemaError
 
     try:
         return args.fn(args)
     except Exception as e:
-        from dlrm_mtl.checkpoint import CheckpointError  # here, not above: it imports torch
+        if not isinstance(e, (DataError, SchemaError, ConfigError)):
+            from dlrm_mtl.checkpoint import CheckpointError  # here, not above: it imports torch
 
-        if not isinstance(e, (DataError, SchemaError, CheckpointError)):
-            raise
-        print(f"dlrm-mtl {args.cmd}: error: {e}", file=sys.stderr)
+            if not isinstance(e, CheckpointError):
+                raise
+        text = " ".join(str(e).split("\n")) if isinstance(e, (ConfigError, SchemaError)) else str(e)
+        print(f"dlrm-mtl {args.cmd}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -9,15 +9,28 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+if TYPE_CHECKING:
+    from dlrm_mtl.schema import Schema
+
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run. ``key``: the config key path it is about (``train.epochs``,
+    ``model.task_layers[0].num_experts``; "" when none), used to name the file that set it."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# key path (dict keys, no list indices) -> the config file that set it; "" = a --set override
+Origins = Dict[Tuple[str, ...], str]
 
 
 @dataclass
@@ -34,7 +47,7 @@ class DataConfig:
     prefetch_batches: int = -1
     num_workers: int = -1
     pin_memory: bool = True  # on GPU: page-locked host batches for asynchronous copies
-    # the schema row_id declares ids unique: before training, every id of the train and eval
+    # the schema's row_id declares ids unique: before training, every id of the train and eval
     # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)
     check_row_ids: bool = True
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
@@ -50,7 +63,7 @@ class DataConfig:
         for cand in (base / "schema.yaml", base.parent / "schema.yaml"):
             if cand.exists():
                 return str(cand)
-        raise ConfigError(f"data.schema is not set and no schema.yaml next to or above {self.train}")
+        raise ConfigError(f"data.schema is not set and no schema.yaml next to or above {self.train}", "data.schema")
 
 
 @dataclass
@@ -221,6 +234,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # where load() read each key from (not a field: not saved, compared or printed)
+    _origins: ClassVar[Origins] = {}
+
+    # ------------------------------------------------------------------ errors
+    def origin(self, key: str) -> str:
+        """The config file that set ``key`` (or the section or list holding it), "" when it
+        came from a ``--set`` override or is a default."""
+        return _origin(self._origins, key)
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """``FILE: key: problem`` (``key: problem`` when no file set the key)."""
+        return self.locate(ConfigError(f"{key}: {problem}", key))
+
+    def locate(self, e: ConfigError) -> ConfigError:
+        """``e`` with the file that set its key in front of the message."""
+        return _located(e, self._origins)
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:
@@ -235,49 +264,110 @@ class Config:
         """YAML file(s) then ``key=value`` overrides. Several files compose: mappings merge
         recursively and a later file's value (scalar or list) replaces an earlier one."""
         d: Dict[str, Any] = {}
+        origins: Origins = {}
         paths = [path] if isinstance(path, str) else list(path or [])
         for p in paths:
-            with open(p) as fh:
-                loaded = yaml.safe_load(fh) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
-            _merge(d, loaded)
+            _merge(d, _read_file(p), origins, str(p), ())
         for ov in overrides:
             if "=" not in ov:
                 raise ConfigError(f"--set {ov!r}: expected key=value")
             key, raw = ov.split("=", 1)
-            _set_path(d, key.strip().split("."), yaml.safe_load(raw))
-        return cls.from_dict(d)
+            keys = key.strip().split(".")
+            _set_path(d, keys, _parse_value(key.strip(), raw))
+            _forget(origins, tuple(keys))
+            origins[tuple(keys)] = ""
+        try:
+            cfg = cls.from_dict(d)
+        except ConfigError as e:
+            raise _located(e, origins) from None
+        cfg._origins = origins
+        return cfg
 
     def save(self, path: Union[str, Path]) -> None:
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
 
-def _merge(into: Dict[str, Any], other: Dict[str, Any]) -> None:
+def _read_file(path: str) -> Dict[str, Any]:
+    """One config file's mapping; a missing file, unreadable file or bad YAML is a ConfigError."""
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: invalid YAML value {raw!r}: {yaml_problem(e)}", key) from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what went wrong and where (PyYAML's own text spans lines)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        return f"{what}{where}"
+    return " ".join(str(e).split())
+
+
+def _merge(into: Dict[str, Any], other: Dict[str, Any], origins: Origins, source: str, at: Tuple[str, ...]) -> None:
     for k, v in other.items():
+        here = at + (str(k),)
         if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
+            _merge(into[k], v, origins, source, here)
         else:
             into[k] = v
+            _forget(origins, here)
+            origins[here] = source
+
+
+def _forget(origins: Origins, prefix: Tuple[str, ...]) -> None:
+    """Drops the origins of ``prefix`` and of every key under it (a later source replaced it)."""
+    for k in [k for k in origins if k[: len(prefix)] == prefix]:
+        del origins[k]
+
+
+def _origin(origins: Origins, key: str) -> str:
+    """The source of the longest recorded prefix of ``key`` ("" when none)."""
+    parts = tuple(p for p in re.sub(r"\[\d+\]", "", key).split(".") if p)
+    for n in range(len(parts), 0, -1):
+        if parts[:n] in origins:
+            return origins[parts[:n]]
+    return ""
+
+
+def _located(e: ConfigError, origins: Origins) -> ConfigError:
+    source = _origin(origins, e.key) if e.key else ""
+    if not source or str(e).startswith(source + ":"):
+        return e
+    return ConfigError(f"{source}: {e}", e.key)
 
 
 def _set_path(d: Dict[str, Any], keys: List[str], value: Any) -> None:
     for k in keys[:-1]:
         d = d.setdefault(k, {})
         if not isinstance(d, dict):
-            raise ConfigError(f"--set {'.'.join(keys)}: {k!r} is not a section")
+            raise ConfigError(f"--set {'.'.join(keys)}: {k!r} is not a section", ".".join(keys))
     d[keys[-1]] = value
 
 
 def _build(kind: type, d: Dict[str, Any], prefix: str) -> Any:
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}", prefix.rstrip("."))
     hints = get_type_hints(kind)
     names = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(d) - names
+    unknown = sorted(prefix + str(k) for k in set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"unknown config key(s) {unknown}; known: {sorted(names)}", unknown[0])
     kwargs = {}
     for name, value in d.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
@@ -295,18 +385,202 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _coerce(args[0], value, where)
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}", where)
         _, arg = get_args(tp)
         return {str(k): _coerce(arg, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, List):
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", where)
         (arg,) = get_args(tp)
         return [_coerce(arg, v, where) for v in value]
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}", where)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}", where)
     return value
+
+
+# ---------------------------------------------------------------------------- check
+def check(cfg: Config, schema: "Schema") -> None:
+    """Everything about ``cfg`` that is known before data is read or a process group starts:
+    :func:`check_values`, the choices defined by the stack (CUDA graph modes, precisions,
+    sharding types, kernels, table optimizers) and the dense arch and loss built on the
+    ``meta`` device (layer types, gates, routing, scenario levels, loss weights; no memory,
+    no compute). Raises a ConfigError naming the key and, where a file set it, the file.
+
+    Example::
+
+        cfg = Config.load("configs/demo.yaml", ["data.batch_size=0"])
+        check(cfg, Schema.load(cfg.data.schema_path()))  # ConfigError: data.batch_size: must be >= 1, got 0
+    """
+    check_values(cfg, schema)
+    _check_stack_choices(cfg)
+    _check_built(cfg, schema)
+
+
+def check_values(cfg: Config, schema: "Schema") -> None:
+    """The part of :func:`check` that needs no torch (fails fast, before the stack import):
+    value ranges and choices, layer counts and sizes, and the config against ``schema``
+    (the dot interaction's single embedding dim, the tables of per-table overrides)."""
+    _check_data(cfg)
+    _check_train(cfg)
+    _check_checkpoint(cfg)
+    _check_model(cfg)
+    _check_loss(cfg)
+    _check_tables(cfg, schema)
+    _check_interaction(cfg, schema)
+
+
+# the least value of each integer field of a layer (a count or size below it builds nothing)
+LAYER_MINIMUM: Dict[str, int] = {
+    "num_shared": 0, "num_specific": 0, "num_experts": 1, "out_dim": 1, "levels": 1, "sub_experts": 1,
+    "top_k": 0, "k_specific": 0, "k_shared": 0, "task_emb_dim": 1,
+}
+
+
+def check_layer_sizes(c: LayerConfig, where: str) -> None:
+    """The counts, sizes and weights of one layer (``where``: its key, ``model.task_layers[0]``)."""
+    for name, least in LAYER_MINIMUM.items():
+        if getattr(c, name) < least:
+            raise ConfigError(f"{where}.{name}: must be >= {least}, got {getattr(c, name)} (type {c.type})", f"{where}.{name}")
+    if any(h < 1 for h in c.hidden):
+        raise ConfigError(f"{where}.hidden: sizes must be >= 1, got {c.hidden} (type {c.type})", f"{where}.hidden")
+    for name in ("noise", "aux_weight"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(c, name)} (type {c.type})", f"{where}.{name}")
+
+
+def _at_least(cfg: Config, key: str, value: float, least: float) -> None:
+    if value < least:
+        raise cfg.error(key, f"must be >= {least}, got {value}")
+
+
+def _one_of(cfg: Config, key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise cfg.error(key, f"{value!r} is not one of {list(choices)}")
+
+
+def _sizes(cfg: Config, key: str, sizes: List[int]) -> None:
+    if any(s < 1 for s in sizes):
+        raise cfg.error(key, f"layer sizes must be >= 1, got {sizes}")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    _at_least(cfg, "data.batch_size", d.batch_size, 1)
+    _at_least(cfg, "data.shuffle_buffer_rows", d.shuffle_buffer_rows, 0)
+    _at_least(cfg, "data.prefetch_batches", d.prefetch_batches, -1)
+    _at_least(cfg, "data.num_workers", d.num_workers, -1)
+    _one_of(cfg, "data.background_priority", d.background_priority, ("idle", "normal"))
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    _at_least(cfg, "train.epochs", t.epochs, 0)
+    for key in ("dense_lr", "dense_weight_decay", "sparse_lr", "lr_min_factor", "warmup_steps", "threads_per_rank"):
+        _at_least(cfg, f"train.{key}", getattr(t, key), 0)
+    _at_least(cfg, "train.timeout_s", t.timeout_s, 1)
+    _at_least(cfg, "train.log_every", t.log_every, 1)
+    _one_of(cfg, "train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _one_of(cfg, "train.backend", t.backend, ("auto", "gloo", "nccl"))
+    _one_of(cfg, "train.pipeline", t.pipeline, ("auto", "sparse_dist", "none"))
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    for key in ("every_steps", "every_minutes", "keep_last", "min_free_gb"):
+        _at_least(cfg, f"checkpoint.{key}", getattr(cfg.checkpoint, key), 0)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    _one_of(cfg, "model.interaction", m.interaction, ("dot", "concat"))
+    _sizes(cfg, "model.dense_arch", m.dense_arch)
+    _sizes(cfg, "model.tower", m.tower)
+    _at_least(cfg, "model.scenario_emb_dim", m.scenario_emb_dim, 1)
+    for kind in ("scenario_layers", "task_layers"):
+        for i, layer in enumerate(getattr(m, kind)):
+            try:
+                check_layer_sizes(layer, f"model.{kind}[{i}]")
+            except ConfigError as e:
+                raise cfg.locate(e) from None
+
+
+def _check_loss(cfg: Config) -> None:
+    lc = cfg.loss
+    _sizes(cfg, "loss.bias_tower", lc.bias_tower)
+    _at_least(cfg, "loss.aux_weight", lc.aux_weight, 0)
+    for what in ("task_weights", "scenario_weights", "scenario_shares"):
+        for name, value in getattr(lc, what).items():
+            _at_least(cfg, f"loss.{what}.{name}", value, 0)
+
+
+def _check_tables(cfg: Config, schema: "Schema") -> None:
+    _at_least(cfg, "sharding.memory_per_rank_gb", cfg.sharding.memory_per_rank_gb, 0)
+    tables = sorted({f.table for f in schema.sparse})
+    for name, tc in cfg.sharding.tables.items():
+        if name not in tables:
+            raise cfg.error(f"sharding.tables.{name}", f"{name!r} is not a table of the schema {tables}")
+        _at_least(cfg, f"sharding.tables.{name}.lr", tc.lr, 0)
+
+
+def _check_stack_choices(cfg: Config) -> None:
+    """The values whose choices torch, TorchRec and the training step define."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.types import ShardingType
+
+    from dlrm_mtl.distributed import TABLE_OPTIMIZERS
+    from dlrm_mtl.models.dense_step import CUDA_GRAPH_MODES, PRECISIONS
+
+    _one_of(cfg, "train.cuda_graph", cfg.train.cuda_graph, CUDA_GRAPH_MODES)
+    _one_of(cfg, "train.precision", cfg.train.precision, PRECISIONS)
+    types = [s.value for s in ShardingType]
+    kernels = [k.value for k in EmbeddingComputeKernel]
+    for t in cfg.sharding.types:
+        _one_of(cfg, "sharding.types", t, types)
+    for name, tc in cfg.sharding.tables.items():
+        for t in tc.types:
+            _one_of(cfg, f"sharding.tables.{name}.types", t, types)
+        for k in tc.compute_kernels:
+            _one_of(cfg, f"sharding.tables.{name}.compute_kernels", k, kernels)
+        _one_of(cfg, f"sharding.tables.{name}.optimizer", tc.optimizer, sorted(TABLE_OPTIMIZERS))
+
+
+def _check_interaction(cfg: Config, schema: "Schema") -> None:
+    """The dot interaction's one embedding dim for every sparse feature of the schema."""
+    by_dim: Dict[int, List[str]] = {}
+    for i, f in enumerate(schema.sparse):
+        by_dim.setdefault(f.dim, []).append(f"sparse[{i}] {f.name}")
+    if cfg.model.interaction != "dot" or len(by_dim) == 1:
+        return
+    shown = "; ".join(f"dim {d}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" for d, names in sorted(by_dim.items()))
+    raise cfg.error("model.interaction", f"dot needs one embedding dim for every sparse feature, but the schema "
+                    f"{_schema_file(cfg, schema)} has {shown} (use model.interaction: concat, or one dim)")
+
+
+def _schema_file(cfg: Config, schema: "Schema") -> str:
+    try:
+        return cfg.data.schema_path()
+    except ConfigError:
+        return repr(schema.name)
+
+
+def _check_built(cfg: Config, schema: "Schema") -> None:
+    """The dense arch of ``cfg`` built on the meta device and its loss (a few small buffers,
+    on the CPU: it reads scenario shares back): what their constructors refuse (layer types,
+    gates, routing, scenario levels, loss weights) as a ConfigError."""
+    import torch
+
+    from dlrm_mtl.losses import EntireSpaceLoss
+    from dlrm_mtl.models.ranking_model import DenseArch
+
+    try:
+        with torch.device("meta"):
+            DenseArch(schema, cfg.model)
+        EntireSpaceLoss(schema, cfg.loss)
+    except ConfigError as e:
+        raise cfg.locate(e) from None
+    except ValueError as e:  # the loss names its key at the start of the message (loss.decay.ctr: ...)
+        key = re.match(r"(data|model|sharding|train|checkpoint|loss)(\.\w+)+", str(e))
+        raise cfg.locate(ConfigError(str(e), key.group(0) if key else "")) from None

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from dlrm_mtl.config import Config
+from dlrm_mtl.config import Config, ConfigError
 from dlrm_mtl.distributed import (
     CPUWideEmbeddingBagCollectionSharder,
     DistEnv,
@@ -33,6 +33,8 @@ from dlrm_mtl.schema import Schema
 
 def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world_size: int = 0) -> Dict[str, Any]:
     """Plans ``cfg``'s tables over ``world_size`` ranks; returns tables, per-rank storage, imbalance."""
+    if world_size < 1:
+        raise ConfigError(f"the world size (--world-size) must be >= 1, got {world_size}")
     schema = Schema.load(cfg.data.schema_path())
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
     optimizers = apply_table_optimizers(module.model.ebc, cfg)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -405,14 +405,12 @@ class Schema:
             raise SchemaError(f"unknown schema keys: {sorted(unknown)}")
 
         def build(kind: type, items: Any, what: str) -> list:
-            out = []
-            for i, item in enumerate(items or []):
-                try:
-                    out.append(kind(**item))
-                except TypeError as e:
-                    raise SchemaError(f"{what}[{i}]: {e}") from None
-            return out
+            if items is not None and not isinstance(items, list):
+                raise SchemaError(f"{what}: expected a list, got {items!r}")
+            return [_typed(kind, item, f"{what}[{i}]") for i, item in enumerate(items or [])]
 
+        for key in ("name", "row_id", "weight", "user_id"):
+            _check_type(str, d.get(key), key, optional=True)
         return cls(
             name=d.get("name", "unnamed"),
             sparse=build(SparseFeature, d.get("sparse"), "sparse"),
@@ -431,15 +429,19 @@ class Schema:
             return None
         if not isinstance(d, dict):
             raise SchemaError(f"position_bias: expected a mapping with features and tasks, got {d!r}")
-        try:
-            return PositionBias(**d)
-        except TypeError as e:
-            raise SchemaError(f"position_bias: {e}") from None
+        return _typed(PositionBias, d, "position_bias")
 
     @classmethod
     def load(cls, path: str | Path) -> "Schema":
-        with open(path) as fh:
-            d = yaml.safe_load(fh)
+        try:
+            with open(path) as fh:
+                d = yaml.safe_load(fh)
+        except OSError as e:
+            raise SchemaError(f"{path}: cannot read the schema file: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            from dlrm_mtl.config import yaml_problem
+
+            raise SchemaError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise SchemaError(f"{path}: expected a YAML mapping with sparse/dense/scenarios/tasks, got {type(d).__name__}")
         try:
@@ -450,6 +452,51 @@ class Schema:
     def save(self, path: str | Path) -> None:
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def _typed(kind: type, item: Any, where: str) -> Any:
+    """``kind(**item)`` from a YAML mapping, each value checked against its field's type first
+    (a quoted number or a non-boolean flag names the field instead of failing later)."""
+    if not isinstance(item, dict):
+        raise SchemaError(f"{where}: expected a mapping, got {item!r}")
+    hints = get_type_hints(kind)
+    for key, value in item.items():
+        if key in hints:
+            _check_type(hints[key], value, f"{where}.{key}")
+    try:
+        return kind(**item)
+    except TypeError as e:
+        raise SchemaError(f"{where}: {e}") from None
+
+
+def _check_type(tp: Any, value: Any, where: str, optional: bool = False) -> None:
+    """Raises a SchemaError naming ``where`` when ``value`` is not a ``tp`` (int is a float;
+    bool is neither an int nor a float)."""
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp, optional = args[0], True
+    if value is None and optional:
+        return
+    if get_origin(tp) in (list, List):
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list, got {value!r}")
+        (arg,) = get_args(tp)
+        for i, v in enumerate(value):
+            _check_type(arg, v, f"{where}[{i}]")
+        return
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+        raise SchemaError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
 def scenario_names(schema: Schema) -> List[str]:

@@ -610,6 +610,9 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
 def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:
     """Trains as configured; ``import_s`` (the caller's seconds spent importing torch, torchrec
     and fbgemm) is reported next to the start-up time in ``metrics.json``."""
+    from dlrm_mtl.config import check
+
+    check(cfg, Schema.load(cfg.data.schema_path()))  # config mistakes end here, before the process group
     env = init_distributed(cfg.train.backend, cfg.train.timeout_s, cfg.train.threads_per_rank)
     dog: Optional[Watchdog] = None
     try:

@@ -44,36 +44,48 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
-from dlrm_mtl.config import ConfigError, LayerConfig
+from dlrm_mtl.config import ConfigError, LayerConfig, check_layer_sizes
 from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
 from dlrm_mtl.modules.scenario_routing import ROUTINGS
 from dlrm_mtl.modules import GATE_KINDS, AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MultiLevelMMoELayer
 
 
 def _gate_args(c: LayerConfig) -> Dict[str, Any]:
-    """The gate fields of omoe/mmoe, checked so that a bad value names the config key."""
-    if c.gate not in GATE_KINDS:
-        raise ConfigError(f"model.task_layers: type {c.type}: gate {c.gate!r} is not one of {list(GATE_KINDS)}")
-    if c.gate == "topk" and not 1 <= c.top_k <= c.num_experts:
-        raise ConfigError(f"model.task_layers: type {c.type}: gate topk needs 1 <= top_k <= num_experts ({c.num_experts}), got {c.top_k}")
-    if c.gate == "noisy" and not 0 <= c.top_k <= c.num_experts:
-        raise ConfigError(f"model.task_layers: type {c.type}: top_k must be in [0, num_experts ({c.num_experts})], got {c.top_k}")
+    """The gate fields of omoe/mmoe (checked by :func:`check_layer`)."""
     return dict(gate=c.gate, top_k=c.top_k, noise=c.noise)
 
 
 def _routing(c: LayerConfig) -> str:
-    if c.routing not in ROUTINGS:
-        raise ConfigError(f"model.scenario_layers: type {c.type}: routing {c.routing!r} is not one of {list(ROUTINGS)}")
     return c.routing
 
 
-def _aesm_args(c: LayerConfig, where: str, num_experts: int) -> LayerConfig:
-    """AESM²'s selection sizes, checked so that a bad value names the config key."""
-    if c.k_specific < 0 or c.k_shared < 0 or not 1 <= c.k_specific + c.k_shared <= num_experts:
+def check_layer(c: LayerConfig, where: str, kind: str) -> None:
+    """The fields of one layer that need no input sizes: its type, counts and sizes, and the
+    gate, routing and selection fields of the types that read them. ``kind``: scenario or
+    task; ``where``: the layer's config key, e.g. ``model.task_layers[0]``."""
+    known = SCENARIO_LAYERS if kind == "scenario" else TASK_LAYERS
+    if c.type not in known:
+        raise ConfigError(f"{where}.type: unknown type {c.type!r}; known: {sorted(known)}", f"{where}.type")
+    check_layer_sizes(c, where)
+    if kind == "task" and c.type in ("omoe", "mmoe"):
+        _check_gate(c, where)
+    if kind == "scenario" and c.type in ("separate", "cgc", "star") and c.routing not in ROUTINGS:
+        raise ConfigError(f"{where}: type {c.type}: routing {c.routing!r} is not one of {list(ROUTINGS)}", f"{where}.routing")
+    if c.type == "aesm" and not (c.k_specific + c.k_shared >= 1 and c.k_specific + c.k_shared <= c.num_experts):
         raise ConfigError(
-            f"model.{where}: type aesm needs 1 <= k_specific + k_shared <= num_experts ({num_experts}), got {c.k_specific} + {c.k_shared}"
+            f"{where}: type aesm needs 1 <= k_specific + k_shared <= num_experts ({c.num_experts}), got {c.k_specific} + {c.k_shared}",
+            f"{where}.k_specific",
         )
-    return c
+
+
+def _check_gate(c: LayerConfig, where: str) -> None:
+    if c.gate not in GATE_KINDS:
+        raise ConfigError(f"{where}: type {c.type}: gate {c.gate!r} is not one of {list(GATE_KINDS)}", f"{where}.gate")
+    if c.gate == "topk" and not 1 <= c.top_k <= c.num_experts:
+        raise ConfigError(f"{where}: type {c.type}: gate topk needs 1 <= top_k <= num_experts ({c.num_experts}), got {c.top_k}", f"{where}.top_k")
+    if c.gate == "noisy" and not 0 <= c.top_k <= c.num_experts:
+        raise ConfigError(f"{where}: type {c.type}: top_k must be in [0, num_experts ({c.num_experts})], got {c.top_k}", f"{where}.top_k")
+
 
 from dlrm_mtl.modules import HiNetScenarioLayer, HMoELayer, STARLayer
 
@@ -85,9 +97,7 @@ TaskLayerBuilder = Callable[[LayerConfig, int, int, int], nn.Module]
 SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim, routing=_routing(c)),
     "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim, routing=_routing(c)),
-    "aesm": lambda c, d, S, e, T: AESMScenarioLayer(
-        d, S, e, c.num_experts, _aesm_args(c, "scenario_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise
-    ),
+    "aesm": lambda c, d, S, e, T: AESMScenarioLayer(d, S, e, c.num_experts, c.k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise),
     "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm, routing=_routing(c)),
     "hmoe": lambda c, d, S, e, T: HMoELayer(d, S, e, c.hidden, c.out_dim),
     "hinet": lambda c, d, S, e, T: HiNetScenarioLayer(d, S, e, c.sub_experts, c.hidden, c.out_dim),
@@ -101,21 +111,32 @@ TASK_LAYERS: Dict[str, TaskLayerBuilder] = {
     "cgc": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=1),
     "ple": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=c.levels),
     "aesm": lambda c, d, T, ctx: AESMTaskLayer(
-        d, T, ctx, c.num_experts, _aesm_args(c, "task_layers", c.num_experts).k_specific, c.k_shared, c.hidden, c.out_dim,
-        noise=c.noise, task_emb_dim=c.task_emb_dim,
+        d, T, ctx, c.num_experts, c.k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise, task_emb_dim=c.task_emb_dim,
     ),
     "ml_mmoe": lambda c, d, T, ctx: MultiLevelMMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, levels=c.levels),
     "cross_stitch": lambda c, d, T, ctx: CrossStitchLayer(d, T, c.hidden, c.out_dim, levels=c.levels),
 }
 
 
-def build_scenario_layer(cfg: LayerConfig, in_dim: int, num_scenarios: int, emb_dim: int, num_tasks: int) -> nn.Module:
-    if cfg.type not in SCENARIO_LAYERS:
-        raise ConfigError(f"model.scenario_layers: unknown type {cfg.type!r}; known: {sorted(SCENARIO_LAYERS)}")
-    return SCENARIO_LAYERS[cfg.type](cfg, in_dim, num_scenarios, emb_dim, num_tasks)
+def build_scenario_layer(cfg: LayerConfig, in_dim: int, num_scenarios: int, emb_dim: int, num_tasks: int,
+                         where: str = "model.scenario_layers") -> nn.Module:
+    """The scenario layer ``cfg``; a config it cannot build is a ConfigError naming ``where``."""
+    check_layer(cfg, where, "scenario")
+    return _built(lambda: SCENARIO_LAYERS[cfg.type](cfg, in_dim, num_scenarios, emb_dim, num_tasks), cfg, where)
 
 
-def build_task_layer(cfg: LayerConfig, in_dim: int, num_tasks: int, context_dim: int) -> nn.Module:
-    if cfg.type not in TASK_LAYERS:
-        raise ConfigError(f"model.task_layers: unknown type {cfg.type!r}; known: {sorted(TASK_LAYERS)}")
-    return TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim)
+def build_task_layer(cfg: LayerConfig, in_dim: int, num_tasks: int, context_dim: int, where: str = "model.task_layers") -> nn.Module:
+    """The task layer ``cfg``; a config it cannot build is a ConfigError naming ``where``."""
+    check_layer(cfg, where, "task")
+    return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim), cfg, where)
+
+
+def _built(make: Callable[[], nn.Module], cfg: LayerConfig, where: str) -> nn.Module:
+    """``make()``, with a module's own refusal of its sizes (a ValueError, e.g. PLE's shared
+    gate without shared experts) turned into a ConfigError naming the layer's key."""
+    try:
+        return make()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where}: type {cfg.type}: {e}", where) from e

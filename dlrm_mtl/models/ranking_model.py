@@ -61,7 +61,8 @@ class DenseArch(nn.Module):
         self.interaction: nn.Module
         if cfg.interaction == "dot":
             if len(set(dims)) != 1:
-                raise ConfigError(f"model.interaction dot needs one embedding dim for all features, got {sorted(set(dims))} (use concat)")
+                raise ConfigError(f"model.interaction dot needs one embedding dim for all features, got {sorted(set(dims))} (use concat)",
+                                  "model.interaction")
             D = dims[0]
             self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch) + [D])
             self.interaction = DotInteraction(F, D)
@@ -72,7 +73,7 @@ class DenseArch(nn.Module):
             self.interaction = ConcatInteraction(dense_dim, sum(dims))
             self.pooled_shape = (sum(dims),)
         else:
-            raise ConfigError(f"model.interaction {cfg.interaction!r}: expected dot or concat")
+            raise ConfigError(f"model.interaction {cfg.interaction!r}: expected dot or concat", "model.interaction")
         self.scenario_emb = nn.ModuleList(nn.Embedding(l.num_values, e) for l in schema.scenarios)
         level_names = [l.name for l in schema.scenarios]
         sizes = [l.num_values for l in schema.scenarios]
@@ -82,7 +83,8 @@ class DenseArch(nn.Module):
         self.scenario_layers = nn.ModuleList()
         self.layer_levels: List[int] = []  # level index per scenario layer; -1 = leaf
         self.scenario_layer_names: List[str] = []
-        for lc in cfg.scenario_layers:
+        for i, lc in enumerate(cfg.scenario_layers):
+            where = f"model.scenario_layers[{i}]"
             if lc.level == "each":
                 levels = list(range(len(sizes)))
             elif lc.level in ("", "leaf"):
@@ -90,11 +92,12 @@ class DenseArch(nn.Module):
             elif lc.level in level_names:
                 levels = [level_names.index(lc.level)]
             else:
-                raise ConfigError(f"model.scenario_layers: level {lc.level!r} is not a scenario level of the schema {level_names} (or each, leaf)")
+                raise ConfigError(f"{where}: level {lc.level!r} is not a scenario level of the schema {level_names} (or each, leaf)",
+                                  f"{where}.level")
             for lvl in levels:
                 n = math.prod(sizes) if lvl < 0 else sizes[lvl]
                 emb_dim = e * len(sizes) if lvl < 0 else e
-                layer = build_scenario_layer(lc, d, n, emb_dim, T)
+                layer = build_scenario_layer(lc, d, n, emb_dim, T, where=where)
                 self.scenario_layer_names.append(f"scenario{len(self.scenario_layers)}/{'leaf' if lvl < 0 else level_names[lvl]}")
                 self.scenario_layers.append(layer)
                 self.layer_levels.append(lvl)
@@ -102,8 +105,8 @@ class DenseArch(nn.Module):
                 d = layer.out_dim
         self.schema = schema
         self.task_layers = nn.ModuleList()
-        for lc in cfg.task_layers:
-            layer = build_task_layer(lc, d, T, len(sizes) * e)
+        for j, lc in enumerate(cfg.task_layers):
+            layer = build_task_layer(lc, d, T, len(sizes) * e, where=f"model.task_layers[{j}]")
             self.task_layers.append(layer)
             self._aux_weights_of(layer, lc)
             d = layer.out_dim
