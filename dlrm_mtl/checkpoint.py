@@ -9,6 +9,11 @@ A checkpoint is one directory under ``checkpoint.dir`` (default ``RUN_DIR/checkp
         trainer/rankR.pt            # per rank: RNG states (torch, CUDA, numpy, python), row counters
         COMPLETE                    # written last: a directory without it is ignored and removed
 
+Loading runs no code from the checkpoint: the rank files are read with
+``torch.load(weights_only=True)`` (they hold tensors, lists and numbers only), DCP's
+``.metadata`` with an unpickler that allows DCP's own metadata classes only, and DCP's
+non-tensor items with ``weights_only=True``; anything else is refused (``UnsafeCheckpointError``).
+
 Writing is atomic: everything goes to ``.tmp-NAME`` (files fsynced), the directory is renamed
 to ``NAME`` and only then ``COMPLETE`` is written (via a fsynced temp file and a rename), so a
 process killed at any moment leaves either a complete checkpoint or one that is ignored.
@@ -27,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -43,6 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config
@@ -50,12 +60,244 @@ from dlrm_mtl.data.stream import ParquetStream, Segment
 from dlrm_mtl.watchdog import report, stop_point
 
 FORMAT_VERSION = 1
+# trainer/rankR.pt: 1 held numpy's and Python's RNG states as numpy/Python objects (read with an
+# allow-list for numpy's uint32 array); 2 holds tensors, lists and numbers only
+RANK_STATE_FORMAT = 2
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found or loaded; the message says what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file asks to import or call something loading does not allow: it was
+    refused before anything in it ran."""
+
+
+def _numpy_array_globals() -> List[Any]:
+    """What unpickling numpy's RNG key (a uint32 ndarray) needs, under the names numpy 1.x
+    and 2.x pickle it with: the array constructor, ndarray, dtype and the uint32 dtype class."""
+    reconstruct = np.zeros(0, np.uint32).__reduce__()[0]
+    names = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+    return [(reconstruct, n) for n in sorted(names)] + [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _unsafe_globals(f: Any) -> List[str]:
+    """The globals a torch.save file (path or buffer) imports beyond tensors and primitives,
+    read without unpickling it (best effort: empty if torch cannot list them)."""
+    if hasattr(f, "seek"):
+        f.seek(0)
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+    except Exception:
+        return []
+    finally:
+        if hasattr(f, "seek"):
+            f.seek(0)
+
+
+def _refusal(where: str, what: str, names: List[str], way_out: str = "") -> UnsafeCheckpointError:
+    """The error for a file that loading without running code does not allow."""
+    listed = f" ({', '.join(names)})" if names else ""
+    return UnsafeCheckpointError(
+        f"{where}: refused to load {what}: it asks to import or call something{listed} that loading without "
+        "running code does not allow; nothing from it was run. dlrm_mtl never writes such a file, so it was "
+        f"altered or comes from elsewhere: resume from a trusted copy of the checkpoint{way_out}")
+
+
+def save_rank_state(path: Path, rows_trained: int, padding_rows: int) -> None:
+    """Writes this process's RNG states (torch, CUDA, numpy, Python) and row counters to
+    ``path`` as tensors, lists and numbers only (format 2), so loading needs no unpickling
+    of arbitrary objects."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "format": RANK_STATE_FORMAT,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+        "rows_trained": int(rows_trained),
+        "padding_rows": int(padding_rows),
+    }
+    torch.save(state, path)
+
+
+def load_rank_state(path: Path) -> Dict[str, Any]:
+    """Reads a ``trainer/rankR.pt`` without running code from it; returns it in format 2.
+
+    ``torch.load(weights_only=True)`` plus, for files of format 1, numpy's uint32 array
+    (:func:`_numpy_array_globals`). A file that needs anything else raises
+    UnsafeCheckpointError; one whose content is not a rank state raises CheckpointError.
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            raw = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise _refusal(str(path), "the trainer state", _unsafe_globals(path),
+                       f" (or delete {path.parent}/rank*.pt: the resume then starts fresh RNG streams and row "
+                       "counters, and is no longer bit-exact)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state: {e}") from e
+    try:
+        return _as_format_2(raw)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a trainer state written by dlrm_mtl ({type(e).__name__}: {e})") from None
+
+
+def _as_format_2(raw: Any) -> Dict[str, Any]:
+    """A loaded rank state (format 1 or 2) in format 2, its types checked."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected a dict, got {type(raw).__name__}")
+    numpy_state, python_state = raw["numpy"], raw["python"]
+    if isinstance(numpy_state, tuple):  # format 1: np.random.get_state()
+        kind, key, pos, has_gauss, gauss = numpy_state
+        if not isinstance(key, np.ndarray) or key.dtype != np.uint32:
+            raise TypeError("numpy RNG key is not a uint32 array")
+        numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "cached_gaussian": gauss}
+    if isinstance(python_state, tuple):  # format 1: random.getstate()
+        version, internal, gauss_next = python_state
+        python_state = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    cuda = raw.get("cuda")
+    if not isinstance(raw["torch"], torch.Tensor) or not (cuda is None or all(isinstance(t, torch.Tensor) for t in cuda)):
+        raise TypeError("torch/CUDA RNG states are not tensors")
+    if not isinstance(numpy_state["key"], torch.Tensor):
+        raise TypeError("numpy RNG key is not a tensor")
+    return {
+        "format": RANK_STATE_FORMAT,
+        "torch": raw["torch"],
+        "cuda": cuda,
+        "numpy": {"kind": str(numpy_state["kind"]), "key": numpy_state["key"], "pos": int(numpy_state["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "cached_gaussian": float(numpy_state["cached_gaussian"])},
+        "python": {"version": int(python_state["version"]), "state": [int(x) for x in python_state["state"]],
+                   "gauss_next": None if python_state["gauss_next"] is None else float(python_state["gauss_next"])},
+        "rows_trained": int(raw["rows_trained"]),
+        "padding_rows": int(raw["padding_rows"]),
+    }
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    """Sets torch's, CUDA's (when available), numpy's and Python's global RNGs from a
+    :func:`load_rank_state` result."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# everything DCP's FileSystemWriter pickles into ``.metadata`` (besides builtins and torch dtypes)
+_DCP_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``: only the classes in ``_DCP_METADATA_GLOBALS`` and torch
+    dtypes may be imported, so the file cannot name a function to call."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader whose ``.metadata`` is read by :class:`_MetadataUnpickler`.
+
+    ``refused`` keeps the last refusal: DCP reports a failed metadata read as text only.
+    """
+
+    refused: Optional[UnsafeCheckpointError] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's metadata, as FileSystemReader returns it, without running code from it."""
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as fh:
+            try:
+                metadata = _MetadataUnpickler(fh).load()
+            except pickle.UnpicklingError as e:
+                self.refused = _refusal(str(path), "the DCP metadata", [str(e)])
+                raise self.refused from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata (a {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's DefaultLoadPlanner whose non-tensor items must load with ``weights_only=True``.
+
+    ``refused`` keeps the last refusal (see :class:`SafeFileSystemReader`).
+    """
+
+    refused: Optional[UnsafeCheckpointError] = None
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        """Checks that the item loads with ``weights_only=True`` (refused otherwise), then
+        stores it as DefaultLoadPlanner does. The stored bytes are the checked in-memory
+        bytes, which import nothing beyond what ``weights_only`` allows."""
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            self.refused = _refusal(f"DCP item {read_item.dest_index.fqn!r}", "it", _unsafe_globals(value))
+            raise self.refused from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def safe_dcp_load(state: Dict[str, Any], path: Path) -> None:
+    """``dcp.load(state, checkpoint_id=path)`` that runs no code from the checkpoint
+    (:class:`SafeFileSystemReader`, :class:`SafeLoadPlanner`). A refused file raises
+    UnsafeCheckpointError itself, not DCP's wrapper around every rank's failure."""
+    reader, planner = SafeFileSystemReader(str(path)), SafeLoadPlanner()
+    try:
+        dcp.load(state, checkpoint_id=str(path), storage_reader=reader, planner=planner)
+    except (Exception, DCPException) as e:
+        refused = reader.refused or planner.refused or _refused_in(e)  # this rank's, else another rank's
+        if refused is not None:
+            raise refused from None
+        raise
+
+
+def _refused_in(e: BaseException) -> Optional[UnsafeCheckpointError]:
+    """The UnsafeCheckpointError behind a DCP failure (DCP wraps each rank's exception), if any."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        x = x[0] if isinstance(x, tuple) else x  # DCP's failures: (exception, stack summary)
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, UnsafeCheckpointError):
+            return x
+        failures = getattr(x, "failures", None)
+        todo.extend(failures.values() if isinstance(failures, dict) else ())
+        todo.extend(c for c in (x.__cause__, x.__context__) if c is not None)
+    return None
 
 
 @dataclass
@@ -381,7 +623,7 @@ class CheckpointManager:
         stop_point("save", progress.step, self.env.rank)
         error = None
         try:
-            torch.save(self._rank_state(progress), tmp / "trainer" / f"rank{self.env.rank}.pt")
+            save_rank_state(tmp / "trainer" / f"rank{self.env.rank}.pt", progress.rows_trained, progress.padding_rows)
             with open(tmp / "trainer" / f"rank{self.env.rank}.pt", "rb+") as fh:
                 os.fsync(fh.fileno())
             if audit is not None:
@@ -444,16 +686,6 @@ class CheckpointManager:
             for p in steps[:-keep]:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _rank_state(self, progress: TrainProgress) -> Dict[str, Any]:
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "rows_trained": progress.rows_trained,
-            "padding_rows": progress.padding_rows,
-        }
-
     def _state(self, scheduler: Any, progress: TrainProgress) -> Dict[str, Any]:
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         return {
@@ -511,7 +743,9 @@ class CheckpointManager:
             _init_dense_state(optimizer)
             to_load["optim"] = optimizer.state_dict()
         try:
-            dcp.load(to_load, checkpoint_id=str(path))
+            safe_dcp_load(to_load, path)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"cannot load checkpoint {path}: {e}") from None
         except (Exception, DCPException) as e:
             hint = "" if model_only else " (set checkpoint.model_only=true to load the weights only and reset the optimizer state)"
             raise CheckpointError(f"cannot load checkpoint {path}: {e}{hint}") from e
@@ -531,26 +765,8 @@ class CheckpointManager:
                 "or resume from a checkpoint written at an epoch boundary)")
         progress = TrainProgress(step=int(state["step"]), epoch=int(state["epoch"]), segments=segments,
                                  train_seconds=float(state["train_seconds"]))
-        rank_file = path / "trainer" / f"rank{self.env.rank}.pt"
         same_world = int(state["world_size"]) == self.env.world_size
-        if same_world and rank_file.exists():
-            rs = torch.load(rank_file, weights_only=False)
-            torch.set_rng_state(rs["torch"])
-            if rs["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rs["cuda"])
-            np.random.set_state(rs["numpy"])
-            random.setstate(rs["python"])
-            progress.rows_trained, progress.padding_rows = int(rs["rows_trained"]), int(rs["padding_rows"])
-        else:  # another world size: fresh per-rank RNG streams, the old counters summed on rank 0
-            seed = self.cfg.train.seed * 1_000_003 + progress.step * 101 + self.env.rank
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
-            if self.env.is_main:
-                for f in sorted((path / "trainer").glob("rank*.pt")):
-                    rs = torch.load(f, weights_only=False)
-                    progress.rows_trained += int(rs["rows_trained"])
-                    progress.padding_rows += int(rs["padding_rows"])
+        self._restore_rank_state(path, same_world, progress)
         if audit and self.env.is_main:
             RowAudit.truncate(self.run_dir, progress.step)
         self._barrier()
@@ -560,6 +776,37 @@ class CheckpointManager:
                   + (f", world size {state['world_size']} -> {self.env.world_size}" if not same_world else "")
                   + (" (weights only; optimizer state reset)" if model_only else ""), flush=True)
         return progress
+
+    def _restore_rank_state(self, path: Path, same_world: bool, progress: TrainProgress) -> None:
+        """RNG states and row counters from ``trainer/rank*.pt`` (read by :func:`load_rank_state`).
+
+        Same world size: this rank's file restores its RNGs and counters exactly. Another world
+        size (or no file for this rank): fresh per-rank RNG streams, and rank 0 sums the old
+        counters. A file any rank cannot read or refuses raises the same CheckpointError on
+        every rank (no rank is left waiting at the next collective).
+        """
+        rank_file = path / "trainer" / f"rank{self.env.rank}.pt"
+        error = None
+        try:
+            if same_world and rank_file.exists():
+                rs = load_rank_state(rank_file)
+                restore_rng(rs)
+                progress.rows_trained, progress.padding_rows = rs["rows_trained"], rs["padding_rows"]
+            else:
+                seed = self.cfg.train.seed * 1_000_003 + progress.step * 101 + self.env.rank
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+                random.seed(seed)
+                if self.env.is_main:
+                    for f in sorted((path / "trainer").glob("rank*.pt")):
+                        rs = load_rank_state(f)
+                        progress.rows_trained += rs["rows_trained"]
+                        progress.padding_rows += rs["padding_rows"]
+        except CheckpointError as e:
+            error = str(e)
+        except (ValueError, TypeError) as e:  # a well-typed state the RNGs reject (e.g. a key of the wrong length)
+            error = f"{rank_file}: cannot restore the RNG states: {e}"
+        _agree(error, f"cannot resume from {path}")
 
     def _check_reshardable(self, path: Path, state: Dict[str, Any]) -> None:
         old_plan: Dict[str, Dict[str, Any]] = state.get("plan", {})

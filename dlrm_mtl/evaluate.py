@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from dlrm_mtl.checkpoint import is_complete
+from dlrm_mtl.checkpoint import is_complete, safe_dcp_load
 from dlrm_mtl.config import Config
 from dlrm_mtl.data import ParquetStream
 from dlrm_mtl.distributed import init_distributed, reader_threads, shard_model, shutdown_distributed
@@ -63,7 +62,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
         module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
         dmp, _, _ = shard_model(module, cfg, env, schema)
         state = {"model": dmp.state_dict()}
-        dcp.load(state, checkpoint_id=checkpoint)
+        safe_dcp_load(state, Path(checkpoint))  # runs no code from the checkpoint
         dmp.load_state_dict(state["model"])
         prefetch, workers = reader_threads(cfg.data, env)
         stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,

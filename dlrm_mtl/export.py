@@ -23,7 +23,7 @@ from typing import Any, Dict
 
 import torch
 
-from dlrm_mtl.checkpoint import CheckpointError, is_complete
+from dlrm_mtl.checkpoint import CheckpointError, SafeFileSystemReader, is_complete
 
 
 def load_unsharded(checkpoint: str | Path, with_optimizer: bool = False) -> Dict[str, Any]:
@@ -36,7 +36,8 @@ def load_unsharded(checkpoint: str | Path, with_optimizer: bool = False) -> Dict
     keys = {"model", "optim"} if with_optimizer else {"model"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading into this process" is the intent
-        sd = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
+        # the .metadata file through the allow-listed reader (it is a pickle)
+        sd = _load_state_dict_from_keys(keys, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)))
     state_file = path / "trainer" / "state.json"
     sd["trainer"] = json.loads(state_file.read_text()) if state_file.exists() else {}
     return sd

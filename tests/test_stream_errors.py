@@ -457,3 +457,40 @@ def test_null_element_in_multi_hot(tmp_path, schema, base):
     lengths = jt.lengths().tolist()
     start = sum(lengths[:5])
     assert jt.values()[start : start + lengths[5]].tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------- uint64 columns
+BIG = 2**63 + 5  # above the int64 range: wrapped to int64 it would read -9223372036854775803
+WRAPPED = str(BIG - 2**64)
+
+
+def _as_uint64(t: pa.Table, column: str, row: int, value: int) -> pa.Table:
+    """``t`` with ``column`` cast to uint64 (lists: list<uint64>) and ``value`` at ``row``."""
+    field = t.schema.field(column)
+    typ = pa.list_(pa.uint64()) if pa.types.is_list(field.type) else pa.uint64()
+    vals = t[column].to_pylist()
+    vals[row] = [1, value] if pa.types.is_list(field.type) else value
+    return t.set_column(t.schema.get_field_index(column), pa.field(column, typ), pa.array(vals, type=typ))
+
+
+@pytest.mark.parametrize("column, row", [("user_segment", 61), ("hist_categories", 77), ("channel", 12)])
+def test_uint64_id_above_int64_is_reported_with_its_real_value(tmp_path, schema, base, column, row):
+    """A uint64 id >= 2**63 is named as itself, never after wrap-around to a negative int64."""
+    path = _write_bad(tmp_path, _as_uint64(base, column, row, BIG))
+    msg = _expect_error(schema, path, f"'{column}'", str(BIG), row=row)
+    assert WRAPPED not in msg, msg
+
+
+def test_uint64_row_id_above_int64_is_a_data_error(tmp_path, schema, base):
+    path = _write_bad(tmp_path, _as_uint64(base, "row_id", 33, BIG))
+    _expect_error(schema, path, "'row_id'", str(BIG), row=33)
+
+
+def test_uint64_ids_within_range_are_read(tmp_path, schema, base):
+    """uint64 columns holding in-range ids read like int64 ones."""
+    t = _as_uint64(base, "user_segment", 0, base["user_segment"][0].as_py())
+    t = _as_uint64(t, "row_id", 0, base["row_id"][0].as_py())
+    batches = _iterate(schema, _write_bad(tmp_path, t))
+    got = [v for b in batches for v in b.sparse["user_segment"].values()[: b.num_real_rows].tolist()]
+    assert got == base["user_segment"].to_pylist()
+    assert [r for b in batches for r in b.row_id[: b.num_real_rows].tolist()] == base["row_id"].to_pylist()

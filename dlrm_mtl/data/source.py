@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -38,24 +38,50 @@ class SourceError(DataError):
     """A data location that cannot be resolved to Parquet files."""
 
 
+def _cause(e: BaseException, max_lines: int = 3) -> str:
+    """``Type: message`` of an exception, its message cut to ``max_lines`` lines (pyarrow's
+    HDFS error lists every libjvm path it tried)."""
+    lines = str(e).strip().splitlines() or [""]
+    more = f" (+{len(lines) - max_lines} more lines)" if len(lines) > max_lines else ""
+    return f"{type(e).__name__}: " + " / ".join(lines[:max_lines]) + more
+
+
 def _resolve(uri: str, filesystem: Optional[pafs.FileSystem]) -> Tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for one location: pyarrow's filesystems first, then fsspec's.
+
+    When neither can open the URI, the SourceError carries both failures (pyarrow's is often
+    the real one, e.g. a host that does not resolve, and fsspec's only says a package is
+    missing); the exception chain keeps fsspec's.
+    """
     if filesystem is not None:
         return filesystem, uri
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
-        pass
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        pyarrow_error = e
     try:
         import fsspec
-    except ImportError:  # pragma: no cover - fsspec ships with torch
-        raise SourceError(f"{uri}: pyarrow has no filesystem for this scheme and fsspec is not installed") from None
+    except ImportError as e:  # pragma: no cover - fsspec ships with torch
+        raise SourceError(f"{uri}: no filesystem for this URI: pyarrow: {_cause(pyarrow_error)}; "
+                          "fsspec is not installed") from e
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-    except (ValueError, ImportError) as e:
-        raise SourceError(f"{uri}: no filesystem for this URI: {e}") from None
+    except (ValueError, ImportError, OSError) as e:
+        raise SourceError(f"{uri}: no filesystem for this URI: pyarrow: {_cause(pyarrow_error)}; "
+                          f"fsspec: {_cause(e)}") from e
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _file_info(fs: pafs.FileSystem, what: Union[str, pafs.FileSelector], shown: str) -> Any:
+    """``fs.get_file_info(what)``; a failure (no network, no permission) becomes a SourceError
+    naming the location and keeping the filesystem's own message."""
+    try:
+        return fs.get_file_info(what)
+    except (OSError, pa.ArrowException) as e:
+        target = what.base_dir if isinstance(what, pafs.FileSelector) else what
+        raise SourceError(f"{shown}: cannot list {target!r}: {_cause(e)}") from e
 
 
 def _visible(path: str, base: str) -> bool:
@@ -69,20 +95,17 @@ def _expand(fs: pafs.FileSystem, path: str, shown: str) -> List[str]:
         first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
         base = "/".join(parts[:first]) or ("/" if path.startswith("/") else "")
         recursive = "**" in path or len(parts) - first > 1
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
-        except OSError as e:
-            raise SourceError(f"{shown}: cannot list {base!r}: {e}") from None
+        infos = _file_info(fs, pafs.FileSelector(base, recursive=recursive, allow_not_found=True), shown)
         pattern = path.replace("**/", "*").replace("**", "*")
         found = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern))
         if not found:
             raise SourceError(f"{shown}: the pattern matches no file")
         return found
-    info = fs.get_file_info(path)
+    info = _file_info(fs, path, shown)
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{shown}: no such file or directory")
     if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = _file_info(fs, pafs.FileSelector(path, recursive=True), shown)
         found = sorted(i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path, path))
         if not found:
             raise SourceError(f"{shown}: the directory holds no data file")

@@ -35,7 +35,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -110,8 +110,11 @@ def assign_row_groups(groups: Sequence[RowGroup], world_size: int, rows: Optiona
 
 
 def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
-    """Stable hash of int64 raw ids into [0, num_buckets): splitmix64's finaliser, then modulo.
+    """Stable hash of integer raw ids into [0, num_buckets): splitmix64's finaliser, then modulo.
 
+    Every id is hashed by its 64-bit two's-complement pattern (signed ids are sign-extended,
+    unsigned ids zero-extended): a uint64 id >= 2**63 is hashed as itself, without
+    wrap-around, and lands in the bucket of the int64 with the same bits (a negative id).
     Identical on every machine and run (pure uint64 arithmetic), and it mixes the bits so
     structured raw ids (sequential, strided, high-bit only) spread evenly over the buckets.
     """
@@ -126,6 +129,9 @@ def hash_strings(values: pa.Array, num_buckets: int) -> np.ndarray:
     """Stable hash of string/binary raw ids: FNV-1a 64 over the UTF-8 bytes, then ``hash_ids``.
 
     Vectorised over rows (one pass per byte position), identical on every machine and run.
+    A string and an integer are never hashed alike: ``"42"`` and ``42`` land in different
+    buckets, which is why one hashed column must hold one kind of id in every file
+    (:class:`IdKinds`).
     """
     arr = pc.cast(values, pa.large_binary()) if not pa.types.is_large_binary(values.type) else values
     if isinstance(arr, pa.ChunkedArray):
@@ -140,6 +146,78 @@ def hash_strings(values: pa.Array, num_buckets: int) -> np.ndarray:
         active = lengths > k
         h[active] = (h[active] ^ data[starts[active] + k].astype(np.uint64)) * prime
     return hash_ids(h.view(np.int64), num_buckets)
+
+
+def is_string_type(t: pa.DataType) -> bool:
+    """Whether ``t`` holds raw ids that are hashed as bytes (string, binary, large variants)."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def id_kind(t: pa.DataType) -> Optional[str]:
+    """``"integer"`` or ``"string"`` for a raw id column type (a list's value type for
+    multi-hot columns); None for any other type (the converter rejects those itself)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "integer"
+    return "string" if is_string_type(t) else None
+
+
+class IdKinds:
+    """Remembers the kind of raw id (integer or string) each hashed column holds, per file,
+    and raises a DataError naming both files when a column changes kind between files.
+
+    Integer ids are hashed by their bits (:func:`hash_ids`), strings by their bytes
+    (:func:`hash_strings`), so ``42`` in one file and ``"42"`` in another would become two
+    embedding rows for one raw id. Integer widths (int32, int64, uint64) may differ between
+    files, and string may mix with binary: those hash alike.
+    """
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(dict.fromkeys(columns))
+        self._first: Dict[str, Tuple[str, str, pa.DataType]] = {}
+        self._lock = threading.Lock()
+
+    def see(self, path: str, column: str, t: pa.DataType) -> None:
+        """Records that ``column`` of file ``path`` has type ``t``; raises on a change of kind."""
+        kind = id_kind(t)
+        if kind is None or column not in self.columns:
+            return
+        with self._lock:
+            first_path, first_kind, first_type = self._first.setdefault(column, (path, kind, t))
+        if kind != first_kind:
+            raise DataError(
+                f"column {column!r}: raw ids are {first_kind}s ({first_type}) in {first_path} but {kind}s ({t}) "
+                f"in {path}; integer and string ids hash to different buckets (42 and \"42\" would be two ids), so "
+                "the column must hold one kind of id in every file: cast it to one type in the data")
+
+    def see_files(self, fragments: Iterable[ds.Fragment]) -> None:
+        """Checks every file with rows (sorted by path) before anything is read: ranks read
+        different files, so only a check over all of them finds a change of kind."""
+        for frag in sorted(fragments, key=lambda f: f.path):
+            try:
+                if frag.metadata.num_rows == 0:
+                    continue
+                physical = frag.physical_schema
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{frag.path}: cannot read Parquet metadata: {e}") from None
+            for column in self.columns:
+                if column in physical.names:
+                    self.see(frag.path, column, physical.field(column).type)
+
+
+def hashed_id_columns(schema: Schema) -> List[str]:
+    """The columns whose raw ids are hashed: sparse features with ``hash: true`` and the
+    user column (string user ids are hashed for GAUC)."""
+    return [f.column for f in schema.sparse if f.hash] + ([schema.user_id] if schema.user_id else [])
+
+
+def first_above_int64(values: np.ndarray) -> Optional[int]:
+    """Position of the first value above the int64 range (only uint64 arrays have one), else None."""
+    if values.dtype != np.uint64:
+        return None
+    over = values > np.uint64(np.iinfo(np.int64).max)
+    return int(np.argmax(over)) if over.any() else None
 
 
 class RowGroupConverter:
@@ -160,6 +238,7 @@ class RowGroupConverter:
         self.columns = schema.columns(with_oracle=self.with_oracle)
         self.counters: Dict[str, int] = {}
         self._lock = threading.Lock()
+        self.id_kinds = IdKinds(hashed_id_columns(schema))  # also checked per row group read
 
     def _count(self, key: str, n: int) -> None:
         """Counted input policies (null ids, truncated lists, filled/clipped dense values)."""
@@ -194,11 +273,14 @@ class RowGroupConverter:
                 raise DataError(f"{group.path}: column {s.row_id!r}: expected integer row ids, got {rid.type}")
             if rid.null_count:
                 raise fail(s.row_id, int(np.argmax(~pc.is_valid(rid).to_numpy(zero_copy_only=False))), "null row id")
-            rid = pc.cast(rid, pa.int64()).combine_chunks()
-            neg = rid.to_numpy(zero_copy_only=False) < 0
+            raw = rid.combine_chunks().to_numpy(zero_copy_only=False)
+            over = first_above_int64(raw)
+            if over is not None:
+                raise fail(s.row_id, over, f"row id {int(raw[over])} above the int64 range")
+            neg = raw < 0
             if neg.any():
                 raise fail(s.row_id, int(np.argmax(neg)), "negative row id (negative ids mark padding rows)")
-            out["row_id"] = rid
+            out["row_id"] = pa.array(raw.astype(np.int64, copy=False))
         else:
             out["row_id"] = pa.array(
                 (group.file_index << 40) + group.first_row + np.arange(n, dtype=np.int64)
@@ -222,7 +304,9 @@ class RowGroupConverter:
                 if pa.types.is_list(col.type):
                     raise DataError(f"{group.path}: column {f.column!r}: declared single-hot but holds lists")
                 values, truncated = col, 0
-            is_str = pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
+            is_str = is_string_type(values.type)
+            if f.hash:
+                self.id_kinds.see(group.path, f.column, values.type)
             if is_str and not f.hash:
                 raise DataError(f"{group.path}: column {f.column!r}: string ids need `hash: true` in the schema")
             if not is_str and not pa.types.is_integer(values.type):
@@ -241,22 +325,25 @@ class RowGroupConverter:
             if is_str:
                 ids = hash_strings(values, f.num_embeddings)
             else:
-                ids = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            if f.hash and not is_str:
-                ids = hash_ids(ids, f.num_embeddings)
-            elif not f.hash:
-                bad = (ids < 0) | (ids >= f.num_embeddings)
-                if bad.any():
-                    pos = int(np.argmax(bad))
-                    row = pos
-                    if f.multi_hot:
-                        offs = col.offsets.to_numpy()[: n + 1] - col.offsets[0].as_py()
-                        row = int(np.searchsorted(offs, pos, side="right") - 1)
-                    raise fail(
-                        f.column, row,
-                        f"id {int(ids[pos])} outside [0, {f.num_embeddings}) "
-                        "(set hash: true in the schema to hash raw ids)",
-                    )
+                # the column's own dtype (uint64 included): range checks and error messages see the
+                # real value, and hash_ids hashes its 64 bits without wrap-around
+                raw = values.to_numpy(zero_copy_only=False)
+                if f.hash:
+                    ids = hash_ids(raw, f.num_embeddings)
+                else:
+                    bad = (raw < 0) | (raw >= f.num_embeddings)
+                    if bad.any():
+                        pos = int(np.argmax(bad))
+                        row = pos
+                        if f.multi_hot:
+                            offs = col.offsets.to_numpy()[: n + 1] - col.offsets[0].as_py()
+                            row = int(np.searchsorted(offs, pos, side="right") - 1)
+                        raise fail(
+                            f.column, row,
+                            f"id {int(raw[pos])} outside [0, {f.num_embeddings}) "
+                            "(set hash: true in the schema to hash raw ids)",
+                        )
+                    ids = raw.astype(np.int64, copy=False)
             if f.multi_hot:
                 offsets = pc.subtract(col.offsets, col.offsets[0]) if col.offset else col.offsets
                 out[f.name] = pa.ListArray.from_arrays(offsets, pa.array(ids))
@@ -302,11 +389,10 @@ class RowGroupConverter:
                 frac = ~np.isfinite(xf) | (xf != np.round(xf))
                 if frac.any():
                     raise fail(lvl.column, int(np.argmax(frac)), f"scenario id {xf[frac][0]} is not an integer")
-            x = xf.astype(np.int64)
-            bad = (x < 0) | (x >= lvl.num_values)
+            bad = (xf < 0) | (xf >= lvl.num_values)  # on the column's own dtype: uint64 ids do not wrap
             if bad.any():
-                raise fail(lvl.column, int(np.argmax(bad)), f"scenario id {int(x[bad][0])} outside [0, {lvl.num_values})")
-            out["scenario:" + lvl.name] = pa.array(x)
+                raise fail(lvl.column, int(np.argmax(bad)), f"scenario id {int(xf[bad][0])} outside [0, {lvl.num_values})")
+            out["scenario:" + lvl.name] = pa.array(xf.astype(np.int64))
         labels: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for task in s.tasks:
             col = t[task.label]
@@ -361,9 +447,12 @@ class RowGroupConverter:
             col = t[s.user_id].combine_chunks()
             if col.null_count:
                 raise fail(s.user_id, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null user id")
+            self.id_kinds.see(group.path, s.user_id, col.type)
             if pa.types.is_integer(col.type):
-                out["user"] = pc.cast(col, pa.int64())
-            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+                # users are only compared (grouped), never ordered: a uint64 id >= 2**63 keeps its
+                # 64 bits as the int64 with the same bits, so distinct users stay distinct
+                out["user"] = pa.array(col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+            elif is_string_type(col.type):
                 out["user"] = pa.array(hash_strings(col, 2**62))
             else:
                 raise DataError(f"{group.path}: column {s.user_id!r}: expected integer or string user ids, got {col.type}")
@@ -429,6 +518,7 @@ class ParquetStream:
         groups = list_row_groups(dset)
         if not groups:
             raise DataError(f"{paths}: no Parquet row groups found")
+        self.converter.id_kinds.see_files(dset.get_fragments())
         self.all_groups = groups
         self._group_index = {(g.file_index, g.index): i for i, g in enumerate(groups)}
         self._any_group = next(g for g in groups if g.num_rows > 0) if any(g.num_rows for g in groups) else groups[0]
