@@ -112,6 +112,11 @@ def test_auc_views_follow_dlrm_mtl_views():
     assert views["click"] == pytest.approx(_brute_auc(click, probs[:, 0]))
     assert views["like"] == pytest.approx(_brute_auc(like[click == 1], probs[click == 1, 1]))
     assert views["click_like"] == pytest.approx(_brute_auc(like, probs[:, 0] * probs[:, 1]))
+    calib = bench.calibration_views(schema, np.stack([click, like], 1), probs)  # Σ p / Σ y on the same rows
+    assert list(calib) == list(views)
+    assert calib["click"] == pytest.approx(probs[:, 0].sum() / click.sum())
+    assert calib["like"] == pytest.approx(probs[click == 1, 1].sum() / like[click == 1].sum())
+    assert calib["click_like"] == pytest.approx((probs[:, 0] * probs[:, 1]).sum() / like.sum())
 
 
 def test_gather_lists_selects_rows_in_order():
@@ -222,4 +227,7 @@ def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     assert case["peer_startup_s"] > case["peer_import_s"] > 0
     assert case["auc"]["income"] > 0.6 and case["peer_auc"]["income"] > 0.6
     assert set(case["auc"]) == set(case["peer_auc"]) == {"income", "marital"}
+    # calibration of both sides on the same views (dlrm_mtl's from metrics.json)
+    assert set(case["calibration"]) == set(case["peer_calibration"]) == {"income", "marital"}
+    assert all(0.3 < v < 3 for v in list(case["calibration"].values()) + list(case["peer_calibration"].values()))
     assert 0.6 < case["oracle_auc"]["income"] <= 1

@@ -64,7 +64,9 @@ the plain loop on the same CPU threads; below 1 its machinery costs more than it
 this size. It says nothing about start-up, which is a separate column (dlrm_mtl pays for
 importing torchrec/fbgemm and planning/sharding; the peer for reading the split into memory).
 Compare AUCs against each other and against ``oracle``: a faster side that learns less is
-not faster. The two sides differ by design in: embedding optimizer (row-wise Adagrad vs
+not faster. Each run also prints the **calibration** of every view (Σ predicted / Σ label over
+the view's eval rows, dlrm_mtl's ``calibration``; in the JSON ``calibration`` and
+``peer_calibration``): below 1 a side under-predicts. The two sides differ by design in: embedding optimizer (row-wise Adagrad vs
 Adam), the schedule (cosine vs constant), initialisation (TorchRec's table init and He-uniform
 expert weights vs Xavier-uniform embeddings and nn.Linear's default) and the data order
 (a bounded shuffle buffer vs a full permutation).
@@ -477,6 +479,24 @@ def auc_views(schema: Any, labels: np.ndarray, probs: np.ndarray) -> Dict[str, f
     return out
 
 
+def calibration_views(schema: Any, labels: np.ndarray, probs: np.ndarray) -> Dict[str, float]:
+    """Σ predicted / Σ label over the rows of each of :func:`auc_views`' views (dlrm_mtl's
+    ``calibration``: above 1 the model over-predicts)."""
+    def ratio(y: np.ndarray, p: np.ndarray) -> float:
+        return float(p.sum() / y.sum()) if y.sum() > 0 else float("nan")
+
+    out: Dict[str, float] = {}
+    for k, task in enumerate(schema.tasks):
+        if task.parent is None:
+            out[task.name] = ratio(labels[:, k], probs[:, k])
+            continue
+        chain = schema.chain(task.name)
+        inside = np.all(labels[:, chain[:-1]] == 1, axis=1)
+        out[task.name] = ratio(labels[inside, k], probs[inside, k])
+        out[schema.entire_name(task)] = ratio(np.prod(labels[:, chain], axis=1), np.prod(probs[:, chain], axis=1))
+    return out
+
+
 def oracle_aucs(schema: Any, eval_dir: Path) -> Dict[str, float]:
     """The AUC views of the generator's true probabilities on the eval split."""
     import pyarrow.parquet as pq
@@ -709,8 +729,8 @@ def peer_train(schema: Any, model: Any, train: Split, batch_size: int, epochs: i
     return PeerTraining(first if first is not None else time.time(), seconds, rows, steps, loss)
 
 
-def peer_evaluate(schema: Any, model: Any, split: Split, batch_size: int) -> Dict[str, float]:
-    """AUC views of the model's conditional probabilities on ``split`` (in row order)."""
+def peer_evaluate(schema: Any, model: Any, split: Split, batch_size: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """AUC and calibration views of the model's conditional probabilities on ``split``."""
     import torch
 
     model.eval()
@@ -720,7 +740,8 @@ def peer_evaluate(schema: Any, model: Any, split: Split, batch_size: int) -> Dic
             ids, bags, dense, scen, _ = peer_batches(split, np.arange(start, min(start + batch_size, split.rows)))
             probs.append(torch.sigmoid(model(model.features(ids, bags, dense, scen))).numpy())
     model.train()
-    return auc_views(schema, split.labels, np.concatenate(probs))
+    p = np.concatenate(probs)
+    return auc_views(schema, split.labels, p), calibration_views(schema, split.labels, p)
 
 
 def peer_main(args: argparse.Namespace) -> int:
@@ -740,11 +761,11 @@ def peer_main(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else 3e-3
     run = peer_train(schema, model, train, args.batch_size, args.epochs, lr, np.random.default_rng(args.seed))
     t0 = time.perf_counter()
-    auc = peer_evaluate(schema, model, evals, args.batch_size)
+    auc, calibration = peer_evaluate(schema, model, evals, args.batch_size)
     eval_s = time.perf_counter() - t0
     result = {"import_s": import_s, "first_step_unix": run.first_step_unix, "samples_per_s": run.rows / max(run.seconds, 1e-9),
               "train_seconds": run.seconds, "eval_seconds": eval_s, "rows_trained": run.rows, "steps": run.steps,
-              "final_loss": run.final_loss, "auc": auc}
+              "final_loss": run.final_loss, "auc": auc, "calibration": calibration}
     print(PEER_MARK + json.dumps(result), flush=True)
     return 0
 
@@ -768,6 +789,7 @@ class RunResult:
     ready_s: Optional[float] = None  # A: process start -> its "train rows" log line (before the loop)
     setup_phases: Dict[str, float] = field(default_factory=dict)  # A: metrics.json throughput.setup_phases
     self_startup_s: Optional[float] = None  # A: its own throughput.startup_s (from /proc, for comparison)
+    calibration: Dict[str, float] = field(default_factory=dict)  # Σ predicted / Σ label per view
 
 
 @dataclass
@@ -875,6 +897,8 @@ def run_side_a(data: Path, arch: str, size: RunSize, run_dir: Path, rep: int, co
     first = tp.get("first_step_unix")
     ready = next((t for t, line in child.lines if "train rows" in line), None)
     auc = {str(r["task"]): float(r["auc"]) for r in result["metrics"] if r.get("scenario") == "all" and "auc" in r}
+    calibration = {str(r["task"]): float(r["calibration"]) for r in result["metrics"]
+                   if r.get("scenario") == "all" and isinstance(r.get("calibration"), (int, float))}
     return RunResult(
         side="A", rep=rep, startup_s=None if first is None else float(first) - child.start_unix,
         import_s=_opt_float(tp.get("import_s")), samples_per_s=float(tp["samples_per_s"]),
@@ -882,7 +906,7 @@ def run_side_a(data: Path, arch: str, size: RunSize, run_dir: Path, rep: int, co
         wall_s=child.end_unix - child.start_unix, auc=auc, cpu_s=child.cpu_s, other_cpu_s=child.other_cpu_s,
         ready_s=None if ready is None else ready - child.start_unix,
         setup_phases={str(k): float(v) for k, v in (tp.get("setup_phases") or {}).items()},
-        self_startup_s=_opt_float(tp.get("startup_s")),
+        self_startup_s=_opt_float(tp.get("startup_s")), calibration=calibration,
     )
 
 
@@ -900,6 +924,7 @@ def run_side_b(data: Path, arch: str, size: RunSize, rep: int) -> RunResult:
         samples_per_s=r["samples_per_s"], train_s=r["train_seconds"], eval_s=r["eval_seconds"],
         wall_s=child.end_unix - child.start_unix, auc={k: float(v) for k, v in r["auc"].items()},
         cpu_s=child.cpu_s, other_cpu_s=child.other_cpu_s,
+        calibration={k: float(v) for k, v in r.get("calibration", {}).items()},
     )
 
 
@@ -939,9 +964,10 @@ def ratios(case: CaseResult) -> List[float]:
     return [a.samples_per_s / b.samples_per_s for a, b in zip(case.side("A"), case.side("peer"))]
 
 
-def median_auc(runs: Sequence[RunResult]) -> Dict[str, float]:
-    keys = sorted({k for r in runs for k in r.auc})
-    return {k: float(statistics.median(r.auc[k] for r in runs if k in r.auc)) for k in keys}
+def median_auc(runs: Sequence[RunResult], attr: str = "auc") -> Dict[str, float]:
+    """Per view, the median over ``runs`` of ``attr`` (auc or calibration)."""
+    keys = sorted({k for r in runs for k in getattr(r, attr)})
+    return {k: float(statistics.median(getattr(r, attr)[k] for r in runs if k in getattr(r, attr))) for k in keys}
 
 
 def side_summary(runs: Sequence[RunResult]) -> Dict[str, Any]:
@@ -952,7 +978,7 @@ def side_summary(runs: Sequence[RunResult]) -> Dict[str, Any]:
     return {"startup_s": stat("startup_s"), "import_s": stat("import_s"), "samples_per_s": stat("samples_per_s"),
             "eval_s": stat("eval_s"), "ready_s": stat("ready_s"), "wall_s": stat("wall_s"), "cpu_s": stat("cpu_s"),
             "other_cpu_s": stat("other_cpu_s"), "auc": median_auc(runs),
-            "auc_runs": [r.auc for r in runs]}
+            "auc_runs": [r.auc for r in runs], "calibration": median_auc(runs, "calibration")}
 
 
 def case_json(case: CaseResult) -> Dict[str, Any]:
@@ -965,6 +991,7 @@ def case_json(case: CaseResult) -> Dict[str, Any]:
         "samples_per_s": sps_a, "eval_s": a["eval_s"]["median"], "auc": a["auc"],
         "peer_startup_s": b["startup_s"]["median"], "peer_import_s": b["import_s"]["median"],
         "peer_samples_per_s": sps_b, "peer_eval_s": b["eval_s"]["median"], "peer_auc": b["auc"],
+        "calibration": a["calibration"], "peer_calibration": b["calibration"],
         "oracle_auc": case.oracle, "a": a, "peer": b, "runs": [asdict(r) for r in case.runs],
     }
 
@@ -989,7 +1016,7 @@ def format_run(case: CaseResult, r: RunResult) -> str:
     return (f"{case.name:<22} {r.side:<4} rep {r.rep}  start-up {startup:>6}s  import {_fmt(r.import_s):>5}s  "
             f"{r.samples_per_s:>9,.0f} samples/s  train {r.train_s:6.1f}s  eval {_fmt(r.eval_s, '.2f'):>5}s  "
             f"wall {r.wall_s:5.1f}s  cpu {r.cpu_s:5.1f}s  other {_fmt(r.other_cpu_s)}s{'!' if noisy(r) else ''}  "
-            f"AUC {_fmt_auc(r.auc)}")
+            f"AUC {_fmt_auc(r.auc)}  calibration {'  '.join(f'{k} {v:.3f}' for k, v in r.calibration.items())}")
 
 
 def noisy(r: RunResult) -> bool:
