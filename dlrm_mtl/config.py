@@ -227,6 +227,17 @@ class LossConfig:
 
 
 @dataclass
+class PredictConfig:
+    """Scores of ``dlrm-mtl predict`` and of the exported model (docs/serving.md)."""
+
+    # fused ranking score (PLE, Tang et al. 2020, eq. 1): Π p_name ^ w_name over prediction
+    # names (a task's own probability by its name, a chained task's entire-space one by its
+    # entire name, e.g. {ctr: 1, ctcvr: 2}); {} = weight 1 on the entire-space probability of
+    # every task that is no other task's parent (pCTCVR for ctr -> cvr)
+    fusion: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,6 +245,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     # where load() read each key from (not a field: not saved, compared or printed)
     _origins: ClassVar[Origins] = {}
 
@@ -431,6 +443,16 @@ def check_values(cfg: Config, schema: "Schema") -> None:
     _check_loss(cfg)
     _check_tables(cfg, schema)
     _check_interaction(cfg, schema)
+    _check_fusion(cfg, schema)
+
+
+def _check_fusion(cfg: Config, schema: "Schema") -> None:
+    from dlrm_mtl.scoring import fusion_weights
+
+    try:
+        fusion_weights(schema, cfg.predict.fusion)
+    except ValueError as e:
+        raise cfg.error("predict.fusion", str(e)) from None
 
 
 # the least value of each integer field of a layer (a count or size below it builds nothing)
