@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -152,6 +153,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    quiet_third_party_logs()
+    from dlrm_mtl.config import Config, check
+    from dlrm_mtl.schema import Schema
+
+    cfg = Config.load(args.config, args.set)
+    check(cfg, Schema.load(cfg.data.schema_path()))  # before the process group starts
+    from dlrm_mtl.predict import predict
+
+    out = predict(cfg, args.checkpoint, args.data, args.out, keep=args.keep)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dlrm_mtl] predict: {out['rows']:,} rows scored into {args.out} ({out['parts']} part(s), "
+              f"{out['seconds']:.1f}s)", flush=True)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     import json
 
@@ -253,6 +270,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--data", default=None, help="default: data.eval of the config")
     e.add_argument("--out", required=True, help="directory for metrics.json")
     e.set_defaults(fn=_evaluate)
+
+    pr = sub.add_parser("predict", help="per-row probabilities and fused score of a checkpoint, to Parquet (one or several ranks)")
+    pr.add_argument("--config", required=True, help="the run's config (RUN_DIR/config.yaml)")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. predict.fusion={ctr: 1, ctcvr: 2}")
+    pr.add_argument("--checkpoint", required=True, help="e.g. RUN_DIR/checkpoints/final")
+    pr.add_argument("--data", required=True, help="Parquet file, directory, glob or URI to score (labels may be absent)")
+    pr.add_argument("--out", required=True, help="new directory: part-<rank>.parquet, then _SUCCESS")
+    pr.add_argument("--keep", nargs="*", default=[], help="input columns copied to the output (user id, request id, ...)")
+    pr.set_defaults(fn=_predict)
 
     pl = sub.add_parser("plan", help="print the TorchRec sharding plan for a world size, without training")
     pl.add_argument("--config", action="append", default=[], help="YAML config file; repeat to compose (later files override earlier)")

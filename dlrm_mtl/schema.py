@@ -393,6 +393,14 @@ class Schema:
                 cols.append(c)
         return cols
 
+    def training_columns(self) -> List[str]:
+        """Columns only training and evaluation read (labels, weight, user, position-bias
+        features, oracles): scoring new rows does without them."""
+        cols = [t.label for t in self.tasks] + [t.oracle for t in self.tasks if t.oracle]
+        cols += ([self.weight] if self.weight else []) + ([self.user_id] if self.user_id else [])
+        cols += list(self.position_bias.features) if self.position_bias else []
+        return cols
+
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -127,3 +127,58 @@ def evaluate(
         args, overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
         j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
     )
+
+
+def predict(
+    *overrides: str,
+    config: str,
+    checkpoint: str,
+    data: str,
+    out: str,
+    keep: str = "",
+    j: str = "1x2",
+    image: str = "",
+    name: str = "/dlrm-mtl-predict",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    rdzv_backend: str = "c10d",
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Scores Parquet rows with a dlrm_mtl checkpoint: one ``part-<rank>.parquet`` per rank,
+    then ``_SUCCESS`` (any world size: tables are resharded on load)::
+
+        torchx run -s local_cwd launchers/dlrm_mtl_train.py:predict -j 1x2 --config runs/demo/config.yaml \\
+            --checkpoint runs/demo/checkpoints/final --data data/synthetic/eval --out runs/demo/pred --keep user_id
+
+    Args:
+        overrides: config overrides KEY=VALUE, passed as ``--set KEY=VALUE`` (e.g. predict.fusion={ctr: 1, ctcvr: 2})
+        config: the run's config (RUN_DIR/config.yaml)
+        checkpoint: checkpoint directory, e.g. RUN_DIR/checkpoints/final
+        data: Parquet file, directory, glob or URI to score
+        out: new output directory
+        keep: comma-separated input columns copied to the output (user id, request id, ...)
+        j: {nnodes}x{nproc_per_node}
+        image: container image, or the working directory for local_cwd (default: cwd)
+        name: job name
+        h: named resource (overrides cpu/gpu/memMB)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+        env: extra environment variables
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on rank 0's host (multi-node)
+        rdzv_backend: rendezvous backend
+        mounts: mounts for container schedulers
+    """
+    args = ["predict", "--config", config, "--checkpoint", checkpoint, "--data", data, "--out", out]
+    if keep:
+        args += ["--keep"] + [k for k in keep.split(",") if k]
+    return _dlrm_mtl_job(
+        args, overrides, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+        j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
+    )

@@ -230,12 +230,17 @@ class RowGroupConverter:
     float32, schema ``position_bias``) and ``user`` int64 (schema ``user_id``) when declared.
     """
 
-    def __init__(self, schema: Schema, with_oracle: bool = True, filesystem: Optional[pa.fs.FileSystem] = None) -> None:
+    def __init__(self, schema: Schema, with_oracle: bool = True, filesystem: Optional[pa.fs.FileSystem] = None,
+                 labels_optional: bool = False) -> None:
         self.schema = schema
         self.filesystem = filesystem
         self.format = ds.ParquetFileFormat()
         self.with_oracle = with_oracle and all(t.oracle for t in schema.tasks)
         self.columns = schema.columns(with_oracle=self.with_oracle)
+        # scoring new rows (dlrm-mtl predict): the training-only columns may be absent; a
+        # missing label is an unknown label (mask false), a missing weight 1, a missing user
+        # or position-bias feature unused by the model's forward
+        self.optional = set(schema.training_columns()) if labels_optional else set()
         self.counters: Dict[str, int] = {}
         self._lock = threading.Lock()
         self.id_kinds = IdKinds(hashed_id_columns(schema))  # also checked per row group read
@@ -249,12 +254,13 @@ class RowGroupConverter:
     def read(self, group: RowGroup) -> pa.Table:
         try:
             frag = self.format.make_fragment(group.path, self.filesystem, row_groups=[group.index])
-            missing = [c for c in self.columns if c not in frag.physical_schema.names]
+            present = set(frag.physical_schema.names)
+            missing = [c for c in self.columns if c not in present and c not in self.optional]
             if missing:
                 raise DataError(f"{group.path}: missing column(s) {missing} required by schema {self.schema.name!r}")
             # decoded on this thread: the reader's own workers parallelise across row groups, and
             # pyarrow's pool would otherwise take the cores the training step's threads run on
-            table = frag.to_table(columns=self.columns, use_threads=False)
+            table = frag.to_table(columns=[c for c in self.columns if c in present], use_threads=False)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{group.path}: row group {group.index}: cannot read: {e}") from None
         return self.convert(table, group)
@@ -395,6 +401,9 @@ class RowGroupConverter:
             out["scenario:" + lvl.name] = pa.array(xf.astype(np.int64))
         labels: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for task in s.tasks:
+            if task.label not in t.column_names:  # an optional label column absent: unknown labels
+                labels[task.name] = (np.zeros(n, np.float32), np.zeros(n, bool))
+                continue
             col = t[task.label]
             if pa.types.is_boolean(col.type):
                 col = pc.cast(col, pa.int8())
@@ -421,7 +430,7 @@ class RowGroupConverter:
                     raise fail(task.label, int(np.argmax(bad)), f"positive {task.name!r} label on a row whose parent {task.parent!r} is 0")
             out["label:" + task.name] = pa.array(y)
             out["mask:" + task.name] = pa.array(valid)
-        if s.weight:
+        if s.weight and s.weight in t.column_names:
             w = t[s.weight].to_numpy(zero_copy_only=False).astype(np.float32)
             if not np.isfinite(w).all() or (w < 0).any():
                 raise fail(s.weight, int(np.argmax(~np.isfinite(w) | (w < 0))), "weight must be finite and >= 0")
@@ -430,11 +439,14 @@ class RowGroupConverter:
             out["weight"] = pa.array(np.ones(n, dtype=np.float32))
         if self.with_oracle:
             for task in s.tasks:
-                out["oracle:" + task.name] = pc.cast(t[task.oracle], pa.float32()).combine_chunks()
+                out["oracle:" + task.name] = (pc.cast(t[task.oracle], pa.float32()).combine_chunks() if task.oracle in t.column_names
+                                              else pa.array(np.full(n, np.nan, np.float32)))
         if s.position_bias is not None:
             feats = s.position_bias.features
             bias = np.zeros((n, len(feats)), dtype=np.float32)
             for j, c in enumerate(feats):
+                if c not in t.column_names:  # optional (scoring): the bias tower is training-only
+                    continue
                 col = t[c]
                 if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
                     raise DataError(f"{group.path}: column {c!r}: expected a numeric bias feature, got {col.type}")
@@ -443,7 +455,9 @@ class RowGroupConverter:
                     raise fail(c, int(np.argmax(~np.isfinite(x))), "null or non-finite bias feature")
                 bias[:, j] = x
             out["bias"] = pa.FixedSizeListArray.from_arrays(pa.array(bias.reshape(-1)), len(feats))
-        if s.user_id:
+        if s.user_id and s.user_id not in t.column_names:  # optional (scoring): GAUC only
+            out["user"] = pa.array(np.full(n, -1, np.int64))
+        elif s.user_id:
             col = t[s.user_id].combine_chunks()
             if col.null_count:
                 raise fail(s.user_id, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null user id")
