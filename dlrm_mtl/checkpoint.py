@@ -2,7 +2,7 @@
 
 A checkpoint is one directory under ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
 
-    step_000000120/                 # or final/
+    step_000000120/                 # or final/, best/
         .metadata, __R_0.distcp     # torch.distributed.checkpoint: "model" (sharded tables, dense
                                     # params, loss state) and "optim" (fused table + dense states)
         trainer/state.json          # step, epoch, data position, LR schedule, plan, config
@@ -16,7 +16,9 @@ non-tensor items with ``weights_only=True``; anything else is refused (``UnsafeC
 
 Writing is atomic: everything goes to ``.tmp-NAME`` (files fsynced), the directory is renamed
 to ``NAME`` and only then ``COMPLETE`` is written (via a fsynced temp file and a rename), so a
-process killed at any moment leaves either a complete checkpoint or one that is ignored.
+process killed at any moment leaves either a complete checkpoint or one that is ignored. A
+fixed name that exists already (``final``, ``best``: the best evaluation so far, never pruned)
+is replaced so that a crash leaves the old or the new one complete (:func:`_replace_dir`).
 
 Example::
 
@@ -30,7 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -315,6 +319,9 @@ class TrainProgress:
     train_seconds: float = 0.0
     rows_trained: int = 0
     padding_rows: int = 0
+    # the tracked metric of train.early_stopping so far (best value and step, evaluations
+    # without improvement, where it stopped): ``state.json["tracker"]``, see dlrm_mtl/train.py
+    tracker: Dict[str, Any] = field(default_factory=dict)
 
     def enter_epoch(self, stream: ParquetStream, epoch: int, cfg: Config) -> int:
         """Positions ``stream`` at this epoch's next batch; returns the steps left in the epoch.
@@ -364,6 +371,47 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Swaps the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``: ext4, xfs, btrfs, tmpfs); False where the C library or the file
+    system does not offer it. Other errors raise OSError."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_dir(new: Path, target: Path, trash: Path) -> None:
+    """Puts the complete checkpoint ``new`` in place of the complete ``target`` (a fixed name:
+    ``final``, ``best``) so that a crash at any moment leaves one of the two complete.
+
+    Where the file system can exchange two directories atomically, ``target`` is the old or
+    the new checkpoint at every moment (the old one ends at ``new`` and is removed). Elsewhere
+    ``target`` is renamed to ``trash`` and ``new`` to ``target``: a crash between the two
+    renames leaves no ``target`` but the old checkpoint complete in ``trash``, and the next
+    start of the run puts it back (``CheckpointManager._remove_incomplete``)."""
+    if _exchange_dirs(new, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    if trash.exists():  # left by a removal that failed earlier in this run; target is complete
+        shutil.rmtree(trash)
+    os.replace(target, trash)
+    os.replace(new, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -567,8 +615,9 @@ class CheckpointManager:
         self._barrier()
 
     def _remove_incomplete(self) -> None:
-        # a complete checkpoint set aside while a new one of the same name (``final``) was being
-        # put in place: restore it unless the new one got its COMPLETE marker
+        # a complete checkpoint set aside while a new one of the same name (``final``, ``best``)
+        # was being put in place where directories cannot be exchanged atomically (see
+        # :func:`_replace_dir`): restore it unless the new one is complete
         for trash in self.root.glob(".trash-*"):
             target = self.root / trash.name[len(".trash-"):]
             if is_complete(trash) and not is_complete(target):
@@ -576,7 +625,7 @@ class CheckpointManager:
                 os.replace(trash, target)
         for p in self.root.iterdir():
             if p.name.startswith(".tmp-") or p.name.startswith(".trash-") or (
-                    p.is_dir() and (p.name == "final" or _STEP_DIR.match(p.name)) and not is_complete(p)):
+                    p.is_dir() and (p.name in ("final", "best") or _STEP_DIR.match(p.name)) and not is_complete(p)):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _barrier(self) -> None:
@@ -637,15 +686,15 @@ class CheckpointManager:
         if self.env.is_main:
             try:
                 _fsync_dir(tmp)
-                trash = self.root / f".trash-{name}"
-                if final.exists():
-                    os.replace(final, trash)
-                os.replace(tmp, final)
-                _fsync_dir(self.root)
                 marker = {"step": progress.step, "epoch": progress.epoch, "world_size": self.env.world_size,
                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format": FORMAT_VERSION}
-                _write_durable(final / COMPLETE, json.dumps(marker).encode())
-                shutil.rmtree(trash, ignore_errors=True)
+                if final.exists():  # a fixed name (final, best): swap the complete new one in
+                    _write_durable(tmp / COMPLETE, json.dumps(marker).encode())
+                    _replace_dir(tmp, final, self.root / f".trash-{name}")
+                else:
+                    os.replace(tmp, final)
+                    _fsync_dir(self.root)
+                    _write_durable(final / COMPLETE, json.dumps(marker).encode())
                 self._prune()
             except OSError as e:
                 error = str(e)
@@ -699,6 +748,7 @@ class CheckpointManager:
             "plan": self.plan,
             "data_fingerprint": self.fingerprint,
             "config": self.cfg.to_dict(),
+            "tracker": dict(progress.tracker),
         }
 
     # ---------------------------------------------------------------- resuming
@@ -712,6 +762,11 @@ class CheckpointManager:
             if mode in ("auto",) or (mode == "" and restarted):
                 latest = latest_checkpoint(self.root)
                 choice[0] = str(latest) if latest else None
+            elif mode == "best":
+                best = self.root / "best"
+                if not is_complete(best):
+                    error = f"checkpoint.resume=best: {best} is not a complete checkpoint (checkpoint.keep_best writes it)"
+                choice[0] = str(best)
             elif mode not in ("", "none"):
                 if not is_complete(Path(mode)):
                     error = f"checkpoint.resume={mode}: not a complete checkpoint (no COMPLETE marker or no .metadata)"
@@ -764,7 +819,7 @@ class CheckpointManager:
                 "than when it was written; the position within the epoch would be meaningless (restore the data, "
                 "or resume from a checkpoint written at an epoch boundary)")
         progress = TrainProgress(step=int(state["step"]), epoch=int(state["epoch"]), segments=segments,
-                                 train_seconds=float(state["train_seconds"]))
+                                 train_seconds=float(state["train_seconds"]), tracker=dict(state.get("tracker") or {}))
         same_world = int(state["world_size"]) == self.env.world_size
         self._restore_rank_state(path, same_world, progress)
         if audit and self.env.is_main:

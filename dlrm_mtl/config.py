@@ -140,6 +140,21 @@ class ShardingConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """The metric every evaluation is judged by: early stopping and ``checkpoint.keep_best``
+    (docs/checkpoints.md, "Best checkpoint and early stopping")."""
+
+    metric: str = "auc"  # a key of the metric rows: auc, gauc, logloss, ne, calibration, mse, mae, ...
+    # a prediction name (ctr, cvr, ctcvr, ...; its `all` row), "all" (the mean over the tasks'
+    # `all` rows that have the metric) or "" (the entire-space prediction of the schema's last
+    # task that has the metric: ctcvr for ctr -> cvr)
+    task: str = ""
+    mode: str = "max"  # max | min: which way is better
+    patience: int = 0  # stop after this many evaluations without improvement (0: never stop)
+    min_delta: float = 0.0  # an improvement must beat the best value by more than this
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/demo"
     epochs: int = 1
@@ -170,6 +185,13 @@ class TrainConfig:
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50
     eval_every_epoch: bool = True
+    # evaluate every N optimizer steps inside an epoch too (0: off); each evaluation is logged
+    # at its step and read by early stopping and checkpoint.keep_best (docs/checkpoints.md)
+    eval_every_steps: int = 0
+    # evaluate the first rows of the eval set only (0: all of it): ceil(eval_rows / (batch_size x
+    # world size)) batches per rank, the same count on every rank
+    eval_rows: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     progress: bool = True  # rank 0 prints a line per log window: step, rows, loss, samples/s, epoch ETA
 
 
@@ -180,11 +202,13 @@ class CheckpointConfig:
     dir: str = ""  # default: <train.run_dir>/checkpoints
     every_steps: int = 0  # save every N optimizer steps (0: off)
     every_minutes: float = 0.0  # save when M minutes passed since the last one (0: off)
-    keep_last: int = 3  # complete step checkpoints kept (the final one is always kept)
+    keep_last: int = 3  # complete step checkpoints kept (final and best are always kept)
+    # save `best` at every evaluation that improves train.early_stopping's metric (never pruned)
+    keep_best: bool = True
     at_end: bool = True  # save `final` when training ends
     # "" = resume from the latest complete checkpoint only when the launcher restarted the job
     # (torchrun's TORCHELASTIC_RESTART_COUNT > 0), else start fresh; "auto" = the latest complete
-    # one if any; "none" = never; or a checkpoint directory
+    # one if any; "none" = never; "best" = <checkpoint.dir>/best; or a checkpoint directory
     resume: str = ""
     # load the weights only and start the optimizer state afresh (the fallback where TorchRec
     # cannot reshard a state, e.g. row-wise Adagrad to/from column_wise); step, epoch and
@@ -444,6 +468,7 @@ def check_values(cfg: Config, schema: "Schema") -> None:
     _check_tables(cfg, schema)
     _check_interaction(cfg, schema)
     _check_fusion(cfg, schema)
+    _check_early_stopping(cfg, schema)
 
 
 def _check_fusion(cfg: Config, schema: "Schema") -> None:
@@ -508,6 +533,61 @@ def _check_train(cfg: Config) -> None:
     _one_of(cfg, "train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _one_of(cfg, "train.backend", t.backend, ("auto", "gloo", "nccl"))
     _one_of(cfg, "train.pipeline", t.pipeline, ("auto", "sparse_dist", "none"))
+    _at_least(cfg, "train.eval_every_steps", t.eval_every_steps, 0)
+    _at_least(cfg, "train.eval_rows", t.eval_rows, 0)
+    es = t.early_stopping
+    _one_of(cfg, "train.early_stopping.mode", es.mode, ("max", "min"))
+    _at_least(cfg, "train.early_stopping.patience", es.patience, 0)
+    _at_least(cfg, "train.early_stopping.min_delta", es.min_delta, 0)
+    _one_of(cfg, "train.early_stopping.metric", es.metric, BINARY_METRICS + REGRESSION_METRICS)
+
+
+# metric keys of the metric rows (dlrm_mtl/metrics.py) early stopping can track, by view type
+BINARY_METRICS: Tuple[str, ...] = ("auc", "gauc", "oracle_auc", "logloss", "ne", "calibration", "positive_rate")
+REGRESSION_METRICS: Tuple[str, ...] = ("mse", "mae", "oracle_mse", "label_mean", "pred_mean")
+
+
+def tracked_predictions(schema: "Schema", metric: str, task: str) -> List[str]:
+    """The prediction names whose ``all`` rows ``train.early_stopping`` averages (one, unless
+    ``task`` is ``all``): ``task`` itself, every prediction with ``metric`` (``all``), or the
+    entire-space prediction of the last task with ``metric`` (``""``). Raises ValueError
+    when the prediction has no such metric or none has it."""
+    from dlrm_mtl.scoring import prediction_names
+
+    regression = {t.name for t in schema.tasks if t.type == "regression"}
+    gauc_ok = schema.user_id is not None
+
+    def has(name: str) -> bool:
+        if name in regression:
+            return metric in REGRESSION_METRICS
+        return metric in BINARY_METRICS and (metric != "gauc" or gauc_ok)
+
+    names = prediction_names(schema)
+    if task == "all":
+        found = [n for n in names if has(n)]
+    elif task == "":
+        last = [t for t in schema.tasks if has(t.name if t.type == "regression" else schema.entire_name(t))]
+        found = [] if not last else [last[-1].name if last[-1].type == "regression" else schema.entire_name(last[-1])]
+    elif task not in names:
+        raise ValueError(f"{task!r} is not a prediction of this schema; known: {names} (or all)")
+    else:
+        found = [task] if has(task) else []
+        if not found:
+            raise ValueError(f"prediction {task!r} has no {metric!r} metric")
+    if not found:
+        raise ValueError(f"no prediction of this schema has a {metric!r} metric" + ("" if gauc_ok or metric != "gauc" else " (gauc needs the schema's user_id)"))
+    return found
+
+
+def _check_early_stopping(cfg: Config, schema: "Schema") -> None:
+    es = cfg.train.early_stopping
+    if es.patience == 0 and not cfg.checkpoint.keep_best:
+        return  # nothing reads the metric
+    try:
+        tracked_predictions(schema, es.metric, es.task)
+    except ValueError as e:
+        key = "train.early_stopping.task" if es.task else "train.early_stopping.metric"
+        raise cfg.error(key, f"{e} (early stopping and checkpoint.keep_best track it)") from None
 
 
 def _check_checkpoint(cfg: Config) -> None:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,21 +35,27 @@ from dlrm_mtl.utilisation import ExpertUtilisation
 
 def evaluate(
     dmp: torch.nn.Module, stream: ParquetStream, schema: Schema, device: torch.device,
-    utilisation: Optional[ExpertUtilisation] = None,
+    utilisation: Optional[ExpertUtilisation] = None, max_batches: int = 0,
 ) -> List[Dict[str, object]]:
-    """Runs the model over ``stream`` and returns exact, rank-merged metric rows (and fills
-    ``utilisation`` with the gate weights, when given)."""
+    """Runs the model over ``stream`` and returns exact, rank-merged metric rows, identical on
+    every rank (and fills ``utilisation`` with the gate weights, when given). ``max_batches``
+    > 0: the stream's first batches only; every rank must pass the same number (its stream
+    is padded to the longest rank's length, so each rank then runs the same forwards)."""
     acc = MetricAccumulator(schema)
     dmp.eval()
-    with torch.no_grad():
-        for i, batch in enumerate(stream):
-            report(i, "eval batch")
-            stop_point("eval", i, stream.rank)
-            batch = batch.to(device, non_blocking=True)
-            _, (logits, _, gates, _) = dmp(batch)
-            acc.update(batch, logits)
-            if utilisation is not None:
-                utilisation.update(gates, batch.scenario, batch.real)
+    batches = iter(stream)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(itertools.islice(batches, max_batches or None)):
+                report(i, "eval batch")
+                stop_point("eval", i, stream.rank)
+                batch = batch.to(device, non_blocking=True)
+                _, (logits, _, gates, _) = dmp(batch)
+                acc.update(batch, logits)
+                if utilisation is not None:
+                    utilisation.update(gates, batch.scenario, batch.real)
+    finally:
+        batches.close()  # a stream stopped early: its reader thread ends now, not at garbage collection
     dmp.train()
     return acc.compute()
 

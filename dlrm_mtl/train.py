@@ -2,12 +2,15 @@
 
 Writes into ``train.run_dir``: ``config.yaml``, ``plan.json`` (table -> sharding), TensorBoard
 events under ``tb/``, checkpoints under ``checkpoints/`` (``step_N`` every ``checkpoint.every_steps``
-/ ``every_minutes``, ``final`` at the end; see :mod:`dlrm_mtl.checkpoint`) and ``metrics.json``::
+/ ``every_minutes``, ``final`` at the end, ``best`` at every evaluation that improves
+``train.early_stopping``'s metric; see :mod:`dlrm_mtl.checkpoint`) and ``metrics.json``::
 
     {"metrics": [{"scenario", "task", "auc", "oracle_auc", "logloss", "calibration", "count", ...}],
      "throughput": {"samples_per_s", "train_seconds", "eval_seconds", "steps", "world_size",
                     "import_s", "startup_s", "first_step_unix", "setup_phases": {...}},
-     "plan": {...}, "loss": {...}}
+     "plan": {...}, "loss": {...},
+     "best": {"metric", "predictions", "value", "step", ...},           # when an evaluation was tracked
+     "early_stopped": {"step", "best_step", "best_value", "metric"}}    # when early stopping ended it
 
 The loop is a handful of functions with one job each: :func:`setup_run` builds everything a
 run needs (:class:`TrainRun`), :func:`train_step` is one optimizer step, :class:`LogWindow`
@@ -431,13 +434,23 @@ def _save_step_checkpoint(run: TrainRun, window: LogWindow, totals: Totals, t0: 
     run.ckpt.save(run.dmp, run.optimizer, run.scheduler, run.progress, audit=run.audit)
 
 
+def eval_due(cfg: Config, step: int) -> bool:
+    """Whether ``train.eval_every_steps`` asks for an evaluation after global ``step``."""
+    return cfg.train.eval_every_steps > 0 and step % cfg.train.eval_every_steps == 0
+
+
 def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional[Callable[[], None]] = None,
-              on_step_end: Optional[Callable[[int, bool], None]] = None) -> None:
-    """Trains one epoch (or what is left of it after a resume): steps, windows, checkpoints.
+              on_step_end: Optional[Callable[[int, bool], None]] = None, evals: Optional[Evaluations] = None) -> bool:
+    """Trains one epoch (or what is left of it after a resume): steps, windows, checkpoints,
+    and with ``evals`` the evaluations of ``train.eval_every_steps`` inside it (one due at the
+    epoch's last step is left to the caller's evaluation after the epoch). Returns True when
+    early stopping ended training within the epoch; the epoch then stays unfinished, its
+    data position that of the last step trained.
 
     ``on_first_step()`` runs before the first step, ``on_step_end(step, logged)`` after every
     iteration (``tools/count_ops.py`` counts operators per iteration with it)."""
     cfg, env, progress = run.cfg, run.env, run.progress
+    stopped = False
     steps = progress.enter_epoch(run.train_stream, epoch, cfg)  # steps left (all, unless resumed)
     t0 = time.perf_counter()
     window = LogWindow(env.device)
@@ -467,20 +480,33 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
                 run.audit.record(step, epoch)
             fault_point("step", step, env.rank)
             stop_point("step", step, env.rank)
+            evaluated = evals is not None and i < steps - 1 and eval_due(cfg, step)
+            if evaluated:  # before a checkpoint of this step, so that it records this evaluation
+                assert evals is not None
+                log_window(run, window, totals, terms, gates, step, epoch, i, steps)  # every row in totals
+                t_eval = time.perf_counter()
+                stopped = evaluate_during_training(run, evals, totals, f"epoch {epoch} step {i + 1}/{steps}",
+                                                   totals.train_seconds + t_eval - t0)
+                t0 += time.perf_counter() - t_eval  # training time leaves the evaluation out
+                window.reset()
             if run.ckpt.due(step):
                 _save_step_checkpoint(run, window, totals, t0)
-            logged = step % cfg.train.log_every == 0 or i == steps - 1
+            logged = not evaluated and (step % cfg.train.log_every == 0 or i == steps - 1)
             if logged:
                 log_window(run, window, totals, terms, gates, step, epoch, i, steps)
             if on_step_end is not None:
-                on_step_end(step, logged)
+                on_step_end(step, logged or evaluated)
+            if stopped:
+                break
     finally:
         # stop the reader threads now (max_steps leaves the stream unfinished): an abandoned
         # generator would only be closed by the garbage collector, and a reader thread still
         # inside pyarrow at interpreter exit can abort the process
         epoch_iter.close()
     totals.train_seconds += time.perf_counter() - t0
-    progress.finish_epoch()
+    if not stopped:
+        progress.finish_epoch()
+    return stopped
 
 
 def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:
@@ -493,14 +519,31 @@ def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:
     return counters
 
 
-def _evaluate_epoch(run: TrainRun, epoch: int, step: int, last_epoch: bool) -> Tuple[List[Dict[str, object]], Dict[str, Any]]:
-    """Evaluation after an epoch: exact metrics, expert utilisation, TensorBoard scalars."""
+def eval_batches(cfg: Config, world_size: int) -> int:
+    """Batches per rank of an evaluation during training: ``ceil(train.eval_rows / (batch_size x
+    world size))``, the same on every rank (0: the whole eval set). The ranks' streams are
+    padded to one length, so no rank waits for another in the metrics' collectives; the rows
+    evaluated are the first of each rank's share, ``eval_rows`` or a little more (fewer where
+    the eval set or a rank's share runs out)."""
+    if cfg.train.eval_rows <= 0:
+        return 0
+    return -(-cfg.train.eval_rows // (cfg.data.batch_size * world_size))
+
+
+def _evaluate_epoch(run: TrainRun, label: str, step: int, reattach: bool) -> Tuple[List[Dict[str, object]], Dict[str, Any]]:
+    """One evaluation during training (after an epoch, or every ``train.eval_every_steps``
+    within one): exact metrics, expert utilisation, TensorBoard scalars at ``step``.
+
+    The training stream is not touched (the eval stream is a stream of its own), and batches
+    TorchRec's pipeline already holds stay in it: ``detach()`` keeps them and ``attach()``
+    continues with them (``reattach``; not after the last epoch)."""
     if run.pipeline is not None:
         run.pipeline.detach()  # the plain forward for evaluation; attach() again after
     util = ExpertUtilisation(run.schema)
-    metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device, util)
+    metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device, util,
+                       max_batches=eval_batches(run.cfg, run.env.world_size))
     utilisation = log_utilisation(util, run.writer, step)
-    if run.pipeline is not None and not last_epoch:
+    if run.pipeline is not None and reattach:
         run.pipeline.attach(run.dmp)
     if run.writer is not None:
         for r in metrics:
@@ -508,13 +551,192 @@ def _evaluate_epoch(run: TrainRun, epoch: int, step: int, last_epoch: bool) -> T
                 v = r.get(key)
                 if isinstance(v, float) and not math.isnan(v):
                     run.writer.add_scalar(f"eval_{key}/{r['task']}/{r['scenario']}", v, step)
-    _log(run.env, f"epoch {epoch} eval:\n" + format_table(metrics))
+    _log(run.env, f"{label} eval (step {step}):\n" + format_table(metrics))
     return metrics, utilisation
 
 
+# --------------------------------------------------------------------------- best model, early stopping
+
+
+def scripted_metric(value: float, index: int) -> float:
+    """Test hook (tests/test_best_checkpoint.py): ``DLRM_MTL_TEST_METRIC_SCRIPT="0.61,0.65,0.6"``
+    replaces the tracked metric of the run's evaluation ``index`` (0-based, counted over
+    resumes) by the listed value; evaluations beyond the list keep their real value."""
+    script = os.environ.get("DLRM_MTL_TEST_METRIC_SCRIPT", "")
+    values = [float(v) for v in script.split(",") if v.strip()]
+    return values[index] if index < len(values) else value
+
+
+def tracked_value(metrics: List[Dict[str, object]], predictions: List[str], metric: str) -> float:
+    """The mean of ``metric`` over the ``all`` rows of ``predictions`` (NaN where one lacks it)."""
+    rows = {r["task"]: r for r in metrics if r["scenario"] == "all"}
+    values = [rows.get(p, {}).get(metric) for p in predictions]
+    if not values or any(not isinstance(v, (int, float)) for v in values):
+        return math.nan
+    return float(sum(values)) / len(values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Tracker:
+    """``train.early_stopping``'s metric over the run's evaluations: the best value and its
+    step, evaluations since the last improvement. Its :meth:`state` rides in every checkpoint
+    (``TrainProgress.tracker``), so a resumed run judges its evaluations as the original would."""
+
+    predictions: List[str]
+    metric: str
+    mode: str
+    patience: int
+    min_delta: float
+    best_value: float = math.nan
+    best_step: int = -1
+    bad_evals: int = 0
+    evaluations: int = 0
+    stopped_step: int = -1
+
+    @classmethod
+    def from_config(cls, cfg: Config, schema: Schema, state: Dict[str, Any]) -> "Tracker":
+        """The tracker of ``cfg``, continuing ``state`` (a checkpoint's) when that tracked the same metric."""
+        from dlrm_mtl.config import tracked_predictions
+
+        es = cfg.train.early_stopping
+        try:
+            predictions = tracked_predictions(schema, es.metric, es.task)
+        except ValueError:  # config.check allows it only when neither early stopping nor keep_best reads it
+            predictions = []
+        t = cls(predictions, es.metric, es.mode, es.patience, es.min_delta)
+        if state and [state.get("predictions"), state.get("metric"), state.get("mode")] == [predictions, es.metric, es.mode]:
+            t.best_value, t.best_step = float(state["best_value"]), int(state["best_step"])
+            t.bad_evals, t.evaluations = int(state["bad_evals"]), int(state["evaluations"])
+            t.stopped_step = int(state.get("stopped_step", -1)) if t.should_stop() else -1  # a larger patience goes on
+        return t
+
+    @property
+    def name(self) -> str:
+        """``auc of ctcvr`` (or ``auc of all (ctr, cvr, ctcvr)``)."""
+        return f"{self.metric} of {self.predictions[0] if len(self.predictions) == 1 else 'all (' + ', '.join(self.predictions) + ')'}"
+
+    def observe(self, value: float, step: int) -> bool:
+        """Counts one evaluation; True when ``value`` improves on the best by more than
+        ``min_delta`` (the first evaluation improves unless NaN; NaN never does)."""
+        self.evaluations += 1
+        if math.isnan(self.best_value):
+            better = not math.isnan(value)
+        elif self.mode == "max":
+            better = value > self.best_value + self.min_delta
+        else:
+            better = value < self.best_value - self.min_delta
+        if better:
+            self.best_value, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state(self) -> Dict[str, Any]:
+        return {"metric": self.metric, "predictions": list(self.predictions), "mode": self.mode,
+                "best_value": self.best_value, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "evaluations": self.evaluations, "stopped_step": self.stopped_step}
+
+
+@dataclass
+class Evaluations:
+    """The evaluations of a run so far: the latest metric rows and utilisation, the seconds
+    they took, and the tracked metric."""
+
+    tracker: Tracker
+    metrics: List[Dict[str, object]] = field(default_factory=list)
+    utilisation: Dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _judge(run: TrainRun, evals: Evaluations, step: int) -> Tuple[bool, bool]:
+    """Reads the tracked metric of the latest evaluation; returns (improved, stop). Rank 0's
+    value decides for every rank (the metric rows are merged over the ranks and equal on all
+    of them already; the broadcast makes every rank take the same decision by construction)."""
+    tracker = evals.tracker
+    if not tracker.predictions:
+        return False, False
+    value = scripted_metric(tracked_value(evals.metrics, tracker.predictions, tracker.metric), tracker.evaluations)
+    value = float(broadcast_host(torch.tensor([value], dtype=torch.float64))[0])
+    improved = tracker.observe(value, step)
+    if run.writer is not None and not math.isnan(value):
+        run.writer.add_scalar(f"early_stopping/{tracker.metric}", value, step)
+    _log(run.env, f"step {step}: {tracker.name} {value:.6f}"
+                  + (" (best so far)" if improved else f", best {tracker.best_value:.6f} at step {tracker.best_step}, "
+                     f"{tracker.bad_evals} evaluation(s) without improvement"))
+    stop = tracker.should_stop()
+    if stop:
+        tracker.stopped_step = step
+        _log(run.env, f"early stopping at step {step}: {tracker.name} {value:.6f} has not improved by more than "
+                      f"{tracker.min_delta:g} for {tracker.bad_evals} evaluation(s); best {tracker.best_value:.6f} "
+                      f"at step {tracker.best_step}")
+    return improved, stop
+
+
+def evaluate_during_training(run: TrainRun, evals: Evaluations, totals: Totals, label: str, train_seconds: float,
+                             reattach: bool = True) -> bool:
+    """Evaluates now (:func:`_evaluate_epoch`), judges the tracked metric (:func:`_judge`),
+    saves ``checkpoints/best`` when it improved (``checkpoint.keep_best``); returns whether
+    training stops early. ``totals`` must hold every trained row (the log window closed) and
+    ``train_seconds`` the training time so far: both go into the best checkpoint."""
+    t = time.perf_counter()
+    progress, step = run.progress, run.progress.step
+    evals.metrics, evals.utilisation = _evaluate_epoch(run, label, step, reattach)
+    improved, stop = _judge(run, evals, step)
+    progress.tracker = evals.tracker.state()  # every later checkpoint (best, step_N, final) carries it
+    if improved and run.cfg.checkpoint.keep_best:
+        progress.rows_trained, progress.padding_rows, progress.train_seconds = totals.trained_rows, totals.padded_rows, train_seconds
+        path = run.ckpt.save(run.dmp, run.optimizer, run.scheduler, progress, name="best", audit=run.audit)
+        _log(run.env, f"saved {path} ({evals.tracker.name} {evals.tracker.best_value:.6f} at step {step})")
+    evals.seconds += time.perf_counter() - t
+    return stop
+
+
+def _write_hparams(run: TrainRun, metrics: List[Dict[str, object]], tracker: Tracker, step: int) -> None:
+    """The run's config (flattened to ``section.key`` scalars and strings) and its final
+    metrics — the ``all`` AUC of every binary prediction, the tracked metric's best value —
+    on TensorBoard's HPARAMS page, written into the run's own event file (``SummaryWriter.
+    add_hparams`` would open a sub-run for them)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = run.writer
+    if writer is None:
+        return
+    values: Dict[str, float] = {}
+    for r in metrics:
+        if r["scenario"] == "all" and isinstance(r.get("auc"), float) and not math.isnan(r["auc"]):  # type: ignore[arg-type]
+            values[f"hparams/auc/{r['task']}"] = float(r["auc"])  # type: ignore[arg-type]
+    if tracker.predictions and not math.isnan(tracker.best_value):
+        values[f"hparams/best_{tracker.metric}"] = tracker.best_value
+    for summary in hparams(flat_config(run.cfg.to_dict()), values):
+        writer.file_writer.add_summary(summary)
+    for tag, v in values.items():  # the plugin reads a metric's value from the scalar of its tag
+        writer.add_scalar(tag, v, step)
+
+
+def flat_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"train": {"epochs": 2}}`` -> ``{"train.epochs": 2}``: mappings are flattened
+    (``loss.task_weights.ctr``), lists (``model.task_layers``), empty mappings and None
+    become their JSON text."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat_config(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v, sort_keys=True)
+    return out
+
+
 def finish_run(run: TrainRun, totals: Totals, metrics: List[Dict[str, object]], utilisation: Dict[str, Any],
-               counters: Dict[str, int], timeline: Dict[str, Any]) -> Dict[str, Any]:
-    """Final checkpoint, per-rank report, ``metrics.json`` and the closing log lines."""
+               counters: Dict[str, int], timeline: Dict[str, Any], tracker: Optional[Tracker] = None) -> Dict[str, Any]:
+    """Final checkpoint, per-rank report, ``metrics.json`` (with the tracked metric's best
+    evaluation and, after early stopping, where it stopped), the config and final metrics on
+    TensorBoard's HPARAMS page, and the closing log lines."""
     env, progress, step = run.env, run.progress, run.progress.step
     total_rows = int(all_reduce_host(torch.tensor([totals.trained_rows], dtype=torch.int64))[0])
     throughput = {
@@ -539,8 +761,17 @@ def finish_run(run: TrainRun, totals: Totals, metrics: List[Dict[str, object]], 
         "data_counters": counters,  # cumulative over the epochs, summed over ranks
         "expert_utilisation": utilisation,  # gate -> {"rows": labels, "matrix": [R][E]} (last eval)
     }
+    if tracker is not None and tracker.predictions and tracker.best_step >= 0:
+        result["best"] = {"metric": tracker.metric, "predictions": tracker.predictions, "value": tracker.best_value,
+                          "step": tracker.best_step, "evaluations": tracker.evaluations,
+                          "checkpoint": "best" if run.cfg.checkpoint.keep_best else None}
+    if tracker is not None and tracker.stopped_step >= 0:
+        result["early_stopped"] = {"step": tracker.stopped_step, "best_step": tracker.best_step,
+                                   "best_value": tracker.best_value, "metric": tracker.name}
     if env.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        if run.writer is not None and tracker is not None:
+            _write_hparams(run, metrics, tracker, step)
         if run.writer is not None:
             run.writer.add_scalar("throughput/epoch_samples_per_s", throughput["samples_per_s"], step)
             run.writer.close()
@@ -555,7 +786,8 @@ def finished_result(run: TrainRun) -> Optional[Dict[str, Any]]:
     kept as it is (a second evaluation would overwrite it, recording this job's world size),
     unless ``checkpoint.reevaluate_finished``. Rank 0 decides (the run directory may be on
     its disk only); the others get its ``step``."""
-    if run.progress.epoch < run.cfg.train.epochs or run.progress.step == 0 or run.cfg.checkpoint.reevaluate_finished:
+    stopped = Tracker.from_config(run.cfg, run.schema, run.progress.tracker).should_stop()  # early stopping ended it
+    if (run.progress.epoch < run.cfg.train.epochs and not stopped) or run.progress.step == 0 or run.cfg.checkpoint.reevaluate_finished:
         return None
     path = run.run_dir / "metrics.json"
     keep = torch.tensor([int(run.env.is_main and path.exists())])
@@ -585,26 +817,28 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
             timeline["first_step_unix"] = now
             timeline["startup_s"] = None if started is None else now - started
 
-    metrics: List[Dict[str, object]] = []
-    utilisation: Dict[str, Any] = {}
+    evals = Evaluations(Tracker.from_config(cfg, run.schema, run.progress.tracker))
     counters: Dict[str, int] = {}
     if cfg.train.progress:
         steps = len(run.train_stream) if cfg.train.max_steps <= 0 else min(len(run.train_stream), cfg.train.max_steps)
         _log(run.env, f"training: epochs {run.progress.epoch}..{cfg.train.epochs - 1} x {steps} steps of {cfg.data.batch_size} rows/rank; "
                       f"a progress line every {cfg.train.log_every} steps and at each epoch's end")
+    stopped = evals.tracker.should_stop()  # resumed from a checkpoint written after early stopping
     for epoch in range(run.progress.epoch, cfg.train.epochs):
-        run_epoch(run, epoch, totals, first_step)
+        if stopped:
+            break
+        stopped = run_epoch(run, epoch, totals, first_step, evals=evals)
         counters = _log_counters(run, run.progress.step)
         last = epoch == cfg.train.epochs - 1
-        if cfg.train.eval_every_epoch or last:
-            t = time.perf_counter()
-            metrics, utilisation = _evaluate_epoch(run, epoch, run.progress.step, last)
-            timeline["eval_seconds"] += time.perf_counter() - t
-    if not metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
+        if not stopped and (cfg.train.eval_every_epoch or last or eval_due(cfg, run.progress.step)):
+            stopped = evaluate_during_training(run, evals, totals, f"epoch {epoch}", totals.train_seconds, reattach=not last)
+    if not evals.metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
         t = time.perf_counter()
-        metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device)
-        timeline["eval_seconds"] += time.perf_counter() - t
-    return finish_run(run, totals, metrics, utilisation, counters, timeline)
+        evals.metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device,
+                                 max_batches=eval_batches(cfg, run.env.world_size))
+        evals.seconds += time.perf_counter() - t
+    timeline["eval_seconds"] = evals.seconds
+    return finish_run(run, totals, evals.metrics, evals.utilisation, counters, timeline, evals.tracker)
 
 
 def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:

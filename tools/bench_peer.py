@@ -879,7 +879,7 @@ def side_a_command(data: Path, arch: str, size: RunSize, run_dir: Path, concat: 
     }, indent=2))
     sets = [
         f"data.batch_size={size.batch_size}", f"train.epochs={size.epochs}", f"train.threads_per_rank={THREADS}",
-        "train.eval_every_epoch=false", "checkpoint.at_end=false", "train.progress=false", "model.dense_arch=[]",
+        "train.eval_every_epoch=false", "checkpoint.at_end=false", "checkpoint.keep_best=false", "train.progress=false", "model.dense_arch=[]",
     ] + (["model.interaction=concat"] if concat else [])
     cmd = [sys.executable, "-m", "dlrm_mtl", "train", "--config", str(cfg), "--config", str(ROOT / "configs" / "arch" / f"{arch}.yaml")]
     for s in sets:

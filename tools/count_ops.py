@@ -198,7 +198,7 @@ def count_case(name: str, configs: Sequence[str], data: Path, run_dir: Path, ste
 
     cfg = Config.load(list(configs), [
         f"data.train={data}/train", f"data.eval={data}/eval", f"train.run_dir={run_dir}", "train.epochs=1",
-        f"train.max_steps={steps}", f"train.log_every={log_every}", "train.progress=false", "checkpoint.at_end=false",
+        f"train.max_steps={steps}", f"train.log_every={log_every}", "train.progress=false", "checkpoint.at_end=false", "checkpoint.keep_best=false",
         "train.threads_per_rank=1", *overrides,
     ])
     env = init_distributed("gloo", 120, cfg.train.threads_per_rank)

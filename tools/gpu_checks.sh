@@ -55,7 +55,7 @@ train() {  # name, then --set overrides
   done
   timeout "${TRAIN_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl train \
     --config configs/demo.yaml --set train.run_dir=/tmp/run-$name --set data.train=$DATA/train \
-    --set data.eval=$DATA/eval --set checkpoint.at_end=false "${sets[@]}" > "$OUT/train-$name.log" 2>&1
+    --set data.eval=$DATA/eval --set checkpoint.at_end=false --set checkpoint.keep_best=false "${sets[@]}" > "$OUT/train-$name.log" 2>&1
   local rc=$?
   [ -f /tmp/run-$name/metrics.json ] && cp /tmp/run-$name/metrics.json "$OUT/train-$name.json"
   stamp "train $name rc=$rc"
