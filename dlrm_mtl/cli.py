@@ -1,4 +1,4 @@
-"""``dlrm-mtl`` command line: generate, convert, train, evaluate, export-checkpoint, compare, report, plan, inspect-data, dense-stats."""
+"""``dlrm-mtl`` command line: generate, convert, train, evaluate, export-checkpoint, export, compare, report, plan, inspect-data, dense-stats."""
 
 from __future__ import annotations
 
@@ -95,6 +95,17 @@ def _export_checkpoint(args: argparse.Namespace) -> int:
 
     info = export_checkpoint(args.checkpoint, args.out, with_optimizer=args.with_optimizer)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB (step {info['step']})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    quiet_third_party_logs()
+    from dlrm_mtl.export import export_model
+
+    sig = export_model(args.checkpoint, args.out, config=args.config)
+    outputs = ", ".join(o["name"] for o in sig["outputs"])
+    print(f"wrote {args.out}/model.pt2 and {args.out}/signature.json (step {sig['step']}): "
+          f"{len(sig['inputs'])} inputs, outputs {outputs}")
     return 0
 
 
@@ -248,6 +259,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     x.add_argument("--out", required=True, help="output file (.pt)")
     x.add_argument("--with-optimizer", action="store_true", help="also export the optimizer states")
     x.set_defaults(fn=_export_checkpoint)
+
+    xm = sub.add_parser("export", help="write the serving model (torch.export, runs without dlrm_mtl and TorchRec) and its signature")
+    xm.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. RUN_DIR/checkpoints/final")
+    xm.add_argument("--out", required=True, help="output directory (model.pt2, signature.json)")
+    xm.add_argument("--config", default=None, help="the run's config (default: RUN_DIR/config.yaml of RUN_DIR/checkpoints/NAME)")
+    xm.set_defaults(fn=_export)
 
     i = sub.add_parser("inspect-data", help="validate a data set against its schema and summarise it")
     i.add_argument("--schema", required=True)
