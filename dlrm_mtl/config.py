@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -50,6 +50,10 @@ class DataConfig:
     # the schema's row_id declares ids unique: before training, every id of the train and eval
     # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)
     check_row_ids: bool = True
+    # converted (validated) row groups kept in memory for the next epochs, per stream and rank,
+    # in MB: epochs after the first skip decoding and validation. -1 = auto: a fifth of the
+    # memory available at start over the local ranks, at most 4096; 0 = off
+    cache_mb: int = -1
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
     # step leaves free, so they never preempt its intra-op threads) | normal
     background_priority: str = "idle"
@@ -520,6 +524,7 @@ def _check_data(cfg: Config) -> None:
     _at_least(cfg, "data.shuffle_buffer_rows", d.shuffle_buffer_rows, 0)
     _at_least(cfg, "data.prefetch_batches", d.prefetch_batches, -1)
     _at_least(cfg, "data.num_workers", d.num_workers, -1)
+    _at_least(cfg, "data.cache_mb", d.cache_mb, -1)
     _one_of(cfg, "data.background_priority", d.background_priority, ("idle", "normal"))
 
 

@@ -106,6 +106,19 @@ def reader_threads(data: DataConfig, env: DistEnv) -> Tuple[int, int]:
     return prefetch, workers
 
 
+def cache_bytes(data: DataConfig, env: DistEnv) -> int:
+    """``data.cache_mb`` in bytes, with -1 (auto) resolved: a fifth of the memory available now
+    over this host's ranks, at most 4 GiB (0 where the available memory is unknown)."""
+    if data.cache_mb >= 0:
+        return data.cache_mb * 2**20
+    from dlrm_mtl.memory import available_memory_bytes
+
+    avail = available_memory_bytes()
+    if avail is None:
+        return 0
+    return int(min(4 * 2**30, avail // 5 // max(1, env.local_world_size)))
+
+
 def shutdown_distributed() -> None:
     """Destroys the default process group and removes the rendezvous variables that
     :func:`init_distributed` set for a standalone process."""

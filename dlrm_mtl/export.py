@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from dlrm_mtl.checkpoint import CheckpointError, SafeFileSystemReader, is_complete
+from dlrm_mtl.memory import available_memory_bytes
 
 
 def load_unsharded(checkpoint: str | Path, with_optimizer: bool = False) -> Dict[str, Any]:
@@ -142,32 +143,6 @@ def export_memory_needed(model_bytes: int, largest_bytes: int) -> int:
     while ``torch.export.save`` writes it (measured: a 0.97 GiB table and 1.0 GiB in all peaked
     at 2.9 GiB above the imports), plus :data:`EXPORT_OVERHEAD_BYTES`."""
     return model_bytes + 2 * largest_bytes + EXPORT_OVERHEAD_BYTES
-
-
-def available_memory_bytes() -> Optional[int]:
-    """Memory this process may still allocate: psutil's ``available`` where psutil is
-    installed, else ``MemAvailable`` of /proc/meminfo, capped by a cgroup v2 limit
-    (``memory.max - memory.current``); None where neither is known."""
-    avail: Optional[int] = None
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        avail = int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = left if avail is None else min(avail, left)
-    except (OSError, ValueError):
-        pass
-    return avail
 
 
 def check_export_memory(checkpoint: str | Path, available: Optional[int] = None) -> Dict[str, int]:

@@ -39,7 +39,7 @@ from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.data.errors import DataError
-from dlrm_mtl.distributed import DistEnv, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
+from dlrm_mtl.distributed import DistEnv, cache_bytes, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.evaluate import evaluate
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
@@ -214,14 +214,15 @@ def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> T
     """The training stream (shuffled) and the evaluation stream of this rank."""
     prefetch, workers = reader_threads(data, env)
     pin = data.pin_memory and env.device.type == "cuda"
+    cache = cache_bytes(data, env)
     train_stream = ParquetStream(
         schema, data.train, data.batch_size, env.rank, env.world_size,
         shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=prefetch,
-        num_workers=workers, background_priority=data.background_priority, pin_memory=pin,
+        num_workers=workers, background_priority=data.background_priority, pin_memory=pin, cache_bytes=cache,
     )
     eval_stream = ParquetStream(
         schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
-        num_workers=workers, background_priority=data.background_priority, pin_memory=pin,
+        num_workers=workers, background_priority=data.background_priority, pin_memory=pin, cache_bytes=cache,
     )
     return train_stream, eval_stream
 

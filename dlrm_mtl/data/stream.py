@@ -243,6 +243,7 @@ class RowGroupConverter:
         self.optional = set(schema.training_columns()) if labels_optional else set()
         self.counters: Dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.id_kinds = IdKinds(hashed_id_columns(schema))  # also checked per row group read
 
     def _count(self, key: str, n: int) -> None:
@@ -250,6 +251,22 @@ class RowGroupConverter:
         if n:
             with self._lock:
                 self.counters[key] = self.counters.get(key, 0) + n
+            counts = getattr(self._local, "counts", None)
+            if counts is not None:  # read_counted: this call's own counts too
+                counts[key] = counts.get(key, 0) + n
+
+    def add_counts(self, counts: Dict[str, int]) -> None:
+        """Counts a cached row group's policies again (its rows were read once more)."""
+        for k, n in counts.items():
+            self._count(k, n)
+
+    def read_counted(self, group: RowGroup) -> Tuple[pa.Table, Dict[str, int]]:
+        """:meth:`read`, and the policy counts of this row group alone."""
+        self._local.counts = {}
+        try:
+            return self.read(group), self._local.counts
+        finally:
+            self._local.counts = None
 
     def read(self, group: RowGroup) -> pa.Table:
         try:
@@ -489,6 +506,10 @@ class ParquetStream:
         num_workers: threads reading and converting row groups ahead (1 = the reader thread only).
         pin_memory: the reader thread returns page-locked batches (GPU training: the copy to
             the device can then run asynchronously, and the training thread does not pin).
+        cache_bytes: converted (validated) row groups kept in memory for the next epochs, up to
+            this many bytes; later epochs then skip decoding and validation. The shuffle and
+            the batches are the same with or without it; policy counters count cached rows
+            again, as a read would.
         background_priority: ``idle`` runs the reader threads under Linux's SCHED_IDLE policy
             (they get a core only when the training step's threads leave it), ``normal`` keeps
             the default. On a machine whose cores the step's intra-op threads fill, a reader at
@@ -511,6 +532,7 @@ class ParquetStream:
         num_workers: int = 2,
         background_priority: str = "idle",
         pin_memory: bool = False,
+        cache_bytes: int = 0,
     ) -> None:
         if background_priority not in ("idle", "normal"):
             raise ValueError(f"background_priority {background_priority!r}: expected idle or normal")
@@ -525,6 +547,11 @@ class ParquetStream:
         self.num_workers = num_workers
         self.background_priority = background_priority
         self.pin_memory = pin_memory
+        # converted row groups kept for later epochs, up to this many bytes (0: none)
+        self.cache_bytes = cache_bytes
+        self._cache: Dict[Tuple[int, int], Tuple[pa.Table, Dict[str, int]]] = {}
+        self._cache_used = 0
+        self._cache_lock = threading.Lock()
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -679,9 +706,25 @@ class ParquetStream:
                 pass
 
     def _read_group(self, g: RowGroup) -> pa.Table:
-        t = self.converter.read(g)
-        keep = self._keep.get(self._group_index[(g.file_index, g.index)])
+        key = (g.file_index, g.index)
+        hit = self._cache.get(key)
+        if hit is not None:  # converted in an earlier epoch: its policies count again, as a read would
+            t = hit[0]
+            self.converter.add_counts(hit[1])
+        else:
+            t, counts = self.converter.read_counted(g)
+            self._remember(key, t, counts)
+        keep = self._keep.get(self._group_index[key])
         return t if keep is None else t.filter(pa.array(keep))
+
+    def _remember(self, key: Tuple[int, int], t: pa.Table, counts: Dict[str, int]) -> None:
+        """Keeps a converted row group for the next epochs while the cache has room
+        (``cache_bytes``): epochs after the first then skip decoding and validation."""
+        size = t.nbytes
+        with self._cache_lock:
+            if self._cache_used + size <= self.cache_bytes:
+                self._cache[key] = (t, counts)
+                self._cache_used += size
 
     def _read(self, groups: Iterator[RowGroup]) -> Iterator[pa.Table]:
         """Converted row groups in ``groups`` order, read by ``num_workers`` threads ahead.

@@ -1,0 +1,46 @@
+"""The converted-row-group cache: later epochs skip decoding yet stream the same batches."""
+
+import numpy as np
+import pytest
+
+from dlrm_mtl.data import ParquetStream
+from dlrm_mtl.schema import Schema
+
+
+def _epochs(stream, epochs):
+    out = []
+    for e in range(epochs):
+        stream.set_epoch(e)
+        out.append([(b.row_id.numpy().copy(), b.dense.numpy().copy(), b.sparse.values().numpy().copy()) for b in stream])
+    return out
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 40, 200_000])  # everything; only part of it
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_epochs_stream_the_same_batches_and_count_the_same(synthetic_small, cache_bytes, workers):
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    schema.dense[0].clip_max = 0.5  # a counted input policy (clipped_dense/...) to count again from the cache
+
+    def stream(cache):
+        return ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=2000, seed=5,
+                             prefetch_batches=2 if workers else 0, num_workers=workers, cache_bytes=cache)
+
+    plain, cached = stream(0), stream(cache_bytes)
+    reads = []
+    real_read = cached.converter.read
+    cached.converter.read = lambda g: reads.append(g) or real_read(g)
+    want, got = _epochs(plain, 3), _epochs(cached, 3)
+    for e in range(3):
+        assert len(want[e]) == len(got[e])
+        for (r1, d1, v1), (r2, d2, v2) in zip(want[e], got[e]):
+            np.testing.assert_array_equal(r1, r2)
+            np.testing.assert_array_equal(d1, d2)
+            np.testing.assert_array_equal(v1, v2)
+    groups = len(cached.groups)
+    if cache_bytes > 1 << 30:
+        assert len(reads) == groups  # each row group decoded once, in the first epoch
+    else:
+        assert groups < len(reads) < 3 * groups  # the groups that fit are decoded once, the rest every epoch
+        assert 0 < cached._cache_used <= cache_bytes
+    counted = plain.counters()
+    assert counted and counted == cached.counters()  # a cached row group's policies count again
