@@ -51,7 +51,7 @@ class DataConfig:
     # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)
     check_row_ids: bool = True
     # converted (validated) row groups kept in memory for the next epochs, per stream and rank,
-    # in MB: epochs after the first skip decoding and validation. -1 = auto: a fifth of the
+    # in MB: epochs after the first skip decoding and validation. -1 = auto: a tenth of the
     # memory available at start over the local ranks, at most 4096; 0 = off
     cache_mb: int = -1
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training

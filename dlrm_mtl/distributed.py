@@ -107,8 +107,9 @@ def reader_threads(data: DataConfig, env: DistEnv) -> Tuple[int, int]:
 
 
 def cache_bytes(data: DataConfig, env: DistEnv) -> int:
-    """``data.cache_mb`` in bytes, with -1 (auto) resolved: a fifth of the memory available now
-    over this host's ranks, at most 4 GiB (0 where the available memory is unknown)."""
+    """``data.cache_mb`` in bytes, with -1 (auto) resolved: a tenth of the memory available now
+    over this host's ranks (per stream: train and eval together a fifth), at most 4 GiB (0
+    where the available memory is unknown)."""
     if data.cache_mb >= 0:
         return data.cache_mb * 2**20
     from dlrm_mtl.memory import available_memory_bytes
@@ -116,7 +117,7 @@ def cache_bytes(data: DataConfig, env: DistEnv) -> int:
     avail = available_memory_bytes()
     if avail is None:
         return 0
-    return int(min(4 * 2**30, avail // 5 // max(1, env.local_world_size)))
+    return int(min(4 * 2**30, avail // 10 // max(1, env.local_world_size)))
 
 
 def shutdown_distributed() -> None:
