@@ -3,6 +3,7 @@ against references written with Python loops and math.log."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List, Tuple
 
@@ -235,7 +236,7 @@ def test_task_layer_noise_only_in_training_and_gradients():
 
 def test_builders_pass_the_config():
     lc = LayerConfig(type="aesm", num_experts=6, k_specific=2, k_shared=1, noise=0.05, hidden=[8], out_dim=5, task_emb_dim=3)
-    s = build_scenario_layer(lc, 10, 4, 2, 2)
+    s = build_scenario_layer(dataclasses.replace(lc, task_emb_dim=LayerConfig().task_emb_dim), 10, 4, 2, 2)  # a task-layer field
     assert (s.num_scenarios, s.num_experts, s.k_specific, s.k_shared, s.noise, s.out_dim) == (4, 6, 2, 1, 0.05, 5)
     t = build_task_layer(lc, 10, 2, 6)
     assert t.task_emb.shape == (2, 3) and t.gate.weight.shape == (2, 10 + 6 + 3, 6)

@@ -24,10 +24,16 @@ def inputs(B=64, seed=0):
 
 
 def small(type_: str, **kw) -> LayerConfig:
-    base = dict(type=type_, num_shared=1, num_specific=1, num_experts=3, hidden=[], out_dim=8, levels=2,
+    """Small sizes for whichever of these fields ``type_`` reads (as a scenario or task layer),
+    then ``kw`` as given."""
+    from dlrm_mtl.models.arch import LAYER_FIELDS
+
+    base = dict(num_shared=1, num_specific=1, num_experts=3, hidden=[], out_dim=8, levels=2,
                 sub_experts=2, k_specific=1, k_shared=1, aux_weight=0.1)
+    reads = set(LAYER_FIELDS["scenario"].get(type_, ())) | set(LAYER_FIELDS["task"].get(type_, ()))
+    base = {k: v for k, v in base.items() if k in reads}
     base.update(kw)
-    return LayerConfig(**base)
+    return LayerConfig(type=type_, **base)
 
 
 def arch(scen, task, **kw) -> DenseArch:

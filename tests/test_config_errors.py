@@ -50,6 +50,8 @@ def _write(tmp: Path, name: str, text: str) -> str:
 CASES: Dict[str, tuple] = {
     "unknown_layer_type": (["train", "--set", "model.task_layers=[{type: nosuch}]"], ["model.task_layers[0].type", "'nosuch'"]),
     "unknown_key_set": (["train", "--set", "train.nosuch=1"], ["train.nosuch"]),
+    "field_the_type_does_not_read": (["train", "--set", "model.task_layers=[{type: mmoe, levels: 5}]"],
+                                     ["model.task_layers[0]", "type mmoe does not read ['levels']"]),
     "unknown_key_file": (["train", "--config", "{tmp}/unknown.yaml"], ["{tmp}/unknown.yaml", "train.nosuch"]),
     "batch_size_zero": (["train", "--set", "data.batch_size=0"], ["data.batch_size", ">= 1"]),
     "batch_size_zero_file": (["train", "--config", "{tmp}/batch.yaml"], ["{tmp}/batch.yaml", "data.batch_size"]),
@@ -174,3 +176,25 @@ def test_schema_field_types(field, value, where, synthetic_small):
     d["sparse"][0][field] = value
     with pytest.raises(SchemaError, match=re.escape(f"{where}: expected")):
         Schema.from_dict(d)
+
+
+def test_every_layer_type_reads_the_fields_its_builder_uses():
+    """LAYER_FIELDS against the builders: a field a builder reads is in its type's list (else a
+    config setting it would be refused), and each listed field changes the built layer's
+    parameters or behaviour is out of scope here; the unread check itself: mmoe + levels."""
+    import inspect
+
+    from dlrm_mtl.config import LayerConfig
+    from dlrm_mtl.models.arch import LAYER_FIELDS, SCENARIO_LAYERS, TASK_LAYERS, unread_fields
+
+    for kind, table in (("scenario", SCENARIO_LAYERS), ("task", TASK_LAYERS)):
+        assert set(LAYER_FIELDS[kind]) == set(table)
+        for name, build in table.items():
+            src = inspect.getsource(build)
+            used = set(re.findall(r"\bc\.(\w+)", src)) | ({"gate", "top_k", "noise"} if "_gate_args(c)" in src else set())
+            used |= {"routing"} if "_routing(c)" in src else set()
+            assert used <= set(LAYER_FIELDS[kind][name]), (kind, name, used - set(LAYER_FIELDS[kind][name]))
+    assert unread_fields(LayerConfig(type="mmoe", levels=5), "task") == ["levels"]
+    assert unread_fields(LayerConfig(type="ple", levels=5), "task") == []
+    assert unread_fields(LayerConfig(type="cgc", level="channel"), "task") == ["level"]
+    assert unread_fields(LayerConfig(type="cgc", level="channel"), "scenario") == []

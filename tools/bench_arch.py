@@ -109,14 +109,19 @@ def to_loop(model: nn.Module) -> nn.Module:
 
 
 def scaled_config(fragment: Path, experts: int, hidden: int) -> Config:
+    """The fragment with ``experts`` experts and one hidden layer, set only on the fields each
+    layer's type reads (a type refuses fields it does not read)."""
+    from dlrm_mtl.models.arch import LAYER_FIELDS
+
     cfg = Config.load([str(fragment)])
-    for lc in list(cfg.model.scenario_layers) + list(cfg.model.task_layers):
-        lc.num_experts = experts
-        lc.num_shared = max(1, experts // 2)
-        lc.num_specific = max(1, experts // 2)
-        lc.hidden = [hidden] if hidden > 0 else []
-        lc.k_specific = min(lc.k_specific, max(1, experts // 4))
-        lc.k_shared = min(lc.k_shared, max(1, experts // 4))
+    for kind, layers in (("scenario", cfg.model.scenario_layers), ("task", cfg.model.task_layers)):
+        for lc in layers:
+            values = dict(num_experts=experts, num_shared=max(1, experts // 2), num_specific=max(1, experts // 2),
+                          hidden=[hidden] if hidden > 0 else [], k_specific=min(lc.k_specific, max(1, experts // 4)),
+                          k_shared=min(lc.k_shared, max(1, experts // 4)))
+            for k, v in values.items():
+                if k in LAYER_FIELDS[kind][lc.type]:
+                    setattr(lc, k, v)
     return cfg
 
 

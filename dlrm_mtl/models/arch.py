@@ -40,7 +40,8 @@ task layers         fields read
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+import dataclasses
+from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
@@ -59,13 +60,53 @@ def _routing(c: LayerConfig) -> str:
     return c.routing
 
 
+_SIZES = ("hidden", "out_dim")
+_AESM = ("num_experts", "k_specific", "k_shared", "noise", "aux_weight") + _SIZES
+# the LayerConfig fields each layer type reads (the tables in the module docstring); a field
+# set to anything but its default on a type that does not read it is refused, not ignored
+LAYER_FIELDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "scenario": {
+        "separate": ("level", "routing") + _SIZES,
+        "cgc": ("level", "routing", "num_shared", "num_specific") + _SIZES,
+        "aesm": ("level",) + _AESM,
+        "star": ("level", "routing", "norm") + _SIZES,
+        "hmoe": ("level",) + _SIZES,
+        "hinet": ("level", "sub_experts") + _SIZES,
+    },
+    "task": {
+        "separate": _SIZES,
+        "shared_bottom": _SIZES,
+        "omoe": ("num_experts", "gate", "top_k", "noise") + _SIZES,
+        "mmoe": ("num_experts", "gate", "top_k", "noise") + _SIZES,
+        "cgc": ("num_shared", "num_specific") + _SIZES,
+        "ple": ("num_shared", "num_specific", "levels") + _SIZES,
+        "aesm": ("task_emb_dim",) + _AESM,
+        "ml_mmoe": ("num_experts", "levels") + _SIZES,
+        "cross_stitch": ("levels",) + _SIZES,
+    },
+}
+
+
+def unread_fields(c: LayerConfig, kind: str) -> List[str]:
+    """Fields of ``c`` that differ from their defaults although its type does not read them."""
+    reads = set(LAYER_FIELDS[kind].get(c.type, ())) | {"type"}
+    default = LayerConfig()
+    return [f.name for f in dataclasses.fields(LayerConfig)
+            if f.name not in reads and getattr(c, f.name) != getattr(default, f.name)]
+
+
 def check_layer(c: LayerConfig, where: str, kind: str) -> None:
-    """The fields of one layer that need no input sizes: its type, counts and sizes, and the
-    gate, routing and selection fields of the types that read them. ``kind``: scenario or
-    task; ``where``: the layer's config key, e.g. ``model.task_layers[0]``."""
+    """The fields of one layer that need no input sizes: its type, counts and sizes, the gate,
+    routing and selection fields of the types that read them, and no field its type does not
+    read (``{type: mmoe, levels: 5}`` is refused). ``kind``: scenario or task; ``where``: the
+    layer's config key, e.g. ``model.task_layers[0]``."""
     known = SCENARIO_LAYERS if kind == "scenario" else TASK_LAYERS
     if c.type not in known:
         raise ConfigError(f"{where}.type: unknown type {c.type!r}; known: {sorted(known)}", f"{where}.type")
+    unread = unread_fields(c, kind)
+    if unread:
+        raise ConfigError(f"{where}: type {c.type} does not read {unread} (it reads {sorted(LAYER_FIELDS[kind][c.type])})",
+                          f"{where}.{unread[0]}")
     check_layer_sizes(c, where)
     if kind == "task" and c.type in ("omoe", "mmoe"):
         _check_gate(c, where)
