@@ -73,8 +73,8 @@ class DataConfig:
 @dataclass
 class LayerConfig:
     """One scenario or task layer of the expert arch, selected by ``type`` (see
-    ``dlrm_mtl/models/arch.py`` for the types and the fields each one reads; fields a type does
-    not read keep their defaults).
+    ``dlrm_mtl/models/arch.py`` for the types and the fields each one reads, ``LAYER_FIELDS``; a
+    field a type does not read must keep its default, or the config is refused).
 
     Example (YAML)::
 
