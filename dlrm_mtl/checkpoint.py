@@ -652,6 +652,7 @@ class CheckpointManager:
         """
         name = name or f"step_{progress.step:09d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
+        report(progress.step, "checkpoint of step")  # the watchdog: a save makes no step progress
         error = None
         if self.env.is_main:
             try:

@@ -11,7 +11,7 @@ thread per rank that
 * reads every other rank's heartbeat and, on its own monotonic clock, when it last changed;
 * when a rank's heartbeat has not changed for ``timeout_s`` (the rank's process is stopped,
   or gone), or no rank has made progress for ``timeout_s`` (a deadlock: the oldest progress
-  is named) — :meth:`start` sets that limit to ``train.timeout_s`` less two intervals, so it
+  is named; not while a rank is inside a checkpoint save, which may take long) — :meth:`start` sets that limit to ``train.timeout_s`` less two intervals, so it
   comes before a collective waiting for the silent rank times out — prints one error line naming the rank, its step and phase, kills that rank's
   process when it runs on this host (a stopped process does not act on the launcher's
   SIGTERM), and ends this process with exit code 3, so that torchrun ends the job or restarts
@@ -186,7 +186,10 @@ class Watchdog:
             if r != self.rank and now - changed > self.timeout_s:
                 where = "never sent a heartbeat" if beat is None else f"its last heartbeat at {beat.phase} {beat.step}, {beat.host} pid {beat.pid}"
                 return f"rank {r} has been silent for {now - changed:.0f}s (limit {self.timeout_s:g}s): {where}"
-        if watched and all(now - p > self.timeout_s for _, _, p in watched.values()):
+        saving = any(v[0] is not None and v[0].phase.startswith("checkpoint") for v in watched.values())
+        # every rank inside a checkpoint save is writing, not stuck: a large save may take long
+        # (a rank stopped inside one still goes silent above)
+        if watched and not saving and all(now - p > self.timeout_s for _, _, p in watched.values()):
             r, (beat, _, p) = min(watched.items(), key=lambda kv: kv[1][2])
             at = "" if beat is None else f" at {beat.phase} {beat.step} ({beat.host} pid {beat.pid})"
             return (f"no rank has made progress for {now - p:.0f}s (limit {self.timeout_s:g}s); "

@@ -116,3 +116,18 @@ def test_a_stopped_rank_ends_the_job_naming_it(synthetic_small, tmp_path, where,
     assert 6 <= silent <= 12, line  # limit = timeout_s - 2 intervals (3 s each) = 6 s, checked every 3 s
     assert "disk full" not in out  # the save's collective did not time out first and blame the disk
     assert took < 200, took  # without the watchdog the job never ended (the stopped rank held it)
+
+
+def test_no_progress_during_a_long_checkpoint_save_is_not_a_deadlock():
+    a, b = _pair(timeout=3.0)
+    a.progress(7, "checkpoint of step")
+    b.progress(7, "checkpoint of step")
+    for t in range(10):  # both write shards for 10 s; their heartbeats go on
+        for dog in (a, b):
+            dog._publish()
+        assert a.check(float(t)) is None
+    a.progress(8, "step")  # a finished its save; b is still writing
+    for t in range(10, 20):
+        for dog in (a, b):
+            dog._publish()
+        assert a.check(float(t)) is None
