@@ -236,14 +236,18 @@ class LossConfig:
     (``task_weights[k]``, else the schema's ``Task.weight``), γ_k the PLE decay (``decay``,
     PLE eq. 10, t = training step), u_k the identity (``weighting: static``) or Kendall et al.'s
     uncertainty term (``weighting: uncertainty``: exp(−s_k)·L_k + s_k/2 for binary tasks,
-    exp(−s_k)·L_k/2 + s_k/2 for regression, s_k = log σ_k² learnable). Rows are weighted by
+    exp(−s_k)·L_k/2 + s_k/2 for regression, s_k = log σ_k² learnable) or DWA's λ_k · L_k
+    (``weighting: dwa``, Liu et al. 2019: λ recomputed after every epoch from the ratio of each
+    task's last two epoch-mean losses, temperature ``dwa_temperature``). Rows are weighted by
     λ of their leaf scenario (HiNet): ``scenario_weighting: none`` (λ = 1), ``static``
     (``scenario_weights`` by leaf name, e.g. ``home/hot_card``, default 1) or
     ``inverse_share`` (λ_s = 1 / (S · share_s): every scenario carries the same total weight;
     shares from ``scenario_shares`` or counted on the training data).
     """
 
-    weighting: str = "static"  # static | uncertainty
+    weighting: str = "static"  # static | uncertainty | dwa
+    # DWA (Liu et al. 2019, eq. 1): λ_k = K · softmax(r / T)_k per epoch, r_k = L_k(t-1) / L_k(t-2)
+    dwa_temperature: float = 2.0
     task_weights: Dict[str, float] = field(default_factory=dict)
     decay: Dict[str, float] = field(default_factory=dict)  # γ_k per task (PLE); 1 = no decay
     uncertainty_init: float = 0.0  # initial s_k = log σ_k²
@@ -618,6 +622,9 @@ def _check_loss(cfg: Config) -> None:
     lc = cfg.loss
     _sizes(cfg, "loss.bias_tower", lc.bias_tower)
     _at_least(cfg, "loss.aux_weight", lc.aux_weight, 0)
+    _one_of(cfg, "loss.weighting", lc.weighting, ("static", "uncertainty", "dwa"))
+    if lc.dwa_temperature <= 0:
+        raise cfg.error("loss.dwa_temperature", f"must be > 0, got {lc.dwa_temperature}")
     for what in ("task_weights", "scenario_weights", "scenario_shares"):
         for name, value in getattr(lc, what).items():
             _at_least(cfg, f"loss.{what}.{name}", value, 0)

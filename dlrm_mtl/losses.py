@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +96,20 @@ class EntireSpaceLoss(nn.Module):
         for k, g in cfg.decay.items():
             if not 0 < g <= 1:
                 raise ValueError(f"loss.decay.{k}: γ must lie in (0, 1], got {g}")
-        if cfg.weighting not in ("static", "uncertainty"):
-            raise ValueError(f"loss.weighting {cfg.weighting!r}: expected static or uncertainty")
+        if cfg.weighting not in ("static", "uncertainty", "dwa"):
+            raise ValueError(f"loss.weighting {cfg.weighting!r}: expected static, uncertainty or dwa")
         w = [cfg.task_weights.get(tasks[i].name, tasks[i].weight) for i in self.term_tasks]
         g = [cfg.decay.get(tasks[i].name, 1.0) for i in self.term_tasks]
         self.register_buffer("base_weights", torch.tensor(w, dtype=torch.float32), persistent=False)
         self.register_buffer("decay", torch.tensor(g, dtype=torch.float32), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # persistent: checkpoints carry t
+        K = len(self.term_tasks)
+        # DWA: λ (1 until two epochs are known), the last two epoch-mean losses, this epoch's sums
+        dwa = cfg.weighting == "dwa"  # in checkpoints only then (older checkpoints stay loadable)
+        self.register_buffer("dwa_lambda", torch.ones(K), persistent=dwa)
+        self.register_buffer("dwa_history", torch.full((2, K), float("nan")), persistent=dwa)  # [L(t-2), L(t-1)]
+        self.register_buffer("dwa_sum", torch.zeros(K), persistent=dwa)
+        self.register_buffer("dwa_count", torch.zeros(()), persistent=dwa)
         self.log_var: Optional[nn.Parameter] = None
         if cfg.weighting == "uncertainty":
             self.log_var = nn.Parameter(torch.full((len(self.term_tasks),), float(cfg.uncertainty_init)))
@@ -145,8 +152,33 @@ class EntireSpaceLoss(nn.Module):
         self.scenario_lambda.copy_(inverse_share_weights(share))
 
     def term_weights(self) -> torch.Tensor:
-        """``[K]`` current w_k · γ_k^t (PLE eq. 10)."""
-        return self.base_weights * self.decay.pow(self.step.to(self.decay.dtype))
+        """``[K]`` current w_k · γ_k^t (PLE eq. 10), times DWA's λ_k under ``weighting: dwa``."""
+        w = self.base_weights * self.decay.pow(self.step.to(self.decay.dtype))
+        return w * self.dwa_lambda if self.cfg.weighting == "dwa" else w
+
+    @torch.no_grad()
+    def end_epoch(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """DWA (Liu et al., CVPR 2019, eq. 1), called after every training epoch:
+
+            r_k = L_k(t−1) / L_k(t−2),   λ_k(t) = K · exp(r_k / T) / Σ_i exp(r_i / T)
+
+        with L_k the epoch-mean of task k's loss term (summed over the steps of this epoch,
+        and over the ranks by ``reduce``, so every rank gets the same λ). λ = 1 until two
+        epochs are known, as in the paper. A no-op under other weightings."""
+        if self.cfg.weighting != "dwa":
+            return
+        sums = torch.cat([self.dwa_sum, self.dwa_count.reshape(1)])
+        if reduce is not None:
+            sums = reduce(sums.cpu()).to(self.dwa_sum.device)
+        if float(sums[-1]) == 0:
+            return
+        self.dwa_history[0] = self.dwa_history[1]
+        self.dwa_history[1] = sums[:-1] / sums[-1]
+        if not torch.isnan(self.dwa_history[0]).any():
+            r = self.dwa_history[1] / self.dwa_history[0]
+            self.dwa_lambda.copy_(len(r) * torch.softmax(r / self.cfg.dwa_temperature, dim=0))
+        self.dwa_sum.zero_()
+        self.dwa_count.zero_()
 
     def per_task(
         self,
@@ -254,6 +286,9 @@ class EntireSpaceLoss(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.step += 1
+                if self.cfg.weighting == "dwa":
+                    self.dwa_sum += per_task.detach()
+                    self.dwa_count += 1
         return total, terms
 
 

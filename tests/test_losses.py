@@ -441,3 +441,36 @@ def test_regression_and_sum_of_graphs_take_the_loop():
     reg = Schema("r", [SparseFeature("a", "ta", 10, 4)], [], [ScenarioLevel("s", 2)],
                  [Task("ctr", "c"), Task("vcr", "v", type="regression")])
     assert EntireSpaceLoss(reg).term_matrices is None
+
+
+def test_dwa_weights_follow_the_papers_equation_and_are_logged():
+    """DWA (Liu et al. 2019, eq. 1): λ = 1 for the first two epochs, then K·softmax(r/T) with r
+    the ratio of the last two epoch-mean losses; the weights are the logged loss_weight terms."""
+    from dlrm_mtl.config import LossConfig
+    from dlrm_mtl.losses import EntireSpaceLoss
+    from dlrm_mtl.synthetic import synthetic_schema
+
+    schema = synthetic_schema()
+    loss = EntireSpaceLoss(schema, LossConfig(weighting="dwa", dwa_temperature=2.0))
+    K = len(loss.term_names)
+    assert "dwa_lambda" in loss.state_dict()  # resumable
+    assert "dwa_lambda" not in EntireSpaceLoss(schema, LossConfig()).state_dict()  # old checkpoints still load
+    g = torch.Generator().manual_seed(0)
+    means = []
+    for epoch in range(4):
+        seen = []
+        for _ in range(3):
+            logits = torch.randn(32, len(schema.tasks), generator=g) * (1 + epoch)
+            labels = (torch.rand(32, len(schema.tasks), generator=g) < 0.3).float()
+            labels[:, 1] *= labels[:, 0]  # conversion implies click
+            total, terms = loss(logits, labels, torch.ones_like(labels, dtype=torch.bool), torch.ones(32), torch.zeros(32, 2, dtype=torch.long))
+            seen.append(torch.stack([terms[f"loss/{n}"] for n in loss.term_names]))
+            weights = torch.stack([terms[f"loss_weight/{n}"] for n in loss.term_names])
+            if epoch < 2:
+                assert torch.equal(weights, torch.ones(K))
+            else:
+                r = means[-1] / means[-2]
+                torch.testing.assert_close(weights, K * torch.softmax(r / 2.0, dim=0))
+        means.append(torch.stack(seen).mean(0))
+        loss.end_epoch()
+    assert abs(float(loss.dwa_lambda.sum()) - K) < 1e-5 and not torch.equal(loss.dwa_lambda, torch.ones(K))
