@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -332,15 +332,21 @@ class Config:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
 
-def _read_file(path: str) -> Dict[str, Any]:
-    """One config file's mapping; a missing file, unreadable file or bad YAML is a ConfigError."""
+def read_yaml(path: Union[str, Path], error: Callable[[str], Exception], what: str) -> Any:
+    """The YAML document of ``path``; a missing or unreadable file or bad YAML raises
+    ``error(message)`` naming the file (``what``: "config", "schema")."""
     try:
         with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
+            return yaml.safe_load(fh)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+        raise error(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
+        raise error(f"{path}: invalid YAML: {yaml_problem(e)}") from None
+
+
+def _read_file(path: str) -> Dict[str, Any]:
+    """One config file's mapping; a missing file, unreadable file or bad YAML is a ConfigError."""
+    loaded = read_yaml(path, ConfigError, "config") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
     return loaded

@@ -441,15 +441,9 @@ class Schema:
 
     @classmethod
     def load(cls, path: str | Path) -> "Schema":
-        try:
-            with open(path) as fh:
-                d = yaml.safe_load(fh)
-        except OSError as e:
-            raise SchemaError(f"{path}: cannot read the schema file: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            from dlrm_mtl.config import yaml_problem
+        from dlrm_mtl.config import read_yaml
 
-            raise SchemaError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
+        d = read_yaml(path, SchemaError, "schema")
         if not isinstance(d, dict):
             raise SchemaError(f"{path}: expected a YAML mapping with sparse/dense/scenarios/tasks, got {type(d).__name__}")
         try:

@@ -508,14 +508,8 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     if not stopped:
         progress.finish_epoch()
         # DWA's λ for the next epoch from this epoch's task losses (summed over the ranks)
-        train_module(run.dmp).loss.end_epoch(all_reduce_host)
+        run.dmp.module.loss.end_epoch(all_reduce_host)  # DMP's .module: the TrainModule, unwrapped
     return stopped
-
-
-def train_module(dmp: torch.nn.Module) -> TrainModule:
-    """The TrainModule inside DMP (and DDP, where there is one)."""
-    m = getattr(dmp, "module", dmp)
-    return getattr(m, "module", m) if not isinstance(m, TrainModule) else m
 
 
 def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:

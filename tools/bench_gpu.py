@@ -376,23 +376,15 @@ def build_plain(schema: Schema, cfg: Config, device: torch.device, batches: Sequ
     """``bench_train.PlainModel`` on ``device`` with its optimizers (sparse Adagrad + Adam)."""
     torch.manual_seed(bench_train.SEED)
     model = bench_train.PlainModel(schema, cfg).to(device)
-    sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=cfg.train.sparse_lr)
-    dense_opt = torch.optim.Adam(list(model.dense_arch.parameters()), lr=cfg.train.dense_lr,
-                                 weight_decay=cfg.train.dense_weight_decay)
+    train_step = bench_train.plain_step(model, cfg)
     if precision == "bf16":
-        model.dense_arch = AutocastArch(model.dense_arch, device.type)
+        model.dense_arch = AutocastArch(model.dense_arch, device.type)  # same parameters, under autocast
     elif precision != "fp32":
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     it = itertools.cycle(batches)
 
-    def step() -> torch.Tensor:  # bench_train.build_plain's step, with the batch copied first
-        loss = model(_to_device(next(it), device))
-        sparse_opt.zero_grad()
-        dense_opt.zero_grad()
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        return loss.detach()
+    def step() -> torch.Tensor:  # bench_train's plain step, with the batch copied first
+        return train_step(_to_device(next(it), device))
 
     return Side("plain", step, restore_defaults, batches[0].batch_size, info={"precision": precision})
 

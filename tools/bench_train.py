@@ -118,7 +118,12 @@ class PlainModel(nn.Module):
 
 def build_plain(schema: Schema, cfg: Config) -> StepFn:
     torch.manual_seed(SEED)
-    model = PlainModel(schema, cfg)
+    return plain_step(PlainModel(schema, cfg), cfg)
+
+
+def plain_step(model: "PlainModel", cfg: Config) -> StepFn:
+    """The plain side's training step on ``model``: sparse Adagrad on the tables, Adam on the
+    dense arch (whatever ``model.dense_arch`` is when the step runs)."""
     sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=cfg.train.sparse_lr)
     dense_opt = torch.optim.Adam(
         list(model.dense_arch.parameters()), lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay

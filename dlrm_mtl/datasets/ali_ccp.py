@@ -62,8 +62,8 @@ import numpy as np
 import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, csv_chunks, csv_files, csv_header, finish,
-    hash_split, list_array, numbered_lines, plan_files, refuse_split, require_columns,
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, Vocabulary, csv_chunks, csv_header, finish,
+    hash_split, list_array, numbered_lines, plan_files, preprocessed_csvs, refuse_split,
 )
 from dlrm_mtl.schema import Schema, ScenarioLevel, SparseFeature, Task
 
@@ -203,13 +203,7 @@ def _has_raw_files(raw: Path) -> bool:
 def preprocessed_files(raw: Path) -> List[Path]:
     """The preprocessed CSVs in ``raw``: files whose header has ``click`` and ``purchase``
     (each checked for ``301``)."""
-    found = []
-    for path in csv_files(raw):
-        header = csv_header(path)
-        if all(c in header for c in CSV_LABELS):
-            require_columns(path, header, CSV_REQUIRED, CSV_WHAT)
-            found.append(path)
-    return found
+    return preprocessed_csvs(raw, CSV_LABELS, CSV_REQUIRED, CSV_WHAT)
 
 
 def convert(raw: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions()) -> ConversionResult:
@@ -318,7 +312,7 @@ def convert_preprocessed(raw: Path, out: Path, files: List[Path], opts: ConvertO
             if role is not None:
                 sinks[role].add_table(table)
             else:
-                where = np.array([rule.of(line_no) for line_no in chunk.line_nos.tolist()])
+                where = rule.of_many(chunk.line_nos)
                 for split in split_names:
                     mask = where == split
                     if mask.any():

@@ -141,6 +141,10 @@ class HashSplit:
         u = stable_unit(f"split:{line_no}", self.seed)
         return "train" if u < self.train else "eval" if u < self.train + self.eval else "test"
 
+    def of_many(self, line_nos: Sequence[int]) -> np.ndarray:
+        """:meth:`of` of each line number, as an array of split names."""
+        return np.array([self.of(int(n)) for n in line_nos])
+
     def describe(self) -> str:
         parts = [f"train {self.train:g}", f"eval {self.eval:g}"]
         if "test" in self.splits:
@@ -440,6 +444,18 @@ def _python_csv_chunks(path: Path, header: List[str], chunk_rows: int, limit: in
 def csv_files(raw: Path) -> List[Path]:
     """The ``*.csv`` and ``*.csv.gz`` files directly in ``raw``, by name."""
     return sorted(p for p in raw.iterdir() if p.is_file() and (p.name.endswith(".csv") or p.name.endswith(".csv.gz")))
+
+
+def preprocessed_csvs(raw: Path, detect: Sequence[str], required: Sequence[str], what: str) -> List[Path]:
+    """The CSVs in ``raw`` whose header has every ``detect`` column (a preprocessed variant of a
+    data set), each checked for the ``required`` columns (:func:`require_columns`)."""
+    found = []
+    for path in csv_files(raw):
+        header = csv_header(path)
+        if all(c in header for c in detect):
+            require_columns(path, header, required, what)
+            found.append(path)
+    return found
 
 
 _ROLE_WORDS = {"train": "train", "training": "train", "val": "eval", "valid": "eval", "validation": "eval",

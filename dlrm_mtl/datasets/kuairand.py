@@ -59,8 +59,8 @@ import numpy as np
 import pyarrow as pa
 
 from dlrm_mtl.datasets.common import (
-    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, Vocabulary, csv_chunks, csv_files,
-    csv_header, finish, hash_split, list_array, open_text, plan_files, refuse_split, require_columns,
+    ConversionResult, ConvertOptions, FormatError, ParquetSink, RunningMoments, Vocabulary, csv_chunks,
+    csv_header, finish, hash_split, list_array, open_text, plan_files, preprocessed_csvs, refuse_split,
 )
 from dlrm_mtl.schema import DenseFeature, Schema, ScenarioLevel, SparseFeature, Task
 
@@ -133,13 +133,7 @@ def _csv_rows(path: Path, required: List[str]):
 def preprocessed_files(raw: Path) -> List[Path]:
     """The preprocessed CSVs in ``raw``: files whose header has ``user_id`` and ``is_click``
     (each checked for ``video_id`` and ``tab``)."""
-    found = []
-    for path in csv_files(raw):
-        header = csv_header(path)
-        if all(c in header for c in CSV_DETECT):
-            require_columns(path, header, CSV_REQUIRED, CSV_WHAT)
-            found.append(path)
-    return found
+    return preprocessed_csvs(raw, CSV_DETECT, CSV_REQUIRED, CSV_WHAT)
 
 
 def _tabs(opts: ConvertOptions) -> Optional[List[str]]:
@@ -295,7 +289,7 @@ def convert_preprocessed(raw: Path, out: Path, files: List[Path], opts: ConvertO
             elif role is not None:
                 where = np.full(n, role)
             else:
-                where = np.array([rule.of(line_no) for line_no in chunk.line_nos.tolist()])
+                where = rule.of_many(chunk.line_nos)
             for split in split_names:
                 mask = where == split
                 if mask.any():
