@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch only in annotations: config checks import this module before torch
+    import torch
 
-if TYPE_CHECKING:
     from dlrm_mtl.schema import Schema
     from dlrm_mtl.task_graph import TaskGraph
 
