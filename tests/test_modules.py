@@ -376,25 +376,34 @@ def test_concat_interaction_and_dense_arch_reads_pooled_in_schema_order():
         DenseArch(schema, ModelConfig(interaction="dot"))
 
 
-def test_task_towers_equal_one_mlp_per_task():
-    """TaskTowers (stacked weights, one baddbmm per layer) equals T separate Linear-ReLU-Linear
-    towers with the same weights, outputs and gradients."""
+@pytest.mark.parametrize("hidden,shared", [([5], False), ([5], True), ([5, 4], False), ([5, 4], True), ([], True)])
+def test_task_towers_equal_one_mlp_per_task(hidden, shared):
+    """TaskTowers (stacked weights: one baddbmm per hidden layer, one addmm for a shared
+    input's first layer, product-and-sum logits) equals T separate Linear-ReLU-...-Linear
+    towers with the same weights, outputs and gradients (also for the input's gradient when
+    every tower reads the same ``[B, d]``, passed as a stride-0 ``expand``)."""
     from dlrm_mtl.modules import TaskTowers
 
     torch.manual_seed(0)
-    towers = TaskTowers(3, 6, [5]).double()
-    x = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    towers = TaskTowers(3, 6, hidden).double()
+    base = torch.randn(11, 6, dtype=torch.float64, requires_grad=True) if shared else None
+    x = base.expand(3, 11, 6) if shared else torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    leaf = base if shared else x
     out = towers(x)
     assert out.shape == (11, 3)
     ref = []
     for t in range(3):
-        h = torch.relu(x[t] @ towers.weights[0][t] + towers.biases[0][t])
-        ref.append(h @ towers.weights[1][t] + towers.biases[1][t])
+        h = x[t]
+        for i, (w_, b_) in enumerate(zip(towers.weights, towers.biases)):
+            h = h @ w_[t] + b_[t]
+            if i < len(towers.weights) - 1:
+                h = torch.relu(h)
+        ref.append(h)
     ref = torch.cat(ref, dim=1)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     w = torch.randn_like(out)
-    ga = torch.autograd.grad((out * w).sum(), [x, *towers.parameters()])
-    gb = torch.autograd.grad((ref * w).sum(), [x, *towers.parameters()])
+    ga = torch.autograd.grad((out * w).sum(), [leaf, *towers.parameters()])
+    gb = torch.autograd.grad((ref * w).sum(), [leaf, *towers.parameters()])
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     bound = 1 / 6 ** 0.5  # nn.Linear's init range

@@ -11,10 +11,15 @@ from torch import nn
 
 def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``x W_g + b_g`` for G gates at once: ``x [B, in]`` (shared) or ``[G, B, in]`` (one input
-    per gate), ``weight [G, in, E]``, ``bias [G, E]`` -> ``[B, G, E]`` (a transposed view of one
-    ``baddbmm``; a shared input is expanded, a stride-0 view, not copied)."""
-    if x.dim() == 2:
-        x = x.expand(weight.shape[0], *x.shape)
+    per gate) -> ``[B, G, E]``, with ``weight [G, in, E]``, ``bias [G, E]``.
+
+    A shared input (2-D, or a stride-0 ``expand`` over the gates) is one ``addmm`` over the
+    concatenated weights ``[in, G·E]`` (bias fused); one input per gate is one ``baddbmm`` over
+    the gate axis (a transposed view of it is returned)."""
+    if x.dim() == 2 or x.stride(0) == 0:
+        G, d, E = weight.shape
+        shared = x if x.dim() == 2 else x[0]  # [B, in]
+        return torch.addmm(bias.reshape(-1), shared, weight.permute(1, 0, 2).reshape(d, G * E)).view(-1, G, E)
     return torch.baddbmm(bias.unsqueeze(1), x, weight).transpose(0, 1)
 
 

@@ -57,8 +57,11 @@ class ExtractionNetwork(nn.Module):
             per_task.append(sh.unsqueeze(1).expand(B, T, self.num_shared, D))
             pool.append(sh)
         if self.specific is not None:
-            sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
-            sp = self.specific(sp_in)  # [B, T·E_sp, d']
+            if task_in.stride(0) == 0:  # every task reads the same input: one addmm for all experts
+                sp = self.specific(task_in[0])  # [B, T·E_sp, d']
+            else:
+                sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
+                sp = self.specific(sp_in)  # [B, T·E_sp, d']
             per_task.append(sp.view(B, T, self.num_specific, D))
             pool.append(sp)
         experts = torch.cat(per_task, dim=2)  # [B, T, E, d']

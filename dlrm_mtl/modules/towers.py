@@ -11,8 +11,10 @@ from torch import nn
 
 class TaskTowers(nn.Module):
     """T independent towers ``d -> hidden... -> 1`` (ReLU between layers, none after the last),
-    one per task, with stacked weights: each layer is one ``baddbmm`` over the task axis
-    instead of T ``addmm`` calls, so the operator count does not grow with T.
+    one per task, with stacked weights: each hidden layer is one ``baddbmm`` over the task
+    axis instead of T ``addmm`` calls, so the operator count does not grow with T; a shared
+    input (stride 0 on T, e.g. Shared-Bottom) makes the first layer one ``addmm`` over the
+    concatenated weights, and the logit layer is a product and a sum (docs/performance.md).
 
     Initialised like ``nn.Linear`` (weights and biases uniform in ±1/√in).
 
@@ -35,10 +37,21 @@ class TaskTowers(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(num_tasks, 1, b).uniform_(-bound, bound)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x  # [T, B, d]
+        T, B = x.shape[0], x.shape[1]
         last = len(self.weights) - 1
+        h = x  # [T, B, d]; stride 0 on T when every tower reads the same representation
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b, h, w)  # [T, B, k]
-            if i < last:
-                h = h.relu_()
-        return h.squeeze(-1).t()  # [B, T]
+            if i == last:
+                # the logit layer (k = 1): <h_t, w_t> as a product and a sum over d. As a
+                # bmm it is a matrix-vector product forward and an outer product backward,
+                # both far slower than these element-wise passes on the CPU
+                return (h * w.view(T, 1, -1)).sum(-1).t() + b.view(1, T)  # [B, T]
+            if i == 0 and T > 1 and x.stride(0) == 0:
+                # a shared input: every tower's first layer as one addmm over the
+                # concatenated weights [d, T·k] (bias fused), then a [T, B, k] view
+                k = w.shape[-1]
+                h = torch.addmm(b.reshape(-1), x[0], w.permute(1, 0, 2).reshape(w.shape[1], T * k))  # [B, T·k]
+                h = h.relu_().view(B, T, k).transpose(0, 1)  # [T, B, k]
+            else:
+                h = torch.baddbmm(b, h, w).relu_()  # [T, B, k]
+        raise AssertionError("unreachable: the last layer returns")
