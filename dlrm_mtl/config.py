@@ -141,6 +141,10 @@ class ShardingConfig:
     # (GPU memory, or host memory divided by the local ranks)
     memory_per_rank_gb: float = 0.0
     tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # per-table overrides
+    # a world of one looks its tables up directly through their fbgemm kernels, without
+    # TorchRec's input/output distribution over one rank (same tables, optimizer and
+    # checkpoints; dlrm_mtl/models/local_lookup.py). false: always the sharded module's forward
+    local_lookup: bool = True
 
 
 @dataclass
@@ -186,6 +190,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: autocast of the dense arch; loss and metrics stay fp32
     allow_tf32: bool = True  # CUDA: TF32 tensor-core matmuls/convolutions (fp32 range, 10-bit mantissa)
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
+    # glibc: keep freed host memory in the process (mallopt), so that every step's large
+    # temporaries reuse pages instead of faulting in fresh ones (dlrm_mtl/host_memory.py)
+    keep_host_memory: bool = True
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50
     eval_every_epoch: bool = True

@@ -27,6 +27,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from dlrm_mtl.config import Config, DataConfig
 from dlrm_mtl.models import MultiScenarioMultiTaskModel
+from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.schema import Schema
 
 
@@ -242,9 +243,11 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     ``module`` must contain exactly one :class:`MultiScenarioMultiTaskModel` (built on the
     ``meta`` device so DMP materialises only this rank's shards).
 
-    Two things a world of one does not need are left out, with identical results: DDP (its
+    Three things a world of one does not need are left out, with identical results: DDP (its
     all-reduce over one rank only copies every gradient into a bucket and divides it by 1),
-    and the dense Adam runs as PyTorch's fused kernel (one operator per step for all
+    TorchRec's input and output distribution of the lookup (``sharding.local_lookup``:
+    :class:`~dlrm_mtl.models.local_lookup.LocalPooledLookup` calls the tables' kernels
+    directly), and the dense Adam runs as PyTorch's fused kernel (one operator per step for all
     parameters instead of ~12 per parameter, and no host read of each step counter) on any
     world size.
     """
@@ -261,6 +264,9 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
         # DMP's data-parallel wrapper is what moves the dense part to the device; without it
         # the dense parameters (built on the host, not meta) would stay there
         dmp._dmp_wrapped_module.to(env.device)
+        if cfg.sharding.local_lookup:  # the tables' kernels without TorchRec's dist over one rank
+            model = ebcs[0]
+            model.local_lookup = LocalPooledLookup.of(model.ebc, model.feature_names, model.feature_names)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay, fused=True),

@@ -41,6 +41,7 @@ from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.distributed import DistEnv, cache_bytes, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.evaluate import evaluate
+from dlrm_mtl.host_memory import keep_freed_memory
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -267,7 +268,10 @@ def build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
 def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     """Process-wide math settings of a run: TF32 matmuls and convolutions on CUDA when
     ``train.allow_tf32`` (PyTorch's own default keeps fp32 GEMMs at full precision, which on
-    an H100 runs them at a fraction of the tensor cores' rate)."""
+    an H100 runs them at a fraction of the tensor cores' rate); the host allocator keeps freed
+    memory when ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
+    if cfg.keep_host_memory:
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -323,6 +327,11 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         progress = ckpt.resume(dmp, optimizer, scheduler, audit=cfg.checkpoint.audit_rows)
     audit = RowAudit(run_dir, env.rank) if cfg.checkpoint.audit_rows else None
     pipeline = make_pipeline(dmp, optimizer, env, cfg.train.pipeline)
+    model = dmp.module.model
+    if pipeline is not None:
+        model.local_lookup = None  # the pipeline fx-traces the sharded module's input dist
+    if model.local_lookup is not None:
+        _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist)")
     return TrainRun(cfg, env, schema, run_dir, dmp, optimizer, scheduler, summary, train_stream, eval_stream, writer,
                     ckpt, progress, audit, pipeline, clock)
 

@@ -23,7 +23,9 @@ device are counted (none on CPU).
 
 Cases: the default config (``configs/demo.yaml``: scenario CGC per level + CGC task layer)
 and each ``configs/arch/*.yaml`` fragment on top of it. Per case: operators of a median
-non-logging step, of a logging step, host syncs of both, and the most frequent operators.
+non-logging step, of a logging step, host syncs of both, the training thread's minor page
+faults per non-logging step (fresh pages the kernel had to zero: ``train.keep_host_memory``
+keeps them at 0), and the most frequent operators.
 
 Example::
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -65,6 +68,7 @@ class StepCount:
     ops: int = 0
     syncs: int = 0
     host_reads: int = 0  # reads of host-resident tensors (not synchronisations)
+    page_faults: int = 0  # minor page faults of the training thread (fresh pages the kernel zeroed)
     by_op: Counter[str] = field(default_factory=collections.Counter)
     sync_by_op: Counter[str] = field(default_factory=collections.Counter)
 
@@ -167,6 +171,7 @@ class CaseResult:
     syncs_per_step: float  # max over non-logging steps
     ops_logging_step: float
     syncs_logging_step: float
+    page_faults_per_step: float  # median over non-logging steps, training thread
     steps_counted: int
     top_ops: List[List[Any]]
     sync_ops: Dict[str, int]
@@ -189,6 +194,12 @@ def ensure_data(root: Path, rows: int) -> Path:
     return data
 
 
+def _thread_faults() -> int:
+    """Minor page faults of the calling thread so far (Linux; 0 elsewhere)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_minflt if who is not None else 0
+
+
 def count_case(name: str, configs: Sequence[str], data: Path, run_dir: Path, steps: int, log_every: int,
                overrides: Sequence[str] = ()) -> CaseResult:
     """Runs ``steps`` iterations of the real loop on a world of one and counts each one."""
@@ -206,9 +217,11 @@ def count_case(name: str, configs: Sequence[str], data: Path, run_dir: Path, ste
     try:
         run = setup_run(cfg, env)
         counter = OpCounter(host_resident=host_counters(run.dmp))
+        faults = [_thread_faults()]
 
         def on_step_end(step: int, logged: bool) -> None:
-            counter.cut()
+            counter.cut().page_faults = _thread_faults() - faults[0]
+            faults[0] = _thread_faults()
             logged_at[len(counter.steps) - 1] = logged
 
         with counter, counting_host_reads(counter):
@@ -232,6 +245,7 @@ def count_case(name: str, configs: Sequence[str], data: Path, run_dir: Path, ste
         syncs_per_step=max(s.syncs for s in plain),
         ops_logging_step=statistics.median(s.ops for s in logged),
         syncs_logging_step=statistics.median(s.syncs for s in logged),
+        page_faults_per_step=statistics.median(s.page_faults for s in plain),
         steps_counted=len(plain) + len(logged),
         top_ops=[[k, v] for k, v in median.by_op.most_common(25)],
         sync_ops=dict(syncs),
@@ -260,12 +274,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = Path(args.work)
     data = ensure_data(work, args.rows)
     results: List[CaseResult] = []
-    print(f"{'case':<15} {'ops/step':>9} {'syncs/step':>10} {'ops (log step)':>15} {'syncs (log step)':>17}")
+    print(f"{'case':<15} {'ops/step':>9} {'syncs/step':>10} {'ops (log step)':>15} {'syncs (log step)':>17} {'page faults/step':>17}")
     for name in chosen:
         with tempfile.TemporaryDirectory() as run_dir:
             r = count_case(name, cases[name], data, Path(run_dir), args.steps, args.log_every, args.set)
         results.append(r)
-        print(f"{r.case:<15} {r.ops_per_step:>9.0f} {r.syncs_per_step:>10.0f} {r.ops_logging_step:>15.0f} {r.syncs_logging_step:>17.0f}"
+        print(f"{r.case:<15} {r.ops_per_step:>9.0f} {r.syncs_per_step:>10.0f} {r.ops_logging_step:>15.0f} {r.syncs_logging_step:>17.0f} {r.page_faults_per_step:>17.0f}"
               + (f"   syncs: {r.sync_ops}" if r.sync_ops else ""), flush=True)
         if args.top:
             for op, n in r.top_ops[: args.top]:

@@ -16,6 +16,7 @@ from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
 from dlrm_mtl.models.dense_step import DenseStep
+from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.schema import Schema, leaf_ids
 
@@ -184,12 +185,22 @@ class MultiScenarioMultiTaskModel(nn.Module):
         self.feature_names = [f.name for f in schema.sparse]
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.dense_arch = DenseArch(schema, cfg)
+        # set by shard_model in a world of one (a plain object: not part of the state dict)
+        self.local_lookup: Optional[LocalPooledLookup] = None
+
+    def pooled(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``[B, Σ D_f]``, schema order: through :class:`LocalPooledLookup` when sharding set
+        one (a world of one) and the batch's features come in the order it was built for,
+        else through the (sharded) collection."""
+        lookup = self.local_lookup
+        if lookup is not None and sparse.keys() == lookup.batch_keys:
+            return lookup(sparse)
+        return pooled_in_order(self.ebc(sparse), self.feature_names)
 
     def forward(
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        pooled = pooled_in_order(self.ebc(sparse), self.feature_names)  # [B, Σ D_f]
-        return self.dense_arch(pooled, dense, scenario)
+        return self.dense_arch(self.pooled(sparse), dense, scenario)
 
 
 class TrainModule(nn.Module):
@@ -216,7 +227,7 @@ class TrainModule(nn.Module):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
         # cannot be unpacked.
-        pooled = pooled_in_order(self.model.ebc(batch.sparse), self.model.feature_names)  # [B, Σ D_f]
+        pooled = self.model.pooled(batch.sparse)  # [B, Σ D_f]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias)
         real_rows = batch.real.sum()  # [] on the device: read on log steps only
         return out[0], (out[1].detach(), out[2], out[3], real_rows)

@@ -1,0 +1,54 @@
+"""The host allocator's policy for freed memory: keep it in the process.
+
+A training step on the CPU allocates and frees the same large temporaries every step
+(activations and their gradients: ``[B, h]`` float tensors of 0.25-16 MiB). glibc's ``malloc``
+serves blocks above its mmap threshold (128 KiB at start, raised adaptively up to 32 MiB) with
+fresh ``mmap`` calls and hands free memory at the top of the heap back to the kernel above its
+trim threshold, so the next step's tensors land on pages the kernel must fault in and zero
+again: ~1,250-1,700 minor page faults per step on the MovieLens-shaped benchmark
+(``tools/count_ops.py`` counts them; docs/performance.md). Raising both thresholds once makes
+the step reuse the pages it freed: 0 faults per step after the first.
+
+The cost is that memory freed during training is kept by the process (its peak resident size
+is not returned to the kernel until exit), which is what a training process wants anyway.
+Other C libraries (musl) and other systems are left alone.
+
+Example::
+
+    from dlrm_mtl.host_memory import keep_freed_memory
+    keep_freed_memory()   # True on glibc
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's ceiling for the mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 1 << 30
+
+
+def _glibc() -> "ctypes.CDLL | None":
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it (and mallopt's parameters above)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Serve blocks below ``mmap_threshold`` bytes from the heap and keep up to
+    ``trim_threshold`` bytes of free heap in the process (glibc ``mallopt``). Returns whether
+    the settings took effect (False: not glibc, or glibc refused a value)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))

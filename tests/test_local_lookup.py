@@ -1,0 +1,101 @@
+"""LocalPooledLookup: a world of one looks its tables up through their fbgemm kernels without
+TorchRec's input/output dist, and trains exactly like the sharded module's forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(data: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "dlrm_mtl", "train", "--config", "configs/demo.yaml",
+        "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",
+        "--set", f"data.schema={data / 'schema.yaml'}",
+        "--set", f"train.run_dir={run}", "--set", "train.max_steps=10", "--set", "train.epochs=2",
+        "--set", "data.batch_size=256", "--set", "train.progress=false", "--set", "train.log_every=5",
+    ] + [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _two_groups(data: Path, out: Path) -> Path:
+    """The synthetic set with its multi-hot feature mean-pooled in a table of its own: the
+    tables then form two kernel groups (sum, mean) whose features are not in schema order."""
+    out.mkdir()
+    for split in ("train", "eval"):
+        (out / split).symlink_to(data / split)
+    schema = yaml.safe_load((data / "schema.yaml").read_text())
+    multi = [f for f in schema["sparse"] if f.get("multi_hot")]
+    assert multi, "the synthetic schema has a multi-hot feature"
+    multi[0]["pooling"], multi[0]["table"] = "mean", "t_multi_hot_mean"
+    position = [f["name"] for f in schema["sparse"]].index(multi[0]["name"])
+    assert 0 < position < len(schema["sparse"]) - 1, "in the middle: its columns must be put back in place"
+    (out / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["one_group", "two_groups"])
+def test_local_lookup_trains_exactly_like_the_sharded_forward(synthetic_small, tmp_path, layout):
+    data = synthetic_small if layout == "one_group" else _two_groups(synthetic_small, tmp_path / "data")
+    if layout == "one_group":
+        shutil.copy(synthetic_small / "schema.yaml", tmp_path / "schema.yaml")  # unchanged
+    runs = {}
+    for local in ("true", "false"):
+        proc = _train(data, tmp_path / local, f"sharding.local_lookup={local}")
+        used = "fbgemm kernels called directly" in proc.stdout + proc.stderr
+        assert used == (local == "true"), proc.stdout[-2000:]
+        runs[local] = (json.loads((tmp_path / local / "ranks" / "rank0.json").read_text()),
+                       json.loads((tmp_path / local / "metrics.json").read_text()))
+    (rank_l, met_l), (rank_s, met_s) = runs["true"], runs["false"]
+    assert rank_l["rows_trained"] == rank_s["rows_trained"] == 2 * 10 * 256
+    assert rank_l["dense_sha256"] == rank_s["dense_sha256"]  # the dense weights, bit for bit
+    assert met_l["metrics"] == met_s["metrics"]  # evaluated through the tables: they are equal too
+
+
+def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_path):
+    """In-process, world of one: the same ``[B, Σ D]`` as the sharded collection's KeyedTensor
+    in schema order, for two kernel groups whose features are not in schema order; its
+    backward updates the tables."""
+    import torch
+
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.models.ranking_model import pooled_in_order
+    from dlrm_mtl.train import setup_run
+
+    data = _two_groups(synthetic_small, tmp_path / "data")
+    cfg = Config.load([str(ROOT / "configs/demo.yaml")], [
+        f"data.train={data / 'train'}", f"data.eval={data / 'eval'}", f"data.schema={data / 'schema.yaml'}",
+        f"train.run_dir={tmp_path / 'run'}", "data.batch_size=64", "train.threads_per_rank=1", "train.progress=false",
+    ])
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(cfg, env)
+        model = run.dmp.module.model
+        lookup = model.local_lookup
+        assert lookup is not None and lookup.perm is not None and len(lookup.runs) > 2
+        it = iter(run.train_stream)
+        batch = next(it)
+        expected = pooled_in_order(model.ebc(batch.sparse), model.feature_names)
+        got = lookup(batch.sparse)
+        assert got.shape == expected.shape and torch.equal(got, expected)
+        # backward through it reaches the fused optimizer of the tables (the training test above
+        # shows the update equals the sharded path's, bit for bit)
+        before = [p.detach().clone() for p in model.ebc.parameters()]
+        run.optimizer.zero_grad()
+        (got * torch.arange(got.shape[1], dtype=got.dtype)).sum().backward()
+        assert any(not torch.equal(p.detach(), b) for p, b in zip(model.ebc.parameters(), before))
+        it.close()
+    finally:
+        shutdown_distributed()
