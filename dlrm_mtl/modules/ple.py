@@ -56,16 +56,21 @@ class ExtractionNetwork(nn.Module):
             sh = self.shared(shared_in)  # [B, E_sh, d']
             per_task.append(sh.unsqueeze(1).expand(B, T, self.num_shared, D))
             pool.append(sh)
+        # every task reads the shared input (level 0: task_in is its stride-0 expand): the task
+        # experts and gates read shared_in itself, one addmm each over all of them (indexing the
+        # expand would make its backward fill and sum a [T, B, d] gradient)
+        same = task_in.stride(0) == 0
         if self.specific is not None:
-            if task_in.stride(0) == 0:  # every task reads the same input: one addmm for all experts
-                sp = self.specific(task_in[0])  # [B, T·E_sp, d']
+            if same:
+                sp = self.specific(shared_in)  # [B, T·E_sp, d']
             else:
                 sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
                 sp = self.specific(sp_in)  # [B, T·E_sp, d']
             per_task.append(sp.view(B, T, self.num_specific, D))
             pool.append(sp)
         experts = torch.cat(per_task, dim=2)  # [B, T, E, d']
-        gates = {"task": self.task_gate(task_in) if self.task_gate is not None else task_in.new_ones(B, T, 1)}  # [B, T, E]
+        gate_in = shared_in if same else task_in
+        gates = {"task": self.task_gate(gate_in) if self.task_gate is not None else task_in.new_ones(B, T, 1)}  # [B, T, E]
         task_out = mix_experts(gates["task"].unsqueeze(-2), experts).squeeze(-2).transpose(0, 1)  # [T, B, d']
         shared_out = None
         if self.shared_gate is not None:
