@@ -231,3 +231,6 @@ def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     assert set(case["calibration"]) == set(case["peer_calibration"]) == {"income", "marital"}
     assert all(0.3 < v < 3 for v in list(case["calibration"].values()) + list(case["peer_calibration"].values()))
     assert 0.6 < case["oracle_auc"]["income"] <= 1
+    # both sides' tuned rates survive the command-line size overrides
+    quick = bench.run_sizes(True)["census"]
+    assert case["size"]["dense_lr"] == quick.dense_lr is not None and case["size"]["peer_lr"] == quick.peer_lr

@@ -115,7 +115,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -1123,8 +1123,8 @@ def bench_main(args: argparse.Namespace) -> int:
     for shape in list(sizes):
         s = sizes[shape]
         rows = args.train_rows or s.train_rows
-        sizes[shape] = RunSize(rows, s.eval_rows if args.train_rows is None else max(rows // 4, 1),
-                               args.epochs or s.epochs, s.batch_size, args.lr or s.peer_lr)
+        sizes[shape] = replace(s, train_rows=rows, eval_rows=s.eval_rows if args.train_rows is None else max(rows // 4, 1),
+                               epochs=args.epochs or s.epochs, peer_lr=args.lr or s.peer_lr)
     data = {shape: ensure_data(Path(args.data_root), shape, sizes[shape]) for shape in {s for s, _ in cases}}
     concat = concat_supported()
     if not concat:
