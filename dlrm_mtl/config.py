@@ -245,16 +245,34 @@ class LossConfig:
     uncertainty term (``weighting: uncertainty``: exp(−s_k)·L_k + s_k/2 for binary tasks,
     exp(−s_k)·L_k/2 + s_k/2 for regression, s_k = log σ_k² learnable) or DWA's λ_k · L_k
     (``weighting: dwa``, Liu et al. 2019: λ recomputed after every epoch from the ratio of each
-    task's last two epoch-mean losses, temperature ``dwa_temperature``). Rows are weighted by
+    task's last two epoch-mean losses, temperature ``dwa_temperature``) or a weight from the
+    per-task gradients on the last shared layer W (``shared_layer``), recomputed every step:
+    ``weighting: gradnorm`` (Chen et al. 2018, eq. 1-2: learnable w, Σ w = K, one step of
+    ``gradnorm_lr`` on L_grad with asymmetry ``gradnorm_alpha``) or ``weighting: pareto`` (Lin
+    et al. 2019, PE-LTR: ω minimising ||Σ ω_k ∇_W L_k||² with Σ ω = 1, ω_k >= c_k from
+    ``pareto_bounds``, solver ``pareto_solver``); dlrm_mtl/loss_balancing.py. Rows are weighted by
     λ of their leaf scenario (HiNet): ``scenario_weighting: none`` (λ = 1), ``static``
     (``scenario_weights`` by leaf name, e.g. ``home/hot_card``, default 1) or
     ``inverse_share`` (λ_s = 1 / (S · share_s): every scenario carries the same total weight;
     shares from ``scenario_shares`` or counted on the training data).
     """
 
-    weighting: str = "static"  # static | uncertainty | dwa
+    weighting: str = "static"  # static | uncertainty | dwa | gradnorm | pareto
     # DWA (Liu et al. 2019, eq. 1): λ_k = K · softmax(r / T)_k per epoch, r_k = L_k(t-1) / L_k(t-2)
     dwa_temperature: float = 2.0
+    # GradNorm (Chen et al. 2018, eq. 1-2): asymmetry α and the learning rate of w's own
+    # gradient step (plain gradient descent on L_grad, every training step)
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
+    # PE-LTR (Lin et al. 2019): lower bound c_k of each task's weight (default 0; Σ c <= 1) and
+    # the solver of min ||Σ ω_k ∇L_k||²: exact (active-set enumeration) | pec (the paper's
+    # Algorithm 2: relaxed solution, then projection); K = 2 always takes the closed form
+    pareto_bounds: Dict[str, float] = field(default_factory=dict)
+    pareto_solver: str = "exact"
+    # gradnorm / pareto: the dense-arch module whose weights W the per-task gradients are taken
+    # on ("" = the last module every task reads: the last scenario layer, else a leading
+    # shared-bottom task layer, else the dense MLP), e.g. scenario_layers.1, task_layers.0
+    shared_layer: str = ""
     task_weights: Dict[str, float] = field(default_factory=dict)
     decay: Dict[str, float] = field(default_factory=dict)  # γ_k per task (PLE); 1 = no decay
     uncertainty_init: float = 0.0  # initial s_k = log σ_k²
@@ -635,12 +653,30 @@ def _check_loss(cfg: Config) -> None:
     lc = cfg.loss
     _sizes(cfg, "loss.bias_tower", lc.bias_tower)
     _at_least(cfg, "loss.aux_weight", lc.aux_weight, 0)
-    _one_of(cfg, "loss.weighting", lc.weighting, ("static", "uncertainty", "dwa"))
+    _one_of(cfg, "loss.weighting", lc.weighting, ("static", "uncertainty", "dwa", "gradnorm", "pareto"))
     if lc.dwa_temperature <= 0:
         raise cfg.error("loss.dwa_temperature", f"must be > 0, got {lc.dwa_temperature}")
+    _check_gradient_weighting(cfg)
     for what in ("task_weights", "scenario_weights", "scenario_shares"):
         for name, value in getattr(lc, what).items():
             _at_least(cfg, f"loss.{what}.{name}", value, 0)
+
+
+def _check_gradient_weighting(cfg: Config) -> None:
+    """GradNorm's α and learning rate, PE-LTR's bounds (each >= 0, Σ <= 1) and solver; both
+    need the eager dense step (per-task gradients and an all-reduce inside the forward)."""
+    lc = cfg.loss
+    _at_least(cfg, "loss.gradnorm_alpha", lc.gradnorm_alpha, 0)
+    if lc.gradnorm_lr <= 0:
+        raise cfg.error("loss.gradnorm_lr", f"must be > 0, got {lc.gradnorm_lr}")
+    _one_of(cfg, "loss.pareto_solver", lc.pareto_solver, ("exact", "pec"))
+    for name, value in lc.pareto_bounds.items():
+        _at_least(cfg, f"loss.pareto_bounds.{name}", value, 0)
+    if sum(lc.pareto_bounds.values()) > 1 + 1e-9:
+        raise cfg.error("loss.pareto_bounds", f"the bounds must sum to <= 1, got {sum(lc.pareto_bounds.values()):g} ({lc.pareto_bounds})")
+    if lc.weighting in ("gradnorm", "pareto") and cfg.train.cuda_graph == "graph":
+        raise cfg.error("train.cuda_graph", f"graph cannot record loss.weighting {lc.weighting} (per-task gradients and an "
+                        "all-reduce inside the step); use auto or eager")
 
 
 def _check_tables(cfg: Config, schema: "Schema") -> None:
@@ -704,8 +740,8 @@ def _check_built(cfg: Config, schema: "Schema") -> None:
 
     try:
         with torch.device("meta"):
-            DenseArch(schema, cfg.model)
-        EntireSpaceLoss(schema, cfg.loss)
+            arch = DenseArch(schema, cfg.model)
+        EntireSpaceLoss(schema, cfg.loss).bind_shared(arch)  # gradnorm/pareto: loss.shared_layer resolved
     except ConfigError as e:
         raise cfg.locate(e) from None
     except ValueError as e:  # the loss names its key at the start of the message (loss.decay.ctr: ...)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlrm_mtl.config import LossConfig
+from dlrm_mtl.loss_balancing import SharedLayerWeighting, make_balancer
 from dlrm_mtl.modules.bias_tower import BiasTower
 from dlrm_mtl.schema import Schema, leaf_ids, scenario_names
 from dlrm_mtl.task_graph import TaskGraph
@@ -63,8 +64,13 @@ class EntireSpaceLoss(nn.Module):
     serving never see it (the metrics use the model's logits).
 
     Returns the total and every term (detached) for logging: ``loss/<term>``,
-    ``aux/...`` (the model's names), ``loss_weight/<term>`` (w·γ^t), ``loss_log_var/<term>`` (uncertainty),
-    ``loss/total``.
+    ``aux/...`` (the model's names), ``loss_weight/<term>`` (w·γ^t, times DWA's λ, GradNorm's
+    w or PE-LTR's ω), ``loss_log_var/<term>`` (uncertainty), ``gradnorm/l_grad`` and
+    ``pareto/grad_norm`` (those weightings), ``loss/total``.
+
+    ``weighting: gradnorm | pareto`` take their weights from the per-term gradients on the
+    dense arch's last shared layer (:mod:`dlrm_mtl.loss_balancing`): :meth:`bind_shared` gives
+    the loss that arch (``DenseStep`` does), and such a step runs eagerly (``needs_eager``).
 
     Example::
 
@@ -96,8 +102,8 @@ class EntireSpaceLoss(nn.Module):
         for k, g in cfg.decay.items():
             if not 0 < g <= 1:
                 raise ValueError(f"loss.decay.{k}: γ must lie in (0, 1], got {g}")
-        if cfg.weighting not in ("static", "uncertainty", "dwa"):
-            raise ValueError(f"loss.weighting {cfg.weighting!r}: expected static, uncertainty or dwa")
+        if cfg.weighting not in ("static", "uncertainty", "dwa", "gradnorm", "pareto"):
+            raise ValueError(f"loss.weighting {cfg.weighting!r}: expected static, uncertainty, dwa, gradnorm or pareto")
         w = [cfg.task_weights.get(tasks[i].name, tasks[i].weight) for i in self.term_tasks]
         g = [cfg.decay.get(tasks[i].name, 1.0) for i in self.term_tasks]
         self.register_buffer("base_weights", torch.tensor(w, dtype=torch.float32), persistent=False)
@@ -110,6 +116,9 @@ class EntireSpaceLoss(nn.Module):
         self.register_buffer("dwa_history", torch.full((2, K), float("nan")), persistent=dwa)  # [L(t-2), L(t-1)]
         self.register_buffer("dwa_sum", torch.zeros(K), persistent=dwa)
         self.register_buffer("dwa_count", torch.zeros(()), persistent=dwa)
+        # gradnorm / pareto: weights from per-task gradients on the last shared layer
+        # (dlrm_mtl/loss_balancing.py); a submodule only then (older checkpoints stay loadable)
+        self.balancer: Optional[SharedLayerWeighting] = make_balancer(cfg, [tasks[i].name for i in self.term_tasks], names)
         self.log_var: Optional[nn.Parameter] = None
         if cfg.weighting == "uncertainty":
             self.log_var = nn.Parameter(torch.full((len(self.term_tasks),), float(cfg.uncertainty_init)))
@@ -151,10 +160,27 @@ class EntireSpaceLoss(nn.Module):
         """λ_s = 1 / (S · share_s) from the share of training rows of each leaf scenario."""
         self.scenario_lambda.copy_(inverse_share_weights(share))
 
-    def term_weights(self) -> torch.Tensor:
-        """``[K]`` current w_k · γ_k^t (PLE eq. 10), times DWA's λ_k under ``weighting: dwa``."""
+    def term_weights(self, balance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[K]`` current w_k · γ_k^t (PLE eq. 10), times DWA's λ_k under ``weighting: dwa``,
+        times the gradnorm / pareto weight (``balance [K]``: this training step's; else the
+        weighting's current one)."""
         w = self.base_weights * self.decay.pow(self.step.to(self.decay.dtype))
+        if self.balancer is not None:
+            w = w * (self.balancer.weight if balance is None else balance)
         return w * self.dwa_lambda if self.cfg.weighting == "dwa" else w
+
+    def bind_shared(self, dense_arch: nn.Module) -> None:
+        """Under ``weighting: gradnorm | pareto``: the dense arch whose last shared layer
+        (``loss.shared_layer``) the per-task gradients are taken on (ConfigError when that
+        names no module with weights); a no-op otherwise. :class:`DenseStep` calls it."""
+        if self.balancer is not None:
+            self.balancer.bind(dense_arch)
+
+    @property
+    def needs_eager(self) -> bool:
+        """True when the step cannot be recorded as a CUDA graph (gradnorm / pareto take
+        per-task gradients and all-reduce them inside the forward)."""
+        return self.balancer is not None
 
     @torch.no_grad()
     def end_epoch(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
@@ -264,7 +290,10 @@ class EntireSpaceLoss(nn.Module):
             add[:, self.bias_tasks] = b.expand(-1, len(self.bias_tasks))
             logits = logits + add
         per_task = self.per_task(logits, labels, label_mask, weight, scenario)  # [K]
-        w = self.term_weights()  # [K]
+        balance = None  # gradnorm / pareto: this step's weights from the per-task gradients
+        if self.balancer is not None and self.training and torch.is_grad_enabled():
+            balance = self.balancer(per_task)  # [K]
+        w = self.term_weights(balance)  # [K]
         if self.log_var is not None:
             s = self.log_var
             weighted = w * (self.uncertainty_scale * torch.exp(-s) * per_task + 0.5 * s)
@@ -279,6 +308,9 @@ class EntireSpaceLoss(nn.Module):
             terms[f"loss_weight/{name}"] = w[k].detach()
             if self.log_var is not None:
                 terms[f"loss_log_var/{name}"] = self.log_var[k].detach()
+        if balance is not None:
+            assert self.balancer is not None
+            terms.update(self.balancer.last_terms)  # gradnorm/l_grad, pareto/grad_norm
         for name, v in (aux or {}).items():
             total = total + self.cfg.aux_weight * v
             terms[name if name.startswith("aux/") else f"aux/{name}"] = v.detach()  # as the model names it

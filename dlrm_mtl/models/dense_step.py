@@ -55,6 +55,8 @@ class DenseStep(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"train.precision {precision!r}: expected one of {PRECISIONS}")
         self._parts = (dense_arch, loss)  # a tuple: not registered as submodules
+        if hasattr(loss, "bind_shared"):  # gradnorm / pareto read the arch's last shared layer
+            loss.bind_shared(dense_arch)
         self.cuda_graph = cuda_graph
         self.precision = precision
         self.graph: Optional[StepGraph] = None
@@ -85,6 +87,8 @@ class DenseStep(nn.Module):
 
     def _wants_graph(self, pooled: torch.Tensor) -> bool:
         if not (self.training and torch.is_grad_enabled()) or self.graph_error is not None:
+            return False
+        if getattr(self._parts[1], "needs_eager", False):  # per-task gradients inside the step
             return False
         return self.cuda_graph == "graph" or (self.cuda_graph == "auto" and pooled.is_cuda)
 
