@@ -14,7 +14,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dlrm_mtl.synthetic import SyntheticSpec, describe, generate
 
     spec = replace(SyntheticSpec(), esm2=args.esm2, regression=args.regression, position_bias=args.position_bias,
-                   cvr_loss_space=args.cvr_loss_space)
+                   cvr_loss_space=args.cvr_loss_space, child_on_parent=args.child_on_parent)
     generate(args.out, rows=args.rows, seed=args.seed, spec=spec)
     print(f"wrote {args.rows} rows to {args.out}/train, {args.out}/eval and {args.out}/schema.yaml")
     for r in describe(f"{args.out}/train"):
@@ -227,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--position-bias", action="store_true", help="schema: position feeds a bias tower on ctr, not the model")
     g.add_argument("--cvr-loss-space", choices=["entire", "parent_positive"], default="entire",
                    help="schema: train cvr on the entire space (ESMM) or on clicked rows (PLE mask)")
+    g.add_argument("--child-on-parent", type=float, default=0.0, metavar="W",
+                   help="the conversion logit gains W x the click's latent (task-relation heads; 0: off)")
     g.set_defaults(fn=_generate)
 
     from dlrm_mtl.datasets import CONVERTERS

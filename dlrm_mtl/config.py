@@ -98,11 +98,31 @@ class LayerConfig:
     noise: float = 1.0  # gate noise scale in training (noisy gate, AESM²)
     k_specific: int = 1  # AESM²: specific experts selected per row
     k_shared: int = 1  # AESM²: shared experts selected per row
-    aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL), 0 = off
+    aux_weight: float = 0.0  # weight of the layer's auxiliary losses (AESM² KL, sluice orthogonality), 0 = off
     norm: bool = True  # STAR: partitioned normalisation
     task_emb_dim: int = 8  # AESM² task layer: size of the learnable task indicator embedding (gate input)
     # cgc/separate/star scenario layers: how rows reach their scenario's parameters (auto | gather | static)
     routing: str = "auto"
+    # asymmetric task layer: [parent, child] pairs of schema task names, a DAG; the parent's
+    # bottom output is concatenated to the child's bottom input ([] = separate bottoms)
+    edges: List[List[str]] = field(default_factory=list)
+    subspaces: int = 2  # sluice task layer: subspaces each layer's output is split into (divides out_dim)
+
+
+@dataclass
+class HeadsConfig:
+    """The task heads on top of the task layers (``dlrm_mtl/modules/heads/``; fields each type
+    reads: ``HEAD_FIELDS`` there — a field a type does not read must keep its default, or the
+    config is refused). Every head's per-task MLP has the sizes of ``model.tower``.
+
+    Example (YAML)::
+
+        model: {heads: {type: aitm, calibrator_weight: 0.3}}
+    """
+
+    type: str = "towers"  # towers (independent, today's) | dbmtl | aitm | nmtr
+    relation_dim: int = 32  # dbmtl: width of each task's relation layer (what its children read)
+    calibrator_weight: float = 0.3  # aitm: α of the behavioural expectation calibrator (aux loss)
 
 
 @dataclass
@@ -118,6 +138,9 @@ class ModelConfig:
     scenario_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", level="each", out_dim=128)])
     task_layers: List[LayerConfig] = field(default_factory=lambda: [LayerConfig(type="cgc", out_dim=64)])
     tower: List[int] = field(default_factory=lambda: [64])
+    # what turns the last task layer's output into the T logits: independent towers (default)
+    # or a task-relation head (dbmtl | aitm | nmtr) along the schema's task graph
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
 
 @dataclass
@@ -522,7 +545,7 @@ def _check_fusion(cfg: Config, schema: "Schema") -> None:
 # the least value of each integer field of a layer (a count or size below it builds nothing)
 LAYER_MINIMUM: Dict[str, int] = {
     "num_shared": 0, "num_specific": 0, "num_experts": 1, "out_dim": 1, "levels": 1, "sub_experts": 1,
-    "top_k": 0, "k_specific": 0, "k_shared": 0, "task_emb_dim": 1,
+    "top_k": 0, "k_specific": 0, "k_shared": 0, "task_emb_dim": 1, "subspaces": 1,
 }
 
 

@@ -28,6 +28,12 @@ Options (``SyntheticSpec``; all off by default, and the default data set is unch
   μ = ``true_completion`` (PLE's VCR), so the best possible MSE is known.
 * ``position_bias``: the schema moves ``position`` from the dense features to a
   position-bias tower on ``ctr`` (the click model has the effect −``position_effect``·(pos−1)).
+* ``child_on_parent`` (w): the conversion depends on the click's latent — the conversion logit
+  gains w · (click logit − its leaf base rate + the position effect), i.e. the row's own
+  click propensity. A model that reads the click head's representation (``model.heads``:
+  dbmtl, aitm, nmtr) can take it from the click task, trained on every impression;
+  independent towers must learn it from the conversion signal alone. No extra random draws:
+  features and clicks are those of w = 0.
 
 Example::
 
@@ -76,6 +82,10 @@ class SyntheticSpec:
     # <u, v> enters its click and conversion logits with weight 1 − 2·c instead of 1 (c = 0.75:
     # −0.5, users there avoid what everyone else likes). 0 = the default world, byte-identical.
     small_leaf_conflict: float = 0.0
+    # the conversion depends on the click's latent (task-relation heads, issue 17): the conversion
+    # logit gains this times the click logit's row-specific part (the click logit less its
+    # leaf base rate and the position effect). 0 = the default world, byte-identical.
+    child_on_parent: float = 0.0
 
 
 def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
@@ -232,6 +242,9 @@ class _World:
             - 0.6 * (np.log1p(price) - 3.0)
             + 0.25 * (np.log1p(activity) - 1.3)
         )
+        if spec.child_on_parent:  # no extra draws: features and clicks stay byte-identical
+            click_latent = ctr_logit - _logit(np.asarray(spec.ctr_base))[leaf] + spec.position_effect * (position - 1)
+            cvr_logit = cvr_logit + spec.child_on_parent * click_latent
         pctr = 1 / (1 + np.exp(-ctr_logit))
         pcvr = 1 / (1 + np.exp(-cvr_logit))
         click = rng.random(n) < pctr

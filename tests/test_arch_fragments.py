@@ -14,8 +14,8 @@ import torch
 from dlrm_mtl.config import Config
 from dlrm_mtl.models.ranking_model import DenseArch
 from dlrm_mtl.modules import (
-    AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, HiNetScenarioLayer, HMoELayer, MMoELayer, MultiLevelMMoELayer,
-    PLELayer, ScenarioCGCLayer, SharedBottomLayer, STARLayer,
+    AESMScenarioLayer, AESMTaskLayer, AsymmetricLayer, CrossStitchLayer, HiNetScenarioLayer, HMoELayer, MMoELayer, MultiLevelMMoELayer,
+    PLELayer, ScenarioCGCLayer, SharedBottomLayer, SluiceLayer, STARLayer,
 )
 from dlrm_mtl.synthetic import synthetic_schema
 
@@ -31,6 +31,8 @@ EXPECTED = {
     "omoe": ([], [MMoELayer]),
     "ml_mmoe": ([], [MultiLevelMMoELayer]),
     "cross_stitch": ([], [CrossStitchLayer]),
+    "asymmetric": ([], [AsymmetricLayer]),
+    "sluice": ([], [SluiceLayer]),
     "cgc": ([ScenarioCGCLayer] * 2, [PLELayer]),  # the default arch: scenario CGC per level + CGC
     "ple": ([], [PLELayer]),
     "star": ([STARLayer], []),  # one STAR network over the leaf scenarios
@@ -57,10 +59,14 @@ def test_fragment_composes_with_demo_and_builds_its_layers(name):
     assert [type(l) for l in model.task_layers] == task
     if name == "omoe":
         assert model.task_layers[0].one_gate
+    if name == "asymmetric":  # the fragment's edge, by schema task name: ctr's bottom feeds cvr's
+        assert model.task_layers[0].parents == [[], [SCHEMA.task_names.index("ctr")]]
     _, _, aux = check_trains_every_parameter(model)
     if name == "aesm":
         assert model.scenario_layer_names == ["scenario0/channel", "scenario1/domain"]
         assert set(aux) == {f"aux/{n}/{k}" for n in ("scenario0/channel", "scenario1/domain", "task0") for k in ("kl_specific", "kl_shared")}
+    if name == "sluice":
+        assert set(aux) == {"aux/task0/orthogonality"} and aux["aux/task0/orthogonality"] > 0
     # DDP's gradient layout contract: a gradient with other strides than its parameter is
     # copied into the bucket every step (and warned about) instead of being written in place
     odd = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters()

@@ -32,6 +32,12 @@ task layers         fields read
                     aux_weight — AESM² expert selection over tasks
 ``ml_mmoe``         num_experts, hidden, out_dim, levels — multi-level MMoE
 ``cross_stitch``    hidden, out_dim, levels — one network per task, α mixing per level
+``asymmetric``      edges, hidden, out_dim — one bottom per task; along the DAG ``edges``
+                    ([parent, child] task names) the parent's bottom output is concatenated
+                    to the child's bottom input
+``sluice``          hidden, out_dim, levels, subspaces, aux_weight — one network per task,
+                    layers split into subspaces, α mixing over tasks × subspaces, β mixing
+                    of the layers; aux loss: subspace orthogonality
 ==================  ==================================================================
 
 ``gate`` (omoe, mmoe): ``softmax`` | ``noisy`` (Shazeer et al. 2017, noise in training only;
@@ -41,7 +47,7 @@ task layers         fields read
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -49,6 +55,8 @@ from dlrm_mtl.config import ConfigError, LayerConfig, check_layer_sizes
 from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
 from dlrm_mtl.modules.scenario_routing import ROUTINGS
 from dlrm_mtl.modules import GATE_KINDS, AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MultiLevelMMoELayer
+from dlrm_mtl.modules import AsymmetricLayer, SluiceLayer, resolve_task_edges
+from dlrm_mtl.modules.asymmetric import check_task_edges
 
 
 def _gate_args(c: LayerConfig) -> Dict[str, Any]:
@@ -83,6 +91,8 @@ LAYER_FIELDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "aesm": ("task_emb_dim",) + _AESM,
         "ml_mmoe": ("num_experts", "levels") + _SIZES,
         "cross_stitch": ("levels",) + _SIZES,
+        "asymmetric": ("edges",) + _SIZES,
+        "sluice": ("levels", "subspaces", "aux_weight") + _SIZES,
     },
 }
 
@@ -112,6 +122,14 @@ def check_layer(c: LayerConfig, where: str, kind: str) -> None:
         _check_gate(c, where)
     if kind == "scenario" and c.type in ("separate", "cgc", "star") and c.routing not in ROUTINGS:
         raise ConfigError(f"{where}: type {c.type}: routing {c.routing!r} is not one of {list(ROUTINGS)}", f"{where}.routing")
+    if kind == "task" and c.type == "asymmetric":
+        try:
+            check_task_edges(c.edges)  # pairs, no self-edge, no repeat, no cycle; the names: build_task_layer
+        except ValueError as e:
+            raise ConfigError(f"{where}.edges: type asymmetric: {e}", f"{where}.edges") from None
+    if kind == "task" and c.type == "sluice" and c.out_dim % c.subspaces:
+        raise ConfigError(f"{where}.subspaces: type sluice: out_dim ({c.out_dim}) must be a multiple of subspaces ({c.subspaces})",
+                          f"{where}.subspaces")
     if c.type == "aesm" and not (c.k_specific + c.k_shared >= 1 and c.k_specific + c.k_shared <= c.num_experts):
         raise ConfigError(
             f"{where}: type aesm needs 1 <= k_specific + k_shared <= num_experts ({c.num_experts}), got {c.k_specific} + {c.k_shared}",
@@ -132,8 +150,9 @@ from dlrm_mtl.modules import HiNetScenarioLayer, HMoELayer, STARLayer
 
 # (cfg, in_dim, num_scenarios, emb_dim, num_tasks) -> module
 ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
-# (cfg, in_dim, num_tasks, context_dim) -> module
-TaskLayerBuilder = Callable[[LayerConfig, int, int, int], nn.Module]
+# (cfg, in_dim, num_tasks, context_dim) -> module; a type that reads ``edges`` takes the task
+# names as a fifth argument
+TaskLayerBuilder = Callable[..., nn.Module]
 
 SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
     "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim, routing=_routing(c)),
@@ -156,6 +175,9 @@ TASK_LAYERS: Dict[str, TaskLayerBuilder] = {
     ),
     "ml_mmoe": lambda c, d, T, ctx: MultiLevelMMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, levels=c.levels),
     "cross_stitch": lambda c, d, T, ctx: CrossStitchLayer(d, T, c.hidden, c.out_dim, levels=c.levels),
+    # a type whose fields name tasks (reads ``edges``) also gets the task names, see build_task_layer
+    "asymmetric": lambda c, d, T, ctx, names: AsymmetricLayer(d, T, resolve_task_edges(c.edges, names), c.hidden, c.out_dim),
+    "sluice": lambda c, d, T, ctx: SluiceLayer(d, T, c.hidden, c.out_dim, levels=c.levels, subspaces=c.subspaces),
 }
 
 
@@ -166,10 +188,20 @@ def build_scenario_layer(cfg: LayerConfig, in_dim: int, num_scenarios: int, emb_
     return _built(lambda: SCENARIO_LAYERS[cfg.type](cfg, in_dim, num_scenarios, emb_dim, num_tasks), cfg, where)
 
 
-def build_task_layer(cfg: LayerConfig, in_dim: int, num_tasks: int, context_dim: int, where: str = "model.task_layers") -> nn.Module:
-    """The task layer ``cfg``; a config it cannot build is a ConfigError naming ``where``."""
+def build_task_layer(cfg: LayerConfig, in_dim: int, num_tasks: int, context_dim: int, where: str = "model.task_layers",
+                     task_names: Optional[Sequence[str]] = None) -> nn.Module:
+    """The task layer ``cfg``; a config it cannot build is a ConfigError naming ``where``.
+    ``task_names``: the schema's tasks, which ``edges`` name (asymmetric)."""
     check_layer(cfg, where, "task")
-    return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim), cfg, where)
+    if "edges" not in LAYER_FIELDS["task"][cfg.type]:
+        return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim), cfg, where)
+    # edges name the schema's tasks (``task_names``; built on its own, tasks are named "0", "1", ...)
+    names = [str(t) for t in range(num_tasks)] if task_names is None else list(task_names)
+    try:
+        resolve_task_edges(cfg.edges, names)
+    except ValueError as e:
+        raise ConfigError(f"{where}.edges: type {cfg.type}: {e}", f"{where}.edges") from None
+    return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim, names), cfg, where)
 
 
 def _built(make: Callable[[], nn.Module], cfg: LayerConfig, where: str) -> nn.Module:

@@ -17,7 +17,8 @@ from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
-from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
+from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput
+from dlrm_mtl.modules.heads import build_heads
 from dlrm_mtl.schema import Schema, leaf_ids
 
 
@@ -49,7 +50,9 @@ class DenseArch(nn.Module):
 
     A scenario layer with ``level: each`` expands to one layer per scenario level; ``leaf``
     routes by the combined id of all levels. With no task layers the towers read the last
-    scenario representation directly.
+    scenario representation directly. ``model.heads`` picks what replaces the independent
+    towers (``self.towers``): a task-relation head (DBMTL, AITM, NMTR) whose gates and aux
+    losses are collected as ``heads/...`` and ``aux/heads/...``.
     """
 
     def __init__(self, schema: Schema, cfg: ModelConfig) -> None:
@@ -107,11 +110,13 @@ class DenseArch(nn.Module):
         self.schema = schema
         self.task_layers = nn.ModuleList()
         for j, lc in enumerate(cfg.task_layers):
-            layer = build_task_layer(lc, d, T, len(sizes) * e, where=f"model.task_layers[{j}]")
+            layer = build_task_layer(lc, d, T, len(sizes) * e, where=f"model.task_layers[{j}]", task_names=schema.task_names)
             self.task_layers.append(layer)
             self._aux_weights_of(layer, lc)
             d = layer.out_dim
-        self.towers = TaskTowers(T, d, list(cfg.tower))
+        # the heads: TaskTowers for `towers` (the default, unchanged), else a task-relation
+        # head returning a LayerOutput (dlrm_mtl/modules/heads/)
+        self.towers = build_heads(cfg.heads, schema, d, list(cfg.tower))
 
     @staticmethod
     def _aux_weights_of(layer: nn.Module, lc: LayerConfig) -> None:
@@ -150,7 +155,11 @@ class DenseArch(nn.Module):
             x = out.y  # [T, B, d']
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.num_tasks, *x.shape)
-        logits = self.towers(x)  # [B, T]
+        head = self.towers(x)  # [B, T], or a LayerOutput from a task-relation head
+        if isinstance(head, LayerOutput):
+            collect("heads", self.towers, head)
+            head = head.y
+        logits = head  # [B, T]
         if offset is not None:
             logits = logits + offset
         return logits, gates, aux

@@ -1,5 +1,7 @@
 from dlrm_mtl.modules.aesm import AESMScenarioLayer, AESMTaskLayer, ExpertSelection, select_experts
 from dlrm_mtl.modules.cross_stitch import CrossStitchLayer, cross_stitch_init
+from dlrm_mtl.modules.asymmetric import AsymmetricLayer, resolve_task_edges, task_dag_order
+from dlrm_mtl.modules.sluice import SluiceLayer, subspace_orthogonality
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.gates import GATE_KINDS, NoisyGate, TopKGate, keep_top_k, make_gate
@@ -46,6 +48,11 @@ __all__ = [
     "NoisyGate",
     "TopKGate",
     "cross_stitch_init",
+    "AsymmetricLayer",
+    "resolve_task_edges",
+    "task_dag_order",
+    "SluiceLayer",
+    "subspace_orthogonality",
     "keep_top_k",
     "make_gate",
     "select_experts",
