@@ -376,12 +376,13 @@ def test_concat_interaction_and_dense_arch_reads_pooled_in_schema_order():
         DenseArch(schema, ModelConfig(interaction="dot"))
 
 
-@pytest.mark.parametrize("hidden,shared", [([5], False), ([5], True), ([5, 4], False), ([5, 4], True), ([], True)])
+@pytest.mark.parametrize("hidden,shared", [([5], False), ([5], True), ([5, 4], False), ([5, 4], True), ([], True),
+                                           ([5], "2d"), ([], "2d")])
 def test_task_towers_equal_one_mlp_per_task(hidden, shared):
     """TaskTowers (stacked weights: one baddbmm per hidden layer, one addmm for a shared
     input's first layer, product-and-sum logits) equals T separate Linear-ReLU-...-Linear
     towers with the same weights, outputs and gradients (also for the input's gradient when
-    every tower reads the same ``[B, d]``, passed as a stride-0 ``expand``)."""
+    every tower reads the same ``[B, d]``, passed as a stride-0 ``expand`` or as it is)."""
     from dlrm_mtl.modules import TaskTowers
 
     torch.manual_seed(0)
@@ -389,7 +390,7 @@ def test_task_towers_equal_one_mlp_per_task(hidden, shared):
     base = torch.randn(11, 6, dtype=torch.float64, requires_grad=True) if shared else None
     x = base.expand(3, 11, 6) if shared else torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
     leaf = base if shared else x
-    out = towers(x)
+    out = towers(base if shared == "2d" else x)  # "2d": the shared [B, d] itself
     assert out.shape == (11, 3)
     ref = []
     for t in range(3):

@@ -78,5 +78,5 @@ class SharedBottomLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         _, shared_in = split_task_input(x, self.num_tasks)
-        y = self.bottom(shared_in)[:, 0]  # [B, d']
-        return LayerOutput(y.unsqueeze(0).expand(self.num_tasks, *y.shape))
+        y = self.bottom(shared_in).squeeze(1)  # [B, d'] (a view: its backward copies nothing)
+        return LayerOutput(y.unsqueeze(0).expand(self.num_tasks, *y.shape), shared=y)

@@ -18,7 +18,7 @@ class TaskTowers(nn.Module):
 
     Initialised like ``nn.Linear`` (weights and biases uniform in ±1/√in).
 
-    ``x [T, B, d]`` (tower t reads ``x[t]``) -> logits ``[B, T]``.
+    ``x [T, B, d]`` (tower t reads ``x[t]``) or ``[B, d]`` (every tower reads it) -> logits ``[B, T]``.
 
     Example::
 
@@ -37,20 +37,25 @@ class TaskTowers(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(num_tasks, 1, b).uniform_(-bound, bound)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, B = x.shape[0], x.shape[1]
+        """``x [T, B, d]`` (tower t reads ``x[t]``) or ``[B, d]`` (every tower reads it) ->
+        logits ``[B, T]``."""
+        T = self.weights[0].shape[0]
+        shared = x.dim() == 2 or x.stride(0) == 0  # a stride-0 expand is a shared input too
+        base = x if x.dim() == 2 else (x[0] if shared else x)  # [B, d] when shared
+        B = base.shape[-2]
         last = len(self.weights) - 1
-        h = x  # [T, B, d]; stride 0 on T when every tower reads the same representation
+        h = base.unsqueeze(0).expand(T, *base.shape) if shared else x  # [T, B, d]
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if i == last:
                 # the logit layer (k = 1): <h_t, w_t> as a product and a sum over d. As a
                 # bmm it is a matrix-vector product forward and an outer product backward,
                 # both far slower than these element-wise passes on the CPU
                 return (h * w.view(T, 1, -1)).sum(-1).t() + b.view(1, T)  # [B, T]
-            if i == 0 and T > 1 and x.stride(0) == 0:
+            if i == 0 and shared:
                 # a shared input: every tower's first layer as one addmm over the
                 # concatenated weights [d, T·k] (bias fused), then a [T, B, k] view
                 k = w.shape[-1]
-                h = torch.addmm(b.reshape(-1), x[0], w.permute(1, 0, 2).reshape(w.shape[1], T * k))  # [B, T·k]
+                h = torch.addmm(b.reshape(-1), base, w.permute(1, 0, 2).reshape(w.shape[1], T * k))  # [B, T·k]
                 h = h.relu_().view(B, T, k).transpose(0, 1)  # [T, B, k]
             else:
                 h = torch.baddbmm(b, h, w).relu_()  # [T, B, k]
