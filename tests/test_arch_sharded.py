@@ -5,13 +5,11 @@ processes trains all architectures in turn (a fresh process group per architectu
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from two_ranks import free_port_block, run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = sorted(p.stem for p in (ROOT / "configs" / "arch").glob("*.yaml"))
@@ -35,34 +33,13 @@ for i, name in enumerate(sys.argv[5:]):
 '''
 
 
-def _free_port_block(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + n < 65000:
-            return port
-    raise RuntimeError("no free port")
-
-
 @pytest.mark.slow
 def test_every_architecture_trains_with_two_sharded_ranks(synthetic_small, tmp_path):
     assert len(ARCHS) >= 2, ARCHS
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     runs = tmp_path / "runs"
-    port = _free_port_block(len(ARCHS))
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(ROOT), str(synthetic_small), str(runs), str(port)] + ARCHS,
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    run_two_ranks(script, [str(ROOT), str(synthetic_small), str(runs), str(free_port_block(len(ARCHS)))] + ARCHS, timeout=900)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
