@@ -178,21 +178,38 @@ def test_schema_field_types(field, value, where, synthetic_small):
         Schema.from_dict(d)
 
 
+class _FieldReadRecorder:
+    """A LayerConfig stand-in that records which of its fields are read."""
+
+    def __init__(self, cfg) -> None:
+        self._cfg, self.read = cfg, set()
+
+    def __getattr__(self, name: str):
+        self.read.add(name)
+        return getattr(self._cfg, name)
+
+
 def test_every_layer_type_reads_the_fields_its_builder_uses():
     """LAYER_FIELDS against the builders: a field a builder reads is in its type's list (else a
     config setting it would be refused), and each listed field changes the built layer's
-    parameters or behaviour is out of scope here; the unread check itself: mmoe + levels."""
-    import inspect
-
+    parameters or behaviour is out of scope here; the unread check itself: mmoe + levels.
+    The fields read are recorded while each type's ``from_config`` (or named builder) builds
+    a layer, once with the defaults and once with the branch-opening values below."""
     from dlrm_mtl.config import LayerConfig
-    from dlrm_mtl.models.arch import LAYER_FIELDS, SCENARIO_LAYERS, TASK_LAYERS, unread_fields
+    from dlrm_mtl.models.arch import LAYER_FIELDS, SCENARIO_LAYERS, TASK_LAYERS, layer_builder, unread_fields
+    from dlrm_mtl.modules.layer_config import LayerDims
 
+    dims = LayerDims(in_dim=6, num_tasks=2, num_scenarios=2, emb_dim=3, context_dim=3, task_names=("ctr", "cvr"))
+    variants = [dict(out_dim=4, num_experts=3), dict(out_dim=4, num_experts=3, gate="topk", top_k=1, edges=[["ctr", "cvr"]])]
     for kind, table in (("scenario", SCENARIO_LAYERS), ("task", TASK_LAYERS)):
         assert set(LAYER_FIELDS[kind]) == set(table)
-        for name, build in table.items():
-            src = inspect.getsource(build)
-            used = set(re.findall(r"\bc\.(\w+)", src)) | ({"gate", "top_k", "noise"} if "_gate_args(c)" in src else set())
-            used |= {"routing"} if "_routing(c)" in src else set()
+        for name, layer_type in table.items():
+            used = set()
+            for fields in variants:
+                recorder = _FieldReadRecorder(LayerConfig(type=name, **fields))
+                layer_builder(layer_type)(recorder, dims, f"model.{kind}_layers[0]")
+                used |= recorder.read - {"type"}  # every type reads its type
+            assert used, (kind, name, "no field read: not recorded")
             assert used <= set(LAYER_FIELDS[kind][name]), (kind, name, used - set(LAYER_FIELDS[kind][name]))
     assert unread_fields(LayerConfig(type="mmoe", levels=5), "task") == ["levels"]
     assert unread_fields(LayerConfig(type="ple", levels=5), "task") == []

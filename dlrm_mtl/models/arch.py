@@ -42,59 +42,124 @@ task layers         fields read
 
 ``gate`` (omoe, mmoe): ``softmax`` | ``noisy`` (Shazeer et al. 2017, noise in training only;
 ``top_k`` 0 = all experts) | ``topk`` (each row keeps ``top_k`` experts).
+
+The registry: ``SCENARIO_LAYERS`` and ``TASK_LAYERS`` map a type name to the module class that
+builds it. Each class declares the fields it reads (``CONFIG_FIELDS``) and builds itself with
+``from_config(cfg, dims, where)`` (:class:`~dlrm_mtl.modules.layer_config.LayerDims`: the input
+width, tasks, scenarios, embedding and context sizes, task names), checking the fields only it
+reads (gate, routing, selection sizes, edges, subspaces) with a ConfigError naming ``where``.
+A type that shares a class with another but reads fewer fields (scenario ``separate``; task
+``separate``, ``cgc``, ``omoe``) maps to a named builder here, ``(cfg, dims, where) -> module``,
+declaring its fields with ``reads_fields``. ``LAYER_FIELDS`` (the tables above) is derived from
+those declarations, plus ``level`` for every scenario layer (read by the dense arch); a field
+set to anything but its default on a type that does not read it is refused
+(:func:`check_layer`). A new type: a class with ``CONFIG_FIELDS`` and ``from_config``, one
+entry here, one row in the table above.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig, check_layer_sizes
-from dlrm_mtl.modules import MMoELayer, PLELayer, ScenarioCGCLayer, SharedBottomLayer
-from dlrm_mtl.modules.scenario_routing import ROUTINGS
-from dlrm_mtl.modules import GATE_KINDS, AESMScenarioLayer, AESMTaskLayer, CrossStitchLayer, MultiLevelMMoELayer
-from dlrm_mtl.modules import AsymmetricLayer, SluiceLayer, resolve_task_edges
-from dlrm_mtl.modules.asymmetric import check_task_edges
+from dlrm_mtl.modules import (
+    AESMScenarioLayer,
+    AESMTaskLayer,
+    AsymmetricLayer,
+    CrossStitchLayer,
+    HiNetScenarioLayer,
+    HMoELayer,
+    MMoELayer,
+    MultiLevelMMoELayer,
+    PLELayer,
+    ScenarioCGCLayer,
+    SharedBottomLayer,
+    SluiceLayer,
+    STARLayer,
+)
+from dlrm_mtl.modules.layer_config import LayerDims, reads_fields
+from dlrm_mtl.modules.scenario_routing import checked_routing
+
+# A layer type: a class with ``CONFIG_FIELDS`` and ``from_config(cfg, dims, where)``, or a
+# named builder ``(cfg, dims, where) -> module`` declaring its fields with ``reads_fields``
+LayerType = Union[type, Callable[[LayerConfig, LayerDims, str], nn.Module]]
 
 
-def _gate_args(c: LayerConfig) -> Dict[str, Any]:
-    """The gate fields of omoe/mmoe (checked by :func:`check_layer`)."""
-    return dict(gate=c.gate, top_k=c.top_k, noise=c.noise)
+# -- named builders: types that share a class with another type but read fewer fields ---------
+
+@reads_fields("routing", "hidden", "out_dim")
+def separate_scenario_layer(cfg: LayerConfig, dims: LayerDims, where: str) -> ScenarioCGCLayer:
+    """``separate`` scenario layer: one network per scenario, a CGC layer with no shared expert
+    and one specific expert (Parallel DNN)."""
+    routing = checked_routing(cfg, where)
+    return ScenarioCGCLayer(dims.in_dim, dims.num_scenarios, dims.emb_dim, 0, 1, cfg.hidden, cfg.out_dim, routing=routing)
 
 
-def _routing(c: LayerConfig) -> str:
-    return c.routing
+@reads_fields("hidden", "out_dim")
+def separate_task_layer(cfg: LayerConfig, dims: LayerDims, where: str) -> PLELayer:
+    """``separate`` task layer: one network per task (the single-task baseline), a one-level
+    PLE layer with no shared expert and one specific expert."""
+    return PLELayer(dims.in_dim, dims.num_tasks, 0, 1, cfg.hidden, cfg.out_dim, levels=1)
 
 
-_SIZES = ("hidden", "out_dim")
-_AESM = ("num_experts", "k_specific", "k_shared", "noise", "aux_weight") + _SIZES
-# the LayerConfig fields each layer type reads (the tables in the module docstring); a field
-# set to anything but its default on a type that does not read it is refused, not ignored
-LAYER_FIELDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "scenario": {
-        "separate": ("level", "routing") + _SIZES,
-        "cgc": ("level", "routing", "num_shared", "num_specific") + _SIZES,
-        "aesm": ("level",) + _AESM,
-        "star": ("level", "routing", "norm") + _SIZES,
-        "hmoe": ("level",) + _SIZES,
-        "hinet": ("level", "sub_experts") + _SIZES,
-    },
-    "task": {
-        "separate": _SIZES,
-        "shared_bottom": _SIZES,
-        "omoe": ("num_experts", "gate", "top_k", "noise") + _SIZES,
-        "mmoe": ("num_experts", "gate", "top_k", "noise") + _SIZES,
-        "cgc": ("num_shared", "num_specific") + _SIZES,
-        "ple": ("num_shared", "num_specific", "levels") + _SIZES,
-        "aesm": ("task_emb_dim",) + _AESM,
-        "ml_mmoe": ("num_experts", "levels") + _SIZES,
-        "cross_stitch": ("levels",) + _SIZES,
-        "asymmetric": ("edges",) + _SIZES,
-        "sluice": ("levels", "subspaces", "aux_weight") + _SIZES,
-    },
+@reads_fields("num_shared", "num_specific", "hidden", "out_dim")
+def cgc_task_layer(cfg: LayerConfig, dims: LayerDims, where: str) -> PLELayer:
+    """``cgc`` task layer: a one-level PLE layer (CGC, Tang et al. 2020)."""
+    return PLELayer(dims.in_dim, dims.num_tasks, cfg.num_shared, cfg.num_specific, cfg.hidden, cfg.out_dim, levels=1)
+
+
+@reads_fields(*MMoELayer.CONFIG_FIELDS)
+def omoe_task_layer(cfg: LayerConfig, dims: LayerDims, where: str) -> MMoELayer:
+    """``omoe`` task layer: an MMoE layer whose tasks share one gate."""
+    return MMoELayer.from_config(cfg, dims, where, one_gate=True)
+
+
+SCENARIO_LAYERS: Dict[str, LayerType] = {
+    "separate": separate_scenario_layer,
+    "cgc": ScenarioCGCLayer,
+    "aesm": AESMScenarioLayer,
+    "star": STARLayer,
+    "hmoe": HMoELayer,
+    "hinet": HiNetScenarioLayer,
 }
+
+TASK_LAYERS: Dict[str, LayerType] = {
+    "separate": separate_task_layer,
+    "shared_bottom": SharedBottomLayer,
+    "omoe": omoe_task_layer,
+    "mmoe": MMoELayer,
+    "cgc": cgc_task_layer,
+    "ple": PLELayer,
+    "aesm": AESMTaskLayer,
+    "ml_mmoe": MultiLevelMMoELayer,
+    "cross_stitch": CrossStitchLayer,
+    "asymmetric": AsymmetricLayer,
+    "sluice": SluiceLayer,
+}
+
+# read by the dense arch for every scenario layer (which scenario level routes its rows)
+SCENARIO_ARCH_FIELDS: Tuple[str, ...] = ("level",)
+
+
+def _fields_of(layer_types: Mapping[str, LayerType], arch_fields: Tuple[str, ...]) -> Dict[str, Tuple[str, ...]]:
+    return {name: arch_fields + tuple(t.CONFIG_FIELDS) for name, t in layer_types.items()}  # type: ignore[union-attr]
+
+
+# the LayerConfig fields each layer type reads (the tables in the module docstring), from the
+# types' ``CONFIG_FIELDS``; a field set to anything but its default on a type that does not read
+# it is refused, not ignored
+LAYER_FIELDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "scenario": _fields_of(SCENARIO_LAYERS, SCENARIO_ARCH_FIELDS),
+    "task": _fields_of(TASK_LAYERS, ()),
+}
+
+
+def layer_builder(layer_type: LayerType) -> Callable[[LayerConfig, LayerDims, str], nn.Module]:
+    """``(cfg, dims, where) -> module`` of a layer type: a class's ``from_config``, or the named builder itself."""
+    return layer_type.from_config if isinstance(layer_type, type) else layer_type  # type: ignore[attr-defined]
 
 
 def unread_fields(c: LayerConfig, kind: str) -> List[str]:
@@ -106,10 +171,11 @@ def unread_fields(c: LayerConfig, kind: str) -> List[str]:
 
 
 def check_layer(c: LayerConfig, where: str, kind: str) -> None:
-    """The fields of one layer that need no input sizes: its type, counts and sizes, the gate,
-    routing and selection fields of the types that read them, and no field its type does not
-    read (``{type: mmoe, levels: 5}`` is refused). ``kind``: scenario or task; ``where``: the
-    layer's config key, e.g. ``model.task_layers[0]``."""
+    """The fields of one layer every type shares: its type, no field its type does not read
+    (``{type: mmoe, levels: 5}`` is refused), counts and sizes. The fields only some types
+    read (gate, routing, selection sizes, edges, subspaces) are checked by the type's
+    ``from_config``. ``kind``: scenario or task; ``where``: the layer's config key, e.g.
+    ``model.task_layers[0]``."""
     known = SCENARIO_LAYERS if kind == "scenario" else TASK_LAYERS
     if c.type not in known:
         raise ConfigError(f"{where}.type: unknown type {c.type!r}; known: {sorted(known)}", f"{where}.type")
@@ -118,97 +184,33 @@ def check_layer(c: LayerConfig, where: str, kind: str) -> None:
         raise ConfigError(f"{where}: type {c.type} does not read {unread} (it reads {sorted(LAYER_FIELDS[kind][c.type])})",
                           f"{where}.{unread[0]}")
     check_layer_sizes(c, where)
-    if kind == "task" and c.type in ("omoe", "mmoe"):
-        _check_gate(c, where)
-    if kind == "scenario" and c.type in ("separate", "cgc", "star") and c.routing not in ROUTINGS:
-        raise ConfigError(f"{where}: type {c.type}: routing {c.routing!r} is not one of {list(ROUTINGS)}", f"{where}.routing")
-    if kind == "task" and c.type == "asymmetric":
-        try:
-            check_task_edges(c.edges)  # pairs, no self-edge, no repeat, no cycle; the names: build_task_layer
-        except ValueError as e:
-            raise ConfigError(f"{where}.edges: type asymmetric: {e}", f"{where}.edges") from None
-    if kind == "task" and c.type == "sluice" and c.out_dim % c.subspaces:
-        raise ConfigError(f"{where}.subspaces: type sluice: out_dim ({c.out_dim}) must be a multiple of subspaces ({c.subspaces})",
-                          f"{where}.subspaces")
-    if c.type == "aesm" and not (c.k_specific + c.k_shared >= 1 and c.k_specific + c.k_shared <= c.num_experts):
-        raise ConfigError(
-            f"{where}: type aesm needs 1 <= k_specific + k_shared <= num_experts ({c.num_experts}), got {c.k_specific} + {c.k_shared}",
-            f"{where}.k_specific",
-        )
-
-
-def _check_gate(c: LayerConfig, where: str) -> None:
-    if c.gate not in GATE_KINDS:
-        raise ConfigError(f"{where}: type {c.type}: gate {c.gate!r} is not one of {list(GATE_KINDS)}", f"{where}.gate")
-    if c.gate == "topk" and not 1 <= c.top_k <= c.num_experts:
-        raise ConfigError(f"{where}: type {c.type}: gate topk needs 1 <= top_k <= num_experts ({c.num_experts}), got {c.top_k}", f"{where}.top_k")
-    if c.gate == "noisy" and not 0 <= c.top_k <= c.num_experts:
-        raise ConfigError(f"{where}: type {c.type}: top_k must be in [0, num_experts ({c.num_experts})], got {c.top_k}", f"{where}.top_k")
-
-
-from dlrm_mtl.modules import HiNetScenarioLayer, HMoELayer, STARLayer
-
-# (cfg, in_dim, num_scenarios, emb_dim, num_tasks) -> module
-ScenarioLayerBuilder = Callable[[LayerConfig, int, int, int, int], nn.Module]
-# (cfg, in_dim, num_tasks, context_dim) -> module; a type that reads ``edges`` takes the task
-# names as a fifth argument
-TaskLayerBuilder = Callable[..., nn.Module]
-
-SCENARIO_LAYERS: Dict[str, ScenarioLayerBuilder] = {
-    "separate": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, 0, 1, c.hidden, c.out_dim, routing=_routing(c)),
-    "cgc": lambda c, d, S, e, T: ScenarioCGCLayer(d, S, e, c.num_shared, c.num_specific, c.hidden, c.out_dim, routing=_routing(c)),
-    "aesm": lambda c, d, S, e, T: AESMScenarioLayer(d, S, e, c.num_experts, c.k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise),
-    "star": lambda c, d, S, e, T: STARLayer(d, S, e, T, c.hidden, c.out_dim, norm=c.norm, routing=_routing(c)),
-    "hmoe": lambda c, d, S, e, T: HMoELayer(d, S, e, c.hidden, c.out_dim),
-    "hinet": lambda c, d, S, e, T: HiNetScenarioLayer(d, S, e, c.sub_experts, c.hidden, c.out_dim),
-}
-
-TASK_LAYERS: Dict[str, TaskLayerBuilder] = {
-    "separate": lambda c, d, T, ctx: PLELayer(d, T, 0, 1, c.hidden, c.out_dim, levels=1),
-    "shared_bottom": lambda c, d, T, ctx: SharedBottomLayer(d, T, c.hidden, c.out_dim),
-    "omoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, one_gate=True, **_gate_args(c)),
-    "mmoe": lambda c, d, T, ctx: MMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, **_gate_args(c)),
-    "cgc": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=1),
-    "ple": lambda c, d, T, ctx: PLELayer(d, T, c.num_shared, c.num_specific, c.hidden, c.out_dim, levels=c.levels),
-    "aesm": lambda c, d, T, ctx: AESMTaskLayer(
-        d, T, ctx, c.num_experts, c.k_specific, c.k_shared, c.hidden, c.out_dim, noise=c.noise, task_emb_dim=c.task_emb_dim,
-    ),
-    "ml_mmoe": lambda c, d, T, ctx: MultiLevelMMoELayer(d, T, c.num_experts, c.hidden, c.out_dim, levels=c.levels),
-    "cross_stitch": lambda c, d, T, ctx: CrossStitchLayer(d, T, c.hidden, c.out_dim, levels=c.levels),
-    # a type whose fields name tasks (reads ``edges``) also gets the task names, see build_task_layer
-    "asymmetric": lambda c, d, T, ctx, names: AsymmetricLayer(d, T, resolve_task_edges(c.edges, names), c.hidden, c.out_dim),
-    "sluice": lambda c, d, T, ctx: SluiceLayer(d, T, c.hidden, c.out_dim, levels=c.levels, subspaces=c.subspaces),
-}
 
 
 def build_scenario_layer(cfg: LayerConfig, in_dim: int, num_scenarios: int, emb_dim: int, num_tasks: int,
                          where: str = "model.scenario_layers") -> nn.Module:
     """The scenario layer ``cfg``; a config it cannot build is a ConfigError naming ``where``."""
     check_layer(cfg, where, "scenario")
-    return _built(lambda: SCENARIO_LAYERS[cfg.type](cfg, in_dim, num_scenarios, emb_dim, num_tasks), cfg, where)
+    dims = LayerDims(in_dim=in_dim, num_tasks=num_tasks, num_scenarios=num_scenarios, emb_dim=emb_dim)
+    return _built(layer_builder(SCENARIO_LAYERS[cfg.type]), cfg, dims, where)
 
 
 def build_task_layer(cfg: LayerConfig, in_dim: int, num_tasks: int, context_dim: int, where: str = "model.task_layers",
                      task_names: Optional[Sequence[str]] = None) -> nn.Module:
     """The task layer ``cfg``; a config it cannot build is a ConfigError naming ``where``.
-    ``task_names``: the schema's tasks, which ``edges`` name (asymmetric)."""
+    ``task_names``: the schema's tasks, which ``edges`` name (asymmetric; built without them,
+    the tasks are named "0", "1", ...)."""
     check_layer(cfg, where, "task")
-    if "edges" not in LAYER_FIELDS["task"][cfg.type]:
-        return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim), cfg, where)
-    # edges name the schema's tasks (``task_names``; built on its own, tasks are named "0", "1", ...)
-    names = [str(t) for t in range(num_tasks)] if task_names is None else list(task_names)
-    try:
-        resolve_task_edges(cfg.edges, names)
-    except ValueError as e:
-        raise ConfigError(f"{where}.edges: type {cfg.type}: {e}", f"{where}.edges") from None
-    return _built(lambda: TASK_LAYERS[cfg.type](cfg, in_dim, num_tasks, context_dim, names), cfg, where)
+    dims = LayerDims(in_dim=in_dim, num_tasks=num_tasks, context_dim=context_dim,
+                     task_names=tuple(task_names) if task_names is not None else ())
+    return _built(layer_builder(TASK_LAYERS[cfg.type]), cfg, dims, where)
 
 
-def _built(make: Callable[[], nn.Module], cfg: LayerConfig, where: str) -> nn.Module:
-    """``make()``, with a module's own refusal of its sizes (a ValueError, e.g. PLE's shared
-    gate without shared experts) turned into a ConfigError naming the layer's key."""
+def _built(build: Callable[[LayerConfig, LayerDims, str], nn.Module], cfg: LayerConfig, dims: LayerDims,
+           where: str) -> nn.Module:
+    """``build(cfg, dims, where)``, with a module's own refusal of its sizes (a ValueError, e.g.
+    PLE's shared gate without shared experts) turned into a ConfigError naming the layer's key."""
     try:
-        return make()
+        return build(cfg, dims, where)
     except ConfigError:
         raise
     except ValueError as e:

@@ -21,14 +21,16 @@ release, each intended, are listed in :func:`select_experts` and the layer docst
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import ClassVar, Dict, List, NamedTuple, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mixture import mix_experts
 
 
@@ -132,6 +134,20 @@ class _AESMLayer(nn.Module):
     of ``gate_dim`` features, and the selection of :func:`select_experts` with noise of
     standard deviation ``noise · E`` in training only."""
 
+    # the LayerConfig fields both AESM² layers read (``aux_weight``: the weight of their KL aux
+    # losses, applied by the dense arch)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts", "k_specific", "k_shared", "noise", "aux_weight", "hidden", "out_dim")
+
+    @staticmethod
+    def check_selection(cfg: LayerConfig, where: str) -> None:
+        """``1 <= k_specific + k_shared <= num_experts``, else a ConfigError naming ``where.k_specific``."""
+        if not 1 <= cfg.k_specific + cfg.k_shared <= cfg.num_experts:
+            raise ConfigError(
+                f"{where}: type {cfg.type} needs 1 <= k_specific + k_shared <= num_experts ({cfg.num_experts}), "
+                f"got {cfg.k_specific} + {cfg.k_shared}",
+                f"{where}.k_specific",
+            )
+
     def __init__(self, in_dim: int, gate_dim: int, num_gates: int, num_experts: int, k_specific: int,
                  k_shared: int, hidden: List[int], out_dim: int, noise: float) -> None:
         super().__init__()
@@ -179,6 +195,14 @@ class AESMScenarioLayer(_AESMLayer):
         out = layer(torch.randn(8, 32), torch.randint(0, 3, (8,)), torch.randn(8, 8))
         out.y.shape, out.gates[""].shape, sorted(out.aux)   # [8, 16], [8, 6], ['kl_shared', 'kl_specific']
     """
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``aesm`` scenario layer of ``cfg`` over ``dims.num_scenarios`` scenarios; a
+        selection size out of range is a ConfigError naming ``where`` (the layer's key)."""
+        cls.check_selection(cfg, where)
+        return cls(dims.in_dim, dims.num_scenarios, dims.emb_dim, cfg.num_experts, cfg.k_specific, cfg.k_shared, cfg.hidden,
+                   cfg.out_dim, noise=cfg.noise)
 
     def __init__(
         self,
@@ -228,6 +252,16 @@ class AESMTaskLayer(_AESMLayer):
         out = layer(torch.randn(8, 32), torch.randn(8, 16))
         out.y.shape, out.gates[""].shape   # [2, 8, 16], [8, 2, 4]
     """
+
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("task_emb_dim",) + _AESMLayer.CONFIG_FIELDS
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``aesm`` task layer of ``cfg`` for ``dims.num_tasks`` tasks, gated on a context
+        of ``dims.context_dim``; a selection size out of range is a ConfigError naming ``where``."""
+        cls.check_selection(cfg, where)
+        return cls(dims.in_dim, dims.num_tasks, dims.context_dim, cfg.num_experts, cfg.k_specific, cfg.k_shared, cfg.hidden,
+                   cfg.out_dim, noise=cfg.noise, task_emb_dim=cfg.task_emb_dim)
 
     def __init__(
         self,

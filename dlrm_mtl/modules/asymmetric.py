@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import heapq
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Self, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 
 
@@ -151,6 +153,19 @@ class AsymmetricLayer(nn.Module):
         layer = AsymmetricLayer(32, num_tasks=2, edges=[(0, 1)], hidden=[], out_dim=16)  # ctr -> cvr
         layer(torch.randn(8, 32)).y.shape   # [2, 8, 16]; cvr's bottom read [x ; h_ctr] (48 features)
     """
+
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("edges", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``asymmetric`` task layer of ``cfg``: its ``edges`` name ``dims.task_names``
+        (without names, the tasks are "0", "1", ...); an edge list that is not a DAG of those
+        names is a ConfigError naming ``where.edges``."""
+        try:
+            edges = resolve_task_edges(cfg.edges, dims.task_name_list())
+        except ValueError as e:
+            raise ConfigError(f"{where}.edges: type {cfg.type}: {e}", f"{where}.edges") from None
+        return cls(dims.in_dim, dims.num_tasks, edges, cfg.hidden, cfg.out_dim)
 
     def __init__(self, in_dim: int, num_tasks: int, edges: Sequence[Tuple[int, int]], hidden: List[int], out_dim: int) -> None:
         super().__init__()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import ClassVar, List, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 
 
 def cross_stitch_init(num_tasks: int, self_weight: float = 0.9) -> torch.Tensor:
@@ -41,6 +43,13 @@ class CrossStitchLayer(nn.Module):
         layer = CrossStitchLayer(32, num_tasks=2, hidden=[], out_dim=16, levels=2)
         layer(torch.randn(8, 32)).y.shape   # [2, 8, 16]
     """
+
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("levels", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``cross_stitch`` task layer of ``cfg`` for ``dims.num_tasks`` tasks."""
+        return cls(dims.in_dim, dims.num_tasks, cfg.hidden, cfg.out_dim, levels=cfg.levels)
 
     def __init__(self, in_dim: int, num_tasks: int, hidden: List[int], out_dim: int, levels: int = 2) -> None:
         super().__init__()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import ClassVar, List, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
 from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.scenario_routing import own_scenario
@@ -89,6 +91,14 @@ class HiNetScenarioLayer(nn.Module):
         out = hinet(torch.randn(8, 32), torch.randint(0, 3, (8,)), torch.randn(8, 8))
         out.y.shape, out.gates["san"].shape   # [8, 48], [8, 3]
     """
+
+    # the LayerConfig fields from_config reads (``level``: read by the dense arch for every scenario layer)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("sub_experts", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``hinet`` scenario layer of ``cfg`` over the scenarios of ``dims``."""
+        return cls(dims.in_dim, dims.num_scenarios, dims.emb_dim, cfg.sub_experts, cfg.hidden, cfg.out_dim)
 
     def __init__(self, in_dim: int, num_scenarios: int, emb_dim: int, sub_experts: int, hidden: List[int], out_dim: int) -> None:
         super().__init__()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import ClassVar, List, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.scenario_routing import own_scenario
 
@@ -47,6 +49,14 @@ class HMoELayer(nn.Module):
         out = hmoe(torch.randn(8, 32), torch.randint(0, 3, (8,)), torch.randn(8, 8))
         out.y.shape, out.gates[""].shape   # [8, 16], [8, 3]
     """
+
+    # the LayerConfig fields from_config reads (``level``: read by the dense arch for every scenario layer)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``hmoe`` scenario layer of ``cfg``: one expert per scenario of ``dims``."""
+        return cls(dims.in_dim, dims.num_scenarios, dims.emb_dim, cfg.hidden, cfg.out_dim)
 
     def __init__(self, in_dim: int, num_scenarios: int, emb_dim: int, hidden: List[int], out_dim: int) -> None:
         super().__init__()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.mixture import mix_experts
 
@@ -39,6 +41,13 @@ class MultiLevelMMoELayer(nn.Module):
         out = layer(torch.randn(8, 32))
         out.y.shape, out.gates["level0"].shape, out.gates["task"].shape   # [2, 8, 16], [8, 4, 4], [8, 2, 4]
     """
+
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts", "levels", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``ml_mmoe`` task layer of ``cfg`` for ``dims.num_tasks`` tasks."""
+        return cls(dims.in_dim, dims.num_tasks, cfg.num_experts, cfg.hidden, cfg.out_dim, levels=cfg.levels)
 
     def __init__(self, in_dim: int, num_tasks: int, num_experts: int, hidden: List[int], out_dim: int, levels: int = 2) -> None:
         super().__init__()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
-from dlrm_mtl.modules.gates import make_gate
+from dlrm_mtl.modules.gates import GATE_KINDS, make_gate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.mixture import mix_experts
 
@@ -32,6 +34,30 @@ class MMoELayer(nn.Module):
         out = mmoe(torch.randn(8, 32))
         out.y.shape, out.gates[""].shape   # [2, 8, 16], [8, 2, 4]
     """
+
+    # the LayerConfig fields from_config reads (``mmoe``; ``omoe``: a named builder in models/arch.py)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts", "gate", "top_k", "noise", "hidden", "out_dim")
+
+    @staticmethod
+    def gate_args(cfg: LayerConfig, where: str) -> Dict[str, Any]:
+        """The gate keywords of ``cfg`` (``gate``, ``top_k``, ``noise``), checked against
+        :data:`GATE_KINDS` and ``num_experts``; a bad one is a ConfigError naming its key."""
+        if cfg.gate not in GATE_KINDS:
+            raise ConfigError(f"{where}: type {cfg.type}: gate {cfg.gate!r} is not one of {list(GATE_KINDS)}", f"{where}.gate")
+        if cfg.gate == "topk" and not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ConfigError(f"{where}: type {cfg.type}: gate topk needs 1 <= top_k <= num_experts ({cfg.num_experts}), "
+                              f"got {cfg.top_k}", f"{where}.top_k")
+        if cfg.gate == "noisy" and not 0 <= cfg.top_k <= cfg.num_experts:
+            raise ConfigError(f"{where}: type {cfg.type}: top_k must be in [0, num_experts ({cfg.num_experts})], got {cfg.top_k}",
+                              f"{where}.top_k")
+        return dict(gate=cfg.gate, top_k=cfg.top_k, noise=cfg.noise)
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer", one_gate: bool = False) -> Self:
+        """The ``mmoe`` task layer of ``cfg`` for ``dims.num_tasks`` tasks (``one_gate``: the
+        ``omoe`` variant); a bad gate field is a ConfigError naming ``where``."""
+        gate_args = cls.gate_args(cfg, where)
+        return cls(dims.in_dim, dims.num_tasks, cfg.num_experts, cfg.hidden, cfg.out_dim, one_gate=one_gate, **gate_args)
 
     def __init__(
         self,
@@ -70,6 +96,13 @@ class SharedBottomLayer(nn.Module):
         sb = SharedBottomLayer(32, num_tasks=2, hidden=[64], out_dim=16)
         sb(torch.randn(8, 32)).y.shape   # [2, 8, 16]
     """
+
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``shared_bottom`` task layer of ``cfg`` for ``dims.num_tasks`` tasks."""
+        return cls(dims.in_dim, dims.num_tasks, cfg.hidden, cfg.out_dim)
 
     def __init__(self, in_dim: int, num_tasks: int, hidden: List[int], out_dim: int) -> None:
         super().__init__()

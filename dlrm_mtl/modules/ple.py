@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.mixture import mix_experts
 
@@ -95,6 +97,14 @@ class PLELayer(nn.Module):
         out.y.shape, out.gates["level0/shared"].shape, out.gates["level1/task"].shape
         # [2, 8, 16], [8, 1, 4], [8, 2, 3]
     """
+
+    # the LayerConfig fields from_config reads (``ple``; ``cgc`` and ``separate``: named builders in models/arch.py)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_shared", "num_specific", "levels", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``ple`` task layer of ``cfg`` (``levels`` extraction networks) for ``dims.num_tasks`` tasks."""
+        return cls(dims.in_dim, dims.num_tasks, cfg.num_shared, cfg.num_specific, cfg.hidden, cfg.out_dim, levels=cfg.levels)
 
     def __init__(
         self, in_dim: int, num_tasks: int, num_shared: int, num_specific: int, hidden: List[int], out_dim: int, levels: int = 1

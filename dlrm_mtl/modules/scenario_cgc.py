@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import ClassVar, List, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mixture import mix_experts
-from dlrm_mtl.modules.scenario_routing import ROUTINGS, group_by_scenario, static_routing
+from dlrm_mtl.modules.scenario_routing import ROUTINGS, checked_routing, group_by_scenario, static_routing
 
 
 class ScenarioCGCLayer(nn.Module):
@@ -46,6 +48,17 @@ class ScenarioCGCLayer(nn.Module):
         out = layer(torch.randn(8, 32), torch.randint(0, 2, (8,)), torch.randn(8, 8))
         out.y.shape, out.gates[""].shape   # [8, 16], [8, 3] (shared experts first, then the row's own)
     """
+
+    # the LayerConfig fields from_config reads (``level``: read by the dense arch for every scenario layer)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("routing", "num_shared", "num_specific", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``cgc`` scenario layer of ``cfg`` over ``dims.num_scenarios`` scenarios; a
+        ``routing`` it does not know is a ConfigError naming ``where`` (the layer's key)."""
+        routing = checked_routing(cfg, where)
+        return cls(dims.in_dim, dims.num_scenarios, dims.emb_dim, cfg.num_shared, cfg.num_specific, cfg.hidden, cfg.out_dim,
+                   routing=routing)
 
     def __init__(
         self,

@@ -6,9 +6,18 @@ from typing import List, NamedTuple
 
 import torch
 
+from dlrm_mtl.config import ConfigError, LayerConfig
 
 ROUTINGS = ("auto", "gather", "static")
 STATIC_MAX_SCENARIOS = 4  # auto: static routing on CPU up to this many scenarios
+
+
+def checked_routing(cfg: LayerConfig, where: str) -> str:
+    """``cfg.routing`` of a layer that reads it (cgc, separate, star scenario layers); a value
+    not in :data:`ROUTINGS` is a ConfigError naming ``where.routing``."""
+    if cfg.routing not in ROUTINGS:
+        raise ConfigError(f"{where}: type {cfg.type}: routing {cfg.routing!r} is not one of {list(ROUTINGS)}", f"{where}.routing")
+    return cfg.routing
 
 
 def static_routing(routing: str, x: torch.Tensor, num_scenarios: int) -> bool:

@@ -3,14 +3,16 @@ and subspaces (α), with every layer mixed into the output (β) and orthogonal s
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import ClassVar, List, Optional, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.cross_stitch import cross_stitch_init
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 
 
 def subspace_orthogonality(h: torch.Tensor, subspaces: int) -> torch.Tensor:
@@ -79,6 +81,18 @@ class SluiceLayer(nn.Module):
         out.y.shape, layer.alpha[0].shape, layer.beta.shape, out.aux["orthogonality"].shape
         # [2, 8, 16], [4, 4], [2, 3], []
     """
+
+    # the LayerConfig fields it reads (``aux_weight``: the weight of its orthogonality aux loss, applied by the dense arch)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("levels", "subspaces", "aux_weight", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``sluice`` task layer of ``cfg`` for ``dims.num_tasks`` tasks; an ``out_dim``
+        that ``subspaces`` does not divide is a ConfigError naming ``where.subspaces``."""
+        if cfg.out_dim % cfg.subspaces:
+            raise ConfigError(f"{where}.subspaces: type {cfg.type}: out_dim ({cfg.out_dim}) must be a multiple of subspaces "
+                              f"({cfg.subspaces})", f"{where}.subspaces")
+        return cls(dims.in_dim, dims.num_tasks, cfg.hidden, cfg.out_dim, levels=cfg.levels, subspaces=cfg.subspaces)
 
     def __init__(self, in_dim: int, num_tasks: int, hidden: List[int], out_dim: int, levels: int = 2, subspaces: int = 2) -> None:
         super().__init__()

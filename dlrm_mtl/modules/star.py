@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import ClassVar, List, Self, Tuple
 
 import torch
 from torch import nn
 
+from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.layer_output import LayerOutput
+from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mlp import MLP
 from dlrm_mtl.modules.partitioned_norm import PartitionedNorm
 from dlrm_mtl.modules.star_fcn import StarTopologyFCN
+from dlrm_mtl.modules.scenario_routing import checked_routing
 
 
 class STARLayer(nn.Module):
@@ -47,6 +50,17 @@ class STARLayer(nn.Module):
         out = star(torch.randn(8, 32), torch.randint(0, 3, (8,)), torch.randn(8, 8))
         out.y.shape, out.logit_offset.shape   # [8, 16], [8, 2]
     """
+
+    # the LayerConfig fields from_config reads (``level``: read by the dense arch for every scenario layer)
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("routing", "norm", "hidden", "out_dim")
+
+    @classmethod
+    def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
+        """The ``star`` scenario layer of ``cfg`` (its auxiliary network has ``dims.num_tasks``
+        outputs); a ``routing`` it does not know is a ConfigError naming ``where``."""
+        routing = checked_routing(cfg, where)
+        return cls(dims.in_dim, dims.num_scenarios, dims.emb_dim, dims.num_tasks, cfg.hidden, cfg.out_dim, norm=cfg.norm,
+                   routing=routing)
 
     def __init__(
         self,
