@@ -64,7 +64,7 @@ def test_kept_host_memory_means_no_fresh_pages_per_step(tmp_path):
     data = count_ops.ensure_data(ROOT / "data" / "count_ops", 40_000)
     code = ("import sys, json; sys.path.insert(0, {tools!r}); import count_ops; "
             "r = count_ops.count_case('default', count_ops.fragments()['default'], __import__('pathlib').Path({data!r}), "
-            "__import__('pathlib').Path(sys.argv[1]), steps=14, log_every=4, overrides=[sys.argv[2]]); print('FAULTS', r.page_faults_per_step)")
+            "__import__('pathlib').Path(sys.argv[1]), steps=20, log_every=4, overrides=[sys.argv[2]]); print('FAULTS', r.page_faults_per_step)")
     faults = {}
     for keep in ("true", "false"):
         run_dir = tmp_path / keep
@@ -73,8 +73,8 @@ def test_kept_host_memory_means_no_fresh_pages_per_step(tmp_path):
         line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
         assert out.returncode == 0 and line, out.stderr[-2000:]
         faults[keep] = float(line[0].split()[1])
-    # the measure sees the faulted pages (~900-1,200 per step here) ...
-    assert faults["false"] >= 300, faults
+    # the measure sees the faulted pages (630-1,200 per step here, fewer on a loaded machine) ...
+    assert faults["false"] >= 100, faults
     # ... and the setting removes nearly all of them (a step that reads a new row group inline
     # still faults in pages for it: measured 0-70 of a median step)
     assert faults["true"] * 10 <= faults["false"], faults
