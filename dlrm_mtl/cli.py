@@ -14,7 +14,8 @@ def _generate(args: argparse.Namespace) -> int:
     from dlrm_mtl.synthetic import SyntheticSpec, describe, generate
 
     spec = replace(SyntheticSpec(), esm2=args.esm2, regression=args.regression, position_bias=args.position_bias,
-                   cvr_loss_space=args.cvr_loss_space, child_on_parent=args.child_on_parent)
+                   cvr_loss_space=args.cvr_loss_space, child_on_parent=args.child_on_parent,
+                   request_size=args.request_size)
     generate(args.out, rows=args.rows, seed=args.seed, spec=spec)
     print(f"wrote {args.rows} rows to {args.out}/train, {args.out}/eval and {args.out}/schema.yaml")
     for r in describe(f"{args.out}/train"):
@@ -229,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="schema: train cvr on the entire space (ESMM) or on clicked rows (PLE mask)")
     g.add_argument("--child-on-parent", type=float, default=0.0, metavar="W",
                    help="the conversion logit gains W x the click's latent (task-relation heads; 0: off)")
+    g.add_argument("--request-size", type=int, default=0, metavar="N",
+                   help="request groups of N rows (column request_id, schema group_id) with a request-level "
+                        "click effect, for loss.ranking (0: off)")
     g.set_defaults(fn=_generate)
 
     from dlrm_mtl.datasets import CONVERTERS

@@ -258,6 +258,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class RankingConfig:
+    """A ranking term next to the pointwise ones (dlrm_mtl/ranking_loss.py, docs/tasks.md):
+    ``type`` pairwise (BPR over positive-negative pairs of ``task``'s label within a request
+    group) or listwise (ListNet top-one softmax cross-entropy per group), ``group`` the schema
+    column of the request id (must be the schema's ``group_id``), ``task`` a binary task with a
+    head, ``weight`` λ of the term. ``type: none`` (the default) adds nothing.
+
+    Example::
+
+        loss: {ranking: {type: pairwise, group: request_id, task: ctr, weight: 0.5}}
+    """
+
+    type: str = "none"  # none | pairwise | listwise
+    group: str = ""
+    task: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class LossConfig:
     """Loss weighting (docs/tasks.md). Keys of the per-task maps are schema task names.
 
@@ -304,6 +323,7 @@ class LossConfig:
     scenario_shares: Dict[str, float] = field(default_factory=dict)  # leaf name -> share of training rows
     aux_weight: float = 1.0  # multiplies the model's auxiliary losses (already weighted per layer)
     bias_tower: List[int] = field(default_factory=lambda: [16])  # hidden sizes of the position-bias tower
+    ranking: RankingConfig = field(default_factory=RankingConfig)  # optional ranking term (type: none = off)
 
 
 @dataclass
@@ -531,6 +551,7 @@ def check_values(cfg: Config, schema: "Schema") -> None:
     _check_interaction(cfg, schema)
     _check_fusion(cfg, schema)
     _check_early_stopping(cfg, schema)
+    check_ranking_schema(cfg, schema)
 
 
 def _check_fusion(cfg: Config, schema: "Schema") -> None:
@@ -680,9 +701,42 @@ def _check_loss(cfg: Config) -> None:
     if lc.dwa_temperature <= 0:
         raise cfg.error("loss.dwa_temperature", f"must be > 0, got {lc.dwa_temperature}")
     _check_gradient_weighting(cfg)
+    _check_ranking(cfg)
     for what in ("task_weights", "scenario_weights", "scenario_shares"):
         for name, value in getattr(lc, what).items():
             _at_least(cfg, f"loss.{what}.{name}", value, 0)
+
+
+def _check_ranking(cfg: Config) -> None:
+    """``loss.ranking``: its type, a group column and a task when on, λ >= 0 (the schema
+    checks — task, group column — are :func:`check_ranking_schema`'s)."""
+    r = cfg.loss.ranking
+    _one_of(cfg, "loss.ranking.type", r.type, ("none", "pairwise", "listwise"))
+    _at_least(cfg, "loss.ranking.weight", r.weight, 0)
+    if r.type == "none":
+        return
+    if not r.group:
+        raise cfg.error("loss.ranking.group", f"type {r.type} needs the group column (the request id), got ''")
+    if not r.task:
+        raise cfg.error("loss.ranking.task", f"type {r.type} needs the task whose logits it ranks, got ''")
+
+
+def check_ranking_schema(cfg: Config, schema: "Schema") -> None:
+    """``loss.ranking`` against the schema: a binary task with a head, and ``group`` = the
+    schema's ``group_id`` column (the one the reader carries as ``Batch.group``)."""
+    r = cfg.loss.ranking
+    if r.type == "none":
+        return
+    by_name = {t.name: t for t in schema.tasks}
+    t = by_name.get(r.task)
+    if t is None:
+        raise cfg.error("loss.ranking.task", f"{r.task!r} is not a task of the schema; tasks are {list(by_name)}")
+    if t.type != "binary" or t.derived:
+        raise cfg.error("loss.ranking.task", f"{r.task!r} must be a binary task with its own head (type {t.type}"
+                        f"{', sum_of' if t.derived else ''})")
+    if r.group != schema.group_id:
+        raise cfg.error("loss.ranking.group", f"{r.group!r} is not the schema's group_id column ({schema.group_id!r}); "
+                        "declare `group_id: <column>` in schema.yaml")
 
 
 def _check_gradient_weighting(cfg: Config) -> None:

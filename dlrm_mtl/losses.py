@@ -11,6 +11,7 @@ from torch import nn
 from dlrm_mtl.config import LossConfig
 from dlrm_mtl.loss_balancing import SharedLayerWeighting, make_balancer
 from dlrm_mtl.modules.bias_tower import BiasTower
+from dlrm_mtl.ranking_loss import RANKING_TYPES, pair_rows_fraction, ranking_loss
 from dlrm_mtl.schema import Schema, leaf_ids, scenario_names
 from dlrm_mtl.task_graph import TaskGraph
 
@@ -67,6 +68,12 @@ class EntireSpaceLoss(nn.Module):
     ``aux/...`` (the model's names), ``loss_weight/<term>`` (w·γ^t, times DWA's λ, GradNorm's
     w or PE-LTR's ω), ``loss_log_var/<term>`` (uncertainty), ``gradnorm/l_grad`` and
     ``pareto/grad_norm`` (those weightings), ``loss/total``.
+
+    Ranking term (``loss.ranking``, :mod:`dlrm_mtl.ranking_loss`): λ · L_rank of the task's
+    logits within request groups (``group [B]``, the batch's ``group_id`` column) is added to
+    the total, outside the per-task weighting (no decay, DWA, GradNorm or PE-LTR weight);
+    logged as ``loss/ranking``, ``loss_weight/ranking`` (λ) and ``ranking/pair_rows`` (the
+    share of the task's rows whose group has both labels in the batch).
 
     ``weighting: gradnorm | pareto`` take their weights from the per-term gradients on the
     dense arch's last shared layer (:mod:`dlrm_mtl.loss_balancing`): :meth:`bind_shared` gives
@@ -135,6 +142,43 @@ class EntireSpaceLoss(nn.Module):
         if schema.position_bias is not None:
             self.bias_tower = BiasTower(len(schema.position_bias.features), cfg.bias_tower, schema.position_bias.reference)
             self.bias_tasks = [schema.task_index(n) for n in schema.position_bias.tasks]
+        self.ranking_task: Optional[int] = self._ranking_task(cfg)
+        # λ as a buffer: logged without a host-to-device copy inside a recorded step
+        self.register_buffer("ranking_weight", torch.tensor(float(cfg.ranking.weight)), persistent=False)
+
+    def _ranking_task(self, cfg: LossConfig) -> Optional[int]:
+        """Column of ``loss.ranking.task`` in the logits, None when the term is off."""
+        r = cfg.ranking
+        if r.type == "none":
+            return None
+        if r.type not in RANKING_TYPES:
+            raise ValueError(f"loss.ranking.type {r.type!r}: expected none, pairwise or listwise")
+        names = self.schema.task_names
+        if r.task not in names:
+            raise ValueError(f"loss.ranking.task {r.task!r}: not a task of the schema; tasks are {names}")
+        i = self.schema.task_index(r.task)
+        if self.schema.tasks[i].type != "binary" or self.schema.tasks[i].derived:
+            raise ValueError(f"loss.ranking.task {r.task!r}: must be a binary task with its own head")
+        if r.weight < 0:
+            raise ValueError(f"loss.ranking.weight: must be >= 0, got {r.weight}")
+        return i
+
+    def ranking_term(self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
+                     group: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``logits, labels, label_mask [B, T]``, ``weight [B]``, ``group [B]`` -> (L_rank [],
+        pair_rows []) over the rows where the ranking task's label is known and the row
+        weight is positive (padding rows never count)."""
+        k = self.ranking_task
+        assert k is not None
+        if group is None:
+            raise ValueError(f"loss.ranking needs the batch's request groups, but it carries none: declare "
+                             f"`group_id: {self.cfg.ranking.group}` in the data set's schema.yaml")
+        valid = label_mask[:, k] & (weight > 0)  # [B]
+        y = labels[:, k]  # [B]
+        loss = ranking_loss(self.cfg.ranking.type, logits[:, k], y, group, valid)
+        with torch.no_grad():
+            share = pair_rows_fraction(y, group, valid)
+        return loss, share
 
     def _scenario_lambda(self, cfg: LossConfig, share: Optional[Sequence[float]]) -> torch.Tensor:
         S = len(self.leaf_names)
@@ -279,9 +323,11 @@ class EntireSpaceLoss(nn.Module):
         scenario: Optional[torch.Tensor] = None,
         aux: Optional[Dict[str, torch.Tensor]] = None,
         bias: Optional[torch.Tensor] = None,
+        group: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``logits [B, T]``, ``labels [B, T]``, ``label_mask [B, T]``, ``weight [B]``,
-        ``scenario [B, L]``, ``aux`` {name: scalar}, ``bias [B, Fb]`` -> (total, terms)."""
+        ``scenario [B, L]``, ``aux`` {name: scalar}, ``bias [B, Fb]``, ``group [B]`` (request
+        ids, read only under ``loss.ranking``) -> (total, terms)."""
         if self.bias_tower is not None and self.training:
             if bias is None:
                 raise ValueError("the schema declares position_bias but the batch carries no bias features")
@@ -314,6 +360,12 @@ class EntireSpaceLoss(nn.Module):
         for name, v in (aux or {}).items():
             total = total + self.cfg.aux_weight * v
             terms[name if name.startswith("aux/") else f"aux/{name}"] = v.detach()  # as the model names it
+        if self.ranking_task is not None:
+            rank, share = self.ranking_term(logits, labels, label_mask, weight, group)
+            total = total + self.ranking_weight * rank
+            terms["loss/ranking"] = rank.detach()
+            terms["loss_weight/ranking"] = self.ranking_weight.clone()
+            terms["ranking/pair_rows"] = share
         terms["loss/total"] = total.detach()
         if self.training:
             with torch.no_grad():

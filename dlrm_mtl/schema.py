@@ -23,6 +23,7 @@ Example::
          entire_name: ctcvr, oracle: true_pcvr}
     user_id: user_id          # optional: enables GAUC
     position_bias: {features: [position], tasks: [ctr]}   # optional shallow bias tower
+    group_id: request_id      # optional: integer request ids, for loss.ranking
 
 Task graph syntax (see :class:`Task` and docs/tasks.md):
 
@@ -193,6 +194,9 @@ class Schema:
     weight: Optional[str] = None  # per-row sample weight column (finite, >= 0)
     user_id: Optional[str] = None  # user column (int or string), enables GAUC
     position_bias: Optional[PositionBias] = None
+    # request-group column (integer ids, no nulls): rows sharing a value are one request; read
+    # as ``Batch.group`` for ``loss.ranking`` (training only)
+    group_id: Optional[str] = None
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -387,6 +391,8 @@ class Schema:
         ] + [t.label for t in self.tasks] + ([self.weight] if self.weight else []) + (
             [self.user_id] if self.user_id else []
         ) + (list(self.position_bias.features) if self.position_bias else []) + (
+            [self.group_id] if self.group_id else []
+        ) + (
             [t.oracle for t in self.tasks if t.oracle] if with_oracle else []
         ):
             if c not in cols:
@@ -399,15 +405,19 @@ class Schema:
         cols = [t.label for t in self.tasks] + [t.oracle for t in self.tasks if t.oracle]
         cols += ([self.weight] if self.weight else []) + ([self.user_id] if self.user_id else [])
         cols += list(self.position_bias.features) if self.position_bias else []
+        cols += [self.group_id] if self.group_id else []
         return cols
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["group_id"] is None:  # absent unless declared: older schema files stay byte-identical
+            del d["group_id"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Schema":
-        known = {"name", "sparse", "dense", "scenarios", "tasks", "row_id", "weight", "user_id", "position_bias"}
+        known = {"name", "sparse", "dense", "scenarios", "tasks", "row_id", "weight", "user_id", "position_bias", "group_id"}
         unknown = set(d) - known
         if unknown:
             raise SchemaError(f"unknown schema keys: {sorted(unknown)}")
@@ -417,7 +427,7 @@ class Schema:
                 raise SchemaError(f"{what}: expected a list, got {items!r}")
             return [_typed(kind, item, f"{what}[{i}]") for i, item in enumerate(items or [])]
 
-        for key in ("name", "row_id", "weight", "user_id"):
+        for key in ("name", "row_id", "weight", "user_id", "group_id"):
             _check_type(str, d.get(key), key, optional=True)
         return cls(
             name=d.get("name", "unnamed"),
@@ -429,6 +439,7 @@ class Schema:
             weight=d.get("weight"),
             user_id=d.get("user_id"),
             position_bias=cls._position_bias(d.get("position_bias")),
+            group_id=d.get("group_id"),
         )
 
     @staticmethod

@@ -34,6 +34,13 @@ Options (``SyntheticSpec``; all off by default, and the default data set is unch
   dbmtl, aitm, nmtr) can take it from the click task, trained on every impression;
   independent towers must learn it from the conversion signal alone. No extra random draws:
   features and clicks are those of w = 0.
+* ``request_size`` (n > 0): request groups for ranking losses (``loss.ranking``). Consecutive
+  rows of a part file form requests of n rows, id ``request_id`` (the row id of the request's
+  first row; the schema's ``group_id``); each request has an unobserved effect
+  e ~ N(0, ``request_effect``²) added to the click logit of its rows (the page's context:
+  some requests click more). A pointwise loss must absorb e as noise; a ranking loss within
+  the request cancels it. The effects come from a generator of their own, so the features
+  are those of the default world (the clicks differ: their probabilities do).
 
 Example::
 
@@ -86,6 +93,10 @@ class SyntheticSpec:
     # logit gains this times the click logit's row-specific part (the click logit less its
     # leaf base rate and the position effect). 0 = the default world, byte-identical.
     child_on_parent: float = 0.0
+    # request groups (loss.ranking): rows per request (0 = none, the default world,
+    # byte-identical) and the standard deviation of the request-level click-logit effect
+    request_size: int = 0
+    request_effect: float = 1.5
 
 
 def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
@@ -106,6 +117,9 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
     if spec.position_bias:
         schema.dense = [d for d in schema.dense if d.name != "position"]
         schema.position_bias = PositionBias(features=["position"], tasks=["ctr"], reference=[1.0])
+        schema.validate()
+    if spec.request_size > 0:
+        schema.group_id = "request_id"
         schema.validate()
     return schema
 
@@ -165,6 +179,7 @@ class _World:
         rng = np.random.default_rng([seed, 1])
         K = spec.latent_dim
         self.spec = spec
+        self.seed = seed
         self.taste = rng.normal(0, 1, (spec.num_segments, K)) / math.sqrt(K) * 1.6
         self.cat_vec = rng.normal(0, 1, (spec.num_categories, K)) / math.sqrt(K) * 1.6
         self.user_segment = rng.integers(0, spec.num_segments, spec.num_users)
@@ -234,6 +249,9 @@ class _World:
             + 0.35 * quality
             - spec.position_effect * (position - 1)
         )
+        request: Dict[str, np.ndarray] = {}
+        if spec.request_size > 0:  # its own generator: the default draws are untouched
+            ctr_logit, request = self._requests(ctr_logit, n, start_id)
         cvr_logit = (
             _logit(np.asarray(spec.cvr_base))[leaf]
             + 0.6 * affinity
@@ -288,7 +306,17 @@ class _World:
             "true_pcvr": pcvr.astype(np.float32),
             "true_pctcvr": (pctr * pcvr).astype(np.float32),
             **extra,
+            **request,
         }
+
+    def _requests(self, ctr_logit: np.ndarray, n: int, start_id: int) -> tuple:
+        """``ctr_logit [n]`` -> (the logit plus its request's effect, {"request_id": [n]}):
+        requests of ``request_size`` consecutive rows, ids = their first row's id."""
+        size = self.spec.request_size
+        local = np.arange(n) // size  # [n] request index within this part
+        effect = np.random.default_rng([self.seed, 3, start_id]).normal(0, self.spec.request_effect, local[-1] + 1 if n else 0)
+        ids = (start_id + local * size).astype(np.int64)
+        return ctr_logit + effect[local], {"request_id": ids}
 
 
 def generate(out: str | Path, rows: int = 1_000_000, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()) -> Schema:

@@ -25,6 +25,8 @@ class Batch(Pipelineable):
         weight: ``[B]`` float32 per-row weight; 0 marks a padding row.
         bias: ``[B, Fb]`` float32 position-bias features (schema ``position_bias``), or None.
         user: ``[B]`` int64 user ids (schema ``user_id``; strings hashed), or None; for GAUC.
+        group: ``[B]`` int64 request-group ids (schema ``group_id``; -1 on padding rows), or
+            None; for ``loss.ranking``.
     """
 
     sparse: KeyedJaggedTensor
@@ -37,6 +39,7 @@ class Batch(Pipelineable):
     oracle: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     user: Optional[torch.Tensor] = None
+    group: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -63,11 +66,12 @@ class Batch(Pipelineable):
             oracle=None if self.oracle is None else self.oracle.to(device=device, non_blocking=non_blocking),
             bias=None if self.bias is None else self.bias.to(device=device, non_blocking=non_blocking),
             user=None if self.user is None else self.user.to(device=device, non_blocking=non_blocking),
+            group=None if self.group is None else self.group.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
-        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user):
+        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user, self.group):
             if t is not None:
                 t.record_stream(stream)
 
@@ -87,4 +91,5 @@ class Batch(Pipelineable):
             oracle=None if self.oracle is None else self.oracle.pin_memory(),
             bias=None if self.bias is None else self.bias.pin_memory(),
             user=None if self.user is None else self.user.pin_memory(),
+            group=None if self.group is None else self.group.pin_memory(),
         )

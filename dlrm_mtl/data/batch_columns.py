@@ -80,6 +80,7 @@ class BatchColumns:
         self.oracle = np.stack([_np(t["oracle:" + k.name]) for k in schema.tasks], axis=1) if with_oracle else None
         self.bias = _matrix(t, "bias", n, len(schema.position_bias.features), np.float32) if schema.position_bias is not None else None
         self.user = _np(t["user"]).astype(np.int64) if schema.user_id else None
+        self.group = _np(t["group"]).astype(np.int64) if schema.group_id else None
 
     def batch(self, start: int, n: int, batch_size: int) -> Batch:
         """Rows ``[start, start + n)``, ``n <= batch_size``, padded with padding rows."""
@@ -105,6 +106,7 @@ class BatchColumns:
             oracle=None if self.oracle is None else padded(self.oracle, 0.0),
             bias=None if self.bias is None else padded(self.bias, 0.0),
             user=None if self.user is None else padded(self.user, -1),
+            group=None if self.group is None else padded(self.group, -1),
         )
 
     def _kjt(self, start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:

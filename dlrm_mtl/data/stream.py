@@ -227,7 +227,8 @@ class RowGroupConverter:
     multi-hot, hashed/truncated), ``dense`` fixed-size list of float32 (transformed),
     ``scenario`` per level int64, ``label:<task>`` float32, ``mask:<task>`` bool,
     ``weight`` float32, ``oracle:<task>`` float32 when present, ``bias`` (fixed-size list of
-    float32, schema ``position_bias``) and ``user`` int64 (schema ``user_id``) when declared.
+    float32, schema ``position_bias``), ``user`` int64 (schema ``user_id``) and ``group`` int64
+    (schema ``group_id``) when declared.
     """
 
     def __init__(self, schema: Schema, with_oracle: bool = True, filesystem: Optional[pa.fs.FileSystem] = None,
@@ -487,7 +488,26 @@ class RowGroupConverter:
                 out["user"] = pa.array(hash_strings(col, 2**62))
             else:
                 raise DataError(f"{group.path}: column {s.user_id!r}: expected integer or string user ids, got {col.type}")
+        if s.group_id:
+            out["group"] = self._group_ids(t, n, group.path, fail)
         return pa.table(out)
+
+    def _group_ids(self, t: pa.Table, n: int, path: str, fail) -> pa.Array:
+        """``[n]`` int64 request-group ids (schema ``group_id``); -1 on every row when the
+        column is absent and optional (scoring). Nulls and non-integer columns are errors."""
+        c = self.schema.group_id
+        assert c is not None
+        if c not in t.column_names:
+            if c in self.optional:
+                return pa.array(np.full(n, -1, np.int64))
+            raise DataError(f"{path}: column {c!r} (schema group_id) is missing")
+        col = t[c].combine_chunks()
+        if not pa.types.is_integer(col.type):
+            raise DataError(f"{path}: column {c!r}: expected integer group ids (schema group_id), got {col.type}")
+        if col.null_count:
+            raise fail(c, int(np.argmax(~pc.is_valid(col).to_numpy(zero_copy_only=False))), "null group id")
+        # ids are only compared: a uint64 >= 2**63 keeps its bits as an int64
+        return pa.array(col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
 
 
 class ParquetStream:

@@ -20,7 +20,8 @@ class DenseStep(nn.Module):
     """Dense arch + loss as one call on tensors:
 
     ``pooled [B, Σ D_f]``, ``dense [B, Fd]``, ``scenario [B, L]``, ``labels [B, T]``,
-    ``label_mask [B, T]``, ``weight [B]``, ``bias [B, Fb]`` or None ->
+    ``label_mask [B, T]``, ``weight [B]``, ``bias [B, Fb]`` or None, ``group [B]`` (request
+    ids for ``loss.ranking``) or None ->
     ``(loss [], logits [B, T], loss terms {name: []}, gates {name: [B, ...]})``.
 
     It holds no parameters of its own: ``dense_arch`` and ``loss`` stay registered where they
@@ -73,9 +74,10 @@ class DenseStep(nn.Module):
             logits, gates, aux = arch(pooled, dense, scenario)
         return logits.float(), gates, {k: v.float() for k, v in aux.items()}
 
-    def eager(self, pooled, dense, scenario, labels, label_mask, weight, bias) -> Output:
+    def eager(self, pooled, dense, scenario, labels, label_mask, weight, bias, group=None) -> Output:
         logits, gates, aux = self._dense(pooled, dense, scenario)
-        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias)
+        extra = () if group is None else (group,)  # only a loss with a ranking term reads it
+        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias, *extra)
         return loss, logits, terms, gates
 
     def _flat(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -105,8 +107,9 @@ class DenseStep(nn.Module):
             warnings.warn(f"train.cuda_graph auto: the dense step could not be captured ({self.graph_error}); it runs eagerly")
 
     def forward(self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor, labels: torch.Tensor,
-                label_mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Output:
-        args = (pooled, dense, scenario, labels, label_mask, weight, bias)
+                label_mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                group: Optional[torch.Tensor] = None) -> Output:
+        args = (pooled, dense, scenario, labels, label_mask, weight, bias, group)
         if self._wants_graph(pooled):
             if self.graph is None:
                 self._record(args)

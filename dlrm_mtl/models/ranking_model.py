@@ -243,6 +243,7 @@ class TrainModule(nn.Module):
         # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
         # cannot be unpacked.
         pooled = self.model.pooled(batch.sparse)  # [B, Σ D_f]
-        out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias)
+        out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias,
+                              batch.group)
         real_rows = batch.real.sum()  # [] on the device: read on log steps only
         return out[0], (out[1].detach(), out[2], out[3], real_rows)
