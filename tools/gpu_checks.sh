@@ -11,8 +11,9 @@
 #   2. tools/bench_gpu.py: the real step vs the plain PyTorch peer, kernels, syncs and busy %
 #      per step at batch 2048 / 8192 / 32768 in fp32 and bf16; dense arch batched vs loop;
 #   3. the real `dlrm-mtl train` loop (demo config, one GPU) at batch 8192 with the dense step
-#      graphed and eager, in bf16, and at batch 2048 (the CPU demo's global batch: AUC parity)
-#      and 32768: metrics.json of each.
+#      graphed and eager, in bf16, through TorchRec's sharded lookup instead of the direct one
+#      (sharding.local_lookup=false: same metrics expected, the speed and syncs of each), and at
+#      batch 2048 (the CPU demo's global batch: AUC parity) and 32768: metrics.json of each.
 # SKIP_BENCH=1 / SKIP_TRAIN=1 leave a part out; TRAINS="name ..." picks train variants;
 # ROWS=N generates fewer rows (smoke runs).
 set -u
@@ -40,7 +41,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-260}" $PY tools/bench_gpu.py --data "$DATA" --json "$OUT/gpu.json" ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
   stamp "bench_gpu rc=$?"
   # what the graph and the pipeline each bring: the same step with one of them off
-  for v in ${BENCH_VARIANTS:-eager:train.cuda_graph=eager pipeline:train.pipeline=sparse_dist}; do
+  # (sharded_lookup: TorchRec's own lookup path instead of sharding.local_lookup's direct kernels)
+  for v in ${BENCH_VARIANTS:-eager:train.cuda_graph=eager pipeline:train.pipeline=sparse_dist sharded_lookup:sharding.local_lookup=false}; do
     timeout 90 $PY tools/bench_gpu.py --data "$DATA" --batch-sizes 8192 --precision fp32 --skip-arch \
       --set "${v#*:}" --json "$OUT/gpu-${v%%:*}.json" > "$OUT/bench_gpu-${v%%:*}.log" 2>&1
     stamp "bench_gpu ${v%%:*} rc=$?"
@@ -62,11 +64,12 @@ train() {  # name, then --set overrides
 }
 
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-  for v in ${TRAINS:-b8192_graph b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
+  for v in ${TRAINS:-b8192_graph b8192_sharded b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
     case $v in
       b8192_graph)  train $v data.batch_size=8192 ;;
       b8192_gpu)    train $v cfg:configs/gpu.yaml ;;
       b8192_eager)  train $v data.batch_size=8192 train.cuda_graph=eager ;;
+      b8192_sharded) train $v data.batch_size=8192 sharding.local_lookup=false ;;
       b8192_bf16)   train $v data.batch_size=8192 train.precision=bf16 ;;
       b8192_workers) train $v data.batch_size=8192 data.num_workers=8 data.prefetch_batches=32 ;;
       b2048_graph)  train $v data.batch_size=2048 ;;
