@@ -11,6 +11,7 @@ from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
+from dlrm_mtl.modules.task_input import task_major_input
 
 
 def cross_stitch_init(num_tasks: int, self_weight: float = 0.9) -> torch.Tensor:
@@ -61,12 +62,7 @@ class CrossStitchLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         T = self.num_tasks
-        if x.dim() == 2:
-            h = x.unsqueeze(1).expand(x.shape[0], T, x.shape[1])  # [B, T, d]
-        else:
-            if x.shape[0] != T:
-                raise ValueError(f"task layer input has {x.shape[0]} task rows, expected {T}")
-            h = x.transpose(0, 1)  # [B, T, d]
+        h = task_major_input(x, T)  # [B, d] (shared) or [B, T, d]
         for net, alpha in zip(self.nets, self.alpha):
             h = torch.einsum("ts,bsd->btd", alpha, net(h))  # task t's network on task t's input, then eq. 1: [B, T, d']
         return LayerOutput(h.transpose(0, 1))  # [T, B, d']

@@ -13,6 +13,7 @@ from dlrm_mtl.modules.cross_stitch import cross_stitch_init
 from dlrm_mtl.modules.expert_bank import ExpertBank
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
+from dlrm_mtl.modules.task_input import task_major_input
 
 
 def subspace_orthogonality(h: torch.Tensor, subspaces: int) -> torch.Tensor:
@@ -107,12 +108,7 @@ class SluiceLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         T, m = self.num_tasks, self.subspaces
-        if x.dim() == 2:
-            h = x.unsqueeze(1).expand(x.shape[0], T, x.shape[1])  # [B, T, d]
-        else:
-            if x.shape[0] != T:
-                raise ValueError(f"task layer input has {x.shape[0]} task rows, expected {T}")
-            h = x.transpose(0, 1)  # [B, T, d]
+        h = task_major_input(x, T)  # [B, d] (shared) or [B, T, d]
         B = h.shape[0]
         mixed: List[torch.Tensor] = []
         orthogonality = h.new_zeros(())

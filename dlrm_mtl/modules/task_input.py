@@ -20,3 +20,14 @@ def split_task_input(x: torch.Tensor, num_tasks: int) -> Tuple[torch.Tensor, tor
     if x.shape[0] != num_tasks:
         raise ValueError(f"task layer input has {x.shape[0]} task rows, expected {num_tasks}")
     return x, x.mean(dim=0)
+
+
+def task_major_input(x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """A task layer's input for an :class:`ExpertBank` with one expert per task (Cross-Stitch,
+    sluice): ``[B, d]`` as it is (every task's expert reads it: the bank's one ``addmm``) or
+    ``[T, B, d]`` -> ``[B, T, d]`` (expert t reads ``x[t]``)."""
+    if x.dim() == 2:
+        return x
+    if x.shape[0] != num_tasks:
+        raise ValueError(f"task layer input has {x.shape[0]} task rows, expected {num_tasks}")
+    return x.transpose(0, 1)
