@@ -588,7 +588,7 @@ class CheckpointManager:
         Also removes incomplete checkpoints (``.tmp-*`` and directories without COMPLETE).
         """
         need = _local_bytes(dmp.state_dict(), self.env.is_main) + _local_bytes(optimizer.state_dict(), self.env.is_main)
-        dense = sum(p.numel() * p.element_size() for n, p in dmp.named_parameters() if "embedding_bags" not in n)
+        dense = sum(p.numel() * p.element_size() for n, p in dmp.named_parameters() if "embedding_bags" not in n and ".embeddings." not in n)
         need += 2 * dense if self.env.is_main else 0  # Adam's moments, created at the first step
         total = torch.tensor([need], dtype=torch.int64)
         total = all_reduce_host(total)

@@ -15,7 +15,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     spec = replace(SyntheticSpec(), esm2=args.esm2, regression=args.regression, position_bias=args.position_bias,
                    cvr_loss_space=args.cvr_loss_space, child_on_parent=args.child_on_parent,
-                   request_size=args.request_size)
+                   request_size=args.request_size, sequence_len=args.sequence_len)
     generate(args.out, rows=args.rows, seed=args.seed, spec=spec)
     print(f"wrote {args.rows} rows to {args.out}/train, {args.out}/eval and {args.out}/schema.yaml")
     for r in describe(f"{args.out}/train"):
@@ -233,6 +233,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--request-size", type=int, default=0, metavar="N",
                    help="request groups of N rows (column request_id, schema group_id) with a request-level "
                         "click effect, for loss.ranking (0: off)")
+    g.add_argument("--sequence-len", type=int, default=0, metavar="L",
+                   help="behaviour sequences of up to L events (hist_items with aligned hist_item_categories and "
+                        "hist_ages; schema sequence features) whose recent same-category events raise the click (0: off)")
     g.set_defaults(fn=_generate)
 
     from dlrm_mtl.datasets import CONVERTERS

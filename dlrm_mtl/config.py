@@ -126,6 +126,33 @@ class HeadsConfig:
 
 
 @dataclass
+class SequenceEncoderConfig:
+    """How one behaviour sequence (a schema ``sequence: true`` feature with its aligned side
+    info) becomes a vector that joins the interaction like a pooled feature
+    (``dlrm_mtl/modules/sequence/``).
+
+    ``type``: ``mean`` (masked mean of the events), ``target_attention`` (DIN: each event
+    weighted by an MLP of it and the target), ``lstm_attention`` (DUPN: an LSTM over the events,
+    then softmax attention with the target as query). ``target``: features whose embeddings,
+    concatenated, are the target (the candidate item): pooled features, or sequence features
+    of ``max_len: 1`` (their one event), which may share the sequence's table as DIN does.
+    ``hidden``: the attention MLP's hidden sizes; ``lstm_dim``: the LSTM's width (0 = the
+    event width).
+
+    Example (YAML)::
+
+        model:
+          sequence_encoders:
+            hist_items: {type: target_attention, target: [item_id], hidden: [80, 40]}
+    """
+
+    type: str = "mean"
+    target: List[str] = field(default_factory=list)
+    hidden: List[int] = field(default_factory=lambda: [80, 40])
+    lstm_dim: int = 0
+
+
+@dataclass
 class ModelConfig:
     # dot: DLRM pairwise dot products (+ first-order terms; every sparse feature one dim);
     # concat: dense and pooled embeddings side by side (the MMoE/PLE papers' input)
@@ -141,6 +168,8 @@ class ModelConfig:
     # what turns the last task layer's output into the T logits: independent towers (default)
     # or a task-relation head (dbmtl | aitm | nmtr) along the schema's task graph
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    # per sequence feature of the schema (its name); a sequence not named here is mean-pooled
+    sequence_encoders: Dict[str, SequenceEncoderConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -758,7 +787,7 @@ def _check_gradient_weighting(cfg: Config) -> None:
 
 def _check_tables(cfg: Config, schema: "Schema") -> None:
     _at_least(cfg, "sharding.memory_per_rank_gb", cfg.sharding.memory_per_rank_gb, 0)
-    tables = sorted({f.table for f in schema.sparse})
+    tables = sorted({f.table for f in schema.sparse + schema.sequence})
     for name, tc in cfg.sharding.tables.items():
         if name not in tables:
             raise cfg.error(f"sharding.tables.{name}", f"{name!r} is not a table of the schema {tables}")

@@ -16,10 +16,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -173,7 +175,7 @@ def make_planner(cfg: Config, env: DistEnv, schema: Schema, world_size: Optional
         ddr_cap=cap if compute == "cpu" else None,
         local_world_size=min(env.local_world_size, ws),
     )
-    tables = {f.table for f in schema.sparse}
+    tables = {f.table for f in schema.sparse + schema.sequence}
     unknown = set(cfg.sharding.tables) - tables
     if unknown:
         raise ValueError(f"sharding.tables names unknown table(s) {sorted(unknown)}; the schema has {sorted(tables)}")
@@ -222,17 +224,35 @@ def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
 TABLE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 
 
-def apply_table_optimizers(ebc: nn.Module, cfg: Config) -> Dict[str, str]:
+def table_modules(module: nn.Module) -> Dict[str, nn.Module]:
+    """Every embedding table under ``module`` by table name: the EmbeddingBagCollection's
+    bags and, with sequence features, the EmbeddingCollection's tables."""
+    out: Dict[str, nn.Module] = {}
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            out.update(m.embedding_bags.items())
+        elif isinstance(m, EmbeddingCollection):
+            out.update(m.embeddings.items())
+    return out
+
+
+def table_sharders() -> List[ModuleSharder[nn.Module]]:
+    """The sharders of the model's two table collections (planner and DMP take the same)."""
+    return [CPUWideEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]  # type: ignore[list-item]
+
+
+def apply_table_optimizers(module: nn.Module, cfg: Config) -> Dict[str, str]:
     """Registers each table's fused optimizer (fbgemm applies it in the backward pass):
-    row-wise Adagrad at ``train.sparse_lr`` unless ``sharding.tables.<t>`` says otherwise."""
+    row-wise Adagrad at ``train.sparse_lr`` unless ``sharding.tables.<t>`` says otherwise.
+    ``module``: a table collection or anything holding them (the model)."""
     chosen: Dict[str, str] = {}
-    for name, bag in ebc.embedding_bags.items():  # type: ignore[union-attr]
+    for name, table in table_modules(module).items():
         override = cfg.sharding.tables.get(name)
         kind = override.optimizer if override else "rowwise_adagrad"
         if kind not in TABLE_OPTIMIZERS:
             raise ValueError(f"sharding.tables.{name}.optimizer {kind!r}: expected one of {sorted(TABLE_OPTIMIZERS)}")
         lr = override.lr if override and override.lr > 0 else cfg.train.sparse_lr
-        apply_optimizer_in_backward(TABLE_OPTIMIZERS[kind], bag.parameters(), {"lr": lr})
+        apply_optimizer_in_backward(TABLE_OPTIMIZERS[kind], table.parameters(), {"lr": lr})
         chosen[name] = f"{kind}(lr={lr:g})"
     return chosen
 
@@ -254,11 +274,11 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     ebcs = [m for m in module.modules() if isinstance(m, MultiScenarioMultiTaskModel)]
     if len(ebcs) != 1:
         raise ValueError("expected exactly one MultiScenarioMultiTaskModel in the module")
-    apply_table_optimizers(ebcs[0].ebc, cfg)
-    sharder = CPUWideEmbeddingBagCollectionSharder()
+    apply_table_optimizers(ebcs[0], cfg)
+    sharders = table_sharders()
     planner = make_planner(cfg, env, schema)
-    plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=[sharder],
+    plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders,
                                    init_data_parallel=dist.get_world_size() > 1)
     if dist.get_world_size() == 1:
         # DMP's data-parallel wrapper is what moves the dense part to the device; without it

@@ -201,6 +201,9 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, config: Optional[s
     cfg = Config.load(str(cfg_path))
     schema_path = cfg.data.schema_path()
     schema = Schema.load(schema_path)
+    if schema.sequence:
+        raise CheckpointError(f"{schema_path}: sequence features {[f.name for f in schema.sequence]} cannot be exported "
+                              "for serving yet (the serving model has no EmbeddingCollection); batch `dlrm-mtl predict` scores them")
     check_values(cfg, schema)
     fusion = fusion_weights(schema, cfg.predict.fusion)
     output_names(schema)  # a task named like the score output is refused here, before loading

@@ -19,12 +19,12 @@ import torch
 
 from dlrm_mtl.config import Config, ConfigError
 from dlrm_mtl.distributed import (
-    CPUWideEmbeddingBagCollectionSharder,
     DistEnv,
     apply_table_optimizers,
     make_planner,
     memory_per_rank_bytes,
     plan_summary,
+    table_sharders,
 )
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -37,10 +37,10 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
         raise ConfigError(f"the world size (--world-size) must be >= 1, got {world_size}")
     schema = Schema.load(cfg.data.schema_path())
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
-    optimizers = apply_table_optimizers(module.model.ebc, cfg)
+    optimizers = apply_table_optimizers(module.model, cfg)
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
     planner = make_planner(cfg, env, schema, world_size=world_size)
-    plan = planner.plan(module, [CPUWideEmbeddingBagCollectionSharder()])
+    plan = planner.plan(module, table_sharders())
     per_rank = [0] * world_size
     for option in planner._best_plan or []:  # TorchRec keeps the chosen options' estimates here
         for shard in option.shards:

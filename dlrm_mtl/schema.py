@@ -12,6 +12,10 @@ Example::
       - {name: user_id, table: t_user, num_embeddings: 200000, dim: 16}
       - {name: hist_cats, table: t_cat, num_embeddings: 500, dim: 16,
          multi_hot: true, max_len: 8, pooling: mean}
+      - {name: hist_items, table: t_item, num_embeddings: 100000, dim: 16,
+         sequence: true, max_len: 50}              # unpooled: [B, 50, 16] + mask
+      - {name: hist_item_cats, table: t_cat_seq, num_embeddings: 500, dim: 8,
+         sequence: true, max_len: 50, aligned_with: hist_items}   # side info per event
     dense:
       - {name: price, transform: log1p}
     scenarios:
@@ -51,6 +55,20 @@ DENSE_TRANSFORMS = ("none", "log1p")
 POOLINGS = ("sum", "mean")
 LOSS_SPACES = ("entire", "parent_positive", "none")
 TASK_TYPES = ("binary", "regression")
+SEQUENCE_KEEPS = ("last", "first")
+# TorchRec keeps each collection's tables in an ``nn.ModuleDict`` keyed by table name: a name
+# that is already an attribute of one cannot be a key there
+RESERVED_TABLE_NAMES = frozenset((
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear",
+    "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer",
+    "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "items", "keys", "load_state_dict",
+    "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "pop",
+    "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
+    "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook",
+    "register_state_dict_pre_hook", "requires_grad_", "set_extra_state", "set_submodule", "share_memory",
+    "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
+))
 
 
 class SchemaError(ValueError):
@@ -59,7 +77,18 @@ class SchemaError(ValueError):
 
 @dataclass
 class SparseFeature:
-    """One categorical feature: a column of int64 ids (single-hot) or list<int64> (multi-hot)."""
+    """One categorical feature: a column of int64 ids (single-hot) or list<int64> (multi-hot).
+
+    ``sequence: true`` keeps a list column unpooled (a behaviour sequence, oldest event
+    first): it is looked up in TorchRec's ``EmbeddingCollection`` and reaches the model as
+    ``[B, max_len, dim]`` padded events plus a ``[B, max_len]`` mask. ``max_len`` is then
+    required; ``keep`` says which end of a longer list survives (``last``: the most recent
+    events; truncated ids are counted). ``aligned_with`` names another sequence feature whose
+    events this one describes (side info: the category or time of each event): its lists must
+    have the same length on every row (an error names file, column and row otherwise), it is
+    truncated alike and its embeddings are concatenated to that feature's per event.
+    Sequence features live in :attr:`Schema.sequence`, not in :attr:`Schema.sparse`.
+    """
 
     name: str
     table: str
@@ -72,9 +101,14 @@ class SparseFeature:
     # (stable: FNV-1a for strings, splitmix64 finaliser, modulo num_embeddings).
     hash: bool = False
     column: str = ""  # defaults to name
+    sequence: bool = False
+    keep: str = "last"  # sequences: which end of an over-long list is kept
+    aligned_with: str = ""  # sequences: the sequence feature whose events this one describes
 
     def __post_init__(self) -> None:
         self.column = self.column or self.name
+        if self.sequence:
+            self.multi_hot = True
 
 
 @dataclass
@@ -197,9 +231,14 @@ class Schema:
     # request-group column (integer ids, no nulls): rows sharing a value are one request; read
     # as ``Batch.group`` for ``loss.ranking`` (training only)
     group_id: Optional[str] = None
+    # unpooled behaviour sequences (``sequence: true`` in the file's ``sparse`` list, moved
+    # here on construction): looked up in the EmbeddingCollection
+    sequence: List[SparseFeature] = field(default_factory=list)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        self.sequence = list(self.sequence) + [f for f in self.sparse if f.sequence]
+        self.sparse = [f for f in self.sparse if not f.sequence]
         self.validate()
 
     def validate(self) -> None:
@@ -211,12 +250,12 @@ class Schema:
                 seen.add(n)
 
         if not self.sparse:
-            raise SchemaError(f"schema {self.name!r}: needs at least one sparse feature")
+            raise SchemaError(f"schema {self.name!r}: needs at least one sparse feature that is not a sequence")
         if not self.scenarios:
             raise SchemaError(f"schema {self.name!r}: needs at least one scenario level")
         if not self.tasks:
             raise SchemaError(f"schema {self.name!r}: needs at least one task")
-        dup([f.name for f in self.sparse], "sparse feature")
+        dup([f.name for f in self.sparse + self.sequence], "sparse feature")
         dup([f.name for f in self.dense], "dense feature")
         dup([s.name for s in self.scenarios], "scenario level")
         dup([t.name for t in self.tasks], "task")
@@ -232,6 +271,11 @@ class Schema:
                     f"features {other.name!r} and {f.name!r} share table {f.table!r} "
                     "but disagree on num_embeddings/dim/pooling"
                 )
+        self._validate_sequences(tables)
+        for t in list(tables):
+            if t in RESERVED_TABLE_NAMES or "." in t or not t:
+                raise SchemaError(f"table name {t!r} cannot be used: TorchRec keys its tables by name in an nn.ModuleDict, "
+                                  "which has an attribute of that name (rename the table)")
         for d in self.dense:
             if d.transform not in DENSE_TRANSFORMS:
                 raise SchemaError(f"dense feature {d.name!r}: transform {d.transform!r} not in {DENSE_TRANSFORMS}")
@@ -301,6 +345,50 @@ class Schema:
                     f"position_bias: feature(s) {both} are also dense features; the model would learn the bias "
                     "itself and the tower would not be dropped at serving"
                 )
+
+    def _validate_sequences(self, tables: Dict[str, SparseFeature]) -> None:
+        """Sequence features: list columns with ``max_len``, their own tables (the
+        EmbeddingCollection's, not shared with pooled features), side info aligned with a
+        sequence of the same length and truncation."""
+        by_name = {f.name: f for f in self.sequence}
+        seq_tables: Dict[str, SparseFeature] = {}
+        for f in self.sequence:
+            where = f"sparse feature {f.name!r} (sequence)"
+            if f.max_len <= 0:
+                raise SchemaError(f"{where}: needs max_len > 0 (the padded length of its events)")
+            if f.keep not in SEQUENCE_KEEPS:
+                raise SchemaError(f"{where}: keep {f.keep!r} not in {SEQUENCE_KEEPS}")
+            if f.num_embeddings <= 0 or f.dim <= 0:
+                raise SchemaError(f"{where}: num_embeddings and dim must be > 0")
+            if f.table in tables:
+                raise SchemaError(
+                    f"{where}: table {f.table!r} also holds pooled feature {tables[f.table].name!r}; a sequence's table "
+                    "lives in the EmbeddingCollection (to share it with a candidate, declare the candidate as a "
+                    "sequence feature of max_len 1)")
+            other = seq_tables.setdefault(f.table, f)
+            if (other.num_embeddings, other.dim) != (f.num_embeddings, f.dim):
+                raise SchemaError(f"features {other.name!r} and {f.name!r} share table {f.table!r} but disagree on num_embeddings/dim")
+            if f.aligned_with:
+                main = by_name.get(f.aligned_with)
+                if main is None:
+                    raise SchemaError(f"{where}: aligned_with {f.aligned_with!r} is not a sequence feature")
+                if main.aligned_with:
+                    raise SchemaError(f"{where}: aligned_with {main.name!r}, which is itself aligned with {main.aligned_with!r}")
+                if (main.max_len, main.keep) != (f.max_len, f.keep):
+                    raise SchemaError(f"{where}: max_len/keep ({f.max_len}, {f.keep}) differ from {main.name!r}'s "
+                                      f"({main.max_len}, {main.keep}); aligned side info is truncated with its sequence")
+        for t, f in seq_tables.items():
+            tables.setdefault(t, f)
+
+    @property
+    def sequence_groups(self) -> Dict[str, List[SparseFeature]]:
+        """Each main sequence feature's name -> [it, then its aligned side-info features]:
+        one group of events, its embeddings concatenated per event."""
+        groups: Dict[str, List[SparseFeature]] = {f.name: [f] for f in self.sequence if not f.aligned_with}
+        for f in self.sequence:
+            if f.aligned_with:
+                groups[f.aligned_with].append(f)
+        return groups
 
     def steps(self, task: str) -> List[Tuple[int, bool]]:
         """The conditions defining a head task's entire-space event, from the root down:
@@ -386,7 +474,7 @@ class Schema:
         cols: List[str] = []
         for c in (
             [self.row_id] if self.row_id else []
-        ) + [f.column for f in self.sparse] + [d.column for d in self.dense] + [
+        ) + [f.column for f in self.sparse + self.sequence] + [d.column for d in self.dense] + [
             s.column for s in self.scenarios
         ] + [t.label for t in self.tasks] + ([self.weight] if self.weight else []) + (
             [self.user_id] if self.user_id else []
@@ -411,6 +499,13 @@ class Schema:
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["sparse"] += d.pop("sequence")  # one list in the file, as it was written
+        for f in d["sparse"]:  # the sequence fields only where used: older schema files stay byte-identical
+            if not f["sequence"]:
+                for k in ("sequence", "keep", "aligned_with"):
+                    del f[k]
+            elif not f["aligned_with"]:
+                del f["aligned_with"]
         if d["group_id"] is None:  # absent unless declared: older schema files stay byte-identical
             del d["group_id"]
         return d

@@ -41,6 +41,19 @@ Options (``SyntheticSpec``; all off by default, and the default data set is unch
   some requests click more). A pointwise loss must absorb e as noise; a ranking loss within
   the request cancels it. The effects come from a generator of their own, so the features
   are those of the default world (the clicks differ: their probabilities do).
+* ``sequence_len`` (L > 0): a behaviour sequence per row (issue: behaviour sequences): the
+  items the user interacted with, oldest first, ``hist_items`` (raw ids, hashed), with two
+  aligned side-info columns, ``hist_item_categories`` (each event's item category) and
+  ``hist_ages`` (0 = the most recent event, 1 the one before, ...). Rows hold 0 to 1.25·L
+  events (the schema keeps the last L: longer rows are truncated, counted). Events are drawn
+  like the multi-hot history (mostly the segment's favourite categories, an item of that
+  category), 15 % of them of the candidate's own category. The click logit gains ``sequence_effect`` · (Σ_j γ^{age_j} · [category_j = the
+  candidate's category] − c) over the kept events, γ = ``sequence_decay``, c a constant
+  centring it: recent events of the candidate's category raise the click, older ones hardly.
+  A mean over the events loses which category came when (the mean of [item, category, age]
+  embeddings keeps the histogram of each, not their pairing) — target attention, which
+  weighs each event by its match with the candidate and its age, can reach the oracle. The
+  events come from a generator of their own: the other features are those of the default world.
 
 Example::
 
@@ -97,6 +110,11 @@ class SyntheticSpec:
     # byte-identical) and the standard deviation of the request-level click-logit effect
     request_size: int = 0
     request_effect: float = 1.5
+    # behaviour sequences (issue 18): events per row (0 = none, the default world,
+    # byte-identical), their click effect and its decay per step of age
+    sequence_len: int = 0
+    sequence_effect: float = 2.0
+    sequence_decay: float = 0.6
 
 
 def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
@@ -121,7 +139,24 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
     if spec.request_size > 0:
         schema.group_id = "request_id"
         schema.validate()
+    if spec.sequence_len > 0:
+        L = spec.sequence_len
+        schema.sequence = [
+            SparseFeature("hist_items", "t_hist_item", spec.item_table, 16, hash=True, sequence=True, max_len=L),
+            SparseFeature("hist_item_categories", "t_hist_category", spec.num_categories, 8, sequence=True, max_len=L,
+                          aligned_with="hist_items"),
+            SparseFeature("hist_ages", "t_hist_age", _max_events(L), 8, sequence=True, max_len=L, aligned_with="hist_items"),
+        ]
+        schema.validate()
     return schema
+
+
+_SAME_CATEGORY = 0.15  # share of behaviour events drawn from the candidate's own category
+
+
+def _max_events(sequence_len: int) -> int:
+    """The longest behaviour sequence the generator writes (the schema keeps the last L)."""
+    return sequence_len + (sequence_len + 3) // 4
 
 
 def _base_schema(spec: SyntheticSpec, tasks: List[Task]) -> Schema:
@@ -249,9 +284,13 @@ class _World:
             + 0.35 * quality
             - spec.position_effect * (position - 1)
         )
-        request: Dict[str, np.ndarray] = {}
+        request: Dict[str, object] = {}
         if spec.request_size > 0:  # its own generator: the default draws are untouched
             ctr_logit, request = self._requests(ctr_logit, n, start_id)
+        if spec.sequence_len > 0:  # its own generator too
+            effect, sequence = self._sequences(seg, cat, n, start_id)
+            ctr_logit = ctr_logit + effect
+            request.update(sequence)
         cvr_logit = (
             _logit(np.asarray(spec.cvr_base))[leaf]
             + 0.6 * affinity
@@ -308,6 +347,40 @@ class _World:
             **extra,
             **request,
         }
+
+    def _sequences(self, seg: np.ndarray, cat: np.ndarray, n: int, start_id: int) -> tuple:
+        """The rows' behaviour sequences -> (their click-logit effect ``[n]``, columns)."""
+        spec = self.spec
+        L, gamma = spec.sequence_len, spec.sequence_decay
+        rng = np.random.default_rng([self.seed, 4, start_id])
+        lengths = rng.integers(0, _max_events(L) + 1, n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tot = int(offsets[-1])
+        row_of = np.repeat(np.arange(n), lengths)
+        age = (offsets[1:][row_of] - 1 - np.arange(tot)).astype(np.int64)  # 0 = the row's most recent event
+        ecat = np.where(rng.random(tot) < 0.75, self.fav[seg[row_of], rng.integers(0, self.fav.shape[1], tot)],
+                        rng.integers(0, spec.num_categories, tot))
+        ecat = np.where(rng.random(tot) < _SAME_CATEGORY, cat[row_of], ecat)  # some events of the candidate's category
+        # an item of that category (categories without items: any item)
+        by_cat = np.argsort(self.item_category, kind="stable")
+        first = np.searchsorted(self.item_category[by_cat], np.arange(spec.num_categories))
+        count = np.bincount(self.item_category, minlength=spec.num_categories)
+        pick = rng.random(tot)
+        item = np.where(count[ecat] > 0, by_cat[np.minimum(first[ecat] + (pick * count[ecat]).astype(np.int64), len(by_cat) - 1)],
+                        rng.integers(0, spec.num_items, tot))
+        ecat = self.item_category[item]
+        kept = age < L  # the schema keeps the last L events
+        score = np.bincount(row_of, weights=np.where(kept & (ecat == cat[row_of]), gamma ** age, 0.0), minlength=n)
+        # centred near the score's mean (every event matching with probability ~_SAME_CATEGORY):
+        # the base rates stay close to the default world's
+        centre = _SAME_CATEGORY / (1 - gamma)
+        effect = spec.sequence_effect * (score - centre)
+
+        def lists(x: np.ndarray) -> pa.ListArray:
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(x.astype(np.int64)))
+
+        return effect, {"hist_items": lists(self.item_raw_id[item]), "hist_item_categories": lists(ecat), "hist_ages": lists(age)}
 
     def _requests(self, ctr_logit: np.ndarray, n: int, start_id: int) -> tuple:
         """``ctr_logit [n]`` -> (the logit plus its request's effect, {"request_id": [n]}):

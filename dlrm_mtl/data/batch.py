@@ -27,6 +27,8 @@ class Batch(Pipelineable):
         user: ``[B]`` int64 user ids (schema ``user_id``; strings hashed), or None; for GAUC.
         group: ``[B]`` int64 request-group ids (schema ``group_id``; -1 on padding rows), or
             None; for ``loss.ranking``.
+        sequence: KJT with one key per schema sequence feature (schema order), stride B: the
+            events of each row, oldest first, at most ``max_len``; None without sequences.
     """
 
     sparse: KeyedJaggedTensor
@@ -40,6 +42,7 @@ class Batch(Pipelineable):
     bias: Optional[torch.Tensor] = None
     user: Optional[torch.Tensor] = None
     group: Optional[torch.Tensor] = None
+    sequence: Optional[KeyedJaggedTensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -67,10 +70,13 @@ class Batch(Pipelineable):
             bias=None if self.bias is None else self.bias.to(device=device, non_blocking=non_blocking),
             user=None if self.user is None else self.user.to(device=device, non_blocking=non_blocking),
             group=None if self.group is None else self.group.to(device=device, non_blocking=non_blocking),
+            sequence=None if self.sequence is None else self.sequence.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
+        if self.sequence is not None:
+            self.sequence.record_stream(stream)
         for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user, self.group):
             if t is not None:
                 t.record_stream(stream)
@@ -92,4 +98,5 @@ class Batch(Pipelineable):
             bias=None if self.bias is None else self.bias.pin_memory(),
             user=None if self.user is None else self.user.pin_memory(),
             group=None if self.group is None else self.group.pin_memory(),
+            sequence=None if self.sequence is None else self.sequence.pin_memory(),
         )

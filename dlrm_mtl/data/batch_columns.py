@@ -11,7 +11,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl.data.batch import Batch
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, SparseFeature
 
 
 def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -45,6 +45,7 @@ class BatchColumns:
     Sparse features are kept as (lengths, offsets, values) per feature (lengths and offsets
     ``None`` for a single-hot column without nulls: one id per row); the batch's KJT gets its
     per-key lengths and offsets computed on the host, so nothing downstream reads them back.
+    Sequence features (schema ``sequence``) become a second KJT, ``Batch.sequence``.
 
     Example::
 
@@ -57,20 +58,9 @@ class BatchColumns:
         n = t.num_rows
         self.schema, self.rows = schema, n
         self.keys = [f.name for f in schema.sparse]
-        self.sparse: List[Tuple[Optional[np.ndarray], Optional[np.ndarray], np.ndarray]] = []
-        for f in schema.sparse:
-            col = _array(t[f.name])
-            if f.multi_hot:
-                lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
-                vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-            elif col.null_count:
-                lens = pc.is_valid(col).to_numpy(zero_copy_only=False).astype(np.int32)
-                vals = col.to_numpy(zero_copy_only=False)[lens.astype(bool)]
-            else:
-                lens = None
-                vals = col.to_numpy(zero_copy_only=False)
-            offs = None if lens is None else np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-            self.sparse.append((lens, offs, vals.astype(np.int64, copy=False)))
+        self.sparse = _id_columns(t, schema.sparse)
+        self.sequence_keys = [f.name for f in schema.sequence]
+        self.sequence = _id_columns(t, schema.sequence)
         self.dense = _matrix(t, "dense", n, len(schema.dense), np.float32)  # [n, Fd]
         self.scenario = np.stack([_np(t["scenario:" + l.name]) for l in schema.scenarios], axis=1).astype(np.int64)  # [n, L]
         self.labels = np.stack([_np(t["label:" + k.name]) for k in schema.tasks], axis=1).astype(np.float32)  # [n, T]
@@ -96,7 +86,7 @@ class BatchColumns:
             return torch.from_numpy(np.array(x, copy=True, order="C"))
 
         return Batch(
-            sparse=self._kjt(start, stop, batch_size),
+            sparse=_kjt(self.keys, self.sparse, start, stop, batch_size),
             dense=padded(self.dense, 0.0),
             scenario=padded(self.scenario, 0),
             labels=padded(self.labels, 0.0),
@@ -107,28 +97,56 @@ class BatchColumns:
             bias=None if self.bias is None else padded(self.bias, 0.0),
             user=None if self.user is None else padded(self.user, -1),
             group=None if self.group is None else padded(self.group, -1),
+            sequence=_kjt(self.sequence_keys, self.sequence, start, stop, batch_size) if self.sequence_keys else None,
         )
 
-    def _kjt(self, start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
-        n = stop - start
-        lengths = np.zeros((len(self.sparse), batch_size), dtype=np.int32)  # [F, B]
-        values: List[np.ndarray] = []
-        for k, (lens, offs, vals) in enumerate(self.sparse):
-            if lens is None:
-                lengths[k, :n] = 1
-                values.append(vals[start:stop])
-            else:
-                lengths[k, :n] = lens[start:stop]
-                values.append(vals[offs[start] : offs[stop]])
-        per_key = lengths.sum(axis=1)
-        return KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-            lengths=torch.from_numpy(lengths.reshape(-1)),
-            stride=batch_size,
-            length_per_key=per_key.tolist(),
-            offset_per_key=[0] + np.cumsum(per_key).tolist(),
-        )
+
+IdColumn = Tuple[Optional[np.ndarray], Optional[np.ndarray], np.ndarray]  # lengths, offsets, values
+
+
+def _id_columns(t: pa.Table, features: List[SparseFeature]) -> List[IdColumn]:
+    """(lengths, offsets, values) per feature; lengths and offsets ``None`` for a single-hot
+    column without nulls (one id per row)."""
+    out: List[IdColumn] = []
+    for f in features:
+        col = _array(t[f.name])
+        if f.multi_hot:
+            lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+            vals = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        elif col.null_count:
+            lens = pc.is_valid(col).to_numpy(zero_copy_only=False).astype(np.int32)
+            vals = col.to_numpy(zero_copy_only=False)[lens.astype(bool)]
+        else:
+            lens = None
+            vals = col.to_numpy(zero_copy_only=False)
+        offs = None if lens is None else np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+        out.append((lens, offs, vals.astype(np.int64, copy=False)))
+    return out
+
+
+def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
+    """Rows ``[start, stop)`` of ``columns`` as a KJT of stride ``batch_size`` (padding rows
+    empty), its per-key lengths and offsets computed here on the host."""
+    n = stop - start
+    lengths = np.zeros((len(columns), batch_size), dtype=np.int32)  # [F, B]
+    values: List[np.ndarray] = []
+    for k, (lens, offs, vals) in enumerate(columns):
+        if lens is None:
+            lengths[k, :n] = 1
+            values.append(vals[start:stop])
+        else:
+            assert offs is not None
+            lengths[k, :n] = lens[start:stop]
+            values.append(vals[offs[start] : offs[stop]])
+    per_key = lengths.sum(axis=1)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(lengths.reshape(-1)),
+        stride=batch_size,
+        length_per_key=per_key.tolist(),
+        offset_per_key=[0] + np.cumsum(per_key).tolist(),
+    )
 
 
 def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:

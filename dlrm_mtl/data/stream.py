@@ -209,7 +209,7 @@ class IdKinds:
 def hashed_id_columns(schema: Schema) -> List[str]:
     """The columns whose raw ids are hashed: sparse features with ``hash: true`` and the
     user column (string user ids are hashed for GAUC)."""
-    return [f.column for f in schema.sparse if f.hash] + ([schema.user_id] if schema.user_id else [])
+    return [f.column for f in schema.sparse + schema.sequence if f.hash] + ([schema.user_id] if schema.user_id else [])
 
 
 def first_above_int64(values: np.ndarray) -> Optional[int]:
@@ -218,6 +218,17 @@ def first_above_int64(values: np.ndarray) -> Optional[int]:
         return None
     over = values > np.uint64(np.iinfo(np.int64).max)
     return int(np.argmax(over)) if over.any() else None
+
+
+def keep_last(col: pa.ListArray, max_len: int) -> pa.ListArray:
+    """The last ``max_len`` entries of each list (a behaviour sequence's most recent events)."""
+    offs = col.offsets.to_numpy().astype(np.int64)  # [n + 1], into col.values
+    lens = np.diff(offs)
+    new_lens = np.minimum(lens, max_len)
+    start = offs[1:] - new_lens  # [n] first kept entry of each row
+    new_offs = np.concatenate([[0], np.cumsum(new_lens)])
+    idx = np.arange(new_offs[-1], dtype=np.int64) - np.repeat(new_offs[:-1], new_lens) + np.repeat(start, new_lens)
+    return pa.ListArray.from_arrays(pa.array(new_offs.astype(np.int32)), col.values.take(pa.array(idx)))
 
 
 class RowGroupConverter:
@@ -309,7 +320,8 @@ class RowGroupConverter:
             out["row_id"] = pa.array(
                 (group.file_index << 40) + group.first_row + np.arange(n, dtype=np.int64)
             )
-        for f in s.sparse:
+        seq_by_name = {f.name: f for f in s.sequence}
+        for f in s.sparse + s.sequence:
             col = t[f.column].combine_chunks()
             if f.multi_hot:
                 if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
@@ -317,12 +329,21 @@ class RowGroupConverter:
                 if col.null_count:  # a null list is an empty bag (counted)
                     self._count(f"null_lists/{f.column}", col.null_count)
                     col = col.fill_null(pa.scalar([], type=col.type))
+                if f.aligned_with:  # side info: one entry per event of its sequence
+                    main = seq_by_name[f.aligned_with]
+                    want = pc.list_value_length(t[main.column].combine_chunks()).fill_null(0).to_numpy(zero_copy_only=False)
+                    got = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                    bad = want != got
+                    if bad.any():
+                        r = int(np.argmax(bad))
+                        raise fail(f.column, r, f"{got[r]} entries, but its sequence {main.column!r} has {want[r]} events "
+                                   f"on this row (aligned_with: {main.name})")
                 truncated = 0
                 if f.max_len:
                     over = pc.subtract(pc.list_value_length(col), f.max_len).to_numpy(zero_copy_only=False)
                     truncated = int(over[over > 0].sum())
                     if truncated:
-                        col = pc.list_slice(col, 0, f.max_len)
+                        col = keep_last(col, f.max_len) if f.sequence and f.keep == "last" else pc.list_slice(col, 0, f.max_len)
                 values = pc.list_flatten(col)
             else:
                 if pa.types.is_list(col.type):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
@@ -17,6 +17,7 @@ from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
+from dlrm_mtl.models.sequence_arch import SequenceArch, sequence_configs
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.modules.heads import build_heads
 from dlrm_mtl.schema import Schema, leaf_ids
@@ -43,7 +44,8 @@ class DenseArch(nn.Module):
     """Everything after the embedding lookup: dense MLP, interaction, the stacked scenario
     layers, the stacked task layers and one tower per task.
 
-    ``pooled [B, F, D]`` or ``[B, Σ D_f]`` (schema order), ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
+    ``pooled [B, F, D]`` or ``[B, Σ D_f]`` (schema order, then the sequence encoders'
+    outputs of widths ``sequence_dims``), ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
     weights of every layer by name (``scenario{i}/{level}/...``, ``task{j}/...``; for
     expert-utilisation logging) and the auxiliary losses, each already multiplied by its
     layer's ``aux_weight`` (``aux/scenario{i}/{level}/{name}``).
@@ -55,18 +57,18 @@ class DenseArch(nn.Module):
     losses are collected as ``heads/...`` and ``aux/heads/...``.
     """
 
-    def __init__(self, schema: Schema, cfg: ModelConfig) -> None:
+    def __init__(self, schema: Schema, cfg: ModelConfig, sequence_dims: Sequence[int] = ()) -> None:
         super().__init__()
-        dims = [f.dim for f in schema.sparse]
-        F = len(schema.sparse)
+        dims = [f.dim for f in schema.sparse] + list(sequence_dims)
+        F = len(dims)
         T = len(schema.tasks)
         e = cfg.scenario_emb_dim
         self.num_tasks = T
         self.interaction: nn.Module
         if cfg.interaction == "dot":
             if len(set(dims)) != 1:
-                raise ConfigError(f"model.interaction dot needs one embedding dim for all features, got {sorted(set(dims))} (use concat)",
-                                  "model.interaction")
+                raise ConfigError(f"model.interaction dot needs one embedding dim for all features (and sequence encoder "
+                                  f"outputs {list(sequence_dims)}), got {sorted(set(dims))} (use concat)", "model.interaction")
             D = dims[0]
             self.dense_mlp = MLP(len(schema.dense), list(cfg.dense_arch) + [D])
             self.interaction = DotInteraction(F, D)
@@ -184,7 +186,9 @@ def pooled_in_order(kt: KeyedTensor, names: List[str]) -> torch.Tensor:
 
 
 class MultiScenarioMultiTaskModel(nn.Module):
-    """EmbeddingBagCollection (sharded under DMP) + :class:`DenseArch`.
+    """EmbeddingBagCollection (sharded under DMP) + :class:`DenseArch`; with schema sequence
+    features also an EmbeddingCollection (sharded by the same planner) whose events
+    :class:`SequenceArch` encodes into vectors that join the pooled embeddings.
 
     Pooled embeddings are read *by key* from the KeyedTensor (its column order depends on the
     sharding plan) into ``[B, Σ D_f]`` in schema order (see :func:`pooled_in_order`).
@@ -199,23 +203,44 @@ class MultiScenarioMultiTaskModel(nn.Module):
         super().__init__()
         self.feature_names = [f.name for f in schema.sparse]
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
-        self.dense_arch = DenseArch(schema, cfg)
+        # one EmbeddingCollection per embedding dim of the sequence tables (TorchRec's
+        # collection holds one dim); each reads its own features of the batch's sequence KJT
+        self.sequence_tables = nn.ModuleDict({f"dim{d}": EmbeddingCollection(tables=c, device=device)
+                                              for d, c in sequence_configs(schema).items()})
+        self.sequence_arch: Optional[SequenceArch] = None
+        if schema.sequence:
+            self.sequence_arch = SequenceArch(schema, cfg.sequence_encoders)
+        elif cfg.sequence_encoders:
+            raise ConfigError(f"model.sequence_encoders: the schema has no sequence features (sequence: true) to encode "
+                              f"{sorted(cfg.sequence_encoders)}", "model.sequence_encoders")
+        self.dense_arch = DenseArch(schema, cfg, self.sequence_arch.out_dims if self.sequence_arch is not None else ())
         # set by shard_model in a world of one (a plain object: not part of the state dict)
         self.local_lookup: Optional[LocalPooledLookup] = None
 
-    def pooled(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def pooled(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
         """``[B, Σ D_f]``, schema order: through :class:`LocalPooledLookup` when sharding set
         one (a world of one) and the batch's features come in the order it was built for,
-        else through the (sharded) collection."""
+        else through the (sharded) collection; then, with sequence features, their encoded
+        vectors ``[B, Σ out_g]``."""
         lookup = self.local_lookup
         if lookup is not None and sparse.keys() == lookup.batch_keys:
-            return lookup(sparse)
-        return pooled_in_order(self.ebc(sparse), self.feature_names)
+            pooled = lookup(sparse)
+        else:
+            pooled = pooled_in_order(self.ebc(sparse), self.feature_names)
+        if self.sequence_arch is None:
+            return pooled
+        if sequence is None:
+            raise ValueError("the schema has sequence features but the batch carries none (Batch.sequence is None)")
+        events: Dict[str, JaggedTensor] = {}
+        for collection in self.sequence_tables.values():
+            events.update(collection(sequence))
+        return torch.cat([pooled, self.sequence_arch(pooled, events)], dim=1)
 
     def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor,
+        sequence: Optional[KeyedJaggedTensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        return self.dense_arch(self.pooled(sparse), dense, scenario)
+        return self.dense_arch(self.pooled(sparse, sequence), dense, scenario)
 
 
 class TrainModule(nn.Module):
@@ -242,7 +267,7 @@ class TrainModule(nn.Module):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
         # cannot be unpacked.
-        pooled = self.model.pooled(batch.sparse)  # [B, Σ D_f]
+        pooled = self.model.pooled(batch.sparse, batch.sequence)  # [B, Σ D_f (+ Σ out_g)]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias,
                               batch.group)
         real_rows = batch.real.sum()  # [] on the device: read on log steps only
