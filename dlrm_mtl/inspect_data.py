@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from dlrm_mtl.data.source import Source, open_source
 from dlrm_mtl.data.stream import RowGroup, RowGroupConverter, assign_row_groups, list_row_groups
 from dlrm_mtl.metrics import scenario_names
 from dlrm_mtl.schema import Schema, leaf_ids
+from dlrm_mtl.task_graph import TaskGraph
 
 #: Distinct ids are counted exactly up to this many per sparse feature; beyond it the feature
 #: is reported as ``>= MAX_DISTINCT`` and its id set is dropped (8 bytes per id held).
@@ -123,15 +124,6 @@ def _leaf_ids(t: pa.Table, schema: Schema) -> np.ndarray:
     return leaf_ids(ids, schema)
 
 
-def _ancestors(schema: Schema, task_name: str) -> List[Tuple[int, bool]]:
-    """The conditions of a task's conditional space, root first: (task index, positive);
-    ``positive`` is False for a negated parent (``parent: "!dact"``)."""
-    task = schema.tasks[schema.task_index(task_name)]
-    if task.derived:
-        return schema.steps(task.parent_name) if task.parent is not None else []  # type: ignore[arg-type]
-    return schema.steps(task_name)[:-1]
-
-
 def _raw_table(group: RowGroup, columns: List[str], filesystem: Optional[pa.fs.FileSystem]) -> pa.Table:
     frag = ds.ParquetFileFormat().make_fragment(group.path, filesystem, row_groups=[group.index])
     present = [c for c in columns if c in frag.physical_schema.names]
@@ -190,7 +182,8 @@ def inspect_data(
     n_leaf = len(names)
     n_tasks = len(schema.tasks)
     raw_columns = schema.columns()
-    ancestors = [_ancestors(schema, t.name) for t in schema.tasks]
+    # the conditions of each task's conditional space, root first: (task index, positive)
+    ancestors = TaskGraph(schema).context
 
     files: Dict[str, Dict[str, Any]] = {f: {"path": f, "row_groups": 0, "rows": 0} for f in sorted(dset.files)}
     leaf_rows = np.zeros(n_leaf, dtype=np.int64)

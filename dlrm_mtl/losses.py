@@ -13,22 +13,7 @@ from dlrm_mtl.loss_balancing import SharedLayerWeighting, make_balancer
 from dlrm_mtl.modules.bias_tower import BiasTower
 from dlrm_mtl.ranking_loss import RANKING_TYPES, pair_rows_fraction, ranking_loss
 from dlrm_mtl.schema import Schema, leaf_ids, scenario_names
-from dlrm_mtl.task_graph import TaskGraph
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012).
-
-    x is clamped to <= -1e-30 so that a probability of exactly 1 (float underflow of the
-    chained log-probability) costs at most ~69 nats instead of inf; the gradient stays exact
-    for every x that float32 can distinguish from 0 above that.
-    """
-    x = x.clamp(max=-1e-30)
-    near0 = x > -0.6931471805599453
-    # each branch only sees inputs where it is finite, so torch.where passes no NaN gradient
-    a = torch.log(-torch.expm1(torch.where(near0, x, torch.full_like(x, -1.0))))
-    b = torch.log1p(-torch.exp(torch.where(near0, torch.full_like(x, -1.0), x)))
-    return torch.where(near0, a, b)
+from dlrm_mtl.task_graph import TaskGraph, TaskView, log1mexp
 
 
 def bce_from_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,7 +24,8 @@ def bce_from_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class EntireSpaceLoss(nn.Module):
     """Masked, weighted multi-task loss built from the schema's task graph (docs/tasks.md).
 
-    Per task k (one *term* each, named after what it trains):
+    Per task k (one *term* each, named after what it trains; the term is the task's view in
+    ``TaskGraph.loss_terms``, :class:`dlrm_mtl.task_graph.TaskView`):
 
     * root binary task: BCE(logit_k, y_k) over every row whose label is not null;
     * ``loss_space: entire`` (ESMM, Ma et al. 2018, eq. 3; ESM², Wen et al. 2020, eq. 7):
@@ -93,14 +79,12 @@ class EntireSpaceLoss(nn.Module):
         self.cfg = cfg
         self.graph = TaskGraph(schema)
         tasks = schema.tasks
-        # one term per task with a loss space
-        self.term_tasks: List[int] = [i for i, t in enumerate(tasks) if t.loss_space != "none"]
+        # one term per task with a loss space: its view (prediction, rows, label) from the graph
+        self.terms: List[TaskView] = self.graph.loss_terms
+        self.term_tasks: List[int] = [v.task for v in self.terms]
+        self.term_names: List[str] = [v.name for v in self.terms]
         # sum_of tasks have no head of their own: their logit column is unused
         self.unused_logits: List[int] = [i for i, t in enumerate(tasks) if t.derived]
-        self.term_names: List[str] = [
-            self.graph.entire_names[i] if tasks[i].parent is not None and tasks[i].loss_space == "entire" and tasks[i].type == "binary" else tasks[i].name
-            for i in self.term_tasks
-        ]
         names = schema.task_names
         for what, m in (("task_weights", cfg.task_weights), ("decay", cfg.decay)):
             unknown = sorted(set(m) - set(names))
@@ -129,14 +113,15 @@ class EntireSpaceLoss(nn.Module):
         self.log_var: Optional[nn.Parameter] = None
         if cfg.weighting == "uncertainty":
             self.log_var = nn.Parameter(torch.full((len(self.term_tasks),), float(cfg.uncertainty_init)))
-        regression = [tasks[i].type == "regression" for i in self.term_tasks]
+        regression = [v.regression for v in self.terms]
         # Kendall et al. 2018: eq. 5 (regression: 1/(2σ²) L + log σ), eq. 10 (classification: 1/σ² L + log σ)
         self.register_buffer("uncertainty_scale", torch.tensor([0.5 if r else 1.0 for r in regression]), persistent=False)
+        self.register_buffer("term_regression", torch.tensor(regression, dtype=torch.bool), persistent=False)
         self.leaf_names = scenario_names(schema)
         self.register_buffer("scenario_lambda", self._scenario_lambda(cfg, scenario_share))  # persistent
         self.term_matrices: Optional[TermMatrices] = None
         if all(t.type == "binary" and not t.derived for t in tasks):
-            self.term_matrices = TermMatrices(self.graph, self.term_tasks)
+            self.term_matrices = TermMatrices(self.graph, self.terms)
         self.bias_tower: Optional[BiasTower] = None
         self.bias_tasks: List[int] = []
         if schema.position_bias is not None:
@@ -262,8 +247,9 @@ class EntireSpaceLoss(nn.Module):
 
         Binary task graphs without ``sum_of`` tasks (ESMM chains, PLE masks, negated parents)
         take :meth:`_per_task_matrix`: every term at once, a few dozen operators whatever the
-        number of tasks. Regression and ``sum_of`` tasks take the per-term loop
-        (:meth:`_per_task_loop`); both give the same values (tests/test_losses.py)."""
+        number of tasks. Regression and ``sum_of`` tasks take the per-view path
+        (:meth:`_per_task_loop`, :meth:`TaskGraph.view_tensors`); both give the same values
+        (tests/test_losses.py)."""
         lam: Optional[torch.Tensor] = None
         if scenario is not None and self.cfg.scenario_weighting != "none":
             lam = self.scenario_lambda[leaf_ids(scenario, self.schema)]  # [B]
@@ -279,40 +265,18 @@ class EntireSpaceLoss(nn.Module):
         assert m is not None
         lp, ln = m.log_probs(logits)  # [B, K] x 2: log p and log(1 - p) of each term's prediction
         y, known = m.labels(labels, label_mask)  # [B, K] float, [B, K] bool
-        loss = -(y * lp + (1 - y) * ln)  # [B, K]
-        r = weight.unsqueeze(1) * known  # [B, K]
-        num = loss * r if lam is None else loss * (r * lam.unsqueeze(1))
-        return num.sum(0) / r.sum(0).clamp(min=1e-12)
+        return _mean_over_rows(-(y * lp + (1 - y) * ln), known, weight, lam)
 
     def _per_task_loop(
         self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
         lam: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        g = self.graph
-        entire_lp = g.entire_log_prob(logits)  # [B, T]
-        cond_lp = g.cond_log_prob(logits, entire_lp)  # [B, T]
-        y_entire, known_entire = g.entire_labels(labels, label_mask)  # [B, T] x 2
-        in_space = g.parent_positive(labels, label_mask) & label_mask  # [B, T]
-        if lam is None:
-            lam = torch.ones_like(weight)
-        losses = []
-        for i in self.term_tasks:
-            t = self.schema.tasks[i]
-            if t.type == "regression":
-                l, m = (logits[:, i] - labels[:, i]) ** 2, in_space[:, i]
-            elif t.parent is None and not t.derived:
-                l = F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i], reduction="none")
-                m = label_mask[:, i]
-            elif t.parent is None or t.loss_space == "entire":
-                l, m = bce_from_log_prob(entire_lp[:, i], y_entire[:, i]), known_entire[:, i]
-            elif t.derived:
-                l, m = bce_from_log_prob(cond_lp[:, i], labels[:, i]), in_space[:, i]
-            else:
-                l = F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i], reduction="none")
-                m = in_space[:, i]
-            r = weight * m
-            losses.append((l * r * lam).sum() / r.sum().clamp(min=1e-12))
-        return torch.stack(losses) if losses else logits.new_zeros(0)
+        if not self.terms:
+            return logits.new_zeros(0)
+        v = self.graph.view_tensors(self.terms, logits, labels, label_mask)  # [B, K] each
+        bce = -(v.label * v.pred + (1 - v.label) * v.neg)  # [B, K]
+        loss = torch.where(self.term_regression, (v.pred - v.label) ** 2, bce)  # [B, K]
+        return _mean_over_rows(loss, v.rows, weight, lam)
 
     def forward(
         self,
@@ -376,15 +340,24 @@ class EntireSpaceLoss(nn.Module):
         return total, terms
 
 
+def _mean_over_rows(loss: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, lam: Optional[torch.Tensor]) -> torch.Tensor:
+    """``loss [B, K]``, ``rows [B, K]`` bool, ``weight [B]``, ``lam [B]`` -> ``[K]``
+    Σ_i r_i λ_i ℓ_ik / Σ_i r_i with r_i = weight_i on the term's rows (0 when it has none)."""
+    r = weight.unsqueeze(1) * rows  # [B, K]
+    num = loss * r if lam is None else loss * (r * lam.unsqueeze(1))
+    return num.sum(0) / r.sum(0).clamp(min=1e-12)
+
+
 class TermMatrices(nn.Module):
     """The loss terms of a binary task graph (no ``sum_of`` tasks) as constant matrices, so
     that every term's prediction, label and row mask come out of a few matrix operations.
 
-    Term k of task i is one of: a root task, BCE of σ(z_i) on rows where its label is known;
-    ``parent_positive``, BCE of σ(z_i) on rows inside its conditional space (every ancestor
-    known and positive, or negative for a negated parent) where its label is known; ``entire``,
-    BCE of the chained product on rows where every label on the chain is known, against the
-    chained event (ESMM eq. 3). In log space::
+    Built from the terms' :class:`TaskView` fields, for head tasks only: ``prediction`` is
+    ``logit`` (σ(z_i)) or ``entire`` (the chained product); ``label`` is ``own`` (y_i) or
+    ``event`` (every chain step holds); ``rows`` is ``label`` (y_i known), ``context`` (every
+    ancestor known and positive, or negative for a negated parent, and y_i known) or ``chain``
+    (every label on the chain known). ESMM's term (eq. 3) is (entire, chain, event); PLE's
+    masked term (eq. 9) is (logit, context, own). In log space::
 
         log P_entire = [log σ(z), log σ(−z)] @ P            (P: [2T, T], one 1 per chain step)
         count_k      = [pos, neg, known, y] @ H[:, k]        (pos = known ∧ y = 1, neg = known ∧ y = 0)
@@ -394,10 +367,9 @@ class TermMatrices(nn.Module):
     checkpoint.
     """
 
-    def __init__(self, graph: TaskGraph, term_tasks: List[int]) -> None:
+    def __init__(self, graph: TaskGraph, terms: List[TaskView]) -> None:
         super().__init__()
-        schema = graph.schema
-        T, K = len(schema.tasks), len(term_tasks)
+        T, K = len(graph.schema.tasks), len(terms)
         P = torch.zeros(2 * T, T)
         for i, steps in enumerate(graph.steps):
             for j, positive in steps:
@@ -410,22 +382,21 @@ class TermMatrices(nn.Module):
             for j, positive in steps:
                 h[j if positive else T + j, k] = 1.0
 
-        for k, i in enumerate(term_tasks):
-            t = schema.tasks[i]
-            if t.parent is None:  # root: its own label where known
-                src.append(i)
-                hy[3 * T + i, k] = 1.0
-                hm[2 * T + i, k] = 1.0
-            elif t.loss_space == "entire":  # chained event where the chain's labels are known
-                src.append(T + i)
+        for k, v in enumerate(terms):
+            i = v.task
+            if v.prediction not in ("logit", "entire"):
+                raise ValueError(f"term {v.name!r}: TermMatrices takes logit or entire predictions, not {v.prediction!r}")
+            src.append(i if v.prediction == "logit" else T + i)
+            if v.label == "event":  # every step of the chain holds
                 conditions(hy, k, graph.steps[i])
                 y_is_event[k] = True
+            else:
+                hy[3 * T + i, k] = 1.0
+            if v.rows == "chain":  # every label on the chain known
                 for j, _ in graph.steps[i]:
                     hm[2 * T + j, k] = 1.0
-            else:  # parent_positive: own label inside the conditional space
-                src.append(i)
-                hy[3 * T + i, k] = 1.0
-                conditions(hm, k, graph.context[i])
+            else:  # own label known, inside the conditional space for "context"
+                conditions(hm, k, graph.context[i] if v.rows == "context" else [])
                 hm[2 * T + i, k] = 1.0
         self.T = T
         self.any_entire = any(s >= T for s in src)

@@ -11,9 +11,10 @@ into ``all`` by summing their statistics):
 * regression views: ``mse``, ``mae``, ``label_mean``, ``pred_mean``, ``count`` and
   ``oracle_mse`` (MSE of the true value) when the data carries it.
 
-Views of a task: a root task on every row with a label (``ctr``); a chained task's
-conditional prediction on its conditional space (``cvr`` on clicked rows) and its
-entire-space prediction on every row (``ctcvr``); a regression task on its space.
+Views of a task (``TaskGraph.metric_views``, :class:`dlrm_mtl.task_graph.TaskView`): a root
+task on every row with a label (``ctr``); a chained task's conditional prediction on its
+conditional space (``cvr`` on clicked rows) and its entire-space prediction on every row
+(``ctcvr``); a regression task on its space.
 
 How the merge is exact and memory bounded:
 
@@ -47,7 +48,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -56,7 +56,6 @@ import torch.distributed as dist
 
 from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.data.batch import Batch
-from dlrm_mtl.losses import log1mexp
 from dlrm_mtl.schema import Schema, leaf_ids, scenario_names  # noqa: F401 (re-exported)
 from dlrm_mtl.task_graph import TaskGraph
 
@@ -143,29 +142,6 @@ def grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> T
     return n[ok], (r1[ok] - n1[ok] * (n1[ok] + 1) / 2.0) / (n1[ok] * n0[ok])
 
 
-@dataclass(frozen=True)
-class View:
-    """One evaluated prediction of a task: ``source`` cond | entire, on ``space`` rows."""
-
-    name: str
-    task: int
-    source: str  # "cond" or "entire"
-    regression: bool
-
-
-def task_views(schema: Schema, graph: TaskGraph) -> List[View]:
-    out: List[View] = []
-    for i, t in enumerate(schema.tasks):
-        if t.type == "regression":
-            out.append(View(t.name, i, "cond", True))
-        elif t.parent is None:
-            out.append(View(t.name, i, "entire" if t.derived else "cond", False))
-        else:
-            out.append(View(t.name, i, "cond", False))
-            out.append(View(graph.entire_names[i], i, "entire", False))
-    return out
-
-
 # per (view, leaf) sums, in this order
 _SUMS = ("count", "positives", "sum_pred", "sum_logloss", "sum_sq", "sum_abs", "sum_label", "sum_oracle_sq")
 
@@ -186,7 +162,7 @@ class MetricAccumulator:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self.graph = TaskGraph(schema)
-        self.views = task_views(schema, self.graph)
+        self.views = self.graph.metric_views
         self.S = schema.num_leaf_scenarios
         V = len(self.views)
         self.sums = torch.zeros(V, self.S, len(_SUMS), dtype=torch.float64)
@@ -209,44 +185,30 @@ class MetricAccumulator:
         if N == 0:
             return
         self.rows += N
-        entire_lp = g.entire_log_prob(z)
-        cond_lp = g.cond_log_prob(z, entire_lp)
-        y_entire, known_entire = g.entire_labels(labels, mask)
-        in_space = g.parent_positive(labels, mask) & mask
+        vt = g.view_tensors(self.views, z, labels, mask)  # [N, V] each
         oracle = None
         if batch.oracle is not None:
             self.has_oracle = True
             if self.oracle_hist is None:
                 self.oracle_hist = torch.zeros_like(self.hist)
-            oracle = self._oracle(batch.oracle.cpu().double()[real])
+            oracle = self._oracle(batch.oracle.cpu().double()[real])  # [N, V]
         user = batch.user.cpu()[real].numpy() if (batch.user is not None and self.schema.user_id) else None
         S = self.S
         for v, view in enumerate(self.views):
-            i = view.task
+            m = vt.rows[:, v]
+            pred, y, lf = vt.pred[:, v][m], vt.label[:, v][m], leaf[m]
+            o = None if oracle is None else oracle[:, v][m]
             if view.regression:
-                m = in_space[:, i] if self.schema.tasks[i].parent is not None else mask[:, i]
-                pred, y = z[:, i][m], labels[:, i][m]
-                lf = leaf[m]
                 stats = [torch.ones_like(y), torch.zeros_like(y), pred, torch.zeros_like(y), (pred - y) ** 2,
                          (pred - y).abs(), y, torch.zeros_like(y)]
-                if oracle is not None:
-                    stats[7] = (oracle[0][:, i][m] - y) ** 2
+                if o is not None:
+                    stats[7] = (o - y) ** 2
                 self._add_sums(v, lf, stats)
                 continue
-            if view.source == "cond":
-                root = self.schema.tasks[i].parent is None
-                m = mask[:, i] if root else in_space[:, i]
-                lp, y = cond_lp[:, i][m], labels[:, i][m]
-                o = None if oracle is None else oracle[0][:, i][m]
-            else:
-                m = known_entire[:, i]
-                lp, y = entire_lp[:, i][m], y_entire[:, i][m]
-                o = None if oracle is None else oracle[1][:, i][m]
-            lf = leaf[m]
-            p = lp.exp()
+            p = pred.exp()
             pc_ = p.clamp(1e-7, 1 - 1e-7)
             ll = -(y * pc_.log() + (1 - y) * torch.log1p(-pc_))
-            zz = lp - log1mexp(lp)  # logit of the prediction, exact in log space
+            zz = pred - vt.neg[:, v][m]  # logit of the prediction, exact in log space
             yi = y.to(torch.int64)
             self._add_sums(v, lf, [torch.ones_like(y), y, p, ll, torch.zeros_like(y), torch.zeros_like(y), y, torch.zeros_like(y)])
             base = ((v * S + lf) * 2 + yi) * AUC_BINS
@@ -261,21 +223,18 @@ class MetricAccumulator:
                     "score": zz.numpy(), "label": yi.numpy().astype(np.int8),
                 })
 
-    def _oracle(self, o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """True (conditional, entire-space) probabilities from the oracle columns."""
-        g = self.graph
-        cond = o
+    def _oracle(self, o: torch.Tensor) -> torch.Tensor:
+        """``[N, T]`` true conditional probabilities (or regression means) -> ``[N, V]`` the
+        true value of each view's prediction: an entire-space view multiplies in its context
+        (P(ancestor) or 1 − P(ancestor) for a negated one), every other view is the column."""
         cols = []
-        for i in range(o.shape[1]):
-            if not g.binary[i]:
-                cols.append(o[:, i])
-                continue
-            steps = g.context[i] + ([] if g.branches[i] else [])
-            ctx = torch.ones_like(o[:, i])
-            for j, s in steps:
-                ctx = ctx * (o[:, j] if s else 1 - o[:, j])
-            cols.append(ctx * o[:, i])
-        return cond, torch.stack(cols, dim=1)
+        for view in self.views:
+            p = o[:, view.task]
+            if view.prediction == "entire":
+                for j, s in self.graph.context[view.task]:
+                    p = p * (o[:, j] if s else 1 - o[:, j])
+            cols.append(p)
+        return torch.stack(cols, dim=1)
 
     def _add_sums(self, v: int, leaf: torch.Tensor, stats: List[torch.Tensor]) -> None:
         st = torch.stack(stats, dim=1)  # [n, K]

@@ -1,13 +1,70 @@
-"""Task graph: chained (entire-space) probabilities built from the schema's ``parent`` links."""
+"""Task graph: chained (entire-space) probabilities built from the schema's ``parent`` links,
+and the one list of task views (which prediction is scored on which rows against which label)
+that the loss, the metrics and ``inspect-data`` consume."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from dlrm_mtl.schema import Schema
+
+Prediction = Literal["logit", "cond", "entire", "value"]
+Rows = Literal["label", "context", "chain"]
+Label = Literal["own", "event"]
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012).
+
+    x is clamped to <= -1e-30 so that a probability of exactly 1 (float underflow of the
+    chained log-probability) costs at most ~69 nats instead of inf; the gradient stays exact
+    for every x that float32 can distinguish from 0 above that.
+    """
+    x = x.clamp(max=-1e-30)
+    near0 = x > -0.6931471805599453
+    # each branch only sees inputs where it is finite, so torch.where passes no NaN gradient
+    a = torch.log(-torch.expm1(torch.where(near0, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near0, torch.full_like(x, -1.0), x)))
+    return torch.where(near0, a, b)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """One scored prediction of a task: what is predicted, on which rows, against which label.
+
+    * ``name``: the metric and loss-term name (``ctr``, ``cvr``, ``ctcvr``);
+    * ``task``: the task's index (its column in logits, labels and masks);
+    * ``prediction``: ``logit`` = σ of the task's own head; ``cond`` = the conditional
+      probability of a ``sum_of`` task (its entire-space probability over its context's);
+      ``entire`` = the chained entire-space probability; ``value`` = the raw regression output;
+    * ``rows``: the rows it is scored on: ``label`` = where the task's label is known;
+      ``context`` = inside its conditional space (every ancestor known and positive, or
+      negative for a negated parent) with its own label known; ``chain`` = where every label
+      of its entire-space event is known (the chain's; a ``sum_of`` task's own and its context's);
+    * ``label``: ``own`` = the task's label; ``event`` = the entire-space event (every step of
+      the chain holds; a ``sum_of`` task's label and its context);
+    * ``regression``: scored by squared / absolute error instead of log loss and AUC.
+    """
+
+    name: str
+    task: int
+    prediction: Prediction
+    rows: Rows
+    label: Label
+    regression: bool = False
+
+
+class ViewBatch(NamedTuple):
+    """The tensors of a list of V views on a batch of B rows (:meth:`TaskGraph.view_tensors`)."""
+
+    pred: torch.Tensor  # [B, V] log p of binary views, the value of regression views
+    neg: torch.Tensor  # [B, V] log(1 − p) of binary views, 0 for regression views
+    label: torch.Tensor  # [B, V] the label each view is scored against
+    rows: torch.Tensor  # [B, V] bool: the row is in the view's rows
 
 
 class TaskGraph:
@@ -31,6 +88,17 @@ class TaskGraph:
         g = TaskGraph(schema)                 # ctr, cvr(parent=ctr)
         g.chains                              # [[0], [0, 1]]
         g.entire_log_prob(logits).shape       # [B, T]; column 1 = log pCTR + log pCVR
+        [v.name for v in g.metric_views]      # ["ctr", "cvr", "ctcvr"]
+        [v.name for v in g.loss_terms]        # ["ctr", "ctcvr"] (cvr: loss_space entire)
+
+    Views (:class:`TaskView`, built once here): a root task has one, on the rows with its
+    label (a ``sum_of`` root: its summed probability); a chained task has its conditional
+    prediction on its conditional space (``cvr`` on clicked rows) and its entire-space
+    prediction on every row whose chain labels are known (``ctcvr``); a regression task has its
+    value on its conditional space. ``metric_views`` lists every view, task by task;
+    ``loss_terms`` holds one view per task with a loss space: its entire-space view under
+    ``loss_space: entire``, else its first one. :meth:`view_tensors` is the one implementation
+    of what a view's prediction, label and rows are on a batch.
     """
 
     def __init__(self, schema: Schema) -> None:
@@ -49,6 +117,22 @@ class TaskGraph:
                 self.context.append(schema.steps(t.parent_name) if t.parent is not None else [])  # type: ignore[arg-type]
             else:
                 self.context.append(self.steps[i][:-1])
+        per_task = [self._task_views(i) for i in range(len(tasks))]
+        self.metric_views: List[TaskView] = [v for views in per_task for v in views]
+        self.loss_terms: List[TaskView] = [
+            views[-1] if t.loss_space == "entire" else views[0] for t, views in zip(tasks, per_task) if t.loss_space != "none"
+        ]
+
+    def _task_views(self, i: int) -> List[TaskView]:
+        """The views of task ``i``: conditional first, entire-space second (chained tasks)."""
+        t = self.schema.tasks[i]
+        own_rows: Rows = "label" if t.parent is None else "context"
+        if t.type == "regression":
+            return [TaskView(t.name, i, "value", own_rows, "own", regression=True)]
+        entire = TaskView(self.entire_names[i], i, "entire", "chain", "event")
+        if t.parent is None:
+            return [entire] if t.derived else [TaskView(t.name, i, "logit", "label", "own")]
+        return [TaskView(t.name, i, "cond" if t.derived else "logit", "context", "own"), entire]
 
     # ------------------------------------------------------------------ predictions
     def entire_log_prob(self, logits: torch.Tensor) -> torch.Tensor:
@@ -146,3 +230,24 @@ class TaskGraph:
         """``[B, T]`` bool: the row lies in task t's conditional sample space (its context
         holds: every ancestor label is known and 1, or 0 for a negated parent)."""
         return torch.stack([self._holds(labels, mask, ctx) for ctx in self.context], dim=1)
+
+    # ------------------------------------------------------------------ views
+    def view_tensors(self, views: Sequence[TaskView], logits: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor) -> ViewBatch:
+        """``logits, labels, mask [B, T]`` -> each view's prediction, label and rows, ``[B, V]``.
+
+        Binary predictions are log-probabilities, with log(1 − p) next to them (log σ(−z) for
+        a head's own logit, log1mexp of the log-probability otherwise)."""
+        pos, neg = F.logsigmoid(logits), F.logsigmoid(-logits)  # [B, T]
+        entire = self.entire_log_prob(logits)  # [B, T]
+        cond = self.cond_log_prob(logits, entire)  # [B, T]
+        event, chain_known = self.entire_labels(labels, mask)  # [B, T] x 2
+        log_p = {"logit": pos, "cond": cond, "entire": entire, "value": logits}
+        log_q = {"logit": neg, "cond": log1mexp(cond), "entire": log1mexp(entire), "value": torch.zeros_like(logits)}
+        label = {"own": labels, "event": event}
+        rows = {"label": mask, "context": self.parent_positive(labels, mask) & mask, "chain": chain_known}
+
+        def gather(src: Dict[str, torch.Tensor], field: str) -> torch.Tensor:
+            return torch.stack([src[getattr(v, field)][:, v.task] for v in views], dim=1)  # [B, V]
+
+        return ViewBatch(gather(log_p, "prediction"), gather(log_q, "prediction"), gather(label, "label"), gather(rows, "rows"))
