@@ -153,6 +153,38 @@ class SequenceEncoderConfig:
 
 
 @dataclass
+class DeepMCPConfig:
+    """DeepMCP's two auxiliary subnets next to the prediction subnet (the rest of the model),
+    trained jointly: L = L_p + α L_m + β L_c (``dlrm_mtl/models/deepmcp.py``). Off while
+    ``task`` is empty.
+
+    Matching subnet (α = ``matching_weight``): a tanh user tower over ``user`` and an item tower
+    over ``item`` (pooled features, or sequence features of max_len 1), sizes ``towers``, whose
+    inner product is trained against ``task``'s label. Correlation subnet (β =
+    ``correlation_weight``, off without ``sequence``): skip-gram over the events of the
+    sequence ``sequence`` (its ``tanh`` projection to ``correlation_dim``), pairs at most
+    ``window`` events apart, ``negatives`` in-batch negatives per pair.
+
+    Example (YAML)::
+
+        model:
+          deepmcp: {task: ctr, user: [user_id, user_segment], item: [cand_item],
+                    sequence: hist_items, matching_weight: 0.1, correlation_weight: 0.1}
+    """
+
+    task: str = ""
+    user: List[str] = field(default_factory=list)
+    item: List[str] = field(default_factory=list)
+    towers: List[int] = field(default_factory=lambda: [64, 32])
+    matching_weight: float = 0.1
+    sequence: str = ""
+    correlation_dim: int = 32
+    window: int = 2
+    negatives: int = 4
+    correlation_weight: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     # dot: DLRM pairwise dot products (+ first-order terms; every sparse feature one dim);
     # concat: dense and pooled embeddings side by side (the MMoE/PLE papers' input)
@@ -170,6 +202,8 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     # per sequence feature of the schema (its name); a sequence not named here is mean-pooled
     sequence_encoders: Dict[str, SequenceEncoderConfig] = field(default_factory=dict)
+    # DeepMCP's matching and correlation subnets (auxiliary losses; off while task is "")
+    deepmcp: DeepMCPConfig = field(default_factory=DeepMCPConfig)
 
 
 @dataclass

@@ -193,7 +193,7 @@ def inspect_data(
     p_positives = np.zeros((n_tasks, n_leaf), dtype=np.int64)
     col_rows = {c: 0 for c in raw_columns}
     col_nulls = {c: 0 for c in raw_columns}
-    distinct = {f.name: _DistinctIds(max_distinct) for f in schema.sparse}
+    distinct = {f.name: _DistinctIds(max_distinct) for f in schema.sparse + schema.sequence}
     nd = len(schema.dense)
     moments = _Moments(nd)
     empty = 0
@@ -226,7 +226,7 @@ def inspect_data(
                 p_labeled[i] += np.bincount(leaf[inp], minlength=n_leaf)
                 p_positives[i] += np.bincount(leaf[inp & y[:, i]], minlength=n_leaf)
 
-        for f in schema.sparse:
+        for f in schema.sparse + schema.sequence:
             col = t[f.name].combine_chunks()
             if f.multi_hot:
                 ids = col.flatten().to_numpy(zero_copy_only=False)
@@ -280,7 +280,7 @@ def inspect_data(
         },
         "cardinality": {
             f.name: dict(distinct[f.name].result(), num_embeddings=f.num_embeddings, hashed=bool(f.hash))
-            for f in schema.sparse
+            for f in schema.sparse + schema.sequence
         },
         "max_distinct": max_distinct,
         "dense": dense,

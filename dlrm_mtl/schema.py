@@ -87,7 +87,9 @@ class SparseFeature:
     events this one describes (side info: the category or time of each event): its lists must
     have the same length on every row (an error names file, column and row otherwise), it is
     truncated alike and its embeddings are concatenated to that feature's per event.
-    Sequence features live in :attr:`Schema.sequence`, not in :attr:`Schema.sparse`.
+    Sequence features live in :attr:`Schema.sequence`, not in :attr:`Schema.sparse`. A
+    sequence of ``max_len: 1`` may read a scalar id column (e.g. the candidate item, to share
+    the history's table as DIN does): each row one event, none where the id is null.
     """
 
     name: str

@@ -44,7 +44,9 @@ Options (``SyntheticSpec``; all off by default, and the default data set is unch
 * ``sequence_len`` (L > 0): a behaviour sequence per row (issue: behaviour sequences): the
   items the user interacted with, oldest first, ``hist_items`` (raw ids, hashed), with two
   aligned side-info columns, ``hist_item_categories`` (each event's item category) and
-  ``hist_ages`` (0 = the most recent event, 1 the one before, ...). Rows hold 0 to 1.25·L
+  ``hist_ages`` (0 = the most recent event, 1 the one before, ...); the schema also reads the
+  candidate's ``item_id`` and ``item_category`` as a sequence of one in the history's tables
+  (``cand_item`` with ``cand_item_category``: DIN's shared embedding space). Rows hold 0 to 1.25·L
   events (the schema keeps the last L: longer rows are truncated, counted). Events are drawn
   like the multi-hot history (mostly the segment's favourite categories, an item of that
   category), 15 % of them of the candidate's own category. The click logit gains ``sequence_effect`` · (Σ_j γ^{age_j} · [category_j = the
@@ -146,6 +148,12 @@ def synthetic_schema(spec: SyntheticSpec = SyntheticSpec()) -> Schema:
             SparseFeature("hist_item_categories", "t_hist_category", spec.num_categories, 8, sequence=True, max_len=L,
                           aligned_with="hist_items"),
             SparseFeature("hist_ages", "t_hist_age", _max_events(L), 8, sequence=True, max_len=L, aligned_with="hist_items"),
+            # the candidate in the history's tables (a sequence of one over the item_id and
+            # item_category columns): the attention's target, in the events' embedding space
+            SparseFeature("cand_item", "t_hist_item", spec.item_table, 16, hash=True, sequence=True, max_len=1,
+                          column="item_id"),
+            SparseFeature("cand_item_category", "t_hist_category", spec.num_categories, 8, sequence=True, max_len=1,
+                          column="item_category", aligned_with="cand_item"),
         ]
         schema.validate()
     return schema

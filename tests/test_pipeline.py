@@ -57,3 +57,7 @@ def test_auto_pipelines_only_where_an_all_to_all_is_hidden():
     assert pipeline_wanted("sparse_dist", env(1, "cpu")) and not pipeline_wanted("none", env(2, "cuda"))
     with pytest.raises(ValueError, match="train.pipeline"):
         pipeline_wanted("always", env(1, "cpu"))
+    # behaviour sequences: never pipelined (the trace cannot follow the encoders yet)
+    assert not pipeline_wanted("auto", env(8, "cuda"), sequences=True)
+    with pytest.raises(ValueError, match="sequence features are not pipelined"):
+        pipeline_wanted("sparse_dist", env(2, "cuda"), sequences=True)

@@ -190,3 +190,13 @@ def test_sequence_encoders_without_sequences_refused():
     plain = Schema(name="p", sparse=schema.sparse, dense=schema.dense, scenarios=schema.scenarios, tasks=schema.tasks)
     with pytest.raises(ConfigError, match="no sequence features"):
         _model(plain, {"hist": SequenceEncoderConfig()})
+
+
+def test_inspect_data_counts_sequence_ids_and_truncation(tmp_path):
+    from dlrm_mtl.inspect_data import inspect_data
+
+    schema = _schema()
+    _read(tmp_path, schema)  # writes d.parquet
+    report = inspect_data(schema, [str(tmp_path / "d.parquet")])
+    assert report["cardinality"]["hist"]["distinct"] == len({3, 4, 5, 6, 7, 9, 8})  # the kept (last 4) events
+    assert report["counters"]["truncated_ids/hist"] == 2

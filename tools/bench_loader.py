@@ -16,6 +16,11 @@ What is measured
   ``tools/bench_train.py`` (``init_distributed`` world of one over gloo, ``shard_model``)
   and fed in-memory batches of the same batch size, so it pays no I/O.
 
+The generated data carries a behaviour sequence by default (``--sequence-len 20``: the
+synthetic ``hist_items`` with its aligned ``hist_item_categories`` and ``hist_ages``, read
+unpooled into ``Batch.sequence``); the model then mean-pools it (``model.interaction:
+concat``).
+
 Everything runs in one process on the same machine. Loader passes (one per configuration)
 and chunks of training steps are interleaved in ``--rounds`` rounds, so load from other
 processes hits both alike; a loader configuration's rate is the median over its passes, the
@@ -48,7 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -58,7 +63,7 @@ import torch.distributed as dist
 from dlrm_mtl.config import Config, DataConfig
 from dlrm_mtl.data.stream import ParquetStream
 from dlrm_mtl.schema import Schema
-from dlrm_mtl.synthetic import generate
+from dlrm_mtl.synthetic import SyntheticSpec, generate
 
 SEED = 0
 T_START = time.perf_counter()  # the reported total includes imports
@@ -141,6 +146,9 @@ def loader_pass(schema: Schema, train: str, batch_size: int, c: LoaderConfig, ep
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=400_000, help="synthetic rows to generate (train + eval)")
+    p.add_argument("--sequence-len", type=int, default=20, metavar="L",
+                   help="generated data: a behaviour sequence of up to L events with two aligned side-info columns "
+                        "(schema sequence features, read unpooled); 0: none")
     p.add_argument("--data", default=None, help="existing data dir (train/, eval/, schema.yaml); default: generate into a temp dir")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=5, help="rounds of (one pass per loader config, one training chunk)")
@@ -161,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             data = Path(tmp)
             t0 = time.perf_counter()
-            generate(data, rows=args.rows, seed=SEED)
+            generate(data, rows=args.rows, seed=SEED, spec=replace(SyntheticSpec(), sequence_len=args.sequence_len))
             print(f"generated {args.rows} synthetic rows in {time.perf_counter() - t0:.1f}s -> {data}")
         try:
             return bench(args, data, start)
@@ -179,6 +187,8 @@ def bench(args: argparse.Namespace, data: Path, start: float) -> int:
     if args.threads:
         cfg.train.threads_per_rank = args.threads
     schema = Schema.load(cfg.data.schema_path())
+    if schema.sequence:  # the sequence encoders' widths differ from the tables': side by side
+        cfg.model.interaction = "concat"
     B = args.batch_size
 
     # training side: tools/bench_train.py side A, in-memory batches (read once, no shuffle)
@@ -187,6 +197,8 @@ def bench(args: argparse.Namespace, data: Path, start: float) -> int:
     threads = torch.get_num_threads()
     configs = loader_configs()
     d = configs[0]
+    seq = ", ".join(f"{f.name} (max_len {f.max_len})" for f in schema.sequence) or "none"
+    print(f"sequence features: {seq}")
     print(f"batch_size={B} train rows={sum(b.num_real_rows for b in batches)} torch threads={threads} "
           f"default loader: num_workers={d.num_workers} prefetch_batches={d.prefetch_batches} "
           f"shuffle_buffer_rows={d.shuffle_buffer_rows}")

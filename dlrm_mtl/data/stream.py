@@ -220,6 +220,13 @@ def first_above_int64(values: np.ndarray) -> Optional[int]:
     return int(np.argmax(over)) if over.any() else None
 
 
+def _one_event_lists(col: pa.Array) -> pa.ListArray:
+    """A scalar column as lists of one entry per row (none where the value is null)."""
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(valid, dtype=np.int32)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), col.drop_null())
+
+
 def keep_last(col: pa.ListArray, max_len: int) -> pa.ListArray:
     """The last ``max_len`` entries of each list (a behaviour sequence's most recent events)."""
     offs = col.offsets.to_numpy().astype(np.int64)  # [n + 1], into col.values
@@ -323,6 +330,8 @@ class RowGroupConverter:
         seq_by_name = {f.name: f for f in s.sequence}
         for f in s.sparse + s.sequence:
             col = t[f.column].combine_chunks()
+            if f.sequence and f.max_len == 1 and not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+                col = _one_event_lists(col)  # a scalar id column as a sequence of one (a null: no event)
             if f.multi_hot:
                 if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
                     raise DataError(f"{group.path}: column {f.column!r}: expected a list of ids, got {col.type}")
@@ -331,7 +340,10 @@ class RowGroupConverter:
                     col = col.fill_null(pa.scalar([], type=col.type))
                 if f.aligned_with:  # side info: one entry per event of its sequence
                     main = seq_by_name[f.aligned_with]
-                    want = pc.list_value_length(t[main.column].combine_chunks()).fill_null(0).to_numpy(zero_copy_only=False)
+                    main_col = t[main.column].combine_chunks()
+                    if not (pa.types.is_list(main_col.type) or pa.types.is_large_list(main_col.type)):
+                        main_col = _one_event_lists(main_col)
+                    want = pc.list_value_length(main_col).fill_null(0).to_numpy(zero_copy_only=False)
                     got = pc.list_value_length(col).to_numpy(zero_copy_only=False)
                     bad = want != got
                     if bad.any():

@@ -17,7 +17,8 @@ from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
-from dlrm_mtl.models.sequence_arch import SequenceArch, sequence_configs
+from dlrm_mtl.models.deepmcp import DeepMCP, with_auxiliary
+from dlrm_mtl.models.sequence_arch import Events, SequenceArch, sequence_configs
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.modules.heads import build_heads
 from dlrm_mtl.schema import Schema, leaf_ids
@@ -214,27 +215,34 @@ class MultiScenarioMultiTaskModel(nn.Module):
             raise ConfigError(f"model.sequence_encoders: the schema has no sequence features (sequence: true) to encode "
                               f"{sorted(cfg.sequence_encoders)}", "model.sequence_encoders")
         self.dense_arch = DenseArch(schema, cfg, self.sequence_arch.out_dims if self.sequence_arch is not None else ())
+        # DeepMCP's matching and correlation subnets: training-only auxiliary losses
+        self.deepmcp: Optional[DeepMCP] = DeepMCP(schema, cfg.deepmcp) if cfg.deepmcp.task else None
         # set by shard_model in a world of one (a plain object: not part of the state dict)
         self.local_lookup: Optional[LocalPooledLookup] = None
 
-    def pooled(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
-        """``[B, Σ D_f]``, schema order: through :class:`LocalPooledLookup` when sharding set
-        one (a world of one) and the batch's features come in the order it was built for,
-        else through the (sharded) collection; then, with sequence features, their encoded
-        vectors ``[B, Σ out_g]``."""
+    def embed(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> Tuple[torch.Tensor, Events]:
+        """``([B, Σ D_f (+ Σ out_g)]``, the sequence groups' padded events``)``: the pooled
+        embeddings in schema order — through :class:`LocalPooledLookup` when sharding set one
+        (a world of one) and the batch's features come in the order it was built for, else
+        through the (sharded) collection — then, with sequence features, their encoded vectors."""
         lookup = self.local_lookup
         if lookup is not None and sparse.keys() == lookup.batch_keys:
             pooled = lookup(sparse)
         else:
             pooled = pooled_in_order(self.ebc(sparse), self.feature_names)
         if self.sequence_arch is None:
-            return pooled
+            return pooled, {}
         if sequence is None:
             raise ValueError("the schema has sequence features but the batch carries none (Batch.sequence is None)")
-        events: Dict[str, JaggedTensor] = {}
+        looked_up: Dict[str, JaggedTensor] = {}
         for collection in self.sequence_tables.values():
-            events.update(collection(sequence))
-        return torch.cat([pooled, self.sequence_arch(pooled, events)], dim=1)
+            looked_up.update(collection(sequence))
+        events = self.sequence_arch.events(looked_up)
+        return torch.cat([pooled, self.sequence_arch.encode(pooled, events)], dim=1), events
+
+    def pooled(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
+        """``[B, Σ D_f (+ Σ out_g)]``: the first part of :meth:`embed`."""
+        return self.embed(sparse, sequence)[0]
 
     def forward(
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor,
@@ -267,8 +275,10 @@ class TrainModule(nn.Module):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
         # cannot be unpacked.
-        pooled = self.model.pooled(batch.sparse, batch.sequence)  # [B, Σ D_f (+ Σ out_g)]
+        pooled, events = self.model.embed(batch.sparse, batch.sequence)  # [B, Σ D_f (+ Σ out_g)]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias,
                               batch.group)
+        if self.model.deepmcp is not None:  # the matching and correlation subnets' losses
+            out = with_auxiliary(out, self.model.deepmcp(pooled, events, batch.labels, batch.label_mask, batch.weight))
         real_rows = batch.real.sum()  # [] on the device: read on log steps only
         return out[0], (out[1].detach(), out[2], out[3], real_rows)

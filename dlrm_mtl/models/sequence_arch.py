@@ -40,6 +40,41 @@ def padded_events(jt: JaggedTensor, max_len: int) -> Tuple[torch.Tensor, torch.T
     return events, mask
 
 
+# one part of a vector read by name: ("pooled", first column, width) or ("event", group, width)
+Part = Tuple[str, object, int]
+# each sequence group's padded events and mask: {group: ([B, L, Σ D], [B, L] bool)}
+Events = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def feature_parts(schema: Schema, names: List[str], where: str) -> List[Part]:
+    """Where the embeddings of ``names`` are: a pooled feature's columns of the pooled
+    ``[B, Σ D_f]`` (schema order), or a ``max_len: 1`` sequence feature's one event (its group,
+    side info included). Anything else is a ConfigError naming ``where``."""
+    offsets: Dict[str, Tuple[int, int]] = {}
+    start = 0
+    for f in schema.sparse:
+        offsets[f.name] = (start, f.dim)
+        start += f.dim
+    groups = schema.sequence_groups
+    parts: List[Part] = []
+    for name in names:
+        if name in offsets:
+            parts.append(("pooled", offsets[name][0], offsets[name][1]))
+        elif name in groups and groups[name][0].max_len == 1:
+            parts.append(("event", name, sum(f.dim for f in groups[name])))
+        else:
+            raise ConfigError(f"{where}: {name!r} is neither a pooled sparse feature nor a sequence feature of max_len 1",
+                              where)
+    return parts
+
+
+def gather_parts(parts: List[Part], pooled: torch.Tensor, events: Events) -> torch.Tensor:
+    """``[B, Σ width]``: the parts' embeddings side by side (a sequence of one: its event,
+    zeros where the row has none)."""
+    cols = [pooled[:, p[1]:p[1] + p[2]] if p[0] == "pooled" else events[p[1]][0][:, 0] for p in parts]  # type: ignore[misc]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+
 class SequenceArch(nn.Module):
     """Each sequence group (a schema sequence feature with its ``aligned_with`` side info) ->
     ``[B, L, Σ D]`` events (the group's embeddings concatenated per event) and a ``[B, L]``
@@ -66,53 +101,37 @@ class SequenceArch(nn.Module):
             raise ConfigError(f"model.sequence_encoders: {unknown} not sequence feature(s) of the schema "
                               f"(its sequences: {sorted(groups)}; side info is encoded with its sequence)",
                               "model.sequence_encoders")
-        offsets: Dict[str, Tuple[int, int]] = {}
-        start = 0
-        for f in schema.sparse:
-            offsets[f.name] = (start, f.dim)
-            start += f.dim
-        seq = {f.name: f for f in schema.sequence}
         self.names: List[str] = list(groups)
         self.max_len: Dict[str, int] = {g: fs[0].max_len for g, fs in groups.items()}
         self.members: Dict[str, List[str]] = {g: [f.name for f in fs] for g, fs in groups.items()}
-        # per group: the target's parts, ("pooled", start, dim) or ("event", feature, dim)
-        self.targets: Dict[str, List[Tuple[str, object, int]]] = {}
+        self.targets: Dict[str, List[Part]] = {}  # per group: its target's parts
         self.encoders = nn.ModuleDict()
-        out = 0
         for g, fs in groups.items():
             cfg = encoders.get(g, SequenceEncoderConfig())
             where = f"model.sequence_encoders.{g}"
-            parts: List[Tuple[str, object, int]] = []
-            for name in cfg.target:
-                if name in offsets:
-                    parts.append(("pooled", offsets[name][0], offsets[name][1]))
-                elif name in seq and seq[name].max_len == 1 and not seq[name].aligned_with:
-                    parts.append(("event", name, sum(f.dim for f in groups[name])))
-                else:
-                    raise ConfigError(f"{where}.target: {name!r} is neither a pooled sparse feature nor a sequence feature "
-                                      "of max_len 1", f"{where}.target")
-            self.targets[g] = parts
-            enc = build_sequence_encoder(cfg, sum(f.dim for f in fs), sum(p[2] for p in parts), where)
-            self.encoders[g] = enc
-            out += enc.out_dim
+            self.targets[g] = feature_parts(schema, cfg.target, f"{where}.target")
+            self.encoders[g] = build_sequence_encoder(cfg, sum(f.dim for f in fs), sum(p[2] for p in self.targets[g]), where)
         self.out_dims: List[int] = [self.encoders[g].out_dim for g in self.names]
-        self.out_dim = out
+        self.out_dim = sum(self.out_dims)
 
-    def forward(self, pooled: torch.Tensor, events: Dict[str, JaggedTensor]) -> torch.Tensor:
-        first: Dict[str, torch.Tensor] = {}
-        encoded: List[torch.Tensor] = []
-        padded: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    def events(self, looked_up: Dict[str, JaggedTensor]) -> Events:
+        """The EmbeddingCollections' output ``{feature: JaggedTensor}`` -> each group's
+        ``[B, L, Σ D]`` padded events (its features' embeddings side by side) and mask."""
+        out: Events = {}
         for g in self.names:
-            parts = [padded_events(events[f], self.max_len[g]) for f in self.members[g]]
+            parts = [padded_events(looked_up[f], self.max_len[g]) for f in self.members[g]]
             x = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)  # [B, L, Σ D]
-            padded[g] = (x, parts[0][1])
-            if self.max_len[g] == 1:
-                first[g] = x[:, 0]  # [B, D]: a candidate declared as a sequence of one
+            out[g] = (x, parts[0][1])
+        return out
+
+    def encode(self, pooled: torch.Tensor, events: Events) -> torch.Tensor:
+        """``[B, Σ out_g]``: each group's encoder over its events (and its target)."""
+        encoded: List[torch.Tensor] = []
         for g in self.names:
-            x, mask = padded[g]
-            target: Optional[torch.Tensor] = None
-            if self.targets[g]:
-                cols = [pooled[:, p[1]:p[1] + p[2]] if p[0] == "pooled" else first[p[1]] for p in self.targets[g]]  # type: ignore[misc]
-                target = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)  # [B, Dt]
+            x, mask = events[g]
+            target = gather_parts(self.targets[g], pooled, events) if self.targets[g] else None  # [B, Dt]
             encoded.append(self.encoders[g](x, mask, target))
         return encoded[0] if len(encoded) == 1 else torch.cat(encoded, dim=1)  # [B, Σ out_g]
+
+    def forward(self, pooled: torch.Tensor, looked_up: Dict[str, JaggedTensor]) -> torch.Tensor:
+        return self.encode(pooled, self.events(looked_up))

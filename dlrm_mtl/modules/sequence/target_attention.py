@@ -113,7 +113,10 @@ class TargetAttention(nn.Module):
     Deviation: the paper's event and candidate embeddings share one embedding space (the same
     item/shop/category tables). When ``target_dim != event_dim`` the target is first projected
     to ``event_dim`` by a bias-free linear map ``v_A = P t``, learned jointly; with equal
-    widths it is used as is.
+    widths it is used as is. ``P`` starts as the identity on the leading columns when the
+    target is narrower (``[I; 0]``): a target whose parts share the tables of the events'
+    leading parts (the candidate's item and category next to the events' item, category and
+    age) starts in the paper's shared space, e ⊙ v comparing like with like.
 
     Dice's statistics are taken over the real events of the batch (padding excluded).
 
@@ -144,6 +147,9 @@ class TargetAttention(nn.Module):
         self.target_dim = target_dim
         self.out_dim = event_dim
         self.target_proj: nn.Module = nn.Identity() if target_dim == event_dim else nn.Linear(target_dim, event_dim, bias=False)
+        if 0 < target_dim < event_dim:
+            with torch.no_grad():  # [I; 0]: the target's columns onto the events' leading ones
+                self.target_proj.weight.copy_(torch.eye(event_dim, target_dim))  # type: ignore[union-attr]
         layers: List[nn.Module] = []
         activations: List[nn.Module] = []
         width = 4 * event_dim
