@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,9 @@ def _tensors(obj: Any):
 SIGNATURE_FORMAT = "dlrm_mtl serving signature 1"
 TABLE_PREFIX = "model.ebc.embedding_bags."  # TrainModule state dict: model.ebc.embedding_bags.<table>.weight
 DENSE_PREFIX = "model.dense_arch."
+SEQUENCE_PREFIX = "model.sequence_arch."  # the sequence encoders
+# a sequence table: model.sequence_tables.dim<D>.embeddings.<table>.weight (one collection per dim)
+SEQUENCE_TABLE = re.compile(r"^model\.sequence_tables\.dim\d+\.embeddings\.([^.]+)\.weight$")
 EXPORT_OVERHEAD_BYTES = 256 * 2**20  # tracing, the archive's bookkeeping
 
 
@@ -124,8 +128,11 @@ def checkpoint_sizes(checkpoint: str | Path) -> Tuple[List[TableSize], int, int]
         n = torch.empty((), dtype=meta.properties.dtype).element_size() * _numel(meta.size)
         total += n
         largest = max(largest, n)
+        seq = SEQUENCE_TABLE.match(key[len("model."):])
         if key.startswith(prefix) and key.endswith(".weight"):
             tables.append(TableSize(key[len(prefix):-len(".weight")], tuple(meta.size), meta.properties.dtype, n))
+        elif seq:
+            tables.append(TableSize(seq.group(1), tuple(meta.size), meta.properties.dtype, n))
     return sorted(tables, key=lambda t: -t.bytes), total, largest
 
 
@@ -201,9 +208,6 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, config: Optional[s
     cfg = Config.load(str(cfg_path))
     schema_path = cfg.data.schema_path()
     schema = Schema.load(schema_path)
-    if schema.sequence:
-        raise CheckpointError(f"{schema_path}: sequence features {[f.name for f in schema.sequence]} cannot be exported "
-                              "for serving yet (the serving model has no EmbeddingCollection); batch `dlrm-mtl predict` scores them")
     check_values(cfg, schema)
     fusion = fusion_weights(schema, cfg.predict.fusion)
     output_names(schema)  # a task named like the score output is refused here, before loading
@@ -214,10 +218,14 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, config: Optional[s
     state = load_unsharded(path)
     weights = state["model"]
     table_weights = {t: weights.pop(f"{TABLE_PREFIX}{t}.weight") for t in {f.table for f in schema.sparse}}
-    model = ServingModel(schema, cfg.model, fusion, tables=table_weights)
+    sequence_weights = {m.group(1): weights.pop(k) for k in list(weights) if (m := SEQUENCE_TABLE.match(k))}
+    model = ServingModel(schema, cfg.model, fusion, tables=table_weights, sequence_tables=sequence_weights)
     dense_state = {k[len(DENSE_PREFIX):]: v for k, v in weights.items() if k.startswith(DENSE_PREFIX)}
     try:
         model.dense_arch.load_state_dict(dense_state)
+        if model.sequence_arch is not None:
+            model.sequence_arch.load_state_dict({k[len(SEQUENCE_PREFIX):]: v for k, v in weights.items()
+                                                 if k.startswith(SEQUENCE_PREFIX)})
     except RuntimeError as e:
         raise ExportError(f"{path}: the model config of {cfg_path} does not build this checkpoint's dense arch "
                           f"(was it trained with another config?): {' '.join(str(e).split())}") from None
@@ -243,7 +251,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, config: Optional[s
 def _check_tables(path: Path, tables: List[TableSize], schema: Any, schema_path: str) -> None:
     """The checkpoint's tables against the schema's (names and shapes), from the metadata."""
     have = {t.name: t for t in tables}
-    for f in schema.sparse:
+    for f in schema.sparse + schema.sequence:
         t = have.get(f.table)
         if t is None:
             raise ExportError(f"{path}: no embedding table {f.table!r} (feature {f.name!r} of {schema_path}); "
@@ -276,6 +284,18 @@ def signature(schema: Any, fusion: Dict[str, float], checkpoint: Path, config: P
                        "bags": f"row b's ids are {values_name(f.name)}[offsets[b]:offsets[b + 1]]; offsets[0] = 0, "
                                "offsets[batch] = the number of ids; a missing id or list (null) is an empty bag "
                                "(two equal offsets)" + ("" if f.multi_hot else "; single-hot: arange(batch + 1) when no id is missing")})
+    for f in schema.sequence:
+        ids = (f"hash: true: raw ids hashed into [0, {f.num_embeddings}) exactly as the reader does (as above)" if f.hash
+               else f"hash: false: the raw ids themselves, which must lie in [0, {f.num_embeddings})")
+        inputs.append({"name": values_name(f.name), "dtype": "int64", "shape": [f"ids_{f.name}"], "feature": f.name,
+                       "column": f.column, "table": f.table, "num_embeddings": f.num_embeddings, "dim": f.dim,
+                       "sequence": True, "max_len": f.max_len, "keep": f.keep, "aligned_with": f.aligned_with or None,
+                       "hash": f.hash, "ids": ids + f"; a behaviour sequence, oldest event first: the model keeps each "
+                                                   f"row's {'last' if f.keep == 'last' else 'first'} {f.max_len} events itself"})
+        inputs.append({"name": offsets_name(f.name), "dtype": "int64", "shape": ["batch + 1"], "feature": f.name,
+                       "events": f"row b's events are {values_name(f.name)}[offsets[b]:offsets[b + 1]]; offsets[0] = 0"
+                                 + (f"; the same offsets as {offsets_name(f.aligned_with)} (side info of that sequence)"
+                                    if f.aligned_with else "")})
     inputs.append({"name": DENSE, "dtype": "float32", "shape": ["batch", len(schema.dense)],
                    "columns": [{"name": d.name, "column": d.column, "transform": d.transform, "default": d.default,
                                 "clip_min": d.clip_min, "clip_max": d.clip_max, "standardize": d.standardize,

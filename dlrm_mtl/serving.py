@@ -10,6 +10,9 @@ ranking score::
 
 It is built from the same schema and model config as training: :class:`EmbeddingBags` (one
 ``nn.EmbeddingBag`` per schema table) stands in for TorchRec's EmbeddingBagCollection,
+:class:`SequenceEvents` (one ``nn.Embedding`` per sequence table) for its EmbeddingCollections
+(behaviour sequences, truncated in the graph as the reader truncates them; the training
+``SequenceArch`` encodes them),
 :class:`DenseTransform` applies the schema's dense transforms the way the reader does,
 the training :class:`~dlrm_mtl.models.ranking_model.DenseArch` runs in eval mode (no gate
 noise) and :class:`Predictions` turns its logits into named probabilities and the fused score
@@ -119,6 +122,79 @@ class EmbeddingBags(nn.Module):
         return torch.cat(pooled, dim=1)  # [B, Σ D_f]
 
 
+class SequenceEvents(nn.Module):
+    """The schema's behaviour sequences (``Schema.sequence``) as training's
+    ``SequenceArch.events`` gives them: per group (a sequence and its ``aligned_with`` side
+    info) ``[B, max_len, Σ D]`` events, zero-padded, and the ``[B, max_len]`` mask of the real
+    ones. Inputs are ``<f>.values`` / ``<f>.offsets`` per sequence feature, events oldest
+    first; a longer list is cut in the graph as the reader cuts it (``keep: last``: its most
+    recent ``max_len`` events), so callers may pass whole histories.
+
+    With ``check_inputs``: ids inside their table, well-formed offsets, side info with its
+    sequence's lengths (else a RuntimeError naming the input).
+
+    Example::
+
+        ev = SequenceEvents(schema)
+        ev(inputs)["hist_items"][0].shape    # [B, 20, 32]
+    """
+
+    def __init__(self, schema: Schema, weights: Optional[Mapping[str, torch.Tensor]] = None, check_inputs: bool = True) -> None:
+        super().__init__()
+        weights = weights or {}
+        self.tables = nn.ModuleDict()
+        for f in schema.sequence:
+            if f.table in self.tables:
+                continue
+            w = weights.get(f.table)
+            if w is not None and tuple(w.shape) != (f.num_embeddings, f.dim):
+                raise ValueError(f"table {f.table!r}: weight {list(w.shape)}, the schema says [{f.num_embeddings}, {f.dim}]")
+            w = w if w is not None else torch.randn(f.num_embeddings, f.dim) / f.dim**0.5
+            self.tables[f.table] = nn.Embedding.from_pretrained(w, freeze=True)
+        # per group: (name, max_len, keep, [(feature, table, num_embeddings)], main feature first)
+        self.groups = [(g, fs[0].max_len, fs[0].keep, [(f.name, f.table, f.num_embeddings) for f in fs])
+                       for g, fs in schema.sequence_groups.items()]
+        self.check_inputs = check_inputs
+
+    @staticmethod
+    def kept_ids(values: torch.Tensor, offsets: torch.Tensor, max_len: int, keep: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``values [N]``, ``offsets [B+1]`` -> ``(ids [B, max_len]`` (0 where padded), ``mask)``:
+        each row's first or last ``max_len`` ids, left-aligned."""
+        lengths = offsets[1:] - offsets[:-1]  # [B]
+        kept = lengths.clamp(max=max_len)
+        start = offsets[:-1] + (lengths - kept if keep == "last" else 0)  # [B]
+        pos = torch.arange(max_len, device=values.device)
+        mask = pos.unsqueeze(0) < kept.unsqueeze(1)  # [B, L]
+        idx = torch.where(mask, start.unsqueeze(1) + pos.unsqueeze(0), values.shape[0])  # padding -> the extra 0 below
+        return torch.cat([values, values.new_zeros(1)])[idx], mask
+
+    def forward(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out: Dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group, max_len, keep, feats in self.groups:
+            main_offsets = inputs[offsets_name(feats[0][0])]
+            parts: List[torch.Tensor] = []
+            mask = None
+            for name, table, n in feats:
+                values, offsets = inputs[values_name(name)], inputs[offsets_name(name)]  # [N_f], [B+1]
+                if self.check_inputs:
+                    _check((values >= 0) & (values < n),
+                           f"input {values_name(name)!r}: an id outside [0, {n}) (ids of a hash: true feature must be hashed "
+                           "as the reader does, see signature.json)")
+                    _check(offsets[:1] == 0, f"input {offsets_name(name)!r}: offsets[0] must be 0")
+                    _check(offsets[1:] >= offsets[:-1], f"input {offsets_name(name)!r}: offsets must not decrease")
+                    _check(offsets[-1:] == values.shape[0],
+                           f"input {offsets_name(name)!r}: the last offset must equal the number of ids in {values_name(name)!r}")
+                    if name != feats[0][0]:
+                        _check(offsets == main_offsets, f"input {offsets_name(name)!r}: side info must have the lengths of "
+                                                        f"its sequence {feats[0][0]!r} on every row")
+                ids, m = self.kept_ids(values, offsets, max_len, keep)  # [B, L] x 2
+                mask = m if mask is None else mask
+                parts.append(self.tables[table](ids) * m.unsqueeze(2).to(torch.float32))  # [B, L, D_f], 0 where padded
+            assert mask is not None
+            out[group] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), mask)
+        return out
+
+
 class DenseTransform(nn.Module):
     """The schema's dense transforms, in the reader's order (``RowGroupConverter.convert`` in
     ``dlrm_mtl/data/stream.py``): a missing value (NaN here) becomes the feature's ``default``,
@@ -196,9 +272,10 @@ class Predictions(nn.Module):
 
 
 class ServingModel(nn.Module):
-    """:class:`EmbeddingBags` + :class:`DenseTransform` + ``DenseArch`` (eval) + :class:`Predictions`.
+    """:class:`EmbeddingBags` (+ :class:`SequenceEvents` and the training ``SequenceArch`` with
+    behaviour sequences) + :class:`DenseTransform` + ``DenseArch`` (eval) + :class:`Predictions`.
 
-    ``inputs`` (one pair per sparse feature, schema order): ``{"<f>.values": [N_f] int64, "<f>.offsets": [B+1]
+    ``inputs`` (one pair per sparse and per sequence feature, schema order): ``{"<f>.values": [N_f] int64, "<f>.offsets": [B+1]
     int64, "dense": [B, Fd] float32 raw, "scenario": [B, L] int64}`` ->
     ``{prediction name: [B], "score": [B]}``.
 
@@ -211,6 +288,7 @@ class ServingModel(nn.Module):
         schema, model_cfg: as training built the model.
         fusion: the fused score's weights (:func:`~dlrm_mtl.scoring.fusion_weights`).
         tables: ``{table: weight}`` (see :class:`EmbeddingBags`).
+        sequence_tables: ``{table: weight}`` of the sequence features (see :class:`SequenceEvents`).
         check_inputs: in-graph input checks (see the module docstring).
 
     Example::
@@ -221,13 +299,20 @@ class ServingModel(nn.Module):
     """
 
     def __init__(self, schema: Schema, model_cfg: ModelConfig, fusion: Mapping[str, float],
-                 tables: Optional[Mapping[str, torch.Tensor]] = None, check_inputs: bool = True) -> None:
+                 tables: Optional[Mapping[str, torch.Tensor]] = None, check_inputs: bool = True,
+                 sequence_tables: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         super().__init__()
         from dlrm_mtl.models.ranking_model import DenseArch  # the training module (its file imports TorchRec)
+        from dlrm_mtl.models.sequence_arch import SequenceArch
 
         self.embeddings = EmbeddingBags(schema, tables, check_inputs)
         self.dense_transform = DenseTransform(schema, check_inputs)
-        self.dense_arch = DenseArch(schema, model_cfg)
+        self.sequence_events: Optional[SequenceEvents] = None
+        self.sequence_arch: Optional[SequenceArch] = None
+        if schema.sequence:  # behaviour sequences: their events, then the training encoders
+            self.sequence_events = SequenceEvents(schema, sequence_tables, check_inputs)
+            self.sequence_arch = SequenceArch(schema, model_cfg.sequence_encoders)
+        self.dense_arch = DenseArch(schema, model_cfg, self.sequence_arch.out_dims if self.sequence_arch is not None else ())
         for m in self.dense_arch.modules():
             if getattr(m, "routing", None) in ROUTINGS:
                 m.routing = "static"
@@ -241,16 +326,63 @@ class ServingModel(nn.Module):
             for i, (name, n) in enumerate(self.levels):
                 _check((scenario[:, i] >= 0) & (scenario[:, i] < n), f"input 'scenario', column {i} ({name!r}): an id outside [0, {n})")
         pooled = self.embeddings(inputs)  # [B, Σ D_f]
+        if self.sequence_events is not None and self.sequence_arch is not None:
+            encoded = self.sequence_arch.encode(pooled, self.sequence_events(inputs))  # [B, Σ out_g]
+            pooled = torch.cat([pooled, encoded], dim=1)
         dense = self.dense_transform(inputs[DENSE])  # [B, Fd]
         logits, _, _ = self.dense_arch(pooled, dense, scenario)  # [B, T]
         return self.predictions(logits)
+
+
+class UnrolledLSTM(nn.Module):
+    """A one-layer, batch-first, unidirectional ``nn.LSTM`` (DUPN's encoder) as explicit steps
+    over its L (static) positions, with the same weights: the same outputs (PyTorch's gate
+    order i, f, g, o), and no batch-size guard in ``torch.export`` (the fused LSTM kernel's
+    trace adds ``batch != 1``, which would refuse single-row requests).
+
+    ``x [B, L, in]`` -> ``(y [B, L, H], (h [1, B, H], c [1, B, H]))``, as ``nn.LSTM``.
+
+    Example::
+
+        lstm = nn.LSTM(8, 16, batch_first=True)
+        y, _ = UnrolledLSTM(lstm)(torch.randn(3, 5, 8))   # == lstm(x)[0]
+    """
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or lstm.proj_size:
+            raise ValueError("UnrolledLSTM takes a one-layer, batch-first, unidirectional LSTM without projection")
+        self.w_ih, self.w_hh = lstm.weight_ih_l0.detach(), lstm.weight_hh_l0.detach()  # [4H, in], [4H, H]
+        self.b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach() if lstm.bias else torch.zeros(4 * lstm.hidden_size)
+        self.hidden = lstm.hidden_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, L, _ = x.shape
+        xi = x @ self.w_ih.T + self.b  # [B, L, 4H]: the input's part of every step at once
+        h = x.new_zeros(B, self.hidden)
+        c = x.new_zeros(B, self.hidden)
+        out: List[torch.Tensor] = []
+        for t in range(L):
+            i, f, g, o = (xi[:, t] + h @ self.w_hh.T).chunk(4, dim=1)  # [B, H] each
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out.append(h)
+        return torch.stack(out, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+def _unroll_lstms(model: nn.Module) -> None:
+    """Every ``nn.LSTM`` inside ``model`` replaced by its :class:`UnrolledLSTM` (same weights)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LSTM):
+                setattr(parent, name, UnrolledLSTM(child))
 
 
 def example_inputs(schema: Schema, batch: int = 4, ids_per_row: int = 2) -> Dict[str, torch.Tensor]:
     """A valid input batch (id 0 everywhere, dense 1.0, scenario 0): the example ``torch.export``
     traces with. ``batch`` and ``ids_per_row`` should not be 0 or 1 (export specialises those)."""
     out: Dict[str, torch.Tensor] = {}
-    for f in schema.sparse:
+    for f in schema.sparse + schema.sequence:
         out[values_name(f.name)] = torch.zeros(batch * ids_per_row, dtype=torch.int64)
         out[offsets_name(f.name)] = torch.arange(0, batch * ids_per_row + 1, ids_per_row, dtype=torch.int64)
     out[DENSE] = torch.ones(batch, len(schema.dense), dtype=torch.float32)
@@ -265,9 +397,10 @@ def export_serving_model(model: ServingModel, schema: Schema) -> torch.export.Ex
     from torch.export import Dim
 
     model.eval()
+    _unroll_lstms(model)  # the fused LSTM's trace would refuse a batch of one row
     batch = Dim("batch", min=1)
     shapes: Dict[str, Dict[int, object]] = {}
-    for i, f in enumerate(schema.sparse):
+    for i, f in enumerate(schema.sparse + schema.sequence):
         shapes[values_name(f.name)] = {0: Dim(f"ids_{i}", min=0)}
         shapes[offsets_name(f.name)] = {0: batch + 1}
     shapes[DENSE] = {0: batch}
