@@ -99,32 +99,23 @@ def log_utilisation(util: ExpertUtilisation, writer: Any, step: int) -> Dict[str
     return out
 
 
-def pipeline_wanted(mode: str, env: DistEnv, sequences: bool = False) -> bool:
+def pipeline_wanted(mode: str, env: DistEnv) -> bool:
     """Whether ``train.pipeline`` (auto | sparse_dist | none) runs TrainPipelineSparseDist.
 
     ``auto``: on GPU with more than one rank. In a world of one the input all-to-all it
     overlaps moves nothing, while its host work per step (splits exchanged through the device,
     5 host synchronisations, awaitables) stays: on an H200 at batch 8192 the graphed step took
-    5.6 ms with the pipeline and 3.4 ms without (docs/performance.md, "GPU").
-
-    With behaviour sequences (``sequences``) the pipeline is not used: its fx trace of the
-    model cannot follow the sequence encoders' per-group dictionaries yet (``auto`` trains
-    without it, ``sparse_dist`` is refused)."""
+    5.6 ms with the pipeline and 3.4 ms without (docs/performance.md, "GPU")."""
     if mode not in ("auto", "sparse_dist", "none"):
         raise ValueError(f"train.pipeline {mode!r}: expected auto, sparse_dist or none")
-    if sequences:
-        if mode == "sparse_dist":
-            raise ValueError("train.pipeline sparse_dist: the schema's sequence features are not pipelined yet "
-                             "(TorchRec's trace of the model cannot follow the sequence encoders); use auto or none")
-        return False
     if mode == "auto":
         return env.device.type == "cuda" and env.world_size > 1
     return mode == "sparse_dist"
 
 
-def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, mode: str, sequences: bool = False):
+def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, mode: str):
     """TorchRec's TrainPipelineSparseDist when ``train.pipeline`` asks for it (:func:`pipeline_wanted`)."""
-    if not pipeline_wanted(mode, env, sequences):
+    if not pipeline_wanted(mode, env):
         return None
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -335,7 +326,7 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         ckpt.preflight(dmp, optimizer)
         progress = ckpt.resume(dmp, optimizer, scheduler, audit=cfg.checkpoint.audit_rows)
     audit = RowAudit(run_dir, env.rank) if cfg.checkpoint.audit_rows else None
-    pipeline = make_pipeline(dmp, optimizer, env, cfg.train.pipeline, sequences=bool(schema.sequence))
+    pipeline = make_pipeline(dmp, optimizer, env, cfg.train.pipeline)
     model = dmp.module.model
     if pipeline is not None:
         model.local_lookup = None  # the pipeline fx-traces the sharded module's input dist

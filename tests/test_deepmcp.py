@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrm_mtl.config import ConfigError, DeepMCPConfig, ModelConfig
-from dlrm_mtl.modules.correlation_subnet import CorrelationSubnet
+from dlrm_mtl.modules.correlation_subnet import CorrelationSubnet, negative_positions
 from dlrm_mtl.modules.matching_subnet import MatchingSubnet
 
 
@@ -54,10 +54,10 @@ def test_correlation_loss_against_a_loop_over_pairs_and_draws(negatives):
     x = torch.randn(B, L, D, dtype=torch.float64)
     lengths = [0, 6, 3, 1]
     mask = torch.arange(L).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    torch.manual_seed(7)
     loss, pairs = c(x, mask)
-    torch.manual_seed(7)  # the same draws, in the module's order (k = 1, then 2)
-    draws = {k: torch.randint(0, B * L, (B, L - k, negatives)) for k in (1, 2)} if negatives else {}
+    n = B * L  # anchor p's q-th negative at a fixed scattering of the flattened positions
+    draws = {k: torch.tensor([[[((b * L + j) * 7919 + (q + 1) * 104729 + k * 15485863) % n for q in range(negatives)]
+                               for j in range(L - k)] for b in range(B)]).reshape(B, L - k, negatives) for k in (1, 2)}
     h = torch.tanh(x @ c.proj.weight.T + c.proj.bias)  # [B, L, d]
     flat_h, flat_m = h.reshape(B * L, -1), mask.reshape(B * L)
     total, n = 0.0, 0
@@ -75,6 +75,16 @@ def test_correlation_loss_against_a_loop_over_pairs_and_draws(negatives):
                 n += 1
     assert int(pairs) == n == (5 + 4) + (2 + 1)  # length 6: 5 + 4 pairs; length 3: 2 + 1
     assert math.isclose(float(loss), total / n, rel_tol=1e-9)
+
+
+def test_negatives_scatter_over_the_batch_without_the_random_generator():
+    state = torch.get_rng_state()
+    pos = negative_positions(64, 8, 1, 4, torch.device("cpu"))  # [64, 7, 4]
+    assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
+    for q in range(4):  # each negative slot: distinct positions for distinct anchors
+        assert len(set(pos[:, :, q].flatten().tolist())) == 64 * 7
+    anchors = (torch.arange(64).unsqueeze(1) * 8 + torch.arange(7)).unsqueeze(2)
+    assert (pos // 8 != anchors // 8).float().mean() > 0.95  # almost always another row's event
 
 
 def test_correlation_of_rows_without_pairs_is_zero_with_finite_gradients():

@@ -91,11 +91,11 @@ class DeepMCP(nn.Module):
         return extra, terms
 
 
-@torch.fx.wrap
 def with_auxiliary(out: Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
                    extra: Tuple[torch.Tensor, Dict[str, torch.Tensor]]):
     """The dense step's ``(loss, logits, terms, gates)`` with an auxiliary loss added to the
-    total and its terms logged next to the others (fx-wrapped: one call in a traced model)."""
+    total and its terms logged next to the others (fx-wrapped where it is called,
+    ``dlrm_mtl/models/ranking_model.py``: one call in a traced model)."""
     loss = out[0] + extra[0]
     terms = dict(out[2])
     terms.update(extra[1])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
@@ -22,6 +22,11 @@ from dlrm_mtl.models.sequence_arch import Events, SequenceArch, sequence_configs
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.modules.heads import build_heads
 from dlrm_mtl.schema import Schema, leaf_ids
+
+
+# one call in an fx trace of this module's forwards (TorchRec's pipeline): fx.wrap patches the
+# name in the globals of the module that calls it
+torch.fx.wrap("with_auxiliary")
 
 
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
@@ -234,11 +239,9 @@ class MultiScenarioMultiTaskModel(nn.Module):
             return pooled, {}
         if sequence is None:
             raise ValueError("the schema has sequence features but the batch carries none (Batch.sequence is None)")
-        looked_up: Dict[str, JaggedTensor] = {}
-        for collection in self.sequence_tables.values():
-            looked_up.update(collection(sequence))
-        events = self.sequence_arch.events(looked_up)
-        return torch.cat([pooled, self.sequence_arch.encode(pooled, events)], dim=1), events
+        # indexing, not unpacking: TorchRec's pipeline traces this with SequenceArch as a leaf
+        out = self.sequence_arch(pooled, [collection(sequence) for collection in self.sequence_tables.values()])
+        return torch.cat([pooled, out[0]], dim=1), out[1]
 
     def pooled(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
         """``[B, Σ D_f (+ Σ out_g)]``: the first part of :meth:`embed`."""

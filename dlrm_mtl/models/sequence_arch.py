@@ -90,7 +90,7 @@ class SequenceArch(nn.Module):
     Example::
 
         arch = SequenceArch(schema, {"hist_items": SequenceEncoderConfig(type="target_attention", target=["item_id"])})
-        seq = arch(pooled, events)   # events: {feature: JaggedTensor} of the EmbeddingCollections
+        encoded, events = arch(pooled, [ec(batch.sequence) for ec in collections])   # [B, Σ out_g], padded events
     """
 
     def __init__(self, schema: Schema, encoders: Dict[str, SequenceEncoderConfig]) -> None:
@@ -133,5 +133,15 @@ class SequenceArch(nn.Module):
             encoded.append(self.encoders[g](x, mask, target))
         return encoded[0] if len(encoded) == 1 else torch.cat(encoded, dim=1)  # [B, Σ out_g]
 
-    def forward(self, pooled: torch.Tensor, looked_up: Dict[str, JaggedTensor]) -> torch.Tensor:
-        return self.encode(pooled, self.events(looked_up))
+    def forward(self, pooled: torch.Tensor, looked_up: List[Dict[str, JaggedTensor]]) -> Tuple[torch.Tensor, Events]:
+        """``looked_up``: each EmbeddingCollection's output -> ``(encoded [B, Σ out_g], events)``.
+
+        One call of this module does all the work after the collections: TorchRec's train
+        pipeline fx-traces the model with every module free of sharded tables as a leaf, so
+        the collections' outputs must reach a leaf's ``forward`` as arguments (a trace cannot
+        iterate them)."""
+        merged: Dict[str, JaggedTensor] = {}
+        for part in looked_up:
+            merged.update(part)
+        events = self.events(merged)
+        return self.encode(pooled, events), events

@@ -9,6 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def negative_positions(B: int, L: int, k: int, negatives: int, device: torch.device) -> torch.Tensor:
+    """``[B, L - k, Q]`` positions in the flattened ``[B·L]`` events: anchor p's q-th negative
+    is ``(p · 7919 + (q + 1) · 104729 + k · 15485863) mod B·L`` (primes: for a fixed q and k
+    the map from anchors to negatives is a permutation whenever B·L is not a multiple of 7919)."""
+    n = B * L
+    anchor = (torch.arange(B, device=device).unsqueeze(1) * L + torch.arange(L - k, device=device)).unsqueeze(2)  # [B, L-k, 1]
+    q = torch.arange(1, negatives + 1, device=device)  # [Q]
+    return (anchor * 7919 + q * 104729 + k * 15485863) % n
+
+
 class CorrelationSubnet(nn.Module):
     """The item–item correlation of DeepMCP (Ouyang et al. 2019, §3.3): items the user
     interacted with close in time should be close in the embedding space. Each event's
@@ -18,11 +28,14 @@ class CorrelationSubnet(nn.Module):
 
         L_c = (1/|P|) Σ_{(j, k) ∈ P} [ −log σ(h_j · h_k) − Σ_{q=1..Q} log σ(−h_j · h_q) ]
 
-    Deviation: the negatives are events drawn uniformly from the whole batch's real events
-    (in-batch sampling, i.e. by item frequency in the batch) instead of from the item
-    vocabulary: the tables are sharded, and looking up rows outside the batch would need a
-    second all-to-all per step. A draw that lands on padding is dropped (a fixed number of
-    draws keeps the shapes static: no host synchronisation). A row's own events may be drawn.
+    Deviation: the negatives are events of the whole batch (in-batch sampling, i.e. by item
+    frequency in the batch) instead of draws from the item vocabulary: the tables are sharded,
+    and looking up rows outside the batch would need a second all-to-all per step. They are
+    picked by a fixed scattering of positions (:func:`negative_positions`), not by the random
+    generator: the batches' rows are shuffled, so an anchor meets other items every step, and
+    training stays reproducible whatever else draws random numbers (TorchRec's pipeline, an
+    exact resume). A pick that lands on padding is dropped (a fixed number keeps the shapes
+    static: no host synchronisation). A row's own events may be picked.
 
     ``events [B, L, D]``, ``mask [B, L]`` bool -> ``(L_c [], number of positive pairs [])``.
 
@@ -51,7 +64,7 @@ class CorrelationSubnet(nn.Module):
             w = m[:, :-k] * m[:, k:]  # [B, L-k] both real
             pos = -F.logsigmoid((a * c).sum(2))  # [B, L-k]
             if self.negatives:
-                draw = torch.randint(0, B * L, (B, L - k, self.negatives), device=h.device)  # [B, L-k, Q]
+                draw = negative_positions(B, L, k, self.negatives, h.device)  # [B, L-k, Q]
                 neg_h = flat_h[draw]  # [B, L-k, Q, d]
                 neg = -F.logsigmoid(-(a.unsqueeze(2) * neg_h).sum(3)) * flat_m[draw]  # [B, L-k, Q]
                 pos = pos + neg.sum(2)
