@@ -14,8 +14,11 @@
 #      graphed and eager, in bf16, through TorchRec's sharded lookup instead of the direct one
 #      (sharding.local_lookup=false: same metrics expected, the speed and syncs of each), and at
 #      batch 2048 (the CPU demo's global batch: AUC parity) and 32768: metrics.json of each.
-# SKIP_BENCH=1 / SKIP_TRAIN=1 leave a part out; TRAINS="name ..." picks train variants;
-# ROWS=N generates fewer rows (smoke runs).
+#   4. behaviour sequences: the synthetic set with a 20-event history (400k rows), trained with
+#      DIN's target attention and with DeepMCP at batch 8192 (the EmbeddingCollections' GPU
+#      path, never measured on a GPU before): metrics.json of each.
+# SKIP_BENCH=1 / SKIP_TRAIN=1 / SKIP_SEQ=1 leave a part out; TRAINS="name ..." picks train
+# variants; ROWS=N / SEQ_ROWS=N generate fewer rows (smoke runs).
 set -u
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_out}"
@@ -75,6 +78,16 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
       b2048_graph)  train $v data.batch_size=2048 ;;
       b32768_graph) train $v data.batch_size=32768 ;;
     esac
+  done
+fi
+if [ "${SKIP_SEQ:-0}" != 1 ]; then
+  SEQ=/tmp/syn_seq
+  if [ ! -f "$SEQ/schema.yaml" ]; then
+    timeout 120 $PY -m dlrm_mtl generate --out "$SEQ" --rows "${SEQ_ROWS:-400000}" --seed 0 --sequence-len 20 > "$OUT/generate-seq.log" 2>&1
+    stamp "generate sequences rc=$?"
+  fi
+  for c in din deepmcp; do
+    DATA=$SEQ train "seq_$c" "cfg:configs/sequence/$c.yaml" "data.schema=$SEQ/schema.yaml" data.batch_size=8192
   done
 fi
 stamp "done"
