@@ -39,7 +39,7 @@ from torch import nn
 
 from dlrm_mtl.config import ModelConfig
 from dlrm_mtl.modules.scenario_routing import ROUTINGS
-from dlrm_mtl.schema import Schema
+from dlrm_mtl.schema import Schema, SparseFeature
 from dlrm_mtl.scoring import fused_score, named_predictions, prediction_names
 from dlrm_mtl.task_graph import TaskGraph
 
@@ -71,6 +71,27 @@ def _check(ok: torch.Tensor, message: str) -> None:
     torch._assert_async(ok.all(), message)
 
 
+def _table_weight(f: SparseFeature, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The trained weight of ``f``'s table, checked against the schema (random where absent:
+    tests, examples)."""
+    w = weights.get(f.table)
+    if w is not None and tuple(w.shape) != (f.num_embeddings, f.dim):
+        raise ValueError(f"table {f.table!r}: weight {list(w.shape)}, the schema says [{f.num_embeddings}, {f.dim}]")
+    return w if w is not None else torch.randn(f.num_embeddings, f.dim) / f.dim**0.5
+
+
+def _check_ids(name: str, values: torch.Tensor, offsets: torch.Tensor, n: int) -> None:
+    """In-graph checks of one feature's ``values`` / ``offsets`` (ids inside the table, offsets
+    from 0, non-decreasing, ending at the number of ids)."""
+    _check((values >= 0) & (values < n),
+           f"input {values_name(name)!r}: an id outside [0, {n}) (ids of a hash: true feature must be hashed "
+           "as the reader does, see signature.json)")
+    _check(offsets[:1] == 0, f"input {offsets_name(name)!r}: offsets[0] must be 0")
+    _check(offsets[1:] >= offsets[:-1], f"input {offsets_name(name)!r}: offsets must not decrease")
+    _check(offsets[-1:] == values.shape[0],
+           f"input {offsets_name(name)!r}: the last offset must equal the number of ids in {values_name(name)!r}")
+
+
 class EmbeddingBags(nn.Module):
     """The sparse arch of serving: one ``nn.EmbeddingBag`` per schema table (features naming
     the same table share it), pooled with the table's ``sum`` or ``mean``; an empty bag pools
@@ -98,11 +119,8 @@ class EmbeddingBags(nn.Module):
         for f in schema.sparse:
             if f.table in self.tables:
                 continue
-            w = weights.get(f.table)
-            if w is not None and tuple(w.shape) != (f.num_embeddings, f.dim):
-                raise ValueError(f"table {f.table!r}: weight {list(w.shape)}, the schema says [{f.num_embeddings}, {f.dim}]")
-            w = w if w is not None else torch.randn(f.num_embeddings, f.dim) / f.dim**0.5
-            self.tables[f.table] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode=f.pooling, include_last_offset=True)
+            self.tables[f.table] = nn.EmbeddingBag.from_pretrained(_table_weight(f, weights), freeze=True, mode=f.pooling,
+                                                                   include_last_offset=True)
         self.features = [(f.name, f.table, f.num_embeddings) for f in schema.sparse]
         self.check_inputs = check_inputs
 
@@ -111,13 +129,7 @@ class EmbeddingBags(nn.Module):
         for name, table, n in self.features:
             values, offsets = inputs[values_name(name)], inputs[offsets_name(name)]  # [N_f], [B+1]
             if self.check_inputs:
-                _check((values >= 0) & (values < n),
-                       f"input {values_name(name)!r}: an id outside [0, {n}) (ids of a hash: true feature must be hashed "
-                       "as the reader does, see signature.json)")
-                _check(offsets[:1] == 0, f"input {offsets_name(name)!r}: offsets[0] must be 0")
-                _check(offsets[1:] >= offsets[:-1], f"input {offsets_name(name)!r}: offsets must not decrease")
-                _check(offsets[-1:] == values.shape[0],
-                       f"input {offsets_name(name)!r}: the last offset must equal the number of ids in {values_name(name)!r}")
+                _check_ids(name, values, offsets, n)
             pooled.append(self.tables[table](values, offsets))  # [B, D_f]
         return torch.cat(pooled, dim=1)  # [B, Σ D_f]
 
@@ -146,11 +158,7 @@ class SequenceEvents(nn.Module):
         for f in schema.sequence:
             if f.table in self.tables:
                 continue
-            w = weights.get(f.table)
-            if w is not None and tuple(w.shape) != (f.num_embeddings, f.dim):
-                raise ValueError(f"table {f.table!r}: weight {list(w.shape)}, the schema says [{f.num_embeddings}, {f.dim}]")
-            w = w if w is not None else torch.randn(f.num_embeddings, f.dim) / f.dim**0.5
-            self.tables[f.table] = nn.Embedding.from_pretrained(w, freeze=True)
+            self.tables[f.table] = nn.Embedding.from_pretrained(_table_weight(f, weights), freeze=True)
         # per group: (name, max_len, keep, [(feature, table, num_embeddings)], main feature first)
         self.groups = [(g, fs[0].max_len, fs[0].keep, [(f.name, f.table, f.num_embeddings) for f in fs])
                        for g, fs in schema.sequence_groups.items()]
@@ -177,13 +185,7 @@ class SequenceEvents(nn.Module):
             for name, table, n in feats:
                 values, offsets = inputs[values_name(name)], inputs[offsets_name(name)]  # [N_f], [B+1]
                 if self.check_inputs:
-                    _check((values >= 0) & (values < n),
-                           f"input {values_name(name)!r}: an id outside [0, {n}) (ids of a hash: true feature must be hashed "
-                           "as the reader does, see signature.json)")
-                    _check(offsets[:1] == 0, f"input {offsets_name(name)!r}: offsets[0] must be 0")
-                    _check(offsets[1:] >= offsets[:-1], f"input {offsets_name(name)!r}: offsets must not decrease")
-                    _check(offsets[-1:] == values.shape[0],
-                           f"input {offsets_name(name)!r}: the last offset must equal the number of ids in {values_name(name)!r}")
+                    _check_ids(name, values, offsets, n)
                     if name != feats[0][0]:
                         _check(offsets == main_offsets, f"input {offsets_name(name)!r}: side info must have the lengths of "
                                                         f"its sequence {feats[0][0]!r} on every row")
