@@ -331,6 +331,8 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
     if pipeline is not None:
         model.local_lookup = None  # the pipeline fx-traces the sharded module's input dist
     if model.local_lookup is not None:
+        for stream in (train_stream, eval_stream):  # batches in the kernels' feature order: no permute per step
+            stream.set_sparse_order(model.local_lookup.kernel_keys)
         _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist)")
     return TrainRun(cfg, env, schema, run_dir, dmp, optimizer, scheduler, summary, train_stream, eval_stream, writer,
                     ckpt, progress, audit, pipeline, clock)

@@ -87,9 +87,16 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
         assert lookup is not None and lookup.perm is not None and len(lookup.runs) > 2
         it = iter(run.train_stream)
         batch = next(it)
+        # the reader builds the batch in the kernels' feature order: nothing to permute
+        assert batch.sparse.keys() == lookup.kernel_keys != model.feature_names
         expected = pooled_in_order(model.ebc(batch.sparse), model.feature_names)
         got = lookup(batch.sparse)
         assert got.shape == expected.shape and torch.equal(got, expected)
+        # a batch in schema order (another reader, predict) is permuted first: the same result
+        in_schema_order = batch.sparse.permute([batch.sparse.keys().index(n) for n in model.feature_names])
+        assert torch.equal(lookup(in_schema_order), expected)
+        with pytest.raises(ValueError, match="not an order of the schema's sparse features"):
+            run.train_stream.set_sparse_order(model.feature_names[1:])
         # backward through it reaches the fused optimizer of the tables (the training test above
         # shows the update equals the sharded path's, bit for bit)
         before = [p.detach().clone() for p in model.ebc.parameters()]

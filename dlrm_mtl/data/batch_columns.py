@@ -47,6 +47,9 @@ class BatchColumns:
     per-key lengths and offsets computed on the host, so nothing downstream reads them back.
     Sequence features (schema ``sequence``) become a second KJT, ``Batch.sequence``.
 
+    ``sparse_order`` (default: the schema's) is the order of the sparse KJT's keys, e.g. the
+    embedding kernels' order of a world-of-one lookup, which then needs no permute.
+
     Example::
 
         cols = BatchColumns(table, schema, with_oracle=False)
@@ -54,11 +57,14 @@ class BatchColumns:
         last = cols.batch(1024, table.num_rows - 1024, 1024)   # padded to 1024 rows
     """
 
-    def __init__(self, t: pa.Table, schema: Schema, with_oracle: bool) -> None:
+    def __init__(self, t: pa.Table, schema: Schema, with_oracle: bool, sparse_order: Optional[List[str]] = None) -> None:
         n = t.num_rows
         self.schema, self.rows = schema, n
-        self.keys = [f.name for f in schema.sparse]
-        self.sparse = _id_columns(t, schema.sparse)
+        by_name = {f.name: f for f in schema.sparse}
+        self.keys = list(sparse_order) if sparse_order is not None else list(by_name)
+        if sorted(self.keys) != sorted(by_name):
+            raise ValueError(f"sparse_order {self.keys} is not an order of the schema's sparse features {list(by_name)}")
+        self.sparse = _id_columns(t, [by_name[k] for k in self.keys])
         self.sequence_keys = [f.name for f in schema.sequence]
         self.sequence = _id_columns(t, schema.sequence)
         self.dense = _matrix(t, "dense", n, len(schema.dense), np.float32)  # [n, Fd]
@@ -149,6 +155,7 @@ def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_
     )
 
 
-def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool) -> Batch:
+def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool,
+                   sparse_order: Optional[List[str]] = None) -> Batch:
     """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
-    return BatchColumns(t, schema, with_oracle).batch(0, t.num_rows, batch_size)
+    return BatchColumns(t, schema, with_oracle, sparse_order).batch(0, t.num_rows, batch_size)

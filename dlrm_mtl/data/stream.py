@@ -600,6 +600,7 @@ class ParquetStream:
         self.num_workers = num_workers
         self.background_priority = background_priority
         self.pin_memory = pin_memory
+        self.sparse_order: Optional[List[str]] = None  # the sparse KJT's key order; None: the schema's
         # converted row groups kept for later epochs, up to this many bytes (0: none)
         self.cache_bytes = cache_bytes
         self._cache: Dict[Tuple[int, int], Tuple[pa.Table, Dict[str, int]]] = {}
@@ -621,6 +622,17 @@ class ParquetStream:
         self._keep: Dict[int, np.ndarray] = {}  # group index -> rows still to train this epoch
         self._skip = 0
         self._assign()
+
+    def set_sparse_order(self, names: Sequence[str]) -> None:
+        """Builds every later batch's sparse KJT with its keys in this order (a permutation of
+        the schema's sparse features; the values are the same): the order a world-of-one
+        lookup's kernels read them in (``LocalPooledLookup.kernel_keys``), so that it permutes
+        nothing."""
+        names = list(names)
+        if sorted(names) != sorted(f.name for f in self.schema.sparse):
+            raise ValueError(f"sparse order {names} is not an order of the schema's sparse features "
+                             f"{[f.name for f in self.schema.sparse]}")
+        self.sparse_order = None if names == [f.name for f in self.schema.sparse] else names
 
     def _assign(self) -> None:
         """This rank's row groups and the epoch's step count for the current segment."""
@@ -805,14 +817,14 @@ class ParquetStream:
         for t, start, n in self._tables():
             if produced >= self._skip:  # skipped batches (a resume) are read but not converted
                 if t is not buffer:  # a new shuffle buffer: convert its columns once
-                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle)
+                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, self.sparse_order)
                 yield columns.batch(start, n, self.batch_size)
             produced += 1
         empty = None
         while produced < self.num_batches:
             if produced >= self._skip:
                 if empty is None:
-                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle)
+                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle, self.sparse_order)
                 yield empty
             produced += 1
         if produced != self.num_batches:

@@ -20,9 +20,13 @@ class LocalPooledLookup:
     ms of host work per step on the benchmarks, against ~0.1 ms per fbgemm kernel call
     (docs/performance.md). This calls the same table-batched fbgemm modules (the sharded
     module's own, so the weights, the fused optimizer applied in backward, its state and every
-    checkpoint are the same objects) on the batch directly: one permute when the sharding's
-    feature order is not the batch's, one split per table group, one kernel per group, one
-    ``cat`` of the groups' column runs in schema order when there are several groups.
+    checkpoint are the same objects) on the batch directly: one split per table group, one
+    kernel per group, and when there are several groups one ``split`` of each group's output
+    into its column runs and one ``cat`` of the runs in schema order (whose backward is a
+    ``cat`` per group, not a zero-filled gradient per slice). A batch whose features come in
+    the kernels' order (:attr:`kernel_keys`: the reader builds them so, see
+    ``ParquetStream.set_sparse_order``) needs no permute; one in ``batch_keys`` order is
+    permuted first.
 
     It holds references, not modules: the sharded collection stays the owner (state dicts and
     optimizer keys are unchanged). :meth:`of` returns None for anything it does not cover
@@ -42,6 +46,7 @@ class LocalPooledLookup:
             raise ValueError(f"the tables' features {order} are not the batch's {batch_keys}")
         self.modules = modules
         self.batch_keys = list(batch_keys)
+        self.kernel_keys = order  # the groups' features, group after group
         perm = [self.batch_keys.index(n) for n in order]
         self.perm: Optional[List[int]] = None if perm == list(range(len(perm))) else perm
         self.splits = [len(names) for names in group_features]
@@ -62,6 +67,20 @@ class LocalPooledLookup:
             else:
                 runs.append([g, start, start + dims[n]])
         self.runs = [tuple(r) for r in runs]
+        # each group's output cut into its runs (they cover its columns), and where each run
+        # goes in the output
+        self.run_sizes: List[List[int]] = []
+        index: Dict[Tuple[int, int], int] = {}
+        for g in range(len(group_features)):
+            mine = sorted((a, b) for gg, a, b in self.runs if gg == g)
+            for a, _ in mine:
+                index[(g, a)] = len(index)
+            self.run_sizes.append([b - a for a, b in mine])
+        self.run_order = [index[(g, a)] for g, a, _ in self.runs]
+
+    def accepts(self, keys: List[str]) -> bool:
+        """Whether a batch with these sparse keys (in this order) can be looked up here."""
+        return keys == self.kernel_keys or keys == self.batch_keys
 
     @classmethod
     def of(cls, sharded_ebc: nn.Module, feature_names: List[str], batch_keys: List[str]) -> Optional["LocalPooledLookup"]:
@@ -101,11 +120,12 @@ class LocalPooledLookup:
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         if kjt.variable_stride_per_key():
             raise ValueError("LocalPooledLookup: variable batch sizes per feature are not supported")
-        if self.perm is not None:
+        if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
         outs = [emb(part) for emb, part in zip(self.modules, parts)]  # [B, Σ D] per group
         if len(self.runs) == 1:
             return outs[0]  # [B, Σ D_f]: one group, already in feature_names order
         # one copy: the groups' column runs, in feature_names order
-        return torch.cat([outs[g][:, a:b] for g, a, b in self.runs], dim=1)  # [B, Σ D_f]
+        pieces = [p for out, sizes in zip(outs, self.run_sizes) for p in out.split(sizes, dim=1)]
+        return torch.cat([pieces[i] for i in self.run_order], dim=1)  # [B, Σ D_f]

@@ -231,7 +231,7 @@ class MultiScenarioMultiTaskModel(nn.Module):
         (a world of one) and the batch's features come in the order it was built for, else
         through the (sharded) collection — then, with sequence features, their encoded vectors."""
         lookup = self.local_lookup
-        if lookup is not None and sparse.keys() == lookup.batch_keys:
+        if lookup is not None and lookup.accepts(sparse.keys()):
             pooled = lookup(sparse)
         else:
             pooled = pooled_in_order(self.ebc(sparse), self.feature_names)
