@@ -875,9 +875,9 @@ def concat_supported() -> bool:
     return "interaction" in {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def side_a_command(data: Path, arch: str, size: RunSize, run_dir: Path, concat: bool) -> List[str]:
+def side_a_command(data: Path, arch: str, size: RunSize, run_dir: Path, concat: bool, extra: Sequence[str] = ()) -> List[str]:
     """``python -m dlrm_mtl train`` with a config naming the data and the run directory, the
-    arch fragment, and the overrides (see the module docstring)."""
+    arch fragment, and the overrides (see the module docstring); ``extra`` (``--set``) last."""
     data, run_dir = data.resolve(), run_dir.resolve()
     cfg = run_dir / "bench.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -890,13 +890,13 @@ def side_a_command(data: Path, arch: str, size: RunSize, run_dir: Path, concat: 
         "train.eval_every_epoch=false", "checkpoint.at_end=false", "checkpoint.keep_best=false", "train.progress=false", "model.dense_arch=[]",
     ] + (["model.interaction=concat"] if concat else []) + ([f"train.dense_lr={size.dense_lr!r}"] if size.dense_lr is not None else [])
     cmd = [sys.executable, "-m", "dlrm_mtl", "train", "--config", str(cfg), "--config", str(ROOT / "configs" / "arch" / f"{arch}.yaml")]
-    for s in sets:
+    for s in sets + list(extra):
         cmd += ["--set", s]
     return cmd
 
 
-def run_side_a(data: Path, arch: str, size: RunSize, run_dir: Path, rep: int, concat: bool) -> RunResult:
-    child = run_child(side_a_command(data, arch, size, run_dir, concat), ROOT)
+def run_side_a(data: Path, arch: str, size: RunSize, run_dir: Path, rep: int, concat: bool, extra: Sequence[str] = ()) -> RunResult:
+    child = run_child(side_a_command(data, arch, size, run_dir, concat, extra), ROOT)
     path = run_dir / "run" / "metrics.json"
     if child.rc != 0 or not path.exists():
         raise RuntimeError(f"side A ({arch}, {data.name}) failed with exit code {child.rc}:\n{child.tail()}")
@@ -1070,7 +1070,7 @@ def parse_cases(text: Optional[str]) -> List[Tuple[str, str]]:
 
 
 def run_case(shape: str, arch: str, data: Path, size: RunSize, repeats: int, runs_root: Path,
-             concat: bool, idle_s: float = 0.0) -> CaseResult:
+             concat: bool, idle_s: float = 0.0, extra: Sequence[str] = ()) -> CaseResult:
     from dlrm_mtl.schema import Schema
 
     case = CaseResult(shape, arch, size, oracle_aucs(Schema.load(data / "schema.yaml"), data / "eval"))
@@ -1079,7 +1079,7 @@ def run_case(shape: str, arch: str, data: Path, size: RunSize, repeats: int, run
             if idle_s > 0:
                 wait_idle(idle_s)
             if side == "A":
-                r = run_side_a(data, arch, size, runs_root / f"{shape}-{arch}-A-{rep}", rep, concat)
+                r = run_side_a(data, arch, size, runs_root / f"{shape}-{arch}-A-{rep}", rep, concat, extra)
             else:
                 r = run_side_b(data, arch, size, rep)
             case.runs.append(r)
@@ -1100,6 +1100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="the peer's Adam learning rate (default: tuned per shape and size, see run_sizes)")
     p.add_argument("--train-rows", type=int, default=None, help="override the train rows of every shape (eval: a quarter)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs of every shape")
+    p.add_argument("--set", dest="a_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for side A, after the bench's own (repeatable; e.g. train.precision=fp32)")
     # the peer process
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -1138,7 +1140,7 @@ def bench_main(args: argparse.Namespace) -> int:
     results: List[CaseResult] = []
     try:
         for shape, arch in cases:
-            results.append(run_case(shape, arch, data[shape], sizes[shape], repeats, runs_root, concat, args.wait_idle))
+            results.append(run_case(shape, arch, data[shape], sizes[shape], repeats, runs_root, concat, args.wait_idle, args.a_sets))
     finally:
         if not args.keep:
             shutil.rmtree(runs_root, ignore_errors=True)
@@ -1152,7 +1154,7 @@ def bench_main(args: argparse.Namespace) -> int:
         notes.append(f"run dirs kept in {runs_root}")
     print("\n" + "; ".join(notes))
     if args.json:
-        doc = {"quick": args.quick, "repeats": repeats, "concat": concat, "threads": THREADS,
+        doc = {"quick": args.quick, "repeats": repeats, "concat": concat, "threads": THREADS, "a_sets": args.a_sets,
                "wall_s": wall, "cases": [case_json(c) for c in results]}
         Path(args.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")
