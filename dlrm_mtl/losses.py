@@ -463,17 +463,29 @@ class TermMeans(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor, m: "TermMatrices") -> torch.Tensor:
-        lp, ln = m.log_probs(logits)  # [B, K] x 2
-        out = (-(y * lp + (1 - y) * ln) * c).sum(0)  # [K]
-        entire = m.src >= m.T  # [K]
-        ratio = torch.where(lp <= -1e-30, torch.exp(lp - ln), torch.zeros_like(lp))  # P / (1 - P)
-        d = torch.where(entire, ratio * (1 - y) - y, torch.exp(lp) - y) * c  # [B, K] ∂L_k/∂(its source)
+        T = m.T
+        ctx.T, ctx.entire = T, m.any_entire
+        pos = F.logsigmoid(logits)  # [B, T]
+        neg = F.logsigmoid(-logits)  # not pos - z: that loses log σ(-z)'s relative precision where it is tiny
+        if not m.any_entire:  # logit terms only (e.g. two root tasks): ∂ℓ/∂z = σ(z) - y
+            lp, ln = pos.index_select(1, m.src), neg.index_select(1, m.src)  # [B, K]
+            ctx.save_for_backward((lp.exp() - y) * c, m.grad_map[:, :T].to(logits.dtype))
+            return (-(y * lp + (1 - y) * ln) * c).sum(0)  # [K]
+        entire = torch.cat([pos, neg], dim=1) @ m.chain  # [B, T] log P_entire
+        # log(1 - P): autograd's log1mexp guards each branch with a where for its gradient;
+        # forward only, log(-expm1(x)) is exact to float rounding of its absolute value
+        lp = torch.cat([pos, entire], dim=1).index_select(1, m.src)  # [B, K]
+        ln = torch.cat([neg, torch.log(-torch.expm1(entire.clamp(max=-1e-30)))], dim=1).index_select(1, m.src)
+        ratio = torch.where(lp <= -1e-30, torch.exp(lp - ln), 0.0)  # P / (1 - P); 0 above the clamp
+        d = torch.where(m.src >= T, ratio * (1 - y) - y, torch.exp(lp) - y) * c  # [B, K] ∂L_k/∂(its source)
         ctx.save_for_backward(d, torch.sigmoid(logits), torch.sigmoid(-logits), m.grad_map.to(logits.dtype))
-        ctx.T = m.T
-        return out
+        return (-(y * lp + (1 - y) * ln) * c).sum(0)  # [K]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if not ctx.entire:
+            d, select = ctx.saved_tensors
+            return (d * grad) @ select, None, None, None  # [B, T]
         d, sig, sig_neg, grad_map = ctx.saved_tensors
         T = ctx.T
         g = (d * grad) @ grad_map  # [B, 3T]: W S | W P₊ | W P₋

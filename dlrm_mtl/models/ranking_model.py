@@ -136,9 +136,12 @@ class DenseArch(nn.Module):
         # the scenario tables' rows by index_select, not nn.Embedding's forward: the same rows,
         # and on the CPU its backward (index_add) is ~2.5x faster than embedding_dense_backward
         embs = [emb.weight.index_select(0, scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
-        context = torch.cat(embs, dim=1)  # [B, L·e]
+        context = torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]  # [B, L·e]
         pooled = pooled.reshape(pooled.shape[0], *self.pooled_shape)  # dot: [B, F, D]; concat: [B, Σ D_f]
-        x = torch.cat([self.interaction(self.dense_mlp(dense), pooled), context], dim=1)  # [B, d]
+        if isinstance(self.interaction, ConcatInteraction):  # one cat of dense, pooled and scenarios
+            x = torch.cat([self.dense_mlp(dense), pooled] + embs, dim=1)  # [B, d]
+        else:
+            x = torch.cat([self.interaction(self.dense_mlp(dense), pooled)] + embs, dim=1)  # [B, d]
         gates: Dict[str, torch.Tensor] = {}
         aux: Dict[str, torch.Tensor] = {}
         offset: Optional[torch.Tensor] = None  # [B, T]
