@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -80,6 +80,17 @@ def _table_weight(f: SparseFeature, weights: Mapping[str, torch.Tensor]) -> torc
     return w if w is not None else torch.randn(f.num_embeddings, f.dim) / f.dim**0.5
 
 
+def _frozen_tables(features: Sequence[SparseFeature], weights: Optional[Mapping[str, torch.Tensor]],
+                   build: Callable[[SparseFeature, torch.Tensor], nn.Module]) -> nn.ModuleDict:
+    """One frozen lookup module per table of ``features`` (the first feature of a shared table
+    builds it), from its trained weight (:func:`_table_weight`)."""
+    tables = nn.ModuleDict()
+    for f in features:
+        if f.table not in tables:
+            tables[f.table] = build(f, _table_weight(f, weights or {}))
+    return tables
+
+
 def _check_ids(name: str, values: torch.Tensor, offsets: torch.Tensor, n: int) -> None:
     """In-graph checks of one feature's ``values`` / ``offsets`` (ids inside the table, offsets
     from 0, non-decreasing, ending at the number of ids)."""
@@ -114,13 +125,8 @@ class EmbeddingBags(nn.Module):
 
     def __init__(self, schema: Schema, weights: Optional[Mapping[str, torch.Tensor]] = None, check_inputs: bool = True) -> None:
         super().__init__()
-        weights = weights or {}
-        self.tables = nn.ModuleDict()
-        for f in schema.sparse:
-            if f.table in self.tables:
-                continue
-            self.tables[f.table] = nn.EmbeddingBag.from_pretrained(_table_weight(f, weights), freeze=True, mode=f.pooling,
-                                                                   include_last_offset=True)
+        self.tables = _frozen_tables(schema.sparse, weights, lambda f, w: nn.EmbeddingBag.from_pretrained(
+            w, freeze=True, mode=f.pooling, include_last_offset=True))
         self.features = [(f.name, f.table, f.num_embeddings) for f in schema.sparse]
         self.check_inputs = check_inputs
 
@@ -153,12 +159,7 @@ class SequenceEvents(nn.Module):
 
     def __init__(self, schema: Schema, weights: Optional[Mapping[str, torch.Tensor]] = None, check_inputs: bool = True) -> None:
         super().__init__()
-        weights = weights or {}
-        self.tables = nn.ModuleDict()
-        for f in schema.sequence:
-            if f.table in self.tables:
-                continue
-            self.tables[f.table] = nn.Embedding.from_pretrained(_table_weight(f, weights), freeze=True)
+        self.tables = _frozen_tables(schema.sequence, weights, lambda f, w: nn.Embedding.from_pretrained(w, freeze=True))
         # per group: (name, max_len, keep, [(feature, table, num_embeddings)], main feature first)
         self.groups = [(g, fs[0].max_len, fs[0].keep, [(f.name, f.table, f.num_embeddings) for f in fs])
                        for g, fs in schema.sequence_groups.items()]
