@@ -17,3 +17,17 @@ def synthetic_small(tmp_path_factory):
     spec = SyntheticSpec(train_files=3, eval_files=2, row_group_rows=1000)
     generate(out, rows=12_000, seed=3, spec=spec)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_seq(tmp_path_factory):
+    """A small synthetic data set with behaviour sequences (6 events per row; two training
+    files, so two ranks each read one), shared by the session's sequence tests."""
+    from dataclasses import replace
+
+    from dlrm_mtl.synthetic import SyntheticSpec, generate
+
+    out = tmp_path_factory.mktemp("synthetic_seq")
+    spec = SyntheticSpec(train_files=2, eval_files=1, row_group_rows=500, user_table=3000, item_table=2000)
+    generate(out, rows=4000, seed=5, spec=replace(spec, sequence_len=6))
+    return out

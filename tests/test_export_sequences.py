@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict
 
@@ -19,16 +18,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def seq_data(tmp_path_factory):
-    from dlrm_mtl.synthetic import SyntheticSpec, generate
-
-    out = tmp_path_factory.mktemp("seq_export_data")
-    generate(out, rows=3000, seed=2, spec=replace(SyntheticSpec(train_files=1, eval_files=1, row_group_rows=600,
-                                                                user_table=3000, item_table=2000), sequence_len=6))
-    return out
 
 
 def _train_and_export(data: Path, base: Path, config: str) -> Path:
@@ -75,7 +64,7 @@ def _serving_inputs(schema, raw) -> Dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/sequence/din.yaml", "configs/sequence/dupn.yaml"])
-def test_exported_sequence_model_predicts_like_the_training_model(seq_data, tmp_path, config):
+def test_exported_sequence_model_predicts_like_the_training_model(synthetic_seq, tmp_path, config):
     from dlrm_mtl.config import Config
     from dlrm_mtl.data.batch_columns import BatchColumns
     from dlrm_mtl.data.stream import RowGroupConverter, list_row_groups
@@ -85,14 +74,14 @@ def test_exported_sequence_model_predicts_like_the_training_model(seq_data, tmp_
     from dlrm_mtl.scoring import named_predictions
     from dlrm_mtl.task_graph import TaskGraph
 
-    run = _train_and_export(seq_data, tmp_path, config)
-    schema = Schema.load(seq_data / "schema.yaml")
+    run = _train_and_export(synthetic_seq, tmp_path, config)
+    schema = Schema.load(synthetic_seq / "schema.yaml")
     sig = json.loads((tmp_path / "serving" / "signature.json").read_text())
     seq_inputs = [i for i in sig["inputs"] if i.get("sequence")]
     assert [i["name"] for i in seq_inputs] == [f"{f.name}.values" for f in schema.sequence]
     program = torch.export.load(str(tmp_path / "serving" / "model.pt2")).module()
 
-    group = list_row_groups(seq_data / "eval")[0]
+    group = list_row_groups(synthetic_seq / "eval")[0]
     raw = pq.ParquetFile(group.path).read_row_group(group.index)
     conv = RowGroupConverter(schema, with_oracle=False)
     clean = conv.convert(raw, group)

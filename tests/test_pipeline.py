@@ -59,18 +59,6 @@ def test_auto_pipelines_only_where_an_all_to_all_is_hidden():
         pipeline_wanted("always", env(1, "cpu"))
 
 
-@pytest.fixture(scope="module")
-def synthetic_seq(tmp_path_factory):
-    from dataclasses import replace
-
-    from dlrm_mtl.synthetic import SyntheticSpec, generate
-
-    out = tmp_path_factory.mktemp("pipeline_seq")
-    generate(out, rows=8000, seed=4, spec=replace(SyntheticSpec(train_files=2, eval_files=1, row_group_rows=1000,
-                                                                user_table=3000, item_table=2000), sequence_len=6))
-    return out
-
-
 @pytest.mark.slow
 def test_sparse_dist_pipeline_matches_plain_loop_with_sequences_and_deepmcp(synthetic_seq, tmp_path):
     """The pipeline's trace follows the sequence path (the EmbeddingCollections' outputs go

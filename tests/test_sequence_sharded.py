@@ -2,7 +2,6 @@
 checkpointed, resharded 2 -> 1 bit for bit, and every row is trained exactly once across the
 world-size change (the same guarantees as the pooled tables, tests/test_checkpoint_reshard.py)."""
 
-from dataclasses import replace
 
 import pytest
 
@@ -10,15 +9,6 @@ from ckpt_runs import assert_exactly_once, assert_same_state, exported, kill_env
 from dlrm_mtl.checkpoint import latest_checkpoint
 
 SETS = ("model.interaction=concat", "checkpoint.every_steps=3")
-
-
-@pytest.fixture(scope="module")
-def synthetic_seq(tmp_path_factory):
-    from dlrm_mtl.synthetic import SyntheticSpec, generate
-
-    out = tmp_path_factory.mktemp("synthetic_seq")
-    generate(out, rows=4000, seed=5, spec=replace(SyntheticSpec(train_files=2, eval_files=1, row_group_rows=500), sequence_len=6))
-    return out
 
 
 @pytest.mark.slow
