@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Two versions of dlrm_mtl on one lent GPU machine, back to back in one call: the working tree
+# ("new") and an older tree exported into $OLD ("old"), so that their GPU numbers are measured
+# on the same machine (the lent machines differ between calls: only numbers from one call are
+# compared). docs/performance.md "GPU, third round" was measured with it.
+#
+#   # here, before the call (the old tree travels inside .gpu/, which .git/info/exclude ignores):
+#   mkdir -p .gpu/old && git archive <rev> dlrm_mtl tools configs datasets pyproject.toml | tar -x -C .gpu/old
+#   # on the GPU machine (device tool, carry [".gpu"]):
+#   bash tools/gpu_side_by_side.sh              # results under $OUT (default /tmp/gpu_out)
+#
+# Steps, each under its own time limit so that one failure leaves the others' results:
+#   1. the synthetic demo data (ROWS, default 3M rows, seed 0);
+#   2. tools/bench_gpu.py on each tree: the real step vs the plain PyTorch peer at batch BS
+#      (default "2048 8192"), fp32, graphed (the default): ms/step, kernels, launch calls,
+#      host syncs, GPU busy per step -> bench-new.json, bench-old.json;
+#   3. `dlrm-mtl train` of each tree: the demo config + configs/gpu.yaml (batch 8192), one GPU,
+#      metrics and throughput -> train-new.json, train-old.json (inside results.tgz);
+#   4. bench_gpu.py at batch 8192 with the dense step eager (train.cuda_graph=eager): every
+#      operator a launch -> bench-new_eager.json, bench-old_eager.json.
+# The device tool returns at most 8 files: logs and train JSONs travel in results.tgz.
+# Dry run on a CPU machine: NO_UNPACK=1 PY=.venv/bin/python ROWS=60000 BS=1024 \
+#   BENCH_ARGS="--steps 4 --warmup 1 --chunk 2 --count-steps 1" OUT=/tmp/dry DATA=/tmp/dry_syn bash tools/gpu_side_by_side.sh
+set -u; export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+T0=$(date +%s); st(){ echo "[+$(( $(date +%s)-T0 ))s] $*" | tee -a "$OUT/steps.log"; }
+ROOT=$PWD
+OLD="${OLD:-$ROOT/.gpu/old}"
+if [ -f .gpu/unpack.sh ] && [ "${NO_UNPACK:-0}" != 1 ]; then
+  source .gpu/unpack.sh > "$OUT/unpack.log" 2>&1 || { tail -20 "$OUT/unpack.log"; exit 1; }
+fi
+BASE="${PYTHONPATH:-}"
+PY="${PY:-python3}"
+nvidia-smi -L >> "$OUT/steps.log" 2>&1
+st "unpacked $($PY -V 2>&1)"
+export PYTHONPATH="${BASE:+$BASE:}$ROOT"
+DATA=${DATA:-/tmp/syn}
+if [ ! -f "$DATA/schema.yaml" ]; then
+  timeout 90 $PY -m dlrm_mtl generate --out "$DATA" --rows "${ROWS:-3000000}" --seed 0 > "$OUT/gen.log" 2>&1
+  st "generate rc=$?"
+fi
+
+side() {  # name tree [bench_gpu args]
+  local name=$1 dir=$2 extra=${3:-}
+  ( cd "$dir" && export PYTHONPATH="${BASE:+$BASE:}$dir" \
+    && timeout "${BENCH_T:-110}" $PY tools/bench_gpu.py --data "$DATA" --batch-sizes ${BS:-2048 8192} --precision fp32 \
+       --skip-arch ${BENCH_ARGS:-} $extra --json "$OUT/bench-$name.json" > "$OUT/bench-$name.log" 2>&1 )
+  st "bench $name rc=$?"
+}
+train() {  # name tree [train args]
+  local name=$1 dir=$2
+  ( cd "$dir" && export PYTHONPATH="${BASE:+$BASE:}$dir" \
+    && timeout "${TRAIN_T:-100}" $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl train \
+       --config configs/demo.yaml --config configs/gpu.yaml --set train.run_dir=/tmp/run-$name --set data.train=$DATA/train \
+       --set data.eval=$DATA/eval --set checkpoint.at_end=false ${3:-} ${TRAIN_SETS:-} > "$OUT/train-$name.log" 2>&1 )
+  local rc=$?
+  [ -f /tmp/run-$name/metrics.json ] && cp /tmp/run-$name/metrics.json "$OUT/train-$name.json"
+  st "train $name rc=$rc"
+}
+
+side new "$ROOT"; side old "$OLD"
+# checkpoint.keep_best is newer than some old trees: only the working tree is given it
+train new "$ROOT" "--set checkpoint.keep_best=false"; train old "$OLD"
+BS=8192 BENCH_T=80 side new_eager "$ROOT" "--set train.cuda_graph=eager"
+BS=8192 BENCH_T=80 side old_eager "$OLD" "--set train.cuda_graph=eager"
+st done
+(cd "$OUT" && tar czf /tmp/results.tgz . && mv /tmp/results.tgz . \
+  && find . -type f ! -name results.tgz ! -name steps.log ! -name 'bench-*.json' -delete)
