@@ -46,11 +46,13 @@ class DataConfig:
     # a core with the step's intra-op threads slows the step more than reading costs
     prefetch_batches: int = -1
     num_workers: int = -1
-    # on GPU: the reader copies every batch into page-locked memory so that its copy to the
-    # device is asynchronous. Off by default: measured on an H100 (batch 8192, demo data),
-    # pinning each batch's tensors cost the reader ~9 ms per batch and held training at 0.73M
-    # samples/s; copying from pageable memory trained at 1.61M with the same AUC
-    # (docs/performance.md, "GPU, third round")
+    # on GPU: the reader thread packs every batch into one page-locked buffer of a reused ring,
+    # so that it reaches the device in one asynchronous copy (dlrm_mtl/data/batch_buffers.py).
+    # Off by default: on an H100 (batch 8192, demo data) copying each tensor from pageable
+    # memory trained at 1.28-1.72M samples/s, while every variant that copied the batch on the
+    # reader thread first (pinned per tensor: 0.63-0.73M; packed and pinned: 0.60M; packed,
+    # pageable: 0.50M) left the loop waiting for its input (docs/performance.md, "GPU, third
+    # round"), although one copy per step makes the step itself 25 % faster (3.69 -> 2.77 ms)
     pin_memory: bool = False
     # the schema's row_id declares ids unique: before training, every id of the train and eval
     # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)

@@ -122,16 +122,14 @@ def make_pipeline(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, env: D
     return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
 
 
-def _device_batches(batches: Iterator[Batch], device: torch.device, pin_memory: bool, copy: bool = True) -> Iterator[Batch]:
-    """Host batches -> device (pinned first on GPU, so the copy can run asynchronously).
-    ``copy=False`` only pins: TrainPipelineSparseDist copies each batch on its own stream,
-    overlapped with the previous step's compute."""
+def _device_batches(batches: Iterator[Batch], device: torch.device, copy: bool = True) -> Iterator[Batch]:
+    """Host batches -> device. With ``data.pin_memory`` the reader thread has packed each batch
+    into one page-locked buffer, and this is one asynchronous copy (``BatchBuffers``).
+    ``copy=False`` leaves them on the host: TrainPipelineSparseDist copies each batch on its
+    own stream, overlapped with the previous step's compute."""
     for b in batches:
-        if device.type == "cuda":
-            if pin_memory and not b.is_pinned():  # the reader thread pins when it runs ahead
-                b = b.pin_memory()
-            if copy:
-                b = b.to(device, non_blocking=True)
+        if device.type == "cuda" and copy:
+            b = b.to(device, non_blocking=True)
         yield b
 
 
@@ -468,7 +466,7 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     window = LogWindow(env.device)
     epoch_iter = iter(run.train_stream)
     batches = _timed(itertools.islice(epoch_iter, steps), totals)
-    batches = _device_batches(batches, env.device, cfg.data.pin_memory, copy=run.pipeline is None)
+    batches = _device_batches(batches, env.device, copy=run.pipeline is None)
     if run.audit is not None:
         batches = run.audit.tap(batches)
     try:

@@ -21,8 +21,10 @@ What is measured
      on), bf16 as ``torch.autocast(dtype=bfloat16)`` around the dense arch (the loss in fp32).
 
    Batches: ``--batches`` distinct batches of B rows (cycled) are read once from synthetic
-   Parquet (generated and cached under ``--work`` unless ``--data`` is given) into host memory,
-   pinned on the GPU. After ``--warmup`` untimed steps per side, ``--steps`` timed steps per
+   Parquet (generated and cached under ``--work`` unless ``--data`` is given) into host memory;
+   on the GPU the plain side's are pinned per tensor (a DataLoader's ``pin_memory``), the real
+   side's are as its reader hands them over (``pack_batches``: packed into one page-locked
+   buffer each with ``data.pin_memory``, else pageable). After ``--warmup`` untimed steps per side, ``--steps`` timed steps per
    side run in alternating chunks of ``--chunk`` (real, plain, real, plain, ...), each chunk
    between two ``torch.cuda.synchronize()``. ``ms/step`` = summed chunk time / steps;
    ``median`` = median step on the CPU (steps are synchronous there), the median of the
@@ -313,8 +315,23 @@ class Side:
         return out
 
 
+def pack_batches(batches: Sequence[Batch], cfg: Config, device: torch.device) -> Sequence[Batch]:
+    """The real side's batches as its training loop gets them: with ``data.pin_memory`` on a
+    GPU the reader packs each into one page-locked buffer (``dlrm_mtl.data.batch_buffers``:
+    one copy per step); otherwise pageable, one copy per tensor. (The plain side's batches are
+    pinned per tensor, as a DataLoader with ``pin_memory=True`` hands them over.)"""
+    if device.type != "cuda" or not getattr(cfg.data, "pin_memory", False):
+        return batches
+    try:
+        from dlrm_mtl.data.batch_buffers import BatchBuffers
+    except ImportError:  # an older dlrm_mtl: its reader pinned per tensor
+        return batches
+    buffers = BatchBuffers(pin=True)
+    return [buffers.pack(b) for b in batches]
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """Host batch -> device, as ``dlrm_mtl.train._device_batches`` does (already pinned)."""
+    """Host batch -> device, as ``dlrm_mtl.train._device_batches`` does."""
     return batch.to(device, non_blocking=True) if device.type == "cuda" else batch
 
 
@@ -613,8 +630,10 @@ def step_case(args: argparse.Namespace, world: World, data: Path, schema: Schema
         entry["error"] = f"config: {type(e).__name__}: {e}"
         print(f"  ERROR {entry['error']}", flush=True)
         return entry
-    sides = [try_build("real", lambda: build_real(schema, cfg, env, batches, precision, has_precision)),
-             try_build("plain", lambda: build_plain(schema, cfg, device, batches, precision))]
+    real_batches = pack_batches(batches, cfg, device)
+    plain_batches = [b.pin_memory() for b in batches] if device.type == "cuda" else batches  # a DataLoader's pin_memory
+    sides = [try_build("real", lambda: build_real(schema, cfg, env, real_batches, precision, has_precision)),
+             try_build("plain", lambda: build_plain(schema, cfg, device, plain_batches, precision))]
     try:
         for side in sides:
             warm(side, args.warmup, sync)
@@ -651,7 +670,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> List[Dict[str
             cfg, _ = case_config(args, data, B, None)
             schema = Schema.load(cfg.data.schema_path())
             t0 = time.perf_counter()
-            batches = load_host_batches(schema, cfg.data.train, B, args.batches, device.type == "cuda" and cfg.data.pin_memory)
+            batches = load_host_batches(schema, cfg.data.train, B, args.batches, False)
             print(f"batch {B}: {len(batches)} distinct batches in memory ({time.perf_counter() - t0:.1f}s)", flush=True)
         except Exception as e:  # noqa: BLE001
             msg = f"data: {type(e).__name__}: {e}"

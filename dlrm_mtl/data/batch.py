@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+if TYPE_CHECKING:
+    from dlrm_mtl.data.batch_buffers import BatchStorage
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Batch(Pipelineable):
             None; for ``loss.ranking``.
         sequence: KJT with one key per schema sequence feature (schema order), stride B: the
             events of each row, oldest first, at most ``max_len``; None without sequences.
+        storage: set when the tensors are views of one host buffer (``BatchBuffers.pack``):
+            ``to(device)`` then copies that buffer once instead of each tensor.
     """
 
     sparse: KeyedJaggedTensor
@@ -43,6 +48,7 @@ class Batch(Pipelineable):
     user: Optional[torch.Tensor] = None
     group: Optional[torch.Tensor] = None
     sequence: Optional[KeyedJaggedTensor] = None
+    storage: Optional["BatchStorage"] = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +64,10 @@ class Batch(Pipelineable):
         return int(self.real.sum())
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        if self.storage is not None and self.storage.buffer.device != torch.device(device):
+            from dlrm_mtl.data.batch_buffers import copy_packed
+
+            return copy_packed(self, torch.device(device), non_blocking)  # one copy of the whole buffer
         return Batch(
             sparse=self.sparse.to(device=device, non_blocking=non_blocking),
             dense=self.dense.to(device=device, non_blocking=non_blocking),
@@ -80,10 +90,6 @@ class Batch(Pipelineable):
         for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user, self.group):
             if t is not None:
                 t.record_stream(stream)
-
-    def is_pinned(self) -> bool:
-        """Whether the batch is in page-locked host memory (checked on its dense features)."""
-        return self.dense.is_pinned()
 
     def pin_memory(self) -> "Batch":
         return Batch(

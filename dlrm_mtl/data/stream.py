@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs  # noqa: F401  (pa.fs)
 from dlrm_mtl.data.batch import Batch
+from dlrm_mtl.data.batch_buffers import BatchBuffers
 from dlrm_mtl.data.batch_columns import BatchColumns, table_to_batch
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.data.source import Source, open_source
@@ -559,8 +560,10 @@ class ParquetStream:
         prefetch_batches: batches converted ahead by a background thread (0 = inline).
         filesystem: an explicit pyarrow filesystem for ``paths`` (default: from the URI).
         num_workers: threads reading and converting row groups ahead (1 = the reader thread only).
-        pin_memory: the reader thread returns page-locked batches (GPU training: the copy to
-            the device can then run asynchronously, and the training thread does not pin).
+        pin_memory: the reader thread packs each batch into one page-locked buffer of a reused
+            ring (``BatchBuffers``): its copy to the device is then one asynchronous transfer
+            instead of one per tensor, and nothing is pinned per batch. Only with a reader
+            thread (``prefetch_batches`` > 0).
         cache_bytes: converted (validated) row groups kept in memory for the next epochs, up to
             this many bytes; later epochs then skip decoding and validation. The shuffle and
             the batches are the same with or without it; policy counters count cached rows
@@ -602,6 +605,8 @@ class ParquetStream:
         self.num_workers = num_workers
         self.background_priority = background_priority
         self.pin_memory = pin_memory
+        # the reader thread's page-locked buffers (tests may set unpinned ones to run the packing on CPU)
+        self.buffers: Optional[BatchBuffers] = BatchBuffers(pin=True) if pin_memory else None
         self.sparse_order: Optional[List[str]] = None  # the sparse KJT's key order; None: the schema's
         # converted row groups kept for later epochs, up to this many bytes (0: none)
         self.cache_bytes = cache_bytes
@@ -847,8 +852,8 @@ class ParquetStream:
             try:
                 self._background_thread()
                 for b in self._batches():
-                    if self.pin_memory:  # page-locked here, off the training thread
-                        b = b.pin_memory()
+                    if self.buffers is not None:  # one buffer per batch, off the training thread
+                        b = self.buffers.pack(b)
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)
