@@ -302,6 +302,11 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
     configure_backends(cfg.train, env.device)
     with clock("row_ids"):
         check_row_ids(cfg, schema, env)
+    with clock("streams"):
+        train_stream, eval_stream = open_streams(schema, cfg.data, env, cfg.train.seed)
+        # the first row groups are decoded while the model is built and sharded
+        train_stream.read_ahead()
+        eval_stream.read_ahead(cfg.data.shuffle_buffer_rows)
     with clock("model"):
         module = build_module(cfg, schema, env)
     with clock("plan_and_shard"):
@@ -311,8 +316,6 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         (run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
         for table, p in summary.items():
             _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
-    with clock("streams"):
-        train_stream, eval_stream = open_streams(schema, cfg.data, env, cfg.train.seed)
     _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
               f"{len(train_stream)} steps/epoch of {cfg.data.batch_size} rows/rank; eval rows {eval_stream.total_rows}")
     with clock("tensorboard"):

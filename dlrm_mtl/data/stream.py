@@ -271,8 +271,9 @@ class RowGroupConverter:
     def _count(self, key: str, n: int) -> None:
         """Counted input policies (null ids, truncated lists, filled/clipped dense values)."""
         if n:
-            with self._lock:
-                self.counters[key] = self.counters.get(key, 0) + n
+            if not getattr(self._local, "silent", False):
+                with self._lock:
+                    self.counters[key] = self.counters.get(key, 0) + n
             counts = getattr(self._local, "counts", None)
             if counts is not None:  # read_counted: this call's own counts too
                 counts[key] = counts.get(key, 0) + n
@@ -282,13 +283,16 @@ class RowGroupConverter:
         for k, n in counts.items():
             self._count(k, n)
 
-    def read_counted(self, group: RowGroup) -> Tuple[pa.Table, Dict[str, int]]:
-        """:meth:`read`, and the policy counts of this row group alone."""
+    def read_counted(self, group: RowGroup, tally: bool = True) -> Tuple[pa.Table, Dict[str, int]]:
+        """:meth:`read`, and the policy counts of this row group alone; ``tally=False`` leaves
+        them out of :attr:`counters` (a read ahead: they are added when the rows are used)."""
         self._local.counts = {}
+        self._local.silent = not tally
         try:
             return self.read(group), self._local.counts
         finally:
             self._local.counts = None
+            self._local.silent = False
 
     def read(self, group: RowGroup) -> pa.Table:
         try:
@@ -613,6 +617,9 @@ class ParquetStream:
         self._cache: Dict[Tuple[int, int], Tuple[pa.Table, Dict[str, int]]] = {}
         self._cache_used = 0
         self._cache_lock = threading.Lock()
+        # row groups converted ahead of their turn (read_ahead): key -> the read's Future
+        self._ahead: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"] = {}
+        self._ahead_pool: Optional[ThreadPoolExecutor] = None
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -777,10 +784,48 @@ class ParquetStream:
             except OSError:
                 pass
 
+    def read_ahead(self, rows: Optional[int] = None) -> None:
+        """Starts converting, on a thread of its own, the row groups this rank reads first in
+        the current epoch: ``rows`` rows' worth (default one shuffle buffer, at least a batch),
+        in the epoch's order.
+        Called while a run is still being set up (model, plan, sharding), so that the first
+        epoch's decoding overlaps it instead of delaying the first step. The rows, their order
+        and the policy counters are the same as without it: a group read ahead is used where
+        the stream would have read it (an error it raised is raised there too), and its
+        policy counts are added then."""
+        rng = self._rng(self.rank, self._segment, self.seed)  # a copy: the epoch's own draws are untouched
+        groups = list(self.groups)
+        if self.shuffle_buffer_rows > 0:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        threshold, rows = max(self.shuffle_buffer_rows, self.batch_size) if rows is None else rows, 0
+        first: List[RowGroup] = []
+        for g in groups:
+            if rows >= threshold:
+                break
+            n = self._remaining(g, self._keep)
+            if n > 0:
+                first.append(g)
+                rows += n
+        if not first:
+            return
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix=f"dlrm_mtl-ahead-r{self.rank}")
+        for g in first:
+            key = (g.file_index, g.index)
+            if key not in self._ahead and key not in self._cache:
+                self._ahead[key] = self._ahead_pool.submit(self.converter.read_counted, g, False)
+        self._ahead_pool.shutdown(wait=False)  # the thread ends when its queue is done
+        self._ahead_pool = None
+
     def _read_group(self, g: RowGroup) -> pa.Table:
         key = (g.file_index, g.index)
+        ahead = self._ahead.pop(key, None) if self._ahead else None
         hit = self._cache.get(key)
-        if hit is not None:  # converted in an earlier epoch: its policies count again, as a read would
+        if ahead is not None and not ahead.cancel():  # read ahead, or being read now: wait for it
+            t, counts = ahead.result()  # raises what the read raised, here, as a read would
+            self.converter.add_counts(counts)
+            self._remember(key, t, counts)
+        elif hit is not None:  # converted in an earlier epoch: its policies count again, as a read would
             t = hit[0]
             self.converter.add_counts(hit[1])
         else:

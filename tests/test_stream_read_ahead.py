@@ -1,0 +1,109 @@
+"""ParquetStream.read_ahead: the first row groups are converted on a thread of their own while a
+run is set up; the stream's batches, its policy counters and its errors stay the same."""
+
+import shutil
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dlrm_mtl.data import ParquetStream
+from dlrm_mtl.data.errors import DataError
+from dlrm_mtl.schema import Schema
+
+
+def _epochs(stream, epochs):
+    out = []
+    for e in range(epochs):
+        stream.set_epoch(e)
+        out.append([(b.row_id.numpy().copy(), b.dense.numpy().copy(), b.sparse.values().numpy().copy()) for b in stream])
+    return out
+
+
+def _wait(stream):
+    for f in list(stream._ahead.values()):
+        f.exception()  # done (or failed)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40])
+def test_read_ahead_streams_the_same_batches_and_counts(synthetic_small, workers, cache_bytes):
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    schema.dense[0].clip_max = 0.5  # a counted input policy, so that the counters are not empty
+
+    def stream():
+        return ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=2500, seed=9,
+                             prefetch_batches=2 if workers else 0, num_workers=workers, cache_bytes=cache_bytes)
+
+    plain, ahead = stream(), stream()
+    ahead.read_ahead()
+    _wait(ahead)
+    n_ahead = len(ahead._ahead)
+    assert 0 < n_ahead < len(ahead.groups)
+    sizes = [f.result()[0].num_rows for f in ahead._ahead.values()]  # one shuffle buffer's worth, no more
+    assert sum(sizes) >= 2500 and sum(sizes) - sizes[-1] < 2500  # (in the order they were submitted)
+    assert ahead.counters() == {}  # nothing counted before the rows are used
+    reads = []
+    real_read = ahead.converter.read
+    ahead.converter.read = lambda g: reads.append((g.file_index, g.index)) or real_read(g)
+    want, got = _epochs(plain, 2), _epochs(ahead, 2)
+    for e in range(2):
+        assert len(want[e]) == len(got[e])
+        for (r1, d1, v1), (r2, d2, v2) in zip(want[e], got[e]):
+            np.testing.assert_array_equal(r1, r2)
+            np.testing.assert_array_equal(d1, d2)
+            np.testing.assert_array_equal(v1, v2)
+    assert ahead._ahead == {}  # every group read ahead was used, once
+    groups = len(ahead.groups)
+    # the first epoch decoded only the groups not read ahead; later ones all (no cache) or none
+    assert len(reads) == (groups - n_ahead) + (groups if cache_bytes == 0 else 0)
+    counted = plain.counters()
+    assert counted and counted == ahead.counters()
+
+
+def test_read_ahead_follows_the_epoch_order(synthetic_small):
+    """The groups read ahead are the first ones the epoch reads (its shuffled group order)."""
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    s = ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=1500, seed=4,
+                      prefetch_batches=0, num_workers=0)
+    s.read_ahead()
+    _wait(s)
+    ahead = set(s._ahead)
+    order = []
+    real_read = s._read_group
+    s._read_group = lambda g: order.append((g.file_index, g.index)) or real_read(g)
+    s.set_epoch(0)
+    for _ in s:
+        pass
+    assert ahead == set(order[:len(ahead)]) and 2 <= len(ahead) < len(set(order))
+
+
+def test_a_bad_group_read_ahead_fails_where_the_stream_reads_it(synthetic_small, tmp_path):
+    """The error of a row group read ahead is raised by the iteration that reaches it (the
+    same DataError naming the file), not by read_ahead, and nothing is counted for it."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_small / "train", data)
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    victim = sorted(data.glob("*.parquet"))[0]
+    t = pq.read_table(victim)
+    pq.write_table(t.drop_columns([schema.dense[0].name]), victim, row_group_size=1000)
+    s = ParquetStream(schema, str(data), 256, shuffle_buffer_rows=100_000, seed=1, prefetch_batches=0, num_workers=0)
+    s.read_ahead()  # every group: the bad file's among them
+    _wait(s)
+    assert any(f.exception() is not None for f in s._ahead.values())
+    s.set_epoch(0)
+    with pytest.raises(DataError, match=victim.name):
+        for _ in s:
+            pass
+
+
+def test_read_ahead_runs_on_its_own_thread(synthetic_small):
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    s = ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=2000, prefetch_batches=0, num_workers=0)
+    threads = set()
+    real_read = s.converter.read
+    s.converter.read = lambda g: threads.add(threading.current_thread().name) or real_read(g)
+    s.read_ahead()
+    _wait(s)
+    assert threads and all(n.startswith("dlrm_mtl-ahead") for n in threads)
