@@ -1,18 +1,10 @@
 """The converted-row-group cache: later epochs skip decoding yet stream the same batches."""
 
-import numpy as np
 import pytest
 
 from dlrm_mtl.data import ParquetStream
 from dlrm_mtl.schema import Schema
-
-
-def _epochs(stream, epochs):
-    out = []
-    for e in range(epochs):
-        stream.set_epoch(e)
-        out.append([(b.row_id.numpy().copy(), b.dense.numpy().copy(), b.sparse.values().numpy().copy()) for b in stream])
-    return out
+from stream_epochs import assert_same_epochs, epoch_rows
 
 
 @pytest.mark.parametrize("cache_bytes", [1 << 40, 200_000])  # everything; only part of it
@@ -29,13 +21,8 @@ def test_cached_epochs_stream_the_same_batches_and_count_the_same(synthetic_smal
     reads = []
     real_read = cached.converter.read
     cached.converter.read = lambda g: reads.append(g) or real_read(g)
-    want, got = _epochs(plain, 3), _epochs(cached, 3)
-    for e in range(3):
-        assert len(want[e]) == len(got[e])
-        for (r1, d1, v1), (r2, d2, v2) in zip(want[e], got[e]):
-            np.testing.assert_array_equal(r1, r2)
-            np.testing.assert_array_equal(d1, d2)
-            np.testing.assert_array_equal(v1, v2)
+    want, got = epoch_rows(plain, 3), epoch_rows(cached, 3)
+    assert_same_epochs(want, got)
     groups = len(cached.groups)
     if cache_bytes > 1 << 30:
         assert len(reads) == groups  # each row group decoded once, in the first epoch

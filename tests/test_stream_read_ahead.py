@@ -4,21 +4,13 @@ run is set up; the stream's batches, its policy counters and its errors stay the
 import shutil
 import threading
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from dlrm_mtl.data import ParquetStream
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.schema import Schema
-
-
-def _epochs(stream, epochs):
-    out = []
-    for e in range(epochs):
-        stream.set_epoch(e)
-        out.append([(b.row_id.numpy().copy(), b.dense.numpy().copy(), b.sparse.values().numpy().copy()) for b in stream])
-    return out
+from stream_epochs import assert_same_epochs, epoch_rows
 
 
 def _wait(stream):
@@ -47,13 +39,8 @@ def test_read_ahead_streams_the_same_batches_and_counts(synthetic_small, workers
     reads = []
     real_read = ahead.converter.read
     ahead.converter.read = lambda g: reads.append((g.file_index, g.index)) or real_read(g)
-    want, got = _epochs(plain, 2), _epochs(ahead, 2)
-    for e in range(2):
-        assert len(want[e]) == len(got[e])
-        for (r1, d1, v1), (r2, d2, v2) in zip(want[e], got[e]):
-            np.testing.assert_array_equal(r1, r2)
-            np.testing.assert_array_equal(d1, d2)
-            np.testing.assert_array_equal(v1, v2)
+    want, got = epoch_rows(plain, 2), epoch_rows(ahead, 2)
+    assert_same_epochs(want, got)
     assert ahead._ahead == {}  # every group read ahead was used, once
     groups = len(ahead.groups)
     # the first epoch decoded only the groups not read ahead; later ones all (no cache) or none
