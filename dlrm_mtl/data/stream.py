@@ -619,7 +619,6 @@ class ParquetStream:
         self._cache_lock = threading.Lock()
         # row groups converted ahead of their turn (read_ahead): key -> the read's Future
         self._ahead: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"] = {}
-        self._ahead_pool: Optional[ThreadPoolExecutor] = None
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -786,7 +785,7 @@ class ParquetStream:
 
     def read_ahead(self, rows: Optional[int] = None) -> None:
         """Starts converting, on a thread of its own, the row groups this rank reads first in
-        the current epoch: ``rows`` rows' worth (default one shuffle buffer, at least a batch),
+        the current epoch: ``rows`` rows' worth (default one shuffle buffer; at least a batch),
         in the epoch's order.
         Called while a run is still being set up (model, plan, sharding), so that the first
         epoch's decoding overlaps it instead of delaying the first step. The rows, their order
@@ -797,7 +796,7 @@ class ParquetStream:
         groups = list(self.groups)
         if self.shuffle_buffer_rows > 0:
             groups = [groups[i] for i in rng.permutation(len(groups))]
-        threshold, rows = max(self.shuffle_buffer_rows, self.batch_size) if rows is None else rows, 0
+        threshold, rows = max(self.shuffle_buffer_rows if rows is None else rows, self.batch_size), 0
         first: List[RowGroup] = []
         for g in groups:
             if rows >= threshold:
@@ -808,14 +807,12 @@ class ParquetStream:
                 rows += n
         if not first:
             return
-        if self._ahead_pool is None:
-            self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix=f"dlrm_mtl-ahead-r{self.rank}")
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"dlrm_mtl-ahead-r{self.rank}")
         for g in first:
             key = (g.file_index, g.index)
             if key not in self._ahead and key not in self._cache:
-                self._ahead[key] = self._ahead_pool.submit(self.converter.read_counted, g, False)
-        self._ahead_pool.shutdown(wait=False)  # the thread ends when its queue is done
-        self._ahead_pool = None
+                self._ahead[key] = pool.submit(self.converter.read_counted, g, False)
+        pool.shutdown(wait=False)  # its thread ends when these reads are done
 
     def _read_group(self, g: RowGroup) -> pa.Table:
         key = (g.file_index, g.index)
