@@ -12,7 +12,8 @@
 #      per step at batch 2048 / 8192 / 32768 in fp32 and bf16; dense arch batched vs loop;
 #   3. the real `dlrm-mtl train` loop (demo config, one GPU) at batch 8192 with the dense step
 #      graphed and eager, in bf16, through TorchRec's sharded lookup instead of the direct one
-#      (sharding.local_lookup=false: same metrics expected, the speed and syncs of each), and at
+#      (sharding.local_lookup=false: same metrics expected, the speed and syncs of each), with the
+#      reader packing batches into page-locked buffers (data.pin_memory=true: one copy per step), and at
 #      batch 2048 (the CPU demo's global batch: AUC parity) and 32768: metrics.json of each.
 #   4. behaviour sequences: the synthetic set with a 20-event history (400k rows), trained with
 #      DIN's target attention and with DeepMCP at batch 8192 (the EmbeddingCollections' GPU
@@ -67,7 +68,7 @@ train() {  # name, then --set overrides
 }
 
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-  for v in ${TRAINS:-b8192_graph b8192_sharded b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
+  for v in ${TRAINS:-b8192_graph b8192_packed b8192_sharded b8192_eager b8192_bf16 b8192_workers b2048_graph b32768_graph}; do
     case $v in
       b8192_graph)  train $v data.batch_size=8192 ;;
       b8192_gpu)    train $v cfg:configs/gpu.yaml ;;
@@ -75,6 +76,7 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
       b8192_sharded) train $v data.batch_size=8192 sharding.local_lookup=false ;;
       b8192_bf16)   train $v data.batch_size=8192 train.precision=bf16 ;;
       b8192_workers) train $v data.batch_size=8192 data.num_workers=8 data.prefetch_batches=32 ;;
+      b8192_packed) train $v data.batch_size=8192 data.pin_memory=true ;;  # one page-locked buffer per batch
       b2048_graph)  train $v data.batch_size=2048 ;;
       b32768_graph) train $v data.batch_size=32768 ;;
     esac
