@@ -45,18 +45,26 @@ class TaskTowers(nn.Module):
         B = base.shape[-2]
         last = len(self.weights) - 1
         h = base.unsqueeze(0).expand(T, *base.shape) if shared else x  # [T, B, d]
+        h_bt = None  # the same activations laid out [B, T, k], where they were computed so
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if i == last:
                 # the logit layer (k = 1): <h_t, w_t> as a product and a sum over d. As a
                 # bmm it is a matrix-vector product forward and an outer product backward,
-                # both far slower than these element-wise passes on the CPU
+                # both far slower than these element-wise passes on the CPU. Read in the
+                # layout the activations were written in: the [T, B, k] view of a [B, T, k]
+                # tensor is strided, and the product and its gradient over it cost 1.5x
+                # (0.80 vs 0.54 ms forward + backward at B 2048, T 2, k 64, caches cold)
+                if h_bt is not None:
+                    return (h_bt * w.view(1, T, -1)).sum(-1) + b.view(1, T)  # [B, T]
                 return (h * w.view(T, 1, -1)).sum(-1).t() + b.view(1, T)  # [B, T]
             if i == 0 and shared:
                 # a shared input: every tower's first layer as one addmm over the
                 # concatenated weights [d, T·k] (bias fused), then a [T, B, k] view
                 k = w.shape[-1]
                 h = torch.addmm(b.reshape(-1), base, w.permute(1, 0, 2).reshape(w.shape[1], T * k))  # [B, T·k]
-                h = h.relu_().view(B, T, k).transpose(0, 1)  # [T, B, k]
+                h_bt = h.relu_().view(B, T, k)  # [B, T, k]
+                h = h_bt.transpose(0, 1)  # [T, B, k]
             else:
+                h_bt = None
                 h = torch.baddbmm(b, h, w).relu_()  # [T, B, k]
         raise AssertionError("unreachable: the last layer returns")
