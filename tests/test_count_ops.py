@@ -58,11 +58,16 @@ def test_kept_host_memory_means_no_fresh_pages_per_step(tmp_path):
     """``train.keep_host_memory`` (the default): a non-logging step of the default config
     reuses the pages it freed: a tenth of the minor page faults on the training thread or less. Without it glibc
     returns the step's large temporaries to the kernel and faults them in again every step.
-    Each setting runs in its own process: mallopt is process-wide and sticky."""
+    Each setting runs in its own process: mallopt is process-wide and sticky. The run without
+    it fixes glibc's starting thresholds (128 KiB): left adaptive, glibc raises them after
+    freeing some large block, at a point that depends on what ran before (another thread's
+    reads, the step's own temporaries), and the baseline would measure that history."""
     import subprocess
 
     data = count_ops.ensure_data(ROOT / "data" / "count_ops", 40_000)
     code = ("import sys, json; sys.path.insert(0, {tools!r}); import count_ops; "
+            "from dlrm_mtl.host_memory import keep_freed_memory; "
+            "sys.argv[2].endswith('false') and keep_freed_memory(128 << 10, 128 << 10); "
             "r = count_ops.count_case('default', count_ops.fragments()['default'], __import__('pathlib').Path({data!r}), "
             "__import__('pathlib').Path(sys.argv[1]), steps=20, log_every=4, overrides=[sys.argv[2]]); print('FAULTS', r.page_faults_per_step)")
     faults = {}
