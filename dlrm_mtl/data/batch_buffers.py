@@ -55,15 +55,9 @@ class Place:
     """Where one tensor lies in a buffer: ``buffer[offset : offset + nbytes]`` viewed as ``dtype``."""
 
     offset: int
+    nbytes: int
     dtype: torch.dtype
     shape: Tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * _itemsize(self.dtype)
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
@@ -78,10 +72,6 @@ class BatchStorage:
     buffer: torch.Tensor  # [N] uint8
     places: Dict[str, Place]
     on_copy: Optional[Callable[[Optional[torch.cuda.Stream]], None]] = field(default=None, repr=False)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _tensors(batch: "Batch") -> Dict[str, torch.Tensor]:
@@ -109,8 +99,9 @@ def layout(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Place], int]:
     places: Dict[str, Place] = {}
     end = 0
     for name, t in tensors.items():
-        places[name] = Place(end, t.dtype, tuple(t.shape))
-        end += -(-places[name].nbytes // ALIGN) * ALIGN
+        nbytes = t.numel() * t.element_size()
+        places[name] = Place(end, nbytes, t.dtype, tuple(t.shape))
+        end += -(-nbytes // ALIGN) * ALIGN
     return places, end
 
 
@@ -211,9 +202,8 @@ class BatchBuffers:
         slot = self._take(nbytes)
         host = slot.buffer.numpy()  # numpy copies: single-threaded, no OpenMP team on the reader thread
         for name, t in tensors.items():
-            place = places[name]
-            dst = host[place.offset : place.offset + place.nbytes].view(t.numpy().dtype).reshape(place.shape)
-            np.copyto(dst, t.numpy())
+            place, src = places[name], t.numpy()
+            np.copyto(host[place.offset : place.offset + place.nbytes].view(src.dtype).reshape(place.shape), src)
 
         def on_copy(stream: Optional[torch.cuda.Stream], slot: _Slot = slot) -> None:
             event = self.make_event()
