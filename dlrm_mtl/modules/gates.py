@@ -14,13 +14,24 @@ def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     per gate) -> ``[B, G, E]``, with ``weight [G, in, E]``, ``bias [G, E]``.
 
     A shared input (2-D, or a stride-0 ``expand`` over the gates) is one ``addmm`` over the
-    concatenated weights ``[in, G·E]`` (bias fused); one input per gate is one ``baddbmm`` over
-    the gate axis (a transposed view of it is returned)."""
+    concatenated weights (bias fused); one input per gate is one ``baddbmm`` over the gate axis
+    (a transposed view of it is returned).
+
+    The product reads the weights *column-major* (``[G·E, in]`` in memory, as ``nn.Linear``
+    stores them), from one small copy per step: with only E (or G·E) output columns, MKL's
+    product with a row-major ``[in, E]`` right operand runs 2-3x slower, and autograd then
+    computes the weight gradient as ``x.T @ grad`` (``[in, B] @ [B, E]``), which is up to 8x
+    slower than the ``grad.T @ x`` it picks for a column-major operand (``docs/performance.md``,
+    "Gates: the weights' layout"). The parameters keep their ``[G, in, E]`` shape, so
+    checkpoints are unchanged.
+    """
+    G, d, E = weight.shape
     if x.dim() == 2 or x.stride(0) == 0:
-        G, d, E = weight.shape
         shared = x if x.dim() == 2 else x[0]  # [B, in]
-        return torch.addmm(bias.reshape(-1), shared, weight.permute(1, 0, 2).reshape(d, G * E)).view(-1, G, E)
-    return torch.baddbmm(bias.unsqueeze(1), x, weight).transpose(0, 1)
+        w = weight.permute(0, 2, 1).contiguous().view(G * E, d).t()  # [in, G·E], column-major (one copy)
+        return torch.addmm(bias.reshape(-1), shared, w).view(-1, G, E)
+    w = weight.mT.contiguous().mT  # [G, in, E], each column-major (one copy)
+    return torch.baddbmm(bias.unsqueeze(1), x, w).transpose(0, 1)
 
 
 class SoftmaxGate(nn.Module):
@@ -46,12 +57,10 @@ class SoftmaxGate(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in]`` or ``[G, B, in]`` -> gate logits ``[B, G, E]``."""
-        if x.dim() == 2 and self.num_gates == 1:
-            # x @ W[0], not a batched product over a gate axis of size 1: the latter's backward
-            # gives the [1, in, E] weight a gradient whose (meaningless) stride on that axis
-            # differs from the parameter's, and DDP then warns "Grad strides do not match bucket
-            # view strides" and copies the gradient into its bucket every step.
-            return (x @ self.weight[0]).unsqueeze(1) + self.bias  # [B, 1, E]
+        # one gate reads the shared input through gate_affine's addmm as well: its column-major
+        # copy of W[0] gives the [1, in, E] parameter a gradient with the parameter's own strides
+        # (a batched product over a gate axis of size 1 would not, and DDP would then warn "Grad
+        # strides do not match bucket view strides" and copy the gradient every step)
         return gate_affine(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
