@@ -208,6 +208,21 @@ def test_peer_forward_and_loss_shapes(tiny_data):
         torch.testing.assert_close(loss, expect)
 
 
+def test_side_a_command_carries_the_tuned_rate_and_schedule(tmp_path):
+    """Quick runs give dlrm_mtl the peer's constant rate (its tuned schedule at that size); full
+    runs leave its default cosine schedule and dense rate alone."""
+    from dlrm_mtl.config import Config
+
+    for quick, want in ((True, ("constant", 1e-2)), (False, ("cosine", Config().train.dense_lr))):
+        size = bench.run_sizes(quick)["movielens"]
+        cmd = bench.side_a_command(tmp_path / "data", "mmoe", size, tmp_path / f"run{quick}", concat=True)
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+        train = Config.load(configs, sets).train
+        assert (train.lr_schedule, train.dense_lr) == want
+        assert train.epochs == size.epochs
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     out = tmp_path / "peer.json"
