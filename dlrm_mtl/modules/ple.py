@@ -32,6 +32,13 @@ class ExtractionNetwork(nn.Module):
     ``task_in [T, B, d]``, ``shared_in [B, d]`` -> ``task_out [T, B, d']``, ``shared_out [B, d']``
     (or None) and the gates ``{"task": [B, T, E_sh + E_sp], "shared": [B, 1, E_sh + T·E_sp]}``.
     Shared experts come first in every gate's expert axis.
+
+    Computation (same sums as eq. 2, to float rounding): every expert's output sits once in one
+    pool ``[B, E_sh + T·E_sp, d']``; each task's gate weights are spread over that pool with 0
+    on the other tasks' experts (:meth:`spread`), and all T task mixtures plus the shared one are
+    a single product ``[B, T (+1), E_all] x [B, E_all, d']``. Building each task's expert set
+    ``S^k`` instead (a ``[B, T, E, d']`` copy, then a broadcast product and a sum) made PLE's
+    mixtures cost more than its expert layers on CPU (``docs/performance.md``).
     """
 
     def __init__(
@@ -48,37 +55,55 @@ class ExtractionNetwork(nn.Module):
         # one expert per task (the separate-network baseline): nothing to gate
         self.task_gate = SoftmaxGate(in_dim, num_tasks, num_shared + num_specific) if num_shared + num_specific > 1 else None
         self.shared_gate = SoftmaxGate(in_dim, 1, num_shared + num_tasks * num_specific) if shared_gate else None
+        # [T, T, 1]: task t's gate weights land on task t's block of specific experts only
+        self.register_buffer("own_block", torch.eye(num_tasks).unsqueeze(-1), persistent=False)
 
     def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         T, B, _ = task_in.shape
-        D = self.out_dim
-        per_task: List[torch.Tensor] = []  # parts of [B, T, E, d']
-        pool: List[torch.Tensor] = []  # parts of [B, E_all, d'] for the shared gate
+        pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
         if self.shared is not None:
-            sh = self.shared(shared_in)  # [B, E_sh, d']
-            per_task.append(sh.unsqueeze(1).expand(B, T, self.num_shared, D))
-            pool.append(sh)
+            pool.append(self.shared(shared_in))  # [B, E_sh, d']
         # every task reads the shared input (level 0: task_in is its stride-0 expand): the task
         # experts and gates read shared_in itself, one addmm each over all of them (indexing the
         # expand would make its backward fill and sum a [T, B, d] gradient)
         same = task_in.stride(0) == 0
         if self.specific is not None:
             if same:
-                sp = self.specific(shared_in)  # [B, T·E_sp, d']
+                pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
             else:
                 sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
-                sp = self.specific(sp_in)  # [B, T·E_sp, d']
-            per_task.append(sp.view(B, T, self.num_specific, D))
-            pool.append(sp)
-        experts = torch.cat(per_task, dim=2)  # [B, T, E, d']
+                pool.append(self.specific(sp_in))  # [B, T·E_sp, d']
+        experts = pool[0] if len(pool) == 1 else torch.cat(pool, dim=1)  # [B, E_all, d']
         gate_in = shared_in if same else task_in
-        gates = {"task": self.task_gate(gate_in) if self.task_gate is not None else task_in.new_ones(B, T, 1)}  # [B, T, E]
-        task_out = mix_experts(gates["task"].unsqueeze(-2), experts).squeeze(-2).transpose(0, 1)  # [T, B, d']
-        shared_out = None
+        gates: Dict[str, torch.Tensor] = {}
+        if self.task_gate is not None:
+            gates["task"] = self.task_gate(gate_in)  # [B, T, E_sh + E_sp]
+            weights = self.spread(gates["task"])  # [B, T, E_all]
+        elif self.num_shared == 0:  # one expert per task, nothing shared: each task's own output
+            gates["task"] = task_in.new_ones(B, T, 1)
+            return experts.transpose(0, 1), None, gates  # [T, B, d']
+        else:  # one shared expert and no task experts: every task gets it
+            gates["task"] = task_in.new_ones(B, T, 1)
+            weights = gates["task"]
         if self.shared_gate is not None:
             gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
-            shared_out = mix_experts(gates["shared"], torch.cat(pool, dim=1)).squeeze(1)  # [B, d']
+            weights = torch.cat([weights, gates["shared"]], dim=1)  # [B, T + 1, E_all]
+        mixed = mix_experts(weights, experts)  # [B, T (+1), d']: every task's and the shared mixture at once
+        task_out = mixed[:, :T].transpose(0, 1)  # [T, B, d']
+        shared_out = mixed[:, T] if self.shared_gate is not None else None  # [B, d']
         return task_out, shared_out, gates
+
+    def spread(self, task_gates: torch.Tensor) -> torch.Tensor:
+        """Task gates over their own experts ``[B, T, E_sh + E_sp]`` -> the same weights over the
+        whole pool ``[B, T, E_sh + T·E_sp]``, 0 on the other tasks' experts, so that every
+        task's mixture (eq. 2) and the shared gate's are one product over one expert tensor
+        instead of a ``[B, T, E, d']`` copy of each task's expert set."""
+        if self.num_specific == 0:
+            return task_gates
+        B, T, _ = task_gates.shape
+        own = task_gates[..., self.num_shared :]  # [B, T, E_sp]
+        own = (own.unsqueeze(2) * self.own_block).reshape(B, T, T * self.num_specific)  # [B, T, T·E_sp]
+        return own if self.num_shared == 0 else torch.cat([task_gates[..., : self.num_shared], own], dim=-1)
 
 
 class PLELayer(nn.Module):
