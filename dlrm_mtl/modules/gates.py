@@ -85,7 +85,7 @@ class SoftmaxGate(nn.Module):
         shared = shared_input(x)
         if shared is not None:  # the softmax runs expert-major (see gate_affine_expert_major)
             weights = torch.softmax(gate_affine_expert_major(shared, self.weight, self.bias), dim=1)  # [G, E, B]
-            return weights.permute(2, 0, 1).contiguous()  # [B, G, E]
+            return weights.permute(2, 0, 1).clone(memory_format=torch.contiguous_format)  # [B, G, E]
         return torch.softmax(self.logits(x), dim=-1)  # [B, G, E]
 
 
