@@ -29,8 +29,11 @@ def _train(data: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
 
 
 def _two_groups(data: Path, out: Path) -> Path:
-    """The synthetic set with its multi-hot feature mean-pooled in a table of its own: the
-    tables then form two kernel groups (sum, mean) whose features are not in schema order."""
+    """The synthetic set with its multi-hot feature mean-pooled in a table of its own, and
+    read a second time, sum-pooled, into another table: the tables then form two kernel
+    groups (sum, mean) whose features are not in schema order. (One mean-pooled multi-hot
+    table alone would not split them: single-hot tables take the multi-hot tables' pooling,
+    ``kernel_poolings``; with one vote each, sum wins.)"""
     out.mkdir()
     for split in ("train", "eval"):
         (out / split).symlink_to(data / split)
@@ -40,6 +43,9 @@ def _two_groups(data: Path, out: Path) -> Path:
     multi[0]["pooling"], multi[0]["table"] = "mean", "t_multi_hot_mean"
     position = [f["name"] for f in schema["sparse"]].index(multi[0]["name"])
     assert 0 < position < len(schema["sparse"]) - 1, "in the middle: its columns must be put back in place"
+    again = dict(multi[0], name=multi[0]["name"] + "_sum", column=multi[0].get("column") or multi[0]["name"],
+                 table="t_multi_hot_sum", pooling="sum")
+    schema["sparse"].append(again)
     (out / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
     return out
 

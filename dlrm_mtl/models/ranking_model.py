@@ -29,8 +29,32 @@ from dlrm_mtl.schema import Schema, leaf_ids
 torch.fx.wrap("with_auxiliary")
 
 
+def kernel_poolings(schema: Schema) -> Dict[str, str]:
+    """The pooling each table's lookup kernel runs, by table name.
+
+    A table read by multi-hot features pools as the schema says. A table whose features are
+    all single-hot pools one id per bag (none for a null id), where sum and mean give the same
+    vector and the same gradient, so it takes the pooling of the schema's multi-hot tables (the
+    more common one; sum without any): TorchRec batches tables into one fbgemm kernel per
+    pooling, and a schema with mean-pooled multi-hot features (MovieLens' genres) would
+    otherwise pay for a second kernel call, its Python and a copy of the outputs into schema
+    order on every step (``docs/performance.md``, "One kernel group").
+
+    Example::
+
+        # user_id, item_id single-hot (schema: sum), genres multi-hot mean
+        kernel_poolings(schema)   # {"t_user": "mean", "t_item": "mean", "t_genre": "mean"}
+    """
+    pooled = {f.table: f.pooling for f in schema.sparse if f.multi_hot}  # features of a table agree (Schema)
+    votes = list(pooled.values())
+    common = "mean" if votes.count("mean") > votes.count("sum") else "sum"
+    return {f.table: pooled.get(f.table, common) for f in schema.sparse}
+
+
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
-    """One EmbeddingBagConfig per schema table (features sharing a table share its rows)."""
+    """One EmbeddingBagConfig per schema table (features sharing a table share its rows),
+    pooled as :func:`kernel_poolings` says."""
+    pooling = kernel_poolings(schema)
     tables: Dict[str, EmbeddingBagConfig] = {}
     for f in schema.sparse:
         if f.table in tables:
@@ -41,7 +65,7 @@ def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
             embedding_dim=f.dim,
             num_embeddings=f.num_embeddings,
             feature_names=[f.name],
-            pooling=PoolingType.MEAN if f.pooling == "mean" else PoolingType.SUM,
+            pooling=PoolingType.MEAN if pooling[f.table] == "mean" else PoolingType.SUM,
         )
     return list(tables.values())
 
