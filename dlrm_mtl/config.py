@@ -225,6 +225,9 @@ class TableShardingConfig:
     lr: float = 0.0
 
 
+BOUNDS_CHECKS = ("none", "warning", "fatal")  # sharding.bounds_check
+
+
 @dataclass
 class ShardingConfig:
     # sharding types the planner may choose from. column_wise is left out by default:
@@ -238,6 +241,12 @@ class ShardingConfig:
     # TorchRec's input/output distribution over one rank (same tables, optimizer and
     # checkpoints; dlrm_mtl/models/local_lookup.py). false: always the sharded module's forward
     local_lookup: bool = True
+    # fbgemm's check of every id against its table before each lookup: none (the default: the
+    # reader has already checked every id, or hashed it into range, and names the file, column
+    # and row of a bad one; the kernel's check cost as much as the lookup itself, 130 us a step
+    # on the census shape) | warning (fbgemm's default: a bad id is read as row 0, with a
+    # warning) | fatal. Set warning or fatal when feeding the tables batches of your own.
+    bounds_check: str = "none"
 
 
 @dataclass
@@ -675,6 +684,7 @@ def _check_data(cfg: Config) -> None:
     _at_least(cfg, "data.num_workers", d.num_workers, -1)
     _at_least(cfg, "data.cache_mb", d.cache_mb, -1)
     _one_of(cfg, "data.background_priority", d.background_priority, ("idle", "normal"))
+    _one_of(cfg, "sharding.bounds_check", cfg.sharding.bounds_check, BOUNDS_CHECKS)
 
 
 def _check_train(cfg: Config) -> None:

@@ -11,7 +11,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -236,9 +236,19 @@ def table_modules(module: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-def table_sharders() -> List[ModuleSharder[nn.Module]]:
-    """The sharders of the model's two table collections (planner and DMP take the same)."""
-    return [CPUWideEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]  # type: ignore[list-item]
+def bounds_check_modes() -> Dict[str, Any]:
+    """``sharding.bounds_check`` -> fbgemm's ``BoundsCheckMode``."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    return {"none": BoundsCheckMode.NONE, "warning": BoundsCheckMode.WARNING, "fatal": BoundsCheckMode.FATAL}
+
+
+def table_sharders(bounds_check: str = "none") -> List[ModuleSharder[nn.Module]]:
+    """The sharders of the model's two table collections (planner and DMP take the same), their
+    kernels checking ids as ``sharding.bounds_check`` says."""
+    fused = {"bounds_check_mode": bounds_check_modes()[bounds_check]}
+    return [CPUWideEmbeddingBagCollectionSharder(fused_params=dict(fused)),  # type: ignore[list-item]
+            EmbeddingCollectionSharder(fused_params=dict(fused))]
 
 
 def apply_table_optimizers(module: nn.Module, cfg: Config) -> Dict[str, str]:
@@ -275,7 +285,7 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     if len(ebcs) != 1:
         raise ValueError("expected exactly one MultiScenarioMultiTaskModel in the module")
     apply_table_optimizers(ebcs[0], cfg)
-    sharders = table_sharders()
+    sharders = table_sharders(cfg.sharding.bounds_check)
     planner = make_planner(cfg, env, schema)
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders,

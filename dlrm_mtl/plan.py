@@ -40,7 +40,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
     optimizers = apply_table_optimizers(module.model, cfg)
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
     planner = make_planner(cfg, env, schema, world_size=world_size)
-    plan = planner.plan(module, table_sharders())
+    plan = planner.plan(module, table_sharders(cfg.sharding.bounds_check))
     per_rank = [0] * world_size
     for option in planner._best_plan or []:  # TorchRec keeps the chosen options' estimates here
         for shard in option.shards:

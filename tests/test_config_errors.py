@@ -144,6 +144,7 @@ def test_valid_overrides_pass_the_check(overrides, synthetic_small):
     (["sharding.tables={t_nosuch: {types: [row_wise]}}"], ["sharding.tables.t_nosuch"]),
     (["train.pipeline=fast"], ["train.pipeline", "'fast'"]),
     (["model.interaction=dotty"], ["model.interaction", "'dotty'"]),
+    (["sharding.bounds_check=strict"], ["sharding.bounds_check", "'strict'"]),
 ])
 def test_check_names_the_key(overrides, words, synthetic_small):
     cfg = Config.load(None, [f"data.train={synthetic_small / 'train'}"] + overrides)

@@ -112,3 +112,51 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
         it.close()
     finally:
         shutdown_distributed()
+
+
+@pytest.mark.parametrize("mode", ["none", "fatal"])
+def test_bounds_check_follows_the_config(synthetic_small, tmp_path, mode):
+    """``sharding.bounds_check``: none (the default; the reader checks every id) runs no fbgemm
+    bounds check before the lookup; fatal runs one per kernel and an id outside its table is
+    an error, not a read of another row."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dlrm_mtl.config import Config
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.train import setup_run
+
+    cfg = Config.load([str(ROOT / "configs/demo.yaml")], [
+        f"data.train={synthetic_small / 'train'}", f"data.eval={synthetic_small / 'eval'}",
+        f"train.run_dir={tmp_path / 'run'}", "data.batch_size=64", "train.threads_per_rank=1", "train.progress=false",
+        f"sharding.bounds_check={mode}",
+    ])
+    assert Config.load([str(ROOT / "configs/demo.yaml")], []).sharding.bounds_check == "none"
+
+    class Checks(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += "bounds_check_indices" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(cfg, env)
+        model = run.dmp.module.model
+        batch = next(iter(run.train_stream))
+        checks = Checks()
+        with checks:
+            model.embed(batch.sparse, batch.sequence)
+        kernels = len(model.local_lookup.modules)
+        assert checks.n == (0 if mode == "none" else kernels)
+        if mode == "fatal":
+            values = batch.sparse.values().clone()
+            values[0] = 10**6  # beyond every table
+            bad = type(batch.sparse)(keys=batch.sparse.keys(), values=values, lengths=batch.sparse.lengths())
+            with pytest.raises(Exception):
+                model.embed(bad, batch.sequence)
+    finally:
+        shutdown_distributed()
