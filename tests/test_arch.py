@@ -113,3 +113,27 @@ def test_named_level_and_gate_names():
 def test_config_errors_name_the_problem(bad, match):
     with pytest.raises(ConfigError, match=match):
         arch(bad["scen"], bad["task"])
+
+
+@pytest.mark.parametrize("fragment", ["", "mmoe", "ple", "hinet"])
+def test_a_rows_logits_do_not_depend_on_its_batch(fragment):
+    """Evaluation and prediction split rows into batches by world size and position (a rank's
+    last batch is short): a row's logits must be the same bit for bit whatever batch it comes
+    in, so that `dlrm-mtl evaluate` on two workers reproduces training's metrics
+    (tests/test_evaluate.py). A softmax over gates laid out with the batch innermost broke this:
+    PyTorch's vectorised exp and its scalar tail round differently, so rows moved between
+    them with the batch size."""
+    from pathlib import Path
+
+    from dlrm_mtl.config import Config
+
+    root = Path(__file__).resolve().parents[1]
+    configs = [str(root / "configs" / "arch" / f"{fragment}.yaml")] if fragment else []
+    torch.manual_seed(0)
+    model = DenseArch(SCHEMA, Config.load(configs, []).model).eval()
+    pooled, dense, scenario = inputs(B=1024, seed=1)
+    with torch.no_grad():
+        full, _, _ = model(pooled, dense, scenario)  # [1024, T]
+        for k in (300, 512, 1000):
+            part, _, _ = model(pooled[:k], dense[:k], scenario[:k])
+            assert torch.equal(part, full[:k]), (k, (part - full[:k]).abs().max().item())

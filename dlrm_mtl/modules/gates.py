@@ -9,49 +9,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def shared_input(x: torch.Tensor) -> torch.Tensor | None:
-    """The ``[B, in]`` input every gate reads, when ``x`` is one (2-D, or a stride-0 ``expand``
-    ``[G, B, in]`` of one); None when each gate reads its own input."""
-    if x.dim() == 2:
-        return x
-    return x[0] if x.stride(0) == 0 else None
-
-
-def gate_affine_expert_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``(x W_g + b_g)ᵀ`` of G gates on one shared input ``x [B, in]``, expert-major:
-    ``[G, E, B]``, with ``weight [G, in, E]``, ``bias [G, E]``.
-
-    One ``addmm`` of the gates' concatenated weights, laid out ``[G·E, in]`` (as ``nn.Linear``
-    stores them; one small copy per step), with ``xᵀ``. Why this layout (``docs/performance.md``,
-    "Gates: layouts"):
-
-    * a softmax over the experts of ``[G, E, B]`` (dim 1) runs along B, 15-20x faster on CPU than
-      PyTorch's softmax over a last axis of 3-8 entries (``[2048, 2, 3]``: 8 vs 147 µs);
-    * with ``[G·E, in]`` row-major, autograd computes the weight gradient as ``grad @ x``: 2-8x
-      faster than the ``xᵀ @ grad`` it computes for a row-major ``[in, G·E]`` operand with a
-      handful of columns, and MKL's forward is 2-3x faster too.
-
-    The parameters keep their ``[G, in, E]`` shape, so checkpoints are unchanged; a single
-    gate's gradient keeps the parameter's strides (DDP's bucket views need that).
-    """
-    G, d, E = weight.shape
-    w = weight.permute(0, 2, 1).contiguous().view(G * E, d)  # [G·E, in]
-    return torch.addmm(bias.view(G * E, 1), w, x.t()).view(G, E, -1)  # [G, E, B]
-
-
 def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``x W_g + b_g`` for G gates at once: ``x [B, in]`` (shared) or ``[G, B, in]`` (one input
     per gate) -> ``[B, G, E]``, with ``weight [G, in, E]``, ``bias [G, E]``.
 
-    A shared input (2-D, or a stride-0 ``expand`` over the gates) is
-    :func:`gate_affine_expert_major`, returned as a ``[B, G, E]`` view; one input per gate is
-    one ``baddbmm`` over the gate axis (a transposed view of it is returned) with each gate's
-    weights read column-major (``[E, in]`` in memory: MKL's product with a row-major ``[in, E]``
-    operand is slower).
+    A shared input (2-D, or a stride-0 ``expand`` over the gates) is one ``addmm`` over the
+    concatenated weights (bias fused); one input per gate is one ``baddbmm`` over the gate axis
+    (a transposed view of it is returned).
+
+    The product reads the weights *column-major* (``[G·E, in]`` in memory, as ``nn.Linear``
+    stores them), from one small copy per step: with only E (or G·E) output columns, MKL's
+    product with a row-major ``[in, E]`` right operand runs 2-3x slower, and autograd then
+    computes the weight gradient as ``x.T @ grad`` (``[in, B] @ [B, E]``), which is up to 8x
+    slower than the ``grad.T @ x`` it picks for a column-major operand (``docs/performance.md``,
+    "Gates: the weights' layout"). The parameters keep their ``[G, in, E]`` shape, so
+    checkpoints are unchanged.
     """
-    shared = shared_input(x)
-    if shared is not None:
-        return gate_affine_expert_major(shared, weight, bias).permute(2, 0, 1)  # [B, G, E] view
+    G, d, E = weight.shape
+    if x.dim() == 2 or x.stride(0) == 0:
+        shared = x if x.dim() == 2 else x[0]  # [B, in]
+        w = weight.permute(0, 2, 1).contiguous().view(G * E, d).t()  # [in, G·E], column-major (one copy)
+        return torch.addmm(bias.reshape(-1), shared, w).view(-1, G, E)
     w = weight.mT.contiguous().mT  # [G, in, E], each column-major (one copy)
     return torch.baddbmm(bias.unsqueeze(1), x, w).transpose(0, 1)
 
@@ -78,14 +56,14 @@ class SoftmaxGate(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_gates, num_experts).uniform_(-bound, bound))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in]`` or ``[G, B, in]`` -> gate logits ``[B, G, E]`` (a view)."""
+        """``[B, in]`` or ``[G, B, in]`` -> gate logits ``[B, G, E]``."""
+        # one gate reads the shared input through gate_affine's addmm as well: its column-major
+        # copy of W[0] gives the [1, in, E] parameter a gradient with the parameter's own strides
+        # (a batched product over a gate axis of size 1 would not, and DDP would then warn "Grad
+        # strides do not match bucket view strides" and copy the gradient every step)
         return gate_affine(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = shared_input(x)
-        if shared is not None:  # the softmax runs expert-major (see gate_affine_expert_major)
-            weights = torch.softmax(gate_affine_expert_major(shared, self.weight, self.bias), dim=1)  # [G, E, B]
-            return weights.permute(2, 0, 1).clone(memory_format=torch.contiguous_format)  # [B, G, E]
         return torch.softmax(self.logits(x), dim=-1)  # [B, G, E]
 
 
