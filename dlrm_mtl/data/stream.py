@@ -732,6 +732,12 @@ class ParquetStream:
         for t, start, n in self._spans(groups, rng, B, shuffle_rows, read, keep):
             yield t.slice(start, n)
 
+    @staticmethod
+    def _group_order(groups: List[RowGroup], rng: np.random.Generator, shuffle_rows: int) -> List[RowGroup]:
+        """The epoch's row-group order: shuffled when rows are (one draw of ``rng``)."""
+        groups = list(groups)
+        return [groups[i] for i in rng.permutation(len(groups))] if shuffle_rows > 0 else groups
+
     def _spans(
         self, groups: List[RowGroup], rng: np.random.Generator, B: int, shuffle_rows: int,
         read: Callable[[Iterator[RowGroup]], Iterator[pa.Table]], keep: Dict[int, np.ndarray],
@@ -743,9 +749,7 @@ class ParquetStream:
         buffer. Random draws depend only on row counts, so the same code replays a stream
         from metadata (``read`` yielding index tables) to find which rows it trained.
         """
-        groups = list(groups)
-        if shuffle_rows > 0:
-            groups = [groups[i] for i in rng.permutation(len(groups))]
+        groups = self._group_order(groups, rng, shuffle_rows)
         buffer: List[pa.Table] = []
         held = 0
 
@@ -793,9 +797,7 @@ class ParquetStream:
         the stream would have read it (an error it raised is raised there too), and its
         policy counts are added then."""
         rng = self._rng(self.rank, self._segment, self.seed)  # a copy: the epoch's own draws are untouched
-        groups = list(self.groups)
-        if self.shuffle_buffer_rows > 0:
-            groups = [groups[i] for i in rng.permutation(len(groups))]
+        groups = self._group_order(self.groups, rng, self.shuffle_buffer_rows)
         threshold, rows = max(self.shuffle_buffer_rows if rows is None else rows, self.batch_size), 0
         first: List[RowGroup] = []
         for g in groups:

@@ -38,7 +38,7 @@ def kernel_poolings(schema: Schema) -> Dict[str, str]:
     more common one; sum without any): TorchRec batches tables into one fbgemm kernel per
     pooling, and a schema with mean-pooled multi-hot features (MovieLens' genres) would
     otherwise pay for a second kernel call, its Python and a copy of the outputs into schema
-    order on every step (``docs/performance.md``, "One kernel group").
+    order on every step (``docs/performance.md``, "Fifth round").
 
     Example::
 

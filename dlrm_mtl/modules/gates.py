@@ -22,7 +22,7 @@ def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     product with a row-major ``[in, E]`` right operand runs 2-3x slower, and autograd then
     computes the weight gradient as ``x.T @ grad`` (``[in, B] @ [B, E]``), which is up to 8x
     slower than the ``grad.T @ x`` it picks for a column-major operand (``docs/performance.md``,
-    "Gates: the weights' layout"). The parameters keep their ``[G, in, E]`` shape, so
+    "Fifth round"). The parameters keep their ``[G, in, E]`` shape, so
     checkpoints are unchanged.
     """
     G, d, E = weight.shape
