@@ -31,6 +31,7 @@ from dlrm_mtl.config import Config, DataConfig
 from dlrm_mtl.models import MultiScenarioMultiTaskModel
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.schema import Schema
+from dlrm_mtl.training_optimizer import TrainingOptimizer
 
 
 @dataclass
@@ -279,7 +280,8 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     :class:`~dlrm_mtl.models.local_lookup.LocalPooledLookup` calls the tables' kernels
     directly), and the dense Adam runs as PyTorch's fused kernel (one operator per step for all
     parameters instead of ~12 per parameter, and no host read of each step counter) on any
-    world size.
+    world size. The optimizers come back as one :class:`TrainingOptimizer` (a
+    ``CombinedOptimizer`` whose step calls each optimizer directly).
     """
     ebcs = [m for m in module.modules() if isinstance(m, MultiScenarioMultiTaskModel)]
     if len(ebcs) != 1:
@@ -301,4 +303,4 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay, fused=True),
     )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+    return dmp, TrainingOptimizer([dmp.fused_optimizer, dense]), plan
