@@ -99,6 +99,7 @@ class EntireSpaceLoss(nn.Module):
         g = [cfg.decay.get(tasks[i].name, 1.0) for i in self.term_tasks]
         self.register_buffer("base_weights", torch.tensor(w, dtype=torch.float32), persistent=False)
         self.register_buffer("decay", torch.tensor(g, dtype=torch.float32), persistent=False)
+        self.decays = any(v != 1.0 for v in g)  # γ^t is 1 for every term otherwise
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # persistent: checkpoints carry t
         K = len(self.term_tasks)
         # DWA: λ (1 until two epochs are known), the last two epoch-mean losses, this epoch's sums
@@ -193,7 +194,7 @@ class EntireSpaceLoss(nn.Module):
         """``[K]`` current w_k · γ_k^t (PLE eq. 10), times DWA's λ_k under ``weighting: dwa``,
         times the gradnorm / pareto weight (``balance [K]``: this training step's; else the
         weighting's current one)."""
-        w = self.base_weights * self.decay.pow(self.step.to(self.decay.dtype))
+        w = self.base_weights * self.decay.pow(self.step.to(self.decay.dtype)) if self.decays else self.base_weights
         if self.balancer is not None:
             w = w * (self.balancer.weight if balance is None else balance)
         return w * self.dwa_lambda if self.cfg.weighting == "dwa" else w
@@ -311,15 +312,16 @@ class EntireSpaceLoss(nn.Module):
         if self.log_var is not None:
             s = self.log_var
             weighted = w * (self.uncertainty_scale * torch.exp(-s) * per_task + 0.5 * s)
+            total = weighted.sum()
         else:
-            weighted = w * per_task
-        total = weighted.sum()
+            total = per_task @ w.to(per_task.dtype)
         if self.unused_logits:  # 0 · the unused columns keeps DDP from seeing unused parameters
             total = total + 0.0 * logits[:, self.unused_logits].sum()
         terms: Dict[str, torch.Tensor] = {}
+        per_k, w_k = per_task.detach().unbind(0), w.detach().unbind(0)  # one operator each, not one per term
         for k, name in enumerate(self.term_names):
-            terms[f"loss/{name}"] = per_task[k].detach()
-            terms[f"loss_weight/{name}"] = w[k].detach()
+            terms[f"loss/{name}"] = per_k[k]
+            terms[f"loss_weight/{name}"] = w_k[k]
             if self.log_var is not None:
                 terms[f"loss_log_var/{name}"] = self.log_var[k].detach()
         if balance is not None:
@@ -421,6 +423,17 @@ class TermMatrices(nn.Module):
                 for j, positive in graph.steps[i]:
                     grad_map[k, (T if positive else 2 * T) + j] += 1.0
         self.register_buffer("grad_map", grad_map, persistent=False)
+        # TermMeans' forward: each term's log-probability straight from [log σ(z) | log σ(−z)]
+        # ([2T, K]: a logit term is its own column, an entire-space term the sum of its chain)
+        log_prob = torch.zeros(2 * T, K)
+        for k, s in enumerate(src):
+            log_prob[:, k] = P[:, s - T] if s >= T else torch.nn.functional.one_hot(torch.tensor(s), 2 * T).float()
+        self.negated = bool(log_prob[T:].any())  # some chain steps through a negated parent: log σ(−z) needed
+        self.register_buffer("log_prob", log_prob if self.negated else log_prob[:T].contiguous(), persistent=False)
+        entire = torch.tensor([s >= T for s in src])
+        self.register_buffer("is_entire", entire, persistent=False)
+        self.register_buffer("src_task", torch.tensor([s % T for s in src], dtype=torch.int64), persistent=False)
+        self.identity_src = [s % T for s in src] == list(range(T)) and not entire.any()  # logit k = task k: no select
 
     def log_probs(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``logits [B, T]`` -> (log p, log(1 − p)) of each term's prediction, ``[B, K]`` each."""
@@ -446,7 +459,15 @@ class TermMeans(torch.autograd.Function):
     and ``p`` the term's prediction (:meth:`TermMatrices.log_probs`), differentiated in closed
     form instead of through autograd's ~45 backward operators over ``[B, T]`` and ``[B, K]``.
 
-    With ``σ = σ(z)`` and ``W = c · ∂L`` (``∂L [K]`` the incoming gradient), per term k:
+    Forward: each term's BCE is ``BCE-with-logits(u, y)`` with ``u`` the logit of its
+    probability: ``z_i`` for a logit term, ``log P − log(1 − P)`` for an entire-space term
+    (ESMM, eq. 2-3: ``log P = [log σ(z), log σ(−z)] @ log_prob``, the chain's steps summed), so
+    that ``log σ(u) = log P`` and ``log σ(−u) = log(1 − P)``. One fused BCE operator and a
+    handful of ``[B, K]`` operators instead of a log-probability and its complement per term.
+    ``log(1 − P)`` is ``log(-expm1(log P))`` with ``log P`` clamped to ``≤ -1e-30`` (a chained
+    probability that rounds to 1 costs at most ~69 nats, as :func:`log1mexp`).
+
+    Backward, with ``σ = σ(z)`` and ``W = c · ∂L`` (``∂L [K]`` the incoming gradient), per term k:
 
     * a logit term on task i: ``∂ℓ/∂z_i = p - y`` (p = σ(z_i));
     * an entire-space term on task i with log P = Σ_steps log σ(±z_j) (ESMM, eq. 2-3):
@@ -455,41 +476,43 @@ class TermMeans(torch.autograd.Function):
 
     so ``∂/∂z = W S + (W P₊) ⊙ σ(-z) - (W P₋) ⊙ σ(z)`` with the constant ``[K, T]`` selections S
     (logit terms), P₊ and P₋ (entire terms' positive and negated steps): one product and one
-    ``mm`` in backward. ``σ(-z)``, not ``1 - σ(z)``, which is 0 in float32 from z ≈ 17. P / (1 - P)
-    is ``exp(log P - log(1 - P))``; where log P is above ``log1mexp``'s clamp (-1e-30) the
-    autograd path's gradient through the clamp is 0, and so is this one. Equal to the autograd
-    path to float64 rounding (tests/test_losses.py); ``y`` and ``c`` get no gradient.
+    ``mm`` in backward. ``σ(-z)``, not ``1 - σ(z)``, which is 0 in float32 from z ≈ 17.
+    ``P / (1 - P)`` is ``exp(u)``; where log P is above the clamp the autograd path's gradient
+    through the clamp is 0, and so is this one (``∂ℓ/∂log P = -y``). Equal to the autograd path
+    to float64 rounding (tests/test_losses.py); ``y`` and ``c`` get no gradient.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor, m: "TermMatrices") -> torch.Tensor:
         T = m.T
-        ctx.T, ctx.entire = T, m.any_entire
-        pos = F.logsigmoid(logits)  # [B, T]
-        neg = F.logsigmoid(-logits)  # not pos - z: that loses log σ(-z)'s relative precision where it is tiny
+        ctx.T, ctx.entire, ctx.negated = T, m.any_entire, m.negated
         if not m.any_entire:  # logit terms only (e.g. two root tasks): ∂ℓ/∂z = σ(z) - y
-            lp, ln = pos.index_select(1, m.src), neg.index_select(1, m.src)  # [B, K]
-            ctx.save_for_backward((lp.exp() - y) * c, m.grad_map[:, :T].to(logits.dtype))
-            return (-(y * lp + (1 - y) * ln) * c).sum(0)  # [K]
-        entire = torch.cat([pos, neg], dim=1) @ m.chain  # [B, T] log P_entire
-        # log(1 - P): autograd's log1mexp guards each branch with a where for its gradient;
-        # forward only, log(-expm1(x)) is exact to float rounding of its absolute value
-        lp = torch.cat([pos, entire], dim=1).index_select(1, m.src)  # [B, K]
-        ln = torch.cat([neg, torch.log(-torch.expm1(entire.clamp(max=-1e-30)))], dim=1).index_select(1, m.src)
-        ratio = torch.where(lp <= -1e-30, torch.exp(lp - ln), 0.0)  # P / (1 - P); 0 above the clamp
-        d = torch.where(m.src >= T, ratio * (1 - y) - y, torch.exp(lp) - y) * c  # [B, K] ∂L_k/∂(its source)
-        ctx.save_for_backward(d, torch.sigmoid(logits), torch.sigmoid(-logits), m.grad_map.to(logits.dtype))
-        return (-(y * lp + (1 - y) * ln) * c).sum(0)  # [K]
+            u = logits if m.identity_src else logits.index_select(1, m.src_task)  # [B, K]
+            per = F.binary_cross_entropy_with_logits(u, y, weight=c, reduction="none").sum(0)  # [K]
+            ctx.save_for_backward((torch.sigmoid(u) - y) * c, m.grad_map[:, :T].to(logits.dtype))
+            return per
+        pos = F.logsigmoid(logits)  # [B, T]
+        lp = (torch.cat([pos, F.logsigmoid(-logits)], dim=1) if m.negated else pos) @ m.log_prob  # [B, K] log P
+        lpc = lp.clamp(max=-1e-30)
+        u = torch.where(m.is_entire, lpc - torch.log(-torch.expm1(lpc)), logits.index_select(1, m.src_task))  # [B, K]
+        per = F.binary_cross_entropy_with_logits(u, y, weight=c, reduction="none").sum(0)  # [K]
+        ratio = torch.exp(u).masked_fill_(lp > -1e-30, 0.0)  # P / (1 - P); 0 above the clamp
+        d = torch.where(m.is_entire, ratio * (1 - y) - y, torch.sigmoid(u) - y) * c  # [B, K] ∂L_k/∂(its source)
+        ctx.save_for_backward(d, logits, m.grad_map.to(logits.dtype))
+        return per
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.entire:
             d, select = ctx.saved_tensors
             return (d * grad) @ select, None, None, None  # [B, T]
-        d, sig, sig_neg, grad_map = ctx.saved_tensors
+        d, logits, grad_map = ctx.saved_tensors
         T = ctx.T
         g = (d * grad) @ grad_map  # [B, 3T]: W S | W P₊ | W P₋
-        return g[:, :T] + g[:, T : 2 * T] * sig_neg - g[:, 2 * T :] * sig, None, None, None
+        out = g[:, :T] + g[:, T : 2 * T] * torch.sigmoid(-logits)
+        if ctx.negated:
+            out = out - g[:, 2 * T :] * torch.sigmoid(logits)
+        return out, None, None, None
 
 
 def inverse_share_weights(share: Sequence[float]) -> torch.Tensor:
