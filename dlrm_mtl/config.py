@@ -64,6 +64,11 @@ class DataConfig:
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training
     # step leaves free, so they never preempt its intra-op threads) | normal
     background_priority: str = "idle"
+    # the training epoch's last batch: padded (filled up to batch_size with padding rows, as
+    # every rank's last batch in a larger world) | short (its real rows only; a world of one) |
+    # auto = short for a world of one on CPU, where no rank waits for it and no static shape
+    # is needed (a CUDA-graphed GPU step keeps one), padded elsewhere
+    last_batch: str = "auto"
 
     def schema_path(self) -> str:
         """The schema file: ``schema`` if set, else schema.yaml next to or above ``train``."""
@@ -684,6 +689,7 @@ def _check_data(cfg: Config) -> None:
     _at_least(cfg, "data.num_workers", d.num_workers, -1)
     _at_least(cfg, "data.cache_mb", d.cache_mb, -1)
     _one_of(cfg, "data.background_priority", d.background_priority, ("idle", "normal"))
+    _one_of(cfg, "data.last_batch", d.last_batch, ("auto", "padded", "short"))
     _one_of(cfg, "sharding.bounds_check", cfg.sharding.bounds_check, BOUNDS_CHECKS)
 
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data_fingerprint, fault_point
 from dlrm_mtl.collectives import all_reduce_host, broadcast_host
-from dlrm_mtl.config import Config, DataConfig, TrainConfig
+from dlrm_mtl.config import Config, ConfigError, DataConfig, TrainConfig
 from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.distributed import DistEnv, cache_bytes, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
@@ -209,8 +209,21 @@ class TrainRun:
     phases: PhaseClock
 
 
+def pad_last_batch(data: DataConfig, env: DistEnv, pin: bool) -> bool:
+    """``data.last_batch`` resolved: whether the training epoch's last batch is padded to
+    ``batch_size`` (ConfigError for ``short`` where every rank must take equal steps or the
+    pinned buffers hold full batches)."""
+    if data.last_batch == "short" and (env.world_size > 1 or pin):
+        raise ConfigError("data.last_batch: short needs a world of one without data.pin_memory "
+                          f"(world size {env.world_size}, pinned buffers: {pin})", "data.last_batch")
+    if data.last_batch == "auto":
+        return not (env.world_size == 1 and env.device.type == "cpu")
+    return data.last_batch == "padded"
+
+
 def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
-    """The training stream (shuffled) and the evaluation stream of this rank."""
+    """The training stream (shuffled; its last batch per :func:`pad_last_batch`) and the
+    evaluation stream of this rank."""
     prefetch, workers = reader_threads(data, env)
     pin = data.pin_memory and env.device.type == "cuda"
     cache = cache_bytes(data, env)
@@ -218,6 +231,7 @@ def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> T
         schema, data.train, data.batch_size, env.rank, env.world_size,
         shuffle_buffer_rows=data.shuffle_buffer_rows, seed=seed, prefetch_batches=prefetch,
         num_workers=workers, background_priority=data.background_priority, pin_memory=pin, cache_bytes=cache,
+        pad_last=pad_last_batch(data, env, pin),
     )
     eval_stream = ParquetStream(
         schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
@@ -369,12 +383,14 @@ class LogWindow:
     def reset(self) -> None:
         self.real: Optional[torch.Tensor] = None
         self.steps = 0
+        self.batch_rows = 0  # rows of the window's batches, padding included (known on the host)
         self.t0 = time.perf_counter()
 
-    def add(self, real_rows: torch.Tensor) -> None:
+    def add(self, real_rows: torch.Tensor, batch_rows: int) -> None:
         r = real_rows.detach()
         self.real = r if self.real is None else self.real + r
         self.steps += 1
+        self.batch_rows += batch_rows
 
     def real_rows(self) -> int:
         """Real rows in the window (synchronises with the device)."""
@@ -413,10 +429,9 @@ def log_window(run: TrainRun, window: LogWindow, totals: Totals, terms: Dict[str
     """Closes a log window: counts its rows into ``totals``, averages the loss terms over
     ranks and writes them, samples/s, the lr factor and gate histograms to TensorBoard, and
     prints a progress line (step, rows, samples/s, loss, ETA)."""
-    B = run.cfg.data.batch_size
     rows = window.real_rows()
     totals.trained_rows += rows
-    totals.padded_rows += B * window.steps - rows
+    totals.padded_rows += window.batch_rows - rows
     names = sorted(terms)
     vals = all_reduce_host(torch.tensor([float(terms[k]) for k in names] + [float(rows)], dtype=torch.float64))
     now = time.perf_counter()
@@ -439,10 +454,9 @@ def log_window(run: TrainRun, window: LogWindow, totals: Totals, terms: Dict[str
 
 
 def _save_step_checkpoint(run: TrainRun, window: LogWindow, totals: Totals, t0: float) -> None:
-    B = run.cfg.data.batch_size
     rows = window.real_rows()
     run.progress.rows_trained = totals.trained_rows + rows
-    run.progress.padding_rows = totals.padded_rows + B * window.steps - rows
+    run.progress.padding_rows = totals.padded_rows + window.batch_rows - rows
     run.progress.train_seconds = totals.train_seconds + time.perf_counter() - t0
     run.ckpt.save(run.dmp, run.optimizer, run.scheduler, run.progress, audit=run.audit)
 
@@ -486,7 +500,7 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
             run.scheduler.step()  # fused table optimizers read their lr from param_groups on step()
             step = progress.advance()
             report(step, "step")
-            window.add(real)
+            window.add(real, logits.shape[0])
             if first:  # the run's first step: cuBLAS/fbgemm initialisation, the CUDA graph recorded
                 totals.first_step_seconds = time.perf_counter() - t_step
             if run.audit is not None:

@@ -115,3 +115,33 @@ def test_batch_columns_cut_the_same_batches_as_converting_each_slice(tmp_path):
         assert a.row_id[:rows].tolist() == ref["row_id"].to_pylist() and (a.row_id[rows:] == -1).all()
         m_lengths = a.sparse.lengths().view(3, 256)[1, :rows].tolist()
         assert m_lengths == [len(v) if v is not None else 0 for v in ref["m"].to_pylist()]
+
+
+@pytest.mark.parametrize("shuffle", [0, 2500])
+def test_a_short_last_batch_holds_the_same_rows_without_padding(synthetic_small, shuffle):
+    """``pad_last=False`` (a world of one): the same batches, rows and order as the padded
+    stream, except that the epoch's last batch ends at its last real row; every row once."""
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    kw = dict(batch_size=512, shuffle_buffer_rows=shuffle, seed=1, prefetch_batches=0, num_workers=0)
+    padded = list(ParquetStream(schema, str(synthetic_small / "train"), **kw))
+    short = list(ParquetStream(schema, str(synthetic_small / "train"), pad_last=False, **kw))
+    assert len(short) == len(padded)
+    assert [b.row_id.shape[0] for b in short[:-1]] == [512] * (len(short) - 1)
+    last = short[-1]
+    n = last.row_id.shape[0]
+    assert 0 < n < 512 and (last.row_id >= 0).all()  # 9,600 training rows: 18 full batches and 384 rows
+    assert torch.equal(last.row_id, padded[-1].row_id[:n]) and (padded[-1].row_id[n:] == -1).all()
+    assert torch.equal(last.dense, padded[-1].dense[:n]) and torch.equal(last.labels, padded[-1].labels[:n])
+    assert last.sparse.stride() == n
+    assert torch.equal(last.sparse.values(), padded[-1].sparse.values())  # padding rows have no ids
+    for a, b in zip(short[:-1], padded[:-1]):
+        assert torch.equal(a.row_id, b.row_id)
+    ids = torch.cat([b.row_id for b in short])
+    real = torch.cat([b.row_id[b.row_id >= 0] for b in padded])
+    assert ids.numel() == real.numel() == 9_600 and torch.equal(ids.unique(), real.unique())
+
+
+def test_a_short_last_batch_needs_a_world_of_one(synthetic_small):
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    with pytest.raises(ValueError, match="world of one"):
+        ParquetStream(schema, str(synthetic_small / "train"), batch_size=512, rank=0, world_size=2, pad_last=False)

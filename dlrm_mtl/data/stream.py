@@ -11,7 +11,9 @@ Equal steps policy: every rank yields exactly ``num_batches`` batches of exactly
 (``row_id == -1``, ``weight == 0``, ``label_mask`` all False, no sparse ids), and a rank
 whose share is smaller yields whole padding batches until every rank is done. No row is
 dropped and none is read twice; padding rows carry no loss and are excluded from metrics,
-so collectives never hang on uneven shards.
+so collectives never hang on uneven shards. A world of one may keep its epoch's last batch
+short instead (``pad_last=False``, ``data.last_batch``): with no other rank to keep in step and
+no static shape to keep (a CPU step), padding it only computes rows that train nothing.
 
 Validation happens per row group before shuffling, so errors name the file, the column and
 the row (0-based index within the file)::
@@ -577,6 +579,10 @@ class ParquetStream:
             the default. On a machine whose cores the step's intra-op threads fill, a reader at
             normal priority preempts one of them mid-operator and the others wait for it at the
             operator's barrier.
+        pad_last: the epoch's last batch is filled up to ``batch_size`` with padding rows (the
+            equal-steps policy). False yields it with its real rows only: a world of one
+            (nothing to keep in step with) without ``pin_memory`` (its buffers have the batch's
+            fixed size); every other batch, the order and the rows are the same.
     """
 
     def __init__(
@@ -595,7 +601,11 @@ class ParquetStream:
         background_priority: str = "idle",
         pin_memory: bool = False,
         cache_bytes: int = 0,
+        pad_last: bool = True,
     ) -> None:
+        if not pad_last and (world_size != 1 or pin_memory):
+            raise ValueError("pad_last=False needs a world of one without pin_memory (every rank must take "
+                             "equal steps, and the pinned buffers hold full batches)")
         if background_priority not in ("idle", "normal"):
             raise ValueError(f"background_priority {background_priority!r}: expected idle or normal")
         if batch_size <= 0:
@@ -609,6 +619,7 @@ class ParquetStream:
         self.num_workers = num_workers
         self.background_priority = background_priority
         self.pin_memory = pin_memory
+        self.pad_last = pad_last
         # the reader thread's page-locked buffers (tests may set unpinned ones to run the packing on CPU)
         self.buffers: Optional[BatchBuffers] = BatchBuffers(pin=True) if pin_memory else None
         self.sparse_order: Optional[List[str]] = None  # the sparse KJT's key order; None: the schema's
@@ -869,7 +880,7 @@ class ParquetStream:
             if produced >= self._skip:  # skipped batches (a resume) are read but not converted
                 if t is not buffer:  # a new shuffle buffer: convert its columns once
                     buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, self.sparse_order)
-                yield columns.batch(start, n, self.batch_size)
+                yield columns.batch(start, n, self.batch_size if self.pad_last else n)
             produced += 1
         empty = None
         while produced < self.num_batches:
