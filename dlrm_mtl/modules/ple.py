@@ -70,8 +70,10 @@ class ExtractionNetwork(nn.Module):
         if self.specific is not None:
             if same:
                 pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
-            else:
-                sp_in = task_in.transpose(0, 1).repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
+            else:  # one expert per task reads task_in as it is (a view; repeat_interleave would copy it)
+                sp_in = task_in.transpose(0, 1)  # [B, T, d]
+                if self.num_specific > 1:
+                    sp_in = sp_in.repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
                 pool.append(self.specific(sp_in))  # [B, T·E_sp, d']
         experts = pool[0] if len(pool) == 1 else torch.cat(pool, dim=1)  # [B, E_all, d']
         gate_in = shared_in if same else task_in
