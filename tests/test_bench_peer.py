@@ -223,6 +223,40 @@ def test_side_a_command_carries_the_tuned_rate_and_schedule(tmp_path):
         assert train.epochs == size.epochs
 
 
+def test_repeat_r_trains_with_seed_r_on_both_sides(tmp_path, monkeypatch):
+    """Repeat r: dlrm_mtl's train.seed r (a --set of the user still wins) and the peer's --seed
+    r, so that the repeats' AUCs are over seeds rather than one seed pair."""
+    from dlrm_mtl.config import Config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_child(cmd, cwd):
+        seen.append(cmd)
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    size = bench.run_sizes(True)["census"]
+    for rep in (0, 1, 2):
+        with pytest.raises(Stop):
+            bench.run_side_a(tmp_path / "data", "mmoe", size, tmp_path / f"a{rep}", rep, concat=True)
+        with pytest.raises(Stop):
+            bench.run_side_b(tmp_path / "data", "mmoe", size, rep)
+    with pytest.raises(Stop):
+        bench.run_side_a(tmp_path / "data", "mmoe", size, tmp_path / "user", 1, concat=True, extra=["train.seed=7"])
+    seeds = []
+    for cmd in seen:
+        if "--peer" in cmd:
+            seeds.append(("peer", int(cmd[cmd.index("--seed") + 1])))
+        else:
+            sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+            configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+            seeds.append(("A", Config.load(configs, sets).train.seed))
+    assert seeds == [("A", 0), ("peer", 0), ("A", 1), ("peer", 1), ("A", 2), ("peer", 2), ("A", 7)]
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     out = tmp_path / "peer.json"
