@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -243,6 +244,7 @@ class EntireSpaceLoss(nn.Module):
         label_mask: torch.Tensor,
         weight: torch.Tensor,
         scenario: Optional[torch.Tensor] = None,
+        term_inputs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """``[K]`` per-term mean losses (K = tasks with a loss space).
 
@@ -250,27 +252,27 @@ class EntireSpaceLoss(nn.Module):
         take :meth:`_per_task_matrix`: every term at once, a few dozen operators whatever the
         number of tasks. Regression and ``sum_of`` tasks take the per-view path
         (:meth:`_per_task_loop`, :meth:`TaskGraph.view_tensors`); both give the same values
-        (tests/test_losses.py)."""
+        (tests/test_losses.py). ``term_inputs``: the batch's ``(term_labels, term_rows)``
+        where the reader computed them (:class:`TermInputs`), else None."""
         lam: Optional[torch.Tensor] = None
         if scenario is not None and self.cfg.scenario_weighting != "none":
             lam = self.scenario_lambda[leaf_ids(scenario, self.schema)]  # [B]
         if self.term_matrices is not None:
-            return self._per_task_matrix(logits, labels, label_mask, weight, lam)
+            return self._per_task_matrix(logits, labels, label_mask, weight, lam, term_inputs)
         return self._per_task_loop(logits, labels, label_mask, weight, lam)
 
     def _per_task_matrix(
         self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
-        lam: Optional[torch.Tensor],
+        lam: Optional[torch.Tensor], term_inputs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         m = self.term_matrices
         assert m is not None
-        y, known = m.labels(labels, label_mask)  # [B, K] float, [B, K] bool
+        y, r = term_inputs if term_inputs is not None else m.inputs(labels, label_mask, weight)  # [B, K] each
+        rl = r if lam is None else r * lam.unsqueeze(1)  # [B, K]
         if self.balancer is None:  # the closed-form gradient (GradNorm / Pareto differentiate twice)
-            r = weight.unsqueeze(1) * known  # [B, K]
-            c = (r if lam is None else r * lam.unsqueeze(1)) / r.sum(0).clamp(min=1e-12)  # [B, K] constants
-            return TermMeans.apply(logits, y, c, m)
+            return TermMeans.apply(logits, y, rl / r.sum(0).clamp(min=1e-12), m)
         lp, ln = m.log_probs(logits)  # [B, K] x 2: log p and log(1 - p) of each term's prediction
-        return _mean_over_rows(-(y * lp + (1 - y) * ln), known, weight, lam)
+        return (-(y * lp + (1 - y) * ln) * rl).sum(0) / r.sum(0).clamp(min=1e-12)
 
     def _per_task_loop(
         self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
@@ -293,10 +295,13 @@ class EntireSpaceLoss(nn.Module):
         aux: Optional[Dict[str, torch.Tensor]] = None,
         bias: Optional[torch.Tensor] = None,
         group: Optional[torch.Tensor] = None,
+        term_labels: Optional[torch.Tensor] = None,
+        term_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``logits [B, T]``, ``labels [B, T]``, ``label_mask [B, T]``, ``weight [B]``,
         ``scenario [B, L]``, ``aux`` {name: scalar}, ``bias [B, Fb]``, ``group [B]`` (request
-        ids, read only under ``loss.ranking``) -> (total, terms)."""
+        ids, read only under ``loss.ranking``), ``term_labels, term_rows [B, K]`` (the batch's,
+        where the reader computed them: :class:`TermInputs`) -> (total, terms)."""
         if self.bias_tower is not None and self.training:
             if bias is None:
                 raise ValueError("the schema declares position_bias but the batch carries no bias features")
@@ -304,7 +309,8 @@ class EntireSpaceLoss(nn.Module):
             add = torch.zeros_like(logits)
             add[:, self.bias_tasks] = b.expand(-1, len(self.bias_tasks))
             logits = logits + add
-        per_task = self.per_task(logits, labels, label_mask, weight, scenario)  # [K]
+        term_inputs = None if term_labels is None or term_rows is None else (term_labels, term_rows)
+        per_task = self.per_task(logits, labels, label_mask, weight, scenario, term_inputs)  # [K]
         balance = None  # gradnorm / pareto: this step's weights from the per-task gradients
         if self.balancer is not None and self.training and torch.is_grad_enabled():
             balance = self.balancer(per_task)  # [K]
@@ -451,6 +457,45 @@ class TermMatrices(nn.Module):
         y = a @ self.h_label  # [B, K]
         y = torch.where(self.y_is_event, (y == self.n_label).to(y.dtype), y)
         return y, (a @ self.h_known) == self.n_known
+
+    def inputs(self, labels: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``labels, mask [B, T]``, ``weight [B]`` -> (each term's label, each term's row
+        weight: ``weight`` where the row is in the term's space, else 0), ``[B, K]`` each."""
+        y, known = self.labels(labels, mask)
+        return y, weight.unsqueeze(1) * known
+
+    def host_inputs(self) -> "TermInputs":
+        """:meth:`inputs` on host numpy arrays, for a reader to compute once per shuffle buffer."""
+        return TermInputs(self.h_label.cpu().numpy(), self.h_known.cpu().numpy(), self.n_label.cpu().numpy(),
+                          self.n_known.cpu().numpy(), self.y_is_event.cpu().numpy())
+
+
+class TermInputs:
+    """:meth:`TermMatrices.inputs` in numpy: ``(labels [n, T] float32, mask [n, T] bool,
+    weight [n] float32) -> (term labels, term rows)``, ``[n, K]`` float32 each, with the same
+    values (sums of 0/1 products and a row weight: exact in float32; tests/test_losses.py).
+    The reader applies it to a whole shuffle buffer at once (``ParquetStream.set_loss_terms``),
+    so that the loss reads two ``[B, K]`` tensors of the batch instead of deriving them with
+    ~15 operators every step.
+
+    Example::
+
+        terms = loss.term_matrices.host_inputs()
+        y, rows = terms(labels, mask, weight)   # numpy [n, K] x 2
+    """
+
+    def __init__(self, h_label: np.ndarray, h_known: np.ndarray, n_label: np.ndarray, n_known: np.ndarray,
+                 y_is_event: np.ndarray) -> None:
+        self.h_label, self.h_known, self.n_label, self.n_known = h_label, h_known, n_label, n_known
+        self.y_is_event = y_is_event
+
+    def __call__(self, labels: np.ndarray, mask: np.ndarray, weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        known = mask.astype(labels.dtype)
+        a = np.concatenate([known * (labels == 1), known * (labels == 0), known, labels], axis=1)  # [n, 4T]
+        y = a @ self.h_label  # [n, K]
+        y = np.where(self.y_is_event, (y == self.n_label).astype(y.dtype), y)
+        rows = weight[:, None] * ((a @ self.h_known) == self.n_known)
+        return y.astype(np.float32, copy=False), rows.astype(np.float32, copy=False)
 
 
 class TermMeans(torch.autograd.Function):

@@ -349,6 +349,9 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         for stream in (train_stream, eval_stream):  # batches in the kernels' feature order: no permute per step
             stream.set_sparse_order(model.local_lookup.kernel_keys)
         _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist)")
+    terms = dmp.module.loss.term_matrices
+    if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per buffer
+        train_stream.set_loss_terms(terms.host_inputs())
     return TrainRun(cfg, env, schema, run_dir, dmp, optimizer, scheduler, summary, train_stream, eval_stream, writer,
                     ckpt, progress, audit, pipeline, clock)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import pytest
 import torch
 
@@ -437,6 +438,41 @@ def test_matrix_terms_equal_the_per_term_loop(graph, scenario_weighting, scale):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     ga, gb = (torch.autograd.grad(v @ torch.arange(1.0, len(v) + 1, dtype=v.dtype), z)[0] for v in (a, b))
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("graph", sorted(_GRAPHS))
+def test_host_term_inputs_equal_the_losss_own(graph):
+    """TermInputs (the reader's numpy, once per shuffle buffer) gives the terms' labels and row
+    weights bit for bit as TermMatrices.inputs does on the batch; the loss fed them returns the
+    same total, terms and gradient as the loss deriving them itself."""
+    from dlrm_mtl.config import LossConfig
+
+    tasks = _GRAPHS[graph]
+    schema = Schema("m", [SparseFeature("a", "ta", 10, 4)], [], [ScenarioLevel("s", 3)], tasks)
+    loss = EntireSpaceLoss(schema, LossConfig(scenario_weighting="static", scenario_weights={"s1": 3.0}))
+    m = loss.term_matrices
+    g = torch.Generator().manual_seed(3)
+    B, T = 257, len(tasks)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    y = (torch.rand(B, T, generator=g) < 0.4).float() * mask
+    w = torch.rand(B, generator=g)
+    w[-5:] = 0  # padding rows
+    mask[-5:] = False
+    ty, tr = m.host_inputs()(y.numpy(), mask.numpy(), w.numpy())
+    ey, er = m.inputs(y, mask, w)
+    assert ty.dtype == tr.dtype == np.float32
+    assert torch.equal(torch.from_numpy(ty), ey) and torch.equal(torch.from_numpy(tr), er)
+    assert (tr[-5:] == 0).all()
+    scen = torch.randint(0, 3, (B, 1), generator=g)
+    z = 3 * torch.randn(B, T, generator=g)
+    outs = []
+    for kw in ({}, {"term_labels": torch.from_numpy(ty), "term_rows": torch.from_numpy(tr)}):
+        zz = z.clone().requires_grad_()
+        total, terms = loss(zz, y, mask, w, scen, **kw)
+        total.backward()
+        outs.append((total.detach(), zz.grad, {k: v.clone() for k, v in terms.items() if not k.startswith("loss/total")}))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][2].keys() == outs[1][2].keys() and all(torch.equal(outs[0][2][k], outs[1][2][k]) for k in outs[0][2])
 
 
 def test_regression_and_sum_of_graphs_take_the_loop():

@@ -145,3 +145,25 @@ def test_a_short_last_batch_needs_a_world_of_one(synthetic_small):
     schema = Schema.load(synthetic_small / "schema.yaml")
     with pytest.raises(ValueError, match="world of one"):
         ParquetStream(schema, str(synthetic_small / "train"), batch_size=512, rank=0, world_size=2, pad_last=False)
+
+
+def test_batches_carry_the_loss_terms_inputs_once_given_them(synthetic_small):
+    """``set_loss_terms``: every batch carries the terms' labels and row weights, equal to the
+    loss's own derivation from the batch's labels, mask and weight (0 on padding rows);
+    without it the fields are None."""
+    from dlrm_mtl.losses import EntireSpaceLoss
+
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    m = EntireSpaceLoss(schema).term_matrices
+    assert m is not None
+    stream = ParquetStream(schema, str(synthetic_small / "train"), batch_size=512, shuffle_buffer_rows=2500, seed=1,
+                           prefetch_batches=0, num_workers=0)
+    assert next(iter(stream)).term_labels is None
+    stream.set_loss_terms(m.host_inputs())
+    batches = list(stream)
+    assert (batches[-1].row_id < 0).any()  # a padded last batch is among them
+    for b in batches:
+        y, rows = m.inputs(b.labels, b.label_mask, b.weight)
+        assert b.term_labels.shape == b.term_rows.shape == (512, len(m.src))
+        assert torch.equal(b.term_labels, y) and torch.equal(b.term_rows, rows)
+        assert (b.term_rows[b.row_id < 0] == 0).all()

@@ -32,6 +32,13 @@ class Batch(Pipelineable):
             None; for ``loss.ranking``.
         sequence: KJT with one key per schema sequence feature (schema order), stride B: the
             events of each row, oldest first, at most ``max_len``; None without sequences.
+        term_labels: ``[B, K]`` float32, each loss term's label (the task's own, or 1 where
+            every step of an entire-space chain holds), from ``labels`` and ``label_mask`` by
+            :meth:`dlrm_mtl.losses.TermMatrices.labels`; None unless the stream was given the
+            loss's terms (``ParquetStream.set_loss_terms``). The loss then reads it instead of
+            deriving it every step.
+        term_rows: ``[B, K]`` float32, the row weight where the row is in the term's sample
+            space, else 0 (0 on padding rows); with ``term_labels``.
         storage: set when the tensors are views of one host buffer (``BatchBuffers.pack``):
             ``to(device)`` then copies that buffer once instead of each tensor.
     """
@@ -48,6 +55,8 @@ class Batch(Pipelineable):
     user: Optional[torch.Tensor] = None
     group: Optional[torch.Tensor] = None
     sequence: Optional[KeyedJaggedTensor] = None
+    term_labels: Optional[torch.Tensor] = None
+    term_rows: Optional[torch.Tensor] = None
     storage: Optional["BatchStorage"] = field(default=None, repr=False, compare=False)
 
     @property
@@ -81,13 +90,16 @@ class Batch(Pipelineable):
             user=None if self.user is None else self.user.to(device=device, non_blocking=non_blocking),
             group=None if self.group is None else self.group.to(device=device, non_blocking=non_blocking),
             sequence=None if self.sequence is None else self.sequence.to(device=device, non_blocking=non_blocking),
+            term_labels=None if self.term_labels is None else self.term_labels.to(device=device, non_blocking=non_blocking),
+            term_rows=None if self.term_rows is None else self.term_rows.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
         if self.sequence is not None:
             self.sequence.record_stream(stream)
-        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user, self.group):
+        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user,
+                  self.group, self.term_labels, self.term_rows):
             if t is not None:
                 t.record_stream(stream)
 
@@ -105,4 +117,6 @@ class Batch(Pipelineable):
             user=None if self.user is None else self.user.pin_memory(),
             group=None if self.group is None else self.group.pin_memory(),
             sequence=None if self.sequence is None else self.sequence.pin_memory(),
+            term_labels=None if self.term_labels is None else self.term_labels.pin_memory(),
+            term_rows=None if self.term_rows is None else self.term_rows.pin_memory(),
         )

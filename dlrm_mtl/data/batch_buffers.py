@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from dlrm_mtl.data.batch import Batch
 
 ALIGN = 64  # bytes: every tensor starts at a multiple of this (any dtype's alignment)
-_TENSOR_FIELDS = ("dense", "scenario", "labels", "label_mask", "row_id", "weight", "oracle", "bias", "user", "group")
+_TENSOR_FIELDS = ("dense", "scenario", "labels", "label_mask", "row_id", "weight", "oracle", "bias", "user", "group",
+                  "term_labels", "term_rows")
 _KJT_FIELDS = ("sparse", "sequence")
 _KJT_TENSORS = ("values", "weights", "lengths", "offsets")
 

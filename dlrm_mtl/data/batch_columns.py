@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,9 @@ class BatchColumns:
 
     ``sparse_order`` (default: the schema's) is the order of the sparse KJT's keys, e.g. the
     embedding kernels' order of a world-of-one lookup, which then needs no permute.
+    ``term_inputs`` (:class:`dlrm_mtl.losses.TermInputs`): the loss terms' labels and row
+    weights are computed for the whole table at once and cut into ``Batch.term_labels`` and
+    ``Batch.term_rows`` (0 on padding rows).
 
     Example::
 
@@ -57,7 +60,8 @@ class BatchColumns:
         last = cols.batch(1024, table.num_rows - 1024, 1024)   # padded to 1024 rows
     """
 
-    def __init__(self, t: pa.Table, schema: Schema, with_oracle: bool, sparse_order: Optional[List[str]] = None) -> None:
+    def __init__(self, t: pa.Table, schema: Schema, with_oracle: bool, sparse_order: Optional[List[str]] = None,
+                 term_inputs: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]] = None) -> None:
         n = t.num_rows
         self.schema, self.rows = schema, n
         by_name = {f.name: f for f in schema.sparse}
@@ -77,6 +81,7 @@ class BatchColumns:
         self.bias = _matrix(t, "bias", n, len(schema.position_bias.features), np.float32) if schema.position_bias is not None else None
         self.user = _np(t["user"]).astype(np.int64) if schema.user_id else None
         self.group = _np(t["group"]).astype(np.int64) if schema.group_id else None
+        self.term_labels, self.term_rows = term_inputs(self.labels, self.mask, self.weight) if term_inputs else (None, None)  # [n, K]
 
     def batch(self, start: int, n: int, batch_size: int) -> Batch:
         """Rows ``[start, start + n)``, ``n <= batch_size``, padded with padding rows."""
@@ -104,6 +109,8 @@ class BatchColumns:
             user=None if self.user is None else padded(self.user, -1),
             group=None if self.group is None else padded(self.group, -1),
             sequence=_kjt(self.sequence_keys, self.sequence, start, stop, batch_size) if self.sequence_keys else None,
+            term_labels=None if self.term_labels is None else padded(self.term_labels, 0.0),
+            term_rows=None if self.term_rows is None else padded(self.term_rows, 0.0),
         )
 
 
@@ -156,6 +163,6 @@ def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_
 
 
 def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool,
-                   sparse_order: Optional[List[str]] = None) -> Batch:
+                   sparse_order: Optional[List[str]] = None, term_inputs: Optional[Callable] = None) -> Batch:
     """Converts ≤ batch_size clean rows (from RowGroupConverter) into a Batch padded to batch_size."""
-    return BatchColumns(t, schema, with_oracle, sparse_order).batch(0, t.num_rows, batch_size)
+    return BatchColumns(t, schema, with_oracle, sparse_order, term_inputs).batch(0, t.num_rows, batch_size)

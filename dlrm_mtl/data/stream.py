@@ -623,6 +623,7 @@ class ParquetStream:
         # the reader thread's page-locked buffers (tests may set unpinned ones to run the packing on CPU)
         self.buffers: Optional[BatchBuffers] = BatchBuffers(pin=True) if pin_memory else None
         self.sparse_order: Optional[List[str]] = None  # the sparse KJT's key order; None: the schema's
+        self.term_inputs: Optional[Callable] = None  # the loss terms' labels and row weights per buffer (set_loss_terms)
         # converted row groups kept for later epochs, up to this many bytes (0: none)
         self.cache_bytes = cache_bytes
         self._cache: Dict[Tuple[int, int], Tuple[pa.Table, Dict[str, int]]] = {}
@@ -657,6 +658,12 @@ class ParquetStream:
             raise ValueError(f"sparse order {names} is not an order of the schema's sparse features "
                              f"{[f.name for f in self.schema.sparse]}")
         self.sparse_order = None if names == [f.name for f in self.schema.sparse] else names
+
+    def set_loss_terms(self, term_inputs: Optional[Callable]) -> None:
+        """Later batches carry ``term_labels`` and ``term_rows``, computed by ``term_inputs``
+        (``EntireSpaceLoss.term_matrices.host_inputs()``) once per shuffle buffer in numpy,
+        so that the loss does not derive them from the labels every step (None: they don't)."""
+        self.term_inputs = term_inputs
 
     def _assign(self) -> None:
         """This rank's row groups and the epoch's step count for the current segment."""
@@ -879,14 +886,15 @@ class ParquetStream:
         for t, start, n in self._tables():
             if produced >= self._skip:  # skipped batches (a resume) are read but not converted
                 if t is not buffer:  # a new shuffle buffer: convert its columns once
-                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, self.sparse_order)
+                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, self.sparse_order, self.term_inputs)
                 yield columns.batch(start, n, self.batch_size if self.pad_last else n)
             produced += 1
         empty = None
         while produced < self.num_batches:
             if produced >= self._skip:
                 if empty is None:
-                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle, self.sparse_order)
+                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle, self.sparse_order,
+                                           self.term_inputs)
                 yield empty
             produced += 1
         if produced != self.num_batches:

@@ -74,10 +74,13 @@ class DenseStep(nn.Module):
             logits, gates, aux = arch(pooled, dense, scenario)
         return logits.float(), gates, {k: v.float() for k, v in aux.items()}
 
-    def eager(self, pooled, dense, scenario, labels, label_mask, weight, bias, group=None) -> Output:
+    def eager(self, pooled, dense, scenario, labels, label_mask, weight, bias, group=None, term_labels=None,
+              term_rows=None) -> Output:
         logits, gates, aux = self._dense(pooled, dense, scenario)
         extra = () if group is None else (group,)  # only a loss with a ranking term reads it
-        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias, *extra)
+        # the batch's loss-term inputs where the reader computed them (EntireSpaceLoss only)
+        kw = {} if term_labels is None else {"term_labels": term_labels, "term_rows": term_rows}
+        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias, *extra, **kw)
         return loss, logits, terms, gates
 
     def _flat(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -108,8 +111,9 @@ class DenseStep(nn.Module):
 
     def forward(self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor, labels: torch.Tensor,
                 label_mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                group: Optional[torch.Tensor] = None) -> Output:
-        args = (pooled, dense, scenario, labels, label_mask, weight, bias, group)
+                group: Optional[torch.Tensor] = None, term_labels: Optional[torch.Tensor] = None,
+                term_rows: Optional[torch.Tensor] = None) -> Output:
+        args = (pooled, dense, scenario, labels, label_mask, weight, bias, group, term_labels, term_rows)
         if self._wants_graph(pooled):
             if self.graph is None:
                 self._record(args)

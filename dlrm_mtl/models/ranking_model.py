@@ -307,7 +307,7 @@ class TrainModule(nn.Module):
         # cannot be unpacked.
         pooled, events = self.model.embed(batch.sparse, batch.sequence)  # [B, Σ D_f (+ Σ out_g)]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias,
-                              batch.group)
+                              batch.group, batch.term_labels, batch.term_rows)
         if self.model.deepmcp is not None:  # the matching and correlation subnets' losses
             out = with_auxiliary(out, self.model.deepmcp(pooled, events, batch.labels, batch.label_mask, batch.weight))
         real_rows = batch.real.sum()  # [] on the device: read on log steps only
