@@ -57,9 +57,9 @@ def test_batches_equal_parquet_rows(synthetic_small, shuffle):
 
 
 def test_batch_kjt_carries_per_key_lengths_and_offsets(synthetic_small):
-    """The reader hands TorchRec per-key lengths and offsets computed on the host (the input
-    dist would otherwise read them back from the device every step); they must match the
-    lengths, also on the padded last batch."""
+    """The reader hands TorchRec per-key lengths and offsets, and the bags' offsets, computed
+    on the host (the input dist would otherwise read them back from the device every step);
+    they must match the lengths, also on the padded last batch."""
     schema = Schema.load(synthetic_small / "schema.yaml")
     stream = ParquetStream(schema, str(synthetic_small / "train"), 1000, 0, 1, shuffle_buffer_rows=0, prefetch_batches=0)
     batches = list(stream)
@@ -73,6 +73,10 @@ def test_batch_kjt_carries_per_key_lengths_and_offsets(synthetic_small):
         assert kjt._length_per_key == lengths.sum(1).tolist()
         assert kjt._offset_per_key == [0] + torch.cumsum(lengths.sum(1), 0).tolist()
         assert kjt.offsets()[-1].item() == kjt.values().numel()
+        # the bag offsets come with the batch, int64 as the lookup kernels take them (the
+        # step then runs no cumsum and no int32 -> int64 copy)
+        assert kjt._offsets is not None and kjt._offsets.dtype == torch.int64
+        assert torch.equal(kjt._offsets, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kjt.lengths().long(), 0)]))
         pad = b.row_id < 0
         assert (lengths[:, pad] == 0).all()
 

@@ -152,10 +152,15 @@ def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_
             lengths[k, :n] = lens[start:stop]
             values.append(vals[offs[start] : offs[stop]])
     per_key = lengths.sum(axis=1)
+    # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
+    # to the indices' dtype), so the step neither computes a cumsum nor copies int32 -> int64
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
+    np.cumsum(lengths.reshape(-1), dtype=np.int64, out=offsets[1:])
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
         lengths=torch.from_numpy(lengths.reshape(-1)),
+        offsets=torch.from_numpy(offsets),
         stride=batch_size,
         length_per_key=per_key.tolist(),
         offset_per_key=[0] + np.cumsum(per_key).tolist(),
