@@ -119,7 +119,7 @@ class TrainingOptimizer(CombinedOptimizer):
     def __init__(self, optims: List[Any]) -> None:
         super().__init__(optims)
         self._direct_steps: List[Callable[[], Any]] = []
-        self._dense_params: List[torch.Tensor] = []  # the Adams' (zero_grad sets their grads to None)
+        self._adams: List[torch.optim.Adam] = []  # zero_grad sets their parameters' grads to None
         self._zero_grads: List[KeyedOptimizer] = []  # every other optimizer's zero_grad is called
         self._every: List[torch.optim.Optimizer] = [self]  # every level, for the hook check
         for _, opt in self._optims:
@@ -136,7 +136,7 @@ class TrainingOptimizer(CombinedOptimizer):
             self._every.append(inner)
         if type(inner) is torch.optim.Adam:  # KeyedOptimizerWrapper.zero_grad calls Adam.zero_grad(): to None
             self._direct_steps.append(FusedAdamStep(inner))
-            self._dense_params.extend(p for g in inner.param_groups for p in g["params"])
+            self._adams.append(inner)
             return
         self._direct_steps.append(_unwrapped_step(inner if inner is not None else opt))
         self._zero_grads.append(opt)
@@ -156,7 +156,9 @@ class TrainingOptimizer(CombinedOptimizer):
     step.hooked = True  # type: ignore[attr-defined]  # torch.optim must not wrap it in profile_hook_step
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        for p in self._dense_params:
-            p.grad = None
+        for adam in self._adams:  # read each time: a parameter group added later is included
+            for group in adam.param_groups:
+                for p in group["params"]:
+                    p.grad = None
         for opt in self._zero_grads:
             opt.zero_grad(set_to_none=set_to_none)
