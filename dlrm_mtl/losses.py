@@ -433,7 +433,10 @@ class TermMatrices(nn.Module):
         # ([2T, K]: a logit term is its own column, an entire-space term the sum of its chain)
         log_prob = torch.zeros(2 * T, K)
         for k, s in enumerate(src):
-            log_prob[:, k] = P[:, s - T] if s >= T else torch.nn.functional.one_hot(torch.tensor(s), 2 * T).float()
+            if s >= T:
+                log_prob[:, k] = P[:, s - T]  # the chain's steps
+            else:
+                log_prob[s, k] = 1.0
         self.negated = bool(log_prob[T:].any())  # some chain steps through a negated parent: log σ(−z) needed
         self.register_buffer("log_prob", log_prob if self.negated else log_prob[:T].contiguous(), persistent=False)
         entire = torch.tensor([s >= T for s in src])

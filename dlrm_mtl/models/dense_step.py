@@ -77,10 +77,9 @@ class DenseStep(nn.Module):
     def eager(self, pooled, dense, scenario, labels, label_mask, weight, bias, group=None, term_labels=None,
               term_rows=None) -> Output:
         logits, gates, aux = self._dense(pooled, dense, scenario)
-        extra = () if group is None else (group,)  # only a loss with a ranking term reads it
-        # the batch's loss-term inputs where the reader computed them (EntireSpaceLoss only)
-        kw = {} if term_labels is None else {"term_labels": term_labels, "term_rows": term_rows}
-        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias, *extra, **kw)
+        # group: read only by a ranking term; term_labels / term_rows: the reader's, or None
+        loss, terms = self._parts[1](logits, labels, label_mask, weight, scenario, aux, bias, group,
+                                     term_labels=term_labels, term_rows=term_rows)
         return loss, logits, terms, gates
 
     def _flat(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
