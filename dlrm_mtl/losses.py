@@ -268,11 +268,11 @@ class EntireSpaceLoss(nn.Module):
         m = self.term_matrices
         assert m is not None
         y, r = term_inputs if term_inputs is not None else m.inputs(labels, label_mask, weight)  # [B, K] each
-        rl = r if lam is None else r * lam.unsqueeze(1)  # [B, K]
         if self.balancer is None:  # the closed-form gradient (GradNorm / Pareto differentiate twice)
+            rl = r if lam is None else r * lam.unsqueeze(1)  # [B, K]
             return TermMeans.apply(logits, y, rl / r.sum(0).clamp(min=1e-12), m)
         lp, ln = m.log_probs(logits)  # [B, K] x 2: log p and log(1 - p) of each term's prediction
-        return (-(y * lp + (1 - y) * ln) * rl).sum(0) / r.sum(0).clamp(min=1e-12)
+        return _mean_over_rows(-(y * lp + (1 - y) * ln), r, lam)
 
     def _per_task_loop(
         self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor, weight: torch.Tensor,
@@ -283,7 +283,7 @@ class EntireSpaceLoss(nn.Module):
         v = self.graph.view_tensors(self.terms, logits, labels, label_mask)  # [B, K] each
         bce = -(v.label * v.pred + (1 - v.label) * v.neg)  # [B, K]
         loss = torch.where(self.term_regression, (v.pred - v.label) ** 2, bce)  # [B, K]
-        return _mean_over_rows(loss, v.rows, weight, lam)
+        return _mean_over_rows(loss, weight.unsqueeze(1) * v.rows, lam)
 
     def forward(
         self,
@@ -352,10 +352,9 @@ class EntireSpaceLoss(nn.Module):
         return total, terms
 
 
-def _mean_over_rows(loss: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, lam: Optional[torch.Tensor]) -> torch.Tensor:
-    """``loss [B, K]``, ``rows [B, K]`` bool, ``weight [B]``, ``lam [B]`` -> ``[K]``
-    Σ_i r_i λ_i ℓ_ik / Σ_i r_i with r_i = weight_i on the term's rows (0 when it has none)."""
-    r = weight.unsqueeze(1) * rows  # [B, K]
+def _mean_over_rows(loss: torch.Tensor, r: torch.Tensor, lam: Optional[torch.Tensor]) -> torch.Tensor:
+    """``loss [B, K]``, row weights ``r [B, K]`` (the row's weight on the term's rows, else 0),
+    ``lam [B]`` -> ``[K]`` Σ_i r_ik λ_i ℓ_ik / Σ_i r_ik (0 for a term without rows)."""
     num = loss * r if lam is None else loss * (r * lam.unsqueeze(1))
     return num.sum(0) / r.sum(0).clamp(min=1e-12)
 
@@ -546,7 +545,8 @@ class TermMeans(torch.autograd.Function):
         per = F.binary_cross_entropy_with_logits(u, y, weight=c, reduction="none").sum(0)  # [K]
         ratio = torch.exp(u).masked_fill_(lp > -1e-30, 0.0)  # P / (1 - P); 0 above the clamp
         d = torch.where(m.is_entire, ratio * (1 - y) - y, torch.sigmoid(u) - y) * c  # [B, K] ∂L_k/∂(its source)
-        ctx.save_for_backward(d, logits, m.grad_map.to(logits.dtype))
+        grad_map = m.grad_map if m.negated else m.grad_map[:, : 2 * T]  # no negated step: no P₋ block
+        ctx.save_for_backward(d, logits, grad_map.to(logits.dtype))
         return per
 
     @staticmethod
@@ -556,7 +556,7 @@ class TermMeans(torch.autograd.Function):
             return (d * grad) @ select, None, None, None  # [B, T]
         d, logits, grad_map = ctx.saved_tensors
         T = ctx.T
-        g = (d * grad) @ grad_map  # [B, 3T]: W S | W P₊ | W P₋
+        g = (d * grad) @ grad_map  # [B, 3T] (2T without negated steps): W S | W P₊ | W P₋
         out = g[:, :T] + g[:, T : 2 * T] * torch.sigmoid(-logits)
         if ctx.negated:
             out = out - g[:, 2 * T :] * torch.sigmoid(logits)

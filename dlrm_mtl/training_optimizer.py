@@ -107,7 +107,8 @@ class TrainingOptimizer(CombinedOptimizer):
 
     State, ``state_dict``, ``param_groups``, checkpoints and the scheduler see a plain
     ``CombinedOptimizer``. Step hooks (an optimizer's own or torch.optim's global ones) or a
-    closure take the nested path with every wrapper, as do optimizers of other kinds.
+    closure take the nested path with every wrapper; optimizers of other kinds have their own
+    ``step`` called directly, without the wrappers.
 
     Example::
 

@@ -88,7 +88,9 @@ def child_main(args: argparse.Namespace) -> int:
         env = init_distributed("gloo", 120, bp.THREADS)
         try:
             run = setup_run(cfg, env)
-            a_batches = list(itertools.islice(itertools.chain.from_iterable(iter(run.train_stream) for _ in range(BATCHES)), BATCHES))
+            it = iter(run.train_stream)
+            a_batches = [b for b in itertools.islice(it, BATCHES) if b.batch_size == size.batch_size]  # full batches only
+            it.close()  # the epoch's reader stops here
             torch.manual_seed(bp.SEED)
             schema = run.schema
             model = bp.build_peer_model(schema, arch)

@@ -21,7 +21,7 @@ git -C "$ROOT" archive "$REV" dlrm_mtl tools configs datasets pyproject.toml | t
 # both trees read the same generated data
 mkdir -p "$ROOT/data" && ln -sfn "$ROOT/data" "$OUT/old/data"
 
-run() {  # tree-dir name cmd...
+run() {  # tree-dir cmd...
   local dir=$1; shift
   ( cd "$dir" && PYTHONPATH="$dir" "$@" )
 }
@@ -69,7 +69,7 @@ for key in sorted(runs):
         rs = [c["ratio"] for c in cs]
         row.append(f"{statistics.median(rs):.2f} [{min(rs):.2f}-{max(rs):.2f}]")
         row.append(f"{statistics.median(c['samples_per_s'] for c in cs):,.0f} / {statistics.median(c['peer_samples_per_s'] for c in cs):,.0f}")
-    last = runs[key].get("new", [None])[-1]
-    row.append(" ".join(f"{v} {last['auc'][v] - last['peer_auc'][v]:+.4f}" for v in sorted(last["auc"])) if last else "-")
+    new = runs[key].get("new", [])  # the AUC difference, median over the repeats
+    row.append(" ".join(f"{v} {statistics.median(c['auc'][v] - c['peer_auc'][v] for c in new):+.4f}" for v in sorted(new[0]["auc"])) if new else "-")
     print("| " + " | ".join(row) + " |")
 EOF

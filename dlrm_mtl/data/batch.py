@@ -34,7 +34,8 @@ class Batch(Pipelineable):
             events of each row, oldest first, at most ``max_len``; None without sequences.
         term_labels: ``[B, K]`` float32, each loss term's label (the task's own, or 1 where
             every step of an entire-space chain holds), from ``labels`` and ``label_mask`` by
-            :meth:`dlrm_mtl.losses.TermMatrices.labels`; None unless the stream was given the
+            :class:`dlrm_mtl.losses.TermInputs` (the numpy twin of
+            :meth:`dlrm_mtl.losses.TermMatrices.inputs`); None unless the stream was given the
             loss's terms (``ParquetStream.set_loss_terms``). The loss then reads it instead of
             deriving it every step.
         term_rows: ``[B, K]`` float32, the row weight where the row is in the term's sample

@@ -163,7 +163,7 @@ def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_
         offsets=torch.from_numpy(offsets),
         stride=batch_size,
         length_per_key=per_key.tolist(),
-        offset_per_key=[0] + np.cumsum(per_key).tolist(),
+        offset_per_key=offsets[:: batch_size].tolist(),  # each key's first bag, and the end
     )
 
 

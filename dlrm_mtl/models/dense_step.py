@@ -21,7 +21,8 @@ class DenseStep(nn.Module):
 
     ``pooled [B, Σ D_f]``, ``dense [B, Fd]``, ``scenario [B, L]``, ``labels [B, T]``,
     ``label_mask [B, T]``, ``weight [B]``, ``bias [B, Fb]`` or None, ``group [B]`` (request
-    ids for ``loss.ranking``) or None ->
+    ids for ``loss.ranking``) or None, ``term_labels, term_rows [B, K]`` (the reader's loss-term
+    inputs, ``Batch.term_labels``) or None ->
     ``(loss [], logits [B, T], loss terms {name: []}, gates {name: [B, ...]})``.
 
     It holds no parameters of its own: ``dense_arch`` and ``loss`` stay registered where they
@@ -31,8 +32,8 @@ class DenseStep(nn.Module):
       shapes), the forward and backward run as a :class:`~dlrm_mtl.step_graph.StepGraph`
       recorded on the first step. ``auto`` captures on CUDA and runs eagerly elsewhere; ``graph``
       also uses the step graph on CPU, where it runs without capture (the CPU twin). Batches
-      are padded to one size, so one recording serves a whole run; other shapes (evaluation,
-      ``torch.no_grad``) run eagerly. Under ``auto`` a function that cannot be captured
+      have one size, so one recording serves a whole run; other shapes (evaluation,
+      ``torch.no_grad``, a world of one's short last batch under ``data.last_batch``) run eagerly. Under ``auto`` a function that cannot be captured
       (host synchronisation, data-dependent shapes such as ``routing: gather``) falls back to
       eager with one warning naming the error; under ``graph`` it raises.
     * ``precision`` (``fp32`` | ``bf16``): bf16 autocasts the dense arch; the logits and the
