@@ -437,6 +437,8 @@ class TermMatrices(nn.Module):
             else:
                 log_prob[s, k] = 1.0
         self.negated = bool(log_prob[T:].any())  # some chain steps through a negated parent: log σ(−z) needed
+        # TermMeans' backward of a chained graph: [S | P₊ | P₋], without the all-zero P₋ when no step is negated
+        self.register_buffer("entire_grad_map", grad_map if self.negated else grad_map[:, : 2 * T].contiguous(), persistent=False)
         self.register_buffer("log_prob", log_prob if self.negated else log_prob[:T].contiguous(), persistent=False)
         entire = torch.tensor([s >= T for s in src])
         self.register_buffer("is_entire", entire, persistent=False)
@@ -545,8 +547,7 @@ class TermMeans(torch.autograd.Function):
         per = F.binary_cross_entropy_with_logits(u, y, weight=c, reduction="none").sum(0)  # [K]
         ratio = torch.exp(u).masked_fill_(lp > -1e-30, 0.0)  # P / (1 - P); 0 above the clamp
         d = torch.where(m.is_entire, ratio * (1 - y) - y, torch.sigmoid(u) - y) * c  # [B, K] ∂L_k/∂(its source)
-        grad_map = m.grad_map if m.negated else m.grad_map[:, : 2 * T]  # no negated step: no P₋ block
-        ctx.save_for_backward(d, logits, grad_map.to(logits.dtype))
+        ctx.save_for_backward(d, logits, m.entire_grad_map.to(logits.dtype))
         return per
 
     @staticmethod
