@@ -17,7 +17,12 @@
 #   3. `dlrm-mtl train` of each tree: the demo config + configs/gpu.yaml (batch 8192), one GPU,
 #      metrics and throughput -> train-new.json, train-old.json (inside results.tgz);
 #   4. bench_gpu.py at batch 8192 with the dense step eager (train.cuda_graph=eager): every
-#      operator a launch -> bench-new_eager.json, bench-old_eager.json.
+#      operator a launch -> bench-new_eager.json, bench-old_eager.json (EAGER=0 leaves it out);
+#   5. TRAINS_NEW="name:key=value,key=value ..." more `dlrm-mtl train` runs of the working tree
+#      with those overrides -> train-<name>.json;
+#   6. TESTS="tests/test_x.py ..." pytest on the GPU machine (the code picks CUDA there where
+#      a test leaves the device to it); pytest comes from PYLIB (default .gpu/pylib) when the
+#      machine has none -> pytest.log.
 # The device tool returns at most 8 files: logs and train JSONs travel in results.tgz.
 # Dry run on a CPU machine: NO_UNPACK=1 PY=.venv/bin/python ROWS=60000 BS=1024 \
 #   BENCH_ARGS="--steps 4 --warmup 1 --chunk 2 --count-steps 1" OUT=/tmp/dry DATA=/tmp/dry_syn bash tools/gpu_side_by_side.sh
@@ -61,8 +66,19 @@ train() {  # name tree [train args]
 side new "$ROOT"; side old "$OLD"
 # checkpoint.keep_best is newer than some old trees: only the working tree is given it
 train new "$ROOT" "--set checkpoint.keep_best=false"; train old "$OLD"
-BS=8192 BENCH_T=80 side new_eager "$ROOT" "--set train.cuda_graph=eager"
-BS=8192 BENCH_T=80 side old_eager "$OLD" "--set train.cuda_graph=eager"
+for v in ${TRAINS_NEW:-}; do
+  train "${v%%:*}" "$ROOT" "--set checkpoint.keep_best=false $(echo "${v#*:}" | sed 's/,/ --set /g; s/^/--set /')"
+done
+if [ "${EAGER:-1}" != 0 ]; then
+  BS=8192 BENCH_T=80 side new_eager "$ROOT" "--set train.cuda_graph=eager"
+  BS=8192 BENCH_T=80 side old_eager "$OLD" "--set train.cuda_graph=eager"
+fi
+if [ -n "${TESTS:-}" ]; then
+  PYLIB="${PYLIB:-$ROOT/.gpu/pylib}"
+  $PY -c "import pytest" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PYLIB"
+  timeout "${TESTS_T:-150}" $PY -m pytest -q -x -p no:cacheprovider $TESTS > "$OUT/pytest.log" 2>&1
+  st "pytest rc=$? $(tail -1 "$OUT/pytest.log")"
+fi
 st done
 (cd "$OUT" && tar czf /tmp/results.tgz . && mv /tmp/results.tgz . \
   && find . -type f ! -name results.tgz ! -name steps.log ! -name 'bench-*.json' -delete)
