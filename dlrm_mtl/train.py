@@ -332,8 +332,6 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
             _log(env, f"plan: {table:<12} {p['sharding_type']:<15} {p['compute_kernel']:<8} ranks {p['ranks']}")
     _log(env, f"train rows {train_stream.total_rows} ({train_stream.rows_per_rank} per rank), "
               f"{len(train_stream)} steps/epoch of {cfg.data.batch_size} rows/rank; eval rows {eval_stream.total_rows}")
-    with clock("tensorboard"):
-        writer = _open_writer(run_dir, cfg, env)
     steps_per_epoch = len(train_stream) if cfg.train.max_steps <= 0 else min(len(train_stream), cfg.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, steps_per_epoch * cfg.train.epochs))
     with clock("checkpoint"):
@@ -352,6 +350,10 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
     terms = dmp.module.loss.term_matrices
     if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per buffer
         train_stream.set_loss_terms(terms.host_inputs())
+    if not progress.segments and progress.epoch < cfg.train.epochs:
+        train_stream.prepare(progress.epoch)  # its first buffer is read while the writer opens
+    with clock("tensorboard"):
+        writer = _open_writer(run_dir, cfg, env)
     return TrainRun(cfg, env, schema, run_dir, dmp, optimizer, scheduler, summary, train_stream, eval_stream, writer,
                     ckpt, progress, audit, pipeline, clock)
 
@@ -506,6 +508,11 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
             window.add(real, logits.shape[0])
             if first:  # the run's first step: cuBLAS/fbgemm initialisation, the CUDA graph recorded
                 totals.first_step_seconds = time.perf_counter() - t_step
+            if i == 0 and epoch + 1 < cfg.train.epochs and run.train_stream.prefetch_batches > 0:
+                # the next epoch's first buffer, read during this one where the reader has a core
+                # of its own (data.prefetch_batches; on a CPU whose cores the step's threads take,
+                # reading it now measured no faster than at the epoch's start)
+                run.train_stream.prepare(epoch + 1)
             if run.audit is not None:
                 run.audit.record(step, epoch)
             fault_point("step", step, env.rank)
@@ -856,14 +863,17 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
         _log(run.env, f"training: epochs {run.progress.epoch}..{cfg.train.epochs - 1} x {steps} steps of {cfg.data.batch_size} rows/rank; "
                       f"a progress line every {cfg.train.log_every} steps and at each epoch's end")
     stopped = evals.tracker.should_stop()  # resumed from a checkpoint written after early stopping
-    for epoch in range(run.progress.epoch, cfg.train.epochs):
-        if stopped:
-            break
-        stopped = run_epoch(run, epoch, totals, first_step, evals=evals)
-        counters = _log_counters(run, run.progress.step)
-        last = epoch == cfg.train.epochs - 1
-        if not stopped and (cfg.train.eval_every_epoch or last or eval_due(cfg, run.progress.step)):
-            stopped = evaluate_during_training(run, evals, totals, f"epoch {epoch}", totals.train_seconds, reattach=not last)
+    try:
+        for epoch in range(run.progress.epoch, cfg.train.epochs):
+            if stopped:
+                break
+            stopped = run_epoch(run, epoch, totals, first_step, evals=evals)
+            counters = _log_counters(run, run.progress.step)
+            last = epoch == cfg.train.epochs - 1
+            if not stopped and (cfg.train.eval_every_epoch or last or eval_due(cfg, run.progress.step)):
+                stopped = evaluate_during_training(run, evals, totals, f"epoch {epoch}", totals.train_seconds, reattach=not last)
+    finally:
+        run.train_stream.discard_prepared()  # an epoch prepared and never trained (early stopping, an error)
     if not evals.metrics and cfg.train.epochs > 0:  # resumed from a checkpoint of a finished run
         t = time.perf_counter()
         evals.metrics = evaluate(run.dmp, run.eval_stream, run.schema, run.env.device,

@@ -59,7 +59,7 @@ def test_read_ahead_follows_the_epoch_order(synthetic_small):
     ahead = set(s._ahead)
     order = []
     real_read = s._read_group
-    s._read_group = lambda g: order.append((g.file_index, g.index)) or real_read(g)
+    s._read_group = lambda g, *rest: order.append((g.file_index, g.index)) or real_read(g, *rest)
     s.set_epoch(0)
     for _ in s:
         pass

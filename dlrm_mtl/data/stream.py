@@ -552,6 +552,86 @@ class RowGroupConverter:
         return pa.array(col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
 
 
+@dataclass(frozen=True, eq=False)
+class EpochState:
+    """Everything an epoch's batches depend on, taken when its iteration (or preparation)
+    starts, so that a reader running on another thread never reads the stream's fields
+    while ``set_epoch`` changes them."""
+
+    epoch: int
+    segment: int
+    groups: Tuple[RowGroup, ...]
+    keep: Dict[int, np.ndarray]  # group index -> rows still to train (empty: all)
+    skip: int
+    num_batches: int
+    sparse_order: Optional[List[str]]
+    term_inputs: Optional[Callable]
+
+    def fresh(self) -> bool:
+        """An epoch from its start: no earlier segment, nothing skipped."""
+        return self.segment == 0 and self.skip == 0 and not self.keep
+
+
+class DeferredCounts:
+    """Where a reader sends the policy counts of the row groups it converts: held back while
+    the epoch is only prepared (it may never be trained), added to the converter's counters
+    once it is adopted, and passed straight through after that."""
+
+    def __init__(self, converter: "RowGroupConverter", deferred: bool) -> None:
+        self.converter = converter
+        self._held: Optional[Dict[str, int]] = {} if deferred else None
+        self._lock = threading.Lock()
+
+    def __call__(self, counts: Dict[str, int]) -> None:
+        with self._lock:
+            if self._held is None:
+                self.converter.add_counts(counts)
+            else:
+                for k, n in counts.items():
+                    self._held[k] = self._held.get(k, 0) + n
+
+    def adopt(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+            if held:
+                self.converter.add_counts(held)
+
+
+_END = object()
+
+
+class PreparedEpoch:
+    """An epoch's batch generator whose first batch — reading and converting its first
+    shuffle buffer, most of an epoch's reading when the buffer holds the epoch — is produced
+    on a background thread while the previous epoch (or the set-up) still runs."""
+
+    def __init__(self, key: Tuple[int, int], gen: Iterator[Batch], counts: DeferredCounts, background: Callable[[], None]) -> None:
+        self.key = key
+        self.gen = gen
+        self.counts = counts
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dlrm_mtl-prepare", initializer=background)
+        self.first: "Future[object]" = pool.submit(next, gen, _END)
+        pool.shutdown(wait=False)  # its thread ends with that one call
+
+    def adopt(self) -> Iterator[Batch]:
+        """The epoch's batches: the prepared first one (or what preparing it raised: raised
+        here, where reading it would have raised), then the rest of the generator."""
+        first = self.first.result()
+        self.counts.adopt()
+        if first is _END:
+            return iter(())
+        return itertools.chain([first], self.gen)  # type: ignore[list-item]
+
+    def discard(self) -> None:
+        """Waits for the background call (a generator cannot be closed while it runs) and
+        closes the generator; its held counts are dropped with it."""
+        try:
+            self.first.result()
+        except BaseException:  # noqa: BLE001 - an epoch that is not trained raises nothing
+            pass
+        self.gen.close()
+
+
 class ParquetStream:
     """Iterable of equal-size, equal-count Batches for one rank (see module docstring).
 
@@ -646,6 +726,8 @@ class ParquetStream:
         self._segment = 0  # index of the current segment of the epoch (see set_epoch)
         self._keep: Dict[int, np.ndarray] = {}  # group index -> rows still to train this epoch
         self._skip = 0
+        self._format = 0  # bumped by set_sparse_order / set_loss_terms: a prepared epoch's batches must match
+        self._prepared: Optional[PreparedEpoch] = None
         self._assign()
 
     def set_sparse_order(self, names: Sequence[str]) -> None:
@@ -658,12 +740,14 @@ class ParquetStream:
             raise ValueError(f"sparse order {names} is not an order of the schema's sparse features "
                              f"{[f.name for f in self.schema.sparse]}")
         self.sparse_order = None if names == [f.name for f in self.schema.sparse] else names
+        self._format += 1
 
     def set_loss_terms(self, term_inputs: Optional[Callable]) -> None:
         """Later batches carry ``term_labels`` and ``term_rows``, computed by ``term_inputs``
         (``EntireSpaceLoss.term_matrices.host_inputs()``) once per shuffle buffer in numpy,
         so that the loss does not derive them from the labels every step (None: they don't)."""
         self.term_inputs = term_inputs
+        self._format += 1
 
     def _assign(self) -> None:
         """This rank's row groups and the epoch's step count for the current segment."""
@@ -714,8 +798,9 @@ class ParquetStream:
         if skip_batches > self.num_batches:
             raise ValueError(f"skip_batches {skip_batches} > {self.num_batches} batches in epoch {epoch}")
 
-    def _rng(self, rank: int, segment: int, seed: int) -> np.random.Generator:
-        return np.random.default_rng([seed, self.epoch, rank] + ([segment] if segment else []))
+    def _rng(self, rank: int, segment: int, seed: int, epoch: Optional[int] = None) -> np.random.Generator:
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([seed, epoch, rank] + ([segment] if segment else []))
 
     def _rows_left(self, history: Sequence[Segment]) -> Dict[int, np.ndarray]:
         """Group index -> mask of the rows no segment of ``history`` trained (metadata only)."""
@@ -792,10 +877,16 @@ class ParquetStream:
                 yield from drain(final=False)
         yield from drain(final=True)
 
-    def _tables(self) -> Iterator[Tuple[pa.Table, int, int]]:
+    def _state(self) -> EpochState:
+        """The current epoch's state (after ``set_epoch``)."""
+        return EpochState(self.epoch, self._segment, tuple(self.groups), self._keep, self._skip, self.num_batches,
+                          self.sparse_order, self.term_inputs)
+
+    def _tables(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Tuple[pa.Table, int, int]]:
         """Spans of clean rows, exactly batch_size each (the last one may be shorter)."""
-        rng = self._rng(self.rank, self._segment, self.seed)
-        return self._spans(self.groups, rng, self.batch_size, self.shuffle_buffer_rows, self._read, self._keep)
+        rng = self._rng(self.rank, state.segment, self.seed, state.epoch)
+        read = lambda groups: self._read(groups, state.keep, counts)  # noqa: E731
+        return self._spans(list(state.groups), rng, self.batch_size, self.shuffle_buffer_rows, read, state.keep)
 
     def _background_thread(self) -> None:
         """Lowers the calling reader thread to ``background_priority`` (Linux; elsewhere a no-op)."""
@@ -834,21 +925,22 @@ class ParquetStream:
                 self._ahead[key] = pool.submit(self.converter.read_counted, g, False)
         pool.shutdown(wait=False)  # its thread ends when these reads are done
 
-    def _read_group(self, g: RowGroup) -> pa.Table:
+    def _read_group(self, g: RowGroup, keep_rows: Dict[int, np.ndarray], add_counts: Callable[[Dict[str, int]], None]) -> pa.Table:
         key = (g.file_index, g.index)
         ahead = self._ahead.pop(key, None) if self._ahead else None
         hit = self._cache.get(key)
         if ahead is not None and not ahead.cancel():  # read ahead, or being read now: wait for it
             t, counts = ahead.result()  # raises what the read raised, here, as a read would
-            self.converter.add_counts(counts)
+            add_counts(counts)
             self._remember(key, t, counts)
         elif hit is not None:  # converted in an earlier epoch: its policies count again, as a read would
             t = hit[0]
-            self.converter.add_counts(hit[1])
+            add_counts(hit[1])
         else:
-            t, counts = self.converter.read_counted(g)
+            t, counts = self.converter.read_counted(g, tally=False)
+            add_counts(counts)
             self._remember(key, t, counts)
-        keep = self._keep.get(self._group_index[key])
+        keep = keep_rows.get(self._group_index[key])
         return t if keep is None else t.filter(pa.array(keep))
 
     def _remember(self, key: Tuple[int, int], t: pa.Table, counts: Dict[str, int]) -> None:
@@ -860,7 +952,8 @@ class ParquetStream:
                 self._cache[key] = (t, counts)
                 self._cache_used += size
 
-    def _read(self, groups: Iterator[RowGroup]) -> Iterator[pa.Table]:
+    def _read(self, groups: Iterator[RowGroup], keep: Dict[int, np.ndarray],
+              counts: Callable[[Dict[str, int]], None]) -> Iterator[pa.Table]:
         """Converted row groups in ``groups`` order, read by ``num_workers`` threads ahead.
 
         pyarrow's Parquet decoding releases the GIL, so threads read row groups in parallel;
@@ -868,45 +961,87 @@ class ParquetStream:
         """
         if self.num_workers <= 1:
             for g in groups:
-                yield self._read_group(g)
+                yield self._read_group(g, keep, counts)
             return
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}",
                                 initializer=self._background_thread) as pool:
             pending: "deque[Future[pa.Table]]" = deque()
             for g in groups:
-                pending.append(pool.submit(self._read_group, g))
+                pending.append(pool.submit(self._read_group, g, keep, counts))
                 if len(pending) > self.num_workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Batch]:
         produced = 0
         buffer, columns = None, None
-        for t, start, n in self._tables():
-            if produced >= self._skip:  # skipped batches (a resume) are read but not converted
+        for t, start, n in self._tables(state, counts):
+            if produced >= state.skip:  # skipped batches (a resume) are read but not converted
                 if t is not buffer:  # a new shuffle buffer: convert its columns once
-                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, self.sparse_order, self.term_inputs)
+                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, state.sparse_order, state.term_inputs)
                 yield columns.batch(start, n, self.batch_size if self.pad_last else n)
             produced += 1
         empty = None
-        while produced < self.num_batches:
-            if produced >= self._skip:
+        while produced < state.num_batches:
+            if produced >= state.skip:
                 if empty is None:
-                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle, self.sparse_order,
-                                           self.term_inputs)
+                    empty = table_to_batch(self._empty_table(), self.schema, self.batch_size, self.with_oracle, state.sparse_order,
+                                           state.term_inputs)
                 yield empty
             produced += 1
-        if produced != self.num_batches:
-            raise RuntimeError(f"rank {self.rank}: produced {produced} batches, expected {self.num_batches}")
+        if produced != state.num_batches:
+            raise RuntimeError(f"rank {self.rank}: produced {produced} batches, expected {state.num_batches}")
 
     def _empty_table(self) -> pa.Table:
         return self.converter.read(self._any_group).slice(0, 0)
 
+    # ------------------------------------------------------------- epochs ahead
+    def prepare(self, epoch: int) -> None:
+        """Starts reading ``epoch`` from its start on a background thread (at
+        ``background_priority``) up to its first batch: the first shuffle buffer's row groups
+        read, shuffled and converted while the current epoch, or the run's set-up, goes on.
+
+        The next iteration adopts it when it is that epoch from its start with the same batch
+        format (``set_epoch(epoch)`` without history or skipped batches, no
+        ``set_sparse_order`` / ``set_loss_terms`` since): the batches, their order and the
+        policy counters are exactly those of reading it then (the counts of what was read
+        ahead are added when it is adopted). Anything else discards it. Without this the
+        epoch's first ``next`` waits for that buffer (13-40 ms per epoch of MovieLens
+        ``--quick`` in ``tools/bench_peer.py``, docs/performance.md)."""
+        key = (epoch, self._format)
+        if self._prepared is not None:
+            if self._prepared.key == key:
+                return
+            self.discard_prepared()
+        shards = self._shards(self.world_size, {}, fresh=True)
+        rows = [sum(g.num_rows for g in sh) for sh in shards]
+        state = EpochState(epoch, 0, tuple(shards[self.rank]), {}, 0, max(1, max(-(-r // self.batch_size) for r in rows)),
+                           self.sparse_order, self.term_inputs)
+        counts = DeferredCounts(self.converter, deferred=True)
+        self._prepared = PreparedEpoch(key, self._batches(state, counts), counts, self._background_thread)
+
+    def discard_prepared(self) -> None:
+        """Drops an epoch prepared and not (yet) iterated (the run ends or stops early)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.discard()
+
+    def _epoch_batches(self) -> Iterator[Batch]:
+        """The current epoch's batches: the prepared ones when they are this epoch's."""
+        state = self._state()
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            if state.fresh() and prepared.key == (state.epoch, self._format):
+                return prepared.adopt()
+            prepared.discard()
+        return self._batches(state, self.converter.add_counts)
+
     def __iter__(self) -> Iterator[Batch]:
         if self.prefetch_batches <= 0:
-            yield from self._batches()
+            yield from self._epoch_batches()
             return
+        batches = self._epoch_batches()
         q: "queue.Queue[object]" = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         done = object()
@@ -914,7 +1049,7 @@ class ParquetStream:
         def work() -> None:
             try:
                 self._background_thread()
-                for b in self._batches():
+                for b in batches:
                     if self.buffers is not None:  # one buffer per batch, off the training thread
                         b = self.buffers.pack(b)
                     while not stop.is_set():
