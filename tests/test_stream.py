@@ -121,6 +121,44 @@ def test_batch_columns_cut_the_same_batches_as_converting_each_slice(tmp_path):
         assert m_lengths == [len(v) if v is not None else 0 for v in ref["m"].to_pylist()]
 
 
+@pytest.mark.parametrize("layout", ["single_hot", "mixed"])
+def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
+    """IdBlocks keeps runs of adjacent single-hot columns as one matrix (and, when every key is
+    single-hot, one lengths/offsets layout per batch shape); every batch's KJT still holds each
+    key's own ids and lengths in key order, padding rows empty, and no two batches share ids."""
+    from dlrm_mtl.data.batch_columns import IdBlocks
+
+    rng = np.random.default_rng(1)
+    n, B = 300, 128
+    single = lambda: (None, None, rng.integers(0, 100, n))  # noqa: E731
+    lens = rng.integers(0, 4, n).astype(np.int32)
+    multi = (lens, np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]), rng.integers(0, 100, int(lens.sum())))
+    columns = [single(), single(), single()] if layout == "single_hot" else [single(), single(), multi, single()]
+    blocks = IdBlocks(columns)
+    assert blocks.single_hot == (layout == "single_hot")
+    assert len(blocks.runs) == (1 if layout == "single_hot" else 3)  # [0, 2) as one matrix, then 2, then 3
+    keys = [f"f{k}" for k in range(len(columns))]
+    cut = []
+    for start, rows in [(0, B), (B, B), (256, 44), (44, 0)]:
+        kjt = blocks.kjt(keys, start, start + rows, B)
+        cut.append(kjt)
+        assert kjt.keys() == keys and kjt.stride() == B
+        per_key = kjt.lengths().view(len(keys), B)
+        want_values = []
+        for k, (klens, offs, vals) in enumerate(columns):
+            want_lens = np.ones(rows, np.int32) if klens is None else klens[start:start + rows]
+            np.testing.assert_array_equal(per_key[k, :rows].numpy(), want_lens)
+            assert (per_key[k, rows:] == 0).all()
+            want_values.append(vals[start:start + rows] if klens is None else vals[offs[start]:offs[start + rows]])
+        np.testing.assert_array_equal(kjt.values().numpy(), np.concatenate(want_values))
+        assert kjt.length_per_key() == per_key.sum(1).tolist()
+        assert kjt.offset_per_key() == [0] + np.cumsum(per_key.sum(1).numpy()).tolist()
+        np.testing.assert_array_equal(kjt.offsets().numpy(), np.concatenate([[0], np.cumsum(kjt.lengths().numpy())]))
+    assert cut[0].values().data_ptr() != cut[1].values().data_ptr()
+    if layout == "single_hot":  # full batches share their (read-only) layout; the padded one has its own
+        assert cut[0].offsets() is cut[1].offsets() and cut[2].offsets() is not cut[0].offsets()
+
+
 @pytest.mark.parametrize("shuffle", [0, 2500])
 def test_a_short_last_batch_holds_the_same_rows_without_padding(synthetic_small, shuffle):
     """``pad_last=False`` (a world of one): the same batches, rows and order as the padded

@@ -146,29 +146,32 @@ def test_the_training_loop_prepares_each_next_epoch_where_the_reader_has_a_core(
     """setup_run prepares the first epoch; run_epoch the next one when the reader reads in the
     background (data.prefetch_batches > 0); the run trains the same rows either way."""
     from dlrm_mtl.config import Config
-    from dlrm_mtl.distributed import init_distributed
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from dlrm_mtl.train import Totals, dense_fingerprint, run_epoch, setup_run
 
     env = init_distributed("gloo", 60, 1)
     sets = [f"data.train={synthetic_small}/train", f"data.eval={synthetic_small}/eval", f"data.schema={synthetic_small}/schema.yaml",
             "data.batch_size=512", "train.epochs=2", "train.progress=false", "checkpoint.at_end=false",
             "checkpoint.keep_best=false"]
-    seen = {}
-    for prefetch in (0, 2):
-        cfg = Config.load([], sets + [f"train.run_dir={tmp_path}/run{prefetch}", f"data.prefetch_batches={prefetch}",
-                                      f"data.num_workers={1 if prefetch else 0}"])
-        run = setup_run(cfg, env)
-        assert run.train_stream._prepared is not None and run.train_stream._prepared.key[0] == 0
-        prepared = []
-        real = run.train_stream.prepare
-        run.train_stream.prepare = lambda epoch: prepared.append(epoch) or real(epoch)
-        totals = Totals()
-        try:
-            for epoch in range(2):
-                run_epoch(run, epoch, totals)
-        finally:
-            run.train_stream.discard_prepared()
-        assert prepared == ([1] if prefetch else [])
-        assert totals.trained_rows == 2 * run.train_stream.total_rows
-        seen[prefetch] = dense_fingerprint(run.dmp)
-    assert seen[0] == seen[2]  # the same rows in the same order: the same weights
+    try:
+        seen = {}
+        for prefetch in (0, 2):
+            cfg = Config.load([], sets + [f"train.run_dir={tmp_path}/run{prefetch}", f"data.prefetch_batches={prefetch}",
+                                          f"data.num_workers={1 if prefetch else 0}"])
+            run = setup_run(cfg, env)
+            assert run.train_stream._prepared is not None and run.train_stream._prepared.key[0] == 0
+            prepared = []
+            real = run.train_stream.prepare
+            run.train_stream.prepare = lambda epoch: prepared.append(epoch) or real(epoch)
+            totals = Totals()
+            try:
+                for epoch in range(2):
+                    run_epoch(run, epoch, totals)
+            finally:
+                run.train_stream.discard_prepared()
+            assert prepared == ([1] if prefetch else [])
+            assert totals.trained_rows == 2 * run.train_stream.total_rows
+            seen[prefetch] = dense_fingerprint(run.dmp)
+        assert seen[0] == seen[2]  # the same rows in the same order: the same weights
+    finally:
+        shutdown_distributed()  # a child process must not inherit this one's rendezvous

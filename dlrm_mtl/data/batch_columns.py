@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,8 @@ def _matrix(t: pa.Table, name: str, n: int, width: int, dtype: type) -> np.ndarr
     """A fixed-size-list column as ``[n, width]``."""
     if width == 0:
         return np.zeros((n, 0), dtype)
-    return _np(pa.chunked_array(t[name].chunks).combine_chunks().flatten()).reshape(n, width).astype(dtype, copy=False)
+    m = _np(pa.chunked_array(t[name].chunks).combine_chunks().flatten()).reshape(n, width).astype(dtype, copy=False)
+    return m if m.flags.writeable else m.copy()  # batches are views of it (Arrow's memory is read-only)
 
 
 class BatchColumns:
@@ -68,9 +69,9 @@ class BatchColumns:
         self.keys = list(sparse_order) if sparse_order is not None else list(by_name)
         if sorted(self.keys) != sorted(by_name):
             raise ValueError(f"sparse_order {self.keys} is not an order of the schema's sparse features {list(by_name)}")
-        self.sparse = _id_columns(t, [by_name[k] for k in self.keys])
+        self.sparse = IdBlocks(_id_columns(t, [by_name[k] for k in self.keys]))
         self.sequence_keys = [f.name for f in schema.sequence]
-        self.sequence = _id_columns(t, schema.sequence)
+        self.sequence = IdBlocks(_id_columns(t, schema.sequence))
         self.dense = _matrix(t, "dense", n, len(schema.dense), np.float32)  # [n, Fd]
         self.scenario = np.stack([_np(t["scenario:" + l.name]) for l in schema.scenarios], axis=1).astype(np.int64)  # [n, L]
         self.labels = np.stack([_np(t["label:" + k.name]) for k in schema.tasks], axis=1).astype(np.float32)  # [n, T]
@@ -91,13 +92,13 @@ class BatchColumns:
         stop = start + n
 
         def padded(x: np.ndarray, fill: float | int | bool) -> torch.Tensor:
-            x = x[start:stop]
+            x = x[start:stop]  # rows of a C-contiguous array: contiguous, a view of this buffer's
             if pad:
                 x = np.concatenate([x, np.full((pad,) + x.shape[1:], fill, dtype=x.dtype)])
-            return torch.from_numpy(np.array(x, copy=True, order="C"))
+            return torch.from_numpy(x)
 
         return Batch(
-            sparse=_kjt(self.keys, self.sparse, start, stop, batch_size),
+            sparse=self.sparse.kjt(self.keys, start, stop, batch_size),
             dense=padded(self.dense, 0.0),
             scenario=padded(self.scenario, 0),
             labels=padded(self.labels, 0.0),
@@ -108,7 +109,7 @@ class BatchColumns:
             bias=None if self.bias is None else padded(self.bias, 0.0),
             user=None if self.user is None else padded(self.user, -1),
             group=None if self.group is None else padded(self.group, -1),
-            sequence=_kjt(self.sequence_keys, self.sequence, start, stop, batch_size) if self.sequence_keys else None,
+            sequence=self.sequence.kjt(self.sequence_keys, start, stop, batch_size) if self.sequence_keys else None,
             term_labels=None if self.term_labels is None else padded(self.term_labels, 0.0),
             term_rows=None if self.term_rows is None else padded(self.term_rows, 0.0),
         )
@@ -133,38 +134,87 @@ def _id_columns(t: pa.Table, features: List[SparseFeature]) -> List[IdColumn]:
             lens = None
             vals = col.to_numpy(zero_copy_only=False)
         offs = None if lens is None else np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-        out.append((lens, offs, vals.astype(np.int64, copy=False)))
+        vals = vals.astype(np.int64, copy=False)
+        out.append((lens, offs, vals if vals.flags.writeable else vals.copy()))  # batches may be views of it
     return out
 
 
-def _kjt(keys: List[str], columns: List[IdColumn], start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
-    """Rows ``[start, stop)`` of ``columns`` as a KJT of stride ``batch_size`` (padding rows
-    empty), its per-key lengths and offsets computed here on the host."""
-    n = stop - start
-    lengths = np.zeros((len(columns), batch_size), dtype=np.int32)  # [F, B]
-    values: List[np.ndarray] = []
-    for k, (lens, offs, vals) in enumerate(columns):
-        if lens is None:
-            lengths[k, :n] = 1
-            values.append(vals[start:stop])
-        else:
-            assert offs is not None
-            lengths[k, :n] = lens[start:stop]
-            values.append(vals[offs[start] : offs[stop]])
-    per_key = lengths.sum(axis=1)
-    # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
-    # to the indices' dtype), so the step neither computes a cumsum nor copies int32 -> int64
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
-    np.cumsum(lengths.reshape(-1), dtype=np.int64, out=offsets[1:])
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(lengths.reshape(-1)),
-        offsets=torch.from_numpy(offsets),
-        stride=batch_size,
-        length_per_key=per_key.tolist(),
-        offset_per_key=offsets[:: batch_size].tolist(),  # each key's first bag, and the end
-    )
+class IdBlocks:
+    """A buffer's id columns (in KJT key order) cut into batches' KJTs: each run of adjacent
+    single-hot columns is kept as one ``[m, n]`` matrix, so that a batch takes one slice of it
+    (one copy for all of a census-shaped batch's 32 features, not one per feature)."""
+
+    def __init__(self, columns: List[IdColumn]) -> None:
+        self.columns = columns
+        # (first key, end key, matrix [m, n]) per run of single-hot keys; (k, k + 1, None) per multi-hot key
+        self.runs: List[Tuple[int, int, Optional[np.ndarray]]] = []
+        k = 0
+        while k < len(columns):
+            end = k
+            while end < len(columns) and columns[end][0] is None:
+                end += 1
+            if end > k:
+                self.runs.append((k, end, np.stack([columns[j][2] for j in range(k, end)])))  # [m, n]
+                k = end
+            else:
+                self.runs.append((k, k + 1, None))
+                k += 1
+        # every key single-hot: a batch's lengths and offsets depend on (rows, batch size) only
+        self.single_hot = len(self.runs) == 1 and self.runs[0][2] is not None
+        self._layouts: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]] = {}
+
+    def _layout(self, n: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]:
+        """Lengths, offsets, length_per_key and offset_per_key of ``n`` single-hot rows in a
+        batch of ``batch_size``, computed once per buffer and shared by its batches (read only:
+        nothing downstream writes a batch's KJT in place)."""
+        got = self._layouts.get((n, batch_size))
+        if got is None:
+            lengths = np.zeros((len(self.columns), batch_size), dtype=np.int32)  # [F, B]
+            lengths[:, :n] = 1
+            offsets = np.zeros(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
+            np.cumsum(lengths.reshape(-1), dtype=np.int64, out=offsets[1:])
+            got = (torch.from_numpy(lengths.reshape(-1)), torch.from_numpy(offsets), lengths.sum(axis=1).tolist(),
+                   offsets[:: batch_size].tolist())
+            self._layouts[(n, batch_size)] = got
+        return got
+
+    def kjt(self, keys: List[str], start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
+        """Rows ``[start, stop)`` as a KJT of stride ``batch_size`` (padding rows empty), its
+        per-key lengths and offsets computed here on the host."""
+        n = stop - start
+        if self.single_hot:
+            lengths_t, offsets_t, per_key_l, offset_per_key = self._layout(n, batch_size)
+            matrix = self.runs[0][2]
+            assert matrix is not None
+            return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(matrix[:, start:stop].reshape(-1)),  # [F·n]
+                                     lengths=lengths_t, offsets=offsets_t, stride=batch_size,
+                                     length_per_key=list(per_key_l), offset_per_key=list(offset_per_key))
+        lengths = np.zeros((len(self.columns), batch_size), dtype=np.int32)  # [F, B]
+        values: List[np.ndarray] = []
+        for k, end, matrix in self.runs:
+            if matrix is not None:
+                lengths[k:end, :n] = 1
+                values.append(matrix[:, start:stop].reshape(-1))  # [m·n], key after key
+            else:
+                lens, offs, vals = self.columns[k]
+                assert lens is not None and offs is not None
+                lengths[k, :n] = lens[start:stop]
+                values.append(vals[offs[start] : offs[stop]])
+        per_key = lengths.sum(axis=1)
+        # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
+        # to the indices' dtype), so the step neither computes a cumsum nor copies int32 -> int64
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
+        np.cumsum(lengths.reshape(-1), dtype=np.int64, out=offsets[1:])
+        flat = values[0] if len(values) == 1 else np.concatenate(values) if values else np.zeros(0, np.int64)
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.ascontiguousarray(flat)),
+            lengths=torch.from_numpy(lengths.reshape(-1)),
+            offsets=torch.from_numpy(offsets),
+            stride=batch_size,
+            length_per_key=per_key.tolist(),
+            offset_per_key=offsets[:: batch_size].tolist(),  # each key's first bag, and the end
+        )
 
 
 def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool,
