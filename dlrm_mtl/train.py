@@ -387,19 +387,24 @@ class LogWindow:
 
     def reset(self) -> None:
         self.real: Optional[torch.Tensor] = None
+        self.host_real = 0  # real rows the batches counted on the host (Batch.real_rows)
         self.steps = 0
         self.batch_rows = 0  # rows of the window's batches, padding included (known on the host)
         self.t0 = time.perf_counter()
 
-    def add(self, real_rows: torch.Tensor, batch_rows: int) -> None:
-        r = real_rows.detach()
-        self.real = r if self.real is None else self.real + r
+    def add(self, real_rows: "torch.Tensor | int", batch_rows: int) -> None:
+        """One step's real rows: the reader's host count (an int: no operator) or a device tensor."""
+        if isinstance(real_rows, int):
+            self.host_real += real_rows
+        else:
+            r = real_rows.detach()
+            self.real = r if self.real is None else self.real + r
         self.steps += 1
         self.batch_rows += batch_rows
 
     def real_rows(self) -> int:
-        """Real rows in the window (synchronises with the device)."""
-        return 0 if self.real is None else int(self.real)
+        """Real rows in the window (synchronises with the device where a step counted there)."""
+        return self.host_real + (0 if self.real is None else int(self.real))
 
 
 @dataclass

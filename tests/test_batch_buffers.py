@@ -50,6 +50,7 @@ def _same(a: Batch, b: Batch) -> None:
             assert (tx is None) == (ty is None)
             if tx is not None:
                 assert tx.dtype == ty.dtype and torch.equal(tx, ty), name
+    assert a.real_rows == b.real_rows and a.real_rows is not None  # the reader's host count travels along
 
 
 def _in(buffer: torch.Tensor, t: torch.Tensor) -> bool:

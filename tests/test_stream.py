@@ -79,6 +79,7 @@ def test_batch_kjt_carries_per_key_lengths_and_offsets(synthetic_small):
         assert torch.equal(kjt._offsets, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kjt.lengths().long(), 0)]))
         pad = b.row_id < 0
         assert (lengths[:, pad] == 0).all()
+        assert b.real_rows == int((~pad).sum())  # the reader's host count of real rows
 
 
 def test_batch_columns_cut_the_same_batches_as_converting_each_slice(tmp_path):
@@ -209,3 +210,17 @@ def test_batches_carry_the_loss_terms_inputs_once_given_them(synthetic_small):
         assert b.term_labels.shape == b.term_rows.shape == (512, len(m.src))
         assert torch.equal(b.term_labels, y) and torch.equal(b.term_rows, rows)
         assert (b.term_rows[b.row_id < 0] == 0).all()
+
+
+def test_the_log_window_adds_host_counts_and_device_counts():
+    """Batches cut by the reader count their real rows on the host (Batch.real_rows: no
+    operator per step); others give a device tensor. The window's rows are the sum of both."""
+    from dlrm_mtl.train import LogWindow
+
+    w = LogWindow(torch.device("cpu"))
+    w.add(1000, 1024)
+    w.add(torch.tensor(24), 1024)
+    w.add(0, 1024)
+    assert w.real_rows() == 1024 and w.batch_rows == 3072 and w.steps == 3
+    w.reset()
+    assert w.real_rows() == 0

@@ -40,6 +40,9 @@ class Batch(Pipelineable):
             deriving it every step.
         term_rows: ``[B, K]`` float32, the row weight where the row is in the term's sample
             space, else 0 (0 on padding rows); with ``term_labels``.
+        real_rows: the number of real rows (``row_id >= 0``), counted on the host by the
+            reader that cut the batch (None where the batch was built otherwise): the training
+            loop adds it up without an operator on the device per step.
         storage: set when the tensors are views of one host buffer (``BatchBuffers.pack``):
             ``to(device)`` then copies that buffer once instead of each tensor.
     """
@@ -58,6 +61,7 @@ class Batch(Pipelineable):
     sequence: Optional[KeyedJaggedTensor] = None
     term_labels: Optional[torch.Tensor] = None
     term_rows: Optional[torch.Tensor] = None
+    real_rows: Optional[int] = None
     storage: Optional["BatchStorage"] = field(default=None, repr=False, compare=False)
 
     @property
@@ -93,6 +97,7 @@ class Batch(Pipelineable):
             sequence=None if self.sequence is None else self.sequence.to(device=device, non_blocking=non_blocking),
             term_labels=None if self.term_labels is None else self.term_labels.to(device=device, non_blocking=non_blocking),
             term_rows=None if self.term_rows is None else self.term_rows.to(device=device, non_blocking=non_blocking),
+            real_rows=self.real_rows,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -120,4 +125,5 @@ class Batch(Pipelineable):
             sequence=None if self.sequence is None else self.sequence.pin_memory(),
             term_labels=None if self.term_labels is None else self.term_labels.pin_memory(),
             term_rows=None if self.term_rows is None else self.term_rows.pin_memory(),
+            real_rows=self.real_rows,
         )

@@ -135,7 +135,7 @@ def rebuild(batch: "Batch", buffer: torch.Tensor, places: Dict[str, Place],
         kwargs[name] = None if kjt is None else _kjt_with(kjt, {p: views.get(f"{name}.{p}") for p in _KJT_TENSORS})
     for name in _TENSOR_FIELDS:
         kwargs[name] = views.get(name)
-    return Batch(**kwargs, storage=storage)
+    return Batch(**kwargs, real_rows=batch.real_rows, storage=storage)
 
 
 def copy_packed(batch: "Batch", device: torch.device, non_blocking: bool = False) -> "Batch":

@@ -112,6 +112,7 @@ class BatchColumns:
             sequence=self.sequence.kjt(self.sequence_keys, start, stop, batch_size) if self.sequence_keys else None,
             term_labels=None if self.term_labels is None else padded(self.term_labels, 0.0),
             term_rows=None if self.term_rows is None else padded(self.term_rows, 0.0),
+            real_rows=n,  # the converter rejects negative row ids: every row cut here is real
         )
 
 
