@@ -257,6 +257,21 @@ def test_repeat_r_trains_with_seed_r_on_both_sides(tmp_path, monkeypatch):
     assert seeds == [("A", 0), ("peer", 0), ("A", 1), ("peer", 1), ("A", 2), ("peer", 2), ("A", 7)]
 
 
+def test_repeats_are_numbered_from_first_repeat(tiny_data, tmp_path, monkeypatch):
+    """``--first-repeat R`` (tools/side_by_side.sh: one repeat per call) numbers the repeats
+    from R, so repeat r still trains with seed r on both sides, alternating A B B A."""
+    calls = []
+    monkeypatch.setattr(bench, "run_side_a", lambda data, arch, size, run_dir, rep, concat, extra=(): calls.append(("A", rep)))
+    monkeypatch.setattr(bench, "run_side_b", lambda data, arch, size, rep: calls.append(("peer", rep)))
+    monkeypatch.setattr(bench, "format_run", lambda case, r: "")
+    size = bench.run_sizes(True)["census"]
+    bench.run_case("census", "mmoe", tiny_data["census"], size, 2, tmp_path, True, first_repeat=3)
+    assert calls == [("peer", 3), ("A", 3), ("A", 4), ("peer", 4)]
+    calls.clear()
+    bench.run_case("census", "mmoe", tiny_data["census"], size, 1, tmp_path, True)
+    assert calls == [("A", 0), ("peer", 0)]
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     out = tmp_path / "peer.json"

@@ -1088,11 +1088,12 @@ def parse_cases(text: Optional[str]) -> List[Tuple[str, str]]:
 
 
 def run_case(shape: str, arch: str, data: Path, size: RunSize, repeats: int, runs_root: Path,
-             concat: bool, idle_s: float = 0.0, extra: Sequence[str] = ()) -> CaseResult:
+             concat: bool, idle_s: float = 0.0, extra: Sequence[str] = (), first_repeat: int = 0) -> CaseResult:
+    """``repeats`` runs per side, numbered from ``first_repeat`` (repeat r trains with seed r)."""
     from dlrm_mtl.schema import Schema
 
     case = CaseResult(shape, arch, size, oracle_aucs(Schema.load(data / "schema.yaml"), data / "eval"))
-    for rep in range(repeats):
+    for rep in range(first_repeat, first_repeat + repeats):
         for side in (("A", "peer") if rep % 2 == 0 else ("peer", "A")):  # A B B A A B ...
             if idle_s > 0:
                 wait_idle(idle_s)
@@ -1110,6 +1111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller rows/epochs and 2 repeats (≈ 2 min for all 6 cases on an idle 2-core machine)")
     p.add_argument("--repeats", type=int, default=None, help="runs per side and case (default 3; --quick 2)")
     p.add_argument("--cases", default=None, help="e.g. census:mmoe,movielens:ple (default: all 6)")
+    p.add_argument("--first-repeat", type=int, default=0, metavar="R",
+                   help="number the repeats from R (repeat r trains with seed r on both sides): "
+                        "tools/side_by_side.sh runs one repeat per call")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep side A's run directories (under runs/bench_peer/)")
     p.add_argument("--data-root", default=str(ROOT / "data" / "bench_peer"), help="cache of the generated data sets")
@@ -1158,7 +1162,8 @@ def bench_main(args: argparse.Namespace) -> int:
     results: List[CaseResult] = []
     try:
         for shape, arch in cases:
-            results.append(run_case(shape, arch, data[shape], sizes[shape], repeats, runs_root, concat, args.wait_idle, args.a_sets))
+            results.append(run_case(shape, arch, data[shape], sizes[shape], repeats, runs_root, concat, args.wait_idle, args.a_sets,
+                                    args.first_repeat))
     finally:
         if not args.keep:
             shutil.rmtree(runs_root, ignore_errors=True)

@@ -28,13 +28,20 @@ run() {  # tree-dir cmd...
 echo "count_ops: old ($REV), then new"
 run "$OUT/old" "$PY" tools/count_ops.py --json "$OUT/ops-old.json" > "$OUT/ops-old.log" 2>&1 || { tail -20 "$OUT/ops-old.log"; exit 1; }
 run "$ROOT" "$PY" tools/count_ops.py --json "$OUT/ops-new.json" > "$OUT/ops-new.log" 2>&1 || { tail -20 "$OUT/ops-new.log"; exit 1; }
+# repeat r trains with seed r on both sides where both trees' bench_peer can be told which
+# repeat it runs (--first-repeat); an older tree runs every repeat with seed 0, and so does the
+# new one then, so that the two trees' AUCs stay comparable
+FIRST_REPEAT=""
+if grep -q -- "--first-repeat" "$OUT/old/tools/bench_peer.py" && grep -q -- "--first-repeat" "$ROOT/tools/bench_peer.py"; then
+  FIRST_REPEAT=1
+fi
 for r in $(seq 0 $((REPEATS - 1))); do
   for c in $CASES; do
     if [ $((r % 2)) -eq 0 ]; then order="old new"; else order="new old"; fi
     for t in $order; do
       dir=$ROOT; [ "$t" = old ] && dir=$OUT/old
       f="$OUT/peer-$t-${c/:/-}-$r.json"
-      run "$dir" "$PY" tools/bench_peer.py --quick --cases "$c" --repeats 1 --data-root "$ROOT/data/bench_peer" --json "$f" \
+      run "$dir" "$PY" tools/bench_peer.py --quick --cases "$c" --repeats 1 ${FIRST_REPEAT:+--first-repeat $r} --data-root "$ROOT/data/bench_peer" --json "$f" \
         > "${f%.json}.log" 2>&1 || { tail -20 "${f%.json}.log"; exit 1; }
       echo "  $t $c rep $r: $(grep -o 'ratio A/peer samples/s [0-9.]*' "${f%.json}.log")"
     done
