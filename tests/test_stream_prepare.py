@@ -88,6 +88,41 @@ def test_prepare_during_an_epoch_leaves_it_and_the_next_unchanged(synthetic_smal
     assert ahead._prepared is None and plain.counters() == ahead.counters()
 
 
+def test_the_cache_counts_a_group_read_by_two_epochs_at_once_once(synthetic_small):
+    """The next epoch, prepared while the current one still reads, may convert the same row
+    group at the same time: the cache keeps it once and counts its bytes once."""
+    schema = _schema(synthetic_small)
+    s = ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=6000, seed=9,
+                      prefetch_batches=0, num_workers=0, cache_bytes=1 << 40)
+    for _ in range(5):
+        s._cache.clear()
+        s._cache_used = 0
+        s.set_epoch(0)
+        it = iter(s)
+        next(it)
+        s.prepare(1)  # reads epoch 1's first buffer while epoch 0 reads its second
+        for _ in it:
+            pass
+        s.discard_prepared()
+        assert s._cache_used == sum(t.nbytes for t, _ in s._cache.values())
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_rank_without_rows_counts_no_policies(synthetic_small, prepared):
+    """A rank with no row group yields padding batches only; the group it reads for the
+    columns' layout trains no row, so it counts no input policy (prepared or not)."""
+    schema = _schema(synthetic_small)
+    s = ParquetStream(schema, str(synthetic_small / "train"), 256, rank=12, world_size=13, shuffle_buffer_rows=2500,
+                      prefetch_batches=0, num_workers=0)
+    assert s.groups == [] and len(s) > 0
+    if prepared:
+        s.prepare(0)
+    s.set_epoch(0)
+    batches = list(s)
+    assert len(batches) == len(s) and all(b.real_rows == 0 for b in batches)
+    assert s.counters() == {}
+
+
 @pytest.mark.parametrize("how", ["skip", "history", "other_epoch", "sparse_order", "loss_terms"])
 def test_a_prepared_epoch_that_does_not_match_is_discarded(synthetic_small, how):
     """A resume (skipped batches, earlier segments), another epoch or a new batch format: the

@@ -4,7 +4,8 @@ Design §2. ``pyarrow.dataset`` lists the files and splits them into row-group f
 each rank reads only the row groups assigned to it (balanced by row count, deterministic),
 one at a time, so memory is bounded by the shuffle buffer, never the data set (about twice
 the buffer: its shuffled Arrow table and the numpy columns its batches are cut from, see
-:class:`dlrm_mtl.data.batch_columns.BatchColumns`).
+:class:`dlrm_mtl.data.batch_columns.BatchColumns`; one buffer more while the next epoch is
+prepared, :meth:`ParquetStream.prepare`).
 
 Equal steps policy: every rank yields exactly ``num_batches`` batches of exactly
 ``batch_size`` rows. The last real batch of a rank is filled up with *padding rows*
@@ -571,15 +572,19 @@ class EpochState:
         """An epoch from its start: no earlier segment, nothing skipped."""
         return self.segment == 0 and self.skip == 0 and not self.keep
 
+    def same_plan(self, other: "EpochState") -> bool:
+        """The same row groups and step count (what a prepared epoch was read for)."""
+        return self.groups == other.groups and self.num_batches == other.num_batches
+
 
 class DeferredCounts:
     """Where a reader sends the policy counts of the row groups it converts: held back while
     the epoch is only prepared (it may never be trained), added to the converter's counters
     once it is adopted, and passed straight through after that."""
 
-    def __init__(self, converter: "RowGroupConverter", deferred: bool) -> None:
+    def __init__(self, converter: "RowGroupConverter") -> None:
         self.converter = converter
-        self._held: Optional[Dict[str, int]] = {} if deferred else None
+        self._held: Optional[Dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, counts: Dict[str, int]) -> None:
@@ -605,8 +610,10 @@ class PreparedEpoch:
     shuffle buffer, most of an epoch's reading when the buffer holds the epoch — is produced
     on a background thread while the previous epoch (or the set-up) still runs."""
 
-    def __init__(self, key: Tuple[int, int], gen: Iterator[Batch], counts: DeferredCounts, background: Callable[[], None]) -> None:
+    def __init__(self, key: Tuple[int, int], state: EpochState, gen: Iterator[Batch], counts: DeferredCounts,
+                 background: Callable[[], None]) -> None:
         self.key = key
+        self.state = state
         self.gen = gen
         self.counts = counts
         pool = ThreadPoolExecutor(1, thread_name_prefix="dlrm_mtl-prepare", initializer=background)
@@ -743,20 +750,24 @@ class ParquetStream:
         self._format += 1
 
     def set_loss_terms(self, term_inputs: Optional[Callable]) -> None:
-        """Later batches carry ``term_labels`` and ``term_rows``, computed by ``term_inputs``
+        """Batches of later iterations carry ``term_labels`` and ``term_rows``, computed by ``term_inputs``
         (``EntireSpaceLoss.term_matrices.host_inputs()``) once per shuffle buffer in numpy,
         so that the loss does not derive them from the labels every step (None: they don't)."""
         self.term_inputs = term_inputs
         self._format += 1
 
+    def _plan(self, keep: Dict[int, np.ndarray], segment: int) -> Tuple[List[RowGroup], List[int], int]:
+        """This rank's row groups, every rank's rows and the step count of a segment whose rows
+        left are ``keep`` (empty: all)."""
+        shards = self._shards(self.world_size, keep, fresh=segment == 0)
+        rows_per_rank = [sum(self._remaining(g, keep) for g in sh) for sh in shards]
+        least = 1 if segment == 0 else 0  # a resumed epoch may have no rows left
+        return shards[self.rank], rows_per_rank, max(least, max(-(-r // self.batch_size) for r in rows_per_rank))
+
     def _assign(self) -> None:
         """This rank's row groups and the epoch's step count for the current segment."""
-        shards = self._shards(self.world_size, self._keep, fresh=self._segment == 0)
-        self.groups = shards[self.rank]
-        self.rows_per_rank = [sum(self._remaining(g, self._keep) for g in sh) for sh in shards]
+        self.groups, self.rows_per_rank, self.num_batches = self._plan(self._keep, self._segment)
         self.num_rows = self.rows_per_rank[self.rank]
-        least = 1 if self._segment == 0 else 0  # a resumed epoch may have no rows left
-        self.num_batches = max(least, max(-(-r // self.batch_size) for r in self.rows_per_rank))
 
     def _remaining(self, g: RowGroup, keep: Dict[int, np.ndarray]) -> int:
         k = keep.get(self._group_index[(g.file_index, g.index)])
@@ -948,7 +959,8 @@ class ParquetStream:
         (``cache_bytes``): epochs after the first then skip decoding and validation."""
         size = t.nbytes
         with self._cache_lock:
-            if self._cache_used + size <= self.cache_bytes:
+            # two readers (an epoch and the next one, prepared) may convert the same group at once
+            if key not in self._cache and self._cache_used + size <= self.cache_bytes:
                 self._cache[key] = (t, counts)
                 self._cache_used += size
 
@@ -994,7 +1006,9 @@ class ParquetStream:
             raise RuntimeError(f"rank {self.rank}: produced {produced} batches, expected {state.num_batches}")
 
     def _empty_table(self) -> pa.Table:
-        return self.converter.read(self._any_group).slice(0, 0)
+        """A table with the clean columns and no rows (padding batches); the group read for
+        its columns counts no policies: none of its rows is trained here."""
+        return self.converter.read_counted(self._any_group, tally=False)[0].slice(0, 0)
 
     # ------------------------------------------------------------- epochs ahead
     def prepare(self, epoch: int) -> None:
@@ -1008,18 +1022,18 @@ class ParquetStream:
         policy counters are exactly those of reading it then (the counts of what was read
         ahead are added when it is adopted). Anything else discards it. Without this the
         epoch's first ``next`` waits for that buffer (13-40 ms per epoch of MovieLens
-        ``--quick`` in ``tools/bench_peer.py``, docs/performance.md)."""
+        ``--quick`` in ``tools/bench_peer.py``, docs/performance.md). Memory: while it waits,
+        that buffer (its Arrow table and numpy columns) is held next to the current epoch's,
+        one more shuffle buffer's worth."""
         key = (epoch, self._format)
         if self._prepared is not None:
             if self._prepared.key == key:
                 return
             self.discard_prepared()
-        shards = self._shards(self.world_size, {}, fresh=True)
-        rows = [sum(g.num_rows for g in sh) for sh in shards]
-        state = EpochState(epoch, 0, tuple(shards[self.rank]), {}, 0, max(1, max(-(-r // self.batch_size) for r in rows)),
-                           self.sparse_order, self.term_inputs)
-        counts = DeferredCounts(self.converter, deferred=True)
-        self._prepared = PreparedEpoch(key, self._batches(state, counts), counts, self._background_thread)
+        groups, _, num_batches = self._plan({}, 0)
+        state = EpochState(epoch, 0, tuple(groups), {}, 0, num_batches, self.sparse_order, self.term_inputs)
+        counts = DeferredCounts(self.converter)
+        self._prepared = PreparedEpoch(key, state, self._batches(state, counts), counts, self._background_thread)
 
     def discard_prepared(self) -> None:
         """Drops an epoch prepared and not (yet) iterated (the run ends or stops early)."""
@@ -1032,7 +1046,7 @@ class ParquetStream:
         state = self._state()
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            if state.fresh() and prepared.key == (state.epoch, self._format):
+            if state.fresh() and prepared.key == (state.epoch, self._format) and prepared.state.same_plan(state):
                 return prepared.adopt()
             prepared.discard()
         return self._batches(state, self.converter.add_counts)
