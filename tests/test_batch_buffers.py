@@ -184,3 +184,14 @@ def test_copy_packed_is_one_copy_then_views(synthetic_small):
     assert kjt.keys() == b.sparse.keys() and kjt._length_per_key == b.sparse._length_per_key  # no read-back needed
     # one buffer: every tensor of the moved batch is a view of the same storage
     assert len({t.untyped_storage().data_ptr() for t in (moved.dense, moved.labels, kjt.values(), kjt.lengths())}) == 1
+
+
+def test_the_field_lists_cover_every_batch_field():
+    """Moving, pinning and packing map TENSOR_FIELDS and KJT_FIELDS: a new tensor field of
+    Batch must be in one of them (else it would be dropped on the way to the device)."""
+    import dataclasses
+
+    from dlrm_mtl.data.batch import KJT_FIELDS, TENSOR_FIELDS
+
+    names = {f.name for f in dataclasses.fields(Batch)} - {"real_rows", "storage"}
+    assert names == set(TENSOR_FIELDS) | set(KJT_FIELDS) and not set(TENSOR_FIELDS) & set(KJT_FIELDS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -11,6 +12,12 @@ from torchrec.streamable import Pipelineable
 
 if TYPE_CHECKING:
     from dlrm_mtl.data.batch_buffers import BatchStorage
+
+
+# the Batch fields that hold a tensor / a KJT (or None): what moving, pinning or packing a batch maps
+TENSOR_FIELDS = ("dense", "scenario", "labels", "label_mask", "row_id", "weight", "oracle", "bias", "user", "group",
+                 "term_labels", "term_rows")
+KJT_FIELDS = ("sparse", "sequence")
 
 
 @dataclass
@@ -77,53 +84,27 @@ class Batch(Pipelineable):
     def num_real_rows(self) -> int:
         return int(self.real.sum())
 
+    def _map(self, tensor_fn: Callable[[torch.Tensor], torch.Tensor],
+             kjt_fn: Callable[[KeyedJaggedTensor], KeyedJaggedTensor]) -> "Batch":
+        """A batch with every tensor field (:data:`TENSOR_FIELDS`) and KJT field
+        (:data:`KJT_FIELDS`) mapped, None kept; ``real_rows`` carried along, ``storage`` dropped."""
+        changes = {name: None if (t := getattr(self, name)) is None else tensor_fn(t) for name in TENSOR_FIELDS}
+        changes.update({name: None if (k := getattr(self, name)) is None else kjt_fn(k) for name in KJT_FIELDS})
+        return dataclasses.replace(self, storage=None, **changes)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         if self.storage is not None and self.storage.buffer.device != torch.device(device):
             from dlrm_mtl.data.batch_buffers import copy_packed
 
             return copy_packed(self, torch.device(device), non_blocking)  # one copy of the whole buffer
-        return Batch(
-            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
-            dense=self.dense.to(device=device, non_blocking=non_blocking),
-            scenario=self.scenario.to(device=device, non_blocking=non_blocking),
-            labels=self.labels.to(device=device, non_blocking=non_blocking),
-            label_mask=self.label_mask.to(device=device, non_blocking=non_blocking),
-            row_id=self.row_id.to(device=device, non_blocking=non_blocking),
-            weight=self.weight.to(device=device, non_blocking=non_blocking),
-            oracle=None if self.oracle is None else self.oracle.to(device=device, non_blocking=non_blocking),
-            bias=None if self.bias is None else self.bias.to(device=device, non_blocking=non_blocking),
-            user=None if self.user is None else self.user.to(device=device, non_blocking=non_blocking),
-            group=None if self.group is None else self.group.to(device=device, non_blocking=non_blocking),
-            sequence=None if self.sequence is None else self.sequence.to(device=device, non_blocking=non_blocking),
-            term_labels=None if self.term_labels is None else self.term_labels.to(device=device, non_blocking=non_blocking),
-            term_rows=None if self.term_rows is None else self.term_rows.to(device=device, non_blocking=non_blocking),
-            real_rows=self.real_rows,
-        )
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking),
+                         lambda k: k.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self.sparse.record_stream(stream)
-        if self.sequence is not None:
-            self.sequence.record_stream(stream)
-        for t in (self.dense, self.scenario, self.labels, self.label_mask, self.row_id, self.weight, self.oracle, self.bias, self.user,
-                  self.group, self.term_labels, self.term_rows):
-            if t is not None:
-                t.record_stream(stream)
+        for name in TENSOR_FIELDS + KJT_FIELDS:
+            x = getattr(self, name)
+            if x is not None:
+                x.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(
-            sparse=self.sparse.pin_memory(),
-            dense=self.dense.pin_memory(),
-            scenario=self.scenario.pin_memory(),
-            labels=self.labels.pin_memory(),
-            label_mask=self.label_mask.pin_memory(),
-            row_id=self.row_id.pin_memory(),
-            weight=self.weight.pin_memory(),
-            oracle=None if self.oracle is None else self.oracle.pin_memory(),
-            bias=None if self.bias is None else self.bias.pin_memory(),
-            user=None if self.user is None else self.user.pin_memory(),
-            group=None if self.group is None else self.group.pin_memory(),
-            sequence=None if self.sequence is None else self.sequence.pin_memory(),
-            term_labels=None if self.term_labels is None else self.term_labels.pin_memory(),
-            term_rows=None if self.term_rows is None else self.term_rows.pin_memory(),
-            real_rows=self.real_rows,
-        )
+        return self._map(lambda t: t.pin_memory(), lambda k: k.pin_memory())

@@ -41,13 +41,14 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_mtl.data.batch import KJT_FIELDS, TENSOR_FIELDS
+
 if TYPE_CHECKING:
     from dlrm_mtl.data.batch import Batch
 
 ALIGN = 64  # bytes: every tensor starts at a multiple of this (any dtype's alignment)
-_TENSOR_FIELDS = ("dense", "scenario", "labels", "label_mask", "row_id", "weight", "oracle", "bias", "user", "group",
-                  "term_labels", "term_rows")
-_KJT_FIELDS = ("sparse", "sequence")
+_TENSOR_FIELDS = TENSOR_FIELDS
+_KJT_FIELDS = KJT_FIELDS
 _KJT_TENSORS = ("values", "weights", "lengths", "offsets")
 
 
