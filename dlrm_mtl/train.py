@@ -363,7 +363,8 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
 
 def train_step(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> Tuple[Any, ...]:
     """One optimizer step on ``batch``; returns the module's output
-    ``(logits, loss terms, gates, real rows)``, all still on the device.
+    ``(logits, loss terms, gates, real rows)``, still on the device (real rows: the reader's
+    host count where the batch carries one, ``Batch.real_rows``).
 
     ``zero_grad`` comes *before* the forward: it also hands the current learning rate to the
     fused fbgemm tables, which capture it at forward time (TrainPipelineSparseDist uses the
@@ -377,9 +378,10 @@ def train_step(dmp: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
 
 
 class LogWindow:
-    """Rows and steps since the last log line. The real-row count stays a device tensor until
-    the window is read: an ``int()`` every step would synchronise the GPU and defeat the
-    pipeline's overlap."""
+    """Rows and steps since the last log line. Real rows are added on the host where the
+    batches counted them (``Batch.real_rows``), else as a device tensor read only when the
+    window is: an ``int()`` every step would synchronise the GPU and defeat the pipeline's
+    overlap."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

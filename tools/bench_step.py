@@ -88,9 +88,14 @@ def child_main(args: argparse.Namespace) -> int:
         env = init_distributed("gloo", 120, bp.THREADS)
         try:
             run = setup_run(cfg, env)
-            it = iter(run.train_stream)
-            a_batches = [b for b in itertools.islice(it, BATCHES) if b.batch_size == size.batch_size]  # full batches only
-            it.close()  # the epoch's reader stops here
+            a_batches = []  # BATCHES full batches, over as many epochs as a small data set needs
+            for epoch in range(BATCHES):
+                run.train_stream.set_epoch(epoch)
+                it = iter(run.train_stream)
+                a_batches += [b for b in itertools.islice(it, BATCHES - len(a_batches)) if b.batch_size == size.batch_size]
+                it.close()  # the epoch's reader stops here
+                if len(a_batches) == BATCHES:
+                    break
             torch.manual_seed(bp.SEED)
             schema = run.schema
             model = bp.build_peer_model(schema, arch)

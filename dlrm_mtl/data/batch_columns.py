@@ -136,7 +136,9 @@ def _id_columns(t: pa.Table, features: List[SparseFeature]) -> List[IdColumn]:
             vals = col.to_numpy(zero_copy_only=False)
         offs = None if lens is None else np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
         vals = vals.astype(np.int64, copy=False)
-        out.append((lens, offs, vals if vals.flags.writeable else vals.copy()))  # batches may be views of it
+        if lens is not None and not vals.flags.writeable:  # a batch's ids may be a view of it (single-hot ones are stacked: a copy)
+            vals = vals.copy()
+        out.append((lens, offs, vals))
     return out
 
 

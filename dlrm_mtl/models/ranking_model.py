@@ -23,8 +23,9 @@ from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput
 from dlrm_mtl.modules.heads import build_heads
 from dlrm_mtl.schema import Schema, leaf_ids
 
-# TorchRec's pipelines fx-trace TrainModule.forward (symbolic tracing; torch 2.11 has only the
-# broader is_fx_tracing where the narrower one is missing)
+# True while torch.fx symbolically traces a forward (TorchRec's pipelines trace
+# TrainModule.forward to find the sharded modules' inputs); is_fx_tracing where a torch lacks
+# is_fx_symbolic_tracing
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing
 
 
@@ -315,6 +316,7 @@ class TrainModule(nn.Module):
         if self.model.deepmcp is not None:  # the matching and correlation subnets' losses
             out = with_auxiliary(out, self.model.deepmcp(pooled, events, batch.labels, batch.label_mask, batch.weight))
         # the reader's host count where the batch has one (no operator), else [] on the device,
-        # read on log steps only; fx-traced (TorchRec's pipelines) always the tensor
+        # read on log steps only; while fx traces this forward, the tensor (an attribute of the
+        # traced batch is a Proxy)
         real_rows = batch.real_rows if not _fx_tracing() and batch.real_rows is not None else batch.real.sum()
         return out[0], (out[1].detach(), out[2], out[3], real_rows)
