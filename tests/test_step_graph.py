@@ -128,6 +128,33 @@ def test_graphed_step_trains_exactly_like_the_eager_step(synthetic_small, arch):
     assert graphed.dense_step.graph.replays == 6
 
 
+def test_a_step_recorded_on_a_short_batch_records_again_at_the_full_size(synthetic_small):
+    """A run whose first step is a short batch (resumed at an epoch's short last batch) must
+    not keep that shape: the next, full batch records the step again, and later full batches
+    replay it (the CPU twin of the captured graph)."""
+    import dataclasses
+
+    cfg = Config.load(None, [])
+    module, batches = _module_and_batches(synthetic_small, cfg, 2)
+    module.dense_step.cuda_graph = "graph"
+    full = batches[0]
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    short = list(ParquetStream(schema, str(synthetic_small / "train"), batch_size=70, shuffle_buffer_rows=0,
+                               prefetch_batches=0, pad_last=False))[-1]  # the epoch's short last batch
+    n = short.batch_size
+    assert 0 < n < full.batch_size
+    module(short)[0].backward()
+    assert module.dense_step.graph.static_args[0].shape[0] == n
+    module(full)[0].backward()
+    recorded = module.dense_step.graph
+    assert recorded.static_args[0].shape[0] == full.batch_size
+    module(batches[1])[0].backward()
+    assert module.dense_step.graph is recorded  # a full batch replays, records nothing new
+    module(short)[0].backward()  # a short one runs eagerly
+    assert module.dense_step.graph is recorded
+
+
+
 def test_bf16_keeps_loss_and_logits_in_fp32(synthetic_small):
     cfg = Config.load(None, ["train.precision=bf16"])
     module, batches = _module_and_batches(synthetic_small, cfg, 1)

@@ -32,7 +32,8 @@ class DenseStep(nn.Module):
       shapes), the forward and backward run as a :class:`~dlrm_mtl.step_graph.StepGraph`
       recorded on the first step. ``auto`` captures on CUDA and runs eagerly elsewhere; ``graph``
       also uses the step graph on CPU, where it runs without capture (the CPU twin). Batches
-      have one size, so one recording serves a whole run; other shapes (evaluation,
+      have one size, so one recording serves a whole run (recorded again if a larger batch
+      follows the first, e.g. a run resumed at a short last batch); other shapes (evaluation,
       ``torch.no_grad``, a world of one's short last batch under ``data.last_batch``) run eagerly. Under ``auto`` a function that cannot be captured
       (host synchronisation, data-dependent shapes such as ``routing: gather``) falls back to
       eager with one warning naming the error; under ``graph`` it raises.
@@ -115,9 +116,14 @@ class DenseStep(nn.Module):
                 term_rows: Optional[torch.Tensor] = None) -> Output:
         args = (pooled, dense, scenario, labels, label_mask, weight, bias, group, term_labels, term_rows)
         if self._wants_graph(pooled):
-            if self.graph is None:
+            fits = self.graph is not None and self.graph.matches(args)
+            if not fits and (self.graph is None or pooled.shape[0] > self.graph.static_args[0].shape[0]):
+                # the first step, or a larger batch after a first short one (a run resumed at an
+                # epoch's short last batch under data.last_batch: short): record at this size
                 self._record(args)
-            if self.graph is not None and self.graph.matches(args):
+                fits = self.graph is not None  # recorded from these very arguments
+            if fits:
+                assert self.graph is not None
                 out = self.graph(*args)
                 term_names, gate_names = self._names
                 t = len(term_names)
