@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.models.arch import build_task_layer
 from dlrm_mtl.modules import MMoELayer, NoisyGate, SoftmaxGate, TopKGate, keep_top_k, make_gate
+from dlrm_mtl.modules.gates import SMALL_AXIS, softmax_last
 
 from test_modules import ATOL, reference_expert, reference_gate_logits
 
@@ -204,3 +205,44 @@ def test_gate_product_reads_column_major_weights_and_matches_the_formula(gates, 
     torch.testing.assert_close(gate.weight.grad, w_ref.grad)
     torch.testing.assert_close(gate.bias.grad, b_ref.grad)
     assert gate.weight.grad.stride() == gate.weight.stride() and gate.bias.grad.stride() == gate.bias.stride()
+
+
+# ------------------------------------------------------------------ softmax_last
+
+
+@pytest.mark.parametrize("shape", [(300, 2, 3), (300, 4), (300, 1, 8), (300, 3, 5), (300, 2, SMALL_AXIS)])
+def test_softmax_last_equals_torch_softmax_and_its_gradient(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = softmax_last(x), torch.softmax(x_ref, dim=-1)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    g = torch.randn(*shape)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 2, 3), (300, 4), (300, 1, 8), (300, 3, 5)])
+def test_softmax_last_gives_a_row_the_same_bits_in_every_batch(shape):
+    """Each row's weights, bit for bit, whatever batch (size and position) it comes in, also for
+    a transposed (non-contiguous) input and with −∞ entries (top-K, HiNet's own scenario):
+    without the padding to full vector lanes, rows in the vectorised exp's tail differ."""
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * 5
+    x[::7, ..., 0] = float("-inf")
+    full = softmax_last(x)
+    assert torch.isfinite(full).all() and torch.allclose(full.sum(-1), torch.ones(()), atol=1e-6)
+    for size in list(range(1, 140)) + [255, 256, 257, 299]:
+        for start in sorted({0, 7, shape[0] - size}):
+            if 0 <= start and start + size <= shape[0]:
+                assert torch.equal(softmax_last(x[start:start + size]), full[start:start + size]), (size, start)
+    strided = x.movedim(-1, 0).contiguous().movedim(0, -1)  # the same values, the last axis outermost
+    assert not strided.is_contiguous()
+    assert torch.equal(softmax_last(strided), full)
+
+
+def test_softmax_last_leaves_a_long_axis_to_torch_softmax():
+    x = torch.randn(64, SMALL_AXIS + 1)
+    assert torch.equal(softmax_last(x), torch.softmax(x, dim=-1))

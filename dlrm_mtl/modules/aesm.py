@@ -28,7 +28,7 @@ from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
-from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.gates import SoftmaxGate, softmax_last
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mixture import mix_experts
@@ -115,7 +115,7 @@ def select_experts(
     shared = order_sh[:, :k_shared]  # [N, k_sh]
     selected = taken.scatter(1, shared, True)  # [N, E]
     own = logits[rows, target]  # [N, E]
-    gates = torch.softmax(own.masked_fill(~selected, float("-inf")), dim=-1)  # [N, E]
+    gates = softmax_last(own.masked_fill(~selected, float("-inf")))  # [N, E]
     zero = logits.new_zeros(())
     kl_specific = kl_sp.gather(1, specific).mean() if k_specific else zero
     kl_shared = kl_sh.gather(1, shared).mean() if k_shared else zero

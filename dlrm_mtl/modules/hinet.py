@@ -11,6 +11,7 @@ from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
+from dlrm_mtl.modules.gates import softmax_last
 from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.scenario_routing import own_scenario
 
@@ -56,7 +57,7 @@ class ScenarioAwareAttention(nn.Module):
             weights = (~own).to(specific.dtype)  # [B, 2]: the one other scenario
         else:
             logits = self.score(scenario_emb)  # [B, S]
-            weights = torch.softmax(logits.masked_fill(own, float("-inf")), dim=-1)  # [B, S], own = 0
+            weights = softmax_last(logits.masked_fill(own, float("-inf")))  # [B, S], own = 0
         return mix_experts(weights.unsqueeze(1), specific).squeeze(1), weights  # [B, d], [B, S]
 
 
