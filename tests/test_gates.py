@@ -246,3 +246,15 @@ def test_softmax_last_gives_a_row_the_same_bits_in_every_batch(shape):
 def test_softmax_last_leaves_a_long_axis_to_torch_softmax():
     x = torch.randn(64, SMALL_AXIS + 1)
     assert torch.equal(softmax_last(x), torch.softmax(x, dim=-1))
+
+
+def test_a_gate_exports_with_a_dynamic_batch_axis():
+    """``torch.export`` with a symbolic batch: softmax_last must not pad by ``-N % 64`` there,
+    which would guard the program on the batch size (``dlrm-mtl export`` failed so)."""
+    torch.manual_seed(2)
+    gate = SoftmaxGate(8, 2, 3).eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(gate, (torch.randn(5, 8),), dynamic_shapes=({0: batch},))
+    for n in (1, 64, 100):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(program.module()(x), gate(x), rtol=0, atol=1e-6)

@@ -29,15 +29,17 @@ def softmax_last(x: torch.Tensor) -> torch.Tensor:
     bit independent of its batch). The result is copied back to a contiguous ``[N, ..., E]``
     (the mixtures' batched products read it faster so); its values equal ``torch.softmax``'s
     to float rounding (~3e-8). Other devices and longer axes: ``torch.softmax(x, dim=-1)``
-    itself.
+    itself, and so is a symbolic batch size (``torch.export`` with a dynamic batch axis),
+    where the padding would guard the exported program on ``N % _LANES``.
 
     Example::
 
         w = softmax_last(torch.randn(8, 2, 3))   # [8, 2, 3], sums to 1 over the last axis
     """
-    if x.device.type != "cpu" or x.shape[-1] > SMALL_AXIS or x.dim() < 2 or x.numel() == 0:
-        return torch.softmax(x, dim=-1)
     n = x.shape[0]
+    if (x.device.type != "cpu" or x.shape[-1] > SMALL_AXIS or x.dim() < 2 or x.numel() == 0
+            or not isinstance(n, int)):  # a symbolic batch (torch.export): no guard on N % _LANES
+        return torch.softmax(x, dim=-1)
     pad = -n % _LANES
     moved = x.movedim(-1, 0)  # [E, N, ...] (a view)
     # one copy into the contiguous [E, N + pad, ...] layout: F.pad pads axis 1 (its last pair)
