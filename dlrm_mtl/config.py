@@ -244,7 +244,9 @@ class ShardingConfig:
     tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # per-table overrides
     # a world of one looks its tables up directly through their fbgemm kernels, without
     # TorchRec's input/output distribution over one rank (same tables, optimizer and
-    # checkpoints; dlrm_mtl/models/local_lookup.py). false: always the sharded module's forward
+    # checkpoints; dlrm_mtl/models/local_lookup.py; on the CPU each row-wise Adagrad kernel is
+    # called with the arguments its module built on the first call, recorded_lookup.py).
+    # false: always the sharded module's forward
     local_lookup: bool = True
     # fbgemm's check of every id against its table before each lookup: none (the default: the
     # reader has already checked every id, or hashed it into range, and names the file, column

@@ -346,7 +346,10 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
     if model.local_lookup is not None:
         for stream in (train_stream, eval_stream):  # batches in the kernels' feature order: no permute per step
             stream.set_sparse_order(model.local_lookup.kernel_keys)
-        _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist)")
+        lookup = model.local_lookup
+        recorded = sum(c is not m for c, m in zip(lookup.calls, lookup.modules))
+        _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist; "
+                  f"{recorded} of {len(lookup.calls)} with recorded arguments)")
     terms = dmp.module.loss.term_matrices
     if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per buffer
         train_stream.set_loss_terms(terms.host_inputs())

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_mtl.models.recorded_lookup import RecordedLookup
+
 
 class LocalPooledLookup:
     """``kjt -> [B, Σ D_f]`` (pooled embeddings in ``feature_names`` order) for a sharded
@@ -26,7 +28,10 @@ class LocalPooledLookup:
     ``cat`` per group, not a zero-filled gradient per slice). A batch whose features come in
     the kernels' order (:attr:`kernel_keys`: the reader builds them so, see
     ``ParquetStream.set_sparse_order``) needs no permute; one in ``batch_keys`` order is
-    permuted first.
+    permuted first. Each kernel is called through a :class:`RecordedLookup` where that
+    applies (fbgemm 1.8, tables in host memory trained with row-wise Adagrad: the CPU path),
+    which skips the kernel module's own per-call Python; :attr:`calls` are those callables,
+    :attr:`modules` the kernel modules.
 
     It holds references, not modules: the sharded collection stays the owner (state dicts and
     optimizer keys are unchanged). :meth:`of` returns None for anything it does not cover
@@ -45,6 +50,8 @@ class LocalPooledLookup:
         if sorted(order) != sorted(batch_keys):
             raise ValueError(f"the tables' features {order} are not the batch's {batch_keys}")
         self.modules = modules
+        # what each kernel is called through: its replay, or the module itself
+        self.calls = [RecordedLookup.of(m) or m for m in modules]
         self.batch_keys = list(batch_keys)
         self.kernel_keys = order  # the groups' features, group after group
         perm = [self.batch_keys.index(n) for n in order]
@@ -123,7 +130,7 @@ class LocalPooledLookup:
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
-        outs = [emb(part) for emb, part in zip(self.modules, parts)]  # [B, Σ D] per group
+        outs = [call(part) for call, part in zip(self.calls, parts)]  # [B, Σ D] per group
         if len(self.runs) == 1:
             return outs[0]  # [B, Σ D_f]: one group, already in feature_names order
         # one copy: the groups' column runs, in feature_names order

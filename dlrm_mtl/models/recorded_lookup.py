@@ -1,0 +1,184 @@
+"""One table-batched fbgemm kernel call per step, without the per-call Python of its module."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+# the fbgemm_gpu release whose SplitTableBatchedEmbeddingBagsCodegen.forward this replays
+# (its side effects are listed in RecordedLookup's docstring); any other falls back
+_FBGEMM_SERIES = "1.8."
+
+
+class RecordedLookup:
+    """``kjt -> [B, Σ D]`` for one TorchRec batched embedding kernel (``BaseBatchedEmbeddingBag``
+    around fbgemm's ``SplitTableBatchedEmbeddingBagsCodegen``) training with exact row-wise
+    Adagrad on the CPU: the same kernel call, with the module's per-call Python replaced by
+    the arguments it built on the first call.
+
+    fbgemm's ``forward`` rebuilds on every call a 30-field ``CommonArgs`` and a ``Momentum``
+    from the module's attributes, runs input preparation, prefetch and cache bookkeeping that
+    are no-ops for tables in host memory without a cache, and only then calls
+    ``lookup_rowwise_adagrad.invoke``: ~0.17 ms of the ~0.44 ms the lookup takes per step on
+    the MovieLens shape (docs/performance.md, "Eighth round"). This records the arguments of
+    that ``invoke`` once (by calling the module with ``invoke`` watched) and afterwards calls
+    ``invoke`` itself with the batch's ``indices`` and ``offsets``, the module's current
+    ``learning_rate_tensor`` and ``optimizer_args`` (a schedule changes them), and the
+    forward's side effects done by hand, so that the module's state after a step is what its
+    own forward leaves:
+
+    * ``iter_cpu`` is synced from ``iter`` when it is 0 (a loaded checkpoint), then both +1;
+    * ``step`` +1 and ``timestep`` +1 (its prefetch, which returns at once without a cache);
+    * ``_indices``/``_offsets`` are the batch's; ``lxu_cache_locations`` the empty one.
+
+    The weights, the optimizer state and the fused update in the backward are the module's own
+    tensors and kernels, so training is bit for bit the module's (tests/test_recorded_lookup.py).
+
+    It applies (:meth:`of` returns None otherwise) only where that replay is complete:
+    fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
+    ``EXACT_ROWWISE_ADAGRAD`` and none of its counter or global-weight-decay variants, no
+    cache, no bounds check (``sharding.bounds_check: none``), no stats reporter, input
+    reporting, debug printing, input multiplexer or write-back hook. A call it cannot replay
+    goes to the module itself (per-sample weights, variable batch sizes per feature, ids or
+    offsets of another dtype than the kernel's, forward hooks, a raw-id tracker, a pending
+    prefetch), and so does the first call after the module's weights or optimizer state were
+    replaced by other tensors (it then records again). If a recording does not match what
+    the replay assumes, the module is used for good.
+
+    Example::
+
+        lookup = RecordedLookup.of(emb) or emb   # emb: a BaseBatchedEmbeddingBag of the sharded EBC
+        pooled = lookup(kjt)                     # [B, Σ D] of the kernel's tables
+    """
+
+    def __init__(self, emb: nn.Module) -> None:
+        import fbgemm_gpu.split_embedding_codegen_lookup_invokers.lookup_rowwise_adagrad as invoker
+
+        self.emb = emb
+        self.tbe = emb._emb_module
+        self._invoker = invoker
+        self._invoke = invoker.invoke
+        self._common: Any = None  # CommonArgs of the recorded call
+        self._momentum: Any = None  # Momentum of the recorded call
+        self._kwargs: Dict[str, Any] = {}
+        self.disabled = False  # a recording did not match: the module from then on
+        self.replays = 0  # calls served by the replay (tests, logs)
+
+    @classmethod
+    def of(cls, emb: nn.Module) -> Optional["RecordedLookup"]:
+        """The replay of ``emb``'s kernel, or None where it does not apply (class docstring)."""
+        try:
+            import fbgemm_gpu
+            from fbgemm_gpu.split_embedding_configs import EmbOptimType
+            from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+            from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+        except ImportError:
+            return None
+        if not str(getattr(fbgemm_gpu, "__version__", "")).startswith(_FBGEMM_SERIES):
+            return None
+        tbe = getattr(emb, "_emb_module", None)
+        if type(tbe) is not SplitTableBatchedEmbeddingBagsCodegen:
+            return None
+        stats = getattr(tbe, "_debug_print_input_stats", None)
+        ok = (
+            tbe.use_cpu and not tbe.use_mtia
+            and tbe.optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+            and not tbe._used_rowwise_adagrad_with_counter
+            and not tbe._used_rowwise_adagrad_with_global_weight_decay
+            and tbe.bounds_check_mode_int == BoundsCheckMode.NONE.value
+            and tbe.lxu_cache_weights.numel() == 0
+            and tbe.stats_reporter is None
+            and tbe._report_input_params is None
+            and tbe.tbe_input_multiplexer is None
+            and not tbe.use_writeback_bwd_prehook
+            and not tbe.is_nobag
+            and not getattr(tbe, "gather_uvm_cache_stats", False)
+            and not getattr(tbe, "enable_raw_embedding_streaming", False)
+            and getattr(stats, "__name__", "") == "_debug_print_input_stats_factory_null"
+            and tbe.embedding_table_index_type == torch.int64
+            and getattr(emb, "_embedding_table_index_type", None) == torch.int64
+            and getattr(emb, "_embedding_table_offset_type", None) == torch.int64
+        )
+        return cls(emb) if ok else None
+
+    def _replayable(self, kjt: KeyedJaggedTensor) -> bool:
+        emb, tbe = self.emb, self.tbe
+        g = nn.modules.module
+        return not (
+            self.disabled
+            or kjt.weights_or_none() is not None
+            or kjt.variable_stride_per_key()
+            or kjt.values().dtype != torch.int64
+            or kjt.offsets().dtype != torch.int64
+            or emb._forward_pre_hooks or emb._forward_hooks or tbe._forward_pre_hooks or tbe._forward_hooks
+            or g._global_forward_pre_hooks or g._global_forward_hooks
+            or getattr(emb, "_raw_id_tracker_wrapper", None) is not None
+            or tbe.timesteps_prefetched
+            or tbe.lxu_cache_locations_list
+            or torch.compiler.is_compiling()
+        )
+
+    def _record(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The module's own call, with the arguments of its kernel call kept (and checked)."""
+        seen: Dict[str, Any] = {}
+        invoke = self._invoke
+
+        def watch(*args: Any, **kwargs: Any) -> torch.Tensor:
+            seen["args"], seen["kwargs"] = args, kwargs
+            return invoke(*args, **kwargs)
+
+        self._invoker.invoke = watch
+        try:
+            out = self.emb(kjt)
+        finally:
+            self._invoker.invoke = invoke
+        tbe = self.tbe
+        args = seen.get("args", ())
+        if len(args) != 3 or set(seen["kwargs"]) - {"mixed_D"}:
+            self.disabled = True
+            return out
+        common, optimizer_args, momentum = args
+        vbe = common.vbe_metadata
+        if not (
+            common.indices is kjt.values() and common.offsets is kjt.offsets()
+            and common.indice_weights is None and common.feature_requires_grad is None
+            and vbe.B_offsets is None and vbe.vbe_output is None
+            and common.lxu_cache_locations is tbe.lxu_cache_locations_empty
+            and common.uvm_cache_stats is None
+            and common.host_weights is tbe.weights_host
+            and common.learning_rate_tensor is tbe.learning_rate_tensor
+            and optimizer_args is tbe.optimizer_args
+            and momentum.host is tbe.momentum1_host
+        ):
+            self.disabled = True
+            return out
+        # drop the batch from the recording (it holds no other per-call tensor)
+        self._common = common._replace(indices=None, offsets=None)
+        self._momentum = momentum
+        self._kwargs = dict(seen["kwargs"])
+        return out
+
+    def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        if not self._replayable(kjt):
+            return self.emb(kjt)
+        tbe = self.tbe
+        common = self._common
+        if common is None or tbe.weights_host is not common.host_weights or tbe.momentum1_host is not self._momentum.host:
+            return self._record(kjt)
+        indices, offsets = kjt.values(), kjt.offsets()  # [N] ids, [T·B + 1]
+        # the forward's bookkeeping (class docstring), in its order
+        tbe._indices, tbe._offsets = indices, offsets
+        tbe.step += 1
+        tbe.timestep += 1
+        tbe.lxu_cache_locations = tbe.lxu_cache_locations_empty
+        tbe.iter_cpu = tbe.iter_cpu.cpu()
+        if tbe.iter_cpu.item() == 0:
+            tbe.iter_cpu.fill_(tbe.iter.cpu().item())
+        tbe.iter_cpu.add_(1)
+        tbe.iter.add_(1)
+        self.replays += 1
+        args = common._replace(indices=indices, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
+        return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]

@@ -1,0 +1,129 @@
+"""RecordedLookup: the tables' fbgemm kernel called with the arguments its module built on the
+first call trains bit for bit like the module's own forward, and steps aside where it cannot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(data: Path, run: Path, *sets: str):
+    from dlrm_mtl.config import Config
+
+    return Config.load([str(ROOT / "configs/demo.yaml")], [
+        f"data.train={data / 'train'}", f"data.eval={data / 'eval'}", f"train.run_dir={run}",
+        "data.batch_size=64", "train.threads_per_rank=1", "train.progress=false",
+        "train.lr_schedule=cosine", "train.epochs=1", "train.max_steps=8", *sets,
+    ])
+
+
+def _state(run) -> dict:
+    """Everything a step changes: the dense parameters, and per kernel its weights, Adagrad
+    state and counters."""
+    model = run.dmp.module.model
+    out = {f"dense.{k}": v.detach().clone() for k, v in model.dense_arch.state_dict().items()}
+    for i, emb in enumerate(model.local_lookup.modules):
+        t = emb._emb_module
+        out[f"{i}.weights"] = t.weights_host.detach().clone()
+        out[f"{i}.momentum1"] = t.momentum1_host.detach().clone()
+        out[f"{i}.counters"] = (int(t.iter.item()), int(t.iter_cpu.item()), t.step, t.timestep,
+                                float(t.get_learning_rate()))
+    return out
+
+
+def test_replayed_kernel_calls_train_bit_for_bit_like_the_module(synthetic_small, tmp_path):
+    """Two identical runs, one calling each kernel through its replay, one through the module:
+    after every step (cosine schedule: a new table learning rate each step, so a stale rate
+    would show) the losses, dense weights, tables, Adagrad state and counters are identical;
+    a checkpoint-style reset of ``iter_cpu`` is resynced from ``iter`` the same way."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+    from dlrm_mtl.train import setup_run
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        runs = [setup_run(_cfg(synthetic_small, tmp_path / name), env) for name in ("replay", "module")]
+        replay, module = (r.dmp.module.model.local_lookup for r in runs)
+        assert replay.calls and all(isinstance(c, RecordedLookup) for c in replay.calls)
+        module.calls = list(module.modules)  # the module's own forward
+        streams = [iter(r.train_stream) for r in runs]
+        a, b = _state(runs[0]), _state(runs[1])
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        for step in range(7):
+            if step == 4:  # as after loading a checkpoint: iter_cpu 0, iter elsewhere
+                for r in runs:
+                    for emb in r.dmp.module.model.local_lookup.modules:
+                        emb._emb_module.iter_cpu.zero_()
+                        emb._emb_module.iter.fill_(100)
+            losses = []
+            for r, it in zip(runs, streams):
+                r.optimizer.zero_grad()
+                loss, _ = r.dmp(next(it))
+                loss.backward()
+                r.optimizer.step()
+                r.scheduler.step()
+                losses.append(loss.detach())
+            assert torch.equal(losses[0], losses[1]), step
+            a, b = _state(runs[0]), _state(runs[1])
+            for k in a:
+                same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                assert same, (step, k, a[k] if not isinstance(a[k], torch.Tensor) else "")
+        assert all(c.replays == 6 and not c.disabled for c in replay.calls)  # the first call records
+        counters = [_state(runs[0])[f"{i}.counters"] for i in range(len(replay.calls))]
+        assert all(c[0] == 103 and c[1] == 103 and c[2] == 7 for c in counters)
+        for it in streams:
+            it.close()
+    finally:
+        shutdown_distributed()
+
+
+def test_a_call_it_cannot_replay_goes_to_the_module(synthetic_small, tmp_path):
+    """Ids of another dtype than the kernel's, and a forward hook on the kernel module, take the
+    module's forward (same result); replaced weights are recorded again."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.train import setup_run
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(_cfg(synthetic_small, tmp_path / "run"), env)
+        lookup = run.dmp.module.model.local_lookup
+        call, emb = lookup.calls[0], lookup.modules[0]
+        it = iter(run.train_stream)
+        batch = next(it)
+        kjt = batch.sparse.split(lookup.splits)[0] if len(lookup.splits) > 1 else batch.sparse
+        with torch.no_grad():
+            first = call(kjt)  # records
+            assert call.replays == 0 and call._common is not None
+            assert torch.equal(call(kjt), first) and call.replays == 1
+            as_int32 = type(kjt)(keys=kjt.keys(), values=kjt.values().to(torch.int32), lengths=kjt.lengths())
+            assert torch.equal(call(as_int32), first) and call.replays == 1
+            seen = []
+            handle = emb.register_forward_hook(lambda *_: seen.append(1))
+            assert torch.equal(call(kjt), first) and seen == [1] and call.replays == 1
+            handle.remove()
+            tbe = emb._emb_module
+            tbe.weights_host = torch.nn.Parameter(tbe.weights_host.detach().clone())  # new tensor, same values
+            assert torch.equal(call(kjt), first) and call.replays == 1  # recorded again
+            assert call._common.host_weights is tbe.weights_host
+            assert torch.equal(call(kjt), first) and call.replays == 2
+        it.close()
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.parametrize("mode", ["warning", "fatal"])
+def test_a_bounds_checked_kernel_is_not_replayed(synthetic_small, tmp_path, mode):
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.train import setup_run
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(_cfg(synthetic_small, tmp_path / "run", f"sharding.bounds_check={mode}"), env)
+        lookup = run.dmp.module.model.local_lookup
+        assert lookup.calls == lookup.modules
+    finally:
+        shutdown_distributed()
