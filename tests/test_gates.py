@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.models.arch import build_task_layer
 from dlrm_mtl.modules import MMoELayer, NoisyGate, SoftmaxGate, TopKGate, keep_top_k, make_gate
-from dlrm_mtl.modules.gates import SMALL_AXIS, softmax_last
+from dlrm_mtl.modules.softmax import SMALL_AXIS, softmax_last
 
 from test_modules import ATOL, reference_expert, reference_gate_logits
 

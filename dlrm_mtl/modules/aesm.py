@@ -28,7 +28,8 @@ from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank
-from dlrm_mtl.modules.gates import SoftmaxGate, softmax_last
+from dlrm_mtl.modules.gates import SoftmaxGate
+from dlrm_mtl.modules.softmax import softmax_last
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.mixture import mix_experts

@@ -8,43 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# softmax_last: the column blocks of the leading-axis layout are padded to a multiple of this
-# many floats, more than any CPU vector width, so that every column is in a full vector lane
-_LANES = 64
-# softmax_last: axes longer than this take torch.softmax over the last axis as it is
-SMALL_AXIS = 32
-
-
-def softmax_last(x: torch.Tensor) -> torch.Tensor:
-    """``softmax(x, dim=-1)`` for ``x [N, ..., E]``, computed on the CPU for a short last axis
-    (E ≤ ``SMALL_AXIS``: every gate here) over the *leading* axis of an ``[E, N', ...]`` copy.
-
-    PyTorch's CPU softmax over a last axis of 3-8 entries runs a row at a time (``[2048, 2,
-    3]``: ~145 µs forward, ~140 µs backward); over the leading axis it vectorises across the
-    rows (~10 µs each way) and the one transposing copy costs about as much again. The rows
-    are padded to a multiple of ``_LANES`` so that every row is computed in a full vector
-    lane: a vectorised ``exp`` rounds its scalar tail differently from its lanes, and without
-    the padding which rows fall in the tail would depend on the batch size (a row's weights
-    then move by ~6e-8 with the batch it comes in; tests/test_arch.py holds every row bit for
-    bit independent of its batch). The result is copied back to a contiguous ``[N, ..., E]``
-    (the mixtures' batched products read it faster so); its values equal ``torch.softmax``'s
-    to float rounding (~3e-8). Other devices and longer axes: ``torch.softmax(x, dim=-1)``
-    itself, and so is a symbolic batch size (``torch.export`` with a dynamic batch axis),
-    where the padding would guard the exported program on ``N % _LANES``.
-
-    Example::
-
-        w = softmax_last(torch.randn(8, 2, 3))   # [8, 2, 3], sums to 1 over the last axis
-    """
-    n = x.shape[0]
-    if (x.device.type != "cpu" or x.shape[-1] > SMALL_AXIS or x.dim() < 2 or x.numel() == 0
-            or not isinstance(n, int)):  # a symbolic batch (torch.export): no guard on N % _LANES
-        return torch.softmax(x, dim=-1)
-    pad = -n % _LANES
-    moved = x.movedim(-1, 0)  # [E, N, ...] (a view)
-    # one copy into the contiguous [E, N + pad, ...] layout: F.pad pads axis 1 (its last pair)
-    y = F.pad(moved, [0, 0] * (moved.dim() - 2) + [0, pad]) if pad else moved.contiguous()
-    return torch.softmax(y, dim=0)[:, :n].movedim(0, -1).contiguous()  # [N, ..., E]
+from dlrm_mtl.modules.softmax import softmax_last
 
 
 def gate_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

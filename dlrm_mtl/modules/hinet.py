@@ -11,7 +11,7 @@ from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.sub_expert_integration import SubExpertIntegration
-from dlrm_mtl.modules.gates import softmax_last
+from dlrm_mtl.modules.softmax import softmax_last
 from dlrm_mtl.modules.mixture import mix_experts
 from dlrm_mtl.modules.scenario_routing import own_scenario
 

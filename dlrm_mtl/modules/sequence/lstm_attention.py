@@ -7,6 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from dlrm_mtl.modules.softmax import softmax_last
+
 
 class LSTMAttention(nn.Module):
     """The user-representation part of DUPN (Ni et al., KDD 2018, "Perceive Your Users in
@@ -112,7 +114,7 @@ class LSTMAttention(nn.Module):
         # softmax over the real events; a row without any gets a finite uniform softmax here,
         # which the where() then zeroes (no -inf, so no NaN in values or gradients)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        a = torch.where(mask, torch.softmax(scores, dim=1), torch.zeros_like(scores))  # [B, L]
+        a = torch.where(mask, softmax_last(scores), torch.zeros_like(scores))  # [B, L]
         return h, a
 
     def attention_weights(self, events: torch.Tensor, mask: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
