@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from dlrm_mtl.data.batch import Batch
 
 ALIGN = 64  # bytes: every tensor starts at a multiple of this (any dtype's alignment)
-_TENSOR_FIELDS = TENSOR_FIELDS
-_KJT_FIELDS = KJT_FIELDS
 _KJT_TENSORS = ("values", "weights", "lengths", "offsets")
 
 
@@ -79,7 +77,7 @@ class BatchStorage:
 def _tensors(batch: "Batch") -> Dict[str, torch.Tensor]:
     """Every tensor of ``batch`` by name (``"sparse.values"``, ``"dense"``, ...), None fields left out."""
     out: Dict[str, torch.Tensor] = {}
-    for name in _KJT_FIELDS:
+    for name in KJT_FIELDS:
         kjt = getattr(batch, name)
         if kjt is None:
             continue
@@ -89,7 +87,7 @@ def _tensors(batch: "Batch") -> Dict[str, torch.Tensor]:
             t = getattr(kjt, f"_{part}")
             if t is not None:
                 out[f"{name}.{part}"] = t
-    for name in _TENSOR_FIELDS:
+    for name in TENSOR_FIELDS:
         t = getattr(batch, name)
         if t is not None:
             out[name] = t
@@ -131,10 +129,10 @@ def rebuild(batch: "Batch", buffer: torch.Tensor, places: Dict[str, Place],
 
     views = {name: place.view(buffer) for name, place in places.items()}
     kwargs: Dict[str, Any] = {}
-    for name in _KJT_FIELDS:
+    for name in KJT_FIELDS:
         kjt = getattr(batch, name)
         kwargs[name] = None if kjt is None else _kjt_with(kjt, {p: views.get(f"{name}.{p}") for p in _KJT_TENSORS})
-    for name in _TENSOR_FIELDS:
+    for name in TENSOR_FIELDS:
         kwargs[name] = views.get(name)
     return Batch(**kwargs, real_rows=batch.real_rows, storage=storage)
 

@@ -174,9 +174,8 @@ class RecordedLookup:
         tbe.step += 1
         tbe.timestep += 1
         tbe.lxu_cache_locations = tbe.lxu_cache_locations_empty
-        tbe.iter_cpu = tbe.iter_cpu.cpu()
-        if tbe.iter_cpu.item() == 0:
-            tbe.iter_cpu.fill_(tbe.iter.cpu().item())
+        if tbe.iter_cpu.item() == 0:  # host tables: iter and iter_cpu are both on the CPU
+            tbe.iter_cpu.fill_(tbe.iter.item())
         tbe.iter_cpu.add_(1)
         tbe.iter.add_(1)
         self.replays += 1
