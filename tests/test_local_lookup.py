@@ -28,23 +28,26 @@ def _train(data: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
     return proc
 
 
+# the config that splits _two_groups' tables into two kernel groups: the multi-hot feature's
+# own table trained by another fused optimizer (TorchRec groups tables by it)
+TWO_GROUPS_SETS = ("sharding.tables.t_multi_hot_own.optimizer=adagrad",)
+
+
 def _two_groups(data: Path, out: Path) -> Path:
-    """The synthetic set with its multi-hot feature mean-pooled in a table of its own, and
-    read a second time, sum-pooled, into another table: the tables then form two kernel
-    groups (sum, mean) whose features are not in schema order. (One mean-pooled multi-hot
-    table alone would not split them: single-hot tables take the multi-hot tables' pooling,
-    ``kernel_poolings``; with one vote each, sum wins.)"""
+    """The synthetic set with its multi-hot feature moved to a table of its own, and read a
+    second time into another table: under ``TWO_GROUPS_SETS`` (element-wise Adagrad on the
+    first) the tables form two kernel groups whose features are not in schema order."""
     out.mkdir()
     for split in ("train", "eval"):
         (out / split).symlink_to(data / split)
     schema = yaml.safe_load((data / "schema.yaml").read_text())
     multi = [f for f in schema["sparse"] if f.get("multi_hot")]
     assert multi, "the synthetic schema has a multi-hot feature"
-    multi[0]["pooling"], multi[0]["table"] = "mean", "t_multi_hot_mean"
+    multi[0]["table"] = "t_multi_hot_own"
     position = [f["name"] for f in schema["sparse"]].index(multi[0]["name"])
     assert 0 < position < len(schema["sparse"]) - 1, "in the middle: its columns must be put back in place"
-    again = dict(multi[0], name=multi[0]["name"] + "_sum", column=multi[0].get("column") or multi[0]["name"],
-                 table="t_multi_hot_sum", pooling="sum")
+    again = dict(multi[0], name=multi[0]["name"] + "_again", column=multi[0].get("column") or multi[0]["name"],
+                 table="t_multi_hot_again")
     schema["sparse"].append(again)
     (out / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
     return out
@@ -58,7 +61,8 @@ def test_local_lookup_trains_exactly_like_the_sharded_forward(synthetic_small, t
         shutil.copy(synthetic_small / "schema.yaml", tmp_path / "schema.yaml")  # unchanged
     runs = {}
     for local in ("true", "false"):
-        proc = _train(data, tmp_path / local, f"sharding.local_lookup={local}")
+        proc = _train(data, tmp_path / local, f"sharding.local_lookup={local}",
+                      *(TWO_GROUPS_SETS if layout == "two_groups" else ()))
         used = "fbgemm kernels called directly" in proc.stdout + proc.stderr
         assert used == (local == "true"), proc.stdout[-2000:]
         runs[local] = (json.loads((tmp_path / local / "ranks" / "rank0.json").read_text()),
@@ -84,6 +88,7 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
     cfg = Config.load([str(ROOT / "configs/demo.yaml")], [
         f"data.train={data / 'train'}", f"data.eval={data / 'eval'}", f"data.schema={data / 'schema.yaml'}",
         f"train.run_dir={tmp_path / 'run'}", "data.batch_size=64", "train.threads_per_rank=1", "train.progress=false",
+        *TWO_GROUPS_SETS,
     ])
     env = init_distributed("gloo", 60, 1)
     try:

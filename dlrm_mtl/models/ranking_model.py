@@ -34,32 +34,56 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) 
 torch.fx.wrap("with_auxiliary")
 
 
-def kernel_poolings(schema: Schema) -> Dict[str, str]:
-    """The pooling each table's lookup kernel runs, by table name.
+def mean_spans(schema: Schema) -> List[Tuple[str, int, int]]:
+    """``(feature, first column, end column)`` in the schema-order pooled embeddings
+    ``[B, Σ D_f]`` of every multi-hot feature the schema mean-pools.
 
-    A table read by multi-hot features pools as the schema says. A table whose features are
-    all single-hot pools one id per bag (none for a null id), where sum and mean give the same
-    vector and the same gradient, so it takes the pooling of the schema's multi-hot tables (the
-    more common one; sum without any): TorchRec batches tables into one fbgemm kernel per
-    pooling, and a schema with mean-pooled multi-hot features (MovieLens' genres) would
-    otherwise pay for a second kernel call, its Python and a copy of the outputs into schema
-    order on every step (``docs/performance.md``, "Fifth round").
+    Every table's lookup kernel sums its bags (:func:`embedding_configs`); :func:`mean_of_bags`
+    divides these columns by their bag lengths. A single-hot feature's bag holds one id or
+    none, where sum and mean are the same, so it has no span whatever its pooling says.
 
     Example::
 
-        # user_id, item_id single-hot (schema: sum), genres multi-hot mean
-        kernel_poolings(schema)   # {"t_user": "mean", "t_item": "mean", "t_genre": "mean"}
+        # user_id (16, single-hot), genres (16, multi-hot, mean), zip (8)
+        mean_spans(schema)   # [("genres", 16, 32)]
     """
-    pooled = {f.table: f.pooling for f in schema.sparse if f.multi_hot}  # features of a table agree (Schema)
-    votes = list(pooled.values())
-    common = "mean" if votes.count("mean") > votes.count("sum") else "sum"
-    return {f.table: pooled.get(f.table, common) for f in schema.sparse}
+    spans: List[Tuple[str, int, int]] = []
+    at = 0
+    for f in schema.sparse:
+        if f.multi_hot and f.pooling == "mean":
+            spans.append((f.name, at, at + f.dim))
+        at += f.dim
+    return spans
+
+
+@torch.fx.wrap
+def mean_of_bags(pooled: torch.Tensor, sparse: KeyedJaggedTensor, spans: List[Tuple[str, int, int]]) -> torch.Tensor:
+    """``pooled [B, Σ D_f]`` (the tables' summed bags, schema order) with the columns of each
+    ``(feature, start, end)`` span (:func:`mean_spans`) divided by that feature's bag lengths in
+    ``sparse`` (an empty bag stays zeros: it is divided by 1), in place; its backward divides
+    the gradient alike. The mean of a bag, as fbgemm's mean-pooling kernel computes it to float
+    rounding (a division where it multiplies by ``1 / L``).
+
+    Why not that kernel: fbgemm-gpu-cpu 1.8's JIT-compiled mean pooling converts each bag's
+    length with a legacy-SSE instruction amid AVX-512 code, and on Intel CPUs every such
+    switch costs a state transition (measured here: ~114 ns; the MovieLens lookup's forward
+    2.5 ms mean against 0.3 ms sum, docs/performance.md, "Ninth round"); and one pooling for
+    all tables keeps them in one kernel group. fx-wrapped: TorchRec's pipelines trace the
+    model and see this as one call."""
+    if not spans:
+        return pooled
+    keys = sparse.keys()
+    lengths = sparse.lengths().view(len(keys), -1)  # [F, B]
+    for name, start, end in spans:
+        n = lengths[keys.index(name)].clamp(min=1).unsqueeze(1).to(pooled.dtype)  # [B, 1]
+        pooled[:, start:end].div_(n)
+    return pooled
 
 
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
-    """One EmbeddingBagConfig per schema table (features sharing a table share its rows),
-    pooled as :func:`kernel_poolings` says."""
-    pooling = kernel_poolings(schema)
+    """One EmbeddingBagConfig per schema table (features sharing a table share its rows), all
+    sum-pooled: the schema's mean pooling is applied after the lookup (:func:`mean_of_bags`),
+    so every table of one kind shares one fbgemm kernel."""
     tables: Dict[str, EmbeddingBagConfig] = {}
     for f in schema.sparse:
         if f.table in tables:
@@ -70,7 +94,7 @@ def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
             embedding_dim=f.dim,
             num_embeddings=f.num_embeddings,
             feature_names=[f.name],
-            pooling=PoolingType.MEAN if pooling[f.table] == "mean" else PoolingType.SUM,
+            pooling=PoolingType.SUM,
         )
     return list(tables.values())
 
@@ -241,6 +265,7 @@ class MultiScenarioMultiTaskModel(nn.Module):
         super().__init__()
         self.feature_names = [f.name for f in schema.sparse]
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
+        self.mean_spans = mean_spans(schema)  # the mean-pooled features' columns (summed by the kernels)
         # one EmbeddingCollection per embedding dim of the sequence tables (TorchRec's
         # collection holds one dim); each reads its own features of the batch's sequence KJT
         self.sequence_tables = nn.ModuleDict({f"dim{d}": EmbeddingCollection(tables=c, device=device)
@@ -267,6 +292,7 @@ class MultiScenarioMultiTaskModel(nn.Module):
             pooled = lookup(sparse)
         else:
             pooled = pooled_in_order(self.ebc(sparse), self.feature_names)
+        pooled = mean_of_bags(pooled, sparse, self.mean_spans)
         if self.sequence_arch is None:
             return pooled, {}
         if sequence is None:
