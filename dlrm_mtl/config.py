@@ -254,6 +254,13 @@ class ShardingConfig:
     # on the census shape) | warning (fbgemm's default: a bad id is read as row 0, with a
     # warning) | fatal. Set warning or fatal when feeding the tables batches of your own.
     bounds_check: str = "none"
+    # the world-of-one lookup's row-wise Adagrad backward on the CPU (models/recorded_lookup.py):
+    # one_table (fbgemm's compiled path for a table shared by several features, the kernel's
+    # tables called as one) | per_table (its JIT-compiled path, the sharded module's own) |
+    # auto: one_table on Intel CPUs, where the JIT code pays ~0.45 us per updated row for
+    # legacy-SSE transitions (docs/performance.md, "Ninth round"). The same row-wise Adagrad
+    # to float rounding; per_table keeps the update bit for bit the sharded module's.
+    cpu_backward: str = "auto"
 
 
 @dataclass
@@ -693,6 +700,7 @@ def _check_data(cfg: Config) -> None:
     _one_of(cfg, "data.background_priority", d.background_priority, ("idle", "normal"))
     _one_of(cfg, "data.last_batch", d.last_batch, ("auto", "padded", "short"))
     _one_of(cfg, "sharding.bounds_check", cfg.sharding.bounds_check, BOUNDS_CHECKS)
+    _one_of(cfg, "sharding.cpu_backward", cfg.sharding.cpu_backward, ("auto", "one_table", "per_table"))
 
 
 def _check_train(cfg: Config) -> None:

@@ -347,9 +347,11 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
         for stream in (train_stream, eval_stream):  # batches in the kernels' feature order: no permute per step
             stream.set_sparse_order(model.local_lookup.kernel_keys)
         lookup = model.local_lookup
-        recorded = sum(c is not m for c, m in zip(lookup.calls, lookup.modules))
+        recorded = [c for c, m in zip(lookup.calls, lookup.modules) if c is not m]
+        one_table = sum(getattr(c, "one_table", False) for c in recorded)
         _log(env, "lookup: the tables' fbgemm kernels called directly (a world of one: no input/output dist; "
-                  f"{recorded} of {len(lookup.calls)} with recorded arguments)")
+                  f"{len(recorded)} of {len(lookup.calls)} with recorded arguments"
+                  + (f", {one_table} as one table where their layout allows" if one_table else "") + ")")
     terms = dmp.module.loss.term_matrices
     if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per buffer
         train_stream.set_loss_terms(terms.host_inputs())

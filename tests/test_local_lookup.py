@@ -61,7 +61,8 @@ def test_local_lookup_trains_exactly_like_the_sharded_forward(synthetic_small, t
         shutil.copy(synthetic_small / "schema.yaml", tmp_path / "schema.yaml")  # unchanged
     runs = {}
     for local in ("true", "false"):
-        proc = _train(data, tmp_path / local, f"sharding.local_lookup={local}",
+        # cpu_backward per_table: the local lookup's update bit for bit the sharded module's
+        proc = _train(data, tmp_path / local, f"sharding.local_lookup={local}", "sharding.cpu_backward=per_table",
                       *(TWO_GROUPS_SETS if layout == "two_groups" else ()))
         used = "fbgemm kernels called directly" in proc.stdout + proc.stderr
         assert used == (local == "true"), proc.stdout[-2000:]

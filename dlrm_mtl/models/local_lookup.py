@@ -45,13 +45,13 @@ class LocalPooledLookup:
     """
 
     def __init__(self, modules: List[nn.Module], group_features: List[List[str]], dims: Dict[str, int],
-                 batch_keys: List[str], feature_names: List[str]) -> None:
+                 batch_keys: List[str], feature_names: List[str], one_table: Optional[bool] = None) -> None:
         order = [n for names in group_features for n in names]
         if sorted(order) != sorted(batch_keys):
             raise ValueError(f"the tables' features {order} are not the batch's {batch_keys}")
         self.modules = modules
         # what each kernel is called through: its replay, or the module itself
-        self.calls = [RecordedLookup.of(m) or m for m in modules]
+        self.calls = [RecordedLookup.of(m, one_table) or m for m in modules]
         self.batch_keys = list(batch_keys)
         self.kernel_keys = order  # the groups' features, group after group
         perm = [self.batch_keys.index(n) for n in order]
@@ -90,9 +90,11 @@ class LocalPooledLookup:
         return keys == self.kernel_keys or keys == self.batch_keys
 
     @classmethod
-    def of(cls, sharded_ebc: nn.Module, feature_names: List[str], batch_keys: List[str]) -> Optional["LocalPooledLookup"]:
+    def of(cls, sharded_ebc: nn.Module, feature_names: List[str], batch_keys: List[str],
+           one_table: Optional[bool] = None) -> Optional["LocalPooledLookup"]:
         """The lookup for ``sharded_ebc`` (a ShardedEmbeddingBagCollection) in a world of one,
-        or None when it does not apply (see the class docstring)."""
+        or None when it does not apply (see the class docstring). ``one_table``: each
+        :class:`RecordedLookup`'s (None: its default)."""
         from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
         from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
 
@@ -120,7 +122,7 @@ class LocalPooledLookup:
         if sorted(dims) != sorted(feature_names):
             return None
         try:
-            return cls(modules, group_features, dims, batch_keys, feature_names)
+            return cls(modules, group_features, dims, batch_keys, feature_names, one_table)
         except ValueError:
             return None
 

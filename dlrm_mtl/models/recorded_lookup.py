@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -11,6 +12,23 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 # the fbgemm_gpu release whose SplitTableBatchedEmbeddingBagsCodegen.forward this replays
 # (its side effects are listed in RecordedLookup's docstring); any other falls back
 _FBGEMM_SERIES = "1.8."
+
+
+def _legacy_sse_is_slow() -> bool:
+    """Whether this CPU pays for legacy-SSE instructions run amid AVX code: Intel's do (a state
+    transition per switch, ~114 ns measured on this project's Intel machines), AMD's do not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    return False
+
+
+# RecordedLookup.one_table's default: the kernel's backward through fbgemm's shared-table path
+ONE_TABLE_BACKWARD = _legacy_sse_is_slow()
 
 
 class RecordedLookup:
@@ -37,6 +55,21 @@ class RecordedLookup:
     The weights, the optimizer state and the fused update in the backward are the module's own
     tensors and kernels, so training is bit for bit the module's (tests/test_recorded_lookup.py).
 
+    ``one_table`` (``sharding.cpu_backward``; default :data:`ONE_TABLE_BACKWARD`: on Intel
+    CPUs) calls the kernel as if
+    its tables were one table read by all its features: ids shifted by their table's first
+    row, and the tables' offsets into the weights and the Adagrad state zeroed (they are the
+    same flat tensors). fbgemm's CPU backward then takes its path for a table shared by several
+    features, compiled C++, instead of its JIT-compiled row-wise Adagrad, which runs four
+    legacy-SSE instructions per updated row amid AVX code: on Intel each switch costs a state
+    transition, ~0.45 µs per row (the MovieLens kernel's backward 1.99 against 0.52 ms,
+    docs/performance.md, "Ninth round"). The forward reads the same rows (the same output,
+    bit for bit); the update is the same row-wise Adagrad, to float rounding (its sum of
+    squares is added up in another order). It applies where all the kernel's features have
+    one dim and the tables lie back to back in feature order, as TorchRec builds them; ids
+    must be in range (``sharding.bounds_check: none`` already assumes so: a wrong id would
+    read a neighbouring table's row rather than fail the kernel's own range check).
+
     It applies (:meth:`of` returns None otherwise) only where that replay is complete:
     fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
     ``EXACT_ROWWISE_ADAGRAD`` and none of its counter or global-weight-decay variants, no
@@ -54,9 +87,11 @@ class RecordedLookup:
         pooled = lookup(kjt)                     # [B, Σ D] of the kernel's tables
     """
 
-    def __init__(self, emb: nn.Module) -> None:
+    def __init__(self, emb: nn.Module, one_table: bool = False) -> None:
         import fbgemm_gpu.split_embedding_codegen_lookup_invokers.lookup_rowwise_adagrad as invoker
 
+        self.one_table = one_table  # asked for; _row_start says whether the recording allows it
+        self._row_start: Optional[torch.Tensor] = None  # [F] each feature's table's first row, one_table
         self.emb = emb
         self.tbe = emb._emb_module
         self._invoker = invoker
@@ -68,8 +103,9 @@ class RecordedLookup:
         self.replays = 0  # calls served by the replay (tests, logs)
 
     @classmethod
-    def of(cls, emb: nn.Module) -> Optional["RecordedLookup"]:
-        """The replay of ``emb``'s kernel, or None where it does not apply (class docstring)."""
+    def of(cls, emb: nn.Module, one_table: Optional[bool] = None) -> Optional["RecordedLookup"]:
+        """The replay of ``emb``'s kernel, or None where it does not apply (class docstring);
+        ``one_table`` None: :data:`ONE_TABLE_BACKWARD`."""
         try:
             import fbgemm_gpu
             from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -102,7 +138,7 @@ class RecordedLookup:
             and getattr(emb, "_embedding_table_index_type", None) == torch.int64
             and getattr(emb, "_embedding_table_offset_type", None) == torch.int64
         )
-        return cls(emb) if ok else None
+        return cls(emb, ONE_TABLE_BACKWARD if one_table is None else one_table) if ok else None
 
     def _replayable(self, kjt: KeyedJaggedTensor) -> bool:
         emb, tbe = self.emb, self.tbe
@@ -159,7 +195,38 @@ class RecordedLookup:
         self._common = common._replace(indices=None, offsets=None)
         self._momentum = momentum
         self._kwargs = dict(seen["kwargs"])
+        self._row_start = None
+        if self.one_table:
+            self._as_one_table()
         return out
+
+    def _as_one_table(self) -> None:
+        """Rewrites the recorded arguments for ``one_table`` (class docstring) where the layout
+        allows: every feature one dim ``D``, each feature's offset into the weights its table's
+        first row × ``D`` and into the row-wise Adagrad state its first row, all in host memory."""
+        common, momentum = self._common, self._momentum
+        dims = common.D_offsets.diff()  # [F]
+        first_row = common.hash_size_cumsum[:-1]  # [F] the first row of each feature's table
+        F = dims.numel()
+        if F < 2 or not bool((dims == dims[0]).all()):
+            return
+        D = int(dims[0])
+        host = 3  # fbgemm's EmbeddingLocation.HOST
+        if not (
+            torch.equal(common.weights_offsets, first_row * D)
+            and torch.equal(momentum.offsets, first_row)
+            and bool((common.weights_placements == host).all())
+            and bool((momentum.placements == host).all())
+        ):
+            return
+        total = common.hash_size_cumsum[-1:]
+        self._common = common._replace(
+            weights_offsets=torch.zeros_like(common.weights_offsets),
+            # one table: no feature starts a new one; its size is the tables' rows
+            hash_size_cumsum=torch.cat([torch.zeros_like(first_row), total]),
+        )
+        self._momentum = momentum._replace(offsets=torch.zeros_like(momentum.offsets))
+        self._row_start = first_row.clone()
 
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         if not self._replayable(kjt):
@@ -179,5 +246,9 @@ class RecordedLookup:
         tbe.iter_cpu.add_(1)
         tbe.iter.add_(1)
         self.replays += 1
-        args = common._replace(indices=indices, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
+        ids = indices
+        if self._row_start is not None:  # one table: each id shifted by its table's first row
+            bounds = offsets[:: kjt.stride()]  # [F + 1] where each feature's ids start
+            ids = indices + torch.repeat_interleave(self._row_start, bounds.diff(), output_size=indices.numel())
+        args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
