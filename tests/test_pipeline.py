@@ -18,6 +18,8 @@ def _train(data: Path, run: Path, pipeline: str, *sets: str, config: str = "") -
         "--set", f"train.run_dir={run}", "--set", "train.max_steps=12", "--set", "train.epochs=2",
         "--set", "train.eval_every_epoch=true", "--set", "data.batch_size=256",
         "--set", "train.progress=false", "--set", f"train.pipeline={pipeline}",
+        # the plain loop's local lookup updates the tables bit for bit as the sharded module does
+        "--set", "sharding.cpu_backward=per_table",
     ] + [a for kv in sets for a in ("--set", kv)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

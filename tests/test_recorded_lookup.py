@@ -162,3 +162,37 @@ def test_cpu_backward_config_picks_the_path(synthetic_small, tmp_path, choice, e
         assert calls and all(c.one_table == expected for c in calls)
     finally:
         shutdown_distributed()
+
+
+def test_one_table_records_through_the_same_path_as_it_replays(synthetic_small, tmp_path):
+    """A run resumed in a new process records its kernel calls again: with ``one_table`` that
+    recording call must update the tables through the one-table path like every replay, or a
+    resumed run would not train bit for bit like an uninterrupted one. Two replaying runs, one
+    made to record again after step 3: identical after every step."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.train import setup_run
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        runs = [setup_run(_cfg(synthetic_small, tmp_path / name, "sharding.cpu_backward=one_table"), env)
+                for name in ("again", "once")]
+        streams = [iter(r.train_stream) for r in runs]
+        for step in range(6):
+            if step == 3:
+                for call in runs[0].dmp.module.model.local_lookup.calls:
+                    call._common = None  # as in a new process: the next call records
+            for r, it in zip(runs, streams):
+                r.optimizer.zero_grad()
+                loss, _ = r.dmp(next(it))
+                loss.backward()
+                r.optimizer.step()
+                r.scheduler.step()
+            a, b = _state(runs[0]), _state(runs[1])
+            for k in a:
+                assert _same(a[k], b[k], False), (step, k)
+        calls = runs[0].dmp.module.model.local_lookup.calls
+        assert all(c._row_start is not None and c.replays == 4 for c in calls)  # recorded at steps 0 and 3
+        for it in streams:
+            it.close()
+    finally:
+        shutdown_distributed()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -68,7 +67,9 @@ class RecordedLookup:
     squares is added up in another order). It applies where all the kernel's features have
     one dim and the tables lie back to back in feature order, as TorchRec builds them; ids
     must be in range (``sharding.bounds_check: none`` already assumes so: a wrong id would
-    read a neighbouring table's row rather than fail the kernel's own range check).
+    read a neighbouring table's row rather than fail the kernel's own range check). The
+    recording call runs through the same layout (a run resumed in a new process records again
+    and must train bit for bit like the run it continues).
 
     It applies (:meth:`of` returns None otherwise) only where that replay is complete:
     fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
@@ -164,6 +165,16 @@ class RecordedLookup:
 
         def watch(*args: Any, **kwargs: Any) -> torch.Tensor:
             seen["args"], seen["kwargs"] = args, kwargs
+            if self.one_table and len(args) == 3:
+                # this call too through the one-table layout, so that every step's update takes
+                # the same path (a run resumed in a new process records again; it must train
+                # like the run it continues)
+                layout = self._one_table_layout(args[0], args[2])
+                if layout is not None:
+                    seen["layout"] = layout
+                    common, momentum, row_start = layout
+                    ids = self._shifted(args[0].indices, args[0].offsets, row_start)
+                    return invoke(common._replace(indices=ids, offsets=args[0].offsets), args[1], momentum, **kwargs)
             return invoke(*args, **kwargs)
 
         self._invoker.invoke = watch
@@ -196,20 +207,22 @@ class RecordedLookup:
         self._momentum = momentum
         self._kwargs = dict(seen["kwargs"])
         self._row_start = None
-        if self.one_table:
-            self._as_one_table()
+        layout = seen.get("layout")
+        if layout is not None:  # the call above ran as one table: so do the replays
+            self._common = layout[0]._replace(indices=None, offsets=None)
+            self._momentum, self._row_start = layout[1], layout[2]
         return out
 
-    def _as_one_table(self) -> None:
-        """Rewrites the recorded arguments for ``one_table`` (class docstring) where the layout
-        allows: every feature one dim ``D``, each feature's offset into the weights its table's
-        first row × ``D`` and into the row-wise Adagrad state its first row, all in host memory."""
-        common, momentum = self._common, self._momentum
+    @staticmethod
+    def _one_table_layout(common: Any, momentum: Any) -> Optional[Tuple[Any, Any, torch.Tensor]]:
+        """``common`` and ``momentum`` rewritten for ``one_table`` (class docstring), with each
+        feature's table's first row ``[F]``; None where the layout does not allow it: every
+        feature one dim ``D``, each feature's offset into the weights its table's first row ×
+        ``D`` and into the row-wise Adagrad state its first row, all in host memory."""
         dims = common.D_offsets.diff()  # [F]
         first_row = common.hash_size_cumsum[:-1]  # [F] the first row of each feature's table
-        F = dims.numel()
-        if F < 2 or not bool((dims == dims[0]).all()):
-            return
+        if dims.numel() < 2 or not bool((dims == dims[0]).all()):
+            return None
         D = int(dims[0])
         host = 3  # fbgemm's EmbeddingLocation.HOST
         if not (
@@ -218,15 +231,21 @@ class RecordedLookup:
             and bool((common.weights_placements == host).all())
             and bool((momentum.placements == host).all())
         ):
-            return
-        total = common.hash_size_cumsum[-1:]
-        self._common = common._replace(
+            return None
+        one = common._replace(
             weights_offsets=torch.zeros_like(common.weights_offsets),
             # one table: no feature starts a new one; its size is the tables' rows
-            hash_size_cumsum=torch.cat([torch.zeros_like(first_row), total]),
+            hash_size_cumsum=torch.cat([torch.zeros_like(first_row), common.hash_size_cumsum[-1:]]),
         )
-        self._momentum = momentum._replace(offsets=torch.zeros_like(momentum.offsets))
-        self._row_start = first_row.clone()
+        return one, momentum._replace(offsets=torch.zeros_like(momentum.offsets)), first_row.clone()
+
+    @staticmethod
+    def _shifted(indices: torch.Tensor, offsets: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
+        """``indices [N]`` (feature after feature, ``offsets [F·B + 1]``), each shifted by its
+        feature's table's first row: the ids of the one table."""
+        B = (offsets.numel() - 1) // row_start.numel()
+        bounds = offsets[::B]  # [F + 1] where each feature's ids start
+        return indices + torch.repeat_interleave(row_start, bounds.diff(), output_size=indices.numel())
 
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         if not self._replayable(kjt):
@@ -246,9 +265,6 @@ class RecordedLookup:
         tbe.iter_cpu.add_(1)
         tbe.iter.add_(1)
         self.replays += 1
-        ids = indices
-        if self._row_start is not None:  # one table: each id shifted by its table's first row
-            bounds = offsets[:: kjt.stride()]  # [F + 1] where each feature's ids start
-            ids = indices + torch.repeat_interleave(self._row_start, bounds.diff(), output_size=indices.numel())
+        ids = indices if self._row_start is None else self._shifted(indices, offsets, self._row_start)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
