@@ -305,6 +305,10 @@ class TrainConfig:
     cuda_graph: str = "auto"
     precision: str = "fp32"  # fp32 | bf16: autocast of the dense arch; loss and metrics stay fp32
     allow_tf32: bool = True  # CUDA: TF32 tensor-core matmuls/convolutions (fp32 range, 10-bit mantissa)
+    # CPU: fp32 matmuls computed by oneDNN from bf16-rounded inputs (fp32 accumulation and
+    # outputs; AMX on Intel Xeons that have it): the CPU's counterpart of allow_tf32, with an
+    # 8-bit mantissa (docs/performance.md, "Ninth round")
+    allow_bf16_matmul: bool = False
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     # glibc: keep freed host memory in the process (mallopt), so that every step's large
     # temporaries reuse pages instead of faulting in fresh ones (dlrm_mtl/host_memory.py)

@@ -280,13 +280,16 @@ def build_module(cfg: Config, schema: Schema, env: DistEnv) -> TrainModule:
 def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     """Process-wide math settings of a run: TF32 matmuls and convolutions on CUDA when
     ``train.allow_tf32`` (PyTorch's own default keeps fp32 GEMMs at full precision, which on
-    an H100 runs them at a fraction of the tensor cores' rate); the host allocator keeps freed
+    an H100 runs them at a fraction of the tensor cores' rate), on the CPU fp32 matmuls from
+    bf16-rounded inputs when ``train.allow_bf16_matmul``; the host allocator keeps freed
     memory when ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
     if cfg.keep_host_memory:
         keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    elif device.type == "cpu":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if cfg.allow_bf16_matmul else "ieee"
 
 
 def _open_writer(run_dir: Path, cfg: Config, env: DistEnv) -> Any:
