@@ -289,7 +289,8 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     elif device.type == "cpu":
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if cfg.allow_bf16_matmul else "ieee"
+        # "none" is PyTorch's default (MKL's fp32 GEMMs); "ieee" would route them through oneDNN instead
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if cfg.allow_bf16_matmul else "none"
 
 
 def _open_writer(run_dir: Path, cfg: Config, env: DistEnv) -> Any:

@@ -36,11 +36,16 @@ def test_evaluate_two_workers_reproduces_training_metrics(synthetic_small, tmp_p
     assert evaluated.keys() == trained.keys()
     for key, m in trained.items():
         assert evaluated[key]["count"] == m["count"] and evaluated[key]["positives"] == m["positives"]
-        assert evaluated[key]["auc"] == pytest.approx(m["auc"], abs=1e-6), key
+        # one and two workers score a row to within a few ulps (≤ 9e-8 measured: the batches
+        # differ), so two near-equal predictions of opposite labels can swap: one swap moved
+        # ctcvr's AUC by 9e-6 here (a run trained with sharding.cpu_backward=one_table)
+        assert evaluated[key]["auc"] == pytest.approx(m["auc"], abs=5e-5), key
         assert evaluated[key]["logloss"] == pytest.approx(m["logloss"], rel=1e-5), key
         # issue 4's metrics flow through evaluate too (GAUC: the synthetic schema declares user_id)
-        for k in ("ne", "gauc", "positive_rate", "auc_max_error"):
+        for k in ("ne", "gauc", "positive_rate"):
             assert evaluated[key][k] == pytest.approx(m[k], rel=1e-5, nan_ok=True), (key, k)
+        # the AUC's bound from tied scores moves with such a swap as the AUC does
+        assert evaluated[key]["auc_max_error"] == pytest.approx(m["auc_max_error"], abs=5e-5, nan_ok=True), key
 
 
 def test_evaluate_rejects_an_incomplete_checkpoint(tmp_path, synthetic_small):
