@@ -15,7 +15,8 @@ _FBGEMM_SERIES = "1.8."
 
 def _legacy_sse_is_slow() -> bool:
     """Whether this CPU pays for legacy-SSE instructions run amid AVX code: Intel's do (a state
-    transition per switch, ~114 ns measured on this project's Intel machines), AMD's do not."""
+    transition per switch, ~114 ns measured on this project's Intel VM; its size differs
+    between Intel generations), AMD's do not."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
