@@ -172,3 +172,28 @@ def test_gradients_reach_every_parameter(make):
     (out.y * torch.randn_like(out.y)).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("hidden", [[], [3, 4]])
+def test_ple_pool_of_both_banks_at_once_equals_the_banks_apart(hidden):
+    """On a shared input (level 0) the shared and task experts run as one bank over their
+    concatenated weights (no cat of two outputs): the same outputs, gates and parameter
+    gradients as each bank on its own."""
+    torch.manual_seed(12)
+    ple = PLELayer(5, num_tasks=2, num_shared=2, num_specific=2, hidden=hidden, out_dim=4, levels=2).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    w = torch.randn(2, 7, 4, dtype=torch.float64)
+    results = []
+    for fuse in (True, False):
+        for net in ple.levels:
+            net._fuse_pool = fuse
+        ple.zero_grad()
+        out = ple(x)
+        (out.y * w).sum().backward()
+        results.append((out.y.detach(), {k: v.detach() for k, v in out.gates.items()},
+                        {n: p.grad.clone() for n, p in ple.named_parameters()}))
+    (y1, g1, p1), (y2, g2, p2) = results
+    torch.testing.assert_close(y1, y2, atol=1e-12, rtol=0)
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-12, rtol=0) for k in g1)
+    assert p1.keys() == p2.keys() and all(torch.allclose(p1[n], p2[n], atol=1e-12, rtol=0) for n in p1)
+    assert any(p1[n].abs().sum() > 0 for n in p1 if ".shared." in n) and any(p1[n].abs().sum() > 0 for n in p1 if ".specific." in n)

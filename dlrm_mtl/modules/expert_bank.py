@@ -67,13 +67,23 @@ class ExpertBank(nn.Module):
                 b1 = b.view(-1) if b.shape[0] == 1 else b[start]
                 h = torch.addmm(b1, h, w1).relu_()
             return h.unsqueeze(1)  # [B, 1, out]
-        w0 = self.weights[0][start : start + E]  # [E, in, h]
-        b0 = self.biases[0][start : start + E]  # [E, h]
-        if x.dim() == 2:
-            h = torch.addmm(b0.reshape(-1), x, w0.permute(1, 0, 2).reshape(self.in_dim, -1))  # [B, E·h]
-            h = h.relu_().view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
-        else:
-            h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).relu_()  # [E, B, h]
-        for w, b in zip(list(self.weights)[1:], list(self.biases)[1:]):
-            h = torch.baddbmm(b[start : start + E].unsqueeze(1), h, w[start : start + E]).relu_()  # [E, B, k]
-        return h.transpose(0, 1)  # [B, E, out]
+        if start == 0 and E == self.num_experts:
+            return run_experts(list(self.weights), list(self.biases), x)
+        return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x)
+
+
+def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The experts whose layer ``l`` has weights ``weights[l] [E, a, b]`` and biases
+    ``biases[l] [E, b]`` on ``x [B, in]`` (shared) or ``[B, E, in]`` (expert e reads ``x[:, e]``)
+    -> ``[B, E, out]``, ReLU after every layer (:class:`ExpertBank`'s computation; also the
+    experts of several banks on one input at once, their stacked weights concatenated)."""
+    w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
+    E = w0.shape[0]
+    if x.dim() == 2:
+        h = torch.addmm(b0.reshape(-1), x, w0.permute(1, 0, 2).reshape(w0.shape[1], -1))  # [B, E·h]
+        h = h.relu_().view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
+    else:
+        h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).relu_()  # [E, B, h]
+    for w, b in zip(weights[1:], biases[1:]):
+        h = torch.baddbmm(b.unsqueeze(1), h, w).relu_()  # [E, B, k]
+    return h.transpose(0, 1)  # [B, E, out]

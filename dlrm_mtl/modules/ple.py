@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl.config import LayerConfig
-from dlrm_mtl.modules.expert_bank import ExpertBank
+from dlrm_mtl.modules.expert_bank import ExpertBank, run_experts
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
@@ -52,6 +52,10 @@ class ExtractionNetwork(nn.Module):
         self.num_tasks, self.num_shared, self.num_specific, self.out_dim = num_tasks, num_shared, num_specific, out_dim
         self.shared = ExpertBank(num_shared, in_dim, hidden, out_dim) if num_shared else None
         self.specific = ExpertBank(num_tasks * num_specific, in_dim, hidden, out_dim) if num_specific else None
+        # both kinds of expert on one shared input are computed as one bank (same layer sizes);
+        # two experts in all (one task) keep their banks' single-expert addmm path
+        self._fuse_pool = bool(self.shared is not None and self.specific is not None
+                               and self.shared.num_experts + self.specific.num_experts > 2)
         # one expert per task (the separate-network baseline): nothing to gate
         self.task_gate = SoftmaxGate(in_dim, num_tasks, num_shared + num_specific) if num_shared + num_specific > 1 else None
         self.shared_gate = SoftmaxGate(in_dim, 1, num_shared + num_tasks * num_specific) if shared_gate else None
@@ -61,13 +65,19 @@ class ExtractionNetwork(nn.Module):
     def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         T, B, _ = task_in.shape
         pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
-        if self.shared is not None:
+        if self.shared is not None and not (self._fuse_pool and task_in.stride(0) == 0):
             pool.append(self.shared(shared_in))  # [B, E_sh, d']
         # every task reads the shared input (level 0: task_in is its stride-0 expand): the task
         # experts and gates read shared_in itself, one addmm each over all of them (indexing the
         # expand would make its backward fill and sum a [T, B, d] gradient)
         same = task_in.stride(0) == 0
-        if self.specific is not None:
+        if same and self._fuse_pool:
+            # shared and task experts on the one input: one bank's computation over their
+            # concatenated weights writes the whole pool (no cat of the two outputs)
+            pool = [run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
+                                [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)],
+                                shared_in)]  # [B, E_sh + T·E_sp, d']
+        elif self.specific is not None:
             if same:
                 pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
             else:  # one expert per task reads task_in as it is (a view; repeat_interleave would copy it)
