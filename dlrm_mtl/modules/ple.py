@@ -65,13 +65,13 @@ class ExtractionNetwork(nn.Module):
     def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         T, B, _ = task_in.shape
         pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
-        if self.shared is not None and not (self._fuse_pool and task_in.stride(0) == 0):
+        if self.shared is not None and not (task_in.stride(0) == 0 and self._fuses_pool()):
             pool.append(self.shared(shared_in))  # [B, E_sh, d']
         # every task reads the shared input (level 0: task_in is its stride-0 expand): the task
         # experts and gates read shared_in itself, one addmm each over all of them (indexing the
         # expand would make its backward fill and sum a [T, B, d] gradient)
         same = task_in.stride(0) == 0
-        if same and self._fuse_pool:
+        if same and self._fuses_pool():
             # shared and task experts on the one input: one bank's computation over their
             # concatenated weights writes the whole pool (no cat of the two outputs)
             pool = [run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
@@ -104,6 +104,12 @@ class ExtractionNetwork(nn.Module):
         task_out = mixed[:, :T].transpose(0, 1)  # [T, B, d']
         shared_out = mixed[:, T] if self.shared_gate is not None else None  # [B, d']
         return task_out, shared_out, gates
+
+    def _fuses_pool(self) -> bool:
+        """Whether a shared-input level runs both banks as one (:func:`run_experts` reads their
+        weights: only for :class:`ExpertBank` itself, not a stand-in such as the benchmarks'
+        loop or cost-free banks)."""
+        return self._fuse_pool and type(self.shared) is ExpertBank and type(self.specific) is ExpertBank
 
     def spread(self, task_gates: torch.Tensor) -> torch.Tensor:
         """Task gates over their own experts ``[B, T, E_sh + E_sp]`` -> the same weights over the
