@@ -56,10 +56,9 @@ class RecordedLookup:
     tensors and kernels, so training is bit for bit the module's (tests/test_recorded_lookup.py).
 
     ``one_table`` (``sharding.cpu_backward``; default :data:`ONE_TABLE_BACKWARD`: on Intel
-    CPUs) calls the kernel as if
-    its tables were one table read by all its features: ids shifted by their table's first
-    row, and the tables' offsets into the weights and the Adagrad state zeroed (they are the
-    same flat tensors). fbgemm's CPU backward then takes its path for a table shared by several
+    CPUs) calls the kernel as if its tables were one table read by all its features: ids
+    shifted by their table's first row, and the tables' offsets into the weights and the
+    Adagrad state zeroed (they are the same flat tensors). fbgemm's CPU backward then takes its path for a table shared by several
     features, compiled C++, instead of its JIT-compiled row-wise Adagrad, which runs four
     legacy-SSE instructions per updated row amid AVX code: on Intel each switch costs a state
     transition, ~0.45 µs per row (the MovieLens kernel's backward 1.99 against 0.52 ms,
@@ -224,8 +223,10 @@ class RecordedLookup:
         first_row = common.hash_size_cumsum[:-1]  # [F] the first row of each feature's table
         if dims.numel() < 2 or not bool((dims == dims[0]).all()):
             return None
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+
         D = int(dims[0])
-        host = 3  # fbgemm's EmbeddingLocation.HOST
+        host = EmbeddingLocation.HOST.value
         if not (
             torch.equal(common.weights_offsets, first_row * D)
             and torch.equal(momentum.offsets, first_row)

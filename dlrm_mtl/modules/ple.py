@@ -36,7 +36,9 @@ class ExtractionNetwork(nn.Module):
     Computation (same sums as eq. 2, to float rounding): every expert's output sits once in one
     pool ``[B, E_sh + T·E_sp, d']``; each task's gate weights are spread over that pool with 0
     on the other tasks' experts (:meth:`spread`), and all T task mixtures plus the shared one are
-    a single product ``[B, T (+1), E_all] x [B, E_all, d']``. Building each task's expert set
+    a single product ``[B, T (+1), E_all] x [B, E_all, d']``. Where every task reads the shared
+    input (level 0) the shared and task experts run as one bank over their concatenated weights,
+    which writes the pool at once. Building each task's expert set
     ``S^k`` instead (a ``[B, T, E, d']`` copy, then a broadcast product and a sum) made PLE's
     mixtures cost more than its expert layers on CPU (``docs/performance.md``).
     """
@@ -64,27 +66,28 @@ class ExtractionNetwork(nn.Module):
 
     def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         T, B, _ = task_in.shape
-        pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
-        if self.shared is not None and not (task_in.stride(0) == 0 and self._fuses_pool()):
-            pool.append(self.shared(shared_in))  # [B, E_sh, d']
         # every task reads the shared input (level 0: task_in is its stride-0 expand): the task
         # experts and gates read shared_in itself, one addmm each over all of them (indexing the
         # expand would make its backward fill and sum a [T, B, d] gradient)
         same = task_in.stride(0) == 0
+        pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
         if same and self._fuses_pool():
             # shared and task experts on the one input: one bank's computation over their
             # concatenated weights writes the whole pool (no cat of the two outputs)
-            pool = [run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
-                                [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)],
-                                shared_in)]  # [B, E_sh + T·E_sp, d']
-        elif self.specific is not None:
-            if same:
-                pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
-            else:  # one expert per task reads task_in as it is (a view; repeat_interleave would copy it)
-                sp_in = task_in.transpose(0, 1)  # [B, T, d]
-                if self.num_specific > 1:
-                    sp_in = sp_in.repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
-                pool.append(self.specific(sp_in))  # [B, T·E_sp, d']
+            pool.append(run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
+                                    [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)],
+                                    shared_in))  # [B, E_sh + T·E_sp, d']
+        else:
+            if self.shared is not None:
+                pool.append(self.shared(shared_in))  # [B, E_sh, d']
+            if self.specific is not None:
+                if same:
+                    pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
+                else:  # one expert per task reads task_in as it is (a view; repeat_interleave would copy it)
+                    sp_in = task_in.transpose(0, 1)  # [B, T, d]
+                    if self.num_specific > 1:
+                        sp_in = sp_in.repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
+                    pool.append(self.specific(sp_in))  # [B, T·E_sp, d']
         experts = pool[0] if len(pool) == 1 else torch.cat(pool, dim=1)  # [B, E_all, d']
         gate_in = shared_in if same else task_in
         gates: Dict[str, torch.Tensor] = {}
