@@ -58,18 +58,18 @@ class RecordedLookup:
     ``one_table`` (``sharding.cpu_backward``; default :data:`ONE_TABLE_BACKWARD`: on Intel
     CPUs) calls the kernel as if its tables were one table read by all its features: ids
     shifted by their table's first row, and the tables' offsets into the weights and the
-    Adagrad state zeroed (they are the same flat tensors). fbgemm's CPU backward then takes its path for a table shared by several
-    features, compiled C++, instead of its JIT-compiled row-wise Adagrad, which runs four
-    legacy-SSE instructions per updated row amid AVX code: on Intel each switch costs a state
-    transition, ~0.45 µs per row (the MovieLens kernel's backward 1.99 against 0.52 ms,
-    docs/performance.md, "Ninth round"). The forward reads the same rows (the same output,
-    bit for bit); the update is the same row-wise Adagrad, to float rounding (its sum of
-    squares is added up in another order). It applies where all the kernel's features have
-    one dim and the tables lie back to back in feature order, as TorchRec builds them; ids
-    must be in range (``sharding.bounds_check: none`` already assumes so: a wrong id would
-    read a neighbouring table's row rather than fail the kernel's own range check). The
-    recording call runs through the same layout (a run resumed in a new process records again
-    and must train bit for bit like the run it continues).
+    Adagrad state zeroed (they are the same flat tensors). fbgemm's CPU backward then takes its
+    path for a table shared by several features, compiled C++, instead of its JIT-compiled
+    row-wise Adagrad, which runs four legacy-SSE instructions per updated row amid AVX code: on
+    Intel each switch costs a state transition, ~0.45 µs per row (the MovieLens kernel's
+    backward 1.99 against 0.52 ms, docs/performance.md, "Ninth round"). The forward reads the
+    same rows (the same output, bit for bit); the update is the same row-wise Adagrad, to float
+    rounding (its sum of squares is added up in another order). It applies where all the
+    kernel's features have one dim and the tables lie back to back in feature order, as
+    TorchRec builds them; ids must be in range (``sharding.bounds_check: none`` already assumes
+    so: a wrong id would read a neighbouring table's row rather than fail the kernel's own
+    range check). The recording call runs through the same layout (a run resumed in a new
+    process records again and must train bit for bit like the run it continues).
 
     It applies (:meth:`of` returns None otherwise) only where that replay is complete:
     fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
