@@ -487,7 +487,7 @@ def eval_due(cfg: Config, step: int) -> bool:
     return cfg.train.eval_every_steps > 0 and step % cfg.train.eval_every_steps == 0
 
 
-def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional[Callable[[], None]] = None,
+def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional[Callable[[float], None]] = None,
               on_step_end: Optional[Callable[[int, bool], None]] = None, evals: Optional[Evaluations] = None) -> bool:
     """Trains one epoch (or what is left of it after a resume): steps, windows, checkpoints,
     and with ``evals`` the evaluations of ``train.eval_every_steps`` inside it (one due at the
@@ -495,22 +495,30 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     early stopping ended training within the epoch; the epoch then stays unfinished, its
     data position that of the last step trained.
 
-    ``on_first_step()`` runs before the first step, ``on_step_end(step, logged)`` after every
-    iteration (``tools/count_ops.py`` counts operators per iteration with it)."""
+    ``on_first_step(seconds waited)`` runs once the epoch's first batch is ready, before its
+    first step; that wait is outside ``train_seconds`` (the caller passes it for the run's
+    first epoch only: its first batch ends the start-up), ``on_step_end(step, logged)`` after every iteration (``tools/count_ops.py``
+    counts operators per iteration with it)."""
     cfg, env, progress = run.cfg, run.env, run.progress
     stopped = False
     steps = progress.enter_epoch(run.train_stream, epoch, cfg)  # steps left (all, unless resumed)
-    t0 = time.perf_counter()
-    window = LogWindow(env.device)
     epoch_iter = iter(run.train_stream)
-    batches = _timed(itertools.islice(epoch_iter, steps), totals)
-    batches = _device_batches(batches, env.device, copy=run.pipeline is None)
-    if run.audit is not None:
-        batches = run.audit.tap(batches)
     try:
+        source: Iterator[Batch] = epoch_iter
+        if on_first_step is not None and steps > 0:
+            # start-up ends when the run's first batch is ready: its wait (the first shuffle
+            # buffer's decoding, read ahead during the set-up) is the reader's loading, which
+            # a plain in-memory loop does before its own loop starts; later epochs' starts count
+            t_first = time.perf_counter()
+            source = itertools.chain([next(epoch_iter)], epoch_iter)
+            on_first_step(time.perf_counter() - t_first)
+        t0 = time.perf_counter()
+        window = LogWindow(env.device)
+        batches = _timed(itertools.islice(source, steps), totals)
+        batches = _device_batches(batches, env.device, copy=run.pipeline is None)
+        if run.audit is not None:
+            batches = run.audit.tap(batches)
         for i in range(steps):
-            if on_first_step is not None and i == 0:
-                on_first_step()
             first = progress.step == 0 and totals.first_step_seconds == 0.0
             t_step = time.perf_counter()
             if run.pipeline is not None:
@@ -866,8 +874,9 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
                                 "setup_phases": {k: round(v, 4) for k, v in run.phases.seconds.items()}}
     started = process_start_unix()
 
-    def first_step() -> None:
+    def first_step(first_batch_s: float) -> None:
         if "first_step_unix" not in timeline:
+            timeline["setup_phases"]["first_batch"] = round(first_batch_s, 4)  # waiting for the first batch
             now = time.time()
             timeline["first_step_unix"] = now
             timeline["startup_s"] = None if started is None else now - started
@@ -883,7 +892,7 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
         for epoch in range(run.progress.epoch, cfg.train.epochs):
             if stopped:
                 break
-            stopped = run_epoch(run, epoch, totals, first_step, evals=evals)
+            stopped = run_epoch(run, epoch, totals, first_step if "first_step_unix" not in timeline else None, evals=evals)
             counters = _log_counters(run, run.progress.step)
             last = epoch == cfg.train.epochs - 1
             if not stopped and (cfg.train.eval_every_epoch or last or eval_due(cfg, run.progress.step)):
