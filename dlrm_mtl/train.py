@@ -495,29 +495,28 @@ def run_epoch(run: TrainRun, epoch: int, totals: Totals, on_first_step: Optional
     early stopping ended training within the epoch; the epoch then stays unfinished, its
     data position that of the last step trained.
 
-    ``on_first_step(seconds waited)`` runs once the epoch's first batch is ready, before its
-    first step; that wait is outside ``train_seconds`` (the caller passes it for the run's
-    first epoch only: its first batch ends the start-up), ``on_step_end(step, logged)`` after every iteration (``tools/count_ops.py``
-    counts operators per iteration with it)."""
+    ``on_first_step(seconds waited)`` runs before the first step, once the row groups both
+    streams read ahead during the set-up are decoded; that wait is outside ``train_seconds`` (the caller
+    passes it for the run's first epoch only: that loading ends the start-up).
+    ``on_step_end(step, logged)`` runs after every iteration (``tools/count_ops.py`` counts
+    operators per iteration with it)."""
     cfg, env, progress = run.cfg, run.env, run.progress
     stopped = False
     steps = progress.enter_epoch(run.train_stream, epoch, cfg)  # steps left (all, unless resumed)
+    if on_first_step is not None and steps > 0:
+        # start-up ends when the row groups read ahead during the set-up (the first shuffle
+        # buffer's and the evaluation's first) are decoded and validated: the reader's
+        # loading, which a plain in-memory loop does before its own loop starts. Shuffling
+        # them into batches, like every later read, is training time.
+        on_first_step(run.train_stream.wait_read_ahead() + run.eval_stream.wait_read_ahead())
+    t0 = time.perf_counter()
+    window = LogWindow(env.device)
     epoch_iter = iter(run.train_stream)
+    batches = _timed(itertools.islice(epoch_iter, steps), totals)
+    batches = _device_batches(batches, env.device, copy=run.pipeline is None)
+    if run.audit is not None:
+        batches = run.audit.tap(batches)
     try:
-        source: Iterator[Batch] = epoch_iter
-        if on_first_step is not None and steps > 0:
-            # start-up ends when the run's first batch is ready: its wait (the first shuffle
-            # buffer's decoding, read ahead during the set-up) is the reader's loading, which
-            # a plain in-memory loop does before its own loop starts; later epochs' starts count
-            t_first = time.perf_counter()
-            source = itertools.chain([next(epoch_iter)], epoch_iter)
-            on_first_step(time.perf_counter() - t_first)
-        t0 = time.perf_counter()
-        window = LogWindow(env.device)
-        batches = _timed(itertools.islice(source, steps), totals)
-        batches = _device_batches(batches, env.device, copy=run.pipeline is None)
-        if run.audit is not None:
-            batches = run.audit.tap(batches)
         for i in range(steps):
             first = progress.step == 0 and totals.first_step_seconds == 0.0
             t_step = time.perf_counter()
@@ -874,9 +873,9 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
                                 "setup_phases": {k: round(v, 4) for k, v in run.phases.seconds.items()}}
     started = process_start_unix()
 
-    def first_step(first_batch_s: float) -> None:
+    def first_step(read_ahead_s: float) -> None:
         if "first_step_unix" not in timeline:
-            timeline["setup_phases"]["first_batch"] = round(first_batch_s, 4)  # waiting for the first batch
+            timeline["setup_phases"]["read_ahead"] = round(read_ahead_s, 4)  # waiting for the first buffer's row groups
             now = time.time()
             timeline["first_step_unix"] = now
             timeline["startup_s"] = None if started is None else now - started

@@ -14,8 +14,10 @@ from stream_epochs import assert_same_epochs, epoch_rows
 
 
 def _wait(stream):
-    for f in list(stream._ahead.values()):
-        f.exception()  # done (or failed)
+    """ParquetStream.wait_read_ahead: every read started is done (or failed: not raised here)."""
+    assert stream.wait_read_ahead() >= 0
+    assert stream._ahead and all(f.done() for f in stream._ahead.values())
+    assert stream.wait_read_ahead() < 0.01  # waited for once
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -35,6 +35,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -718,6 +719,7 @@ class ParquetStream:
         self._cache_lock = threading.Lock()
         # row groups converted ahead of their turn (read_ahead): key -> the read's Future
         self._ahead: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"] = {}
+        self._ahead_futures: List[Future] = []  # every read read_ahead started (wait_read_ahead)
         self.epoch = 0
         dset = open_source(paths, filesystem)
         self.converter = RowGroupConverter(schema, with_oracle, dset.filesystem)
@@ -934,7 +936,21 @@ class ParquetStream:
             key = (g.file_index, g.index)
             if key not in self._ahead and key not in self._cache:
                 self._ahead[key] = pool.submit(self.converter.read_counted, g, False)
+                self._ahead_futures.append(self._ahead[key])
         pool.shutdown(wait=False)  # its thread ends when these reads are done
+
+    def wait_read_ahead(self) -> float:
+        """Blocks until the row groups :meth:`read_ahead` started are decoded and validated;
+        returns the seconds waited. Their tables (or the error a read raised) stay where the
+        stream takes them when it reads those groups: nothing is consumed here. A group the
+        stream reached before the read-ahead thread did is read by the stream itself (its
+        future cancelled), not waited for."""
+        t = time.perf_counter()
+        futures, self._ahead_futures = self._ahead_futures, []
+        for future in futures:
+            if not future.cancelled():
+                future.exception()  # waits; an error is raised where the stream reads the group
+        return time.perf_counter() - t
 
     def _read_group(self, g: RowGroup, keep_rows: Dict[int, np.ndarray], add_counts: Callable[[Dict[str, int]], None]) -> pa.Table:
         key = (g.file_index, g.index)
