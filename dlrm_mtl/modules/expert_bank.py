@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -72,15 +72,30 @@ class ExpertBank(nn.Module):
         return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x)
 
 
-def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def first_layer_map(weights: List[torch.Tensor], biases: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0 of the experts of :func:`run_experts` on a shared input as one affine map:
+    ``(weight [in, E·h], bias [E·h])`` (a copy of the stacked weights, expert after expert)."""
+    w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
+    return w0.permute(1, 0, 2).reshape(w0.shape[1], -1), b0.reshape(-1)
+
+
+def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torch.Tensor,
+                first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The experts whose layer ``l`` has weights ``weights[l] [E, a, b]`` and biases
     ``biases[l] [E, b]`` on ``x [B, in]`` (shared) or ``[B, E, in]`` (expert e reads ``x[:, e]``)
     -> ``[B, E, out]``, ReLU after every layer (:class:`ExpertBank`'s computation; also the
-    experts of several banks on one input at once, their stacked weights concatenated)."""
+    experts of several banks on one input at once, their stacked weights concatenated).
+
+    ``first [B, E·h]``: layer 0's output on the shared input (after its ReLU), already computed
+    (:func:`first_layer_map` with other maps of ``x``, :func:`shared_input_affine`); ``x`` is
+    then not read."""
     w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
     E = w0.shape[0]
-    if x.dim() == 2:
-        h = torch.addmm(b0.reshape(-1), x, w0.permute(1, 0, 2).reshape(w0.shape[1], -1))  # [B, E·h]
+    if first is not None:
+        h = first.view(first.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
+    elif x.dim() == 2:
+        w, b = first_layer_map(weights, biases)
+        h = torch.addmm(b, x, w)  # [B, E·h]
         h = h.relu_().view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     else:
         h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).relu_()  # [E, B, h]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,22 @@ class SoftmaxGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return softmax_last(self.logits(x))  # [B, G, E]
 
+    def input_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gates' logits on a shared input as one affine map ``(weight [in, G·E], bias
+        [G·E])``, gate after gate (for :func:`shared_input_affine` with the experts' layer 0)."""
+        G, d, E = self.weight.shape
+        return self.weight.permute(1, 0, 2).reshape(d, G * E), self.bias.reshape(-1)
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, G·E]`` logits of :meth:`input_map` -> the gate weights ``[B, G, E]`` (what
+        ``forward`` returns for the same input, where :meth:`reads_logits_only`)."""
+        return softmax_last(logits.view(logits.shape[0], self.num_gates, self.num_experts))
+
+    def reads_logits_only(self) -> bool:
+        """Whether the gate weights are a function of :meth:`input_map`'s logits alone (not of
+        another map of the input, as a noisy gate's noise scale in training)."""
+        return True
+
 
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """KeepTopK of Shazeer et al. 2017 (eq. 5): the k largest entries of the last axis keep
@@ -113,6 +130,9 @@ class TopKGate(SoftmaxGate):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return softmax_last(keep_top_k(self.logits(x), self.top_k))  # [B, G, E]
 
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return softmax_last(keep_top_k(logits.view(logits.shape[0], self.num_gates, self.num_experts), self.top_k))
+
 
 class NoisyGate(SoftmaxGate):
     """Noisy (top-K) gating of Shazeer et al. 2017, "Outrageously Large Neural Networks" (§2.1,
@@ -157,6 +177,13 @@ class NoisyGate(SoftmaxGate):
         if self.top_k:
             h = keep_top_k(h, self.top_k)
         return softmax_last(h)  # [B, G, E]
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        h = logits.view(logits.shape[0], self.num_gates, self.num_experts)
+        return softmax_last(keep_top_k(h, self.top_k) if self.top_k else h)
+
+    def reads_logits_only(self) -> bool:
+        return not self.training or self.noise == 0  # training noise reads its own map of x
 
 
 GATE_KINDS = ("softmax", "noisy", "topk")

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
-from dlrm_mtl.modules.expert_bank import ExpertBank
+from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, run_experts
 from dlrm_mtl.modules.gates import GATE_KINDS, make_gate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.shared_affine import shared_input_affine
 
 
 class MMoELayer(nn.Module):
@@ -78,12 +79,28 @@ class MMoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         task_in, shared_in = split_task_input(x, self.num_tasks)
-        e = self.experts(shared_in)  # [B, E, d']
-        g = self.gate(shared_in if self.one_gate else task_in)  # [B, G, E]
+        if self._reads_once(task_in):
+            # experts and gates on the one input: their first products as one (shared_input_affine)
+            w, b = first_layer_map(list(self.experts.weights), list(self.experts.biases))
+            first, logits = shared_input_affine(shared_in, [(w, b), self.gate.input_map()], relu=[True])
+            e = run_experts(list(self.experts.weights), list(self.experts.biases), shared_in, first=first)  # [B, E, d']
+            g = self.gate.from_logits(logits)  # [B, G, E]
+        else:
+            e = self.experts(shared_in)  # [B, E, d']
+            g = self.gate(shared_in if self.one_gate else task_in)  # [B, G, E]
         y = mix_experts(g, e).transpose(0, 1)  # [G, B, d']
         if self.one_gate:
             y = y.expand(self.num_tasks, *y.shape[1:])
         return LayerOutput(y, {"": g})
+
+
+    def _reads_once(self, task_in: torch.Tensor) -> bool:
+        """Whether the experts and the gates read the same input (one gate, or every task's
+        input the shared one) through maps :func:`shared_input_affine` can join: an
+        :class:`ExpertBank` of several experts and a gate whose weights follow from its
+        logits."""
+        return ((self.one_gate or task_in.stride(0) == 0) and type(self.experts) is ExpertBank
+                and self.experts.num_experts > 1 and self.gate.reads_logits_only())
 
 
 class SharedBottomLayer(nn.Module):
