@@ -309,6 +309,10 @@ class TrainConfig:
     # outputs; AMX on Intel Xeons that have it): the CPU's counterpart of allow_tf32, with an
     # 8-bit mantissa (docs/performance.md, "Ninth round")
     allow_bf16_matmul: bool = False
+    # CPU: subnormal floats (below 1.2e-38) flushed to zero in every op (FTZ/DAZ): a long run's
+    # gradients drift into that range and each op touching them slows down (MovieLens PLE:
+    # 12 -> 17.4 ms per step over 40 epochs without it; docs/performance.md, "Tenth round")
+    flush_denormal: bool = True
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     # glibc: keep freed host memory in the process (mallopt), so that every step's large
     # temporaries reuse pages instead of faulting in fresh ones (dlrm_mtl/host_memory.py)

@@ -281,8 +281,9 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     """Process-wide math settings of a run: TF32 matmuls and convolutions on CUDA when
     ``train.allow_tf32`` (PyTorch's own default keeps fp32 GEMMs at full precision, which on
     an H100 runs them at a fraction of the tensor cores' rate), on the CPU fp32 matmuls from
-    bf16-rounded inputs when ``train.allow_bf16_matmul``; the host allocator keeps freed
-    memory when ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
+    bf16-rounded inputs when ``train.allow_bf16_matmul``, subnormal floats flushed to zero
+    when ``train.flush_denormal``; the host allocator keeps freed memory when
+    ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
     if cfg.keep_host_memory:
         keep_freed_memory()
     if device.type == "cuda":
@@ -291,6 +292,9 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     elif device.type == "cpu":
         # "none" is PyTorch's default (MKL's fp32 GEMMs); "ieee" would route them through oneDNN instead
         torch.backends.mkldnn.matmul.fp32_precision = "bf16" if cfg.allow_bf16_matmul else "none"
+        # the calling thread's FTZ/DAZ; the intra-op pool's threads inherit it where they are
+        # created after this (the set-up's first parallel operator comes later: the model's init)
+        torch.set_flush_denormal(cfg.flush_denormal)
 
 
 def _open_writer(run_dir: Path, cfg: Config, env: DistEnv) -> Any:
