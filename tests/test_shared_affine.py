@@ -91,6 +91,9 @@ def test_mmoe_reads_its_input_once_with_the_same_result(gate, one_gate, hidden, 
         assert (p is None) == (q is None)
         if p is not None:
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # evaluation and export: the plain modules, the same forward
+        c = layer(x)
+    assert len(calls) == 1 and torch.equal(c.y, a.y.detach())
     if gate == "noisy":
         layer.train()
         layer(x)

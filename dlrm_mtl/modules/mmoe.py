@@ -93,14 +93,16 @@ class MMoELayer(nn.Module):
             y = y.expand(self.num_tasks, *y.shape[1:])
         return LayerOutput(y, {"": g})
 
-
     def _reads_once(self, task_in: torch.Tensor) -> bool:
         """Whether the experts and the gates read the same input (one gate, or every task's
         input the shared one) through maps :func:`shared_input_affine` can join: an
         :class:`ExpertBank` of several experts and a gate whose weights follow from its
-        logits."""
+        logits; in training (autograd on, not traced for export or compilation: the two
+        forwards compute the same products, bit for bit with MKL here, so evaluation and
+        serving keep the plain modules)."""
         return ((self.one_gate or task_in.stride(0) == 0) and type(self.experts) is ExpertBank
-                and self.experts.num_experts > 1 and self.gate.reads_logits_only())
+                and self.experts.num_experts > 1 and self.gate.reads_logits_only()
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 class SharedBottomLayer(nn.Module):
