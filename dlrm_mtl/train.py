@@ -877,12 +877,11 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
                                 "setup_phases": {k: round(v, 4) for k, v in run.phases.seconds.items()}}
     started = process_start_unix()
 
-    def first_step(read_ahead_s: float) -> None:
-        if "first_step_unix" not in timeline:
-            timeline["setup_phases"]["read_ahead"] = round(read_ahead_s, 4)  # waiting for the first buffer's row groups
-            now = time.time()
-            timeline["first_step_unix"] = now
-            timeline["startup_s"] = None if started is None else now - started
+    def first_step(read_ahead_s: float) -> None:  # called once: run_epoch gets it until the first step
+        timeline["setup_phases"]["read_ahead"] = round(read_ahead_s, 4)  # waiting for the first buffer's row groups
+        now = time.time()
+        timeline["first_step_unix"] = now
+        timeline["startup_s"] = None if started is None else now - started
 
     evals = Evaluations(Tracker.from_config(cfg, run.schema, run.progress.tracker))
     counters: Dict[str, int] = {}

@@ -81,9 +81,9 @@ class MMoELayer(nn.Module):
         task_in, shared_in = split_task_input(x, self.num_tasks)
         if self._reads_once(task_in):
             # experts and gates on the one input: their first products as one (shared_input_affine)
-            w, b = first_layer_map(list(self.experts.weights), list(self.experts.biases))
-            first, logits = shared_input_affine(shared_in, [(w, b), self.gate.input_map()], relu=[True])
-            e = run_experts(list(self.experts.weights), list(self.experts.biases), shared_in, first=first)  # [B, E, d']
+            weights, biases = list(self.experts.weights), list(self.experts.biases)
+            first, logits = shared_input_affine(shared_in, [first_layer_map(weights, biases), self.gate.input_map()], relu=[True])
+            e = run_experts(weights, biases, shared_in, first=first)  # [B, E, d']
             g = self.gate.from_logits(logits)  # [B, G, E]
         else:
             e = self.experts(shared_in)  # [B, E, d']
