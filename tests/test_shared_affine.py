@@ -98,3 +98,48 @@ def test_mmoe_reads_its_input_once_with_the_same_result(gate, one_gate, hidden, 
         layer.train()
         layer(x)
         assert len(calls) == 1  # training noise: the separate products
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of the test above")
+def test_mmoe_joined_path_on_cuda_and_in_a_cuda_graph(monkeypatch):
+    """On a GPU: the joined path's outputs and gradients equal the separate path's (fp32, TF32
+    off), and the same forward + backward recorded in a CUDA graph (as ``train.cuda_graph``
+    records the dense step) replays to the eager results."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = MMoELayer(48, num_tasks=2, num_experts=4, hidden=[32], out_dim=16).to(dev).train()
+    x = torch.randn(256, 48, device=dev, requires_grad=True)
+    r = torch.randn(2, 256, 16, device=dev)
+    params = [x] + list(layer.parameters())
+    calls = []
+    real = shared_affine.SharedInputAffine.apply
+    monkeypatch.setattr(shared_affine.SharedInputAffine, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def step():
+        out = layer(x)
+        loss = (out.y * r).sum() + out.gates[""].pow(2).sum()
+        # detached: nothing keeps this step's autograd graph (whose leaf nodes belong to the
+        # stream that made them) alive into the capture
+        return (out.y.detach(),) + torch.autograd.grad(loss, params)
+
+    joined = step()
+    assert len(calls) == 1  # the joined path runs on CUDA
+    layer._reads_once = lambda task_in: False
+    separate = step()
+    del layer._reads_once
+    for a, b in zip(joined, separate):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, joined):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

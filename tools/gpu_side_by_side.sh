@@ -20,7 +20,9 @@
 #      operator a launch -> bench-new_eager.json, bench-old_eager.json (EAGER=0 leaves it out);
 #   5. TRAINS_NEW="name:key=value,key=value ..." more `dlrm-mtl train` runs of the working tree
 #      with those overrides -> train-<name>.json;
-#   6. TESTS="tests/test_x.py ..." pytest on the GPU machine (the code picks CUDA there where
+#   6. ARCHS="mmoe ple ...": `dlrm-mtl train` of both trees with configs/arch/<name>.yaml added
+#      (same data and gpu.yaml) -> train-<name>-new.json, train-<name>-old.json;
+#   7. TESTS="tests/test_x.py ..." pytest on the GPU machine (the code picks CUDA there where
 #      a test leaves the device to it); pytest comes from PYLIB (default .gpu/pylib) when the
 #      machine has none -> pytest.log.
 # The device tool returns at most 8 files: logs and train JSONs travel in results.tgz.
@@ -68,6 +70,10 @@ side new "$ROOT"; side old "$OLD"
 train new "$ROOT" "--set checkpoint.keep_best=false"; train old "$OLD"
 for v in ${TRAINS_NEW:-}; do
   train "${v%%:*}" "$ROOT" "--set checkpoint.keep_best=false $(echo "${v#*:}" | sed 's/,/ --set /g; s/^/--set /')"
+done
+for a in ${ARCHS:-}; do
+  train "$a-new" "$ROOT" "--config configs/arch/$a.yaml --set checkpoint.keep_best=false"
+  train "$a-old" "$OLD" "--config configs/arch/$a.yaml"
 done
 if [ "${EAGER:-1}" != 0 ]; then
   BS=8192 BENCH_T=80 side new_eager "$ROOT" "--set train.cuda_graph=eager"
