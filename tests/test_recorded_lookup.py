@@ -195,3 +195,52 @@ def test_one_table_records_through_the_same_path_as_it_replays(synthetic_small, 
             it.close()
     finally:
         shutdown_distributed()
+
+
+def test_one_table_shift_from_the_host_counts_equals_the_operator_formula():
+    """``_shift`` (each id's table offset kept per ids-per-feature counts that came twice in a
+    row, from the batch's host ``length_per_key``) gives the ids ``_shifted`` computes with
+    operators, reuses its shift for repeated counts, keeps at most ``SHIFTS_KEPT`` of them,
+    and computes counts seen once, or a KJT without host counts, with ``_shifted``."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+
+    look = RecordedLookup.__new__(RecordedLookup)  # only the layout state _shift reads
+    look._row_start = torch.tensor([0, 10, 30, 31])
+    look._shifts, look._last_counts = {}, None
+    g = torch.Generator().manual_seed(0)
+
+    def kjt(lengths, host=True):
+        lengths = torch.tensor(lengths)
+        values = torch.randint(0, 10, (int(lengths.sum()),), generator=g)
+        per_key = lengths.view(4, -1).sum(1).tolist()
+        return KeyedJaggedTensor(keys=list("abcd"), values=values, lengths=lengths, stride=3,
+                                 length_per_key=per_key if host else None)
+
+    # the second has the first's counts per key in other bags (the shift is the same), the
+    # third other counts
+    kept = []
+    for lengths in ([1] * 12, [1, 0, 2, 1, 1, 1, 0, 0, 3, 1, 1, 1], [1] * 12, [1, 0, 2, 1, 1, 1, 0, 0, 1, 1, 1, 1],
+                    [1, 0, 2, 1, 1, 1, 0, 0, 1, 1, 1, 1], [0] * 12, [1] * 12):
+        k = kjt(lengths)
+        got = look._shift(k, k.values(), k.offsets())
+        assert torch.equal(got, RecordedLookup._shifted(k.values(), k.offsets(), look._row_start))
+        kept.append(sorted(look._shifts))
+    # the second batch has the first's counts per key in other bags: its shift is kept and
+    # reused; (3, 3, 1, 3) is kept on its second batch in a row; (0, 0, 0, 0) came once
+    assert kept[0] == [] and kept[1] == [(3, 3, 3, 3)] and kept[3] == [(3, 3, 3, 3)]
+    assert kept[-1] == [(3, 3, 1, 3), (3, 3, 3, 3)]
+    a = kjt([1] * 12)
+    shift = look._shifts[(3, 3, 3, 3)]
+    assert torch.equal(look._shift(a, a.values(), a.offsets()) - a.values(), shift)
+    for n in range(RecordedLookup.SHIFTS_KEPT + 2):  # distinct counts, twice each: the oldest leave
+        for _ in range(2):
+            k = kjt([1] * 11 + [n])
+            assert torch.equal(look._shift(k, k.values(), k.offsets()),
+                               RecordedLookup._shifted(k.values(), k.offsets(), look._row_start))
+    assert len(look._shifts) == RecordedLookup.SHIFTS_KEPT and (3, 3, 3, 2 + RecordedLookup.SHIFTS_KEPT + 1) in look._shifts
+    bare = kjt([2, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1], host=False)
+    assert bare.length_per_key_or_none() is None
+    assert torch.equal(look._shift(bare, bare.values(), bare.offsets()),
+                       RecordedLookup._shifted(bare.values(), bare.offsets(), look._row_start))

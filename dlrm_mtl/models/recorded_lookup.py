@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -93,6 +94,9 @@ class RecordedLookup:
 
         self.one_table = one_table  # asked for; _row_start says whether the recording allows it
         self._row_start: Optional[torch.Tensor] = None  # [F] each feature's table's first row, one_table
+        # one_table: each id's shift [N] by the batch's ids per feature (host counts), see _shift
+        self._shifts: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._last_counts: Optional[Tuple[int, ...]] = None  # the previous call's, not kept yet
         self.emb = emb
         self.tbe = emb._emb_module
         self._invoker = invoker
@@ -207,6 +211,7 @@ class RecordedLookup:
         self._momentum = momentum
         self._kwargs = dict(seen["kwargs"])
         self._row_start = None
+        self._shifts, self._last_counts = {}, None
         layout = seen.get("layout")
         if layout is not None:  # the call above ran as one table: so do the replays
             self._common = layout[0]._replace(indices=None, offsets=None)
@@ -249,6 +254,35 @@ class RecordedLookup:
         bounds = offsets[::B]  # [F + 1] where each feature's ids start
         return indices + torch.repeat_interleave(row_start, bounds.diff(), output_size=indices.numel())
 
+    # _shift keeps the shifts of this many distinct per-feature counts (a run of single-hot
+    # features has two: full batches and the short last one)
+    SHIFTS_KEPT = 8
+
+    def _shift(self, kjt: KeyedJaggedTensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """:meth:`_shifted` for the recorded layout, one ``add`` per call where the batch
+        carries its ids per feature on the host (``length_per_key``: the reader's batches do):
+        each id's shift ``[N]`` depends on those counts only, so it is built (with numpy, no
+        operator) and kept once the same counts come twice in a row — single-hot features give
+        the same counts in every full batch. Counts seen once (multi-hot features change them
+        from batch to batch), or no host counts: :meth:`_shifted` (four operators; measured:
+        building a shift for every batch was no faster)."""
+        row_start = self._row_start
+        assert row_start is not None
+        per_key: Optional[List[int]] = kjt.length_per_key_or_none()
+        if per_key is None or len(per_key) != row_start.numel():
+            return self._shifted(indices, offsets, row_start)
+        key = tuple(per_key)
+        shift = self._shifts.get(key)
+        if shift is None or shift.dtype != indices.dtype:
+            repeated, self._last_counts = key == self._last_counts, key
+            if not repeated:  # counts that change every batch (multi-hot features): no keeping
+                return self._shifted(indices, offsets, row_start)
+            if len(self._shifts) >= self.SHIFTS_KEPT:
+                self._shifts.pop(next(iter(self._shifts)))  # the oldest
+            shift = torch.from_numpy(np.repeat(row_start.numpy(), per_key)).to(indices.dtype)  # [N]
+            self._shifts[key] = shift
+        return indices + shift
+
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         if not self._replayable(kjt):
             return self.emb(kjt)
@@ -267,6 +301,6 @@ class RecordedLookup:
         tbe.iter_cpu.add_(1)
         tbe.iter.add_(1)
         self.replays += 1
-        ids = indices if self._row_start is None else self._shifted(indices, offsets, self._row_start)
+        ids = indices if self._row_start is None else self._shift(kjt, indices, offsets)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
