@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,15 +13,34 @@ from typing import List, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_range() -> range:
+    """The ports the kernel hands out to outgoing connections (gloo's own among them)."""
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port_block(n: int) -> int:
-    """A free local port with ``n`` ports above it (one process group per run of a worker)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + n < 65000:
-            return port
-    raise RuntimeError("no free port")
+    """A local port with ``n`` ports above it (one process group per run of a worker), all
+    free now and all below the ephemeral range: a block inside it was taken once by one of
+    gloo's own outgoing connections between the runs (EADDRINUSE in a later run's store)."""
+    eph = _ephemeral_range()
+    top = min(eph.start, 65000) - n - 1
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, top) if top > 10000 else rng.randrange(1024, 65000 - n)
+        if port + n in eph or port in eph:
+            continue
+        try:
+            for p in range(port, port + n + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port block")
 
 
 def run_two_ranks(script: Path, args: Sequence[str], timeout: float = 900) -> List[str]:
