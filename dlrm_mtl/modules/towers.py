@@ -14,7 +14,8 @@ class TaskTowers(nn.Module):
     one per task, with stacked weights: each hidden layer is one ``baddbmm`` over the task
     axis instead of T ``addmm`` calls, so the operator count does not grow with T; a shared
     input (stride 0 on T, e.g. Shared-Bottom) makes the first layer one ``addmm`` over the
-    concatenated weights, and the logit layer is a product and a sum (docs/performance.md).
+    concatenated weights, and the logit layer is one skinny product over every tower's weights
+    (docs/performance.md, "Eleventh round").
 
     Initialised like ``nn.Linear`` (weights and biases uniform in ±1/√in).
 
