@@ -24,8 +24,10 @@ def _ephemeral_range() -> range:
 
 def free_port_block(n: int) -> int:
     """A local port with ``n`` ports above it (one process group per run of a worker), all
-    free now and all below the ephemeral range: a block inside it was taken once by one of
-    gloo's own outgoing connections between the runs (EADDRINUSE in a later run's store)."""
+    free now and all below the ephemeral range, where the kernel does not hand them to an
+    outgoing connection (gloo's own, or another process's) between the runs: a block drawn
+    inside that range, only its first port checked, once failed a later run's store with
+    EADDRINUSE."""
     eph = _ephemeral_range()
     top = min(eph.start, 65000) - n - 1
     rng = random.Random()
