@@ -104,9 +104,12 @@ class ExtractionNetwork(nn.Module):
             gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
             weights = torch.cat([weights, gates["shared"]], dim=1)  # [B, T + 1, E_all]
         mixed = mix_experts(weights, experts)  # [B, T (+1), d']: every task's and the shared mixture at once
-        task_out = mixed[:, :T].transpose(0, 1)  # [T, B, d']
-        shared_out = mixed[:, T] if self.shared_gate is not None else None  # [B, d']
-        return task_out, shared_out, gates
+        if self.shared_gate is None:
+            return mixed.transpose(0, 1), None, gates  # [T, B, d']
+        # one split, whose backward is one cat of the two gradients (a slice and a select
+        # each fill a zero [B, T + 1, d'] gradient, which autograd then adds)
+        task_part, shared_part = mixed.split([T, 1], dim=1)  # [B, T, d'], [B, 1, d']
+        return task_part.transpose(0, 1), shared_part.squeeze(1), gates  # [T, B, d'], [B, d']
 
     def _fuses_pool(self) -> bool:
         """Whether a shared-input level runs both banks as one (:func:`run_experts` reads their
@@ -122,9 +125,12 @@ class ExtractionNetwork(nn.Module):
         if self.num_specific == 0:
             return task_gates
         B, T, _ = task_gates.shape
-        own = task_gates[..., self.num_shared :]  # [B, T, E_sp]
+        if self.num_shared == 0:
+            return (task_gates.unsqueeze(2) * self.own_block).reshape(B, T, T * self.num_specific)  # [B, T, T·E_sp]
+        # one split (its backward one cat), not two slices (each a zero-filled gradient)
+        shared, own = task_gates.split([self.num_shared, self.num_specific], dim=-1)  # [B, T, E_sh], [B, T, E_sp]
         own = (own.unsqueeze(2) * self.own_block).reshape(B, T, T * self.num_specific)  # [B, T, T·E_sp]
-        return own if self.num_shared == 0 else torch.cat([task_gates[..., : self.num_shared], own], dim=-1)
+        return torch.cat([shared, own], dim=-1)
 
 
 class PLELayer(nn.Module):
