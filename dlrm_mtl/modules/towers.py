@@ -36,10 +36,6 @@ class TaskTowers(nn.Module):
             bound = 1.0 / math.sqrt(a)
             self.weights.append(nn.Parameter(torch.empty(num_tasks, a, b).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_tasks, 1, b).uniform_(-bound, bound)))
-        # [T·k, T]: 1 where row t·k + j feeds logit t (k: the logit layer's input width); the
-        # logit layer over a [B, T·k] input is one addmm with its weights spread over this
-        k = sizes[-2]
-        self.register_buffer("logit_block", torch.eye(num_tasks).repeat_interleave(k, dim=0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, B, d]`` (tower t reads ``x[t]``) or ``[B, d]`` (every tower reads it) ->
@@ -53,24 +49,19 @@ class TaskTowers(nn.Module):
         h_bt = None  # the same activations laid out [B, T, k], where they were computed so
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if i == last:
-                # the logit layer (k -> 1 per tower): <h_t, w_t>. Where the activations were
-                # written [B, T, k] (the shared first layer's addmm), one addmm of that
-                # [B, T·k] buffer with the towers' weights spread block-diagonally over
-                # [T·k, T]: the zeros cost T-fold FLOPs of a tiny product but each big tensor
-                # is read once per pass (a product and a sum over [B, T, k] read and wrote it
-                # three times forward and backward; docs/performance.md, "Eleventh round").
-                # A non-finite activation of one tower then makes every logit NaN (0 * inf).
+                # the logit layer (k -> 1 per tower): <h_t, w_t>. Contiguous activations, laid
+                # out [B, T, k] (the shared first layer's addmm) or [T, B, k] (the towers'
+                # baddbmm): every tower's weights against every row in one skinny product
+                # [B·T, k] x [k, T], whose T diagonal entries per row are the logits — T-fold
+                # FLOPs of a tiny product, but the activations are read once per pass, where a
+                # product and a sum over k read and wrote them three times (standalone, T 2,
+                # B 2048, k 64: 0.27 against 0.48-0.60 ms forward + backward). A bmm (T
+                # matrix-vector products forward, outer products backward) is far slower on
+                # the CPU. A strided input (a transposed view) keeps the product and sum,
+                # which read it where it lies (docs/performance.md, "Eleventh round").
                 if h_bt is not None:
-                    spread = w.reshape(-1, 1) * self.logit_block  # [T·k, T]
-                    return torch.addmm(b.view(T), h_bt.view(B, -1), spread)  # [B, T]
-                # [T, B, k] (the towers' baddbmm, or a contiguous input): every tower's weights
-                # against every row in one skinny product [T·B, k] x [k, T], of which the T
-                # diagonal blocks are the logits — T-fold FLOPs of a tiny product, but the
-                # activations are read once per pass, where a product and a sum over k read and
-                # wrote [T, B, k] three times (standalone, T 2, B 2048, k 64: 0.27 against
-                # 0.48-0.60 ms forward + backward). A bmm (T matrix-vector products forward, outer
-                # products backward) is far slower on the CPU. A strided input (a transposed
-                # view) keeps the product and sum, which read it where it lies.
+                    full = torch.mm(h_bt.view(B * T, -1), w.view(T, -1).t())  # [B·T, T]
+                    return full.view(B, T, T).diagonal(dim1=1, dim2=2) + b.view(1, T)  # [B, T]
                 if h.is_contiguous():
                     full = torch.mm(h.view(T * B, -1), w.view(T, -1).t())  # [T·B, T]
                     return full.view(T, B, T).diagonal(dim1=0, dim2=2) + b.view(1, T)  # [B, T]
