@@ -78,7 +78,11 @@ class SoftmaxGate(nn.Module):
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, G·E]`` logits of :meth:`input_map` -> the gate weights ``[B, G, E]`` (what
         ``forward`` returns for the same input, where :meth:`reads_logits_only`)."""
-        return softmax_last(logits.view(logits.shape[0], self.num_gates, self.num_experts))
+        return softmax_last(self._grouped(logits))
+
+    def _grouped(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, G·E]`` -> ``[B, G, E]`` (a view)."""
+        return logits.view(logits.shape[0], self.num_gates, self.num_experts)
 
     def reads_logits_only(self) -> bool:
         """Whether the gate weights are a function of :meth:`input_map`'s logits alone (not of
@@ -131,7 +135,7 @@ class TopKGate(SoftmaxGate):
         return softmax_last(keep_top_k(self.logits(x), self.top_k))  # [B, G, E]
 
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return softmax_last(keep_top_k(logits.view(logits.shape[0], self.num_gates, self.num_experts), self.top_k))
+        return softmax_last(keep_top_k(self._grouped(logits), self.top_k))
 
 
 class NoisyGate(SoftmaxGate):
@@ -179,7 +183,7 @@ class NoisyGate(SoftmaxGate):
         return softmax_last(h)  # [B, G, E]
 
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        h = logits.view(logits.shape[0], self.num_gates, self.num_experts)
+        h = self._grouped(logits)
         return softmax_last(keep_top_k(h, self.top_k) if self.top_k else h)
 
     def reads_logits_only(self) -> bool:
