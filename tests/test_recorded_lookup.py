@@ -244,3 +244,105 @@ def test_one_table_shift_from_the_host_counts_equals_the_operator_formula():
     assert bare.length_per_key_or_none() is None
     assert torch.equal(look._shift(bare, bare.values(), bare.offsets()),
                        RecordedLookup._shifted(bare.values(), bare.offsets(), look._row_start))
+
+
+def _single_hot_schema(data: Path, out: Path) -> Path:
+    """``data``'s schema without its multi-hot feature: every bag of the kernel holds one id."""
+    from dataclasses import replace
+
+    from dlrm_mtl.schema import Schema
+
+    schema = Schema.load(data / "schema.yaml")
+    single = replace(schema, sparse=[f for f in schema.sparse if not f.multi_hot])
+    assert single.sparse and len(single.sparse) < len(schema.sparse)
+    path = out / "schema_single_hot.yaml"
+    single.save(path)
+    return path
+
+
+def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_path):
+    """A kernel whose every bag holds one id (single-hot features, one table) looks its rows up
+    with a gather and updates them with fbgemm's own backward call: two identical runs, one
+    gathering, one calling the kernel's forward, are identical bit for bit after every step
+    (losses, dense weights, tables, Adagrad state, counters; cosine schedule: a new table
+    learning rate every step), and so is a lookup without autograd (evaluation)."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+    from dlrm_mtl.train import setup_run
+
+    schema = _single_hot_schema(synthetic_small, tmp_path)
+    env = init_distributed("gloo", 60, 1)
+    try:
+        runs = [setup_run(_cfg(synthetic_small, tmp_path / name, "sharding.cpu_backward=one_table", f"data.schema={schema}"),
+                          env) for name in ("gather", "kernel")]
+        gather, kernel = (r.dmp.module.model.local_lookup.calls for r in runs)
+        assert gather and all(isinstance(c, RecordedLookup) for c in gather + kernel)
+        for c in kernel:
+            c._single_hot = lambda ids, offsets: False  # the kernel's own forward every call
+        streams = [iter(r.train_stream) for r in runs]
+        for step in range(7):
+            losses = [_train_step(r, next(it)) for r, it in zip(runs, streams)]
+            assert torch.equal(losses[0], losses[1]), step
+            a, b = _state(runs[0]), _state(runs[1])
+            for k in a:
+                assert _same(a[k], b[k], False), (step, k)
+        assert all(c.gathers == 6 and c.replays == 6 for c in gather)  # the first call records
+        assert all(c.gathers == 0 for c in kernel)
+        # without autograd (evaluation): the gather, no backward recorded for it
+        batch = next(streams[0])
+        with torch.no_grad():
+            outs = [r.dmp.module.model.local_lookup(batch.sparse) for r in runs]
+        assert torch.equal(outs[0], outs[1]) and all(c.gathers == 7 for c in gather)
+        for it in streams:
+            it.close()
+    finally:
+        shutdown_distributed()
+
+
+def test_single_hot_is_every_bag_one_id_and_follows_in_place_changes():
+    """``_single_hot`` needs offsets 0, 1, 2, ...: as many ids as bags with one bag empty and
+    another of two is not; an offsets tensor found single-hot is not checked again until it is
+    modified in place."""
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+
+    look = RecordedLookup.__new__(RecordedLookup)  # only the state _single_hot reads
+    look._single_offsets = None
+    ids = torch.arange(6)
+    ones = torch.arange(7)
+    assert look._single_hot(ids, ones) and look._single_offsets[0] is ones
+    assert not look._single_hot(ids, torch.tensor([0, 0, 2, 3, 4, 5, 6]))  # an empty bag, a bag of two
+    assert not look._single_hot(torch.arange(5), ones)  # fewer ids than bags
+    assert look._single_hot(ids, ones)
+    ones[2] = 1  # modified in place: checked again
+    assert not look._single_hot(ids, ones)
+
+
+def test_fused_backward_records_fbgemms_call_without_running_it(synthetic_small, tmp_path):
+    """``FusedBackward.record`` keeps the arguments of fbgemm's backward call (the module's
+    weights and Adagrad state among them) and leaves the tables and their state untouched; a
+    forward whose backward makes no such call records nothing."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.models.single_hot_gather import FusedBackward
+    from dlrm_mtl.train import setup_run
+
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(_cfg(synthetic_small, tmp_path / "run", "sharding.cpu_backward=one_table"), env)
+        call = run.dmp.module.model.local_lookup.calls[0]
+        it = iter(run.train_stream)
+        _train_step(run, next(it))  # records the kernel call
+        tbe = call.tbe
+        before = (tbe.weights_host.detach().clone(), tbe.momentum1_host.detach().clone())
+        kjt = next(it).sparse
+        args = call._common._replace(indices=call._shift(kjt, kjt.values(), kjt.offsets()), offsets=kjt.offsets(),
+                                     learning_rate_tensor=tbe.learning_rate_tensor)
+        backward = FusedBackward.record(lambda: call._invoke(args, tbe.optimizer_args, call._momentum, **call._kwargs),
+                                        args.placeholder_autograd_tensor, tbe.optimizer_args)
+        assert backward is not None and backward.optimizer_args is tbe.optimizer_args
+        assert any(a is tbe.weights_host for a in backward.args) and any(a is tbe.momentum1_host for a in backward.args)
+        assert torch.equal(tbe.weights_host, before[0]) and torch.equal(tbe.momentum1_host, before[1])
+        leaf = torch.zeros(3, requires_grad=True)
+        assert FusedBackward.record(lambda: leaf * 2, leaf, None) is None
+        it.close()
+    finally:
+        shutdown_distributed()

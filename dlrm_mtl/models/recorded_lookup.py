@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_mtl.models.single_hot_gather import FusedBackward, SingleHotGather
+
 # the fbgemm_gpu release whose SplitTableBatchedEmbeddingBagsCodegen.forward this replays
 # (its side effects are listed in RecordedLookup's docstring); any other falls back
 _FBGEMM_SERIES = "1.8."
@@ -72,6 +74,12 @@ class RecordedLookup:
     range check). The recording call runs through the same layout (a run resumed in a new
     process records again and must train bit for bit like the run it continues).
 
+    A one-table call whose every bag holds exactly one id (single-hot features without nulls:
+    offsets 0, 1, 2, ...) is looked up as a row gather with fbgemm's own backward call
+    (:class:`SingleHotGather`, :class:`FusedBackward`): the same output and the same update,
+    bit for bit, at a third of the forward's cost (fbgemm's CPU forward of one-id bags is its
+    pooled-sum kernel behind an autograd wrapper).
+
     It applies (:meth:`of` returns None otherwise) only where that replay is complete:
     fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
     ``EXACT_ROWWISE_ADAGRAD`` and none of its counter or global-weight-decay variants, no
@@ -106,6 +114,12 @@ class RecordedLookup:
         self._kwargs: Dict[str, Any] = {}
         self.disabled = False  # a recording did not match: the module from then on
         self.replays = 0  # calls served by the replay (tests, logs)
+        self.gathers = 0  # of which single-id bags, through SingleHotGather (tests, logs)
+        self._dim = 0  # one_table: the tables' one embedding dim
+        self._backward: Optional[FusedBackward] = None  # one_table: the kernel's backward call (_gather)
+        self._gather_off = False  # the kernel's backward made no call to record: no gathers
+        # the last offsets found to give every bag one id, with its version (_single_hot)
+        self._single_offsets: Optional[Tuple[torch.Tensor, int]] = None
 
     @classmethod
     def of(cls, emb: nn.Module, one_table: Optional[bool] = None) -> Optional["RecordedLookup"]:
@@ -212,10 +226,12 @@ class RecordedLookup:
         self._kwargs = dict(seen["kwargs"])
         self._row_start = None
         self._shifts, self._last_counts = {}, None
+        self._backward, self._single_offsets, self._gather_off = None, None, False
         layout = seen.get("layout")
         if layout is not None:  # the call above ran as one table: so do the replays
             self._common = layout[0]._replace(indices=None, offsets=None)
             self._momentum, self._row_start = layout[1], layout[2]
+            self._dim = int(self._common.D_offsets[1]) - int(self._common.D_offsets[0])
         return out
 
     @staticmethod
@@ -303,4 +319,47 @@ class RecordedLookup:
         self.replays += 1
         ids = indices if self._row_start is None else self._shift(kjt, indices, offsets)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
+        if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
+            out = self._gather(args)
+            if out is not None:
+                return out
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
+
+    def _single_hot(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
+        """Whether every bag of the call holds exactly one id (``offsets`` 0, 1, 2, ...): checked
+        on the host once per offsets tensor (the reader's single-hot batches of a buffer share
+        one) and kept while that tensor is unmodified (its version counter)."""
+        if ids.numel() != offsets.numel() - 1:
+            return False
+        seen = self._single_offsets
+        if seen is not None and seen[0] is offsets and seen[1] == offsets._version:
+            return True
+        if offsets.device.type != "cpu" or not np.array_equal(offsets.numpy(), np.arange(offsets.numel())):
+            return False
+        self._single_offsets = (offsets, offsets._version)
+        return True
+
+    def _gather(self, args: Any) -> Optional[torch.Tensor]:
+        """A one-table call whose every bag holds one id, as :class:`SingleHotGather` (a row
+        gather; in training, fbgemm's own backward call, recorded on the first such call and
+        again after the optimizer arguments change). None where fbgemm's backward made no call
+        to record (the kernel is then called as always)."""
+        tbe = self.tbe
+        row_start = self._row_start
+        assert row_start is not None
+        F = row_start.numel()
+        B = (args.offsets.numel() - 1) // F
+        weights = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
+        backward: Optional[FusedBackward] = None
+        if torch.is_grad_enabled():
+            backward = self._backward
+            if backward is None or backward.optimizer_args is not tbe.optimizer_args:
+                backward = self._backward = FusedBackward.record(
+                    lambda: self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs),
+                    args.placeholder_autograd_tensor, tbe.optimizer_args)
+                if backward is None:
+                    self._gather_off = True
+                    return None
+        self.gathers += 1
+        return SingleHotGather.apply(args.placeholder_autograd_tensor, weights, args.indices, F, B, backward, args.offsets,
+                                     tbe.learning_rate_tensor)  # [B, F·D]
