@@ -1,0 +1,47 @@
+"""tools/ab_step.py: two variants of the training step, alternating step by step in one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools" / "ab_step.py"), "--cases", "census:shared_bottom", "--train-rows", "3000",
+           "--data-root", str(tmp_path / "data"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_variant_or_null_is_required(tmp_path):
+    proc = _run(tmp_path)
+    assert proc.returncode != 0 and "give a variant file, or --null" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_new_variant_is_timed_as_new(tmp_path):
+    """A variant whose "new" step sleeps 4 ms more: the tool reports the new step slower by
+    about that much, the old one not (each variant's steps are its own)."""
+    variant = tmp_path / "slow_new.py"
+    variant.write_text(
+        "import time\n"
+        "import torch\n"
+        "orig = torch.Tensor.backward\n"
+        "def slow(self, *a, **k):\n"
+        "    time.sleep(0.004)\n"
+        "    return orig(self, *a, **k)\n"
+        "def patch(name):\n"
+        "    torch.Tensor.backward = slow if name == 'new' else orig\n")
+    out = tmp_path / "ab.json"
+    proc = _run(tmp_path, str(variant), "--rounds", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["case"] == "census:shared_bottom" and case["batches"] == 2  # 3,000 rows: two full batches
+    assert case["steps"] == 2 * case["batches"]  # each round: every batch once per variant
+    assert 3.5 < case["new_ms"] - case["old_ms"] < 12
+    assert case["gain"] == pytest.approx(case["old_ms"] / case["new_ms"] - 1)

@@ -1,0 +1,164 @@
+"""Two variants of dlrm_mtl's training step in one process, alternating step by step.
+
+What is measured
+----------------
+A change to the step worth 1-5 % is below what two runs of ``tools/bench_peer.py`` can tell
+apart on a small shared machine (one case moves by ±5-8 % between runs), and even rounds of
+steps alternated in one process drift by ±2 % between rounds. This tool alternates the two
+variants *step by step*: per case, one process builds side A exactly as ``bench_peer`` runs
+it (``bench_step.a_config``: the arch fragment, the bench's overrides, :func:`setup_run`),
+reads 12 full batches (fewer where the data has fewer), warms both variants up, then for ``--rounds`` rounds runs every batch
+once under each variant (the order flips every round, and one unmeasured step follows each
+switch) and times each training step (``zero_grad``, forward, ``backward``, ``step``). Printed
+per case: the median step of each variant and ``gain = old / new − 1``.
+
+A variant file defines ``patch(name)``, called with ``"old"`` or ``"new"`` before the steps of
+that variant; it switches the code under test in place (a module attribute, a method). With
+``--null`` both variants run the same code: its gain is this machine's resolution (measured
+here: −0.25 … +0.1 % at 40 rounds). Correctness is not checked here: test it.
+
+Commands::
+
+    .venv/bin/python tools/ab_step.py variant.py --cases census:shared_bottom,movielens:ple
+    .venv/bin/python tools/ab_step.py --null --cases census:mmoe --rounds 40
+
+Example variant (the single-id gather of ``RecordedLookup`` off / on)::
+
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+    gather = RecordedLookup._single_hot
+    def patch(name):
+        RecordedLookup._single_hot = gather if name == "new" else (lambda self, ids, offsets: False)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_peer as bp  # noqa: E402
+
+MARK = "AB_STEP_RESULT "
+BATCHES = 12
+
+
+def load_variant(path: Optional[str]) -> Callable[[str], None]:
+    """``patch(name)`` of the variant file, or a no-op (``--null``)."""
+    if path is None:
+        return lambda name: None
+    spec = importlib.util.spec_from_file_location("ab_variant", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    patch = getattr(module, "patch", None)
+    if not callable(patch):
+        raise SystemExit(f"{path}: defines no patch(name) function")
+    return patch
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One case in this process: prints one ``MARK`` JSON line."""
+    import torch
+
+    from bench_step import a_config
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.train import setup_run
+
+    patch = load_variant(args.variant)
+    shape, arch = args.child.split(":")
+    size = bp.run_sizes(True)[shape]
+    env = init_distributed("gloo", 120, bp.THREADS)
+    try:
+        run = setup_run(a_config(Path(args.data), arch, size, Path(tempfile.mkdtemp(prefix="ab_step_"))), env)
+        torch.set_num_threads(bp.THREADS)
+        run.train_stream.set_epoch(0)
+        it = iter(run.train_stream)
+        batches = [b for b in itertools.islice(it, BATCHES + 2) if b.batch_size == size.batch_size][:BATCHES]
+        it.close()
+        if not batches:
+            raise SystemExit(f"{args.child}: no full batch of {size.batch_size} rows to time")
+
+        def step(b: Any) -> None:
+            run.optimizer.zero_grad()
+            loss, _ = run.dmp(b)
+            loss.backward()
+            run.optimizer.step()
+
+        for name in ("old", "new"):  # warm-up: each variant's first calls (recordings) off the clock
+            patch(name)
+            for b in batches:
+                step(b)
+        times: Dict[str, List[float]] = {"old": [], "new": []}
+        for r in range(args.rounds):
+            for name in (("old", "new") if r % 2 else ("new", "old")):
+                patch(name)
+                step(batches[r % len(batches)])  # one unmeasured step after the switch
+                for b in batches:
+                    t = time.perf_counter()
+                    step(b)
+                    times[name].append(time.perf_counter() - t)
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        print(MARK + json.dumps({"case": args.child, "old_ms": old * 1e3, "new_ms": new * 1e3,
+                                 "gain": old / new - 1.0, "steps": len(times["new"]), "batches": len(batches)}), flush=True)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def run_case(case: str, data: Path, variant: Optional[str], rounds: int) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--data", str(data), "--rounds", str(rounds)]
+    if variant is not None:
+        cmd.append(str(Path(variant).resolve()))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"{case}: no result (exit {out.returncode})\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("variant", nargs="?", help="a Python file defining patch(name), name 'old' or 'new'")
+    p.add_argument("--null", action="store_true", help="both variants the same code (the machine's resolution)")
+    p.add_argument("--cases", default=None, help="e.g. census:mmoe,movielens:ple (default: all 6)")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--train-rows", type=int, default=None, help="override the train rows of every shape (eval: a quarter)")
+    p.add_argument("--data-root", default=str(ROOT / "data" / "bench_peer"), help="cache of the generated data sets")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        return child_main(args)
+    if (args.variant is None) == (not args.null):
+        p.error("give a variant file, or --null")
+    sizes = bp.run_sizes(True)
+    if args.train_rows:
+        sizes = {s: dataclasses.replace(z, train_rows=args.train_rows, eval_rows=max(args.train_rows // 4, 1))
+                 for s, z in sizes.items()}
+    results = []
+    for shape, arch in bp.parse_cases(args.cases):
+        data = bp.ensure_data(Path(args.data_root), shape, sizes[shape])
+        r = run_case(f"{shape}:{arch}", data, args.variant, args.rounds)
+        results.append(r)
+        print(f"{r['case']:<24} old {r['old_ms']:7.3f} ms  new {r['new_ms']:7.3f} ms  gain {r['gain'] * 100:+6.2f} %"
+              f"  ({r['steps']} steps each)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"variant": args.variant, "rounds": args.rounds, "cases": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
