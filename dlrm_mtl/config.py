@@ -259,7 +259,9 @@ class ShardingConfig:
     # tables called as one) | per_table (its JIT-compiled path, the sharded module's own) |
     # auto: one_table on Intel CPUs, where the JIT code pays ~0.45 us per updated row for
     # legacy-SSE transitions (docs/performance.md, "Ninth round"). The same row-wise Adagrad
-    # to float rounding; per_table keeps the update bit for bit the sharded module's.
+    # to float rounding; per_table keeps the update bit for bit the sharded module's. Under
+    # one_table a call whose every bag holds one id (single-hot features) is looked up as a
+    # row gather, updated by fbgemm's own backward call (bit for bit the kernel's; "Twelfth round")
     cpu_backward: str = "auto"
 
 
