@@ -265,7 +265,9 @@ def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_pa
     with a gather and updates them with fbgemm's own backward call: two identical runs, one
     gathering, one calling the kernel's forward, are identical bit for bit after every step
     (losses, dense weights, tables, Adagrad state, counters; cosine schedule: a new table
-    learning rate every step), and so is a lookup without autograd (evaluation)."""
+    learning rate every step), and so is a lookup without autograd (evaluation). The gather's
+    output takes an in-place division of some of its columns, as mean pooling divides a
+    multi-hot feature whose bags all happen to hold one id, and trains like the kernel's."""
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from dlrm_mtl.models.recorded_lookup import RecordedLookup
     from dlrm_mtl.train import setup_run
@@ -293,6 +295,15 @@ def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_pa
         with torch.no_grad():
             outs = [r.dmp.module.model.local_lookup(batch.sparse) for r in runs]
         assert torch.equal(outs[0], outs[1]) and all(c.gathers == 7 for c in gather)
+        # mean pooling's in-place division of a feature's columns (mean_of_bags), then a backward
+        for r in runs:
+            pooled = r.dmp.module.model.local_lookup(batch.sparse)  # [B, Σ D]
+            pooled[:, 16:32].div_(torch.arange(1, pooled.shape[0] + 1, dtype=pooled.dtype).unsqueeze(1))
+            pooled.pow(2).sum().backward()
+        assert all(c.gathers == 8 for c in gather)
+        a, b = _state(runs[0]), _state(runs[1])
+        for k in a:
+            assert _same(a[k], b[k], False), k
         for it in streams:
             it.close()
     finally:

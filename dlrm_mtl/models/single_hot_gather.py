@@ -114,7 +114,12 @@ class SingleHotGather(torch.autograd.Function):
     def forward(ctx, placeholder: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, F: int, B: int,
                 backward: FusedBackward, offsets: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         ctx.ids, ctx.offsets, ctx.backward, ctx.lr = ids, offsets, backward, lr
-        return weights.index_select(0, ids.view(F, B).t().reshape(-1)).view(B, F * weights.shape[1])  # [B, F·D]
+        D = weights.shape[1]
+        # the output is the tensor written, not a view of it: callers modify its columns in place
+        # (mean pooling), which autograd forbids on a view made inside a custom function
+        out = weights.new_empty(B, F * D)  # [B, F·D]
+        torch.index_select(weights, 0, ids.view(F, B).t().reshape(-1), out=out.view(B * F, D))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
