@@ -77,8 +77,8 @@ class RecordedLookup:
     A one-table call whose every bag holds exactly one id (single-hot features without nulls:
     offsets 0, 1, 2, ...) is looked up as a row gather with fbgemm's own backward call
     (:class:`SingleHotGather`, :class:`FusedBackward`): the same output and the same update,
-    bit for bit, at a third of the forward's cost (fbgemm's CPU forward of one-id bags is its
-    pooled-sum kernel behind an autograd wrapper).
+    bit for bit, at a little over half the forward's cost (fbgemm's CPU forward of one-id bags
+    is its pooled-sum kernel behind an autograd wrapper).
 
     It applies (:meth:`of` returns None otherwise) only where that replay is complete:
     fbgemm_gpu ``1.8.*``; a ``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU with
