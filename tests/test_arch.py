@@ -137,3 +137,24 @@ def test_a_rows_logits_do_not_depend_on_its_batch(fragment):
         for k in (300, 512, 1000):
             part, _, _ = model(pooled[:k], dense[:k], scenario[:k])
             assert torch.equal(part, full[:k]), (k, (part - full[:k]).abs().max().item())
+
+
+@pytest.mark.parametrize("values", [1, 3])
+def test_scenario_rows_are_the_tables_rows_and_train_alike(values):
+    """``scenario_rows``: a level's embedding rows for its ids, the same values and table
+    gradient whether the table's one row is expanded (one value: every id is 0) or its rows are
+    indexed (several values; the reference here for both)."""
+    from dlrm_mtl.models.ranking_model import scenario_rows
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, values, (257,), generator=g)
+    weight = torch.randn(values, 8, generator=g, requires_grad=True)
+    ref_weight = weight.detach().clone().requires_grad_()
+    out, ref = scenario_rows(weight, ids), ref_weight.index_select(0, ids)
+    assert out.shape == (257, 8) and torch.equal(out, ref)
+    grad = torch.randn(257, 8, generator=g)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.allclose(weight.grad, ref_weight.grad, rtol=1e-5, atol=1e-5)
+    if values == 1:  # the expanded row: a view of the table, no gather
+        assert out._base is weight or out.stride(0) == 0
