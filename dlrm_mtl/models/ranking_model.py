@@ -93,12 +93,9 @@ def scenario_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
         scenario_rows(torch.randn(3, 8), torch.tensor([2, 0, 2]))   # [3, 8]: rows 2, 0, 2
     """
-    if weight.shape[0] == 1 and _EXPAND_ONE[0]:
+    if weight.shape[0] == 1:
         return weight.expand(ids.shape[0], weight.shape[1])  # [B, e]
     return weight.index_select(0, ids)  # [B, e]
-
-
-_EXPAND_ONE = [True]
 
 
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
