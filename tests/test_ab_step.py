@@ -41,7 +41,7 @@ def test_the_new_variant_is_timed_as_new(tmp_path):
     proc = _run(tmp_path, str(variant), "--rounds", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (case,) = json.loads(out.read_text())["cases"]
-    assert case["case"] == "census:shared_bottom" and case["batches"] == 2  # 3,000 rows: two full batches
+    assert case["case"] == "census:shared_bottom" and case["batches"] == 12  # 3,000 rows: 2 full batches an epoch, 6 epochs
     assert case["steps"] == 2 * case["batches"]  # each round: every batch once per variant
     assert 3.5 < case["new_ms"] - case["old_ms"] < 12
     assert case["gain"] == pytest.approx(case["old_ms"] / case["new_ms"] - 1)

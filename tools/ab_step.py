@@ -7,7 +7,7 @@ apart on a small shared machine (one case moves by ±5-8 % between runs), and ev
 steps alternated in one process drift by ±2 % between rounds. This tool alternates the two
 variants *step by step*: per case, one process builds side A exactly as ``bench_peer`` runs
 it (``bench_step.a_config``: the arch fragment, the bench's overrides, :func:`setup_run`),
-reads 12 full batches (fewer where the data has fewer), warms both variants up, then for ``--rounds`` rounds runs every batch
+reads 12 full batches (over several epochs where the data set is small, as ``bench_step`` does), warms both variants up, then for ``--rounds`` rounds runs every batch
 once under each variant (the order flips every round, and one unmeasured step follows each
 switch) and times each training step (``zero_grad``, forward, ``backward``, ``step``). Printed
 per case: the median step of each variant and ``gain = old / new − 1``.
@@ -33,9 +33,7 @@ Example variant (the single-id gather of ``RecordedLookup`` off / on)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
-import itertools
 import json
 import statistics
 import subprocess
@@ -72,7 +70,7 @@ def child_main(args: argparse.Namespace) -> int:
     """One case in this process: prints one ``MARK`` JSON line."""
     import torch
 
-    from bench_step import a_config
+    from bench_step import a_config, full_batches
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from dlrm_mtl.train import setup_run
 
@@ -83,10 +81,7 @@ def child_main(args: argparse.Namespace) -> int:
     try:
         run = setup_run(a_config(Path(args.data), arch, size, Path(tempfile.mkdtemp(prefix="ab_step_"))), env)
         torch.set_num_threads(bp.THREADS)
-        run.train_stream.set_epoch(0)
-        it = iter(run.train_stream)
-        batches = [b for b in itertools.islice(it, BATCHES + 2) if b.batch_size == size.batch_size][:BATCHES]
-        it.close()
+        batches = full_batches(run.train_stream, BATCHES, size.batch_size)
         if not batches:
             raise SystemExit(f"{args.child}: no full batch of {size.batch_size} rows to time")
 
@@ -144,10 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return child_main(args)
     if (args.variant is None) == (not args.null):
         p.error("give a variant file, or --null")
-    sizes = bp.run_sizes(True)
-    if args.train_rows:
-        sizes = {s: dataclasses.replace(z, train_rows=args.train_rows, eval_rows=max(args.train_rows // 4, 1))
-                 for s, z in sizes.items()}
+    sizes = bp.run_sizes(True, args.train_rows)
     results = []
     for shape, arch in bp.parse_cases(args.cases):
         data = bp.ensure_data(Path(args.data_root), shape, sizes[shape])

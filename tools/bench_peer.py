@@ -153,7 +153,7 @@ class RunSize:
     lr_schedule: Optional[str] = None
 
 
-def run_sizes(quick: bool) -> Dict[str, RunSize]:
+def run_sizes(quick: bool, train_rows: Optional[int] = None) -> Dict[str, RunSize]:
     """The peer's Adam rate and dlrm_mtl's ``train.dense_lr`` are each side's best eval AUC of
     {1e-3, 3e-3, 1e-2} at that size (MMoE; the longer full runs overfit at larger rates, the
     3-epoch quick runs underfit at smaller ones); dlrm_mtl's full-size best is its default.
@@ -162,11 +162,17 @@ def run_sizes(quick: bool) -> Dict[str, RunSize]:
     census income / marital 0.9243 / 0.8345 and 0.9242 / 0.8388 against constant's
     0.9274 / 0.8386 and 0.9251 / 0.8397, MovieLens like 0.6608 / 0.6440 against 0.6565 /
     0.6588 and click 0.7117 / 0.7078 against 0.7183 / 0.7180; at full size cosine was better
-    by 0.005-0.01: a decay to 5 % of the rate helps a run long enough to overfit)."""
+    by 0.005-0.01: a decay to 5 % of the rate helps a run long enough to overfit).
+    ``train_rows`` replaces every shape's train rows (eval rows: a quarter), for the step
+    tools' small data sets."""
     if quick:
-        return {"census": RunSize(40_000, 10_000, 3, 1024, 1e-2, 1e-2, "constant"),
-                "movielens": RunSize(60_000, 12_000, 3, 2048, 1e-2, 1e-2, "constant")}
-    return {"census": RunSize(80_000, 20_000, 10, 1024, 1e-3), "movielens": RunSize(100_000, 20_000, 5, 2048, 3e-3)}
+        sizes = {"census": RunSize(40_000, 10_000, 3, 1024, 1e-2, 1e-2, "constant"),
+                 "movielens": RunSize(60_000, 12_000, 3, 2048, 1e-2, 1e-2, "constant")}
+    else:
+        sizes = {"census": RunSize(80_000, 20_000, 10, 1024, 1e-3), "movielens": RunSize(100_000, 20_000, 5, 2048, 3e-3)}
+    if train_rows:  # the step tools' small data sets (eval: a quarter)
+        sizes = {k: replace(z, train_rows=train_rows, eval_rows=max(train_rows // 4, 1)) for k, z in sizes.items()}
+    return sizes
 
 
 # ============================================================================ generator

@@ -33,7 +33,6 @@ Commands::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -63,6 +62,22 @@ def a_config(data: Path, arch: str, size: bp.RunSize, run_dir: Path) -> Any:
     return Config.load(configs, sets)
 
 
+def full_batches(stream: Any, n: int, batch_size: int) -> List[Any]:
+    """``n`` full batches of ``stream`` (a run's training stream), read over as many epochs as
+    a small data set needs (each epoch's reader stops once its batches are taken)."""
+    import itertools
+
+    batches: List[Any] = []
+    for epoch in range(n):
+        stream.set_epoch(epoch)
+        it = iter(stream)
+        batches += [b for b in itertools.islice(it, n - len(batches)) if b.batch_size == batch_size]
+        it.close()
+        if len(batches) == n:
+            break
+    return batches
+
+
 def _timed(phases: Dict[str, List[float]], name: str, fn: Callable[[], Any]) -> Any:
     t = time.perf_counter()
     out = fn()
@@ -72,8 +87,6 @@ def _timed(phases: Dict[str, List[float]], name: str, fn: Callable[[], Any]) -> 
 
 def child_main(args: argparse.Namespace) -> int:
     """One case in this process: prints one ``MARK`` JSON line."""
-    import itertools
-
     import numpy as np
     import torch
 
@@ -88,14 +101,7 @@ def child_main(args: argparse.Namespace) -> int:
         env = init_distributed("gloo", 120, bp.THREADS)
         try:
             run = setup_run(cfg, env)
-            a_batches = []  # BATCHES full batches, over as many epochs as a small data set needs
-            for epoch in range(BATCHES):
-                run.train_stream.set_epoch(epoch)
-                it = iter(run.train_stream)
-                a_batches += [b for b in itertools.islice(it, BATCHES - len(a_batches)) if b.batch_size == size.batch_size]
-                it.close()  # the epoch's reader stops here
-                if len(a_batches) == BATCHES:
-                    break
+            a_batches = full_batches(run.train_stream, BATCHES, size.batch_size)
             torch.manual_seed(bp.SEED)
             schema = run.schema
             model = bp.build_peer_model(schema, arch)
@@ -193,9 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.child:
         return child_main(args)
     t0 = time.perf_counter()
-    sizes = bp.run_sizes(args.quick)
-    if args.train_rows:
-        sizes = {s: dataclasses.replace(z, train_rows=args.train_rows, eval_rows=max(args.train_rows // 4, 1)) for s, z in sizes.items()}
+    sizes = bp.run_sizes(args.quick, args.train_rows)
     results = []
     for shape, arch in bp.parse_cases(args.cases):
         data = bp.ensure_data(Path(args.data_root), shape, sizes[shape])
