@@ -361,8 +361,10 @@ def setup_run(cfg: Config, env: DistEnv) -> TrainRun:
                   f"{len(recorded)} of {len(lookup.calls)} with recorded arguments"
                   + (f", {one_table} as one table where their layout allows" if one_table else "") + ")")
     terms = dmp.module.loss.term_matrices
-    if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per buffer
+    if terms is not None:  # the loss terms' labels and row weights come with each batch, computed per row group
         train_stream.set_loss_terms(terms.host_inputs())
+    for stream in (train_stream, eval_stream):  # their formats are final: the groups read ahead are converted
+        stream.convert_ahead()
     if not progress.segments and progress.epoch < cfg.train.epochs:
         train_stream.prepare(progress.epoch)  # its first buffer is read while the writer opens
     with clock("tensorboard"):

@@ -122,6 +122,68 @@ def test_batch_columns_cut_the_same_batches_as_converting_each_slice(tmp_path):
         assert m_lengths == [len(v) if v is not None else 0 for v in ref["m"].to_pylist()]
 
 
+def _assert_same_batch(a, b):
+    for f in ("dense", "scenario", "labels", "label_mask", "row_id", "weight", "oracle", "term_labels", "term_rows"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), f
+    assert a.sparse.keys() == b.sparse.keys()
+    assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+    assert torch.equal(a.sparse.offsets(), b.sparse.offsets())
+    assert a.sparse._length_per_key == b.sparse._length_per_key and a.sparse._offset_per_key == b.sparse._offset_per_key
+
+
+def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path):
+    """The reader converts each row group once and shuffles numpy columns: BatchColumns'
+    concat, take and slice give the batches that converting pa.concat_tables / Table.take /
+    Table.slice of the same tables gives — multi-hot lists with nulls and empty lists, a
+    single-hot column with nulls in one group only (single-hot in the others), oracle and
+    loss-term columns, a key order other than the schema's."""
+    from dlrm_mtl.data.batch_columns import BatchColumns
+    from dlrm_mtl.data.stream import RowGroup, RowGroupConverter
+    from dlrm_mtl.losses import TermInputs
+    from dlrm_mtl.schema import DenseFeature, ScenarioLevel, SparseFeature, Task
+
+    schema = Schema("bc", [SparseFeature("a", "ta", 50, 4), SparseFeature("m", "tm", 30, 4, multi_hot=True),
+                           SparseFeature("u", "tu", 1000, 4, hash=True), SparseFeature("b", "tb", 20, 4)],
+                    [DenseFeature("x")], [ScenarioLevel("s", 3)], [Task("c", "c", oracle="oc"), Task("v", "v", parent="c", oracle="ov")],
+                    row_id="row_id")
+    rng = np.random.default_rng(3)
+    conv = RowGroupConverter(schema, with_oracle=True, filesystem=pa.fs.LocalFileSystem())
+    tables = []
+    for g, n in enumerate([300, 1, 250]):
+        lists = [None if i % 17 == 0 else list(rng.integers(0, 30, rng.integers(0, 4))) for i in range(n)]
+        users = [None if g == 0 and i % 11 == 0 else int(v) for i, v in enumerate(rng.integers(0, 10**9, n))]
+        c = rng.integers(0, 2, n).astype(float)
+        t = pa.table({
+            "row_id": np.arange(n) + 1000 * g, "a": rng.integers(0, 50, n), "m": pa.array(lists, pa.list_(pa.int64())),
+            "u": pa.array(users, pa.int64()), "b": rng.integers(0, 20, n), "x": rng.normal(size=n), "s": rng.integers(0, 3, n),
+            "c": c, "v": pa.array([None if i % 3 else float(i % 2) * c[i] for i in range(n)]),
+            "oc": rng.random(n), "ov": rng.random(n),
+        })
+        pq.write_table(t, tmp_path / f"p{g}.parquet")
+        tables.append(conv.read(RowGroup(str(tmp_path / f"p{g}.parquet"), g, 0, 0, n)))
+    order = ["u", "a", "b", "m"]
+    h = lambda k, t: np.eye(k, t, dtype=np.float32)  # noqa: E731 - any fixed term matrices
+    terms = TermInputs(h(8, 3), h(8, 3), np.ones(3, np.float32), np.ones(3, np.float32), np.array([True, False, False]))
+    convert = lambda t: BatchColumns(t, schema, True, order, terms)  # noqa: E731
+    whole = pa.concat_tables(tables)
+    perm = rng.permutation(whole.num_rows)
+    shuffled = BatchColumns.concat([convert(t) for t in tables]).take(perm)
+    reference = convert(whole.take(pa.array(perm)))
+    assert shuffled.num_rows == reference.num_rows == whole.num_rows
+    for start, rows in [(0, 128), (128, 128), (512, 39), (300, 0)]:
+        _assert_same_batch(shuffled.batch(start, rows, 128), reference.batch(start, rows, 128))
+    rest = shuffled.slice(500)  # what a drain keeps for the next buffer
+    _assert_same_batch(rest.batch(0, rest.num_rows, 64), convert(whole.take(pa.array(perm)).slice(500)).batch(0, rest.num_rows, 64))
+    again = BatchColumns.concat([rest, convert(tables[0])]).take(np.arange(rest.num_rows + 300)[::-1])
+    ref2 = convert(pa.concat_tables([whole.take(pa.array(perm)).slice(500), tables[0]]))
+    ref2 = ref2.take(np.arange(ref2.num_rows)[::-1])
+    _assert_same_batch(again.batch(0, 200, 200), convert(pa.concat_tables([whole.take(pa.array(perm)).slice(500), tables[0]])
+                                                         .take(pa.array(np.arange(rest.num_rows + 300)[::-1]))).batch(0, 200, 200))
+    _assert_same_batch(again.batch(200, again.num_rows - 200, 200), ref2.batch(200, ref2.num_rows - 200, 200))
+    assert shuffled.nbytes > 0
+
+
 @pytest.mark.parametrize("layout", ["single_hot", "mixed"])
 def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
     """IdBlocks keeps runs of adjacent single-hot columns as one matrix (and, when every key is

@@ -26,6 +26,9 @@ def test_cached_epochs_stream_the_same_batches_and_count_the_same(synthetic_smal
     groups = len(cached.groups)
     if cache_bytes > 1 << 30:
         assert len(reads) == groups  # each row group decoded once, in the first epoch
+        # and from the second epoch on kept as slices of one concatenation (BatchColumns.join)
+        bases = {id(c.columns.base) for c in cached._cache.values()}
+        assert len(bases) == 1 and None not in [c.columns.base for c in cached._cache.values()]
     else:
         assert groups < len(reads) < 3 * groups  # the groups that fit are decoded once, the rest every epoch
         assert 0 < cached._cache_used <= cache_bytes

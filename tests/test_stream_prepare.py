@@ -104,7 +104,7 @@ def test_the_cache_counts_a_group_read_by_two_epochs_at_once_once(synthetic_smal
         for _ in it:
             pass
         s.discard_prepared()
-        assert s._cache_used == sum(t.nbytes for t, _ in s._cache.values())
+        assert s._cache_used == sum(c.columns.nbytes for c in s._cache.values())
 
 
 @pytest.mark.parametrize("prepared", [False, True])

@@ -4,6 +4,7 @@ run is set up; the stream's batches, its policy counters and its errors stay the
 import shutil
 import threading
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -96,3 +97,76 @@ def test_read_ahead_runs_on_its_own_thread(synthetic_small):
     s.read_ahead()
     _wait(s)
     assert threads and all(n.startswith("dlrm_mtl-ahead") for n in threads)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40])
+def test_converted_ahead_groups_stream_the_same_batches_and_counts(synthetic_small, cache_bytes):
+    """convert_ahead turns the groups read ahead into numpy columns (as slices of one
+    concatenation) before the first epoch: the stream's batches over three epochs, its loss-term
+    columns and its counters are those of a stream that converts nothing ahead; a format change
+    after it (another key order) converts those groups again."""
+    from dlrm_mtl.losses import TermInputs
+
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    schema.dense[0].clip_max = 0.5  # a counted input policy
+    T = len(schema.tasks)
+    terms = TermInputs(np.eye(4 * T, 3, dtype=np.float32), np.eye(4 * T, 3, dtype=np.float32), np.ones(3, np.float32),
+                       np.ones(3, np.float32), np.array([True, False, False]))
+    order = [f.name for f in schema.sparse][::-1]
+
+    def stream():
+        s = ParquetStream(schema, str(synthetic_small / "train"), 256, shuffle_buffer_rows=2500, seed=9,
+                          prefetch_batches=0, num_workers=0, cache_bytes=cache_bytes)
+        s.set_loss_terms(terms)
+        return s
+
+    def epochs(s, n):
+        out = []
+        for e in range(n):
+            s.set_epoch(e)
+            out.append([(b.row_id.numpy().copy(), b.sparse.values().numpy().copy(), b.term_labels.numpy().copy()) for b in s])
+        return out
+
+    plain, ahead = stream(), stream()
+    ahead.read_ahead()
+    ahead.convert_ahead()
+    _wait(ahead)
+    converted = [ahead._converting[k].result()[k][2] for k in ahead._ahead]
+    assert len(converted) >= 2 and all(c.base is converted[0].base for c in converted)  # one concatenation
+    want, got = epochs(plain, 3), epochs(ahead, 3)
+    for w, g in zip(want, got):
+        assert len(w) == len(g)
+        for a, b in zip(w, g):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    assert plain.counters() and plain.counters() == ahead.counters()
+
+    plain, ahead = stream(), stream()
+    ahead.read_ahead()
+    ahead.convert_ahead()
+    _wait(ahead)
+    for s in (plain, ahead):
+        s.set_sparse_order(order)  # after the conversion: those groups are converted again
+    want, got = epochs(plain, 1), epochs(ahead, 1)
+    for a, b in zip(want[0], got[0]):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert plain.counters() == ahead.counters()
+
+
+def test_a_bad_group_converted_ahead_fails_where_the_stream_reads_it(synthetic_small, tmp_path):
+    """convert_ahead keeps a failed read's error for the iteration that reaches that group."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_small / "train", data)
+    schema = Schema.load(synthetic_small / "schema.yaml")
+    victim = sorted(data.glob("*.parquet"))[0]
+    t = pq.read_table(victim)
+    pq.write_table(t.drop_columns([schema.dense[0].name]), victim, row_group_size=1000)
+    s = ParquetStream(schema, str(data), 256, shuffle_buffer_rows=100_000, seed=1, prefetch_batches=0, num_workers=0)
+    s.read_ahead()
+    s.convert_ahead()
+    _wait(s)  # the conversion job itself raises nothing
+    s.set_epoch(0)
+    with pytest.raises(DataError, match=victim.name):
+        for _ in s:
+            pass

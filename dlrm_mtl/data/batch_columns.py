@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,14 +34,22 @@ def _matrix(t: pa.Table, name: str, n: int, width: int, dtype: type) -> np.ndarr
     return m if m.flags.writeable else m.copy()  # batches are views of it (Arrow's memory is read-only)
 
 
+# BatchColumns' per-row arrays (None where the schema or the format has no such column): rows
+# along axis 0, so that a shuffle, a slice or a concatenation treats them all alike
+ROW_FIELDS = ("dense", "scenario", "labels", "mask", "row_id", "weight", "oracle", "bias", "user", "group",
+              "term_labels", "term_rows")
+
+
 class BatchColumns:
     """The columns of a clean table (``RowGroupConverter`` output: row_id, one column per sparse
     feature, ``dense``, ``scenario:*``, ``label:*``, ``mask:*``, ``weight``, optional
     ``oracle:*``, ``bias``, ``user``) as numpy arrays, converted once; :meth:`batch` cuts rows
     ``[start, start + n)`` into a :class:`Batch` padded to ``batch_size`` with numpy slices only.
 
-    The reader converts each drained shuffle buffer once and cuts all of its batches from it,
-    instead of converting every batch's Arrow slice column by column.
+    The reader converts each row group once (kept for later epochs in its cache) and builds a
+    shuffle buffer from converted groups with :meth:`concat`, :meth:`take` (the shuffle) and
+    :meth:`slice` — the row operations of ``pa.Table`` it used to shuffle Arrow tables with,
+    on numpy arrays — then cuts all of the buffer's batches from it.
 
     Sparse features are kept as (lengths, offsets, values) per feature (lengths and offsets
     ``None`` for a single-hot column without nulls: one id per row); the batch's KJT gets its
@@ -83,6 +91,79 @@ class BatchColumns:
         self.user = _np(t["user"]).astype(np.int64) if schema.user_id else None
         self.group = _np(t["group"]).astype(np.int64) if schema.group_id else None
         self.term_labels, self.term_rows = term_inputs(self.labels, self.mask, self.weight) if term_inputs else (None, None)  # [n, K]
+        # rows [offset, offset + rows) of ``base`` when this is a slice of it (views), else None
+        self.base: Optional[BatchColumns] = None
+        self.offset = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (a reader's cache counts them)."""
+        return (sum(a.nbytes for a in (getattr(self, f) for f in ROW_FIELDS) if a is not None)
+                + self.sparse.nbytes + self.sequence.nbytes)
+
+    def _with_rows(self, rows: int, sparse: "IdBlocks", sequence: "IdBlocks", arrays: Dict[str, Optional[np.ndarray]]) -> "BatchColumns":
+        """The same schema, keys and format over other rows."""
+        out = object.__new__(BatchColumns)
+        out.schema, out.rows, out.keys, out.sequence_keys = self.schema, rows, self.keys, self.sequence_keys
+        out.sparse, out.sequence = sparse, sequence
+        for f in ROW_FIELDS:
+            setattr(out, f, arrays[f])
+        out.base, out.offset = None, 0
+        return out
+
+    def take(self, idx: np.ndarray) -> "BatchColumns":
+        """Rows ``idx`` in that order (new arrays), as ``pa.Table.take``: the reader's shuffle,
+        and the rows of a group a resumed epoch still trains."""
+        idx = np.asarray(idx, dtype=np.int64)
+        arrays = {f: None if (a := getattr(self, f)) is None else np.take(a, idx, axis=0) for f in ROW_FIELDS}
+        return self._with_rows(len(idx), self.sparse.take(idx), self.sequence.take(idx), arrays)
+
+    def slice(self, offset: int = 0, length: Optional[int] = None) -> "BatchColumns":
+        """Rows ``[offset, offset + length)`` (to the end by default; views), as ``pa.Table.slice``."""
+        stop = self.rows if length is None else min(self.rows, offset + length)
+        arrays = {f: None if (a := getattr(self, f)) is None else a[offset:stop] for f in ROW_FIELDS}
+        out = self._with_rows(stop - offset, self.sparse.slice(offset, stop), self.sequence.slice(offset, stop), arrays)
+        out.base, out.offset = (self, offset) if self.base is None else (self.base, self.offset + offset)
+        return out
+
+    @staticmethod
+    def join(parts: Sequence["BatchColumns"], idx: Optional[np.ndarray] = None) -> "BatchColumns":
+        """``concat(parts)``, then ``take(idx)`` where ``idx`` is given (a shuffle). Parts that
+        are all slices of one ``base`` (a reader's cached row groups, kept as slices of one
+        consolidated array per column) are read from it directly: rows in a run of adjacent
+        slices are a slice of the base, and a shuffle is one ``take`` from the base — no
+        concatenation."""
+        base = parts[0].base
+        if base is not None and all(p.base is base for p in parts):
+            sizes = np.array([p.rows for p in parts], dtype=np.int64)
+            offsets = np.array([p.offset for p in parts], dtype=np.int64)
+            bounds = np.concatenate([[0], np.cumsum(sizes)])  # each part's first row in the concatenation
+            if idx is None:
+                if (offsets[1:] == offsets[:-1] + sizes[:-1]).all():
+                    return base.slice(int(offsets[0]), int(bounds[-1]))
+                idx = np.arange(bounds[-1], dtype=np.int64)
+            idx = np.asarray(idx, dtype=np.int64)
+            if (offsets[1:] == offsets[:-1] + sizes[:-1]).all():  # one run of the base's rows
+                return base.take(idx + offsets[0])
+            rows = np.concatenate([np.arange(o, o + n, dtype=np.int64) for o, n in zip(offsets, sizes)])  # base row of each row
+            return base.take(rows[idx])
+        t = BatchColumns.concat(parts)
+        return t if idx is None else t.take(idx)
+
+    @staticmethod
+    def concat(parts: Sequence["BatchColumns"]) -> "BatchColumns":
+        """The rows of ``parts`` one after the other, as ``pa.concat_tables`` (one part: itself).
+        The parts share schema and format (the reader converts them with the same arguments)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        arrays = {f: None if getattr(first, f) is None else np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS}
+        return first._with_rows(sum(p.rows for p in parts), IdBlocks.concat([p.sparse for p in parts]),
+                                IdBlocks.concat([p.sequence for p in parts]), arrays)
 
     def batch(self, start: int, n: int, batch_size: int) -> Batch:
         """Rows ``[start, start + n)``, ``n <= batch_size``, padded with padding rows."""
@@ -142,29 +223,123 @@ def _id_columns(t: pa.Table, features: List[SparseFeature]) -> List[IdColumn]:
     return out
 
 
+def _as_lists(col: IdColumn) -> IdColumn:
+    """A column with lengths and offsets (a single-hot one: one id per row)."""
+    lens, offs, vals = col
+    if lens is not None:
+        return col
+    return np.ones(len(vals), np.int32), np.arange(len(vals) + 1, dtype=np.int64), vals
+
+
+def _take_lists(col: IdColumn, idx: np.ndarray) -> IdColumn:
+    """Rows ``idx`` of a column with lengths (each row's ids, in their order)."""
+    lens, offs, vals = col
+    assert lens is not None and offs is not None
+    lens = lens[idx]
+    new_offs = np.zeros(len(idx) + 1, np.int64)
+    np.cumsum(lens, out=new_offs[1:])
+    # ids position: the row's first id in the old values plus its rank within the row
+    pos = np.repeat(offs[idx] - new_offs[:-1], lens) + np.arange(new_offs[-1], dtype=np.int64)
+    return lens, new_offs, vals[pos]
+
+
+def _concat_lists(cols: Sequence[IdColumn]) -> IdColumn:
+    lens = np.concatenate([c[0] for c in cols])  # type: ignore[misc]
+    offs = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offs[1:])
+    return lens, offs, np.concatenate([c[2] for c in cols])
+
+
 class IdBlocks:
     """A buffer's id columns (in KJT key order) cut into batches' KJTs: each run of adjacent
     single-hot columns is kept as one ``[m, n]`` matrix, so that a batch takes one slice of it
     (one copy for all of a census-shaped batch's 32 features, not one per feature)."""
 
     def __init__(self, columns: List[IdColumn]) -> None:
-        self.columns = columns
         # (first key, end key, matrix [m, n]) per run of single-hot keys; (k, k + 1, None) per multi-hot key
-        self.runs: List[Tuple[int, int, Optional[np.ndarray]]] = []
+        runs: List[Tuple[int, int, Optional[np.ndarray]]] = []
         k = 0
         while k < len(columns):
             end = k
             while end < len(columns) and columns[end][0] is None:
                 end += 1
             if end > k:
-                self.runs.append((k, end, np.stack([columns[j][2] for j in range(k, end)])))  # [m, n]
+                runs.append((k, end, np.stack([columns[j][2] for j in range(k, end)])))  # [m, n]
                 k = end
             else:
-                self.runs.append((k, k + 1, None))
+                runs.append((k, k + 1, None))
                 k += 1
+        self._set(list(columns), runs)
+
+    def _set(self, columns: List[IdColumn], runs: List[Tuple[int, int, Optional[np.ndarray]]]) -> None:
+        for k, end, matrix in runs:  # a single-hot key's ids: a row of its run's matrix (not a second copy)
+            if matrix is not None:
+                for j in range(k, end):
+                    columns[j] = (None, None, matrix[j - k])
+        self.columns, self.runs = columns, runs
         # every key single-hot: a batch's lengths and offsets depend on (rows, batch size) only
         self.single_hot = len(self.runs) == 1 and self.runs[0][2] is not None
         self._layouts: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]] = {}
+
+    @classmethod
+    def _of(cls, columns: List[IdColumn], runs: List[Tuple[int, int, Optional[np.ndarray]]]) -> "IdBlocks":
+        out = object.__new__(cls)
+        out._set(columns, runs)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(m.nbytes for _, _, m in self.runs if m is not None)
+                + sum(a.nbytes for lens, offs, vals in self.columns if lens is not None for a in (lens, offs, vals)))
+
+    def take(self, idx: np.ndarray) -> "IdBlocks":
+        """Rows ``idx`` in that order (:meth:`BatchColumns.take`)."""
+        columns, runs = list(self.columns), []
+        for k, end, matrix in self.runs:
+            if matrix is not None:
+                matrix = np.take(matrix, idx, axis=1)  # [m, len(idx)]
+            else:
+                columns[k] = _take_lists(columns[k], idx)
+            runs.append((k, end, matrix))
+        return IdBlocks._of(columns, runs)
+
+    def slice(self, start: int, stop: int) -> "IdBlocks":
+        """Rows ``[start, stop)`` (:meth:`BatchColumns.slice`; views where the layout allows)."""
+        columns, runs = list(self.columns), []
+        for k, end, matrix in self.runs:
+            if matrix is not None:
+                matrix = matrix[:, start:stop]
+            else:
+                lens, offs, vals = columns[k]
+                assert lens is not None and offs is not None
+                columns[k] = (lens[start:stop], offs[start : stop + 1] - offs[start], vals[offs[start] : offs[stop]])
+            runs.append((k, end, matrix))
+        return IdBlocks._of(columns, runs)
+
+    @staticmethod
+    def concat(parts: Sequence["IdBlocks"]) -> "IdBlocks":
+        """Rows of ``parts`` one after the other (:meth:`BatchColumns.concat`). Where a key is
+        single-hot in some parts and not in others (nulls in one row group only), its ids are
+        concatenated as lists: one id per row where the part had no lengths."""
+        first = parts[0]
+        layout = [(k, end, m is None) for k, end, m in first.runs]
+        if all([(k, end, m is None) for k, end, m in p.runs] == layout for p in parts):
+            columns, runs = list(first.columns), []
+            for i, (k, end, matrix) in enumerate(first.runs):
+                if matrix is not None:
+                    matrix = np.concatenate([p.runs[i][2] for p in parts], axis=1)  # [m, Σn]
+                else:
+                    columns[k] = _concat_lists([p.columns[k] for p in parts])
+                runs.append((k, end, matrix))
+            return IdBlocks._of(columns, runs)
+        columns = []
+        for j in range(len(first.columns)):
+            cols = [p.columns[j] for p in parts]
+            if all(c[0] is None for c in cols):
+                columns.append((None, None, np.concatenate([c[2] for c in cols])))
+            else:
+                columns.append(_concat_lists([_as_lists(c) for c in cols]))
+        return IdBlocks(columns)
 
     def _layout(self, n: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]:
         """Lengths, offsets, length_per_key and offset_per_key of ``n`` single-hot rows in a

@@ -3,9 +3,11 @@
 Design §2. ``pyarrow.dataset`` lists the files and splits them into row-group fragments;
 each rank reads only the row groups assigned to it (balanced by row count, deterministic),
 one at a time, so memory is bounded by the shuffle buffer, never the data set (about twice
-the buffer: its shuffled Arrow table and the numpy columns its batches are cut from, see
+the buffer: its row groups' numpy columns concatenated, then shuffled, see
 :class:`dlrm_mtl.data.batch_columns.BatchColumns`; one buffer more while the next epoch is
-prepared, :meth:`ParquetStream.prepare`).
+prepared, :meth:`ParquetStream.prepare`; plus the converted row groups kept for later epochs,
+``cache_bytes``). Each row group is converted to numpy once and shuffled as numpy arrays;
+with the cache, epochs after the first neither decode nor convert.
 
 Equal steps policy: every rank yields exactly ``num_batches`` batches of exactly
 ``batch_size`` rows. The last real batch of a rank is filled up with *padding rows*
@@ -39,7 +41,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.ma  # noqa: F401 - pa.array(ndarray) checks for masked arrays, and numpy imports
@@ -554,6 +556,26 @@ class RowGroupConverter:
         return pa.array(col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
 
 
+def _join(parts: List[Any], idx: Optional[np.ndarray]) -> Any:
+    """The rows of ``parts`` one after the other, then rows ``idx`` of them where given (a
+    shuffle): Arrow tables (the replays' index tables) or converted groups (:meth:`BatchColumns.join`)."""
+    if not isinstance(parts[0], pa.Table):
+        return BatchColumns.join(parts, idx)
+    t = pa.concat_tables(parts)
+    return t if idx is None else t.take(pa.array(idx))
+
+
+@dataclass
+class CachedGroup:
+    """A row group kept for later epochs: its columns converted as ``fmt`` (sparse key order,
+    loss-term inputs) and the policy counts its read added (added again per epoch, as a read
+    would)."""
+
+    columns: BatchColumns
+    counts: Dict[str, int]
+    fmt: Tuple[Optional[Tuple[str, ...]], Optional[Callable]]
+
+
 @dataclass(frozen=True, eq=False)
 class EpochState:
     """Everything an epoch's batches depend on, taken when its iteration (or preparation)
@@ -568,6 +590,15 @@ class EpochState:
     num_batches: int
     sparse_order: Optional[List[str]]
     term_inputs: Optional[Callable]
+
+    def same_format(self, fmt: Tuple[Optional[Tuple[str, ...]], Optional[Callable]]) -> bool:
+        """Whether row groups converted as ``fmt`` (:meth:`format`) are this epoch's columns."""
+        return fmt[0] == self.format()[0] and fmt[1] is self.term_inputs
+
+    def format(self) -> Tuple[Optional[Tuple[str, ...]], Optional[Callable]]:
+        """What a row group's conversion depends on besides the schema: the sparse keys' order
+        and the loss terms' inputs."""
+        return (None if self.sparse_order is None else tuple(self.sparse_order)), self.term_inputs
 
     def fresh(self) -> bool:
         """An epoch from its start: no earlier segment, nothing skipped."""
@@ -658,10 +689,10 @@ class ParquetStream:
             ring (``BatchBuffers``): its copy to the device is then one asynchronous transfer
             instead of one per tensor, and nothing is pinned per batch. Only with a reader
             thread (``prefetch_batches`` > 0).
-        cache_bytes: converted (validated) row groups kept in memory for the next epochs, up to
-            this many bytes; later epochs then skip decoding and validation. The shuffle and
-            the batches are the same with or without it; policy counters count cached rows
-            again, as a read would.
+        cache_bytes: converted (validated, as numpy columns) row groups kept in memory for the
+            next epochs, up to this many bytes; later epochs then skip decoding, validation and
+            conversion. The shuffle and the batches are the same with or without it; policy
+            counters count cached rows again, as a read would.
         background_priority: ``idle`` runs the reader threads under Linux's SCHED_IDLE policy
             (they get a core only when the training step's threads leave it), ``normal`` keeps
             the default. On a machine whose cores the step's intra-op threads fill, a reader at
@@ -714,11 +745,13 @@ class ParquetStream:
         self.term_inputs: Optional[Callable] = None  # the loss terms' labels and row weights per buffer (set_loss_terms)
         # converted row groups kept for later epochs, up to this many bytes (0: none)
         self.cache_bytes = cache_bytes
-        self._cache: Dict[Tuple[int, int], Tuple[pa.Table, Dict[str, int]]] = {}
+        self._cache: Dict[Tuple[int, int], CachedGroup] = {}
         self._cache_used = 0
         self._cache_lock = threading.Lock()
-        # row groups converted ahead of their turn (read_ahead): key -> the read's Future
+        # row groups read ahead of their turn (read_ahead): key -> the read's Future
         self._ahead: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"] = {}
+        # and their conversions (convert_ahead): key -> Future of (table, counts, columns, format)
+        self._converting: Dict[Tuple[int, int], "Future[Tuple]"] = {}
         self._ahead_futures: List[Future] = []  # every read read_ahead started (wait_read_ahead)
         self.epoch = 0
         dset = open_source(paths, filesystem)
@@ -856,14 +889,16 @@ class ParquetStream:
 
     def _spans(
         self, groups: List[RowGroup], rng: np.random.Generator, B: int, shuffle_rows: int,
-        read: Callable[[Iterator[RowGroup]], Iterator[pa.Table]], keep: Dict[int, np.ndarray],
-    ) -> Iterator[Tuple[pa.Table, int, int]]:
+        read: Callable[[Iterator[RowGroup]], Iterator[Any]], keep: Dict[int, np.ndarray],
+    ) -> Iterator[Tuple[Any, int, int]]:
         """``(buffer, start, rows)`` per batch of exactly ``B`` rows (the last may be shorter),
         in the epoch's order; consecutive batches share their drained buffer.
 
         The one place that decides the order: shuffled row groups, then a bounded shuffle
         buffer. Random draws depend only on row counts, so the same code replays a stream
-        from metadata (``read`` yielding index tables) to find which rows it trained.
+        from metadata (``read`` yielding index tables) to find which rows it trained. What
+        ``read`` yields — converted groups (:class:`BatchColumns`) or Arrow tables — needs
+        ``num_rows``, ``slice(offset)`` and :func:`_join`.
         """
         groups = self._group_order(groups, rng, shuffle_rows)
         buffer: List[pa.Table] = []
@@ -873,9 +908,7 @@ class ParquetStream:
             nonlocal buffer, held
             if not buffer:
                 return
-            t = pa.concat_tables(buffer)
-            if shuffle_rows > 0:
-                t = t.take(pa.array(rng.permutation(t.num_rows)))
+            t = _join(buffer, rng.permutation(sum(b.num_rows for b in buffer)) if shuffle_rows > 0 else None)
             n = t.num_rows if final else t.num_rows - t.num_rows % B
             for start in range(0, n, B):
                 yield t, start, min(B, n - start)
@@ -895,10 +928,11 @@ class ParquetStream:
         return EpochState(self.epoch, self._segment, tuple(self.groups), self._keep, self._skip, self.num_batches,
                           self.sparse_order, self.term_inputs)
 
-    def _tables(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Tuple[pa.Table, int, int]]:
-        """Spans of clean rows, exactly batch_size each (the last one may be shorter)."""
+    def _tables(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Tuple[BatchColumns, int, int]]:
+        """Spans of clean rows, exactly batch_size each (the last one may be shorter), as
+        (converted buffer, start, rows)."""
         rng = self._rng(self.rank, state.segment, self.seed, state.epoch)
-        read = lambda groups: self._read(groups, state.keep, counts)  # noqa: E731
+        read = lambda groups: self._read(groups, state, counts)  # noqa: E731
         return self._spans(list(state.groups), rng, self.batch_size, self.shuffle_buffer_rows, read, state.keep)
 
     def _background_thread(self) -> None:
@@ -939,10 +973,45 @@ class ParquetStream:
                 self._ahead_futures.append(self._ahead[key])
         pool.shutdown(wait=False)  # its thread ends when these reads are done
 
+    def convert_ahead(self) -> None:
+        """Converts the row groups :meth:`read_ahead` started (once each is decoded) to numpy
+        columns in the current format, on a thread of its own: call it once the format is
+        final (after :meth:`set_sparse_order` / :meth:`set_loss_terms`). The stream then takes
+        them converted (and cached, where ``cache_bytes`` has room); read in another format
+        by then, a group is converted again. Like the decoding, this is the reader's loading:
+        :meth:`wait_read_ahead` waits for it too."""
+        reads = {k: f for k, f in self._ahead.items() if k not in self._converting}
+        if not reads:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"dlrm_mtl-convert-r{self.rank}", initializer=self._background_thread)
+        job = pool.submit(self._convert_reads, reads, self._state())
+        pool.shutdown(wait=False)  # its thread ends with the job
+        self._converting.update((k, job) for k in reads)
+        self._ahead_futures.append(job)
+
+    def _convert_reads(self, reads: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"],
+                       state: EpochState) -> Dict[Tuple[int, int], Any]:
+        """:meth:`convert_ahead`'s job: each group's (table, counts, columns, format) — its
+        columns slices of one concatenation of them all (:meth:`_consolidate`) — or the error
+        its read raised, raised where the stream reads that group."""
+        out: Dict[Tuple[int, int], Any] = {}
+        columns: Dict[Tuple[int, int], BatchColumns] = {}
+        for key, read in reads.items():
+            try:
+                t, counts = read.result()
+            except BaseException as e:  # noqa: BLE001
+                out[key] = e
+                continue
+            columns[key] = self._convert(key, t, counts, state)
+            out[key] = (t, counts)
+        views = self._consolidate(columns)
+        return {k: v if isinstance(v, BaseException) else (*v, views[k], state.format()) for k, v in out.items()}
+
     def wait_read_ahead(self) -> float:
-        """Blocks until the row groups :meth:`read_ahead` started are decoded and validated;
-        returns the seconds waited. Their tables (or the error a read raised) stay where the
-        stream takes them when it reads those groups: nothing is consumed here. A group the
+        """Blocks until the row groups :meth:`read_ahead` started are decoded and validated
+        (and converted, after :meth:`convert_ahead`); returns the seconds waited. Their tables
+        or columns (or the error a read raised) stay where the stream takes them when it reads
+        those groups: nothing is consumed here. A group the
         stream reached before the read-ahead thread did is read by the stream itself (its
         future cancelled), not waited for."""
         t = time.perf_counter()
@@ -952,36 +1021,73 @@ class ParquetStream:
                 future.exception()  # waits; an error is raised where the stream reads the group
         return time.perf_counter() - t
 
-    def _read_group(self, g: RowGroup, keep_rows: Dict[int, np.ndarray], add_counts: Callable[[Dict[str, int]], None]) -> pa.Table:
+    def _read_group(self, g: RowGroup, state: EpochState, add_counts: Callable[[Dict[str, int]], None]) -> BatchColumns:
+        """Row group ``g``'s rows this epoch still trains, converted to numpy columns in the
+        epoch's format: from the cache, from its read ahead, or read now (and then cached)."""
         key = (g.file_index, g.index)
+        converting = self._converting.pop(key, None) if self._converting else None
         ahead = self._ahead.pop(key, None) if self._ahead else None
         hit = self._cache.get(key)
-        if ahead is not None and not ahead.cancel():  # read ahead, or being read now: wait for it
+        if converting is not None:  # converted ahead, or being converted now: wait for it
+            got = converting.result()[key]
+            if isinstance(got, BaseException):
+                raise got  # what the read raised, here, as a read would
+            t, counts, cols, fmt = got
+            add_counts(counts)
+            if not state.same_format(fmt):
+                cols = self._convert(key, t, counts, state)
+        elif ahead is not None and not ahead.cancel():  # read ahead, or being read now: wait for it
             t, counts = ahead.result()  # raises what the read raised, here, as a read would
             add_counts(counts)
-            self._remember(key, t, counts)
-        elif hit is not None:  # converted in an earlier epoch: its policies count again, as a read would
-            t = hit[0]
-            add_counts(hit[1])
-        else:
+            cols = self._convert(key, t, counts, state)
+        elif hit is not None and state.same_format(hit.fmt):  # converted in an earlier epoch: its policies count again, as a read would
+            cols = hit.columns
+            add_counts(hit.counts)
+        else:  # not read yet, or cached in another format (set_sparse_order / set_loss_terms since)
             t, counts = self.converter.read_counted(g, tally=False)
             add_counts(counts)
-            self._remember(key, t, counts)
-        keep = keep_rows.get(self._group_index[key])
-        return t if keep is None else t.filter(pa.array(keep))
+            cols = self._convert(key, t, counts, state)
+        keep = state.keep.get(self._group_index[key])
+        return cols if keep is None else cols.take(np.flatnonzero(keep))
 
-    def _remember(self, key: Tuple[int, int], t: pa.Table, counts: Dict[str, int]) -> None:
-        """Keeps a converted row group for the next epochs while the cache has room
-        (``cache_bytes``): epochs after the first then skip decoding and validation."""
-        size = t.nbytes
+    def _consolidate(self, columns: Dict[Tuple[int, int], BatchColumns]) -> Dict[Tuple[int, int], BatchColumns]:
+        """``columns`` (row groups converted in one format) as slices of one concatenation of
+        them (one copy, once; the cache keeps the slices in their place, at the same bytes):
+        a shuffle buffer of these groups is then one ``take`` from it and an unshuffled one a
+        slice (:meth:`BatchColumns.join`), not a concatenation per buffer. Called for the groups
+        converted ahead, and when an epoch starts whose every group is cached."""
+        parts = list(columns.values())
+        if not parts or (parts[0].base is not None and all(c.base is parts[0].base for c in parts)):
+            return columns  # already (or nothing)
+        whole = BatchColumns.concat(parts)
+        views, start = {}, 0
+        for k, c in columns.items():
+            views[k] = whole.slice(start, c.rows)
+            start += c.rows
+        with self._cache_lock:
+            for k, v in views.items():
+                e = self._cache.get(k)
+                if e is not None and e.columns is columns[k]:
+                    e.columns = v
+        return views
+
+    def _convert(self, key: Tuple[int, int], t: pa.Table, counts: Dict[str, int], state: EpochState) -> BatchColumns:
+        """``t``'s numpy columns in ``state``'s format, kept for the next epochs while the cache
+        has room (``cache_bytes``): epochs after the first then skip decoding, validation and
+        conversion."""
+        cols = BatchColumns(t, self.schema, self.with_oracle, state.sparse_order, state.term_inputs)
+        size = cols.nbytes
         with self._cache_lock:
             # two readers (an epoch and the next one, prepared) may convert the same group at once
-            if key not in self._cache and self._cache_used + size <= self.cache_bytes:
-                self._cache[key] = (t, counts)
-                self._cache_used += size
+            old = self._cache.get(key)
+            room = self._cache_used - (old.columns.nbytes if old is not None else 0) + size <= self.cache_bytes
+            if (old is None or not state.same_format(old.fmt)) and room:
+                self._cache[key] = CachedGroup(cols, counts, state.format())
+                self._cache_used += size - (old.columns.nbytes if old is not None else 0)
+        return cols
 
-    def _read(self, groups: Iterator[RowGroup], keep: Dict[int, np.ndarray],
-              counts: Callable[[Dict[str, int]], None]) -> Iterator[pa.Table]:
+    def _read(self, groups: Iterator[RowGroup], state: EpochState,
+              counts: Callable[[Dict[str, int]], None]) -> Iterator[BatchColumns]:
         """Converted row groups in ``groups`` order, read by ``num_workers`` threads ahead.
 
         pyarrow's Parquet decoding releases the GIL, so threads read row groups in parallel;
@@ -989,25 +1095,27 @@ class ParquetStream:
         """
         if self.num_workers <= 1:
             for g in groups:
-                yield self._read_group(g, keep, counts)
+                yield self._read_group(g, state, counts)
             return
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"dlrm_mtl-rg-r{self.rank}",
                                 initializer=self._background_thread) as pool:
-            pending: "deque[Future[pa.Table]]" = deque()
+            pending: "deque[Future[BatchColumns]]" = deque()
             for g in groups:
-                pending.append(pool.submit(self._read_group, g, keep, counts))
+                pending.append(pool.submit(self._read_group, g, state, counts))
                 if len(pending) > self.num_workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
     def _batches(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Batch]:
+        keys = [(g.file_index, g.index) for g in state.groups]
+        with self._cache_lock:
+            entries = [self._cache.get(k) for k in keys]
+        if entries and all(e is not None and state.same_format(e.fmt) for e in entries):  # the epoch is cached
+            self._consolidate({k: e.columns for k, e in zip(keys, entries) if e is not None})
         produced = 0
-        buffer, columns = None, None
-        for t, start, n in self._tables(state, counts):
-            if produced >= state.skip:  # skipped batches (a resume) are read but not converted
-                if t is not buffer:  # a new shuffle buffer: convert its columns once
-                    buffer, columns = t, BatchColumns(t, self.schema, self.with_oracle, state.sparse_order, state.term_inputs)
+        for columns, start, n in self._tables(state, counts):
+            if produced >= state.skip:  # skipped batches (a resume) are read and shuffled, not cut
                 yield columns.batch(start, n, self.batch_size if self.pad_last else n)
             produced += 1
         empty = None
