@@ -57,8 +57,8 @@ class DataConfig:
     # the schema's row_id declares ids unique: before training, every id of the train and eval
     # data is checked (the id column only, hash-partitioned over the ranks, bounded memory)
     check_row_ids: bool = True
-    # converted (validated) row groups kept in memory for the next epochs, per stream and rank,
-    # in MB: epochs after the first skip decoding and validation. -1 = auto: a tenth of the
+    # converted row groups (validated, as numpy columns) kept in memory for the next epochs, per
+    # stream and rank, in MB: epochs after the first skip decoding, validation and conversion. -1 = auto: a tenth of the
     # memory available at start over the local ranks, at most 4096; 0 = off
     cache_mb: int = -1
     # reader threads' CPU priority: idle (Linux SCHED_IDLE: they run only on cores the training

@@ -469,7 +469,7 @@ class TermMatrices(nn.Module):
         return y, weight.unsqueeze(1) * known
 
     def host_inputs(self) -> "TermInputs":
-        """:meth:`inputs` on host numpy arrays, for a reader to compute once per shuffle buffer."""
+        """:meth:`inputs` on host numpy arrays, for a reader to compute once per row group."""
         return TermInputs(self.h_label.cpu().numpy(), self.h_known.cpu().numpy(), self.n_label.cpu().numpy(),
                           self.n_known.cpu().numpy(), self.y_is_event.cpu().numpy())
 
@@ -478,7 +478,7 @@ class TermInputs:
     """:meth:`TermMatrices.inputs` in numpy: ``(labels [n, T] float32, mask [n, T] bool,
     weight [n] float32) -> (term labels, term rows)``, ``[n, K]`` float32 each, with the same
     values (sums of 0/1 products and a row weight: exact in float32; tests/test_losses.py).
-    The reader applies it to a whole shuffle buffer at once (``ParquetStream.set_loss_terms``),
+    The reader applies it to a whole row group at once (``ParquetStream.set_loss_terms``),
     so that the loss reads two ``[B, K]`` tensors of the batch instead of deriving them with
     ~15 operators every step.
 

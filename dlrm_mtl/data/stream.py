@@ -742,7 +742,7 @@ class ParquetStream:
         # the reader thread's page-locked buffers (tests may set unpinned ones to run the packing on CPU)
         self.buffers: Optional[BatchBuffers] = BatchBuffers(pin=True) if pin_memory else None
         self.sparse_order: Optional[List[str]] = None  # the sparse KJT's key order; None: the schema's
-        self.term_inputs: Optional[Callable] = None  # the loss terms' labels and row weights per buffer (set_loss_terms)
+        self.term_inputs: Optional[Callable] = None  # the loss terms' labels and row weights per row group (set_loss_terms)
         # converted row groups kept for later epochs, up to this many bytes (0: none)
         self.cache_bytes = cache_bytes
         self._cache: Dict[Tuple[int, int], CachedGroup] = {}
@@ -786,7 +786,7 @@ class ParquetStream:
 
     def set_loss_terms(self, term_inputs: Optional[Callable]) -> None:
         """Batches of later iterations carry ``term_labels`` and ``term_rows``, computed by ``term_inputs``
-        (``EntireSpaceLoss.term_matrices.host_inputs()``) once per shuffle buffer in numpy,
+        (``EntireSpaceLoss.term_matrices.host_inputs()``) once per row group in numpy,
         so that the loss does not derive them from the labels every step (None: they don't)."""
         self.term_inputs = term_inputs
         self._format += 1
