@@ -1108,11 +1108,17 @@ class ParquetStream:
                 yield pending.popleft().result()
 
     def _batches(self, state: EpochState, counts: Callable[[Dict[str, int]], None]) -> Iterator[Batch]:
-        keys = [(g.file_index, g.index) for g in state.groups]
-        with self._cache_lock:
-            entries = [self._cache.get(k) for k in keys]
-        if entries and all(e is not None and state.same_format(e.fmt) for e in entries):  # the epoch is cached
-            self._consolidate({k: e.columns for k, e in zip(keys, entries) if e is not None})
+        # an epoch whose every group is cached, and which reads them as one buffer (or unshuffled):
+        # its groups as slices of one concatenation make each buffer a take (or a slice) of it.
+        # A shuffled epoch of several buffers would not use it (each buffer's rest is a slice
+        # of the shuffled buffer before it): no concatenation of the whole cache for nothing
+        one_buffer = sum(g.num_rows for g in state.groups) <= max(self.shuffle_buffer_rows, self.batch_size)
+        if self.shuffle_buffer_rows == 0 or one_buffer:
+            keys = [(g.file_index, g.index) for g in state.groups]
+            with self._cache_lock:
+                entries = [self._cache.get(k) for k in keys]
+            if entries and all(e is not None and state.same_format(e.fmt) for e in entries):
+                self._consolidate({k: e.columns for k, e in zip(keys, entries) if e is not None})
         produced = 0
         for columns, start, n in self._tables(state, counts):
             if produced >= state.skip:  # skipped batches (a resume) are read and shuffled, not cut
