@@ -173,14 +173,28 @@ def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path
     assert shuffled.num_rows == reference.num_rows == whole.num_rows
     for start, rows in [(0, 128), (128, 128), (512, 39), (300, 0)]:
         _assert_same_batch(shuffled.batch(start, rows, 128), reference.batch(start, rows, 128))
+    shuffled_table = whole.take(pa.array(perm))
     rest = shuffled.slice(500)  # what a drain keeps for the next buffer
-    _assert_same_batch(rest.batch(0, rest.num_rows, 64), convert(whole.take(pa.array(perm)).slice(500)).batch(0, rest.num_rows, 64))
-    again = BatchColumns.concat([rest, convert(tables[0])]).take(np.arange(rest.num_rows + 300)[::-1])
-    ref2 = convert(pa.concat_tables([whole.take(pa.array(perm)).slice(500), tables[0]]))
-    ref2 = ref2.take(np.arange(ref2.num_rows)[::-1])
-    _assert_same_batch(again.batch(0, 200, 200), convert(pa.concat_tables([whole.take(pa.array(perm)).slice(500), tables[0]])
-                                                         .take(pa.array(np.arange(rest.num_rows + 300)[::-1]))).batch(0, 200, 200))
-    _assert_same_batch(again.batch(200, again.num_rows - 200, 200), ref2.batch(200, ref2.num_rows - 200, 200))
+    _assert_same_batch(rest.batch(0, rest.num_rows, 64), convert(shuffled_table.slice(500)).batch(0, rest.num_rows, 64))
+    back = np.arange(rest.num_rows + 300)[::-1].copy()
+    again = BatchColumns.concat([rest, convert(tables[0])]).take(back)
+    ref = convert(pa.concat_tables([shuffled_table.slice(500), tables[0]]).take(pa.array(back)))
+    _assert_same_batch(again.batch(0, 200, 200), ref.batch(0, 200, 200))
+    _assert_same_batch(again.batch(200, again.num_rows - 200, 200), ref.batch(200, ref.num_rows - 200, 200))
+    # join: slices of one base (the reader's consolidated groups, out of order; a drain's rest)
+    # are taken from the base without a concatenation, with the same rows
+    base = BatchColumns.concat([convert(t) for t in tables])
+    views = [base.slice(0, 300), base.slice(300, 1), base.slice(301, 250)]
+    idx = rng.permutation(551)
+    joined = BatchColumns.join([views[2], views[0], views[1]], idx)
+    ref = convert(pa.concat_tables([tables[2], tables[0], tables[1]]).take(pa.array(idx)))
+    _assert_same_batch(joined.batch(0, 551, 551), ref.batch(0, 551, 551))
+    tail = BatchColumns.join([rest], np.arange(rest.num_rows)[::-1].copy())
+    _assert_same_batch(tail.batch(0, tail.num_rows, 64),
+                       convert(shuffled_table.slice(500).take(pa.array(np.arange(rest.num_rows)[::-1].copy()))).batch(0, tail.num_rows, 64))
+    in_order = BatchColumns.join([views[1], views[2]])  # adjacent slices, unshuffled: a slice of the base
+    assert in_order.base is base and in_order.offset == 300
+    _assert_same_batch(in_order.batch(0, 251, 251), convert(pa.concat_tables(tables[1:])).batch(0, 251, 251))
     assert shuffled.nbytes > 0
 
 
