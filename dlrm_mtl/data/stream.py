@@ -991,21 +991,26 @@ class ParquetStream:
 
     def _convert_reads(self, reads: Dict[Tuple[int, int], "Future[Tuple[pa.Table, Dict[str, int]]]"],
                        state: EpochState) -> Dict[Tuple[int, int], Any]:
-        """:meth:`convert_ahead`'s job: each group's (table, counts, columns, format) — its
-        columns slices of one concatenation of them all (:meth:`_consolidate`) — or the error
-        its read raised, raised where the stream reads that group."""
+        """:meth:`convert_ahead`'s job: each group's (table, counts, columns, format) — the
+        columns slices of one conversion of their concatenation (one copy: the groups a shuffle
+        buffer joins are then slices of one base, :meth:`BatchColumns.join`) — or the error its
+        read raised, raised where the stream reads that group."""
         out: Dict[Tuple[int, int], Any] = {}
-        columns: Dict[Tuple[int, int], BatchColumns] = {}
         for key, read in reads.items():
             try:
-                t, counts = read.result()
+                out[key] = read.result()
             except BaseException as e:  # noqa: BLE001
                 out[key] = e
-                continue
-            columns[key] = self._convert(key, t, counts, state)
-            out[key] = (t, counts)
-        views = self._consolidate(columns)
-        return {k: v if isinstance(v, BaseException) else (*v, views[k], state.format()) for k, v in out.items()}
+        read_ok = {k: v for k, v in out.items() if not isinstance(v, BaseException)}
+        if read_ok:
+            whole = self._columns(pa.concat_tables([t for t, _ in read_ok.values()]), state)
+            start = 0
+            for key, (t, counts) in read_ok.items():
+                cols = whole.slice(start, t.num_rows)
+                start += t.num_rows
+                self._remember(key, cols, counts, state)
+                out[key] = (t, counts, cols, state.format())
+        return out
 
     def wait_read_ahead(self) -> float:
         """Blocks until the row groups :meth:`read_ahead` started are decoded and validated
@@ -1054,8 +1059,8 @@ class ParquetStream:
         """``columns`` (row groups converted in one format) as slices of one concatenation of
         them (one copy, once; the cache keeps the slices in their place, at the same bytes):
         a shuffle buffer of these groups is then one ``take`` from it and an unshuffled one a
-        slice (:meth:`BatchColumns.join`), not a concatenation per buffer. Called for the groups
-        converted ahead, and when an epoch starts whose every group is cached."""
+        slice (:meth:`BatchColumns.join`), not a concatenation per buffer. Called when an epoch
+        starts whose every group is cached (the groups converted ahead are converted as one)."""
         parts = list(columns.values())
         if not parts or (parts[0].base is not None and all(c.base is parts[0].base for c in parts)):
             return columns  # already (or nothing)
@@ -1071,11 +1076,20 @@ class ParquetStream:
                     e.columns = v
         return views
 
+    def _columns(self, t: pa.Table, state: EpochState) -> BatchColumns:
+        """``t``'s numpy columns in ``state``'s format."""
+        return BatchColumns(t, self.schema, self.with_oracle, state.sparse_order, state.term_inputs)
+
     def _convert(self, key: Tuple[int, int], t: pa.Table, counts: Dict[str, int], state: EpochState) -> BatchColumns:
-        """``t``'s numpy columns in ``state``'s format, kept for the next epochs while the cache
-        has room (``cache_bytes``): epochs after the first then skip decoding, validation and
+        """``t``'s numpy columns in ``state``'s format, kept (:meth:`_remember`)."""
+        cols = self._columns(t, state)
+        self._remember(key, cols, counts, state)
+        return cols
+
+    def _remember(self, key: Tuple[int, int], cols: BatchColumns, counts: Dict[str, int], state: EpochState) -> None:
+        """Keeps a group's columns for the next epochs while the cache has room
+        (``cache_bytes``): epochs after the first then skip decoding, validation and
         conversion."""
-        cols = BatchColumns(t, self.schema, self.with_oracle, state.sparse_order, state.term_inputs)
         size = cols.nbytes
         with self._cache_lock:
             # two readers (an epoch and the next one, prepared) may convert the same group at once
@@ -1084,7 +1098,6 @@ class ParquetStream:
             if (old is None or not state.same_format(old.fmt)) and room:
                 self._cache[key] = CachedGroup(cols, counts, state.format())
                 self._cache_used += size - (old.columns.nbytes if old is not None else 0)
-        return cols
 
     def _read(self, groups: Iterator[RowGroup], state: EpochState,
               counts: Callable[[Dict[str, int]], None]) -> Iterator[BatchColumns]:
