@@ -16,6 +16,8 @@
 #      host syncs, GPU busy per step -> bench-new.json, bench-old.json;
 #   3. `dlrm-mtl train` of each tree: the demo config + configs/gpu.yaml (batch 8192), one GPU,
 #      metrics and throughput -> train-new.json, train-old.json (inside results.tgz);
+#      TRAIN_REPEATS=N (default 1) runs N pairs, alternating which tree goes first ->
+#      train-new-2.json, train-old-2.json, ... for the pairs after the first;
 #   4. bench_gpu.py at batch 8192 with the dense step eager (train.cuda_graph=eager): every
 #      operator a launch -> bench-new_eager.json, bench-old_eager.json (EAGER=0 leaves it out);
 #   5. TRAINS_NEW="name:key=value,key=value ..." more `dlrm-mtl train` runs of the working tree
@@ -67,7 +69,14 @@ train() {  # name tree [train args]
 
 side new "$ROOT"; side old "$OLD"
 # checkpoint.keep_best is newer than some old trees: only the working tree is given it
-train new "$ROOT" "--set checkpoint.keep_best=false"; train old "$OLD"
+for i in $(seq 1 "${TRAIN_REPEATS:-1}"); do
+  sfx=$([ "$i" = 1 ] || echo "-$i")
+  if [ $((i % 2)) = 1 ]; then
+    train "new$sfx" "$ROOT" "--set checkpoint.keep_best=false"; train "old$sfx" "$OLD"
+  else
+    train "old$sfx" "$OLD"; train "new$sfx" "$ROOT" "--set checkpoint.keep_best=false"
+  fi
+done
 for v in ${TRAINS_NEW:-}; do
   train "${v%%:*}" "$ROOT" "--set checkpoint.keep_best=false $(echo "${v#*:}" | sed 's/,/ --set /g; s/^/--set /')"
 done
