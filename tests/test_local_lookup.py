@@ -4,6 +4,7 @@ TorchRec's input/output dist, and trains exactly like the sharded module's forwa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,12 @@ def _train(data: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
         "--set", f"train.run_dir={run}", "--set", "train.max_steps=10", "--set", "train.epochs=2",
         "--set", "data.batch_size=256", "--set", "train.progress=false", "--set", "train.log_every=5",
     ] + [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # on the host even where a GPU is present: the runs are compared bit for bit, and a CUDA
+    # run sums the scenario rows' gradient (``index_select``'s backward, ``index_add``) with
+    # atomics, which no two runs order alike (a lent H100 gave two-group runs that differed in
+    # the scenario embeddings only, every other weight bit for bit)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
