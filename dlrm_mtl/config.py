@@ -317,7 +317,9 @@ class TrainConfig:
     flush_denormal: bool = True
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     # glibc: keep freed host memory in the process (mallopt), so that every step's large
-    # temporaries reuse pages instead of faulting in fresh ones (dlrm_mtl/host_memory.py)
+    # temporaries reuse pages instead of faulting in fresh ones, and on the CPU one malloc
+    # arena, so that memory the reader's threads freed serves the training thread too
+    # (dlrm_mtl/host_memory.py)
     keep_host_memory: bool = True
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50

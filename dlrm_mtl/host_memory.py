@@ -13,6 +13,16 @@ The cost is that memory freed during training is kept by the process (its peak r
 is not returned to the kernel until exit), which is what a training process wants anyway.
 Other C libraries (musl) and other systems are left alone.
 
+``arenas=1`` also makes every thread allocate from one arena. glibc gives each thread that
+allocates its own arena (up to 8 per core), and memory freed into one arena serves only the
+threads of that arena: the first epoch's shuffle buffer, built on the reader's preparing
+thread, is freed into that thread's arena, and the training thread's next buffer lands on
+fresh pages again (on the census-shaped ``tools/bench_peer.py`` run: 420 faults and 20-25 ms
+at the second epoch's start on a VM whose first touch of a page is slow, against 5 ms for the
+third). With one arena the threads reuse each other's freed memory; the price is a lock shared
+by threads that allocate at once, which the CPU training loop (one thread computing, the
+reader's threads mostly in pyarrow's own allocator) does not feel.
+
 Example::
 
     from dlrm_mtl.host_memory import keep_freed_memory
@@ -28,6 +38,7 @@ import sys
 # mallopt(3) parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 # glibc's ceiling for the mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
@@ -44,11 +55,16 @@ def _glibc() -> "ctypes.CDLL | None":
     return libc
 
 
-def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD, arenas: int = 0) -> bool:
     """Serve blocks below ``mmap_threshold`` bytes from the heap and keep up to
-    ``trim_threshold`` bytes of free heap in the process (glibc ``mallopt``). Returns whether
+    ``trim_threshold`` bytes of free heap in the process (glibc ``mallopt``); with ``arenas``
+    > 0, at most that many malloc arenas for the threads that allocate from now on (1: every
+    thread's freed memory reusable by every other; 0 leaves glibc's default). Returns whether
     the settings took effect (False: not glibc, or glibc refused a value)."""
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    if arenas > 0:
+        ok = bool(libc.mallopt(_M_ARENA_MAX, int(arenas))) and ok
+    return ok

@@ -285,7 +285,9 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     when ``train.flush_denormal``; the host allocator keeps freed memory when
     ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
     if cfg.keep_host_memory:
-        keep_freed_memory()
+        # one arena on the CPU, where it was measured (docs/performance.md); a GPU host's reader
+        # threads allocate batch after batch at once, and there the shared lock is unmeasured
+        keep_freed_memory(arenas=1 if device.type == "cpu" else 0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32

@@ -83,3 +83,38 @@ def test_kept_host_memory_means_no_fresh_pages_per_step(tmp_path):
     # ... and the setting removes nearly all of them (a step that reads a new row group inline
     # still faults in pages for it: measured 0-70 of a median step)
     assert faults["true"] * 10 <= faults["false"], faults
+
+
+_ARENA_PROBE = """
+import sys, threading, resource
+import numpy as np
+from dlrm_mtl.host_memory import keep_freed_memory
+assert keep_freed_memory(arenas=int(sys.argv[1]))
+def faults():
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+def other():  # allocates, touches and frees 16 MiB on a thread of its own (as the reader's do)
+    a = np.ones(2 << 20)
+    del a
+t = threading.Thread(target=other); t.start(); t.join()
+f0 = faults()
+b = np.ones(2 << 20)  # the same size on this thread
+print("FAULTS", faults() - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and per-thread rusage are Linux/glibc")
+def test_one_arena_lets_a_thread_reuse_memory_another_thread_freed():
+    """``keep_freed_memory(arenas=1)`` (the CPU's ``train.keep_host_memory``): 16 MiB freed by
+    another thread is reused by this one without faulting in fresh pages; glibc's default
+    arenas leave it in the other thread's arena. Each setting in its own process (sticky)."""
+    import subprocess
+
+    faults = {}
+    for arenas in (0, 1):
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(arenas)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
+        assert out.returncode == 0 and line, out.stderr[-2000:]
+        faults[arenas] = int(line[0].split()[1])
+    assert faults[0] >= 100, faults  # fresh pages (of the 4,096 it spans: the heap had some free ones)
+    assert faults[1] * 10 <= faults[0], faults
