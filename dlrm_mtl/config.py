@@ -318,8 +318,8 @@ class TrainConfig:
     threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
     # glibc: keep freed host memory in the process (mallopt), so that every step's large
     # temporaries reuse pages instead of faulting in fresh ones, and on the CPU one malloc
-    # arena, so that memory the reader's threads freed serves the training thread too
-    # (dlrm_mtl/host_memory.py)
+    # arena and pyarrow on that malloc, so that memory the reader's threads and pyarrow freed
+    # serves the training thread too (dlrm_mtl/host_memory.py)
     keep_host_memory: bool = True
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50

@@ -23,6 +23,12 @@ third). With one arena the threads reuse each other's freed memory; the price is
 by threads that allocate at once, which the CPU training loop (one thread computing, the
 reader's threads mostly in pyarrow's own allocator) does not feel.
 
+:func:`arrow_on_system_allocator` puts pyarrow's buffers (the decoded row groups) on the same
+``malloc``: pyarrow's own allocator (mimalloc or jemalloc) keeps the pages of the tables the
+reader frees after converting them to numpy, so the first epoch's shuffle buffer, built right
+after, lands on fresh pages; on the system allocator, with one arena, it reuses them (census
+``--quick``: the first epoch's shuffle 9-33 ms → 6-21 ms, docs/performance.md).
+
 Example::
 
     from dlrm_mtl.host_memory import keep_freed_memory
@@ -68,3 +74,13 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     if arenas > 0:
         ok = bool(libc.mallopt(_M_ARENA_MAX, int(arenas))) and ok
     return ok
+
+
+def arrow_on_system_allocator() -> bool:
+    """pyarrow's default memory pool set to the system allocator (``malloc``) instead of its
+    bundled one, for the allocations made from now on. Returns whether the pool is the
+    system's afterwards."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name == "system"

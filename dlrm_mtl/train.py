@@ -41,7 +41,7 @@ from dlrm_mtl.data import Batch, ParquetStream
 from dlrm_mtl.data.errors import DataError
 from dlrm_mtl.distributed import DistEnv, cache_bytes, init_distributed, plan_summary, reader_threads, shard_model, shutdown_distributed
 from dlrm_mtl.evaluate import evaluate
-from dlrm_mtl.host_memory import keep_freed_memory
+from dlrm_mtl.host_memory import arrow_on_system_allocator, keep_freed_memory
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
@@ -285,9 +285,12 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     when ``train.flush_denormal``; the host allocator keeps freed memory when
     ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
     if cfg.keep_host_memory:
-        # one arena on the CPU, where it was measured (docs/performance.md); a GPU host's reader
-        # threads allocate batch after batch at once, and there the shared lock is unmeasured
+        # on the CPU one arena, and pyarrow's buffers on the same malloc, where it was measured
+        # (docs/performance.md); a GPU host's reader threads allocate batch after batch at
+        # once, and there a shared lock is unmeasured
         keep_freed_memory(arenas=1 if device.type == "cpu" else 0)
+        if device.type == "cpu":
+            arrow_on_system_allocator()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32

@@ -118,3 +118,44 @@ def test_one_arena_lets_a_thread_reuse_memory_another_thread_freed():
         faults[arenas] = int(line[0].split()[1])
     assert faults[0] >= 100, faults  # fresh pages (of the 4,096 it spans: the heap had some free ones)
     assert faults[1] * 10 <= faults[0], faults
+
+
+_ARROW_PROBE = """
+import sys, threading, resource
+import numpy as np, pyarrow as pa, torch
+from dlrm_mtl.config import TrainConfig
+from dlrm_mtl.train import configure_backends
+from dlrm_mtl.host_memory import keep_freed_memory
+if sys.argv[1] == "train":  # the training set-up's settings on the CPU
+    configure_backends(TrainConfig(), torch.device("cpu"))
+else:  # the same malloc settings, pyarrow's own allocator left
+    assert keep_freed_memory(arenas=1)
+def faults():
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+def other():  # 16 MiB written by pyarrow on a thread of its own (a decoded row group), then freed
+    arr = pa.repeat(pa.scalar(1.0), 2 << 20)
+    assert arr.nbytes >= 16 << 20
+    del arr
+t = threading.Thread(target=other); t.start(); t.join()
+f0 = faults()
+b = np.ones(2 << 20)  # numpy's 16 MiB on this thread
+print("FAULTS", faults() - f0, pa.default_memory_pool().backend_name)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and per-thread rusage are Linux/glibc")
+def test_kept_host_memory_on_cpu_reuses_what_pyarrow_freed():
+    """``train.keep_host_memory`` (the default) on the CPU puts pyarrow on the system allocator
+    (one arena): the pages of a table pyarrow freed on another thread serve this thread's next
+    numpy array; with the same malloc settings and pyarrow's own allocator, that allocator
+    keeps them."""
+    import subprocess
+
+    got = {}
+    for keep in ("train", "own"):
+        out = subprocess.run([sys.executable, "-c", _ARROW_PROBE, keep], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
+        assert out.returncode == 0 and line, out.stderr[-2000:]
+        got[keep] = (int(line[0].split()[1]), line[0].split()[2])
+    assert got["train"][1] == "system" and got["own"][1] != "system", got
+    assert got["own"][0] >= 100 and got["train"][0] * 10 <= got["own"][0], got
