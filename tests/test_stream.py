@@ -198,7 +198,7 @@ def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path
     assert shuffled.nbytes > 0
 
 
-@pytest.mark.parametrize("layout", ["single_hot", "mixed"])
+@pytest.mark.parametrize("layout", ["single_hot", "mixed", "lists_first"])
 def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
     """IdBlocks keeps runs of adjacent single-hot columns as one matrix (and, when every key is
     single-hot, one lengths/offsets layout per batch shape); every batch's KJT still holds each
@@ -210,10 +210,14 @@ def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
     single = lambda: (None, None, rng.integers(0, 100, n))  # noqa: E731
     lens = rng.integers(0, 4, n).astype(np.int32)
     multi = (lens, np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]), rng.integers(0, 100, int(lens.sum())))
-    columns = [single(), single(), single()] if layout == "single_hot" else [single(), single(), multi, single()]
+    nulls = rng.integers(0, 2, n).astype(np.int32)  # a single-hot key with nulls: lists of 0 or 1 id
+    with_nulls = (nulls, np.concatenate([[0], np.cumsum(nulls, dtype=np.int64)]), rng.integers(0, 100, int(nulls.sum())))
+    columns = {"single_hot": [single(), single(), single()], "mixed": [single(), single(), multi, single()],
+               "lists_first": [multi, with_nulls, single(), single(), single()]}[layout]
     blocks = IdBlocks(columns)
     assert blocks.single_hot == (layout == "single_hot")
-    assert len(blocks.runs) == (1 if layout == "single_hot" else 3)  # [0, 2) as one matrix, then 2, then 3
+    # mixed: [0, 2) as one matrix, then 2, then 3; lists_first: 0, 1, then [2, 5)
+    assert len(blocks.runs) == {"single_hot": 1, "mixed": 3, "lists_first": 3}[layout]
     keys = [f"f{k}" for k in range(len(columns))]
     cut = []
     for start, rows in [(0, B), (B, B), (256, 44), (44, 0)]:

@@ -367,31 +367,48 @@ class IdBlocks:
             return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(matrix[:, start:stop].reshape(-1)),  # [F·n]
                                      lengths=lengths_t, offsets=offsets_t, stride=batch_size,
                                      length_per_key=list(per_key_l), offset_per_key=list(offset_per_key))
-        lengths = np.zeros((len(self.columns), batch_size), dtype=np.int32)  # [F, B]
-        values: List[np.ndarray] = []
-        for k, end, matrix in self.runs:
+        # one pass per run writes the batch's lengths, its values (key after key, each copied
+        # once into place) and its offsets (a single-hot key's are a shifted arange, a
+        # multi-hot key's its rows' offsets shifted): no cumsum over the F·B bags
+        B = batch_size
+        lengths = np.zeros((len(self.columns), B), dtype=np.int32)  # [F, B]
+        # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
+        # to the indices' dtype), so the step neither computes a cumsum nor copies int32 -> int64
+        offsets = np.empty(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
+        offsets[0] = 0
+        sizes = [(end - k) * n if matrix is not None else int(self.columns[k][1][stop] - self.columns[k][1][start])  # type: ignore[index]
+                 for k, end, matrix in self.runs]
+        values = np.empty(sum(sizes), dtype=np.int64)
+        per_key: List[int] = [0] * len(self.columns)
+        pos = 0  # where this run's values start
+        for (k, end, matrix), size in zip(self.runs, sizes):
+            seg = offsets[k * B + 1 : end * B + 1].reshape(end - k, B)  # [m, B]: each bag's end
             if matrix is not None:
+                m = end - k
                 lengths[k:end, :n] = 1
-                values.append(matrix[:, start:stop].reshape(-1))  # [m·n], key after key
+                values[pos : pos + size].reshape(m, n)[...] = matrix[:, start:stop]
+                firsts = pos + n * np.arange(m, dtype=np.int64)  # [m]: each key's first value
+                seg[:, :n] = firsts[:, None] + np.arange(1, n + 1, dtype=np.int64)
+                seg[:, n:] = (firsts + n)[:, None]  # padding bags: empty
+                per_key[k:end] = [n] * m
             else:
                 lens, offs, vals = self.columns[k]
                 assert lens is not None and offs is not None
+                a = int(offs[start])
                 lengths[k, :n] = lens[start:stop]
-                values.append(vals[offs[start] : offs[stop]])
-        per_key = lengths.sum(axis=1)
-        # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
-        # to the indices' dtype), so the step neither computes a cumsum nor copies int32 -> int64
-        offsets = np.zeros(lengths.size + 1, dtype=np.int64)  # [F·B + 1]
-        np.cumsum(lengths.reshape(-1), dtype=np.int64, out=offsets[1:])
-        flat = values[0] if len(values) == 1 else np.concatenate(values) if values else np.zeros(0, np.int64)
+                values[pos : pos + size] = vals[a : a + size]
+                seg[0, :n] = offs[start + 1 : stop + 1] + (pos - a)
+                seg[0, n:] = pos + size
+                per_key[k] = size
+            pos += size
         return KeyedJaggedTensor(
             keys=keys,
-            values=torch.from_numpy(np.ascontiguousarray(flat)),
+            values=torch.from_numpy(values),
             lengths=torch.from_numpy(lengths.reshape(-1)),
             offsets=torch.from_numpy(offsets),
-            stride=batch_size,
-            length_per_key=per_key.tolist(),
-            offset_per_key=offsets[:: batch_size].tolist(),  # each key's first bag, and the end
+            stride=B,
+            length_per_key=per_key,
+            offset_per_key=offsets[::B].tolist(),  # each key's first bag, and the end
         )
 
 
