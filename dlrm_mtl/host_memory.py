@@ -21,7 +21,9 @@ fresh pages again (on the census-shaped ``tools/bench_peer.py`` run: 420 faults 
 at the second epoch's start on a VM whose first touch of a page is slow, against 5 ms for the
 third). With one arena the threads reuse each other's freed memory; the price is a lock shared
 by threads that allocate at once, which the CPU training loop (one thread computing, the
-reader's few large allocations per row group or buffer) did not show in its timings.
+reader's few large allocations per row group or buffer) did not show in its timings — on two
+cores; a many-core CPU rank whose intra-op threads allocate large blocks at once was not
+measured (glibc's per-thread cache still serves small blocks without the lock).
 
 :func:`arrow_on_system_allocator` puts pyarrow's buffers (the decoded row groups) on the same
 ``malloc``: pyarrow's own allocator (mimalloc or jemalloc) keeps the pages of the tables the
