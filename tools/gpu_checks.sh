@@ -19,7 +19,8 @@
 #      DIN's target attention and with DeepMCP at batch 8192 (the EmbeddingCollections' GPU
 #      path, never measured on a GPU before): metrics.json of each.
 # SKIP_BENCH=1 / SKIP_TRAIN=1 / SKIP_SEQ=1 leave a part out; TRAINS="name ..." picks train
-# variants; ROWS=N / SEQ_ROWS=N generate fewer rows (smoke runs).
+# variants; ROWS=N / SEQ_ROWS=N generate fewer rows (smoke runs); TRACE=1 runs each train
+# variant under tools/trace_loop.py (where its loop's host time goes, per thread).
 set -u
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_out}"
@@ -27,7 +28,7 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 stamp() { echo "[gpu_checks +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/steps.log"; }
 
-if [ -f .gpu/unpack.sh ]; then
+if [ -f .gpu/unpack.sh ] && [ "${NO_UNPACK:-0}" != 1 ]; then  # NO_UNPACK=1: a dry run on the CPU
   source .gpu/unpack.sh > "$OUT/unpack.log" 2>&1 || { tail -20 "$OUT/unpack.log"; exit 1; }
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -59,7 +60,11 @@ train() {  # name, then --set overrides
   for s in "$@"; do
     case $s in cfg:*) sets+=(--config "${s#cfg:}") ;; *) sets+=(--set "$s") ;; esac
   done
-  timeout "${TRAIN_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl train \
+  # TRACE=1: the same run (a world of one, without the launcher) under tools/trace_loop.py:
+  # host time in steps / reads / gaps, CPU per thread, the device's lag -> trace-<name>.json
+  local launch=(-m torch.distributed.run --standalone --nproc_per_node 1 -m dlrm_mtl)
+  [ "${TRACE:-0}" = 1 ] && launch=(tools/trace_loop.py --json "$OUT/trace-$name.json")
+  timeout "${TRAIN_TIMEOUT:-120}" $PY "${launch[@]}" train \
     --config configs/demo.yaml --set train.run_dir=/tmp/run-$name --set data.train=$DATA/train \
     --set data.eval=$DATA/eval --set checkpoint.at_end=false --set checkpoint.keep_best=false "${sets[@]}" > "$OUT/train-$name.log" 2>&1
   local rc=$?
