@@ -85,6 +85,17 @@ def test_kept_host_memory_means_no_fresh_pages_per_step(tmp_path):
     assert faults["true"] * 10 <= faults["false"], faults
 
 
+def _probe(code: str, arg: str) -> list:
+    """Runs ``code`` with ``arg`` in a process of its own (mallopt and the pyarrow pool are
+    process-wide and sticky) and returns the fields after ``FAULTS`` on its output line."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
+    assert out.returncode == 0 and line, out.stderr[-2000:]
+    return line[0].split()[1:]
+
+
 _ARENA_PROBE = """
 import sys, threading, resource
 import numpy as np
@@ -106,16 +117,8 @@ print("FAULTS", faults() - f0)
 def test_one_arena_lets_a_thread_reuse_memory_another_thread_freed():
     """``keep_freed_memory(arenas=1)`` (the CPU's ``train.keep_host_memory``): 16 MiB freed by
     another thread is reused by this one without faulting in fresh pages; glibc's default
-    arenas leave it in the other thread's arena. Each setting in its own process (sticky)."""
-    import subprocess
-
-    faults = {}
-    for arenas in (0, 1):
-        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(arenas)], capture_output=True, text=True,
-                             cwd=ROOT, timeout=120)
-        line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
-        assert out.returncode == 0 and line, out.stderr[-2000:]
-        faults[arenas] = int(line[0].split()[1])
+    arenas leave it in the other thread's arena."""
+    faults = {arenas: int(_probe(_ARENA_PROBE, str(arenas))[0]) for arenas in (0, 1)}
     assert faults[0] >= 100, faults  # fresh pages (of the 4,096 it spans: the heap had some free ones)
     assert faults[1] * 10 <= faults[0], faults
 
@@ -149,13 +152,6 @@ def test_kept_host_memory_on_cpu_reuses_what_pyarrow_freed():
     (one arena): the pages of a table pyarrow freed on another thread serve this thread's next
     numpy array; with the same malloc settings and pyarrow's own allocator, that allocator
     keeps them."""
-    import subprocess
-
-    got = {}
-    for keep in ("train", "own"):
-        out = subprocess.run([sys.executable, "-c", _ARROW_PROBE, keep], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        line = [l for l in out.stdout.splitlines() if l.startswith("FAULTS")]
-        assert out.returncode == 0 and line, out.stderr[-2000:]
-        got[keep] = (int(line[0].split()[1]), line[0].split()[2])
+    got = {keep: (int(f), pool) for keep in ("train", "own") for f, pool in [_probe(_ARROW_PROBE, keep)]}
     assert got["train"][1] == "system" and got["own"][1] != "system", got
     assert got["own"][0] >= 100 and got["train"][0] * 10 <= got["own"][0], got
