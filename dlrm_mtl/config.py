@@ -321,6 +321,9 @@ class TrainConfig:
     # arena and pyarrow on that malloc, so that memory the reader's threads and pyarrow freed
     # serves the training thread too (dlrm_mtl/host_memory.py)
     keep_host_memory: bool = True
+    # CPU: fused C kernels (dlrm_mtl/native.py, built at install) for chains of small operators
+    # in the step, e.g. the loss terms; off, or where the extension is missing, the ATen paths
+    native_kernels: bool = True
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50
     eval_every_epoch: bool = True

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlrm_mtl import native
 from dlrm_mtl.config import LossConfig
 from dlrm_mtl.loss_balancing import SharedLayerWeighting, make_balancer
 from dlrm_mtl.modules.bias_tower import BiasTower
@@ -269,6 +270,8 @@ class EntireSpaceLoss(nn.Module):
         assert m is not None
         y, r = term_inputs if term_inputs is not None else m.inputs(labels, label_mask, weight)  # [B, K] each
         if self.balancer is None:  # the closed-form gradient (GradNorm / Pareto differentiate twice)
+            if native.term_means_applies(logits, y, r, lam) and m.log_prob.dtype == torch.float32:
+                return FusedTermMeans.apply(logits, y, r, lam, m)  # one C pass (dlrm_mtl/native.py)
             rl = r if lam is None else r * lam.unsqueeze(1)  # [B, K]
             return TermMeans.apply(logits, y, rl / r.sum(0).clamp(min=1e-12), m)
         lp, ln = m.log_probs(logits)  # [B, K] x 2: log p and log(1 - p) of each term's prediction
@@ -562,6 +565,33 @@ class TermMeans(torch.autograd.Function):
         if ctx.negated:
             out = out - g[:, 2 * T :] * torch.sigmoid(logits)
         return out, None, None, None
+
+
+class FusedTermMeans(torch.autograd.Function):
+    """``FusedTermMeans.apply(logits [B, T], y [B, K], r [B, K], lam [B] or None, m) -> [K]``:
+    :class:`TermMeans` with its weights ``c = r λ / Σ_b r`` (as
+    :meth:`EntireSpaceLoss._per_task_matrix` forms them) in one C pass over the rows forward
+    and one backward (:func:`dlrm_mtl.native.term_means_forward`), instead of ~25 ATen operators
+    on ``[B, T]`` and ``[B, K]`` tensors (the MovieLens shared-bottom step, docs/performance.md).
+    The same formulas as :class:`TermMeans` (ESMM, eq. 2-3, in log space with the same clamp);
+    each term's loss is ``-(y log P + (1 - y) log(1 - P))`` directly rather than a BCE of its
+    logit ``u``, and row sums accumulate in double, so values agree with :class:`TermMeans` to
+    float32 rounding, not bit for bit (tests/test_native.py). Contiguous float32 CPU tensors
+    only (:func:`dlrm_mtl.native.term_means_applies`); ``y``, ``r`` and ``lam`` get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lam: Optional[torch.Tensor],
+                m: "TermMatrices") -> torch.Tensor:
+        per, d, sig_pos, sig_neg = native.term_means_forward(logits, y, r, lam, m.src_task, m.is_entire,
+                                                             m.log_prob, m.negated)
+        ctx.save_for_backward(d, sig_pos, sig_neg, m.grad_map)
+        return per
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        d, sig_pos, sig_neg, grad_map = ctx.saved_tensors
+        return native.term_means_backward(d, grad, grad_map, sig_pos, sig_neg), None, None, None, None
 
 
 def inverse_share_weights(share: Sequence[float]) -> torch.Tensor:

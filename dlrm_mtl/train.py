@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlrm_mtl import native
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data_fingerprint, fault_point
 from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config, ConfigError, DataConfig, TrainConfig
@@ -283,7 +284,9 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     an H100 runs them at a fraction of the tensor cores' rate), on the CPU fp32 matmuls from
     bf16-rounded inputs when ``train.allow_bf16_matmul``, subnormal floats flushed to zero
     when ``train.flush_denormal``; the host allocator keeps freed memory when
-    ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`)."""
+    ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`); the fused C kernels are on when
+    ``train.native_kernels`` (:mod:`dlrm_mtl.native`)."""
+    native.set_enabled(cfg.native_kernels)
     if cfg.keep_host_memory:
         # on the CPU one arena, and pyarrow's buffers on the same malloc, where it was measured
         # (docs/performance.md); a GPU host's reader threads allocate batch after batch at

@@ -1,0 +1,138 @@
+"""dlrm_mtl's fused host kernels (``dlrm_mtl/csrc/cpu_kernels.c``), and when they apply.
+
+A CPU training step spends much of its time outside the GEMMs in chains of ATen operators on
+``[B, T]``-sized tensors, each paying a dispatch (5-20 µs on the development machine) for a
+few µs of arithmetic. The C extension ``dlrm_mtl._cpu_kernels``, built at install time by
+``setup.py``, runs such a chain in one pass over the rows (contiguous float32 CPU memory; the
+GIL is released). Each caller keeps its ATen path for everything else (GPU, float64, a build
+without a C compiler) and tests compare the two.
+
+``train.native_kernels`` (default true) switches them for the process
+(:func:`set_enabled`, called by the training set-up); ``DLRM_MTL_NATIVE=0`` in the
+environment turns them off before any configuration is read.
+
+Example::
+
+    from dlrm_mtl import native
+    native.available()   # True where the extension was built and is enabled
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+from torch.fx._symbolic_trace import is_fx_tracing
+
+_kernels: Optional[ModuleType]
+try:
+    from dlrm_mtl import _cpu_kernels as _kernels  # type: ignore[attr-defined, no-redef]
+except ImportError:  # built without a C compiler, or an install that skipped it
+    _kernels = None
+
+_enabled = os.environ.get("DLRM_MTL_NATIVE", "1") != "0"
+
+MAX_TERMS = 64  # the kernels' fixed per-row scratch (tasks and loss terms)
+
+
+def built() -> bool:
+    """Whether the C extension was built and imports."""
+    return _kernels is not None
+
+
+def available() -> bool:
+    """Whether the kernels are built and enabled."""
+    return _kernels is not None and _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the kernels on or off for this process (``train.native_kernels``)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*ts: Optional[torch.Tensor]) -> bool:
+    """Kernels available, plain host tensors (not the fake or functional subclasses of
+    ``torch.export``/``torch.compile``), and no tracer that would record the C call as a
+    constant (``torch.jit.trace``, ``torch.fx``)."""
+    return (available() and all(t is None or (type(t) in _PLAIN and t.device.type == "cpu") for t in ts)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not is_fx_tracing())
+
+
+def _host_f32(*ts: Optional[torch.Tensor]) -> bool:
+    return _eager(*ts) and all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in ts)
+
+
+def term_means_applies(logits: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lam: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`term_means_forward` can run on these tensors: kernels available, every
+    tensor contiguous float32 on the CPU, at most :data:`MAX_TERMS` tasks and terms, not traced."""
+    return (logits.dim() == 2 and _host_f32(logits, y, r, lam)
+            and logits.shape[1] <= MAX_TERMS and y.shape[1] <= MAX_TERMS)
+
+
+def term_means_forward(
+    logits: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lam: Optional[torch.Tensor],
+    src_task: torch.Tensor, is_entire: torch.Tensor, log_prob: torch.Tensor, negated: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [B, T]``, term labels ``y [B, K]``, row weights ``r [B, K]``, ``lam [B]`` or
+    None, the terms' ``src_task`` (int64 ``[K]``), ``is_entire`` (bool ``[K]``) and
+    ``log_prob`` (``[2T or T, K]``, :class:`dlrm_mtl.losses.TermMatrices`) -> (``per [K]``:
+    each term's weighted mean BCE with the weights ``r λ / Σ_b r``; ``D [B, K]``: each term's
+    weighted derivative in its source; ``σ(z)``, ``σ(-z)`` ``[B, T]``) for
+    :func:`term_means_backward`."""
+    assert _kernels is not None
+    B, T = logits.shape
+    K = y.shape[1]
+    per = logits.new_empty(K)
+    d = logits.new_empty(B, K)
+    sig_pos, sig_neg = logits.new_empty(B, T), logits.new_empty(B, T)
+    colsum = torch.empty(K, dtype=torch.float64)
+    _kernels.term_means_forward(
+        logits.data_ptr(), y.data_ptr(), r.data_ptr(), 0 if lam is None else lam.data_ptr(), B, T, K,
+        src_task.data_ptr(), is_entire.data_ptr(), log_prob.data_ptr(), int(negated),
+        per.data_ptr(), d.data_ptr(), sig_pos.data_ptr(), sig_neg.data_ptr(), colsum.data_ptr())
+    return per, d, sig_pos, sig_neg
+
+
+def term_means_backward(d: torch.Tensor, grad: torch.Tensor, grad_map: torch.Tensor, sig_pos: torch.Tensor,
+                        sig_neg: torch.Tensor) -> torch.Tensor:
+    """``D [B, K]`` and ``σ(±z)`` from :func:`term_means_forward`, the incoming ``grad [K]``
+    and ``grad_map [K, 3T]`` (``[S | P₊ | P₋]``) -> ``∂/∂logits [B, T]``."""
+    assert _kernels is not None
+    B, K = d.shape
+    T = sig_pos.shape[1]
+    g = grad.to(torch.float32).contiguous()
+    out = d.new_empty(B, T)
+    _kernels.term_means_backward(d.data_ptr(), g.data_ptr(), grad_map.data_ptr(), sig_pos.data_ptr(),
+                                 sig_neg.data_ptr(), B, T, K, out.data_ptr())
+    return out
+
+
+_INT = (torch.int64, torch.int32)
+
+
+def shift_applies(indices: torch.Tensor, offsets: torch.Tensor, row_start: torch.Tensor) -> bool:
+    """Whether :func:`shift_ids` can run: contiguous int64 host ids, int64/int32 offsets, int64
+    ``row_start``, not traced (int32 ids keep the ATen path, whose sum with the int64 row
+    starts is int64)."""
+    return (_eager(indices, offsets, row_start) and indices.dtype == torch.int64 and offsets.dtype in _INT
+            and row_start.dtype == torch.int64 and indices.is_contiguous() and offsets.is_contiguous()
+            and row_start.is_contiguous())
+
+
+def shift_ids(indices: torch.Tensor, offsets: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
+    """``indices [N]`` of F features' bags, feature after feature (``offsets [F·B + 1]``),
+    each plus its feature's ``row_start [F]`` -> ``[N]`` (a new tensor). Offsets that do not
+    rise within ``[0, N]`` to ``N`` raise ValueError."""
+    assert _kernels is not None
+    F = row_start.numel()
+    B = (offsets.numel() - 1) // F
+    out = torch.empty_like(indices)
+    _kernels.shift_ids(indices.data_ptr(), out.data_ptr(), offsets.data_ptr(), row_start.data_ptr(), F, B,
+                       int(offsets.dtype == torch.int32), indices.numel())
+    return out

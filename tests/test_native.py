@@ -1,0 +1,144 @@
+"""The fused C kernels (dlrm_mtl/native.py, dlrm_mtl/csrc/cpu_kernels.c) against the ATen
+paths they replace and a float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dlrm_mtl import native
+from dlrm_mtl.config import LossConfig
+from dlrm_mtl.losses import EntireSpaceLoss
+from dlrm_mtl.schema import ScenarioLevel, Schema, SparseFeature
+from test_losses import _GRAPHS
+
+
+@pytest.fixture
+def with_native():
+    """Runs a test with the kernels on, then restores the process setting."""
+    was = native.available()
+    native.set_enabled(True)
+    yield
+    native.set_enabled(was)
+
+
+def test_the_extension_is_built():
+    """`make install` compiles dlrm_mtl/csrc (setup.py); an install that silently lost the C
+    compiler or the extension would otherwise run every test on the ATen paths only."""
+    if os.environ.get("DLRM_MTL_NATIVE") == "0":
+        pytest.skip("DLRM_MTL_NATIVE=0: the kernels are off on purpose")
+    assert native.built(), "dlrm_mtl._cpu_kernels did not build: run `make install` (needs a C compiler)"
+
+
+def _loss_case(graph: str, weighting: str, scale: float, seed: int = 7):
+    tasks = _GRAPHS[graph]
+    schema = Schema("m", [SparseFeature("a", "ta", 10, 4)], [], [ScenarioLevel("s", 3)], tasks)
+    cfg = LossConfig(scenario_weighting=weighting,
+                     scenario_weights={"s1": 3.0, "s2": 0.5} if weighting == "static" else {})
+    loss = EntireSpaceLoss(schema, cfg)
+    g = torch.Generator().manual_seed(seed)
+    B, T = 301, len(tasks)
+    z = scale * torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    y = (torch.rand(B, T, generator=g) < 0.4).float() * mask
+    w = torch.rand(B, generator=g)
+    w[-7:] = 0  # padding rows
+    lam = loss.scenario_lambda[torch.randint(0, 3, (B,), generator=g)] if weighting != "none" else None
+    return loss, z, y, mask, w, lam
+
+
+def _terms_and_grad(loss, z, y, mask, w, lam, native_on: bool):
+    native.set_enabled(native_on)
+    zz = z.detach().requires_grad_()  # keeps z's strides
+    per = loss._per_task_matrix(zz, y, mask, w, lam)
+    (grad,) = torch.autograd.grad(per @ torch.arange(1.0, len(per) + 1, dtype=per.dtype), zz)
+    return per.detach(), grad, type(per.grad_fn).__name__
+
+
+@pytest.mark.parametrize("graph", sorted(_GRAPHS))
+@pytest.mark.parametrize("weighting", ["none", "static"])
+@pytest.mark.parametrize("scale", [3.0, 30.0])
+def test_fused_term_means_equal_the_aten_path_and_float64(with_native, graph, weighting, scale):
+    """FusedTermMeans (one C pass) gives every term's mean loss and the logits' gradient of the
+    float64 per-term loop to float32 rounding — as close as TermMeans' float32 ATen path is —
+    for ESMM chains, PLE masks, negated parents and root tasks, with scenario λ, padding rows
+    and logits of scale 30 (probabilities within 1e-13 of 0 and 1: the clamp's branch)."""
+    loss, z, y, mask, w, lam = _loss_case(graph, weighting, scale)
+    fused, g_fused, fn = _terms_and_grad(loss, z, y, mask, w, lam, True)
+    assert fn == "FusedTermMeansBackward"
+    aten, g_aten, fn = _terms_and_grad(loss, z, y, mask, w, lam, False)
+    assert fn == "TermMeansBackward"
+    loss.double()
+    zz = z.double().requires_grad_()
+    ref = loss._per_task_loop(zz, y.double(), mask, w.double(), None if lam is None else lam.double())
+    (g_ref,) = torch.autograd.grad(ref @ torch.arange(1.0, len(ref) + 1, dtype=ref.dtype), zz)
+    loss.float()
+    for got in (fused, aten):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    for got in (g_fused, g_aten):
+        torch.testing.assert_close(got.double(), g_ref, rtol=1e-5, atol=2e-7)
+    torch.testing.assert_close(fused, aten, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_term_means_edge_rows(with_native):
+    """A term without rows is 0 with no gradient; a confidently wrong negative entire-space row
+    (σ(20)² rounds to 1 in float32: the clamp) keeps its gradient, as in the ATen path."""
+    loss, z, y, mask, w, lam = _loss_case("esmm", "none", 3.0)
+    mask[:, 1] = False  # no row has a cvr label: the ctcvr term (chain rows) has no rows
+    fused, g_fused, _ = _terms_and_grad(loss, z, y * mask, mask, w, lam, True)
+    aten, g_aten, _ = _terms_and_grad(loss, z, y * mask, mask, w, lam, False)
+    assert fused[1] == 0 and aten[1] == 0
+    torch.testing.assert_close(g_fused, g_aten, rtol=1e-5, atol=1e-8)
+    z2, y2 = torch.full((1, 2), 20.0), torch.zeros(1, 2)
+    m2, w2 = torch.ones(1, 2, dtype=torch.bool), torch.ones(1)
+    fused, g_fused, _ = _terms_and_grad(loss, z2, y2, m2, w2, None, True)
+    aten, g_aten, _ = _terms_and_grad(loss, z2, y2, m2, w2, None, False)
+    torch.testing.assert_close(fused, aten, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(g_fused, g_aten, rtol=1e-5, atol=0.0)
+    assert (g_fused > 0.4).all()
+
+
+def test_fused_path_only_on_contiguous_host_float32(with_native):
+    """float64 logits, a non-contiguous view, or the switch off take the ATen TermMeans."""
+    loss, z, y, mask, w, lam = _loss_case("esmm", "none", 3.0)
+    assert _terms_and_grad(loss, z, y, mask, w, lam, True)[2] == "FusedTermMeansBackward"
+    wide = torch.cat([z, z], dim=1)[:, ::2]  # same values, strided
+    assert _terms_and_grad(loss, wide, y, mask, w, lam, True)[2] == "TermMeansBackward"
+    assert _terms_and_grad(loss.double(), z.double(), y.double(), mask, w.double(), lam, True)[2] == "TermMeansBackward"
+    loss.float()
+    assert _terms_and_grad(loss, z, y, mask, w, lam, False)[2] == "TermMeansBackward"
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("offsets_dtype", [torch.int64, torch.int32])
+def test_shift_ids_equal_the_aten_shift(with_native, ids_dtype, offsets_dtype):
+    """RecordedLookup's id shift (each feature's ids plus its table's first row) in one C
+    pass equals its four-operator ATen path bit for bit, for multi-hot bags with empty ones
+    and a feature without ids in the batch; bad offsets raise instead of reading past the ids."""
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
+
+    g = torch.Generator().manual_seed(5)
+    F, B = 4, 33
+    lengths = torch.randint(0, 4, (F, B), generator=g)
+    lengths[2] = 0  # a feature with no ids in this batch
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.flatten().cumsum(0)]).to(offsets_dtype)
+    indices = torch.randint(0, 1000, (int(lengths.sum()),), generator=g, dtype=ids_dtype)
+    row_start = torch.tensor([0, 1000, 1700, 2500], dtype=torch.int64)
+    native.set_enabled(True)
+    assert native.shift_applies(indices, offsets, row_start) == (ids_dtype == torch.int64)
+    fused = RecordedLookup._shifted(indices, offsets, row_start)
+    native.set_enabled(False)
+    aten = RecordedLookup._shifted(indices, offsets, row_start)
+    assert fused.dtype == aten.dtype == torch.int64 and torch.equal(fused, aten)
+    assert not torch.equal(fused, indices.long())  # it did shift
+    if ids_dtype != torch.int64:
+        return
+    native.set_enabled(True)
+    bad = offsets.clone()
+    bad[B] = indices.numel() + 1  # feature 1 would start past the last id
+    with pytest.raises(ValueError, match="offset"):
+        native.shift_ids(indices, bad, row_start)
+    with pytest.raises(ValueError, match="offset"):  # ids past the last offset would stay unwritten
+        native.shift_ids(torch.cat([indices, indices[:1]]), offsets, row_start)
