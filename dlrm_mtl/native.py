@@ -136,3 +136,42 @@ def shift_ids(indices: torch.Tensor, offsets: torch.Tensor, row_start: torch.Ten
     _kernels.shift_ids(indices.data_ptr(), out.data_ptr(), offsets.data_ptr(), row_start.data_ptr(), F, B,
                        int(offsets.dtype == torch.int32), indices.numel())
     return out
+
+
+def one_table_applies(weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                      lr: torch.Tensor) -> bool:
+    """Whether :func:`pooled_sum` and :func:`rowwise_adagrad_update` can run: contiguous float32
+    host table ``[R, D]`` and state ``[R]``, int64 ids and offsets, a float32 learning rate of
+    one value, at most 2³¹ − 1 rows (the slots are int32), not traced."""
+    return (_host_f32(weights, momentum) and weights.dim() == 2 and momentum.shape == weights.shape[:1]
+            and weights.shape[0] < 2**31 - 1 and _eager(ids, offsets, lr) and ids.dtype == offsets.dtype == torch.int64
+            and ids.is_contiguous() and offsets.is_contiguous() and lr.dtype == torch.float32 and lr.numel() == 1)
+
+
+def pooled_sum(weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int,
+               single: bool = False) -> torch.Tensor:
+    """``weights [R, D]``, ``ids [N]`` of F features' bags of B rows (``offsets [F·B + 1]``)
+    -> ``[B, F·D]``: each bag's rows summed in float, in the ids' order. ``single``: every
+    bag holds one id (``offsets`` are not read; ``N = F·B``). An id outside ``[0, R)`` raises
+    IndexError; offsets that fall or do not end at N raise ValueError."""
+    assert _kernels is not None
+    R, D = weights.shape
+    out = weights.new_empty(B, F * D)
+    _kernels.pooled_sum(weights.data_ptr(), R, D, ids.data_ptr(), offsets.data_ptr(), F, B, out.data_ptr(),
+                        int(single), ids.numel())
+    return out
+
+
+def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
+                           offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float,
+                           slot: torch.Tensor, single: bool = False) -> None:
+    """The backward of :func:`pooled_sum` with exact row-wise Adagrad, in place on ``weights``
+    and ``momentum``: ``grad [B, F·D]`` (any row stride), learning rate ``lr`` (a float32
+    tensor of one value, read when the update runs), ``slot`` ``[R]`` int32 scratch, all -1
+    (left so), ``single`` as for :func:`pooled_sum`. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    assert _kernels is not None
+    R, D = weights.shape
+    g = grad if grad.dtype == torch.float32 and grad.stride(1) == 1 else grad.float().contiguous()
+    _kernels.rowwise_adagrad_update(g.data_ptr(), g.stride(0), ids.data_ptr(), offsets.data_ptr(), F, B, D, R,
+                                    weights.data_ptr(), momentum.data_ptr(), lr.data_ptr(), float(eps),
+                                    slot.data_ptr(), int(single), ids.numel())

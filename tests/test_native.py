@@ -142,3 +142,64 @@ def test_shift_ids_equal_the_aten_shift(with_native, ids_dtype, offsets_dtype):
         native.shift_ids(indices, bad, row_start)
     with pytest.raises(ValueError, match="offset"):  # ids past the last offset would stay unwritten
         native.shift_ids(torch.cat([indices, indices[:1]]), offsets, row_start)
+
+
+@pytest.mark.parametrize("single_hot", [False, True])
+def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_small, tmp_path, single_hot):
+    """OneTableLookup (the C pooled sum and exact row-wise Adagrad) against fbgemm's kernel call
+    through the same one-table layout: two identical runs, one on the C kernels, one on
+    fbgemm's forward and backward, stay identical bit for bit after every step (losses, dense
+    weights, tables, Adagrad state, counters; a cosine schedule gives the tables a new learning
+    rate every step), for multi-hot bags (empty ones among them) and for single-hot ones
+    (where fbgemm's path is the gather); and so does a lookup without autograd."""
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from test_recorded_lookup import _cfg, _same, _single_hot_schema, _state, _train_step
+    from dlrm_mtl.train import setup_run
+
+    sets = ["sharding.cpu_backward=one_table"]
+    if single_hot:
+        sets.append(f"data.schema={_single_hot_schema(synthetic_small, tmp_path)}")
+    env = init_distributed("gloo", 60, 1)
+    try:
+        runs = [setup_run(_cfg(synthetic_small, tmp_path / name, *sets), env) for name in ("native", "fbgemm")]
+        ours, theirs = (r.dmp.module.model.local_lookup.calls for r in runs)
+        for c in theirs:
+            c._native_applies = lambda ids, offsets: False  # fbgemm's kernels every call
+        streams = [iter(r.train_stream) for r in runs]
+        for step in range(7):
+            losses = [_train_step(r, next(it)) for r, it in zip(runs, streams)]
+            assert torch.equal(losses[0], losses[1]), step
+            a, b = _state(runs[0]), _state(runs[1])
+            for k in a:
+                assert _same(a[k], b[k], False), (step, k)
+        assert all(c.native_calls == 6 for c in ours) and all(c.native_calls == 0 for c in theirs)
+        assert all((c.gathers > 0) == single_hot for c in theirs)
+        batch = next(streams[0])
+        with torch.no_grad():
+            outs = [r.dmp.module.model.local_lookup(batch.sparse) for r in runs]
+        assert torch.equal(outs[0], outs[1])
+        for it in streams:
+            it.close()
+    finally:
+        shutdown_distributed()
+
+
+def test_one_table_lookup_rejects_bad_ids_before_writing(with_native):
+    """An id outside the table or offsets that do not end at the ids' count raise, naming
+    what is wrong, and leave the table, its state and the slots untouched."""
+    w, m = torch.randn(5, 4), torch.rand(5)
+    slot = torch.full((5,), -1, dtype=torch.int32)
+    ids, offsets = torch.tensor([0, 4, 2]), torch.tensor([0, 1, 3])
+    assert native.one_table_applies(w, m, ids, offsets, torch.tensor(0.1))
+    out = native.pooled_sum(w, ids, offsets, 1, 2)
+    torch.testing.assert_close(out, torch.stack([w[0], w[4] + w[2]]), rtol=0, atol=0)
+    w0, m0 = w.clone(), m.clone()
+    with pytest.raises(IndexError, match="id 5"):
+        native.rowwise_adagrad_update(torch.ones(2, 4), w, m, torch.tensor([0, 5, 2]), offsets, 1, 2,
+                                      torch.tensor(0.1), 1e-8, slot)
+    with pytest.raises(ValueError, match="offsets"):
+        native.pooled_sum(w, ids, torch.tensor([0, 1, 2]), 1, 2)
+    assert torch.equal(w, w0) and torch.equal(m, m0) and bool((slot == -1).all())
+    native.rowwise_adagrad_update(torch.ones(2, 4), w, m, ids, offsets, 1, 2, torch.tensor(0.1), 1e-8, slot)
+    assert bool((slot == -1).all()) and not torch.equal(w, w0)
+    assert torch.equal(w[[1, 3]], w0[[1, 3]])  # rows no id touched

@@ -267,7 +267,8 @@ def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_pa
     (losses, dense weights, tables, Adagrad state, counters; cosine schedule: a new table
     learning rate every step), and so is a lookup without autograd (evaluation). The gather's
     output takes an in-place division of some of its columns, as mean pooling divides a
-    multi-hot feature whose bags all happen to hold one id, and trains like the kernel's."""
+    multi-hot feature whose bags all happen to hold one id, and trains like the kernel's. (The
+    path where the C kernels are off or not built: tests/test_native.py has theirs.)"""
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from dlrm_mtl.models.recorded_lookup import RecordedLookup
     from dlrm_mtl.train import setup_run
@@ -275,8 +276,8 @@ def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_pa
     schema = _single_hot_schema(synthetic_small, tmp_path)
     env = init_distributed("gloo", 60, 1)
     try:
-        runs = [setup_run(_cfg(synthetic_small, tmp_path / name, "sharding.cpu_backward=one_table", f"data.schema={schema}"),
-                          env) for name in ("gather", "kernel")]
+        runs = [setup_run(_cfg(synthetic_small, tmp_path / name, "sharding.cpu_backward=one_table", f"data.schema={schema}",
+                               "train.native_kernels=false"), env) for name in ("gather", "kernel")]
         gather, kernel = (r.dmp.module.model.local_lookup.calls for r in runs)
         assert gather and all(isinstance(c, RecordedLookup) for c in gather + kernel)
         for c in kernel:

@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------------------------------
@@ -213,6 +214,197 @@ static PyObject *shift_ids(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * pooled_sum / rowwise_adagrad_update: a one-table embedding lookup (R rows of dim D; F
+ * features' bags of B rows, ids feature after feature with offsets [F B + 1], the layout of
+ * dlrm_mtl.models.recorded_lookup.RecordedLookup's one-table call) and its backward with
+ * fbgemm's exact row-wise Adagrad, as fbgemm_gpu 1.8's CPU kernels compute them for a table
+ * read by several features:
+ *   forward   out[b, f D + d] = sum over the bag's ids, in order, of w[id, d] (float);
+ *   backward  each touched row's gradient g = sum of its bags' output gradients, in the ids'
+ *             order; m += sum_d g^2 / D; w -= g lr / (sqrt(m) + eps), all in float (fbgemm's
+ *             CPU template accumulates in at::acc_type<float, true>, i.e. float) and without
+ *             fused multiply-adds (-ffp-contract=off), so the tables train bit for bit as
+ *             through fbgemm (tests/test_native.py).
+ * fbgemm finds each row's bags by sorting the ids (a stable radix sort: a row's bags stay in
+ * the ids' order); here a row's first id gives it a slot in a dense accumulator instead
+ * (slot [R] int32, all -1 between calls). An id outside [0, R) raises IndexError and
+ * changes nothing.
+ * single: every bag holds one id (bag (f, b) is id f B + b; offsets are not read).
+ * pooled_sum(w, R, D, ids, offsets, F, B, out, single, N)
+ * rowwise_adagrad_update(grad, ld, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, single, N)
+ */
+/* ids in [0, R); offsets rising from 0 (single: every bag holds one id, offsets not read,
+ * and the ids number F B) */
+static int check_bags(const int64_t *ids, const int64_t *offsets, Py_ssize_t F, Py_ssize_t B, Py_ssize_t R,
+                      int single, Py_ssize_t N) {
+    int64_t n = N;
+    if (single) {
+        if (N != F * B) {
+            PyErr_Format(PyExc_ValueError, "embedding lookup: %zd ids for %zd one-id bags", N, F * B);
+            return -1;
+        }
+    } else {
+        n = offsets[F * B];
+        if (offsets[0] != 0 || n != N) {
+            PyErr_Format(PyExc_ValueError, "embedding lookup: offsets run from %lld to %lld for %zd ids",
+                         (long long)offsets[0], (long long)n, N);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < F * B; i++)
+            if (offsets[i + 1] < offsets[i]) {
+                PyErr_Format(PyExc_ValueError, "embedding lookup: offsets fall at bag %zd", i);
+                return -1;
+            }
+    }
+    for (int64_t p = 0; p < n; p++)
+        if (ids[p] < 0 || ids[p] >= R) {
+            PyErr_Format(PyExc_IndexError, "embedding lookup: id %lld (position %lld) is outside the table's %zd rows",
+                         (long long)ids[p], (long long)p, R);
+            return -1;
+        }
+    return 0;
+}
+
+/* a bag's rows summed into o (from 0, in the ids' order): for the usual embedding dims the
+ * D sums are held in registers (a constant trip count the compiler unrolls); other dims sum
+ * in memory */
+#define DEFINE_BAG_SUM(DC)                                                                          \
+    static inline void bag_sum_##DC(float *restrict o, const float *restrict W, const int64_t *restrict id, \
+                                    int64_t a, int64_t z) {                                        \
+        float acc[DC] = {0.0f};                                                                     \
+        for (int64_t p = a; p < z; p++) {                                                           \
+            const float *restrict row = W + id[p] * DC;                                             \
+            for (int d = 0; d < DC; d++) acc[d] += row[d];                                          \
+        }                                                                                           \
+        for (int d = 0; d < DC; d++) o[d] = acc[d];                                                 \
+    }
+DEFINE_BAG_SUM(4)
+DEFINE_BAG_SUM(8)
+DEFINE_BAG_SUM(16)
+DEFINE_BAG_SUM(32)
+DEFINE_BAG_SUM(64)
+
+static inline void bag_sum(float *restrict o, const float *restrict W, const int64_t *restrict id, int64_t a,
+                           int64_t z, Py_ssize_t D) {
+    switch (D) {
+    case 4: bag_sum_4(o, W, id, a, z); return;
+    case 8: bag_sum_8(o, W, id, a, z); return;
+    case 16: bag_sum_16(o, W, id, a, z); return;
+    case 32: bag_sum_32(o, W, id, a, z); return;
+    case 64: bag_sum_64(o, W, id, a, z); return;
+    default: break;
+    }
+    for (Py_ssize_t d = 0; d < D; d++) o[d] = 0.0f;
+    for (int64_t p = a; p < z; p++) {
+        const float *restrict row = W + id[p] * D;
+        for (Py_ssize_t d = 0; d < D; d++) o[d] += row[d];
+    }
+}
+
+/* row r's gradient accumulator a += g (D columns; the usual dims with a constant trip count) */
+static inline void add_row(float *restrict a, const float *restrict g, Py_ssize_t D) {
+    switch (D) {
+    case 8: for (int d = 0; d < 8; d++) a[d] += g[d]; return;
+    case 16: for (int d = 0; d < 16; d++) a[d] += g[d]; return;
+    case 32: for (int d = 0; d < 32; d++) a[d] += g[d]; return;
+    default: for (Py_ssize_t d = 0; d < D; d++) a[d] += g[d]; return;
+    }
+}
+
+static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "pooled_sum takes 10 arguments");
+        return NULL;
+    }
+    void *w, *ids, *offsets, *out;
+    Py_ssize_t R, D, F, B, single, N;
+    if (get_ptr(args[0], &w) || get_size(args[1], &R) || get_size(args[2], &D) || get_ptr(args[3], &ids)
+        || get_ptr(args[4], &offsets) || get_size(args[5], &F) || get_size(args[6], &B) || get_ptr(args[7], &out)
+        || get_size(args[8], &single) || get_size(args[9], &N))
+        return NULL;
+    const int64_t *id = ids, *off = offsets;
+    if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < B; b++)  /* row after row: the output is written in order */
+        for (Py_ssize_t f = 0; f < F; f++) {
+            float *o = (float *)out + b * F * D + f * D;
+            const int64_t a = single ? f * B + b : off[f * B + b], z = single ? a + 1 : off[f * B + b + 1];
+            bag_sum(o, w, id, a, z, D);
+        }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "rowwise_adagrad_update takes 15 arguments");
+        return NULL;
+    }
+    void *grad, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr;
+    Py_ssize_t ld, F, B, D, R, single, N;
+    double eps;
+    if (get_ptr(args[0], &grad) || get_size(args[1], &ld) || get_ptr(args[2], &ids) || get_ptr(args[3], &offsets)
+        || get_size(args[4], &F) || get_size(args[5], &B) || get_size(args[6], &D) || get_size(args[7], &R)
+        || get_ptr(args[8], &w) || get_ptr(args[9], &m) || get_ptr(args[10], &lr_ptr))
+        return NULL;
+    eps = PyFloat_AsDouble(args[11]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    if (get_ptr(args[12], &slot_ptr) || get_size(args[13], &single) || get_size(args[14], &N)) return NULL;
+    const int64_t *id = ids, *off = offsets;
+    if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
+    const int64_t rows = N < R ? N : R; /* rows touched, at most */
+    float *acc = malloc((size_t)(rows > 0 ? rows : 1) * (size_t)D * sizeof(float));
+    int64_t *touched = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    if (acc == NULL || touched == NULL) {
+        free(acc);
+        free(touched);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const float *G = grad;
+    float *W = w, *M = m;
+    int32_t *slot = slot_ptr;
+    const float lr = *(const float *)lr_ptr, epsf = (float)eps;
+    int64_t U = 0;
+    for (Py_ssize_t f = 0; f < F; f++)
+        for (Py_ssize_t b = 0; b < B; b++) {
+            const float *g = G + b * ld + f * D;
+            const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
+            for (int64_t p = pa; p < pz; p++) {
+                int32_t s = slot[id[p]];
+                float *a;
+                if (s < 0) {
+                    s = slot[id[p]] = (int32_t)U;
+                    touched[U++] = id[p];
+                    a = acc + (int64_t)s * D;
+                    for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+                } else {
+                    a = acc + (int64_t)s * D;
+                }
+                add_row(a, g, D);
+            }
+        }
+    for (int64_t u = 0; u < U; u++) {
+        const int64_t r = touched[u];
+        const float *a = acc + u * D;
+        float *row = W + r * D;
+        float ss = 0.0f;
+        for (Py_ssize_t d = 0; d < D; d++) ss += a[d] * a[d];
+        const float nsq = M[r] + ss / (float)D;
+        M[r] = nsq;
+        const float mult = lr / (sqrtf(nsq) + epsf);
+        for (Py_ssize_t d = 0; d < D; d++) row[d] = row[d] - a[d] * mult;
+        slot[r] = -1;
+    }
+    Py_END_ALLOW_THREADS
+    free(acc);
+    free(touched);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"term_means_forward", (PyCFunction)(void (*)(void))term_means_forward, METH_FASTCALL,
      "Fused TermMeans forward on float32 CPU memory (see cpu_kernels.c)."},
@@ -220,6 +412,10 @@ static PyMethodDef methods[] = {
      "Fused TermMeans backward on float32 CPU memory (see cpu_kernels.c)."},
     {"shift_ids", (PyCFunction)(void (*)(void))shift_ids, METH_FASTCALL,
      "Each feature's ids shifted by its table's first row (see cpu_kernels.c)."},
+    {"pooled_sum", (PyCFunction)(void (*)(void))pooled_sum, METH_FASTCALL,
+     "One-table embedding bags summed (see cpu_kernels.c)."},
+    {"rowwise_adagrad_update", (PyCFunction)(void (*)(void))rowwise_adagrad_update, METH_FASTCALL,
+     "One-table lookup's backward with exact row-wise Adagrad, in place (see cpu_kernels.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,6 +10,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl import native
+from dlrm_mtl.models.one_table_lookup import OneTableLookup
 from dlrm_mtl.models.single_hot_gather import FusedBackward, SingleHotGather
 
 # the fbgemm_gpu release whose SplitTableBatchedEmbeddingBagsCodegen.forward this replays
@@ -121,6 +122,11 @@ class RecordedLookup:
         self._gather_off = False  # the kernel's backward made no call to record: no gathers
         # the last offsets found to give every bag one id, with its version (_single_hot)
         self._single_offsets: Optional[Tuple[torch.Tensor, int]] = None
+        # one-table calls through the C kernels (OneTableLookup, _native_applies)
+        self._native_checked: Any = None  # the optimizer-argument tuple last checked
+        self._native_plain = False  # ... and whether it is plain row-wise Adagrad
+        self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
+        self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
 
     @classmethod
     def of(cls, emb: nn.Module, one_table: Optional[bool] = None) -> Optional["RecordedLookup"]:
@@ -324,11 +330,39 @@ class RecordedLookup:
         self.replays += 1
         ids = indices if self._row_start is None else self._shift(kjt, indices, offsets)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
+        if self._row_start is not None and self._native_applies(ids, offsets):
+            return self._native(args)
         if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
             out = self._gather(args)
             if out is not None:
                 return out
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
+
+    def _native_applies(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
+        """Whether the one-table call can run as :class:`OneTableLookup` (the C kernels,
+        ``train.native_kernels``): plain row-wise Adagrad (no weight decay, clipping or max
+        norm; checked once per optimizer-argument tuple) on float32 host tables."""
+        tbe = self.tbe
+        o = tbe.optimizer_args
+        if self._native_checked is not o:
+            self._native_checked = o
+            self._native_plain = (float(o.weight_decay) == 0.0 and not o.gradient_clipping and float(o.max_norm) == 0.0)
+        return self._native_plain and native.one_table_applies(
+            tbe.weights_host.view(-1, self._dim), tbe.momentum1_host, ids, offsets, tbe.learning_rate_tensor)
+
+    def _native(self, args: Any) -> torch.Tensor:
+        """The one-table call through :class:`OneTableLookup`: fbgemm's pooled sum and exact
+        row-wise Adagrad backward as one C pass each, bit for bit."""
+        tbe = self.tbe
+        weights = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
+        if self._slot is None or self._slot.numel() != weights.shape[0]:
+            self._slot = torch.full((weights.shape[0],), -1, dtype=torch.int32)
+        F = self._row_start.numel()  # type: ignore[union-attr]
+        B = (args.offsets.numel() - 1) // F
+        self.native_calls += 1
+        return OneTableLookup.apply(args.placeholder_autograd_tensor, weights, tbe.momentum1_host, args.indices,
+                                    args.offsets, F, B, tbe.learning_rate_tensor, float(tbe.optimizer_args.eps),
+                                    self._slot, self._single_hot(args.indices, args.offsets))  # [B, F·D]
 
     def _single_hot(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
         """Whether every bag of the call holds exactly one id (``offsets`` 0, 1, 2, ...): checked

@@ -1,0 +1,50 @@
+"""A one-table embedding-bag lookup with fbgemm's exact row-wise Adagrad, in C on the host."""
+
+from __future__ import annotations
+
+import torch
+
+from dlrm_mtl import native
+
+
+class OneTableLookup(torch.autograd.Function):
+    """``OneTableLookup.apply(placeholder, weights [R, D], momentum [R], ids [N], offsets [F·B + 1],
+    F, B, lr, eps, slot, single) -> [B, F·D]``: the lookup :class:`~dlrm_mtl.models.recorded_lookup.RecordedLookup`
+    makes as one table (ids shifted by their table's first row, feature after feature), with
+    fbgemm's kernels replaced by :func:`dlrm_mtl.native.pooled_sum` forward and
+    :func:`dlrm_mtl.native.rowwise_adagrad_update` backward, each one C pass:
+
+    * forward: each bag's rows summed in float, in the ids' order (fbgemm's pooled sum);
+    * backward: each touched row's gradient summed over its bags in the ids' order, then exact
+      row-wise Adagrad (Duchi et al. 2011, with one accumulator per row as fbgemm's
+      ``EXACT_ROWWISE_ADAGRAD``): ``m_r += Σ_d g_rd² / D``, ``w_r -= lr · g_r / (√m_r + eps)``,
+      in float, in place on the module's own weights and state — fbgemm 1.8's CPU code for a
+      table read by several features, operation for operation, so the tables train bit for bit
+      as they do through fbgemm (tests/test_native.py).
+
+    fbgemm gets there by sorting the batch's ids into a sparse column per row (a radix sort of
+    all N ids) and runs one row after another; here each row's first id gives it a slot in a
+    dense accumulator (``slot``: ``[R]`` int32, all -1 between calls). The MovieLens shape
+    (7 tables, 9,894 rows, ~15,700 ids per batch of 2,048): docs/performance.md.
+
+    ``single``: every bag holds one id (the reader's single-hot batches; ``offsets`` are then not
+    read). ``placeholder`` is fbgemm's autograd anchor (no gradient); ``weights`` get none either.
+
+    Example::
+
+        out = OneTableLookup.apply(ph, tbe.weights_host.view(-1, 16), tbe.momentum1_host, ids,
+                                   offsets, 7, 2048, tbe.learning_rate_tensor, 1e-8, slot, False)
+    """
+
+    @staticmethod
+    def forward(ctx, placeholder: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
+                offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor,
+                single: bool) -> torch.Tensor:
+        ctx.args = (weights, momentum, ids, offsets, F, B, lr, eps, slot, single)
+        return native.pooled_sum(weights, ids, offsets, F, B, single)  # [B, F·D]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, momentum, ids, offsets, F, B, lr, eps, slot, single = ctx.args
+        native.rowwise_adagrad_update(grad, weights, momentum, ids, offsets, F, B, lr, eps, slot, single)
+        return (None,) * 11
