@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
@@ -175,3 +175,28 @@ def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: 
     _kernels.rowwise_adagrad_update(g.data_ptr(), g.stride(0), ids.data_ptr(), offsets.data_ptr(), F, B, D, R,
                                     weights.data_ptr(), momentum.data_ptr(), lr.data_ptr(), float(eps),
                                     slot.data_ptr(), int(single), ids.numel())
+
+
+def _np_ptr(a: Any) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def kjt_single_run(matrix: Any, start: int, n: int, B: int, pos: int, values: Any, lengths: Any, ends: Any) -> None:
+    """A batch's KJT arrays for a run of m single-hot keys: ``matrix [m, rows]`` (int64, each
+    row contiguous) rows ``[start, start + n)`` written to ``values[pos : pos + m·n]`` key after
+    key, ``lengths [m, B]`` (int32: 1, then 0 for padding) and ``ends [m·B]`` (int64: each
+    bag's end in ``values``). numpy arrays; ``lengths`` and ``ends`` views of the batch's."""
+    assert _kernels is not None
+    m, ld = matrix.shape[0], matrix.strides[0] // 8
+    _kernels.kjt_single_run(_np_ptr(matrix), ld, m, start, n, B, pos, _np_ptr(values), _np_ptr(lengths), _np_ptr(ends))
+
+
+def kjt_multi_key(lens: Any, offs: Any, vals: Any, start: int, n: int, B: int, pos: int, values: Any, lengths: Any,
+                  ends: Any) -> None:
+    """A batch's KJT arrays for one multi-hot key: the buffer's rows ``[start, start + n)``
+    (``lens`` int32, ``offs`` int64 ``[rows + 1]``, ``vals`` int64) -> their ids at
+    ``values[pos:]``, ``lengths [B]`` (0 for padding) and ``ends [B]`` (each bag's end in
+    ``values``)."""
+    assert _kernels is not None
+    _kernels.kjt_multi_key(_np_ptr(lens), _np_ptr(offs), _np_ptr(vals), start, n, B, pos, _np_ptr(values),
+                           _np_ptr(lengths), _np_ptr(ends))

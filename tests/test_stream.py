@@ -198,12 +198,18 @@ def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path
     assert shuffled.nbytes > 0
 
 
+@pytest.mark.parametrize("native_on", [True, False])
 @pytest.mark.parametrize("layout", ["single_hot", "mixed", "lists_first"])
-def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
+def test_id_blocks_cut_each_key_s_ids_and_lengths(layout, native_on, monkeypatch):
     """IdBlocks keeps runs of adjacent single-hot columns as one matrix (and, when every key is
     single-hot, one lengths/offsets layout per batch shape); every batch's KJT still holds each
-    key's own ids and lengths in key order, padding rows empty, and no two batches share ids."""
+    key's own ids and lengths in key order, padding rows empty, and no two batches share ids —
+    cut by the C kernels (dlrm_mtl/native.py) or by numpy, and from a slice of the blocks (its
+    matrices views with a longer row stride) as from the blocks themselves."""
+    from dlrm_mtl import native
     from dlrm_mtl.data.batch_columns import IdBlocks
+
+    monkeypatch.setattr(native, "_enabled", native_on)
 
     rng = np.random.default_rng(1)
     n, B = 300, 128
@@ -238,6 +244,15 @@ def test_id_blocks_cut_each_key_s_ids_and_lengths(layout):
     assert cut[0].values().data_ptr() != cut[1].values().data_ptr()
     if layout == "single_hot":  # full batches share their (read-only) layout; the padded one has its own
         assert cut[0].offsets() is cut[1].offsets() and cut[2].offsets() is not cut[0].offsets()
+    else:
+        assert blocks._native_layout()
+    part = blocks.slice(10, 290)  # views: the C cut reads their row stride
+    for start, rows in [(0, B), (200, 80)]:
+        got = part.kjt(keys, start, start + rows, B)
+        want = blocks.kjt(keys, 10 + start, 10 + start + rows, B)
+        for a, b in ((got.values(), want.values()), (got.lengths(), want.lengths()), (got.offsets(), want.offsets())):
+            assert torch.equal(a, b)
+        assert got.length_per_key() == want.length_per_key() and got.offset_per_key() == want.offset_per_key()
 
 
 @pytest.mark.parametrize("shuffle", [0, 2500])

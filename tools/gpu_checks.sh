@@ -35,6 +35,13 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 PY="${PY:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 stamp "unpacked; python $($PY -V 2>&1)"
+# dlrm_mtl's C kernels (host-side; the GPU step does not use them) for this machine's Python,
+# as make install builds them; without a compiler the tests run with them off
+if ! $PY setup.py -q build_ext --inplace > "$OUT/build_ext.log" 2>&1 \
+   || ! $PY -c "import dlrm_mtl._cpu_kernels" 2>> "$OUT/build_ext.log"; then
+  export DLRM_MTL_NATIVE=0
+fi
+stamp "C kernels: $([ "${DLRM_MTL_NATIVE:-1}" = 0 ] && echo off || echo built)"
 
 DATA=/tmp/syn
 if [ ! -f "$DATA/schema.yaml" ]; then

@@ -405,6 +405,79 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * kjt_single_run / kjt_multi_key: one run of a batch's KJT cut from a buffer's id columns
+ * (dlrm_mtl.data.batch_columns.IdBlocks.kjt): the batch's values, lengths and bag ends of
+ * m adjacent single-hot keys (a [m, rows] int64 matrix, row stride ld) or of one multi-hot
+ * key (int32 lengths, int64 offsets and values of the buffer's rows), for rows
+ * [start, start + n) in a batch of B rows (padding bags empty); values from position pos.
+ * kjt_single_run(matrix, ld, m, start, n, B, pos, values, lengths, ends)
+ * kjt_multi_key(lens, offs, vals, start, n, B, pos, values, lengths, ends)
+ * lengths: int32 [m, B]; ends: int64 [m, B] (the KJT offsets from the run's first bag on).
+ */
+static PyObject *kjt_single_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "kjt_single_run takes 10 arguments");
+        return NULL;
+    }
+    void *matrix, *values, *lengths, *ends;
+    Py_ssize_t ld, m, start, n, B, pos;
+    if (get_ptr(args[0], &matrix) || get_size(args[1], &ld) || get_size(args[2], &m) || get_size(args[3], &start)
+        || get_size(args[4], &n) || get_size(args[5], &B) || get_size(args[6], &pos) || get_ptr(args[7], &values)
+        || get_ptr(args[8], &lengths) || get_ptr(args[9], &ends))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < m; j++) {
+        const int64_t *src = (const int64_t *)matrix + j * ld + start;
+        const int64_t first = pos + j * n;
+        memcpy((int64_t *)values + first, src, (size_t)n * sizeof(int64_t));
+        int32_t *len = (int32_t *)lengths + j * B;
+        int64_t *end = (int64_t *)ends + j * B;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            len[i] = 1;
+            end[i] = first + i + 1;
+        }
+        for (Py_ssize_t i = n; i < B; i++) {
+            len[i] = 0;
+            end[i] = first + n;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *kjt_multi_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "kjt_multi_key takes 10 arguments");
+        return NULL;
+    }
+    void *lens, *offs, *vals, *values, *lengths, *ends;
+    Py_ssize_t start, n, B, pos;
+    if (get_ptr(args[0], &lens) || get_ptr(args[1], &offs) || get_ptr(args[2], &vals) || get_size(args[3], &start)
+        || get_size(args[4], &n) || get_size(args[5], &B) || get_size(args[6], &pos) || get_ptr(args[7], &values)
+        || get_ptr(args[8], &lengths) || get_ptr(args[9], &ends))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    const int64_t *o = (const int64_t *)offs + start;
+    const int64_t a = o[0], size = o[n] - a, shift = pos - a;
+    memcpy((int64_t *)values + pos, (const int64_t *)vals + a, (size_t)size * sizeof(int64_t));
+    const int32_t *l = (const int32_t *)lens + start;
+    int32_t *len = lengths;
+    int64_t *end = ends;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        len[i] = l[i];
+        end[i] = o[i + 1] + shift;
+    }
+    for (Py_ssize_t i = n; i < B; i++) {
+        len[i] = 0;
+        end[i] = pos + size;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"term_means_forward", (PyCFunction)(void (*)(void))term_means_forward, METH_FASTCALL,
      "Fused TermMeans forward on float32 CPU memory (see cpu_kernels.c)."},
@@ -416,6 +489,10 @@ static PyMethodDef methods[] = {
      "One-table embedding bags summed (see cpu_kernels.c)."},
     {"rowwise_adagrad_update", (PyCFunction)(void (*)(void))rowwise_adagrad_update, METH_FASTCALL,
      "One-table lookup's backward with exact row-wise Adagrad, in place (see cpu_kernels.c)."},
+    {"kjt_single_run", (PyCFunction)(void (*)(void))kjt_single_run, METH_FASTCALL,
+     "A batch's KJT values, lengths and bag ends of a run of single-hot keys (see cpu_kernels.c)."},
+    {"kjt_multi_key", (PyCFunction)(void (*)(void))kjt_multi_key, METH_FASTCALL,
+     "A batch's KJT values, lengths and bag ends of one multi-hot key (see cpu_kernels.c)."},
     {NULL, NULL, 0, NULL},
 };
 
