@@ -69,9 +69,10 @@ def _host_f32(*ts: Optional[torch.Tensor]) -> bool:
 
 
 def term_means_applies(logits: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lam: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`term_means_forward` can run on these tensors: kernels available, every
-    tensor contiguous float32 on the CPU, at most :data:`MAX_TERMS` tasks and terms, not traced."""
-    return (logits.dim() == 2 and _host_f32(logits, y, r, lam)
+    """Whether :func:`term_means_forward` can run on these tensors: kernels available, float32
+    on the CPU (``logits`` with any strides, the others contiguous), at most :data:`MAX_TERMS`
+    tasks and terms, not traced."""
+    return (logits.dim() == 2 and _host_f32(y, r, lam) and _eager(logits) and logits.dtype == torch.float32
             and logits.shape[1] <= MAX_TERMS and y.shape[1] <= MAX_TERMS)
 
 
@@ -95,7 +96,8 @@ def term_means_forward(
     _kernels.term_means_forward(
         logits.data_ptr(), y.data_ptr(), r.data_ptr(), 0 if lam is None else lam.data_ptr(), B, T, K,
         src_task.data_ptr(), is_entire.data_ptr(), log_prob.data_ptr(), int(negated),
-        per.data_ptr(), d.data_ptr(), sig_pos.data_ptr(), sig_neg.data_ptr(), colsum.data_ptr())
+        per.data_ptr(), d.data_ptr(), sig_pos.data_ptr(), sig_neg.data_ptr(), colsum.data_ptr(),
+        logits.stride(0), logits.stride(1))
     return per, d, sig_pos, sig_neg
 
 

@@ -101,11 +101,20 @@ def test_fused_term_means_edge_rows(with_native):
 
 
 def test_fused_path_only_on_contiguous_host_float32(with_native):
-    """float64 logits, a non-contiguous view, or the switch off take the ATen TermMeans."""
+    """float64 logits, non-contiguous term inputs, or the switch off take the ATen TermMeans;
+    strided logits (a transposed layout, as the towers of task-specific inputs leave them)
+    take the C pass, with the same values and gradient as contiguous ones."""
     loss, z, y, mask, w, lam = _loss_case("esmm", "none", 3.0)
-    assert _terms_and_grad(loss, z, y, mask, w, lam, True)[2] == "FusedTermMeansBackward"
-    wide = torch.cat([z, z], dim=1)[:, ::2]  # same values, strided
-    assert _terms_and_grad(loss, wide, y, mask, w, lam, True)[2] == "TermMeansBackward"
+    want, g_want, fn = _terms_and_grad(loss, z, y, mask, w, lam, True)
+    assert fn == "FusedTermMeansBackward"
+    for strided in (torch.stack([z, z], dim=2)[..., 0], z.t().contiguous().t()):
+        got, g_got, fn = _terms_and_grad(loss, strided, y, mask, w, lam, True)
+        assert fn == "FusedTermMeansBackward" and not strided.is_contiguous()
+        assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    m = loss.term_matrices
+    y_k, r_k = m.inputs(y, mask, w)
+    per = loss._per_task_matrix(z.detach().requires_grad_(), y, mask, w, lam, (y_k, torch.cat([r_k, r_k], 1)[:, ::2]))
+    assert type(per.grad_fn).__name__ == "TermMeansBackward"  # strided row weights
     assert _terms_and_grad(loss.double(), z.double(), y.double(), mask, w.double(), lam, True)[2] == "TermMeansBackward"
     loss.float()
     assert _terms_and_grad(loss, z, y, mask, w, lam, False)[2] == "TermMeansBackward"

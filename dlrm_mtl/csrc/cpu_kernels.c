@@ -46,18 +46,19 @@ static int get_size(PyObject *o, Py_ssize_t *out) {
 }
 
 /* term_means_forward(z, y, r, lam, B, T, K, src, is_entire, log_prob, negated,
- *                    per, D, sig_pos, sig_neg, colsum) -> None
- * z [B,T], y [B,K], r [B,K], lam [B] or 0, src int64 [K], is_entire uint8 [K],
+ *                    per, D, sig_pos, sig_neg, colsum, z_stride0, z_stride1) -> None
+ * z [B,T] (element strides z_stride0, z_stride1: a transposed view too), y [B,K], r [B,K]
+ * contiguous, lam [B] or 0, src int64 [K], is_entire uint8 [K],
  * log_prob [(negated ? 2T : T), K]; outputs per [K], D [B,K], sig_pos, sig_neg [B,T];
  * colsum: double scratch [K]. */
 static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "term_means_forward takes 16 arguments");
+    if (nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "term_means_forward takes 18 arguments");
         return NULL;
     }
     void *p[16];
-    Py_ssize_t B, T, K, negated;
+    Py_ssize_t B, T, K, negated, zs0, zs1;
     for (int i = 0; i < 4; i++)
         if (get_ptr(args[i], &p[i])) return NULL;
     if (get_size(args[4], &B) || get_size(args[5], &T) || get_size(args[6], &K)) return NULL;
@@ -66,6 +67,7 @@ static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ss
     if (get_size(args[10], &negated)) return NULL;
     for (int i = 11; i < 16; i++)
         if (get_ptr(args[i], &p[i])) return NULL;
+    if (get_size(args[16], &zs0) || get_size(args[17], &zs1)) return NULL;
     const float *z = p[0], *y = p[1], *r = p[2], *lam = p[3];
     const int64_t *src = p[7];
     const uint8_t *is_entire = p[8];
@@ -88,10 +90,10 @@ static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ss
     float inv[64];
     for (Py_ssize_t k = 0; k < K; k++) inv[k] = (float)(1.0 / (colsum[k] > 1e-12 ? colsum[k] : 1e-12));
     for (Py_ssize_t b = 0; b < B; b++) {
-        const float *zb = z + b * T;
+        const float *zb = z + b * zs0;
         float *spb = sp + b * T, *snb = sn + b * T;
         for (Py_ssize_t t = 0; t < T; t++) {
-            float v = zb[t];
+            float v = zb[t * zs1];
             float e = expf(-fabsf(v));
             float l = log1pf(e);
             float s1 = 1.0f / (1.0f + e);  /* sigma(|z|) */
@@ -119,7 +121,7 @@ static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ss
                 d = ratio * (1.0f - yk) - yk;
             } else {
                 const Py_ssize_t i = (Py_ssize_t)src[k];
-                const float v = zb[i];
+                const float v = zb[i * zs1];
                 loss = fmaxf(v, 0.0f) - v * yk + l1p[i];
                 d = spb[i] - yk;
             }
