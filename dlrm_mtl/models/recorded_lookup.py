@@ -347,7 +347,7 @@ class RecordedLookup:
         if self._native_checked is not o:
             self._native_checked = o
             self._native_plain = (float(o.weight_decay) == 0.0 and not o.gradient_clipping and float(o.max_norm) == 0.0)
-        return self._native_plain and native.one_table_applies(
+        return self._native_plain and native.available() and native.one_table_applies(
             tbe.weights_host.view(-1, self._dim), tbe.momentum1_host, ids, offsets, tbe.learning_rate_tensor)
 
     def _native(self, args: Any) -> torch.Tensor:
