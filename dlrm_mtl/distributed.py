@@ -299,7 +299,8 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
         if cfg.sharding.local_lookup:  # the tables' kernels without TorchRec's dist over one rank
             model = ebcs[0]
             one_table = {"auto": None, "one_table": True, "per_table": False}[cfg.sharding.cpu_backward]
-            model.local_lookup = LocalPooledLookup.of(model.ebc, model.feature_names, model.feature_names, one_table)
+            model.local_lookup = LocalPooledLookup.of(model.ebc, model.feature_names, model.feature_names, one_table,
+                                                     model.mean_spans)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay, fused=True),

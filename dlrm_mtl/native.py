@@ -151,32 +151,35 @@ def one_table_applies(weights: torch.Tensor, momentum: torch.Tensor, ids: torch.
 
 
 def pooled_sum(weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int,
-               single: bool = False) -> torch.Tensor:
+               single: bool = False, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``weights [R, D]``, ``ids [N]`` of F features' bags of B rows (``offsets [F·B + 1]``)
     -> ``[B, F·D]``: each bag's rows summed in float, in the ids' order. ``single``: every
-    bag holds one id (``offsets`` are not read; ``N = F·B``). An id outside ``[0, R)`` raises
+    bag holds one id (``offsets`` are not read; ``N = F·B``). ``mean``: uint8 ``[F]``, the
+    features whose bags are averaged (the sum divided by the bag's length, as
+    :func:`dlrm_mtl.models.bag_means.mean_of_bags` divides). An id outside ``[0, R)`` raises
     IndexError; offsets that fall or do not end at N raise ValueError."""
     assert _kernels is not None
     R, D = weights.shape
     out = weights.new_empty(B, F * D)
     _kernels.pooled_sum(weights.data_ptr(), R, D, ids.data_ptr(), offsets.data_ptr(), F, B, out.data_ptr(),
-                        int(single), ids.numel())
+                        int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
     return out
 
 
 def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
                            offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float,
-                           slot: torch.Tensor, single: bool = False) -> None:
+                           slot: torch.Tensor, single: bool = False, mean: Optional[torch.Tensor] = None) -> None:
     """The backward of :func:`pooled_sum` with exact row-wise Adagrad, in place on ``weights``
     and ``momentum``: ``grad [B, F·D]`` (any row stride), learning rate ``lr`` (a float32
     tensor of one value, read when the update runs), ``slot`` ``[R]`` int32 scratch, all -1
-    (left so), ``single`` as for :func:`pooled_sum`. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    (left so), ``single`` and ``mean`` as for :func:`pooled_sum` (a mean bag's ids each get the
+    bag's gradient divided by its length). See ``dlrm_mtl/csrc/cpu_kernels.c``."""
     assert _kernels is not None
     R, D = weights.shape
     g = grad if grad.dtype == torch.float32 and grad.stride(1) == 1 else grad.float().contiguous()
     _kernels.rowwise_adagrad_update(g.data_ptr(), g.stride(0), ids.data_ptr(), offsets.data_ptr(), F, B, D, R,
                                     weights.data_ptr(), momentum.data_ptr(), lr.data_ptr(), float(eps),
-                                    slot.data_ptr(), int(single), ids.numel())
+                                    slot.data_ptr(), int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
 
 
 def _np_ptr(a: Any) -> int:

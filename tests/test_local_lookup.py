@@ -82,13 +82,13 @@ def test_local_lookup_trains_exactly_like_the_sharded_forward(synthetic_small, t
 
 def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_path):
     """In-process, world of one: the same ``[B, Σ D]`` as the sharded collection's KeyedTensor
-    in schema order, for two kernel groups whose features are not in schema order; its
-    backward updates the tables."""
+    in schema order with the schema's mean pooling applied (``mean_of_bags``), for two kernel
+    groups whose features are not in schema order; its backward updates the tables."""
     import torch
 
     from dlrm_mtl.config import Config
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
-    from dlrm_mtl.models.ranking_model import pooled_in_order
+    from dlrm_mtl.models.ranking_model import mean_of_bags, pooled_in_order
     from dlrm_mtl.train import setup_run
 
     data = _two_groups(synthetic_small, tmp_path / "data")
@@ -107,7 +107,8 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
         batch = next(it)
         # the reader builds the batch in the kernels' feature order: nothing to permute
         assert batch.sparse.keys() == lookup.kernel_keys != model.feature_names
-        expected = pooled_in_order(model.ebc(batch.sparse), model.feature_names)
+        expected = mean_of_bags(pooled_in_order(model.ebc(batch.sparse), model.feature_names), batch.sparse,
+                                model.mean_spans)
         got = lookup(batch.sparse)
         assert got.shape == expected.shape and torch.equal(got, expected)
         # a batch in schema order (another reader, predict) is permuted first: the same result

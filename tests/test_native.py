@@ -153,21 +153,42 @@ def test_shift_ids_equal_the_aten_shift(with_native, ids_dtype, offsets_dtype):
         native.shift_ids(torch.cat([indices, indices[:1]]), offsets, row_start)
 
 
-@pytest.mark.parametrize("single_hot", [False, True])
-def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_small, tmp_path, single_hot):
+def _mean_pooled_schema(data, out):
+    """``data``'s schema with its multi-hot feature mean-pooled (and the features sharing its
+    table: a table has one pooling)."""
+    from dataclasses import replace
+
+    from dlrm_mtl.schema import Schema
+
+    schema = Schema.load(data / "schema.yaml")
+    tables = {f.table for f in schema.sparse if f.multi_hot}
+    mean = replace(schema, sparse=[replace(f, pooling="mean") if f.table in tables else f for f in schema.sparse])
+    assert any(f.pooling == "mean" and f.multi_hot for f in mean.sparse)
+    path = out / "schema_mean.yaml"
+    mean.save(path)
+    return path
+
+
+@pytest.mark.parametrize("bags", ["multi_hot", "single_hot", "mean"])
+def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_small, tmp_path, bags):
     """OneTableLookup (the C pooled sum and exact row-wise Adagrad) against fbgemm's kernel call
     through the same one-table layout: two identical runs, one on the C kernels, one on
     fbgemm's forward and backward, stay identical bit for bit after every step (losses, dense
     weights, tables, Adagrad state, counters; a cosine schedule gives the tables a new learning
-    rate every step), for multi-hot bags (empty ones among them) and for single-hot ones
-    (where fbgemm's path is the gather); and so does a lookup without autograd."""
+    rate every step), for multi-hot bags (empty ones among them), for single-hot ones (where
+    fbgemm's path is the gather) and for a mean-pooled multi-hot feature (averaged in the C
+    passes on one side, by ``mean_of_bags`` after fbgemm's sum on the other); and so does a
+    lookup without autograd."""
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from test_recorded_lookup import _cfg, _same, _single_hot_schema, _state, _train_step
     from dlrm_mtl.train import setup_run
 
     sets = ["sharding.cpu_backward=one_table"]
-    if single_hot:
+    if bags == "single_hot":
         sets.append(f"data.schema={_single_hot_schema(synthetic_small, tmp_path)}")
+    if bags == "mean":
+        sets.append(f"data.schema={_mean_pooled_schema(synthetic_small, tmp_path)}")
+    single_hot = bags == "single_hot"
     env = init_distributed("gloo", 60, 1)
     try:
         runs = [setup_run(_cfg(synthetic_small, tmp_path / name, *sets), env) for name in ("native", "fbgemm")]
@@ -182,6 +203,7 @@ def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_
             for k in a:
                 assert _same(a[k], b[k], False), (step, k)
         assert all(c.native_calls == 6 for c in ours) and all(c.native_calls == 0 for c in theirs)
+        assert all(c.averaged == (bags == "mean") for c in ours) and not any(c.averaged for c in theirs)
         assert all((c.gathers > 0) == single_hot for c in theirs)
         batch = next(streams[0])
         with torch.no_grad():

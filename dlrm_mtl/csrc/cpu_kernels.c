@@ -35,6 +35,8 @@
  * Sums over rows accumulate in double.
  */
 
+#define MAX_DIM 1024 /* the widest embedding whose bags the lookup kernels may average */
+
 static int get_ptr(PyObject *o, void **out) {
     *out = PyLong_AsVoidPtr(o);
     return (*out == NULL && PyErr_Occurred()) ? -1 : 0;
@@ -233,8 +235,12 @@ static PyObject *shift_ids(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * (slot [R] int32, all -1 between calls). An id outside [0, R) raises IndexError and
  * changes nothing.
  * single: every bag holds one id (bag (f, b) is id f B + b; offsets are not read).
- * pooled_sum(w, R, D, ids, offsets, F, B, out, single, N)
- * rowwise_adagrad_update(grad, ld, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, single, N)
+ * mean: uint8 [F] or 0: feature f's bags are means, not sums (the schema's mean pooling,
+ * dlrm_mtl.models.bag_means.mean_of_bags): forward each bag of L > 1 ids divided by (float)L
+ * after its sum; backward each of its ids' gradient g / (float)L — the very divisions the
+ * model's in-place division and its autograd backward make. D <= MAX_DIM where mean is given.
+ * pooled_sum(w, R, D, ids, offsets, F, B, out, single, N, mean)
+ * rowwise_adagrad_update(grad, ld, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, single, N, mean)
  */
 /* ids in [0, R); offsets rising from 0 (single: every bag holds one id, offsets not read,
  * and the ids number F B) */
@@ -316,16 +322,17 @@ static inline void add_row(float *restrict a, const float *restrict g, Py_ssize_
 
 static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "pooled_sum takes 10 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "pooled_sum takes 11 arguments");
         return NULL;
     }
-    void *w, *ids, *offsets, *out;
+    void *w, *ids, *offsets, *out, *mean_ptr;
     Py_ssize_t R, D, F, B, single, N;
     if (get_ptr(args[0], &w) || get_size(args[1], &R) || get_size(args[2], &D) || get_ptr(args[3], &ids)
         || get_ptr(args[4], &offsets) || get_size(args[5], &F) || get_size(args[6], &B) || get_ptr(args[7], &out)
-        || get_size(args[8], &single) || get_size(args[9], &N))
+        || get_size(args[8], &single) || get_size(args[9], &N) || get_ptr(args[10], &mean_ptr))
         return NULL;
+    const uint8_t *mean = mean_ptr;
     const int64_t *id = ids, *off = offsets;
     if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -334,6 +341,10 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
             float *o = (float *)out + b * F * D + f * D;
             const int64_t a = single ? f * B + b : off[f * B + b], z = single ? a + 1 : off[f * B + b + 1];
             bag_sum(o, w, id, a, z, D);
+            if (mean && mean[f] && z - a > 1) {
+                const float L = (float)(z - a);
+                for (Py_ssize_t d = 0; d < D; d++) o[d] /= L;
+            }
         }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -341,11 +352,11 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "rowwise_adagrad_update takes 15 arguments");
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "rowwise_adagrad_update takes 16 arguments");
         return NULL;
     }
-    void *grad, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr;
+    void *grad, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr, *mean_ptr;
     Py_ssize_t ld, F, B, D, R, single, N;
     double eps;
     if (get_ptr(args[0], &grad) || get_size(args[1], &ld) || get_ptr(args[2], &ids) || get_ptr(args[3], &offsets)
@@ -354,8 +365,15 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
         return NULL;
     eps = PyFloat_AsDouble(args[11]);
     if (eps == -1.0 && PyErr_Occurred()) return NULL;
-    if (get_ptr(args[12], &slot_ptr) || get_size(args[13], &single) || get_size(args[14], &N)) return NULL;
+    if (get_ptr(args[12], &slot_ptr) || get_size(args[13], &single) || get_size(args[14], &N)
+        || get_ptr(args[15], &mean_ptr))
+        return NULL;
+    const uint8_t *mean = mean_ptr;
     const int64_t *id = ids, *off = offsets;
+    if (mean && D > MAX_DIM) {
+        PyErr_Format(PyExc_ValueError, "rowwise_adagrad_update: mean bags of dim %zd > %d", D, MAX_DIM);
+        return NULL;
+    }
     if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
     const int64_t rows = N < R ? N : R; /* rows touched, at most */
     float *acc = malloc((size_t)(rows > 0 ? rows : 1) * (size_t)D * sizeof(float));
@@ -374,7 +392,13 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
     for (Py_ssize_t f = 0; f < F; f++)
         for (Py_ssize_t b = 0; b < B; b++) {
             const float *g = G + b * ld + f * D;
+            float gm[MAX_DIM];
             const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
+            if (mean && mean[f] && pz - pa > 1) { /* a mean bag: each id's gradient is g / L */
+                const float L = (float)(pz - pa);
+                for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
+                g = gm;
+            }
             for (int64_t p = pa; p < pz; p++) {
                 int32_t s = slot[id[p]];
                 float *a;

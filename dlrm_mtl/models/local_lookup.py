@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_mtl.models.bag_means import mean_of_bags
 from dlrm_mtl.models.recorded_lookup import RecordedLookup
 
 
@@ -33,6 +34,11 @@ class LocalPooledLookup:
     which skips the kernel module's own per-call Python; :attr:`calls` are those callables,
     :attr:`modules` the kernel modules.
 
+    The output is the schema's pooling: the mean-pooled features (``mean_spans``) averaged
+    over their bags — in the C lookup's own passes where a :class:`RecordedLookup` call ran
+    there (:class:`~dlrm_mtl.models.one_table_lookup.OneTableLookup`), else by
+    :func:`~dlrm_mtl.models.bag_means.mean_of_bags` on the output.
+
     It holds references, not modules: the sharded collection stays the owner (state dicts and
     optimizer keys are unchanged). :meth:`of` returns None for anything it does not cover
     (several ranks, feature processors, variable batch sizes, a kernel other than a
@@ -45,13 +51,22 @@ class LocalPooledLookup:
     """
 
     def __init__(self, modules: List[nn.Module], group_features: List[List[str]], dims: Dict[str, int],
-                 batch_keys: List[str], feature_names: List[str], one_table: Optional[bool] = None) -> None:
+                 batch_keys: List[str], feature_names: List[str], one_table: Optional[bool] = None,
+                 mean_spans: Sequence[Tuple[str, int, int]] = ()) -> None:
         order = [n for names in group_features for n in names]
         if sorted(order) != sorted(batch_keys):
             raise ValueError(f"the tables' features {order} are not the batch's {batch_keys}")
         self.modules = modules
         # what each kernel is called through: its replay, or the module itself
         self.calls = [RecordedLookup.of(m, one_table) or m for m in modules]
+        # the schema's mean pooling (bag_means.mean_spans, in feature_names order), applied here
+        # to the output; a RecordedLookup averages its mean features in its C call's own passes
+        self.mean_spans = list(mean_spans)
+        self.group_of = {n: g for g, names in enumerate(group_features) for n in names}
+        averaged = {n for n, _, _ in self.mean_spans}
+        for call, names in zip(self.calls, group_features):
+            if isinstance(call, RecordedLookup):
+                call.mean_keys = frozenset(averaged.intersection(names))
         self.batch_keys = list(batch_keys)
         self.kernel_keys = order  # the groups' features, group after group
         perm = [self.batch_keys.index(n) for n in order]
@@ -91,10 +106,11 @@ class LocalPooledLookup:
 
     @classmethod
     def of(cls, sharded_ebc: nn.Module, feature_names: List[str], batch_keys: List[str],
-           one_table: Optional[bool] = None) -> Optional["LocalPooledLookup"]:
+           one_table: Optional[bool] = None, mean_spans: Sequence[Tuple[str, int, int]] = ()) -> Optional["LocalPooledLookup"]:
         """The lookup for ``sharded_ebc`` (a ShardedEmbeddingBagCollection) in a world of one,
         or None when it does not apply (see the class docstring). ``one_table``: each
-        :class:`RecordedLookup`'s (None: its default)."""
+        :class:`RecordedLookup`'s (None: its default); ``mean_spans``: the mean-pooled
+        features' columns (:func:`~dlrm_mtl.models.bag_means.mean_spans`), averaged here."""
         from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
         from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
 
@@ -122,7 +138,7 @@ class LocalPooledLookup:
         if sorted(dims) != sorted(feature_names):
             return None
         try:
-            return cls(modules, group_features, dims, batch_keys, feature_names, one_table)
+            return cls(modules, group_features, dims, batch_keys, feature_names, one_table, mean_spans)
         except ValueError:
             return None
 
@@ -131,10 +147,17 @@ class LocalPooledLookup:
             raise ValueError("LocalPooledLookup: variable batch sizes per feature are not supported")
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
+        original = kjt
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
         outs = [call(part) for call, part in zip(self.calls, parts)]  # [B, Σ D] per group
         if len(self.runs) == 1:
-            return outs[0]  # [B, Σ D_f]: one group, already in feature_names order
-        # one copy: the groups' column runs, in feature_names order
-        pieces = [p for out, sizes in zip(outs, self.run_sizes) for p in out.split(sizes, dim=1)]
-        return torch.cat([pieces[i] for i in self.run_order], dim=1)  # [B, Σ D_f]
+            pooled = outs[0]  # [B, Σ D_f]: one group, already in feature_names order
+        else:  # one copy: the groups' column runs, in feature_names order
+            pieces = [p for out, sizes in zip(outs, self.run_sizes) for p in out.split(sizes, dim=1)]
+            pooled = torch.cat([pieces[i] for i in self.run_order], dim=1)  # [B, Σ D_f]
+        if not self.mean_spans:
+            return pooled
+        # the schema's mean pooling, but for the groups whose C call averaged in its own pass
+        done = [g for g, call in enumerate(self.calls) if getattr(call, "averaged", False)]
+        spans = self.mean_spans if not done else [s for s in self.mean_spans if self.group_of[s[0]] not in done]
+        return mean_of_bags(pooled, original, spans)

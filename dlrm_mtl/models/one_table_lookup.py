@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from dlrm_mtl import native
@@ -9,7 +11,7 @@ from dlrm_mtl import native
 
 class OneTableLookup(torch.autograd.Function):
     """``OneTableLookup.apply(placeholder, weights [R, D], momentum [R], ids [N], offsets [F·B + 1],
-    F, B, lr, eps, slot, single) -> [B, F·D]``: the lookup :class:`~dlrm_mtl.models.recorded_lookup.RecordedLookup`
+    F, B, lr, eps, slot, single, mean) -> [B, F·D]``: the lookup :class:`~dlrm_mtl.models.recorded_lookup.RecordedLookup`
     makes as one table (ids shifted by their table's first row, feature after feature), with
     fbgemm's kernels replaced by :func:`dlrm_mtl.native.pooled_sum` forward and
     :func:`dlrm_mtl.native.rowwise_adagrad_update` backward, each one C pass:
@@ -28,23 +30,26 @@ class OneTableLookup(torch.autograd.Function):
     (7 tables, 9,894 rows, ~15,700 ids per batch of 2,048): docs/performance.md.
 
     ``single``: every bag holds one id (the reader's single-hot batches; ``offsets`` are then not
-    read). ``placeholder`` is fbgemm's autograd anchor (no gradient); ``weights`` get none either.
+    read). ``mean``: uint8 ``[F]`` or None, the features whose bags the schema averages: their
+    sums divided by the bag lengths in the same pass, and their ids' gradients divided alike —
+    the divisions :func:`~dlrm_mtl.models.bag_means.mean_of_bags` and its backward make, bit for
+    bit, without its five operators forward and three backward. ``placeholder`` is fbgemm's autograd anchor (no gradient); ``weights`` get none either.
 
     Example::
 
         out = OneTableLookup.apply(ph, tbe.weights_host.view(-1, 16), tbe.momentum1_host, ids,
-                                   offsets, 7, 2048, tbe.learning_rate_tensor, 1e-8, slot, False)
+                                   offsets, 7, 2048, tbe.learning_rate_tensor, 1e-8, slot, False, None)
     """
 
     @staticmethod
     def forward(ctx, placeholder: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
                 offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor,
-                single: bool) -> torch.Tensor:
-        ctx.args = (weights, momentum, ids, offsets, F, B, lr, eps, slot, single)
-        return native.pooled_sum(weights, ids, offsets, F, B, single)  # [B, F·D]
+                single: bool, mean: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.args = (weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
+        return native.pooled_sum(weights, ids, offsets, F, B, single, mean)  # [B, F·D]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weights, momentum, ids, offsets, F, B, lr, eps, slot, single = ctx.args
-        native.rowwise_adagrad_update(grad, weights, momentum, ids, offsets, F, B, lr, eps, slot, single)
-        return (None,) * 11
+        weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean = ctx.args
+        native.rowwise_adagrad_update(grad, weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
+        return (None,) * 12

@@ -15,6 +15,7 @@ from dlrm_mtl.config import ConfigError, LayerConfig, ModelConfig
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.models.arch import build_scenario_layer, build_task_layer
+from dlrm_mtl.models.bag_means import mean_of_bags, mean_spans
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.models.deepmcp import DeepMCP, with_auxiliary
@@ -32,52 +33,8 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) 
 # one call in an fx trace of this module's forwards (TorchRec's pipeline): fx.wrap patches the
 # name in the globals of the module that calls it
 torch.fx.wrap("with_auxiliary")
-
-
-def mean_spans(schema: Schema) -> List[Tuple[str, int, int]]:
-    """``(feature, first column, end column)`` in the schema-order pooled embeddings
-    ``[B, Σ D_f]`` of every multi-hot feature the schema mean-pools.
-
-    Every table's lookup kernel sums its bags (:func:`embedding_configs`); :func:`mean_of_bags`
-    divides these columns by their bag lengths. A single-hot feature's bag holds one id or
-    none, where sum and mean are the same, so it has no span whatever its pooling says.
-
-    Example::
-
-        # user_id (16, single-hot), genres (16, multi-hot, mean), zip (8)
-        mean_spans(schema)   # [("genres", 16, 32)]
-    """
-    spans: List[Tuple[str, int, int]] = []
-    at = 0
-    for f in schema.sparse:
-        if f.multi_hot and f.pooling == "mean":
-            spans.append((f.name, at, at + f.dim))
-        at += f.dim
-    return spans
-
-
-@torch.fx.wrap
-def mean_of_bags(pooled: torch.Tensor, sparse: KeyedJaggedTensor, spans: List[Tuple[str, int, int]]) -> torch.Tensor:
-    """``pooled [B, Σ D_f]`` (the tables' summed bags, schema order) with the columns of each
-    ``(feature, start, end)`` span (:func:`mean_spans`) divided by that feature's bag lengths in
-    ``sparse`` (an empty bag stays zeros: it is divided by 1), in place; its backward divides
-    the gradient alike. The mean of a bag, as fbgemm's mean-pooling kernel computes it to float
-    rounding (a division where it multiplies by ``1 / L``).
-
-    Why not that kernel: fbgemm-gpu-cpu 1.8's JIT-compiled mean pooling converts each bag's
-    length with a legacy-SSE instruction amid AVX-512 code, and on Intel CPUs every such
-    switch costs a state transition (measured here: ~114 ns; the MovieLens lookup's forward
-    2.5 ms mean against 0.3 ms sum, docs/performance.md, "Ninth round"); and one pooling for
-    all tables keeps them in one kernel group. fx-wrapped: TorchRec's pipelines trace the
-    model and see this as one call."""
-    if not spans:
-        return pooled
-    keys = sparse.keys()
-    lengths = sparse.lengths().view(len(keys), -1)  # [F, B]
-    for name, start, end in spans:
-        n = lengths[keys.index(name)].clamp(min=1).unsqueeze(1).to(pooled.dtype)  # [B, 1]
-        pooled[:, start:end].div_(n)
-    return pooled
+# TorchRec's pipelines trace the model and see this as one call
+torch.fx.wrap("mean_of_bags")
 
 
 def scenario_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -305,10 +262,9 @@ class MultiScenarioMultiTaskModel(nn.Module):
         through the (sharded) collection — then, with sequence features, their encoded vectors."""
         lookup = self.local_lookup
         if lookup is not None and lookup.accepts(sparse.keys()):
-            pooled = lookup(sparse)
+            pooled = lookup(sparse)  # the mean-pooled features averaged there (LocalPooledLookup)
         else:
-            pooled = pooled_in_order(self.ebc(sparse), self.feature_names)
-        pooled = mean_of_bags(pooled, sparse, self.mean_spans)
+            pooled = mean_of_bags(pooled_in_order(self.ebc(sparse), self.feature_names), sparse, self.mean_spans)
         if self.sequence_arch is None:
             return pooled, {}
         if sequence is None:

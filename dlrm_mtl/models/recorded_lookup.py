@@ -76,7 +76,12 @@ class RecordedLookup:
     range check). The recording call runs through the same layout (a run resumed in a new
     process records again and must train bit for bit like the run it continues).
 
-    A one-table call whose every bag holds exactly one id (single-hot features without nulls:
+    Where ``train.native_kernels`` is on (:mod:`dlrm_mtl.native`) and the optimizer is plain
+    row-wise Adagrad, a one-table call after the recording runs as :class:`OneTableLookup`: the
+    pooled sum and the update in C, bit for bit fbgemm's shared-table path, without its sort of
+    every id (docs/performance.md, "Fifteenth round"). Otherwise:
+
+    a one-table call whose every bag holds exactly one id (single-hot features without nulls:
     offsets 0, 1, 2, ...) is looked up as a row gather with fbgemm's own backward call
     (:class:`SingleHotGather`, :class:`FusedBackward`): the same output and the same update,
     bit for bit, at a little over half the forward's cost (fbgemm's CPU forward of one-id bags
@@ -127,6 +132,11 @@ class RecordedLookup:
         self._native_plain = False  # ... and whether it is plain row-wise Adagrad
         self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
         self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
+        # features whose bags the schema averages (set by LocalPooledLookup): a C call averages
+        # them in its own passes, and says so in `averaged` (False after any other call)
+        self.mean_keys: frozenset = frozenset()
+        self._means: Dict[Tuple[str, ...], Optional[torch.Tensor]] = {}
+        self.averaged = False
 
     @classmethod
     def of(cls, emb: nn.Module, one_table: Optional[bool] = None) -> Optional["RecordedLookup"]:
@@ -311,6 +321,7 @@ class RecordedLookup:
         return indices + shift
 
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        self.averaged = False
         if not self._replayable(kjt):
             return self.emb(kjt)
         tbe = self.tbe
@@ -331,7 +342,7 @@ class RecordedLookup:
         ids = indices if self._row_start is None else self._shift(kjt, indices, offsets)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
         if self._row_start is not None and self._native_applies(ids, offsets):
-            return self._native(args)
+            return self._native(args, self._mean_flags(kjt.keys()))
         if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
             out = self._gather(args)
             if out is not None:
@@ -350,9 +361,21 @@ class RecordedLookup:
         return self._native_plain and native.available() and native.one_table_applies(
             tbe.weights_host.view(-1, self._dim), tbe.momentum1_host, ids, offsets, tbe.learning_rate_tensor)
 
-    def _native(self, args: Any) -> torch.Tensor:
+    def _mean_flags(self, keys: List[str]) -> Optional[torch.Tensor]:
+        """uint8 ``[F]``: which of the call's features (``keys``, the kernel's order) are in
+        :attr:`mean_keys`; None where none is (kept per key order)."""
+        if not self.mean_keys:
+            return None
+        key = tuple(keys)
+        if key not in self._means:
+            flags = [k in self.mean_keys for k in keys]
+            self._means[key] = torch.tensor(flags, dtype=torch.uint8) if any(flags) else None
+        return self._means[key]
+
+    def _native(self, args: Any, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The one-table call through :class:`OneTableLookup`: fbgemm's pooled sum and exact
-        row-wise Adagrad backward as one C pass each, bit for bit."""
+        row-wise Adagrad backward as one C pass each, bit for bit; the features ``mean`` flags
+        averaged in the same passes (:attr:`averaged` says so to the caller)."""
         tbe = self.tbe
         weights = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
         if self._slot is None or self._slot.numel() != weights.shape[0]:
@@ -360,9 +383,10 @@ class RecordedLookup:
         F = self._row_start.numel()  # type: ignore[union-attr]
         B = (args.offsets.numel() - 1) // F
         self.native_calls += 1
+        self.averaged = mean is not None
         return OneTableLookup.apply(args.placeholder_autograd_tensor, weights, tbe.momentum1_host, args.indices,
                                     args.offsets, F, B, tbe.learning_rate_tensor, float(tbe.optimizer_args.eps),
-                                    self._slot, self._single_hot(args.indices, args.offsets))  # [B, F·D]
+                                    self._slot, self._single_hot(args.indices, args.offsets), mean)  # [B, F·D]
 
     def _single_hot(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
         """Whether every bag of the call holds exactly one id (``offsets`` 0, 1, 2, ...): checked
