@@ -180,7 +180,7 @@ def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_
     passes on one side, by ``mean_of_bags`` after fbgemm's sum on the other); and so does a
     lookup without autograd."""
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
-    from test_recorded_lookup import _cfg, _same, _single_hot_schema, _state, _train_step
+    from test_recorded_lookup import _cfg, _single_hot_schema, _train_alike
     from dlrm_mtl.train import setup_run
 
     sets = ["sharding.cpu_backward=one_table"]
@@ -195,13 +195,7 @@ def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_
         ours, theirs = (r.dmp.module.model.local_lookup.calls for r in runs)
         for c in theirs:
             c._native_applies = lambda ids, offsets: False  # fbgemm's kernels every call
-        streams = [iter(r.train_stream) for r in runs]
-        for step in range(7):
-            losses = [_train_step(r, next(it)) for r, it in zip(runs, streams)]
-            assert torch.equal(losses[0], losses[1]), step
-            a, b = _state(runs[0]), _state(runs[1])
-            for k in a:
-                assert _same(a[k], b[k], False), (step, k)
+        streams = _train_alike(runs, 7)
         assert all(c.native_calls == 6 for c in ours) and all(c.native_calls == 0 for c in theirs)
         assert all(c.averaged == (bags == "mean") for c in ours) and not any(c.averaged for c in theirs)
         assert all((c.gathers > 0) == single_hot for c in theirs)

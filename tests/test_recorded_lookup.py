@@ -45,6 +45,19 @@ def _train_step(run, batch) -> torch.Tensor:
     return loss.detach()
 
 
+def _train_alike(runs, steps: int) -> list:
+    """Trains two runs step by step on their own streams and asserts after every step that
+    they are identical bit for bit (loss, :func:`_state`) -> the streams, still open."""
+    streams = [iter(r.train_stream) for r in runs]
+    for step in range(steps):
+        losses = [_train_step(r, next(it)) for r, it in zip(runs, streams)]
+        assert torch.equal(losses[0], losses[1]), step
+        a, b = _state(runs[0]), _state(runs[1])
+        for k in a:
+            assert _same(a[k], b[k], False), (step, k)
+    return streams
+
+
 def _same(a, b, one_table: bool) -> bool:
     if not isinstance(a, torch.Tensor):
         return a == b
@@ -282,13 +295,7 @@ def test_single_id_bags_gather_and_train_like_the_kernel(synthetic_small, tmp_pa
         assert gather and all(isinstance(c, RecordedLookup) for c in gather + kernel)
         for c in kernel:
             c._single_hot = lambda ids, offsets: False  # the kernel's own forward every call
-        streams = [iter(r.train_stream) for r in runs]
-        for step in range(7):
-            losses = [_train_step(r, next(it)) for r, it in zip(runs, streams)]
-            assert torch.equal(losses[0], losses[1]), step
-            a, b = _state(runs[0]), _state(runs[1])
-            for k in a:
-                assert _same(a[k], b[k], False), (step, k)
+        streams = _train_alike(runs, 7)
         assert all(c.gathers == 6 and c.replays == 6 for c in gather)  # the first call records
         assert all(c.gathers == 0 for c in kernel)
         # without autograd (evaluation): the gather, no backward recorded for it

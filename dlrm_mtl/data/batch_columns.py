@@ -368,11 +368,12 @@ class IdBlocks:
             return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(matrix[:, start:stop].reshape(-1)),  # [F·n]
                                      lengths=lengths_t, offsets=offsets_t, stride=batch_size,
                                      length_per_key=list(per_key_l), offset_per_key=list(offset_per_key))
-        if native.available() and self._native_layout():
-            return self._kjt_native(keys, start, stop, batch_size)
         # one pass per run writes the batch's lengths, its values (key after key, each copied
         # once into place) and its offsets (a single-hot key's are a shifted arange, a
-        # multi-hot key's its rows' offsets shifted): no cumsum over the F·B bags
+        # multi-hot key's its rows' offsets shifted): no cumsum over the F·B bags. Where the C
+        # kernels apply (dlrm_mtl/native.py) each run is one C call (GIL released) instead of
+        # ~6 numpy operations: the same arrays (tests/test_stream.py runs both).
+        use_c = native.available() and self._native_layout()
         B = batch_size
         lengths = np.zeros((len(self.columns), B), dtype=np.int32)  # [F, B]
         # int64 offsets with the batch: the lookup kernels take them as int64 (fbgemm casts offsets
@@ -385,24 +386,31 @@ class IdBlocks:
         per_key: List[int] = [0] * len(self.columns)
         pos = 0  # where this run's values start
         for (k, end, matrix), size in zip(self.runs, sizes):
-            seg = offsets[k * B + 1 : end * B + 1].reshape(end - k, B)  # [m, B]: each bag's end
+            ends = offsets[k * B + 1 : end * B + 1]  # each bag's end, this run's keys
             if matrix is not None:
                 m = end - k
-                lengths[k:end, :n] = 1
-                values[pos : pos + size].reshape(m, n)[...] = matrix[:, start:stop]
-                firsts = pos + n * np.arange(m, dtype=np.int64)  # [m]: each key's first value
-                seg[:, :n] = firsts[:, None] + np.arange(1, n + 1, dtype=np.int64)
-                seg[:, n:] = (firsts + n)[:, None]  # padding bags: empty
                 per_key[k:end] = [n] * m
+                if use_c:
+                    native.kjt_single_run(matrix, start, n, B, pos, values, lengths[k:end], ends)
+                else:
+                    seg = ends.reshape(m, B)
+                    lengths[k:end, :n] = 1
+                    values[pos : pos + size].reshape(m, n)[...] = matrix[:, start:stop]
+                    firsts = pos + n * np.arange(m, dtype=np.int64)  # [m]: each key's first value
+                    seg[:, :n] = firsts[:, None] + np.arange(1, n + 1, dtype=np.int64)
+                    seg[:, n:] = (firsts + n)[:, None]  # padding bags: empty
             else:
                 lens, offs, vals = self.columns[k]
                 assert lens is not None and offs is not None
-                a = int(offs[start])
-                lengths[k, :n] = lens[start:stop]
-                values[pos : pos + size] = vals[a : a + size]
-                seg[0, :n] = offs[start + 1 : stop + 1] + (pos - a)
-                seg[0, n:] = pos + size
                 per_key[k] = size
+                if use_c:
+                    native.kjt_multi_key(lens, offs, vals, start, n, B, pos, values, lengths[k], ends)
+                else:
+                    a = int(offs[start])
+                    lengths[k, :n] = lens[start:stop]
+                    values[pos : pos + size] = vals[a : a + size]
+                    ends[:n] = offs[start + 1 : stop + 1] + (pos - a)
+                    ends[n:] = pos + size
             pos += size
         return KeyedJaggedTensor(
             keys=keys,
@@ -414,9 +422,8 @@ class IdBlocks:
             offset_per_key=offsets[::B].tolist(),  # each key's first bag, and the end
         )
 
-
     def _native_layout(self) -> bool:
-        """Whether every run's arrays are as the C cut takes them (:meth:`_kjt_native`): int64
+        """Whether every run's arrays are as the C cut takes them (:meth:`kjt`): int64
         matrices whose rows are contiguous, contiguous int32 lengths and int64 offsets and
         values; checked once."""
         ok = getattr(self, "_native_ok", None)
@@ -432,40 +439,6 @@ class IdBlocks:
                         and all(a.flags.c_contiguous for a in (lens, offs, vals))
             self._native_ok = ok
         return ok
-
-    def _kjt_native(self, keys: List[str], start: int, stop: int, batch_size: int) -> KeyedJaggedTensor:
-        """:meth:`kjt`'s general path, each run's values, lengths and bag ends written by one C
-        call (:func:`dlrm_mtl.native.kjt_single_run`, :func:`~dlrm_mtl.native.kjt_multi_key`,
-        GIL released) instead of ~6 numpy operations per run: the same KJT, array for array
-        (tests/test_native.py)."""
-        n, B = stop - start, batch_size
-        F = len(self.columns)
-        sizes = [(end - k) * n if matrix is not None else int(self.columns[k][1][stop] - self.columns[k][1][start])  # type: ignore[index]
-                 for k, end, matrix in self.runs]
-        values = np.empty(sum(sizes), dtype=np.int64)
-        lengths = np.empty((F, B), dtype=np.int32)  # [F, B]
-        offsets = np.empty(F * B + 1, dtype=np.int64)  # [F·B + 1]
-        offsets[0] = 0
-        per_key: List[int] = [0] * F
-        pos = 0
-        for (k, end, matrix), size in zip(self.runs, sizes):
-            if matrix is not None:
-                native.kjt_single_run(matrix, start, n, B, pos, values, lengths[k:end], offsets[k * B + 1 : end * B + 1])
-                per_key[k:end] = [n] * (end - k)
-            else:
-                lens, offs, vals = self.columns[k]
-                native.kjt_multi_key(lens, offs, vals, start, n, B, pos, values, lengths[k], offsets[k * B + 1 : (k + 1) * B + 1])
-                per_key[k] = size
-            pos += size
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(values),
-            lengths=torch.from_numpy(lengths.reshape(-1)),
-            offsets=torch.from_numpy(offsets),
-            stride=B,
-            length_per_key=per_key,
-            offset_per_key=offsets[::B].tolist(),
-        )
 
 
 def table_to_batch(t: pa.Table, schema: Schema, batch_size: int, with_oracle: bool,
