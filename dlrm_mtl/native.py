@@ -9,7 +9,7 @@ without a C compiler) and tests compare the two.
 
 ``train.native_kernels`` (default true) switches them for the process
 (:func:`set_enabled`, called by the training set-up); ``DLRM_MTL_NATIVE=0`` in the
-environment turns them off before any configuration is read.
+environment keeps them off whatever the configuration says.
 
 Example::
 
@@ -32,7 +32,8 @@ try:
 except ImportError:  # built without a C compiler, or an install that skipped it
     _kernels = None
 
-_enabled = os.environ.get("DLRM_MTL_NATIVE", "1") != "0"
+_ENV_OFF = os.environ.get("DLRM_MTL_NATIVE", "1") == "0"  # off for the process, whatever the config says
+_enabled = not _ENV_OFF
 
 MAX_TERMS = 64  # the kernels' fixed per-row scratch (tasks and loss terms)
 
@@ -48,9 +49,10 @@ def available() -> bool:
 
 
 def set_enabled(flag: bool) -> None:
-    """Switch the kernels on or off for this process (``train.native_kernels``)."""
+    """Switch the kernels on or off for this process (``train.native_kernels``); with
+    ``DLRM_MTL_NATIVE=0`` in the environment they stay off."""
     global _enabled
-    _enabled = bool(flag)
+    _enabled = bool(flag) and not _ENV_OFF
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
