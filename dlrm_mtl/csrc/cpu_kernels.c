@@ -2,11 +2,14 @@
  *
  * On a CPU, a training step spends much of its time outside the GEMMs in dozens of ATen
  * operators on [B, T]-sized tensors (B = batch, T = tasks), each of which costs a dispatch
- * (5-20 us here) for a few microseconds of arithmetic. The functions here do such a chain in
- * one pass over the rows. They take raw pointers and sizes (Python ints, from
- * Tensor.data_ptr()), work on contiguous float32 CPU memory only, and release the GIL while
- * they run. dlrm_mtl/native.py wraps them and says when they apply; every caller keeps its
- * ATen path (GPU, float64, and builds without this module), and tests compare the two.
+ * (5-20 us here) for a few microseconds of arithmetic, and in fbgemm's CPU lookup. The
+ * functions here do such a chain in one pass: the loss terms, the one-table embedding lookup
+ * with its exact row-wise Adagrad update, the id shift, a batch's KJT cut. They take raw
+ * pointers and sizes (Python ints, from Tensor.data_ptr() or numpy), work on host memory of
+ * the layouts their comments give (float32 values, int64/int32 ids and offsets), and release
+ * the GIL while they compute. dlrm_mtl/native.py wraps them and says when they apply; every
+ * caller keeps its ATen/fbgemm path (GPU, float64, builds without this module), and tests
+ * compare the two.
  *
  * Built by setup.py (setuptools) at install time; plain C99, no Torch headers.
  */
