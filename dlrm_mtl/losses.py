@@ -576,8 +576,9 @@ class FusedTermMeans(torch.autograd.Function):
     The same formulas as :class:`TermMeans` (ESMM, eq. 2-3, in log space with the same clamp);
     each term's loss is ``-(y log P + (1 - y) log(1 - P))`` directly rather than a BCE of its
     logit ``u``, and row sums accumulate in double, so values agree with :class:`TermMeans` to
-    float32 rounding, not bit for bit (tests/test_native.py). Contiguous float32 CPU tensors
-    only (:func:`dlrm_mtl.native.term_means_applies`); ``y``, ``r`` and ``lam`` get no gradient.
+    float32 rounding, not bit for bit (tests/test_native.py). float32 CPU tensors only, the
+    logits with any strides and the others contiguous (:func:`dlrm_mtl.native.term_means_applies`);
+    ``y``, ``r`` and ``lam`` get no gradient.
     """
 
     @staticmethod

@@ -198,7 +198,7 @@ def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_
         runs = [setup_run(_cfg(synthetic_small, tmp_path / name, *sets), env) for name in ("native", "fbgemm")]
         ours, theirs = (r.dmp.module.model.local_lookup.calls for r in runs)
         for c in theirs:
-            c._native_applies = lambda ids, offsets: False  # fbgemm's kernels every call
+            c._native_applies = lambda ids, offsets, table: False  # fbgemm's kernels every call
         streams = _train_alike(runs, 7)
         assert all(c.native_calls == 6 for c in ours) and all(c.native_calls == 0 for c in theirs)
         assert all(c.averaged == (bags == "mean") for c in ours) and not any(c.averaged for c in theirs)

@@ -147,7 +147,6 @@ class LocalPooledLookup:
             raise ValueError("LocalPooledLookup: variable batch sizes per feature are not supported")
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
-        original = kjt
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
         outs = [call(part) for call, part in zip(self.calls, parts)]  # [B, Σ D] per group
         if len(self.runs) == 1:
@@ -160,4 +159,4 @@ class LocalPooledLookup:
         # the schema's mean pooling, but for the groups whose C call averaged in its own pass
         done = [g for g, call in enumerate(self.calls) if getattr(call, "averaged", False)]
         spans = self.mean_spans if not done else [s for s in self.mean_spans if self.group_of[s[0]] not in done]
-        return mean_of_bags(pooled, original, spans)
+        return mean_of_bags(pooled, kjt, spans)  # by key name: any key order

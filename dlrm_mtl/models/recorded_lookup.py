@@ -341,25 +341,27 @@ class RecordedLookup:
         self.replays += 1
         ids = indices if self._row_start is None else self._shift(kjt, indices, offsets)
         args = common._replace(indices=ids, offsets=offsets, learning_rate_tensor=tbe.learning_rate_tensor)
-        if self._row_start is not None and self._native_applies(ids, offsets):
-            return self._native(args, self._mean_flags(kjt.keys()))
+        if self._row_start is not None and native.available():  # (no operator where they are off)
+            table = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
+            if self._native_applies(ids, offsets, table):
+                return self._native(args, table, self._mean_flags(kjt.keys()))
         if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
             out = self._gather(args)
             if out is not None:
                 return out
         return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
 
-    def _native_applies(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
+    def _native_applies(self, ids: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor) -> bool:
         """Whether the one-table call can run as :class:`OneTableLookup` (the C kernels,
         ``train.native_kernels``): plain row-wise Adagrad (no weight decay, clipping or max
-        norm; checked once per optimizer-argument tuple) on float32 host tables."""
+        norm; checked once per optimizer-argument tuple) on a float32 host ``table [R, D]``."""
         tbe = self.tbe
         o = tbe.optimizer_args
         if self._native_checked is not o:
             self._native_checked = o
             self._native_plain = (float(o.weight_decay) == 0.0 and not o.gradient_clipping and float(o.max_norm) == 0.0)
-        return self._native_plain and native.available() and native.one_table_applies(
-            tbe.weights_host.view(-1, self._dim), tbe.momentum1_host, ids, offsets, tbe.learning_rate_tensor)
+        return self._native_plain and native.one_table_applies(
+            table, tbe.momentum1_host, ids, offsets, tbe.learning_rate_tensor)
 
     def _mean_flags(self, keys: List[str]) -> Optional[torch.Tensor]:
         """uint8 ``[F]``: which of the call's features (``keys``, the kernel's order) are in
@@ -372,12 +374,12 @@ class RecordedLookup:
             self._means[key] = torch.tensor(flags, dtype=torch.uint8) if any(flags) else None
         return self._means[key]
 
-    def _native(self, args: Any, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The one-table call through :class:`OneTableLookup`: fbgemm's pooled sum and exact
-        row-wise Adagrad backward as one C pass each, bit for bit; the features ``mean`` flags
-        averaged in the same passes (:attr:`averaged` says so to the caller)."""
+    def _native(self, args: Any, weights: torch.Tensor, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The one-table call through :class:`OneTableLookup` on ``weights [R, D]`` (the one
+        table): fbgemm's pooled sum and exact row-wise Adagrad backward as one C pass each, bit
+        for bit; the features ``mean`` flags averaged in the same passes (:attr:`averaged` says
+        so to the caller)."""
         tbe = self.tbe
-        weights = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
         if self._slot is None or self._slot.numel() != weights.shape[0]:
             self._slot = torch.full((weights.shape[0],), -1, dtype=torch.int32)
         F = self._row_start.numel()  # type: ignore[union-attr]
