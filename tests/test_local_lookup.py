@@ -41,8 +41,10 @@ TWO_GROUPS_SETS = ("sharding.tables.t_multi_hot_own.optimizer=adagrad",)
 
 def _two_groups(data: Path, out: Path) -> Path:
     """The synthetic set with its multi-hot feature moved to a table of its own, and read a
-    second time into another table: under ``TWO_GROUPS_SETS`` (element-wise Adagrad on the
-    first) the tables form two kernel groups whose features are not in schema order."""
+    second time into another table, both mean-pooled: under ``TWO_GROUPS_SETS`` (element-wise
+    Adagrad on the first) the tables form two kernel groups whose features are not in schema
+    order, each with a mean-pooled feature (one group's kernel module called as it is, the
+    other's through a RecordedLookup)."""
     out.mkdir()
     for split in ("train", "eval"):
         (out / split).symlink_to(data / split)
@@ -50,6 +52,7 @@ def _two_groups(data: Path, out: Path) -> Path:
     multi = [f for f in schema["sparse"] if f.get("multi_hot")]
     assert multi, "the synthetic schema has a multi-hot feature"
     multi[0]["table"] = "t_multi_hot_own"
+    multi[0]["pooling"] = "mean"
     position = [f["name"] for f in schema["sparse"]].index(multi[0]["name"])
     assert 0 < position < len(schema["sparse"]) - 1, "in the middle: its columns must be put back in place"
     again = dict(multi[0], name=multi[0]["name"] + "_again", column=multi[0].get("column") or multi[0]["name"],
@@ -89,6 +92,7 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
     from dlrm_mtl.config import Config
     from dlrm_mtl.distributed import init_distributed, shutdown_distributed
     from dlrm_mtl.models.ranking_model import mean_of_bags, pooled_in_order
+    from dlrm_mtl.models.recorded_lookup import RecordedLookup
     from dlrm_mtl.train import setup_run
 
     data = _two_groups(synthetic_small, tmp_path / "data")
@@ -110,7 +114,14 @@ def test_local_lookup_pooled_equals_the_sharded_collection(synthetic_small, tmp_
         expected = mean_of_bags(pooled_in_order(model.ebc(batch.sparse), model.feature_names), batch.sparse,
                                 model.mean_spans)
         got = lookup(batch.sparse)
+        # a mean-pooled feature in each group, one group called through a RecordedLookup
+        assert len(lookup.group_spans) == 2 and all(lookup.group_spans)
+        assert sorted(isinstance(c, RecordedLookup) for c in lookup.calls) == [False, True]
         assert got.shape == expected.shape and torch.equal(got, expected)
+        # the kernel modules called as they are (no RecordedLookup): their sums divided here
+        calls, lookup.calls = lookup.calls, list(lookup.modules)
+        assert torch.equal(lookup(batch.sparse), expected)
+        lookup.calls = calls
         # a batch in schema order (another reader, predict) is permuted first: the same result
         in_schema_order = batch.sparse.permute([batch.sparse.keys().index(n) for n in model.feature_names])
         assert torch.equal(lookup(in_schema_order), expected)

@@ -201,7 +201,11 @@ def test_one_table_lookup_trains_bit_for_bit_like_fbgemm(with_native, synthetic_
             c._native_applies = lambda ids, offsets, table: False  # fbgemm's kernels every call
         streams = _train_alike(runs, 7)
         assert all(c.native_calls == 6 for c in ours) and all(c.native_calls == 0 for c in theirs)
-        assert all(c.averaged == (bags == "mean") for c in ours) and not any(c.averaged for c in theirs)
+        # both sides return the schema's pooling: ours averages in the C passes (its mean flags
+        # were built), theirs divides fbgemm's sums (no flags)
+        assert all(bool(c.mean_spans) == (bags == "mean") for c in ours + theirs)
+        assert all(any(f is not None for f in c._means.values()) == (bags == "mean") for c in ours)
+        assert not any(c._means for c in theirs)
         assert all((c.gathers > 0) == single_hot for c in theirs)
         batch = next(streams[0])
         with torch.no_grad():

@@ -45,8 +45,9 @@ def mean_of_bags(pooled: torch.Tensor, sparse: KeyedJaggedTensor, spans: List[Tu
     2.5 ms mean against 0.3 ms sum, docs/performance.md, "Ninth round"); and one pooling for
     all tables keeps them in one kernel group. The model's call is fx-wrapped (TorchRec's
     pipelines trace the model and see it as one call); a world of one's
-    :class:`~dlrm_mtl.models.local_lookup.LocalPooledLookup` applies it itself, where the C
-    lookup has not already divided in its own pass (:class:`~dlrm_mtl.models.one_table_lookup.OneTableLookup`)."""
+    :class:`~dlrm_mtl.models.local_lookup.LocalPooledLookup` applies it group by group itself,
+    where the C lookup has not already divided in its own pass
+    (:class:`~dlrm_mtl.models.one_table_lookup.OneTableLookup`)."""
     if not spans:
         return pooled
     keys = sparse.keys()

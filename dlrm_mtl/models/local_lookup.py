@@ -35,9 +35,10 @@ class LocalPooledLookup:
     :attr:`modules` the kernel modules.
 
     The output is the schema's pooling: the mean-pooled features (``mean_spans``) averaged
-    over their bags — in the C lookup's own passes where a :class:`RecordedLookup` call ran
-    there (:class:`~dlrm_mtl.models.one_table_lookup.OneTableLookup`), else by
-    :func:`~dlrm_mtl.models.bag_means.mean_of_bags` on the output.
+    over their bags, group by group — a :class:`RecordedLookup` returns its group's pooling
+    (averaged in the C lookup's own passes where it runs there,
+    :class:`~dlrm_mtl.models.one_table_lookup.OneTableLookup`, else by
+    :func:`~dlrm_mtl.models.bag_means.mean_of_bags`), a kernel module's sums are divided here.
 
     It holds references, not modules: the sharded collection stays the owner (state dicts and
     optimizer keys are unchanged). :meth:`of` returns None for anything it does not cover
@@ -59,14 +60,6 @@ class LocalPooledLookup:
         self.modules = modules
         # what each kernel is called through: its replay, or the module itself
         self.calls = [RecordedLookup.of(m, one_table) or m for m in modules]
-        # the schema's mean pooling (bag_means.mean_spans, in feature_names order), applied here
-        # to the output; a RecordedLookup averages its mean features in its C call's own passes
-        self.mean_spans = list(mean_spans)
-        self.group_of = {n: g for g, names in enumerate(group_features) for n in names}
-        averaged = {n for n, _, _ in self.mean_spans}
-        for call, names in zip(self.calls, group_features):
-            if isinstance(call, RecordedLookup):
-                call.mean_keys = frozenset(averaged.intersection(names))
         self.batch_keys = list(batch_keys)
         self.kernel_keys = order  # the groups' features, group after group
         perm = [self.batch_keys.index(n) for n in order]
@@ -89,6 +82,17 @@ class LocalPooledLookup:
             else:
                 runs.append([g, start, start + dims[n]])
         self.runs = [tuple(r) for r in runs]
+        # the schema's mean pooling (bag_means.mean_spans) as spans of each group's output: every
+        # group's call returns its group's schema pooling (a RecordedLookup applies its own,
+        # in its C call's passes where that runs; a kernel module's sums are divided here)
+        self.mean_spans = list(mean_spans)
+        self.group_spans: List[List[Tuple[str, int, int]]] = [[] for _ in group_features]
+        for n, start, end in self.mean_spans:
+            g, at = where[n]
+            self.group_spans[g].append((n, at, at + end - start))
+        for call, spans in zip(self.calls, self.group_spans):
+            if isinstance(call, RecordedLookup):
+                call.mean_spans = spans
         # each group's output cut into its runs (they cover its columns), and where each run
         # goes in the output
         self.run_sizes: List[List[int]] = []
@@ -148,15 +152,15 @@ class LocalPooledLookup:
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
-        outs = [call(part) for call, part in zip(self.calls, parts)]  # [B, Σ D] per group
+        outs: List[torch.Tensor] = []
+        for call, part, spans in zip(self.calls, parts, self.group_spans):
+            out = call(part)  # [B, Σ D] of the group; a RecordedLookup's has the schema's pooling
+            if spans and not isinstance(call, RecordedLookup):
+                out = mean_of_bags(out, part, spans)  # the kernel module's sums: divided here
+            outs.append(out)
         if len(self.runs) == 1:
             pooled = outs[0]  # [B, Σ D_f]: one group, already in feature_names order
         else:  # one copy: the groups' column runs, in feature_names order
             pieces = [p for out, sizes in zip(outs, self.run_sizes) for p in out.split(sizes, dim=1)]
             pooled = torch.cat([pieces[i] for i in self.run_order], dim=1)  # [B, Σ D_f]
-        if not self.mean_spans:
-            return pooled
-        # the schema's mean pooling, but for the groups whose C call averaged in its own pass
-        done = [g for g, call in enumerate(self.calls) if getattr(call, "averaged", False)]
-        spans = self.mean_spans if not done else [s for s in self.mean_spans if self.group_of[s[0]] not in done]
-        return mean_of_bags(pooled, kjt, spans)  # by key name: any key order
+        return pooled

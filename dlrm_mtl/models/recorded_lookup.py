@@ -10,6 +10,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl import native
+from dlrm_mtl.models.bag_means import mean_of_bags
 from dlrm_mtl.models.one_table_lookup import OneTableLookup
 from dlrm_mtl.models.single_hot_gather import FusedBackward, SingleHotGather
 
@@ -132,11 +133,11 @@ class RecordedLookup:
         self._native_plain = False  # ... and whether it is plain row-wise Adagrad
         self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
         self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
-        # features whose bags the schema averages (set by LocalPooledLookup): a C call averages
-        # them in its own passes, and says so in `averaged` (False after any other call)
-        self.mean_keys: frozenset = frozenset()
+        # the schema's mean pooling as spans of this kernel's output, (feature, start, end) (set
+        # by LocalPooledLookup): every call returns those bags averaged, in the C call's own
+        # passes where it runs, else by mean_of_bags on the kernel's sums
+        self.mean_spans: List[Tuple[str, int, int]] = []
         self._means: Dict[Tuple[str, ...], Optional[torch.Tensor]] = {}
-        self.averaged = False
 
     @classmethod
     def of(cls, emb: nn.Module, one_table: Optional[bool] = None) -> Optional["RecordedLookup"]:
@@ -321,13 +322,21 @@ class RecordedLookup:
         return indices + shift
 
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        self.averaged = False
+        """``[B, Σ D]``: the kernel's pooled bags, those of :attr:`mean_spans` averaged."""
+        out, averaged = self._lookup(kjt)
+        if averaged or not self.mean_spans:
+            return out
+        return mean_of_bags(out, kjt, self.mean_spans)
+
+    def _lookup(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, bool]:
+        """The kernel's call ``[B, Σ D]``, and whether its mean-pooled bags are averaged (the C
+        call's) or summed (every other)."""
         if not self._replayable(kjt):
-            return self.emb(kjt)
+            return self.emb(kjt), False
         tbe = self.tbe
         common = self._common
         if common is None or tbe.weights_host is not common.host_weights or tbe.momentum1_host is not self._momentum.host:
-            return self._record(kjt)
+            return self._record(kjt), False
         indices, offsets = kjt.values(), kjt.offsets()  # [N] ids, [T·B + 1]
         # the forward's bookkeeping (class docstring), in its order
         tbe._indices, tbe._offsets = indices, offsets
@@ -344,12 +353,13 @@ class RecordedLookup:
         if self._row_start is not None and native.available():  # (no operator where they are off)
             table = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
             if self._native_applies(ids, offsets, table):
-                return self._native(args, table, self._mean_flags(kjt.keys()))
+                mean = self._mean_flags(kjt.keys())
+                return self._native(args, table, mean), mean is not None
         if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
             out = self._gather(args)
             if out is not None:
-                return out
-        return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs)  # [B, Σ D]
+                return out, False
+        return self._invoke(args, tbe.optimizer_args, self._momentum, **self._kwargs), False  # [B, Σ D]
 
     def _native_applies(self, ids: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor) -> bool:
         """Whether the one-table call can run as :class:`OneTableLookup` (the C kernels,
@@ -365,27 +375,26 @@ class RecordedLookup:
 
     def _mean_flags(self, keys: List[str]) -> Optional[torch.Tensor]:
         """uint8 ``[F]``: which of the call's features (``keys``, the kernel's order) are in
-        :attr:`mean_keys`; None where none is (kept per key order)."""
-        if not self.mean_keys:
+        :attr:`mean_spans`; None where none is (kept per key order)."""
+        if not self.mean_spans:
             return None
         key = tuple(keys)
         if key not in self._means:
-            flags = [k in self.mean_keys for k in keys]
+            averaged = {n for n, _, _ in self.mean_spans}
+            flags = [k in averaged for k in keys]
             self._means[key] = torch.tensor(flags, dtype=torch.uint8) if any(flags) else None
         return self._means[key]
 
     def _native(self, args: Any, weights: torch.Tensor, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The one-table call through :class:`OneTableLookup` on ``weights [R, D]`` (the one
         table): fbgemm's pooled sum and exact row-wise Adagrad backward as one C pass each, bit
-        for bit; the features ``mean`` flags averaged in the same passes (:attr:`averaged` says
-        so to the caller)."""
+        for bit; the features ``mean`` flags averaged in the same passes."""
         tbe = self.tbe
         if self._slot is None or self._slot.numel() != weights.shape[0]:
             self._slot = torch.full((weights.shape[0],), -1, dtype=torch.int32)
         F = self._row_start.numel()  # type: ignore[union-attr]
         B = (args.offsets.numel() - 1) // F
         self.native_calls += 1
-        self.averaged = mean is not None
         return OneTableLookup.apply(args.placeholder_autograd_tensor, weights, tbe.momentum1_host, args.indices,
                                     args.offsets, F, B, tbe.learning_rate_tensor, float(tbe.optimizer_args.eps),
                                     self._slot, self._single_hot(args.indices, args.offsets), mean)  # [B, F·D]
