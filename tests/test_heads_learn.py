@@ -79,17 +79,24 @@ for seed in seeds:
 '''
 
 
-def train_heads(data: Path, runs: Path, seeds: List[int], heads: List[str] = HEADS) -> Dict[int, Dict[str, Dict[str, dict]]]:
-    """Trains each head with each training seed in one process (world of one) ->
-    ``{seed: {head: {prediction: its 'all' row}}}``."""
+def train_heads(data: Path, runs: Path, seeds: List[int], heads: List[str] = HEADS,
+                workers: int = 2) -> Dict[int, Dict[str, Dict[str, dict]]]:
+    """Trains each head with each training seed (world of one, one intra-op thread: a run's
+    result does not depend on the machine's cores) in ``workers`` processes side by side,
+    the seeds dealt out among them -> ``{seed: {head: {prediction: its 'all' row}}}``."""
     runs.mkdir(parents=True, exist_ok=True)
     script = runs / "worker.py"
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, seeds))] + heads,
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env["OMP_NUM_THREADS"] = "1"
+    shares = [seeds[i::workers] for i in range(workers) if seeds[i::workers]]
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, share))] + heads,
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for share in shares]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-6000:]
     out: Dict[int, Dict[str, Dict[str, dict]]] = {}
     for seed in seeds:
         out[seed] = {}

@@ -422,25 +422,30 @@ def learn_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranking_learn")
     data = root / "data"
     generate(data, rows=40_000, seed=13, spec=LEARN_SPEC)
+    configs = (("base", []), ("pairwise", ["--config", "configs/ranking.yaml"]),
+               ("listwise", ["--config", "configs/ranking.yaml", "--set", "loss.ranking.type=listwise"]))
+
+    def side_by_side(cmds):  # the runs as processes side by side, one thread each
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for cmd in cmds]
+        for proc in procs:
+            text, _ = proc.communicate(timeout=900)
+            assert proc.returncode == 0, text[-6000:]
+
+    side_by_side([[sys.executable, "-m", "dlrm_mtl", "train", *extra,
+                   "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",
+                   "--set", f"train.run_dir={root / name}", "--set", "data.batch_size=256", "--set", "train.epochs=2",
+                   "--set", "train.progress=false", "--set", "train.dense_lr=0.005", "--set", "train.lr_schedule=constant",
+                   "--set", "train.sparse_lr=0.2", "--set", "train.log_every=10", "--set", "checkpoint.keep_best=false",
+                   "--set", "train.eval_every_epoch=false", "--set", "data.shuffle_buffer_rows=0",
+                   "--set", "train.threads_per_rank=1"] for name, extra in configs])
+    side_by_side([[sys.executable, "-m", "dlrm_mtl", "predict", "--config", str(root / name / "config.yaml"),
+                   "--checkpoint", str(root / name / "checkpoints" / "final"), "--data", str(data / "eval"),
+                   "--out", str(root / f"pred_{name}"), "--keep", "request_id", "click"] for name, _ in configs])
     out = {}
-    for name, extra in (("base", []), ("pairwise", ["--config", "configs/ranking.yaml"]),
-                        ("listwise", ["--config", "configs/ranking.yaml", "--set", "loss.ranking.type=listwise"])):
+    for name, _ in configs:
         run = root / name
-        cmd = [sys.executable, "-m", "dlrm_mtl", "train", *extra,
-               "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",
-               "--set", f"train.run_dir={run}", "--set", "data.batch_size=256", "--set", "train.epochs=2",
-               "--set", "train.progress=false", "--set", "train.dense_lr=0.005", "--set", "train.lr_schedule=constant",
-               "--set", "train.sparse_lr=0.2", "--set", "train.log_every=10", "--set", "checkpoint.keep_best=false",
-               "--set", "train.eval_every_epoch=false", "--set", "data.shuffle_buffer_rows=0"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        pred = root / f"pred_{name}"
-        proc = subprocess.run([sys.executable, "-m", "dlrm_mtl", "predict", "--config", str(run / "config.yaml"),
-                               "--checkpoint", str(run / "checkpoints" / "final"), "--data", str(data / "eval"),
-                               "--out", str(pred), "--keep", "request_id", "click"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        t = pq.read_table(pred)
+        t = pq.read_table(root / f"pred_{name}")
         metrics = json.loads((run / "metrics.json").read_text())
         auc = next(r["auc"] for r in metrics["metrics"] if r["task"] == "ctr" and r["scenario"] == "all")
         gauc = group_auc(t["ctr"].to_numpy(), t["click"].to_numpy(), t["request_id"].to_numpy())
