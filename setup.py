@@ -25,6 +25,6 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("dlrm_mtl._cpu_kernels", ["dlrm_mtl/csrc/cpu_kernels.c"],
-                           extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-ffp-contract=off"])],
+                           extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -36,6 +36,33 @@ def test_the_extension_is_built():
     assert native.built(), "dlrm_mtl._cpu_kernels did not build: run `make install` (needs a C compiler)"
 
 
+@pytest.mark.parametrize("which,name", [(0, "exp"), (1, "log1p"), (2, "expm1"), (3, "log")])
+def test_the_loss_passes_float_math_is_within_two_ulp_of_float64(with_native, which, name):
+    """The vectorised exp (x <= 0), log1p (x in [0, 1]), expm1 (x <= 0) and log (x > 0) the
+    loss terms' C passes use instead of glibc's scalar calls: within 2 ulp of the float64
+    result over their whole ranges, uniform and log-spaced down to 1e-30 (measured: at most
+    0.96, 1.19, 1.37 and 0.80 ulp); exp is 0 below -87 (the smallest normal float's range)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(which)
+    uniform = torch.rand(100_000, generator=g)
+    tiny = torch.logspace(-30, 0, 50_000)
+    x = {0: torch.cat([-87 * uniform, -tiny, -torch.logspace(0, 1.9, 1000)]),
+         1: torch.cat([uniform, tiny, torch.tensor([0.0, 1.0])]),
+         2: torch.cat([-87 * uniform, -tiny, -torch.logspace(0, 1.9, 1000)]),
+         3: torch.cat([uniform + 1e-30, tiny, 1 + 1000 * uniform[:1000]])}[which].float().contiguous()
+    out = torch.empty_like(x)
+    native._kernels.float_math(which, x.data_ptr(), out.data_ptr(), x.numel())
+    ref = {0: torch.exp, 1: torch.log1p, 2: torch.expm1, 3: torch.log}[which](x.double())
+    ulp = torch.from_numpy(np.spacing(np.abs(ref.float().numpy()))).double()
+    err = ((out.double() - ref).abs() / ulp)
+    assert float(err.max()) <= 2.0, (name, float(err.max()), float(x[err.argmax()]))
+    if which == 0:
+        below, zero = torch.tensor([-87.5, -100.0, -1e30]), torch.ones(3)
+        native._kernels.float_math(0, below.data_ptr(), zero.data_ptr(), 3)
+        assert torch.equal(zero, torch.zeros(3))
+
+
 def _loss_case(graph: str, weighting: str, scale: float, seed: int = 7):
     tasks = _GRAPHS[graph]
     schema = Schema("m", [SparseFeature("a", "ta", 10, 4)], [], [ScenarioLevel("s", 3)], tasks)
