@@ -17,7 +17,14 @@ PY=${PY:-$ROOT/.venv/bin/python}
 OUT=${OUT:-/tmp/side_by_side}
 CASES=${CASES:-census:shared_bottom census:mmoe census:ple movielens:shared_bottom movielens:mmoe movielens:ple}
 rm -rf "$OUT" && mkdir -p "$OUT/old"
-git -C "$ROOT" archive "$REV" dlrm_mtl tools configs datasets pyproject.toml | tar -x -C "$OUT/old"
+EXTRA=""
+git -C "$ROOT" cat-file -e "$REV:setup.py" 2>/dev/null && EXTRA=setup.py
+git -C "$ROOT" archive "$REV" dlrm_mtl tools configs datasets pyproject.toml $EXTRA | tar -x -C "$OUT/old"
+# a tree with C kernels (setup.py) runs with them, built in place as `make install` builds them
+if [ -n "$EXTRA" ]; then
+  ( cd "$OUT/old" && "$PY" setup.py -q build_ext --inplace > "$OUT/old-build.log" 2>&1 )
+  ls "$OUT"/old/dlrm_mtl/_cpu_kernels*.so > /dev/null 2>&1 && echo "old tree: C kernels built" || echo "old tree: C kernels NOT built ($OUT/old-build.log)"
+fi
 # both trees read the same generated data
 mkdir -p "$ROOT/data" && ln -sfn "$ROOT/data" "$OUT/old/data"
 
