@@ -6,8 +6,9 @@ instrumented from outside:
 * ``step``: the host's wall time inside each :func:`dlrm_mtl.train.train_step` (on a GPU, with
   no host synchronisation per step, this is the host's dispatch work; the device runs behind);
 * ``read``: each ``next()`` on the reader's batch iterator (time the loop waited for input);
-* ``gap``: everything else between them — the batch's copy to the device, the lr schedule, log
-  windows, checkpoints, the per-step bookkeeping;
+* ``gap``: everything else between them within an epoch — the batch's copy to the device, the
+  lr schedule, log windows, checkpoints, the per-step bookkeeping (not what lies between one
+  epoch's last event and the next epoch's first: partly outside the training clock);
 * CPU seconds per thread over the training epochs (``/proc/self/task``, Linux), sampled every
   ``SAMPLE_EVERY`` steps and at each epoch's end, so reader threads that end with their epoch
   are counted; a GPU's backward runs on PyTorch's autograd device thread (``pt_autograd``);
@@ -65,6 +66,7 @@ class LoopTrace:
         self._base: Dict[int, Tuple[str, float]] = {}  # CPU at the epoch's start, per thread
         self._last: Dict[int, Tuple[str, float]] = {}  # the latest sample, per thread
         self.cpu: Dict[str, float] = {}
+        self._epoch_first: set = set()  # index in events of each epoch's first event
         step, timed, epoch = T.train_step, T._timed, T.run_epoch
         trace = self
 
@@ -90,6 +92,7 @@ class LoopTrace:
         def run_epoch(*args, **kwargs):
             trace._base = thread_cpu_seconds()
             trace._last = dict(trace._base)
+            trace._epoch_first.add(len(trace.events))
             t0 = time.perf_counter()
             try:
                 return epoch(*args, **kwargs)
@@ -110,7 +113,10 @@ class LoopTrace:
     def result(self) -> Dict[str, Any]:
         steps = [e - s for k, s, e in self.events if k == "step"]
         reads = [e - s for k, s, e in self.events if k == "read"]
-        gaps = [self.events[i + 1][1] - self.events[i][2] for i in range(len(self.events) - 1)]
+        # between two events of one epoch (what lies between epochs — the epoch's end, an
+        # evaluation, a save — is outside the training clock)
+        gaps = [self.events[i + 1][1] - self.events[i][2] for i in range(len(self.events) - 1)
+                if i + 1 not in self._epoch_first]
         if not steps:
             return {"steps": 0}
         ordered = sorted(steps)
