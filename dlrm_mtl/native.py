@@ -117,6 +117,22 @@ def term_means_backward(d: torch.Tensor, grad: torch.Tensor, grad_map: torch.Ten
     return out
 
 
+FLOAT_MATH = ("exp", "log1p", "expm1", "log")
+
+
+def float_math(name: str, x: torch.Tensor) -> torch.Tensor:
+    """One of the loss passes' vectorised functions on float32 ``x`` (contiguous, host) -> a new
+    tensor: ``exp`` for x ≤ 0 (0 below -87), ``log1p`` for x in [0, 1], ``expm1`` for x ≤ 0,
+    ``log`` for a normal x > 0 (outside those ranges the result is unspecified). For tests
+    against float64 (``dlrm_mtl/csrc/cpu_kernels.c``)."""
+    assert _kernels is not None
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError("float_math: a contiguous float32 CPU tensor")
+    out = torch.empty_like(x)
+    _kernels.float_math(FLOAT_MATH.index(name), x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
 _INT = (torch.int64, torch.int32)
 
 
