@@ -91,12 +91,16 @@ def train_heads(data: Path, runs: Path, seeds: List[int], heads: List[str] = HEA
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
     shares = [seeds[i::workers] for i in range(workers) if seeds[i::workers]]
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, share))] + heads,
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for share in shares]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-6000:]
+    logs = [runs / f"worker-{i}.log" for i in range(len(shares))]  # files: a full pipe would stall a worker
+    procs = []
+    for share, log in zip(shares, logs):
+        with log.open("w") as f:  # the worker writes to its own copy of the file
+            procs.append(subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs),
+                                           ",".join(map(str, share))] + heads, cwd=ROOT, env=env, stdout=f,
+                                          stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=900)
+        assert proc.returncode == 0, log.read_text()[-6000:]
     out: Dict[int, Dict[str, Dict[str, dict]]] = {}
     for seed in seeds:
         out[seed] = {}

@@ -426,11 +426,14 @@ def learn_runs(tmp_path_factory):
                ("listwise", ["--config", "configs/ranking.yaml", "--set", "loss.ranking.type=listwise"]))
 
     def side_by_side(cmds):  # the runs as processes side by side, one thread each
-        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for cmd in cmds]
-        for proc in procs:
-            text, _ = proc.communicate(timeout=900)
-            assert proc.returncode == 0, text[-6000:]
+        logs = [root / f"{cmd[3]}-{i}.log" for i, cmd in enumerate(cmds)]  # files: a full pipe would stall a run
+        procs = []
+        for cmd, log in zip(cmds, logs):
+            with log.open("w") as f:  # the run writes to its own copy of the file
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
+        for proc, log in zip(procs, logs):
+            proc.wait(timeout=900)
+            assert proc.returncode == 0, log.read_text()[-6000:]
 
     side_by_side([[sys.executable, "-m", "dlrm_mtl", "train", *extra,
                    "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",

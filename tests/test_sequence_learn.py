@@ -70,13 +70,16 @@ def train_encoders(data: Path, runs: Path, seeds: List[int], names: List[str] = 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
     shares = [names[i::workers] for i in range(workers) if names[i::workers]]
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, seeds)),
-                               ";".join(sets)] + share, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for share in shares]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=3600)
-        assert proc.returncode == 0, out[-6000:]
+    logs = [runs / f"worker-{i}.log" for i in range(len(shares))]  # files: a full pipe would stall a worker
+    procs = []
+    for share, log in zip(shares, logs):
+        with log.open("w") as f:  # the worker writes to its own copy of the file
+            procs.append(subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs),
+                                           ",".join(map(str, seeds)), ";".join(sets)] + share, cwd=ROOT, env=env,
+                                          stdout=f, stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=3600)
+        assert proc.returncode == 0, log.read_text()[-6000:]
     return {seed: {n: json.loads((runs / str(seed) / n / "metrics.json").read_text())["metrics"] for n in names}
             for seed in seeds}
 
