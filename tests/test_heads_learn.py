@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrm_mtl.synthetic import SyntheticSpec, generate  # noqa: E402
+from side_by_side_runs import run_side_by_side  # noqa: E402
 
 HEADS = ["towers", "dbmtl", "aitm", "nmtr"]
 # the small world of tests/test_learning.py, conversion base rates 4x below the default world's
@@ -91,16 +91,8 @@ def train_heads(data: Path, runs: Path, seeds: List[int], heads: List[str] = HEA
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
     shares = [seeds[i::workers] for i in range(workers) if seeds[i::workers]]
-    logs = [runs / f"worker-{i}.log" for i in range(len(shares))]  # files: a full pipe would stall a worker
-    procs = []
-    for share, log in zip(shares, logs):
-        with log.open("w") as f:  # the worker writes to its own copy of the file
-            procs.append(subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs),
-                                           ",".join(map(str, share))] + heads, cwd=ROOT, env=env, stdout=f,
-                                          stderr=subprocess.STDOUT))
-    for proc, log in zip(procs, logs):
-        proc.wait(timeout=900)
-        assert proc.returncode == 0, log.read_text()[-6000:]
+    run_side_by_side([[sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, share))] + heads
+                      for share in shares], [runs / f"worker-{i}.log" for i in range(len(shares))], ROOT, 900, env)
     out: Dict[int, Dict[str, Dict[str, dict]]] = {}
     for seed in seeds:
         out[seed] = {}

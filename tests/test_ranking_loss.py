@@ -416,8 +416,9 @@ def test_group_auc_reference():
 @pytest.fixture(scope="module")
 def learn_runs(tmp_path_factory):
     """The same data and seed trained with and without configs/ranking.yaml, each then scored."""
-    import subprocess
     import sys
+
+    from side_by_side_runs import run_side_by_side
 
     root = tmp_path_factory.mktemp("ranking_learn")
     data = root / "data"
@@ -426,14 +427,7 @@ def learn_runs(tmp_path_factory):
                ("listwise", ["--config", "configs/ranking.yaml", "--set", "loss.ranking.type=listwise"]))
 
     def side_by_side(cmds):  # the runs as processes side by side, one thread each
-        logs = [root / f"{cmd[3]}-{i}.log" for i, cmd in enumerate(cmds)]  # files: a full pipe would stall a run
-        procs = []
-        for cmd, log in zip(cmds, logs):
-            with log.open("w") as f:  # the run writes to its own copy of the file
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
-        for proc, log in zip(procs, logs):
-            proc.wait(timeout=900)
-            assert proc.returncode == 0, log.read_text()[-6000:]
+        run_side_by_side(cmds, [root / f"{cmd[3]}-{i}.log" for i, cmd in enumerate(cmds)], ROOT, 900)
 
     side_by_side([[sys.executable, "-m", "dlrm_mtl", "train", *extra,
                    "--set", f"data.train={data / 'train'}", "--set", f"data.eval={data / 'eval'}",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrm_mtl.synthetic import SyntheticSpec, generate  # noqa: E402
+from side_by_side_runs import run_side_by_side  # noqa: E402
 
 ENCODERS = ["mean", "din", "lstm_attention", "dupn", "deepmcp"]  # configs/sequence/*.yaml
 # the default synthetic world with a behaviour sequence of up to 20 events; 200k training rows
@@ -70,16 +70,9 @@ def train_encoders(data: Path, runs: Path, seeds: List[int], names: List[str] = 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
     shares = [names[i::workers] for i in range(workers) if names[i::workers]]
-    logs = [runs / f"worker-{i}.log" for i in range(len(shares))]  # files: a full pipe would stall a worker
-    procs = []
-    for share, log in zip(shares, logs):
-        with log.open("w") as f:  # the worker writes to its own copy of the file
-            procs.append(subprocess.Popen([sys.executable, str(script), str(ROOT), str(data), str(runs),
-                                           ",".join(map(str, seeds)), ";".join(sets)] + share, cwd=ROOT, env=env,
-                                          stdout=f, stderr=subprocess.STDOUT))
-    for proc, log in zip(procs, logs):
-        proc.wait(timeout=3600)
-        assert proc.returncode == 0, log.read_text()[-6000:]
+    run_side_by_side([[sys.executable, str(script), str(ROOT), str(data), str(runs), ",".join(map(str, seeds)),
+                       ";".join(sets)] + share for share in shares],
+                     [runs / f"worker-{i}.log" for i in range(len(shares))], ROOT, 3600, env)
     return {seed: {n: json.loads((runs / str(seed) / n / "metrics.json").read_text())["metrics"] for n in names}
             for seed in seeds}
 
