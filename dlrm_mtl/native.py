@@ -200,6 +200,33 @@ def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: 
                                     slot.data_ptr(), int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
 
 
+def table_rows_applies(weight: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Whether :func:`table_rows` and :func:`rows_by_id` can run: a contiguous float32 host
+    table ``[V, e]``, int64 ids ``[B]`` (any stride), not traced."""
+    return (_host_f32(weight) and weight.dim() == 2 and _eager(ids) and ids.dtype == torch.int64 and ids.dim() == 1)
+
+
+def table_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, e]``: row ``ids[b]`` of ``weight [V, e]`` for each b (``index_select``'s rows); an id
+    outside ``[0, V)`` raises IndexError. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    assert _kernels is not None
+    V, e = weight.shape
+    out = weight.new_empty(ids.shape[0], e)
+    _kernels.table_rows(weight.data_ptr(), V, e, ids.data_ptr(), ids.stride(0), ids.shape[0], out.data_ptr())
+    return out
+
+
+def rows_by_id(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[V, e]``: the rows of ``grad [B, e]`` (unit column stride, any row stride) summed by
+    ``ids [B]``, in float, rows in order — ``index_add``'s sums, bit for bit."""
+    assert _kernels is not None
+    g = grad if grad.dtype == torch.float32 and grad.stride(1) == 1 else grad.float().contiguous()
+    out = g.new_empty(num_rows, g.shape[1])
+    _kernels.rows_by_id(g.data_ptr(), g.stride(0), g.shape[0], ids.data_ptr(), ids.stride(0), out.data_ptr(),
+                        num_rows, g.shape[1])
+    return out
+
+
 def _np_ptr(a: Any) -> int:
     return a.__array_interface__["data"][0]
 

@@ -144,7 +144,7 @@ def test_scenario_rows_are_the_tables_rows_and_train_alike(values):
     """``scenario_rows``: a level's embedding rows for its ids, the same values and table
     gradient whether the table's one row is expanded (one value: every id is 0) or its rows are
     indexed (several values; the reference here for both)."""
-    from dlrm_mtl.models.ranking_model import scenario_rows
+    from dlrm_mtl.models.scenario_rows import scenario_rows
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, values, (257,), generator=g)

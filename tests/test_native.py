@@ -266,3 +266,48 @@ def test_one_table_lookup_rejects_bad_ids_before_writing(with_native):
     native.rowwise_adagrad_update(torch.ones(2, 4), w, m, ids, offsets, 1, 2, torch.tensor(0.1), 1e-8, slot)
     assert bool((slot == -1).all()) and not torch.equal(w, w0)
     assert torch.equal(w[[1, 3]], w0[[1, 3]])  # rows no id touched
+
+
+@pytest.mark.parametrize("e", [8, 5])
+def test_table_rows_equal_index_select_and_index_add_bit_for_bit(with_native, e):
+    """``TableRows`` (the scenario embedding's gather, C both ways): the rows of
+    ``index_select`` and, from a column slice of a wider gradient (what ``cat``'s backward
+    hands it), the table gradient ``index_add`` sums into a zeroed table, bit for bit; a
+    table row no id reads gets exactly 0. Off the kernels (native off, float64, a traced
+    call) the ATen operators run."""
+    from dlrm_mtl.models.scenario_rows import TableRows, scenario_rows
+
+    g = torch.Generator().manual_seed(3)
+    V, B = 6, 2049
+    ids = torch.randint(0, V - 1, (B, 2), generator=g)[:, 1]  # a strided column; row V - 1 never read
+    weight = torch.randn(V, e, generator=g, requires_grad=True)
+    ref_w = weight.detach().clone().requires_grad_()
+    assert native.table_rows_applies(weight, ids)
+    out = scenario_rows(weight, ids)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "TableRowsBackward"
+    ref = ref_w.index_select(0, ids)
+    assert torch.equal(out, ref)
+    wide = torch.randn(B, 3 + e + 4, generator=g) * 1e3
+    grad = wide[:, 3:3 + e]  # row stride 7 + e
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(weight.grad, torch.zeros(V, e).index_add_(0, ids, grad))
+    assert torch.equal(weight.grad, ref_w.grad) and bool((weight.grad[V - 1] == 0).all())
+    native.set_enabled(False)
+    try:
+        assert not native.table_rows_applies(weight, ids)
+        assert scenario_rows(weight, ids).grad_fn.name() == "IndexSelectBackward0"
+    finally:
+        native.set_enabled(True)
+    assert not native.table_rows_applies(weight.double(), ids)
+    assert TableRows.apply(weight, ids).shape == (B, e)
+
+
+def test_table_rows_reject_ids_outside_the_table(with_native):
+    """An id outside ``[0, V)`` raises IndexError naming the id and its row, forward and
+    backward (no write outside the table)."""
+    w = torch.randn(3, 8)
+    with pytest.raises(IndexError, match=r"id 3 \(row 1\)"):
+        native.table_rows(w, torch.tensor([0, 3, 1]))
+    with pytest.raises(IndexError, match=r"id -1 \(row 2\)"):
+        native.rows_by_id(torch.ones(3, 8), torch.tensor([0, 2, -1]), 3)

@@ -4,7 +4,8 @@
  * operators on [B, T]-sized tensors (B = batch, T = tasks), each of which costs a dispatch
  * (5-20 us here) for a few microseconds of arithmetic, and in fbgemm's CPU lookup. The
  * functions here do such a chain in one pass: the loss terms, the one-table embedding lookup
- * with its exact row-wise Adagrad update, the id shift, a batch's KJT cut. They take raw
+ * with its exact row-wise Adagrad update, the id shift, a batch's KJT cut, the scenario
+ * embeddings' rows and their gradient. They take raw
  * pointers and sizes (Python ints, from Tensor.data_ptr() or numpy), work on host memory of
  * the layouts their comments give (float32 values, int64/int32 ids and offsets), and release
  * the GIL while they compute. dlrm_mtl/native.py wraps them and says when they apply; every
@@ -643,6 +644,67 @@ static PyObject *kjt_multi_key(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * table_rows / rows_by_id: a small dense table's rows for a batch's ids and the backward's
+ * per-id sums (dlrm_mtl.models.scenario_rows.TableRows: the scenario embeddings).
+ * table_rows(w, V, e, ids, ids_ld, B, out): out[b] = w[ids[b * ids_ld]] (w [V, e] and out
+ *   [B, e] contiguous; an id outside [0, V) raises IndexError, naming its row).
+ * rows_by_id(grad, ld, B, ids, ids_ld, G, V, e): G [V, e] = the rows of grad (row stride ld)
+ *   summed by id, in float, rows in order (index_add's order); zeros where no row has the id.
+ */
+static int check_row_ids(const int64_t *ids, Py_ssize_t ids_ld, Py_ssize_t B, Py_ssize_t V) {
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const int64_t s = ids[b * ids_ld];
+        if (s < 0 || s >= V) {
+            PyErr_Format(PyExc_IndexError, "table rows: id %lld (row %zd) is outside the table's %zd rows", (long long)s,
+                         b, V);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *table_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "table_rows takes 7 arguments");
+        return NULL;
+    }
+    void *w, *ids_ptr, *out;
+    Py_ssize_t V, e, ids_ld, B;
+    if (get_ptr(args[0], &w) || get_size(args[1], &V) || get_size(args[2], &e) || get_ptr(args[3], &ids_ptr)
+        || get_size(args[4], &ids_ld) || get_size(args[5], &B) || get_ptr(args[6], &out))
+        return NULL;
+    const int64_t *ids = ids_ptr;
+    if (check_row_ids(ids, ids_ld, B, V)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < B; b++)
+        memcpy((float *)out + b * e, (const float *)w + ids[b * ids_ld] * e, (size_t)e * sizeof(float));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *rows_by_id(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "rows_by_id takes 8 arguments");
+        return NULL;
+    }
+    void *grad, *ids_ptr, *G_ptr;
+    Py_ssize_t ld, B, ids_ld, V, e;
+    if (get_ptr(args[0], &grad) || get_size(args[1], &ld) || get_size(args[2], &B) || get_ptr(args[3], &ids_ptr)
+        || get_size(args[4], &ids_ld) || get_ptr(args[5], &G_ptr) || get_size(args[6], &V) || get_size(args[7], &e))
+        return NULL;
+    const int64_t *ids = ids_ptr;
+    if (check_row_ids(ids, ids_ld, B, V)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    float *G = G_ptr;
+    memset(G, 0, (size_t)(V * e) * sizeof(float));
+    for (Py_ssize_t b = 0; b < B; b++) add_row(G + ids[b * ids_ld] * e, (const float *)grad + b * ld, e);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* float_math(which, x, out, n) -> None: one of the loss passes' functions on n float32 values
  * (0: e^x for x <= 0, 1: log(1 + x) for x in [0, 1], 2: e^x - 1 for x <= 0, 3: log(x) for a
  * normal x > 0), for tests against float64. */
@@ -691,6 +753,10 @@ static PyMethodDef methods[] = {
      "A batch's KJT values, lengths and bag ends of a run of single-hot keys (see cpu_kernels.c)."},
     {"kjt_multi_key", (PyCFunction)(void (*)(void))kjt_multi_key, METH_FASTCALL,
      "A batch's KJT values, lengths and bag ends of one multi-hot key (see cpu_kernels.c)."},
+    {"table_rows", (PyCFunction)(void (*)(void))table_rows, METH_FASTCALL,
+     "A small table's rows for a batch's ids (see cpu_kernels.c)."},
+    {"rows_by_id", (PyCFunction)(void (*)(void))rows_by_id, METH_FASTCALL,
+     "Gradient rows summed by id into a small table's gradient (see cpu_kernels.c)."},
     {"float_math", (PyCFunction)(void (*)(void))float_math, METH_FASTCALL,
      "The loss passes' vectorised exp, log1p, expm1 and log on float32 values (tests)."},
     {NULL, NULL, 0, NULL},

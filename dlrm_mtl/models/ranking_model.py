@@ -19,6 +19,7 @@ from dlrm_mtl.models.bag_means import mean_of_bags, mean_spans
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.models.deepmcp import DeepMCP, with_auxiliary
+from dlrm_mtl.models.scenario_rows import scenario_rows
 from dlrm_mtl.models.sequence_arch import Events, SequenceArch, sequence_configs
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
 from dlrm_mtl.modules.heads import build_heads
@@ -35,24 +36,6 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) 
 torch.fx.wrap("with_auxiliary")
 # TorchRec's pipelines trace the model and see this as one call
 torch.fx.wrap("mean_of_bags")
-
-
-def scenario_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """A scenario level's embedding rows ``[B, e]`` for its ids ``[B]`` from its table
-    ``weight [V, e]``: by ``index_select``, not ``nn.Embedding``'s forward (the same rows, and on
-    the CPU its backward, ``index_add``, is ~2.5x faster than ``embedding_dense_backward``);
-    a level of one value (``V = 1``: every valid id is 0, and the reader rejects any other
-    with its file, column and row) reads its one row expanded, whose backward is one sum over
-    the batch instead of ``index_add`` of B rows into a zeroed table (the census shape: 60-70 µs
-    per step). The same values either way.
-
-    Example::
-
-        scenario_rows(torch.randn(3, 8), torch.tensor([2, 0, 2]))   # [3, 8]: rows 2, 0, 2
-    """
-    if weight.shape[0] == 1:
-        return weight.expand(ids.shape[0], weight.shape[1])  # [B, e]
-    return weight.index_select(0, ids)  # [B, e]
 
 
 def embedding_configs(schema: Schema) -> List[EmbeddingBagConfig]:
