@@ -169,18 +169,22 @@ def one_table_applies(weights: torch.Tensor, momentum: torch.Tensor, ids: torch.
 
 
 def pooled_sum(weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int,
-               single: bool = False, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+               single: bool = False, mean: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``weights [R, D]``, ``ids [N]`` of F features' bags of B rows (``offsets [F·B + 1]``)
     -> ``[B, F·D]``: each bag's rows summed in float, in the ids' order. ``single``: every
     bag holds one id (``offsets`` are not read; ``N = F·B``). ``mean``: uint8 ``[F]``, the
     features whose bags are averaged (the sum divided by the bag's length, as
-    :func:`dlrm_mtl.models.bag_means.mean_of_bags` divides). An id outside ``[0, R)`` raises
-    IndexError; offsets that fall or do not end at N raise ValueError."""
+    :func:`dlrm_mtl.models.bag_means.mean_of_bags` divides). ``out``: where to write them, a
+    float32 ``[B, F·D]`` with unit column stride (e.g. columns of a wider tensor); returned.
+    An id outside ``[0, R)`` raises IndexError; offsets that fall or do not end at N raise
+    ValueError."""
     assert _kernels is not None
     R, D = weights.shape
-    out = weights.new_empty(B, F * D)
+    if out is None:
+        out = weights.new_empty(B, F * D)
+    assert out.shape == (B, F * D) and out.stride(1) == 1 and out.dtype == torch.float32
     _kernels.pooled_sum(weights.data_ptr(), R, D, ids.data_ptr(), offsets.data_ptr(), F, B, out.data_ptr(),
-                        int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
+                        int(single), ids.numel(), 0 if mean is None else mean.data_ptr(), out.stride(0))
     return out
 
 
@@ -206,19 +210,25 @@ def table_rows_applies(weight: torch.Tensor, ids: torch.Tensor) -> bool:
     return (_host_f32(weight) and weight.dim() == 2 and _eager(ids) and ids.dtype == torch.int64 and ids.dim() == 1)
 
 
-def table_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``[B, e]``: row ``ids[b]`` of ``weight [V, e]`` for each b (``index_select``'s rows); an id
-    outside ``[0, V)`` raises IndexError. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+def table_rows(weight: torch.Tensor, ids: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, e]``: row ``ids[b]`` of ``weight [V, e]`` for each b (``index_select``'s rows; a
+    table of one row: that row for every id, as its expand reads it); an id outside ``[0, V)``
+    raises IndexError. ``out``: where to write them (float32 ``[B, e]``, unit column stride);
+    returned. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
     assert _kernels is not None
     V, e = weight.shape
-    out = weight.new_empty(ids.shape[0], e)
-    _kernels.table_rows(weight.data_ptr(), V, e, ids.data_ptr(), ids.stride(0), ids.shape[0], out.data_ptr())
+    if out is None:
+        out = weight.new_empty(ids.shape[0], e)
+    assert out.shape == (ids.shape[0], e) and out.stride(1) == 1 and out.dtype == torch.float32
+    _kernels.table_rows(weight.data_ptr(), V, e, ids.data_ptr(), ids.stride(0), ids.shape[0], out.data_ptr(),
+                        out.stride(0))
     return out
 
 
 def rows_by_id(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[V, e]``: the rows of ``grad [B, e]`` (unit column stride, any row stride) summed by
-    ``ids [B]``, in float, rows in order — ``index_add``'s sums, bit for bit."""
+    ``ids [B]``, in float, rows in order — ``index_add``'s sums, bit for bit (a table of one
+    row: every row summed, ids not read)."""
     assert _kernels is not None
     g = grad if grad.dtype == torch.float32 and grad.stride(1) == 1 else grad.float().contiguous()
     out = g.new_empty(num_rows, g.shape[1])

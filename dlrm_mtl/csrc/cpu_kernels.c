@@ -379,7 +379,7 @@ static PyObject *shift_ids(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * dlrm_mtl.models.bag_means.mean_of_bags): forward each bag of L > 1 ids divided by (float)L
  * after its sum; backward each of its ids' gradient g / (float)L — the very divisions the
  * model's in-place division and its autograd backward make. D <= MAX_DIM where mean is given.
- * pooled_sum(w, R, D, ids, offsets, F, B, out, single, N, mean)
+ * pooled_sum(w, R, D, ids, offsets, F, B, out, single, N, mean, ld)   (out: [B, F D], row stride ld)
  * rowwise_adagrad_update(grad, ld, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, single, N, mean)
  */
 /* ids in [0, R); offsets rising from 0 (single: every bag holds one id, offsets not read,
@@ -462,15 +462,16 @@ static inline void add_row(float *restrict a, const float *restrict g, Py_ssize_
 
 static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "pooled_sum takes 11 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "pooled_sum takes 12 arguments");
         return NULL;
     }
     void *w, *ids, *offsets, *out, *mean_ptr;
-    Py_ssize_t R, D, F, B, single, N;
+    Py_ssize_t R, D, F, B, single, N, ld;
     if (get_ptr(args[0], &w) || get_size(args[1], &R) || get_size(args[2], &D) || get_ptr(args[3], &ids)
         || get_ptr(args[4], &offsets) || get_size(args[5], &F) || get_size(args[6], &B) || get_ptr(args[7], &out)
-        || get_size(args[8], &single) || get_size(args[9], &N) || get_ptr(args[10], &mean_ptr))
+        || get_size(args[8], &single) || get_size(args[9], &N) || get_ptr(args[10], &mean_ptr)
+        || get_size(args[11], &ld))
         return NULL;
     const uint8_t *mean = mean_ptr;
     const int64_t *id = ids, *off = offsets;
@@ -478,7 +479,7 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t b = 0; b < B; b++)  /* row after row: the output is written in order */
         for (Py_ssize_t f = 0; f < F; f++) {
-            float *o = (float *)out + b * F * D + f * D;
+            float *o = (float *)out + b * ld + f * D;
             const int64_t a = single ? f * B + b : off[f * B + b], z = single ? a + 1 : off[f * B + b + 1];
             bag_sum(o, w, id, a, z, D);
             if (mean && mean[f] && z - a > 1) {
@@ -647,12 +648,16 @@ static PyObject *kjt_multi_key(PyObject *self, PyObject *const *args, Py_ssize_t
 /* ---------------------------------------------------------------------------------------
  * table_rows / rows_by_id: a small dense table's rows for a batch's ids and the backward's
  * per-id sums (dlrm_mtl.models.scenario_rows.TableRows: the scenario embeddings).
- * table_rows(w, V, e, ids, ids_ld, B, out): out[b] = w[ids[b * ids_ld]] (w [V, e] and out
- *   [B, e] contiguous; an id outside [0, V) raises IndexError, naming its row).
+ * table_rows(w, V, e, ids, ids_ld, B, out, out_ld): out[b] = w[ids[b * ids_ld]] (w [V, e]
+ *   contiguous, out [B, e] with row stride out_ld; an id outside [0, V) raises IndexError,
+ *   naming its row).
  * rows_by_id(grad, ld, B, ids, ids_ld, G, V, e): G [V, e] = the rows of grad (row stride ld)
  *   summed by id, in float, rows in order (index_add's order); zeros where no row has the id.
+ * A table of one row (V = 1, a scenario level of one value) is that row for every id, which
+ * is not read (the reader admits only 0 there; the ATen path expands the row alike).
  */
 static int check_row_ids(const int64_t *ids, Py_ssize_t ids_ld, Py_ssize_t B, Py_ssize_t V) {
+    if (V == 1) return 0;
     for (Py_ssize_t b = 0; b < B; b++) {
         const int64_t s = ids[b * ids_ld];
         if (s < 0 || s >= V) {
@@ -666,20 +671,22 @@ static int check_row_ids(const int64_t *ids, Py_ssize_t ids_ld, Py_ssize_t B, Py
 
 static PyObject *table_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "table_rows takes 7 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "table_rows takes 8 arguments");
         return NULL;
     }
     void *w, *ids_ptr, *out;
-    Py_ssize_t V, e, ids_ld, B;
+    Py_ssize_t V, e, ids_ld, B, out_ld;
     if (get_ptr(args[0], &w) || get_size(args[1], &V) || get_size(args[2], &e) || get_ptr(args[3], &ids_ptr)
-        || get_size(args[4], &ids_ld) || get_size(args[5], &B) || get_ptr(args[6], &out))
+        || get_size(args[4], &ids_ld) || get_size(args[5], &B) || get_ptr(args[6], &out) || get_size(args[7], &out_ld))
         return NULL;
     const int64_t *ids = ids_ptr;
     if (check_row_ids(ids, ids_ld, B, V)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < B; b++)
-        memcpy((float *)out + b * e, (const float *)w + ids[b * ids_ld] * e, (size_t)e * sizeof(float));
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const int64_t s = V == 1 ? 0 : ids[b * ids_ld];
+        memcpy((float *)out + b * out_ld, (const float *)w + s * e, (size_t)e * sizeof(float));
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -700,7 +707,7 @@ static PyObject *rows_by_id(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_BEGIN_ALLOW_THREADS
     float *G = G_ptr;
     memset(G, 0, (size_t)(V * e) * sizeof(float));
-    for (Py_ssize_t b = 0; b < B; b++) add_row(G + ids[b * ids_ld] * e, (const float *)grad + b * ld, e);
+    for (Py_ssize_t b = 0; b < B; b++) add_row(G + (V == 1 ? 0 : ids[b * ids_ld]) * e, (const float *)grad + b * ld, e);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

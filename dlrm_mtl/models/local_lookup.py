@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl.models.bag_means import mean_of_bags
+from dlrm_mtl.models.input_frame import InputFrame
 from dlrm_mtl.models.recorded_lookup import RecordedLookup
 
 
@@ -146,13 +147,18 @@ class LocalPooledLookup:
         except ValueError:
             return None
 
-    def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    def __call__(self, kjt: KeyedJaggedTensor, frame: Optional[InputFrame] = None) -> torch.Tensor:
+        """``[B, Σ D_f]``; with a ``frame`` (:class:`~dlrm_mtl.models.input_frame.InputFrame`), where
+        one group's C call serves the whole lookup, possibly the dense arch's whole input
+        ``[B, frame.width(Σ D_f)]`` instead (the caller tells them apart by width)."""
         if kjt.variable_stride_per_key():
             raise ValueError("LocalPooledLookup: variable batch sizes per feature are not supported")
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
         outs: List[torch.Tensor] = []
+        if frame is not None and len(self.runs) == 1 and isinstance(self.calls[0], RecordedLookup):
+            return self.calls[0](parts[0], frame)  # one group in feature_names order: x, or [B, Σ D_f]
         for call, part, spans in zip(self.calls, parts, self.group_spans):
             out = call(part)  # [B, Σ D] of the group; a RecordedLookup's has the schema's pooling
             if spans and not isinstance(call, RecordedLookup):

@@ -53,3 +53,49 @@ class OneTableLookup(torch.autograd.Function):
         weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean = ctx.args
         native.rowwise_adagrad_update(grad, weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
         return (None,) * 12
+
+
+class OneTableInputRows(torch.autograd.Function):
+    """:class:`OneTableLookup` writing the dense arch's whole input ``x [B, a + F·D + Σ e_l]``
+    (:class:`~dlrm_mtl.models.input_frame.InputFrame`): ``OneTableInputRows.apply(placeholder,
+    weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean, front, scenario,
+    *tables)``. The pooled sums go straight into their columns of ``x`` (:func:`dlrm_mtl.native.pooled_sum`
+    with a row stride), ``front`` is copied into the first ``a`` columns and each scenario
+    level's rows into its own (:func:`dlrm_mtl.native.table_rows`) — the tensor the dense arch's
+    ``cat`` of ``[front, pooled, scenario rows]`` makes, without writing the pooled rows twice.
+
+    Backward: the same exact row-wise Adagrad update as :class:`OneTableLookup`, reading the
+    pooled columns of the incoming gradient where they lie (any row stride), and each level's
+    table gradient as :class:`~dlrm_mtl.models.scenario_rows.TableRows` sums it (``index_add``'s
+    sums, bit for bit). ``front`` gets no gradient (raw dense features).
+    """
+
+    @staticmethod
+    def forward(ctx, placeholder: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
+                offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor,
+                single: bool, mean: Optional[torch.Tensor], front: torch.Tensor, scenario: torch.Tensor,
+                *tables: torch.Tensor) -> torch.Tensor:
+        a, P = front.shape[1], F * weights.shape[1]
+        x = weights.new_empty(B, a + P + sum(t.shape[1] for t in tables))  # [B, d]
+        if a:
+            x[:, :a].copy_(front)
+        native.pooled_sum(weights, ids, offsets, F, B, single, mean, out=x[:, a:a + P])
+        c = a + P
+        for i, t in enumerate(tables):
+            native.table_rows(t, scenario[:, i], out=x[:, c:c + t.shape[1]])
+            c += t.shape[1]
+        ctx.args = (weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
+        ctx.frame = (a, P, scenario, [t.shape for t in tables])
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean = ctx.args
+        a, P, scenario, shapes = ctx.frame
+        native.rowwise_adagrad_update(grad[:, a:a + P], weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
+        grads = []
+        c = a + P
+        for i, (V, e) in enumerate(shapes):
+            grads.append(native.rows_by_id(grad[:, c:c + e], scenario[:, i], V) if ctx.needs_input_grad[14 + i] else None)
+            c += e
+        return (None,) * 14 + tuple(grads)

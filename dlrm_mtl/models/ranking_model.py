@@ -19,6 +19,7 @@ from dlrm_mtl.models.bag_means import mean_of_bags, mean_spans
 from dlrm_mtl.models.dense_step import DenseStep
 from dlrm_mtl.models.local_lookup import LocalPooledLookup
 from dlrm_mtl.models.deepmcp import DeepMCP, with_auxiliary
+from dlrm_mtl.models.input_frame import InputFrame
 from dlrm_mtl.models.scenario_rows import scenario_rows
 from dlrm_mtl.models.sequence_arch import Events, SequenceArch, sequence_configs
 from dlrm_mtl.modules import MLP, ConcatInteraction, DotInteraction, LayerOutput, TaskTowers
@@ -103,6 +104,7 @@ class DenseArch(nn.Module):
         # the scenario embeddings are gate inputs *and* part of x: experts can then
         # model scenario-dependent effects of the features, not only be weighted by scenario
         d = self.interaction.out_dim + len(sizes) * e
+        self.input_dim = d  # x's width: [dense part | pooled | scenario embeddings]
         self.scenario_layers = nn.ModuleList()
         self.layer_levels: List[int] = []  # level index per scenario layer; -1 = leaf
         self.scenario_layer_names: List[str] = []
@@ -137,6 +139,15 @@ class DenseArch(nn.Module):
         # head returning a LayerOutput (dlrm_mtl/modules/heads/)
         self.towers = build_heads(cfg.heads, schema, d, list(cfg.tower))
 
+    def input_frame(self, dense: torch.Tensor, scenario: torch.Tensor) -> Optional[InputFrame]:
+        """What ``x`` holds beside the pooled embeddings, for a lookup that can write ``x`` whole
+        (:class:`~dlrm_mtl.models.input_frame.InputFrame`): the concat interaction on the raw
+        dense features (no dense MLP: nothing of ``x`` before the lookup needs a forward of its
+        own); None otherwise."""
+        if not isinstance(self.interaction, ConcatInteraction) or not isinstance(self.dense_mlp, nn.Identity):
+            return None
+        return InputFrame(dense, scenario, [emb.weight for emb in self.scenario_emb])
+
     @staticmethod
     def _aux_weights_of(layer: nn.Module, lc: LayerConfig) -> None:
         layer.aux_weight = lc.aux_weight  # type: ignore[assignment]
@@ -146,10 +157,13 @@ class DenseArch(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         embs = [scenario_rows(emb.weight, scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
         context = torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]  # [B, L·e]
-        pooled = pooled.reshape(pooled.shape[0], *self.pooled_shape)  # dot: [B, F, D]; concat: [B, Σ D_f]
-        if isinstance(self.interaction, ConcatInteraction):  # one cat of dense, pooled and scenarios
-            x = torch.cat([self.dense_mlp(dense), pooled] + embs, dim=1)  # [B, d]
+        if isinstance(self.interaction, ConcatInteraction):
+            if pooled.dim() == 2 and pooled.shape[1] == self.input_dim:
+                x = pooled  # [B, d]: the lookup wrote it whole (an InputFrame's; or no dense part and no levels)
+            else:  # one cat of dense, pooled and scenarios
+                x = torch.cat([self.dense_mlp(dense), pooled.reshape(pooled.shape[0], -1)] + embs, dim=1)  # [B, d]
         else:
+            pooled = pooled.reshape(pooled.shape[0], *self.pooled_shape)  # [B, F, D]
             x = torch.cat([self.interaction(self.dense_mlp(dense), pooled)] + embs, dim=1)  # [B, d]
         gates: Dict[str, torch.Tensor] = {}
         aux: Dict[str, torch.Tensor] = {}
@@ -238,14 +252,18 @@ class MultiScenarioMultiTaskModel(nn.Module):
         # set by shard_model in a world of one (a plain object: not part of the state dict)
         self.local_lookup: Optional[LocalPooledLookup] = None
 
-    def embed(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None) -> Tuple[torch.Tensor, Events]:
+    def embed(self, sparse: KeyedJaggedTensor, sequence: Optional[KeyedJaggedTensor] = None,
+              frame: Optional[InputFrame] = None) -> Tuple[torch.Tensor, Events]:
         """``([B, Σ D_f (+ Σ out_g)]``, the sequence groups' padded events``)``: the pooled
         embeddings in schema order — through :class:`LocalPooledLookup` when sharding set one
         (a world of one) and the batch's features come in the order it was built for, else
-        through the (sharded) collection — then, with sequence features, their encoded vectors."""
+        through the (sharded) collection — then, with sequence features, their encoded vectors.
+        With a ``frame`` (no sequence features), the local lookup may return the dense arch's
+        whole input ``x [B, d]`` instead of ``[B, Σ D_f]`` (:meth:`DenseArch.input_frame`)."""
         lookup = self.local_lookup
         if lookup is not None and lookup.accepts(sparse.keys()):
-            pooled = lookup(sparse)  # the mean-pooled features averaged there (LocalPooledLookup)
+            # the mean-pooled features averaged there (LocalPooledLookup)
+            pooled = lookup(sparse, frame if self.sequence_arch is None else None)
         else:
             pooled = mean_of_bags(pooled_in_order(self.ebc(sparse), self.feature_names), sparse, self.mean_spans)
         if self.sequence_arch is None:
@@ -291,7 +309,12 @@ class TrainModule(nn.Module):
         # Indexing instead of tuple unpacking: TorchRec's train pipelines fx-trace this forward
         # (the sharded tables are traced through, DenseStep is a leaf module) and a Proxy
         # cannot be unpacked.
-        pooled, events = self.model.embed(batch.sparse, batch.sequence)  # [B, Σ D_f (+ Σ out_g)]
+        model = self.model
+        # a world of one's C lookup may write the dense arch's whole input (x [B, d]) instead of
+        # the pooled part; DeepMCP reads the pooled embeddings themselves
+        frame = model.dense_arch.input_frame(batch.dense, batch.scenario) \
+            if model.local_lookup is not None and model.deepmcp is None and not _fx_tracing() else None
+        pooled, events = model.embed(batch.sparse, batch.sequence, frame)  # [B, Σ D_f (+ Σ out_g)] or x [B, d]
         out = self.dense_step(pooled, batch.dense, batch.scenario, batch.labels, batch.label_mask, batch.weight, batch.bias,
                               batch.group, batch.term_labels, batch.term_rows)
         if self.model.deepmcp is not None:  # the matching and correlation subnets' losses

@@ -11,7 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl import native
 from dlrm_mtl.models.bag_means import mean_of_bags
-from dlrm_mtl.models.one_table_lookup import OneTableLookup
+from dlrm_mtl.models.input_frame import InputFrame
+from dlrm_mtl.models.one_table_lookup import OneTableInputRows, OneTableLookup
 from dlrm_mtl.models.single_hot_gather import FusedBackward, SingleHotGather
 
 # the fbgemm_gpu release whose SplitTableBatchedEmbeddingBagsCodegen.forward this replays
@@ -133,6 +134,7 @@ class RecordedLookup:
         self._native_plain = False  # ... and whether it is plain row-wise Adagrad
         self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
         self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
+        self.input_rows_calls = 0  # of which OneTableInputRows: the dense arch's whole input
         # the schema's mean pooling as spans of this kernel's output, (feature, start, end) (set
         # by LocalPooledLookup): every call returns those bags averaged, in the C call's own
         # passes where it runs, else by mean_of_bags on the kernel's sums
@@ -321,16 +323,18 @@ class RecordedLookup:
             self._shifts[key] = shift
         return indices + shift
 
-    def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """``[B, Σ D]``: the kernel's pooled bags, those of :attr:`mean_spans` averaged."""
-        out, averaged = self._lookup(kjt)
+    def __call__(self, kjt: KeyedJaggedTensor, frame: Optional[InputFrame] = None) -> torch.Tensor:
+        """``[B, Σ D]``: the kernel's pooled bags, those of :attr:`mean_spans` averaged; with a
+        ``frame``, where the C call runs, the dense arch's whole input ``[B, frame.width(Σ D)]``
+        (:class:`~dlrm_mtl.models.one_table_lookup.OneTableInputRows`)."""
+        out, averaged = self._lookup(kjt, frame)
         if averaged or not self.mean_spans:
             return out
         return mean_of_bags(out, kjt, self.mean_spans)
 
-    def _lookup(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, bool]:
-        """The kernel's call ``[B, Σ D]``, and whether its mean-pooled bags are averaged (the C
-        call's) or summed (every other)."""
+    def _lookup(self, kjt: KeyedJaggedTensor, frame: Optional[InputFrame] = None) -> Tuple[torch.Tensor, bool]:
+        """The kernel's call ``[B, Σ D]`` (with ``frame``, the C call's whole input), and whether
+        its mean-pooled bags are averaged (the C call's) or summed (every other)."""
         if not self._replayable(kjt):
             return self.emb(kjt), False
         tbe = self.tbe
@@ -354,7 +358,7 @@ class RecordedLookup:
             table = tbe.weights_host.view(-1, self._dim)  # [R, D]: the one table
             if self._native_applies(ids, offsets, table):
                 mean = self._mean_flags(kjt.keys())
-                return self._native(args, table, mean), mean is not None
+                return self._native(args, table, mean, frame), True
         if self._row_start is not None and not self._gather_off and self._single_hot(ids, offsets):
             out = self._gather(args)
             if out is not None:
@@ -385,19 +389,25 @@ class RecordedLookup:
             self._means[key] = torch.tensor(flags, dtype=torch.uint8) if any(flags) else None
         return self._means[key]
 
-    def _native(self, args: Any, weights: torch.Tensor, mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _native(self, args: Any, weights: torch.Tensor, mean: Optional[torch.Tensor] = None,
+                frame: Optional[InputFrame] = None) -> torch.Tensor:
         """The one-table call through :class:`OneTableLookup` on ``weights [R, D]`` (the one
         table): fbgemm's pooled sum and exact row-wise Adagrad backward as one C pass each, bit
-        for bit; the features ``mean`` flags averaged in the same passes."""
+        for bit; the features ``mean`` flags averaged in the same passes. With a ``frame`` the
+        C kernels can write, :class:`OneTableInputRows`: the dense arch's whole input."""
         tbe = self.tbe
         if self._slot is None or self._slot.numel() != weights.shape[0]:
             self._slot = torch.full((weights.shape[0],), -1, dtype=torch.int32)
         F = self._row_start.numel()  # type: ignore[union-attr]
         B = (args.offsets.numel() - 1) // F
         self.native_calls += 1
-        return OneTableLookup.apply(args.placeholder_autograd_tensor, weights, tbe.momentum1_host, args.indices,
-                                    args.offsets, F, B, tbe.learning_rate_tensor, float(tbe.optimizer_args.eps),
-                                    self._slot, self._single_hot(args.indices, args.offsets), mean)  # [B, F·D]
+        call = (args.placeholder_autograd_tensor, weights, tbe.momentum1_host, args.indices, args.offsets, F, B,
+                tbe.learning_rate_tensor, float(tbe.optimizer_args.eps), self._slot,
+                self._single_hot(args.indices, args.offsets), mean)
+        if frame is not None and frame.host_ready(B):
+            self.input_rows_calls += 1
+            return OneTableInputRows.apply(*call, frame.front, frame.scenario, *frame.tables)  # [B, d]
+        return OneTableLookup.apply(*call)  # [B, F·D]
 
     def _single_hot(self, ids: torch.Tensor, offsets: torch.Tensor) -> bool:
         """Whether every bag of the call holds exactly one id (``offsets`` 0, 1, 2, ...): checked
