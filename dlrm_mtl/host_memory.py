@@ -13,7 +13,8 @@ The cost is that memory freed during training is kept by the process (its peak r
 is not returned to the kernel until exit), which is what a training process wants anyway.
 Other C libraries (musl) and other systems are left alone.
 
-``arenas=1`` also makes every thread allocate from one arena. glibc gives each thread that
+``arenas=1`` also makes threads allocate from one arena (those that start allocating after it,
+see below). glibc gives each thread that
 allocates its own arena (up to 8 per core), and memory freed into one arena serves only the
 threads of that arena: the first epoch's shuffle buffer, built on the reader's preparing
 thread, is freed into that thread's arena, and the training thread's next buffer lands on
@@ -24,6 +25,13 @@ by threads that allocate at once, which the CPU training loop (one thread comput
 reader's few large allocations per row group or buffer) did not show in its timings — on two
 cores; a many-core CPU rank whose intra-op threads allocate large blocks at once was not
 measured (glibc's per-thread cache still serves small blocks without the lock).
+glibc applies the arena limit to threads that allocate for the first time after it is set:
+in a training process the process group's threads (gloo) and the intra-op pool's worker
+already have arenas of their own by then (three arenas in a world-of-one CPU run), so it
+covers the threads that start later — the reader's — which share the existing arenas. One
+arena for every thread from the process start (``GLIBC_TUNABLES=glibc.malloc.arena_max=1``)
+cut the minor page faults of a MovieLens step from ~38 to ~5 but measured no faster end to
+end (census: reading +30 %, steps −2 %; docs/performance.md, "Seventeenth round").
 
 :func:`arrow_on_system_allocator` puts pyarrow's buffers (the decoded row groups) on the same
 ``malloc``: pyarrow's own allocator (mimalloc or jemalloc) keeps the pages of the tables the
