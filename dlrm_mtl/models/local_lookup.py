@@ -156,9 +156,9 @@ class LocalPooledLookup:
         if self.perm is not None and kjt.keys() != self.kernel_keys:
             kjt = kjt.permute(self.perm)
         parts = kjt.split(self.splits) if len(self.splits) > 1 else [kjt]
-        outs: List[torch.Tensor] = []
         if frame is not None and len(self.runs) == 1 and isinstance(self.calls[0], RecordedLookup):
             return self.calls[0](parts[0], frame)  # one group in feature_names order: x, or [B, Σ D_f]
+        outs: List[torch.Tensor] = []
         for call, part, spans in zip(self.calls, parts, self.group_spans):
             out = call(part)  # [B, Σ D] of the group; a RecordedLookup's has the schema's pooling
             if spans and not isinstance(call, RecordedLookup):

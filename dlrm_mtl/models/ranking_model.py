@@ -63,7 +63,9 @@ class DenseArch(nn.Module):
     layers, the stacked task layers and one tower per task.
 
     ``pooled [B, F, D]`` or ``[B, Σ D_f]`` (schema order, then the sequence encoders'
-    outputs of widths ``sequence_dims``), ``dense [B, Fd]``, ``scenario [B, L]`` -> logits ``[B, T]``, the gate
+    outputs of widths ``sequence_dims``) — or, from a lookup handed :meth:`input_frame`, the
+    whole input ``x [B, d]`` (told apart by its width) —, ``dense [B, Fd]``, ``scenario [B, L]``
+    -> logits ``[B, T]``, the gate
     weights of every layer by name (``scenario{i}/{level}/...``, ``task{j}/...``; for
     expert-utilisation logging) and the auxiliary losses, each already multiplied by its
     layer's ``aux_weight`` (``aux/scenario{i}/{level}/{name}``).
