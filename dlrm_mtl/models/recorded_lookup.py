@@ -196,10 +196,16 @@ class RecordedLookup:
             or torch.compiler.is_compiling()
         )
 
-    def _record(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """The module's own call, with the arguments of its kernel call kept (and checked)."""
+    def _record(self, kjt: KeyedJaggedTensor, frame: Optional[InputFrame] = None) -> Tuple[torch.Tensor, bool]:
+        """The module's own call, with the arguments of its kernel call kept (and checked), and
+        whether its mean-pooled bags are averaged. Where the C kernels will serve the recorded
+        call (the one-table layout, :meth:`_native_applies`), the module's forward runs with its
+        kernel call held back, and the call then runs as :class:`OneTableLookup` (with
+        ``frame``, :class:`OneTableInputRows`): the first step's lookup does not go through
+        fbgemm's forward and backward (bit for bit the same training, tests/test_native.py)."""
         seen: Dict[str, Any] = {}
         invoke = self._invoke
+        tbe = self.tbe
 
         def watch(*args: Any, **kwargs: Any) -> torch.Tensor:
             seen["args"], seen["kwargs"] = args, kwargs
@@ -212,7 +218,13 @@ class RecordedLookup:
                     seen["layout"] = layout
                     common, momentum, row_start = layout
                     ids = self._shifted(args[0].indices, args[0].offsets, row_start)
-                    return invoke(common._replace(indices=ids, offsets=args[0].offsets), args[1], momentum, **kwargs)
+                    call = (common._replace(indices=ids, offsets=args[0].offsets), args[1], momentum)
+                    D = int(common.D_offsets[1]) - int(common.D_offsets[0])
+                    if native.available() and self._native_applies(ids, args[0].offsets, tbe.weights_host.view(-1, D)):
+                        seen["held"] = (call, kwargs)  # run by the C kernels once the recording is checked
+                        F = common.D_offsets.numel() - 1
+                        return tbe.weights_host.new_empty((args[0].offsets.numel() - 1) // F, int(common.D_offsets[-1]))
+                    return invoke(*call, **kwargs)
             return invoke(*args, **kwargs)
 
         self._invoker.invoke = watch
@@ -220,11 +232,11 @@ class RecordedLookup:
             out = self.emb(kjt)
         finally:
             self._invoker.invoke = invoke
-        tbe = self.tbe
+        held = seen.get("held")
         args = seen.get("args", ())
         if len(args) != 3 or set(seen["kwargs"]) - {"mixed_D"}:
             self.disabled = True
-            return out
+            return (out if held is None else invoke(*held[0], **held[1])), False
         common, optimizer_args, momentum = args
         vbe = common.vbe_metadata
         if not (
@@ -239,7 +251,7 @@ class RecordedLookup:
             and momentum.host is tbe.momentum1_host
         ):
             self.disabled = True
-            return out
+            return (out if held is None else invoke(*held[0], **held[1])), False
         # drop the batch from the recording (it holds no other per-call tensor)
         self._common = common._replace(indices=None, offsets=None)
         self._momentum = momentum
@@ -252,7 +264,12 @@ class RecordedLookup:
             self._common = layout[0]._replace(indices=None, offsets=None)
             self._momentum, self._row_start = layout[1], layout[2]
             self._dim = int(self._common.D_offsets[1]) - int(self._common.D_offsets[0])
-        return out
+        if held is not None:  # the module's forward is done (its bookkeeping included): the C call
+            call = held[0][0]
+            args = self._common._replace(indices=call.indices, offsets=call.offsets,
+                                         learning_rate_tensor=tbe.learning_rate_tensor)
+            return self._native(args, tbe.weights_host.view(-1, self._dim), self._mean_flags(kjt.keys()), frame), True
+        return out, False
 
     @staticmethod
     def _one_table_layout(common: Any, momentum: Any) -> Optional[Tuple[Any, Any, torch.Tensor]]:
@@ -340,7 +357,7 @@ class RecordedLookup:
         tbe = self.tbe
         common = self._common
         if common is None or tbe.weights_host is not common.host_weights or tbe.momentum1_host is not self._momentum.host:
-            return self._record(kjt), False
+            return self._record(kjt, frame)
         indices, offsets = kjt.values(), kjt.offsets()  # [N] ids, [T·B + 1]
         # the forward's bookkeeping (class docstring), in its order
         tbe._indices, tbe._offsets = indices, offsets
