@@ -79,9 +79,10 @@ class RecordedLookup:
     process records again and must train bit for bit like the run it continues).
 
     Where ``train.native_kernels`` is on (:mod:`dlrm_mtl.native`) and the optimizer is plain
-    row-wise Adagrad, a one-table call after the recording runs as :class:`OneTableLookup`: the
-    pooled sum and the update in C, bit for bit fbgemm's shared-table path, without its sort of
-    every id (docs/performance.md, "Fifteenth round"). Otherwise:
+    row-wise Adagrad, every one-table call runs as :class:`OneTableLookup`: the pooled sum and
+    the update in C, bit for bit fbgemm's shared-table path, without its sort of every id
+    (docs/performance.md, "Fifteenth round") — the recording one too, whose kernel call is held
+    back while the module's forward records it ("Seventeenth round"). Otherwise:
 
     a one-table call whose every bag holds exactly one id (single-hot features without nulls:
     offsets 0, 1, 2, ...) is looked up as a row gather with fbgemm's own backward call
