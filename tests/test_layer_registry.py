@@ -162,3 +162,27 @@ def test_every_task_type_builds_what_the_former_builder_built(type_, task_names:
     else:
         old = seeded(lambda: former(cfg, IN_DIM, NUM_TASKS, CONTEXT_DIM))
     assert_same_module(new, old)
+
+
+@pytest.mark.parametrize("type_", sorted(TASK_LAYERS))
+def test_a_task_layer_that_says_it_does_not_read_the_context_does_not(type_):
+    """``reads_context``: the dense arch skips the scenario rows it would hand a task layer as
+    ``context`` when no layer reads them (DenseArch.reads_scenario_rows). A layer that says
+    False gives the same output, gates and aux losses with ``context`` None and with random
+    scenario rows (eval mode: no gate noise); one that reads them (AESM's gates) says True, and
+    does read them."""
+    cfg = config_reading_all_its_fields("task", type_)
+    layer = seeded(lambda: build_task_layer(cfg, IN_DIM, NUM_TASKS, CONTEXT_DIM, task_names=TASK_NAMES)).eval()
+    x = torch.randn(16, IN_DIM, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(16, CONTEXT_DIM, generator=torch.Generator().manual_seed(2))
+    reads = getattr(type(layer), "reads_context", None)
+    assert reads is not None, f"{type(layer).__name__} does not say whether it reads the context"
+    with torch.no_grad():
+        if reads:
+            a, b = layer(x, context), layer(x, context * 3 + 1)
+            assert not torch.equal(a.y, b.y)  # it does read them
+            return
+        a, b = layer(x, None), layer(x, context)
+    assert torch.equal(a.y, b.y)
+    assert a.gates.keys() == b.gates.keys() and all(torch.equal(a.gates[k], b.gates[k]) for k in a.gates)
+    assert a.aux.keys() == b.aux.keys() and all(torch.equal(a.aux[k], b.aux[k]) for k in a.aux)

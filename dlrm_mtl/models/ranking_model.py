@@ -140,6 +140,11 @@ class DenseArch(nn.Module):
         # the heads: TaskTowers for `towers` (the default, unchanged), else a task-relation
         # head returning a LayerOutput (dlrm_mtl/modules/heads/)
         self.towers = build_heads(cfg.heads, schema, d, list(cfg.tower))
+        # whether anything reads the scenario rows beside x: every scenario layer (its gate
+        # input), a task layer that says so (``reads_context``; one that does not say is taken
+        # to read them)
+        self.reads_scenario_rows = len(self.scenario_layers) > 0 or any(
+            getattr(layer, "reads_context", True) for layer in self.task_layers)
 
     def input_frame(self, dense: torch.Tensor, scenario: torch.Tensor) -> Optional[InputFrame]:
         """What ``x`` holds beside the pooled embeddings, for a lookup that can write ``x`` whole
@@ -157,11 +162,16 @@ class DenseArch(nn.Module):
     def forward(
         self, pooled: torch.Tensor, dense: torch.Tensor, scenario: torch.Tensor
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        embs = [scenario_rows(emb.weight, scenario[:, i]) for i, emb in enumerate(self.scenario_emb)]  # L x [B, e]
-        context = torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]  # [B, L·e]
-        if isinstance(self.interaction, ConcatInteraction):
-            if pooled.dim() == 2 and pooled.shape[1] == self.input_dim:
-                x = pooled  # [B, d]: the lookup wrote it whole (an InputFrame's; or no dense part and no levels)
+        concat = isinstance(self.interaction, ConcatInteraction)
+        # [B, d]: the lookup wrote x whole (an InputFrame's; or no dense part and no levels)
+        whole = concat and pooled.dim() == 2 and pooled.shape[1] == self.input_dim
+        # the levels' rows as tensors of their own where x is built here or a layer reads them
+        embs = [scenario_rows(emb.weight, scenario[:, i]) for i, emb in enumerate(self.scenario_emb)] \
+            if self.reads_scenario_rows or not whole else []  # L x [B, e]
+        context = (torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]) if embs else None  # [B, L·e]
+        if concat:
+            if whole:
+                x = pooled  # [B, d]
             else:  # one cat of dense, pooled and scenarios
                 x = torch.cat([self.dense_mlp(dense), pooled.reshape(pooled.shape[0], -1)] + embs, dim=1)  # [B, d]
         else:

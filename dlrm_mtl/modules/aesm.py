@@ -255,6 +255,7 @@ class AESMTaskLayer(_AESMLayer):
     """
 
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("task_emb_dim",) + _AESMLayer.CONFIG_FIELDS
+    reads_context: ClassVar[bool] = True  # its gates read the scenario embeddings (``context``)
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -155,6 +155,7 @@ class AsymmetricLayer(nn.Module):
     """
 
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("edges", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -46,6 +46,7 @@ class CrossStitchLayer(nn.Module):
     """
 
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("levels", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -43,6 +43,7 @@ class MultiLevelMMoELayer(nn.Module):
     """
 
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts", "levels", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -38,6 +38,7 @@ class MMoELayer(nn.Module):
 
     # the LayerConfig fields from_config reads (``mmoe``; ``omoe``: a named builder in models/arch.py)
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts", "gate", "top_k", "noise", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @staticmethod
     def gate_args(cfg: LayerConfig, where: str) -> Dict[str, Any]:
@@ -117,6 +118,7 @@ class SharedBottomLayer(nn.Module):
     """
 
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -152,6 +152,7 @@ class PLELayer(nn.Module):
 
     # the LayerConfig fields from_config reads (``ple``; ``cgc`` and ``separate``: named builders in models/arch.py)
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("num_shared", "num_specific", "levels", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:

@@ -85,6 +85,7 @@ class SluiceLayer(nn.Module):
 
     # the LayerConfig fields it reads (``aux_weight``: the weight of its orthogonality aux loss, applied by the dense arch)
     CONFIG_FIELDS: ClassVar[Tuple[str, ...]] = ("levels", "subspaces", "aux_weight", "hidden", "out_dim")
+    reads_context: ClassVar[bool] = False  # ``context`` (the scenario embeddings) is not read
 
     @classmethod
     def from_config(cls, cfg: LayerConfig, dims: LayerDims, where: str = "layer") -> Self:
