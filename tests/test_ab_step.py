@@ -45,3 +45,30 @@ def test_the_new_variant_is_timed_as_new(tmp_path):
     assert case["steps"] == 2 * case["batches"]  # each round: every batch once per variant
     assert 3.5 < case["new_ms"] - case["old_ms"] < 12
     assert case["gain"] == pytest.approx(case["old_ms"] / case["new_ms"] - 1)
+
+
+@pytest.mark.slow
+def test_live_mode_times_the_real_loop_per_variant(tmp_path):
+    """``--live``: epochs of the real stream, each under one variant; a "new" step that sleeps
+    4 ms more is timed so in both its steps and its epochs, and each variant gets the epochs
+    asked for (after one unmeasured epoch each)."""
+    variant = tmp_path / "slow_new.py"
+    variant.write_text(
+        "import time\n"
+        "import torch\n"
+        "orig = torch.Tensor.backward\n"
+        "def slow(self, *a, **k):\n"
+        "    time.sleep(0.004)\n"
+        "    return orig(self, *a, **k)\n"
+        "def patch(name):\n"
+        "    torch.Tensor.backward = slow if name == 'new' else orig\n")
+    out = tmp_path / "ab.json"
+    proc = _run(tmp_path, str(variant), "--live", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (case,) = result["cases"]
+    assert result["live"] == 2 and case["live"] and case["epochs"] == 2
+    assert case["steps"] >= 2 * 2  # at least two steps an epoch (3,000 rows at 1,024), the first of each not timed
+    assert 3.5 < case["new_ms"] - case["old_ms"] < 12
+    steps_per_epoch = case["steps"] / case["epochs"] + 1
+    assert case["new_epoch_ms"] - case["old_epoch_ms"] > 3.5 * steps_per_epoch * 0.8

@@ -17,10 +17,18 @@ that variant; it switches the code under test in place (a module attribute, a me
 ``--null`` both variants run the same code: its gain is this machine's resolution (measured
 here: −0.25 … +0.1 % at 40 rounds). Correctness is not checked here: test it.
 
+``--live EPOCHS``: the same two variants in the real loop instead of replayed batches — the
+training stream's epochs of the ``--quick`` run (its reader cutting each batch between the
+steps, as ``dlrm-mtl train`` runs them), each epoch under one variant, the order old, new,
+new, old, ... after one unmeasured epoch per variant; ``EPOCHS`` measured epochs per variant.
+Printed: each variant's median step and median epoch (reading included). Replayed steps run
+with warmer caches than the loop's; a change that moves fewer bytes can gain more or less live.
+
 Commands::
 
     .venv/bin/python tools/ab_step.py variant.py --cases census:shared_bottom,movielens:ple
     .venv/bin/python tools/ab_step.py --null --cases census:mmoe --rounds 40
+    .venv/bin/python tools/ab_step.py variant.py --cases movielens:shared_bottom --live 7
 
 Example variant (the single-id gather of ``RecordedLookup`` off / on)::
 
@@ -81,6 +89,9 @@ def child_main(args: argparse.Namespace) -> int:
     try:
         run = setup_run(a_config(Path(args.data), arch, size, Path(tempfile.mkdtemp(prefix="ab_step_"))), env)
         torch.set_num_threads(bp.THREADS)
+        if args.live:
+            print(MARK + json.dumps(live_epochs(run, patch, args.live, args.child)), flush=True)
+            return 0
         batches = full_batches(run.train_stream, BATCHES, size.batch_size)
         if not batches:
             raise SystemExit(f"{args.child}: no full batch of {size.batch_size} rows to time")
@@ -112,8 +123,42 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_case(case: str, data: Path, variant: Optional[str], rounds: int) -> Dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--data", str(data), "--rounds", str(rounds)]
+def live_epochs(run: Any, patch: Callable[[str], None], epochs: int, case: str) -> Dict[str, Any]:
+    """``--live``: epochs of the real training stream, each under one variant (old, new, new,
+    old, ... after one unmeasured epoch of each), every ``train_step`` and every epoch timed."""
+    from dlrm_mtl.train import train_step
+
+    run.train_stream.wait_read_ahead()
+    run.eval_stream.wait_read_ahead()
+    order = ["old", "new"] + [("new", "old")[(i // 2 + i) % 2] for i in range(2 * epochs)]
+    steps: Dict[str, List[float]] = {"old": [], "new": []}
+    wall: Dict[str, List[float]] = {"old": [], "new": []}
+    for epoch, name in enumerate(order):
+        patch(name)
+        run.train_stream.set_epoch(epoch)
+        it = iter(run.train_stream)
+        mine: List[float] = []
+        t_epoch = time.perf_counter()
+        while True:
+            b = next(it, None)
+            if b is None:
+                break
+            t = time.perf_counter()
+            train_step(run.dmp, run.optimizer, b)
+            mine.append(time.perf_counter() - t)
+        if epoch >= 2:  # each variant's first epoch (its recordings, first touches) off the clock
+            steps[name].extend(mine[1:])  # the epoch's first step follows the switch
+            wall[name].append(time.perf_counter() - t_epoch)
+    old, new = statistics.median(steps["old"]), statistics.median(steps["new"])
+    eo, en = statistics.median(wall["old"]), statistics.median(wall["new"])
+    return {"case": case, "live": True, "old_ms": old * 1e3, "new_ms": new * 1e3, "gain": old / new - 1.0,
+            "steps": len(steps["new"]), "epochs": len(wall["new"]), "old_epoch_ms": eo * 1e3, "new_epoch_ms": en * 1e3,
+            "epoch_gain": eo / en - 1.0}
+
+
+def run_case(case: str, data: Path, variant: Optional[str], rounds: int, live: int = 0) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--data", str(data), "--rounds", str(rounds),
+           "--live", str(live)]
     if variant is not None:
         cmd.append(str(Path(variant).resolve()))
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -129,6 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--null", action="store_true", help="both variants the same code (the machine's resolution)")
     p.add_argument("--cases", default=None, help="e.g. census:mmoe,movielens:ple (default: all 6)")
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--live", type=int, default=0, metavar="EPOCHS",
+                   help="time the real loop instead: EPOCHS epochs per variant, alternating (see above)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--train-rows", type=int, default=None, help="override the train rows of every shape (eval: a quarter)")
     p.add_argument("--data-root", default=str(ROOT / "data" / "bench_peer"), help="cache of the generated data sets")
@@ -143,12 +190,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     for shape, arch in bp.parse_cases(args.cases):
         data = bp.ensure_data(Path(args.data_root), shape, sizes[shape])
-        r = run_case(f"{shape}:{arch}", data, args.variant, args.rounds)
+        r = run_case(f"{shape}:{arch}", data, args.variant, args.rounds, args.live)
         results.append(r)
-        print(f"{r['case']:<24} old {r['old_ms']:7.3f} ms  new {r['new_ms']:7.3f} ms  gain {r['gain'] * 100:+6.2f} %"
-              f"  ({r['steps']} steps each)", flush=True)
+        line = (f"{r['case']:<24} old {r['old_ms']:7.3f} ms  new {r['new_ms']:7.3f} ms  gain {r['gain'] * 100:+6.2f} %"
+                f"  ({r['steps']} steps each)")
+        if r.get("live"):
+            line += (f"  live: epochs old {r['old_epoch_ms']:.1f} ms  new {r['new_epoch_ms']:.1f} ms"
+                     f"  gain {r['epoch_gain'] * 100:+6.2f} %  ({r['epochs']} each)")
+        print(line, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"variant": args.variant, "rounds": args.rounds, "cases": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"variant": args.variant, "rounds": args.rounds, "live": args.live,
+                                               "cases": results}, indent=1))
     return 0
 
 
