@@ -18,15 +18,8 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_a_variant_or_null_is_required(tmp_path):
-    proc = _run(tmp_path)
-    assert proc.returncode != 0 and "give a variant file, or --null" in proc.stderr
-
-
-@pytest.mark.slow
-def test_the_new_variant_is_timed_as_new(tmp_path):
-    """A variant whose "new" step sleeps 4 ms more: the tool reports the new step slower by
-    about that much, the old one not (each variant's steps are its own)."""
+def _slow_new_variant(tmp_path: Path) -> Path:
+    """A variant file whose "new" backward sleeps 4 ms more than its "old" one."""
     variant = tmp_path / "slow_new.py"
     variant.write_text(
         "import time\n"
@@ -37,6 +30,19 @@ def test_the_new_variant_is_timed_as_new(tmp_path):
         "    return orig(self, *a, **k)\n"
         "def patch(name):\n"
         "    torch.Tensor.backward = slow if name == 'new' else orig\n")
+    return variant
+
+
+def test_a_variant_or_null_is_required(tmp_path):
+    proc = _run(tmp_path)
+    assert proc.returncode != 0 and "give a variant file, or --null" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_new_variant_is_timed_as_new(tmp_path):
+    """A variant whose "new" step sleeps 4 ms more: the tool reports the new step slower by
+    about that much, the old one not (each variant's steps are its own)."""
+    variant = _slow_new_variant(tmp_path)
     out = tmp_path / "ab.json"
     proc = _run(tmp_path, str(variant), "--rounds", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,16 +58,7 @@ def test_live_mode_times_the_real_loop_per_variant(tmp_path):
     """``--live``: epochs of the real stream, each under one variant; a "new" step that sleeps
     4 ms more is timed so in both its steps and its epochs, and each variant gets the epochs
     asked for (after one unmeasured epoch each)."""
-    variant = tmp_path / "slow_new.py"
-    variant.write_text(
-        "import time\n"
-        "import torch\n"
-        "orig = torch.Tensor.backward\n"
-        "def slow(self, *a, **k):\n"
-        "    time.sleep(0.004)\n"
-        "    return orig(self, *a, **k)\n"
-        "def patch(name):\n"
-        "    torch.Tensor.backward = slow if name == 'new' else orig\n")
+    variant = _slow_new_variant(tmp_path)
     out = tmp_path / "ab.json"
     proc = _run(tmp_path, str(variant), "--live", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
