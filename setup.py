@@ -1,5 +1,6 @@
 """Builds the optional C extension ``dlrm_mtl._cpu_kernels`` (dlrm_mtl/csrc/cpu_kernels.c):
-fused float32 host kernels, no Torch headers. The package metadata lives in pyproject.toml.
+fused float32 host kernels, no Torch headers, OpenMP where the compiler has it (the kernels
+then share PyTorch's libgomp threads; without it they run on one thread). The package metadata lives in pyproject.toml.
 Where no C compiler exists the build still succeeds without it and dlrm_mtl uses its ATen
 paths (dlrm_mtl/native.py)."""
 
@@ -17,6 +18,13 @@ class OptionalBuildExt(build_ext):
             print(f"[dlrm_mtl] building the C kernels failed ({e}); the ATen paths will be used")
 
     def build_extension(self, ext: Extension) -> None:
+        try:  # with OpenMP: the lookup kernels on PyTorch's own libgomp threads
+            super().build_extension(ext)
+            return
+        except Exception as e:  # noqa: BLE001
+            print(f"[dlrm_mtl] building {ext.name} with OpenMP failed ({e}); trying without")
+        ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+        ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
         try:
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001
@@ -25,6 +33,8 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("dlrm_mtl._cpu_kernels", ["dlrm_mtl/csrc/cpu_kernels.c"],
-                           extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"])],
+                           extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                                               "-fopenmp"],
+                           extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

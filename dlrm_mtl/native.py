@@ -4,7 +4,8 @@ A CPU training step spends much of its time outside the GEMMs in chains of ATen 
 ``[B, T]``-sized tensors, each paying a dispatch (5-20 µs on the development machine) for a
 few µs of arithmetic. The C extension ``dlrm_mtl._cpu_kernels``, built at install time by
 ``setup.py``, runs such a chain in one pass over the rows (contiguous float32 CPU memory; the
-GIL is released). Each caller keeps its ATen path for everything else (GPU, float64, a build
+GIL is released; the embedding lookup and its update split over PyTorch's own OpenMP threads
+where the build has OpenMP). Each caller keeps its ATen path for everything else (GPU, float64, a build
 without a C compiler) and tests compare the two.
 
 ``train.native_kernels`` (default true) switches them for the process
@@ -177,7 +178,8 @@ def pooled_sum(weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, 
     :func:`dlrm_mtl.models.bag_means.mean_of_bags` divides). ``out``: where to write them, a
     float32 ``[B, F·D]`` with unit column stride (e.g. columns of a wider tensor); returned.
     An id outside ``[0, R)`` raises IndexError; offsets that fall or do not end at N raise
-    ValueError."""
+    ValueError. With ids × dim ≥ 32,768 the output's rows are split over PyTorch's threads
+    (:func:`openmp_threads`)."""
     assert _kernels is not None
     R, D = weights.shape
     if out is None:
@@ -195,13 +197,38 @@ def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: 
     and ``momentum``: ``grad [B, F·D]`` (any row stride), learning rate ``lr`` (a float32
     tensor of one value, read when the update runs), ``slot`` ``[R]`` int32 scratch, all -1
     (left so), ``single`` and ``mean`` as for :func:`pooled_sum` (a mean bag's ids each get the
-    bag's gradient divided by its length). See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    bag's gradient divided by its length). With ids × dim ≥ 32,768 and two or more groups
+    of features (:func:`lookup_plan`) the groups' rows are updated on PyTorch's threads, each
+    row by one thread: the serial result bit for bit. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
     assert _kernels is not None
     R, D = weights.shape
     g = grad if grad.dtype == torch.float32 and grad.stride(1) == 1 else grad.float().contiguous()
     _kernels.rowwise_adagrad_update(g.data_ptr(), g.stride(0), ids.data_ptr(), offsets.data_ptr(), F, B, D, R,
                                     weights.data_ptr(), momentum.data_ptr(), lr.data_ptr(), float(eps),
                                     slot.data_ptr(), int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
+
+
+def lookup_plan(ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int, threads: int,
+                single: bool = False) -> Tuple[int, torch.Tensor]:
+    """How :func:`rowwise_adagrad_update` splits its work over ``threads`` threads: features
+    whose ids' ranges overlap (a table read by several features) form one group, and each
+    group goes to one thread (largest first, to the least loaded), so every table row is
+    summed and updated by one thread in the ids' order — the serial result, bit for bit.
+    Returns ``(groups, thread_of)``: the number of groups and each feature's thread (int32
+    ``[F]``). With fewer than two groups the update runs on one thread."""
+    assert _kernels is not None
+    out = torch.empty(F, dtype=torch.int32)
+    groups = _kernels.lookup_plan(ids.data_ptr(), offsets.data_ptr(), F, B, int(single), ids.numel(), threads,
+                                  out.data_ptr())
+    return groups, out
+
+
+def openmp_threads() -> int:
+    """The team :func:`pooled_sum` and :func:`rowwise_adagrad_update` run on from this thread
+    (``torch.get_num_threads()``: PyTorch's own libgomp team), or 0 where the extension was
+    built without OpenMP (every kernel then runs on the calling thread)."""
+    assert _kernels is not None
+    return int(_kernels.openmp_threads())
 
 
 def table_rows_applies(weight: torch.Tensor, ids: torch.Tensor) -> bool:

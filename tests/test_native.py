@@ -312,3 +312,73 @@ def test_table_rows_reject_ids_outside_the_table(with_native):
         native.table_rows(w, torch.tensor([0, 3, 1]))
     with pytest.raises(IndexError, match=r"id -1 \(row 2\)"):
         native.rows_by_id(torch.ones(3, 8), torch.tensor([0, 2, -1]), 3)
+
+
+def _shared_table_bags(g: torch.Generator, B: int):
+    """Five features' bags over one table of 3,400 rows: f0 single ids in rows [0, 3000),
+    f1 and f2 one table (rows [3000, 3100), multi-hot, empty bags among them), f3 two hot rows,
+    f4 multi-hot in [3102, 3400) — ids feature after feature, offsets ``[5·B + 1]``."""
+    spans = [(0, 3000, 1, 1), (3000, 3100, 0, 4), (3000, 3100, 1, 3), (3100, 3102, 1, 1), (3102, 3400, 0, 5)]
+    ids, lengths = [], []
+    for lo, hi, least, most in spans:
+        n = torch.randint(least, most + 1, (B,), generator=g)
+        lengths.append(n)
+        ids.append(torch.randint(lo, hi, (int(n.sum()),), generator=g))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(lengths).cumsum(0)])
+    return torch.cat(ids), offsets
+
+
+def test_lookup_kernels_on_two_threads_equal_one_thread_bit_for_bit(with_native):
+    """``pooled_sum`` and ``rowwise_adagrad_update`` on PyTorch's two (and three) OpenMP threads
+    give the one-thread results bit for bit — the sums, the updated table and its Adagrad
+    state — for features that share a table (f1, f2), a mean-pooled one, empty bags and two
+    hot rows read by every row of the batch; the plan puts the features that share rows on
+    one thread and uses both threads."""
+    if not native.openmp_threads() and os.uname().sysname == "Linux":
+        pytest.fail("dlrm_mtl._cpu_kernels was built without OpenMP on Linux: its lookup runs on one thread")
+    g = torch.Generator().manual_seed(11)
+    B, F, R, D = 1500, 5, 3400, 16
+    ids, offsets = _shared_table_bags(g, B)
+    mean = torch.tensor([0, 0, 1, 0, 0], dtype=torch.uint8)
+    w0, m0 = torch.randn(R, D, generator=g), torch.rand(R, generator=g)
+    grad = torch.randn(B, F * D + 7, generator=g)[:, 3:3 + F * D]  # a column slice: row stride F·D + 7
+    lr = torch.tensor(0.05)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert native.openmp_threads() in (0, t)
+            w, m = w0.clone(), m0.clone()
+            slot = torch.full((R,), -1, dtype=torch.int32)
+            out = native.pooled_sum(w, ids, offsets, F, B, mean=mean)
+            native.rowwise_adagrad_update(grad, w, m, ids, offsets, F, B, lr, 1e-8, slot, mean=mean)
+            assert bool((slot == -1).all())
+            results.append((out, w, m))
+        torch.set_num_threads(2)
+        groups, thread_of = native.lookup_plan(ids, offsets, F, B, 2)
+    finally:
+        torch.set_num_threads(threads)
+    for later in results[1:]:
+        for a, b in zip(results[0], later):
+            assert torch.equal(a, b)
+    assert not torch.equal(results[0][1], w0)  # the update changed the table
+    assert groups == 4 and thread_of[1] == thread_of[2] and set(thread_of.tolist()) == {0, 1}
+
+
+def test_lookup_plan_groups_overlapping_features_and_balances_ids(with_native):
+    """The update's plan: features whose id ranges overlap form one group (also through a
+    chain: [0, 10] meets [5, 20] meets [18, 30]); groups go largest first to the least
+    loaded thread; a feature without ids in the batch goes to thread 0."""
+    B = 1
+    spans = [[0, 10], [5, 20], [18, 30], [40, 41], [50, 60, 61], [], [70]]
+    ids = torch.tensor([i for s in spans for i in s])
+    offsets = torch.tensor([0] + [len(s) for s in spans]).cumsum(0)
+    groups, thread_of = native.lookup_plan(ids, offsets, len(spans), B, 2)
+    assert groups == 4  # {0, 1, 2}, {3}, {4}, {6}
+    t = thread_of.tolist()
+    assert t[0] == t[1] == t[2] and t[5] == 0
+    # loads: group {0,1,2} has 6 ids -> thread 0; {4} 3 ids -> thread 1; {3} 2 -> thread 1; {6} 1 -> thread 1
+    assert t[0] == 0 and t[4] == 1 and t[3] == 1 and t[6] == 1
+    groups, thread_of = native.lookup_plan(ids, offsets, len(spans), B, 1)
+    assert bool((thread_of == 0).all())

@@ -20,6 +20,33 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Threads. Built with OpenMP (setup.py tries -fopenmp first), the embedding lookup and its
+ * update run on the calling thread's OpenMP team: the very libgomp worker threads PyTorch's
+ * own intra-op loops use (torch loads libgomp.so.1 before this module, so the loader hands
+ * this module the same runtime), sized by torch.set_num_threads (omp_get_max_threads of the
+ * calling thread). Work is split so every thread computes the same float operations in the
+ * same order as one thread would: rows of the output (pooled_sum) or groups of features
+ * that share no table row (rowwise_adagrad_update: each row summed and updated by one
+ * thread); the results are bit for bit the serial ones. Below PAR_MIN
+ * floats of work, or built without OpenMP, they run on the calling thread alone.
+ */
+#define PAR_MIN 32768
+static int team_size(Py_ssize_t work) {
+#ifdef _OPENMP
+    if (work >= PAR_MIN && !omp_in_parallel()) {
+        const int t = omp_get_max_threads();
+        return t > 1 ? t : 1;
+    }
+#else
+    (void)work;
+#endif
+    return 1;
+}
 
 /* ---------------------------------------------------------------------------------------
  * term_means_forward / term_means_backward: dlrm_mtl.losses.TermMeans, fused.
@@ -476,8 +503,13 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
     const uint8_t *mean = mean_ptr;
     const int64_t *id = ids, *off = offsets;
     if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
+    const int nt = team_size(N * D);
+    (void)nt;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < B; b++)  /* row after row: the output is written in order */
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t b = 0; b < B; b++)  /* row after row (a block of rows per thread) */
         for (Py_ssize_t f = 0; f < F; f++) {
             float *o = (float *)out + b * ld + f * D;
             const int64_t a = single ? f * B + b : off[f * B + b], z = single ? a + 1 : off[f * B + b + 1];
@@ -489,6 +521,101 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+/* Which thread updates each feature's rows: features whose id ranges overlap (a table read by
+ * several features) form one group, so every row's bags are summed by one thread in the ids'
+ * order; groups go to threads largest first, each to the least loaded (ids as the load).
+ * thread_of [F] (out), load [T] (out: ids per thread). Returns the number of groups. */
+static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssize_t F, Py_ssize_t B, int single,
+                                  int T, int32_t *thread_of, int64_t *load, int64_t *scratch) {
+    int64_t *lo = scratch, *hi = scratch + F, *n = scratch + 2 * F, *order = scratch + 3 * F, *gn = scratch + 4 * F;
+    for (Py_ssize_t f = 0; f < F; f++) {
+        const int64_t pa = single ? f * B : off[f * B], pz = single ? pa + B : off[(f + 1) * B];
+        int64_t l = INT64_MAX, h = -1;
+        for (int64_t p = pa; p < pz; p++) {
+            l = id[p] < l ? id[p] : l;
+            h = id[p] > h ? id[p] : h;
+        }
+        lo[f] = l, hi[f] = h, n[f] = pz - pa, order[f] = f;
+    }
+    for (Py_ssize_t i = 1; i < F; i++) /* features by their first row (F is small) */
+        for (Py_ssize_t j = i; j > 0 && lo[order[j]] < lo[order[j - 1]]; j--) {
+            const int64_t x = order[j]; order[j] = order[j - 1]; order[j - 1] = x;
+        }
+    Py_ssize_t G = 0;
+    int64_t reach = -1;
+    for (Py_ssize_t i = 0; i < F; i++) { /* thread_of holds the group index for now */
+        const int64_t f = order[i];
+        if (n[f] == 0) { thread_of[f] = -1; continue; }
+        if (G == 0 || lo[f] > reach) gn[G++] = 0;
+        reach = hi[f] > reach ? hi[f] : reach;
+        thread_of[f] = (int32_t)(G - 1);
+        gn[G - 1] += n[f];
+    }
+    for (int t = 0; t < T; t++) load[t] = 0;
+    int64_t *gt = lo; /* lo is no longer needed: the thread of each group */
+    for (Py_ssize_t k = 0; k < G; k++) gt[k] = -1;
+    for (Py_ssize_t k = 0; k < G; k++) {
+        Py_ssize_t big = -1; /* the largest group not yet placed */
+        for (Py_ssize_t g = 0; g < G; g++)
+            if (gt[g] < 0 && (big < 0 || gn[g] > gn[big])) big = g;
+        int least = 0;
+        for (int t = 1; t < T; t++)
+            if (load[t] < load[least]) least = t;
+        gt[big] = least;
+        load[least] += gn[big];
+    }
+    for (Py_ssize_t f = 0; f < F; f++) thread_of[f] = thread_of[f] < 0 ? 0 : (int32_t)gt[thread_of[f]];
+    return G;
+}
+
+/* The features of thread t (thread_of): their rows' gradients accumulated over the bags in
+ * the ids' order, then each touched row's row-wise Adagrad update. acc [rows, D] and touched
+ * [rows] are the thread's own scratch. */
+static void adagrad_rows(const float *G, Py_ssize_t ld, const int64_t *id, const int64_t *off, Py_ssize_t F,
+                         Py_ssize_t B, Py_ssize_t D, float *W, float *M, float lr, float epsf, int32_t *slot,
+                         int single, const uint8_t *mean, const int32_t *thread_of, int t, float *acc,
+                         int64_t *touched) {
+    int64_t U = 0;
+    for (Py_ssize_t f = 0; f < F; f++) {
+        if (thread_of[f] != t) continue;
+        for (Py_ssize_t b = 0; b < B; b++) {
+            const float *g = G + b * ld + f * D;
+            float gm[MAX_DIM];
+            const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
+            if (mean && mean[f] && pz - pa > 1) { /* a mean bag: each id's gradient is g / L */
+                const float L = (float)(pz - pa);
+                for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
+                g = gm;
+            }
+            for (int64_t p = pa; p < pz; p++) {
+                int32_t s = slot[id[p]];
+                float *a;
+                if (s < 0) {
+                    s = slot[id[p]] = (int32_t)U;
+                    touched[U++] = id[p];
+                    a = acc + (int64_t)s * D;
+                    for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+                } else {
+                    a = acc + (int64_t)s * D;
+                }
+                add_row(a, g, D);
+            }
+        }
+    }
+    for (int64_t u = 0; u < U; u++) {
+        const int64_t r = touched[u];
+        const float *a = acc + u * D;
+        float *row = W + r * D;
+        float ss = 0.0f;
+        for (Py_ssize_t d = 0; d < D; d++) ss += a[d] * a[d];
+        const float nsq = M[r] + ss / (float)D;
+        M[r] = nsq;
+        const float mult = lr / (sqrtf(nsq) + epsf);
+        for (Py_ssize_t d = 0; d < D; d++) row[d] = row[d] - a[d] * mult;
+        slot[r] = -1;
+    }
 }
 
 static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -516,59 +643,46 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
         return NULL;
     }
     if (check_bags(id, off, F, B, R, (int)single, N)) return NULL;
-    const int64_t rows = N < R ? N : R; /* rows touched, at most */
-    float *acc = malloc((size_t)(rows > 0 ? rows : 1) * (size_t)D * sizeof(float));
-    int64_t *touched = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
-    if (acc == NULL || touched == NULL) {
-        free(acc);
-        free(touched);
+    int T = team_size(N * D);
+    int32_t *thread_of = malloc((size_t)(F > 0 ? F : 1) * sizeof(int32_t));
+    int64_t *load = malloc((size_t)T * sizeof(int64_t)), *fs = malloc((size_t)(F > 0 ? F : 1) * 5 * sizeof(int64_t));
+    size_t *at = malloc((size_t)T * 2 * sizeof(size_t));
+    if (thread_of == NULL || load == NULL || fs == NULL || at == NULL) {
+        free(thread_of), free(load), free(fs), free(at);
         return PyErr_NoMemory();
     }
+    if (T < 2 || feature_threads(id, off, F, B, (int)single, T, thread_of, load, fs) < 2) { /* one thread */
+        T = 1;
+        load[0] = N;
+        for (Py_ssize_t f = 0; f < F; f++) thread_of[f] = 0;
+    }
+    size_t rows_total = 0; /* thread t's scratch: rows_t = min(its ids, R) rows from at[t] */
+    for (int t = 0; t < T; t++) {
+        const size_t rows_t = (size_t)(load[t] < R ? load[t] : R);
+        at[t] = rows_total, at[T + t] = rows_t;
+        rows_total += rows_t;
+    }
+    float *acc = malloc((rows_total > 0 ? rows_total : 1) * (size_t)D * sizeof(float));
+    int64_t *touched = malloc((rows_total > 0 ? rows_total : 1) * sizeof(int64_t));
+    if (acc == NULL || touched == NULL) {
+        free(thread_of), free(load), free(fs), free(at), free(acc), free(touched);
+        return PyErr_NoMemory();
+    }
+    const float lr = *(const float *)lr_ptr;
     Py_BEGIN_ALLOW_THREADS
-    const float *G = grad;
-    float *W = w, *M = m;
-    int32_t *slot = slot_ptr;
-    const float lr = *(const float *)lr_ptr, epsf = (float)eps;
-    int64_t U = 0;
-    for (Py_ssize_t f = 0; f < F; f++)
-        for (Py_ssize_t b = 0; b < B; b++) {
-            const float *g = G + b * ld + f * D;
-            float gm[MAX_DIM];
-            const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
-            if (mean && mean[f] && pz - pa > 1) { /* a mean bag: each id's gradient is g / L */
-                const float L = (float)(pz - pa);
-                for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
-                g = gm;
-            }
-            for (int64_t p = pa; p < pz; p++) {
-                int32_t s = slot[id[p]];
-                float *a;
-                if (s < 0) {
-                    s = slot[id[p]] = (int32_t)U;
-                    touched[U++] = id[p];
-                    a = acc + (int64_t)s * D;
-                    for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
-                } else {
-                    a = acc + (int64_t)s * D;
-                }
-                add_row(a, g, D);
-            }
-        }
-    for (int64_t u = 0; u < U; u++) {
-        const int64_t r = touched[u];
-        const float *a = acc + u * D;
-        float *row = W + r * D;
-        float ss = 0.0f;
-        for (Py_ssize_t d = 0; d < D; d++) ss += a[d] * a[d];
-        const float nsq = M[r] + ss / (float)D;
-        M[r] = nsq;
-        const float mult = lr / (sqrtf(nsq) + epsf);
-        for (Py_ssize_t d = 0; d < D; d++) row[d] = row[d] - a[d] * mult;
-        slot[r] = -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+    { /* a smaller team than asked for: each thread takes the planned threads t, t + team, ... */
+        for (int t = omp_get_thread_num(); t < T; t += omp_get_num_threads())
+#else
+    {
+        for (int t = 0; t < T; t++)
+#endif
+            adagrad_rows(grad, ld, id, off, F, B, D, w, m, lr, (float)eps, slot_ptr, (int)single, mean, thread_of, t,
+                         acc + at[t] * (size_t)D, touched + at[t]);
     }
     Py_END_ALLOW_THREADS
-    free(acc);
-    free(touched);
+    free(thread_of), free(load), free(fs), free(at), free(acc), free(touched);
     Py_RETURN_NONE;
 }
 
@@ -745,6 +859,44 @@ static PyObject *float_math(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* lookup_plan(ids, offsets, F, B, single, N, T, thread_of): feature_threads for T threads into
+ * thread_of (int32 [F]); returns the number of feature groups (tests read the plan) */
+static PyObject *lookup_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "lookup_plan takes 8 arguments");
+        return NULL;
+    }
+    void *ids, *offsets, *out;
+    Py_ssize_t F, B, single, N, T;
+    if (get_ptr(args[0], &ids) || get_ptr(args[1], &offsets) || get_size(args[2], &F) || get_size(args[3], &B)
+        || get_size(args[4], &single) || get_size(args[5], &N) || get_size(args[6], &T) || get_ptr(args[7], &out))
+        return NULL;
+    if (T < 1 || T > 4096 || F < 0) {
+        PyErr_Format(PyExc_ValueError, "lookup_plan: %zd threads, %zd features", T, F);
+        return NULL;
+    }
+    if (check_bags(ids, offsets, F, B, INT64_MAX, (int)single, N)) return NULL;
+    int64_t *load = malloc((size_t)T * sizeof(int64_t)), *fs = malloc((size_t)(F > 0 ? F : 1) * 5 * sizeof(int64_t));
+    if (load == NULL || fs == NULL) {
+        free(load), free(fs);
+        return PyErr_NoMemory();
+    }
+    const Py_ssize_t G = feature_threads(ids, offsets, F, B, (int)single, (int)T, out, load, fs);
+    free(load), free(fs);
+    return PyLong_FromSsize_t(G);
+}
+
+/* openmp_threads(): the team the lookup kernels would use on this thread (0: built without OpenMP) */
+static PyObject *openmp_threads(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+#ifdef _OPENMP
+    return PyLong_FromLong(team_size(PAR_MIN));
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"term_means_forward", (PyCFunction)(void (*)(void))term_means_forward, METH_FASTCALL,
      "Fused TermMeans forward on float32 CPU memory (see cpu_kernels.c)."},
@@ -766,6 +918,10 @@ static PyMethodDef methods[] = {
      "Gradient rows summed by id into a small table's gradient (see cpu_kernels.c)."},
     {"float_math", (PyCFunction)(void (*)(void))float_math, METH_FASTCALL,
      "The loss passes' vectorised exp, log1p, expm1 and log on float32 values (tests)."},
+    {"lookup_plan", (PyCFunction)(void (*)(void))lookup_plan, METH_FASTCALL,
+     "Which thread updates each feature's rows in rowwise_adagrad_update (tests)."},
+    {"openmp_threads", openmp_threads, METH_NOARGS,
+     "The team the lookup kernels use on this thread; 0 without OpenMP (tests)."},
     {NULL, NULL, 0, NULL},
 };
 
