@@ -211,6 +211,41 @@ static void entire_pass(const float *restrict lp, Py_ssize_t n, float *restrict 
     }
 }
 
+/* A term's per-row weighted loss cl = c l and derivative D = d c (c = r lam inv; y, r and D
+ * with row stride K, lam [B] or NULL): an entire-space term from its lp, lpc, e^lpc - 1 and
+ * log(1 - P) ... */
+SIMD_CLONES
+static void entire_terms(const float *restrict y, const float *restrict r, const float *restrict lam, Py_ssize_t K,
+                         Py_ssize_t B, float inv, const float *restrict lpv, const float *restrict lpc,
+                         const float *restrict emv, const float *restrict lgv, float *restrict cl, float *restrict D) {
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const float yk = y[b * K];
+        const float c = r[b * K] * (lam ? lam[b] : 1.0f) * inv;
+        const float em = emv[b];
+        const float loss = -(yk * lpc[b] + (1.0f - yk) * lgv[b]);
+        const float ratio = lpv[b] > -1e-30f ? 0.0f : (em + 1.0f) / -em;
+        const float d = ratio * (1.0f - yk) - yk;
+        cl[b] = c * loss;
+        D[b * K] = d * c;
+    }
+}
+
+/* ... and a logit term from its source task's logit v, log1p(e^-|v|) and sigma(v) (row stride T) */
+SIMD_CLONES
+static void logit_terms(const float *restrict y, const float *restrict r, const float *restrict lam, Py_ssize_t K,
+                        Py_ssize_t B, float inv, const float *restrict zc, const float *restrict l1p,
+                        const float *restrict sp, Py_ssize_t T, float *restrict cl, float *restrict D) {
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const float yk = y[b * K];
+        const float c = r[b * K] * (lam ? lam[b] : 1.0f) * inv;
+        const float v = zc[b * T];
+        const float loss = (v > 0.0f ? v : 0.0f) - v * yk + l1p[b * T];
+        const float d = sp[b * T] - yk;
+        cl[b] = c * loss;
+        D[b * K] = d * c;
+    }
+}
+
 /* term_means_forward(z, y, r, lam, B, T, K, src, is_entire, log_prob, negated,
  *                    per, D, sig_pos, sig_neg, colsum, z_stride0, z_stride1) -> None
  * z [B,T] (element strides z_stride0, z_stride1: a transposed view too), y [B,K], r [B,K]
@@ -245,23 +280,26 @@ static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ss
         return NULL;
     }
     /* scratch: the logits (contiguous), their l1p, log sigma(z), log sigma(-z) [B T]; an
-     * entire term's lp, lpc, e^lpc - 1, log(1 - P) [B] */
-    float *scratch = malloc(sizeof(float) * (size_t)(4 * B * T + 4 * B + 1));
+     * entire term's lp, lpc, e^lpc - 1, log(1 - P) [B]; a term's weighted losses c l [B] */
+    float *scratch = malloc(sizeof(float) * (size_t)(4 * B * T + 5 * B + 1));
     if (!scratch) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     float *zc = scratch, *l1p = zc + B * T, *lsp = l1p + B * T, *lsn = lsp + B * T;
-    float *lpv = lsn + B * T, *lpc = lpv + B, *emv = lpc + B, *lgv = emv + B;
-    double acc[64];
+    float *lpv = lsn + B * T, *lpc = lpv + B, *emv = lpc + B, *lgv = emv + B, *cl = lgv + B;
+    /* Row sums in double, each with one accumulator in row order (a register chain: colsum
+     * is written once); the per-row float math in loops of their own, which vectorise. */
     for (Py_ssize_t k = 0; k < K; k++) {
-        colsum[k] = 0.0;
-        acc[k] = 0.0;
+        double sum = 0.0;
+        for (Py_ssize_t b = 0; b < B; b++) sum += r[b * K + k];
+        colsum[k] = sum;
     }
-    for (Py_ssize_t b = 0; b < B; b++)
-        for (Py_ssize_t k = 0; k < K; k++) colsum[k] += r[b * K + k];
     float inv[64];
     for (Py_ssize_t k = 0; k < K; k++) inv[k] = (float)(1.0 / (colsum[k] > 1e-12 ? colsum[k] : 1e-12));
-    for (Py_ssize_t b = 0; b < B; b++)
-        for (Py_ssize_t t = 0; t < T; t++) zc[b * T + t] = z[b * zs0 + t * zs1];
+    if (zs1 == 1 && zs0 == T)
+        memcpy(zc, z, sizeof(float) * (size_t)(B * T));
+    else
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t t = 0; t < T; t++) zc[b * T + t] = z[b * zs0 + t * zs1];
     logit_pass(zc, B * T, l1p, lsp, lsn, sp, sn);
     for (Py_ssize_t k = 0; k < K; k++) {
         if (is_entire[k]) { /* lp = sum_t logsig(z_t) A[t,k] (+ sum_t logsig(-z_t) A[T+t,k]), row by row */
@@ -274,33 +312,37 @@ static PyObject *term_means_forward(PyObject *self, PyObject *const *args, Py_ss
                 lpv[b] = lp;
             }
             entire_pass(lpv, B, lpc, emv, lgv);
-            for (Py_ssize_t b = 0; b < B; b++) {
-                const float yk = y[b * K + k];
-                const float c = r[b * K + k] * (lam ? lam[b] : 1.0f) * inv[k];
-                const float em = emv[b];
-                const float loss = -(yk * lpc[b] + (1.0f - yk) * lgv[b]);
-                const float ratio = lpv[b] > -1e-30f ? 0.0f : (em + 1.0f) / -em;
-                const float d = ratio * (1.0f - yk) - yk;
-                acc[k] += (double)(c * loss);
-                D[b * K + k] = d * c;
-            }
+            entire_terms(y + k, r + k, lam, K, B, inv[k], lpv, lpc, emv, lgv, cl, D + k);
         } else {
-            const Py_ssize_t i = (Py_ssize_t)src[k];
-            for (Py_ssize_t b = 0; b < B; b++) {
-                const float yk = y[b * K + k];
-                const float c = r[b * K + k] * (lam ? lam[b] : 1.0f) * inv[k];
-                const float v = zc[b * T + i];
-                const float loss = fmaxf(v, 0.0f) - v * yk + l1p[b * T + i];
-                const float d = sp[b * T + i] - yk;
-                acc[k] += (double)(c * loss);
-                D[b * K + k] = d * c;
-            }
+            logit_terms(y + k, r + k, lam, K, B, inv[k], zc + src[k], l1p + src[k], sp + src[k], T, cl, D + k);
         }
+        double sum = 0.0;
+        for (Py_ssize_t b = 0; b < B; b++) sum += (double)cl[b];
+        per[k] = (float)sum;
     }
-    for (Py_ssize_t k = 0; k < K; k++) per[k] = (float)acc[k];
     Py_END_ALLOW_THREADS
     free(scratch);
     Py_RETURN_NONE;
+}
+
+/* dz[:, t] = sum_k g_k D[:, k] (S_kt + P+_kt sigma(-z_t) - P-_kt sigma(z_t)): the three sums
+ * over k in k's order per row (acc: 3 B floats of scratch), then combined */
+SIMD_CLONES
+static void term_grad_column(const float *restrict D, const float *restrict g, const float *restrict M,
+                             const float *restrict sp, const float *restrict sn, Py_ssize_t B, Py_ssize_t T,
+                             Py_ssize_t K, Py_ssize_t t, float *restrict acc, float *restrict out) {
+    float *restrict s = acc, *restrict pp = acc + B, *restrict pn = acc + 2 * B;
+    for (Py_ssize_t b = 0; b < B; b++) s[b] = pp[b] = pn[b] = 0.0f;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const float gk = g[k], ms = M[k * 3 * T + t], mp = M[k * 3 * T + T + t], mn = M[k * 3 * T + 2 * T + t];
+        for (Py_ssize_t b = 0; b < B; b++) {
+            const float w = D[b * K + k] * gk;
+            s[b] += w * ms;
+            pp[b] += w * mp;
+            pn[b] += w * mn;
+        }
+    }
+    for (Py_ssize_t b = 0; b < B; b++) out[b * T + t] = s[b] + pp[b] * sn[b * T + t] - pn[b] * sp[b * T + t];
 }
 
 /* term_means_backward(D, g, grad_map, sig_pos, sig_neg, B, T, K, out) -> None
@@ -323,22 +365,13 @@ static PyObject *term_means_backward(PyObject *self, PyObject *const *args, Py_s
         PyErr_SetString(PyExc_ValueError, "term_means_backward: at most 64 tasks and terms");
         return NULL;
     }
+    float *acc = malloc(sizeof(float) * (size_t)(3 * B + 1)); /* s, p+, p- of one task column [B] each */
+    if (!acc) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    float w[64];
-    for (Py_ssize_t b = 0; b < B; b++) {
-        for (Py_ssize_t k = 0; k < K; k++) w[k] = D[b * K + k] * g[k];
-        for (Py_ssize_t t = 0; t < T; t++) {
-            float s = 0.0f, pp = 0.0f, pn = 0.0f;
-            for (Py_ssize_t k = 0; k < K; k++) {
-                const float *m = M + k * 3 * T;
-                s += w[k] * m[t];
-                pp += w[k] * m[T + t];
-                pn += w[k] * m[2 * T + t];
-            }
-            out[b * T + t] = s + pp * sn[b * T + t] - pn * sp[b * T + t];
-        }
-    }
+    for (Py_ssize_t t = 0; t < T; t++) /* column by column, the sums over k in k's order, vectorised over rows */
+        term_grad_column(D, g, M, sp, sn, B, T, K, t, acc, out);
     Py_END_ALLOW_THREADS
+    free(acc);
     Py_RETURN_NONE;
 }
 
