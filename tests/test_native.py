@@ -368,8 +368,9 @@ def test_lookup_kernels_on_two_threads_equal_one_thread_bit_for_bit(with_native)
 
 def test_lookup_plan_groups_overlapping_features_and_balances_ids(with_native):
     """The update's plan: features whose id ranges overlap form one group (also through a
-    chain: [0, 10] meets [5, 20] meets [18, 30]); groups go largest first to the least
-    loaded thread; a feature without ids in the batch goes to thread 0."""
+    chain: [0, 10] meets [5, 20] meets [18, 30]); groups go costliest first to the least
+    loaded thread, a feature's cost counting the rows it may touch as well as its ids; a
+    feature without ids in the batch goes to thread 0."""
     B = 1
     spans = [[0, 10], [5, 20], [18, 30], [40, 41], [50, 60, 61], [], [70]]
     ids = torch.tensor([i for s in spans for i in s])
@@ -378,7 +379,14 @@ def test_lookup_plan_groups_overlapping_features_and_balances_ids(with_native):
     assert groups == 4  # {0, 1, 2}, {3}, {4}, {6}
     t = thread_of.tolist()
     assert t[0] == t[1] == t[2] and t[5] == 0
-    # loads: group {0,1,2} has 6 ids -> thread 0; {4} 3 ids -> thread 1; {3} 2 -> thread 1; {6} 1 -> thread 1
+    # costs (ids + 2 min(ids, id range)): group {0,1,2} 18 -> thread 0; {4} 9, {3} 6, {6} 3 -> thread 1
     assert t[0] == 0 and t[4] == 1 and t[3] == 1 and t[6] == 1
     groups, thread_of = native.lookup_plan(ids, offsets, len(spans), B, 1)
     assert bool((thread_of == 0).all())
+    # as many ids each, but f0's spread over a wide table (18) and f1, f2 on one row each (8):
+    # f1 and f2 share a thread, where counting ids alone would pair f0 with f2
+    spans = [[100, 300, 500, 700, 900, 1100], [5] * 6, [7] * 6]
+    ids = torch.tensor([i for s in spans for i in s])
+    offsets = torch.tensor([0] + [len(s) for s in spans]).cumsum(0)
+    groups, thread_of = native.lookup_plan(ids, offsets, 3, B, 2)
+    assert groups == 3 and thread_of.tolist() == [0, 1, 1]

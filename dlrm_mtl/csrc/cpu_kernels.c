@@ -558,11 +558,15 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 /* Which thread updates each feature's rows: features whose id ranges overlap (a table read by
  * several features) form one group, so every row's bags are summed by one thread in the ids'
- * order; groups go to threads largest first, each to the least loaded (ids as the load).
- * thread_of [F] (out), load [T] (out: ids per thread). Returns the number of groups. */
+ * order; groups go to threads costliest first, each to the least loaded. A feature's cost:
+ * its ids (each one row added) plus twice the rows it can touch at most, min(ids, its id
+ * range) (each touched row: a zeroed accumulator and the Adagrad update, with a cache miss
+ * where the table is large) — a wide table's feature (users, items) costs about three times
+ * a small one's of as many ids. thread_of [F] (out), load [T] (out: ids per thread, what its
+ * scratch must hold). Returns the number of groups. */
 static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssize_t F, Py_ssize_t B, int single,
                                   int T, int32_t *thread_of, int64_t *load, int64_t *scratch) {
-    int64_t *lo = scratch, *hi = scratch + F, *n = scratch + 2 * F, *order = scratch + 3 * F, *gn = scratch + 4 * F;
+    int64_t *lo = scratch, *hi = scratch + F, *n = scratch + 2 * F, *order = scratch + 3 * F, *gc = scratch + 4 * F;
     for (Py_ssize_t f = 0; f < F; f++) {
         const int64_t pa = single ? f * B : off[f * B], pz = single ? pa + B : off[(f + 1) * B];
         int64_t l = INT64_MAX, h = -1;
@@ -581,25 +585,30 @@ static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssiz
     for (Py_ssize_t i = 0; i < F; i++) { /* thread_of holds the group index for now */
         const int64_t f = order[i];
         if (n[f] == 0) { thread_of[f] = -1; continue; }
-        if (G == 0 || lo[f] > reach) gn[G++] = 0;
+        if (G == 0 || lo[f] > reach) gc[G++] = 0;
         reach = hi[f] > reach ? hi[f] : reach;
         thread_of[f] = (int32_t)(G - 1);
-        gn[G - 1] += n[f];
+        const int64_t span = hi[f] - lo[f] + 1;
+        gc[G - 1] += n[f] + 2 * (n[f] < span ? n[f] : span);
     }
-    for (int t = 0; t < T; t++) load[t] = 0;
+    for (int t = 0; t < T; t++) load[t] = 0; /* the threads' costs while placing */
     int64_t *gt = lo; /* lo is no longer needed: the thread of each group */
     for (Py_ssize_t k = 0; k < G; k++) gt[k] = -1;
     for (Py_ssize_t k = 0; k < G; k++) {
-        Py_ssize_t big = -1; /* the largest group not yet placed */
+        Py_ssize_t big = -1; /* the costliest group not yet placed */
         for (Py_ssize_t g = 0; g < G; g++)
-            if (gt[g] < 0 && (big < 0 || gn[g] > gn[big])) big = g;
+            if (gt[g] < 0 && (big < 0 || gc[g] > gc[big])) big = g;
         int least = 0;
         for (int t = 1; t < T; t++)
             if (load[t] < load[least]) least = t;
         gt[big] = least;
-        load[least] += gn[big];
+        load[least] += gc[big];
     }
-    for (Py_ssize_t f = 0; f < F; f++) thread_of[f] = thread_of[f] < 0 ? 0 : (int32_t)gt[thread_of[f]];
+    for (int t = 0; t < T; t++) load[t] = 0;
+    for (Py_ssize_t f = 0; f < F; f++) {
+        thread_of[f] = thread_of[f] < 0 ? 0 : (int32_t)gt[thread_of[f]];
+        load[thread_of[f]] += n[f];
+    }
     return G;
 }
 
