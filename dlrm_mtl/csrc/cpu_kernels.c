@@ -444,6 +444,20 @@ static PyObject *shift_ids(PyObject *self, PyObject *const *args, Py_ssize_t nar
  */
 /* ids in [0, R); offsets rising from 0 (single: every bag holds one id, offsets not read,
  * and the ids number F B) */
+SIMD_CLONES
+static int any_fall(const int64_t *restrict offsets, Py_ssize_t n) {
+    int falls = 0;
+    for (Py_ssize_t i = 0; i < n; i++) falls |= offsets[i + 1] < offsets[i];
+    return falls;
+}
+
+SIMD_CLONES
+static int any_outside(const int64_t *restrict ids, int64_t n, Py_ssize_t R) {
+    int outside = 0;
+    for (int64_t p = 0; p < n; p++) outside |= (uint64_t)ids[p] >= (uint64_t)R; /* negative ids too */
+    return outside;
+}
+
 static int check_bags(const int64_t *ids, const int64_t *offsets, Py_ssize_t F, Py_ssize_t B, Py_ssize_t R,
                       int single, Py_ssize_t N) {
     int64_t n = N;
@@ -459,18 +473,20 @@ static int check_bags(const int64_t *ids, const int64_t *offsets, Py_ssize_t F, 
                          (long long)offsets[0], (long long)n, N);
             return -1;
         }
-        for (Py_ssize_t i = 0; i < F * B; i++)
-            if (offsets[i + 1] < offsets[i]) {
-                PyErr_Format(PyExc_ValueError, "embedding lookup: offsets fall at bag %zd", i);
+        if (any_fall(offsets, F * B)) /* branch-free scans (SIMD clones); the position only on failure */
+            for (Py_ssize_t i = 0; i < F * B; i++)
+                if (offsets[i + 1] < offsets[i]) {
+                    PyErr_Format(PyExc_ValueError, "embedding lookup: offsets fall at bag %zd", i);
+                    return -1;
+                }
+    }
+    if (any_outside(ids, n, R))
+        for (int64_t p = 0; p < n; p++)
+            if (ids[p] < 0 || ids[p] >= R) {
+                PyErr_Format(PyExc_IndexError, "embedding lookup: id %lld (position %lld) is outside the table's %zd rows",
+                             (long long)ids[p], (long long)p, R);
                 return -1;
             }
-    }
-    for (int64_t p = 0; p < n; p++)
-        if (ids[p] < 0 || ids[p] >= R) {
-            PyErr_Format(PyExc_IndexError, "embedding lookup: id %lld (position %lld) is outside the table's %zd rows",
-                         (long long)ids[p], (long long)p, R);
-            return -1;
-        }
     return 0;
 }
 
