@@ -264,10 +264,6 @@ def rows_by_id(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Te
     return out
 
 
-def _np_ptr(a: Any) -> int:
-    return a.__array_interface__["data"][0]
-
-
 def kjt_single_run(matrix: Any, start: int, n: int, B: int, pos: int, values: Any, lengths: Any, ends: Any) -> None:
     """A batch's KJT arrays for a run of m single-hot keys: ``matrix [m, rows]`` (int64, each
     row contiguous) rows ``[start, start + n)`` written to ``values[pos : pos + m·n]`` key after
@@ -275,7 +271,7 @@ def kjt_single_run(matrix: Any, start: int, n: int, B: int, pos: int, values: An
     bag's end in ``values``). numpy arrays; ``lengths`` and ``ends`` views of the batch's."""
     assert _kernels is not None
     m, ld = matrix.shape[0], matrix.strides[0] // 8
-    _kernels.kjt_single_run(_np_ptr(matrix), ld, m, start, n, B, pos, _np_ptr(values), _np_ptr(lengths), _np_ptr(ends))
+    _kernels.kjt_single_run(matrix, ld, m, start, n, B, pos, values, lengths, ends)  # numpy arrays: their buffers
 
 
 def kjt_multi_key(lens: Any, offs: Any, vals: Any, start: int, n: int, B: int, pos: int, values: Any, lengths: Any,
@@ -285,5 +281,4 @@ def kjt_multi_key(lens: Any, offs: Any, vals: Any, start: int, n: int, B: int, p
     ``values[pos:]``, ``lengths [B]`` (0 for padding) and ``ends [B]`` (each bag's end in
     ``values``)."""
     assert _kernels is not None
-    _kernels.kjt_multi_key(_np_ptr(lens), _np_ptr(offs), _np_ptr(vals), start, n, B, pos, _np_ptr(values),
-                           _np_ptr(lengths), _np_ptr(ends))
+    _kernels.kjt_multi_key(lens, offs, vals, start, n, B, pos, values, lengths, ends)  # numpy arrays: their buffers
