@@ -34,6 +34,25 @@ except ImportError:  # built without a C compiler, or an install that skipped it
     _kernels = None
 
 _ENV_OFF = os.environ.get("DLRM_MTL_NATIVE", "1") == "0"  # off for the process, whatever the config says
+
+
+def openmp_runtimes() -> list:
+    """The OpenMP runtime libraries mapped into this process (Linux ``/proc/self/maps``; an
+    empty list elsewhere). The lookup kernels' threads are PyTorch's own only where this is
+    one library: a build of torch that bundles its runtime under another name (or Intel's)
+    would give the kernels a second thread pool beside PyTorch's, oversubscribing the cores."""
+    import re
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if re.search(r"/lib(g|i|)omp[^/]*\.so", line)}
+    except OSError:
+        return []
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+if _kernels is not None and len(set(openmp_runtimes())) > 1:
+    _kernels.set_one_thread(1)  # a second runtime beside PyTorch's: every kernel on the calling thread
 _enabled = not _ENV_OFF
 
 MAX_TERMS = 64  # the kernels' fixed per-row scratch (tasks and loss terms)

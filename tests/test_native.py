@@ -336,6 +336,8 @@ def test_lookup_kernels_on_two_threads_equal_one_thread_bit_for_bit(with_native)
     one thread and uses both threads."""
     if not native.openmp_threads() and os.uname().sysname == "Linux":
         pytest.fail("dlrm_mtl._cpu_kernels was built without OpenMP on Linux: its lookup runs on one thread")
+    if os.uname().sysname == "Linux":  # the kernels' threads are PyTorch's own: one runtime mapped
+        assert len(native.openmp_runtimes()) == 1, native.openmp_runtimes()
     g = torch.Generator().manual_seed(11)
     B, F, R, D = 1500, 5, 3400, 16
     ids, offsets = _shared_table_bags(g, B)
@@ -357,6 +359,11 @@ def test_lookup_kernels_on_two_threads_equal_one_thread_bit_for_bit(with_native)
             results.append((out, w, m))
         torch.set_num_threads(2)
         groups, thread_of = native.lookup_plan(ids, offsets, F, B, 2)
+        if native.openmp_threads():  # the switch native.py throws where a second runtime is mapped
+            native._kernels.set_one_thread(1)
+            assert native.openmp_threads() == 1
+            native._kernels.set_one_thread(0)
+            assert native.openmp_threads() == 2
     finally:
         torch.set_num_threads(threads)
     for later in results[1:]:

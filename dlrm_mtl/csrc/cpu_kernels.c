@@ -36,9 +36,10 @@
  * floats of work, or built without OpenMP, they run on the calling thread alone.
  */
 #define PAR_MIN 32768
+static int one_thread = 0; /* set_one_thread(1): dlrm_mtl/native.py found a second OpenMP runtime */
 static int team_size(Py_ssize_t work) {
 #ifdef _OPENMP
-    if (work >= PAR_MIN && !omp_in_parallel()) {
+    if (work >= PAR_MIN && !one_thread && !omp_in_parallel()) {
         const int t = omp_get_max_threads();
         return t > 1 ? t : 1;
     }
@@ -955,6 +956,16 @@ static PyObject *lookup_plan(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromSsize_t(G);
 }
 
+/* set_one_thread(flag): keep every kernel on the calling thread (flag 1) or let the lookup use
+ * its OpenMP team (0) */
+static PyObject *set_one_thread(PyObject *self, PyObject *arg) {
+    (void)self;
+    const long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    one_thread = v != 0;
+    Py_RETURN_NONE;
+}
+
 /* openmp_threads(): the team the lookup kernels would use on this thread (0: built without OpenMP) */
 static PyObject *openmp_threads(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -988,6 +999,8 @@ static PyMethodDef methods[] = {
      "The loss passes' vectorised exp, log1p, expm1 and log on float32 values (tests)."},
     {"lookup_plan", (PyCFunction)(void (*)(void))lookup_plan, METH_FASTCALL,
      "Which thread updates each feature's rows in rowwise_adagrad_update (tests)."},
+    {"set_one_thread", set_one_thread, METH_O,
+     "1: every kernel on the calling thread; 0: the lookup on its OpenMP team (dlrm_mtl/native.py)."},
     {"openmp_threads", openmp_threads, METH_NOARGS,
      "The team the lookup kernels use on this thread; 0 without OpenMP (tests)."},
     {NULL, NULL, 0, NULL},
