@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
@@ -34,9 +34,10 @@ except ImportError:  # built without a C compiler, or an install that skipped it
     _kernels = None
 
 _ENV_OFF = os.environ.get("DLRM_MTL_NATIVE", "1") == "0"  # off for the process, whatever the config says
+_enabled = not _ENV_OFF
 
 
-def openmp_runtimes() -> list:
+def openmp_runtimes() -> List[str]:
     """The OpenMP runtime libraries mapped into this process (Linux ``/proc/self/maps``; an
     empty list elsewhere). The lookup kernels' threads are PyTorch's own only where this is
     one library: a build of torch that bundles its runtime under another name (or Intel's)
@@ -53,7 +54,6 @@ def openmp_runtimes() -> list:
 
 if _kernels is not None and len(set(openmp_runtimes())) > 1:
     _kernels.set_one_thread(1)  # a second runtime beside PyTorch's: every kernel on the calling thread
-_enabled = not _ENV_OFF
 
 MAX_TERMS = 64  # the kernels' fixed per-row scratch (tasks and loss terms)
 
@@ -231,7 +231,8 @@ def lookup_plan(ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int, thread
                 single: bool = False) -> Tuple[int, torch.Tensor]:
     """How :func:`rowwise_adagrad_update` splits its work over ``threads`` threads: features
     whose ids' ranges overlap (a table read by several features) form one group, and each
-    group goes to one thread (largest first, to the least loaded), so every table row is
+    group goes to one thread (costliest first — a feature costs its ids plus twice the rows it
+    may touch — to the least loaded), so every table row is
     summed and updated by one thread in the ids' order — the serial result, bit for bit.
     Returns ``(groups, thread_of)``: the number of groups and each feature's thread (int32
     ``[F]``). With fewer than two groups the update runs on one thread."""
