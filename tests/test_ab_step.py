@@ -51,6 +51,8 @@ def test_the_new_variant_is_timed_as_new(tmp_path):
     assert case["steps"] == 2 * case["batches"]  # each round: every batch once per variant
     assert 3.5 < case["new_ms"] - case["old_ms"] < 12
     assert case["gain"] == pytest.approx(case["old_ms"] / case["new_ms"] - 1)
+    assert 3.5 < case["new_p10_ms"] - case["old_p10_ms"] < 12  # the fastest tenth: the same 4 ms
+    assert case["gain_p10"] == pytest.approx(case["old_p10_ms"] / case["new_p10_ms"] - 1)
 
 
 @pytest.mark.slow

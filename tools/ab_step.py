@@ -10,7 +10,10 @@ it (``bench_step.a_config``: the arch fragment, the bench's overrides, :func:`se
 reads 12 full batches (over several epochs where the data set is small, as ``bench_step`` does), warms both variants up, then for ``--rounds`` rounds runs every batch
 once under each variant (the order flips every round, and one unmeasured step follows each
 switch) and times each training step (``zero_grad``, forward, ``backward``, ``step``). Printed
-per case: the median step of each variant and ``gain = old / new − 1``.
+per case: the median step of each variant and ``gain = old / new − 1``, and the same at each
+variant's 10th percentile (``gain_p10``): on a machine whose neighbours slow whole stretches of
+steps (the medians' ``--null`` gain swung −7 … +14 % on one, docs/performance.md "Eighteenth
+round"), the fastest steps are the ones they left alone.
 
 A variant file defines ``patch(name)``, called with ``"old"`` or ``"new"`` before the steps of
 that variant; it switches the code under test in place (a module attribute, a method). With
@@ -74,6 +77,12 @@ def load_variant(path: Optional[str]) -> Callable[[str], None]:
     return patch
 
 
+def quantile(xs: List[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (the sorted value at index ``q·(n − 1)``, no interpolation)."""
+    ordered = sorted(xs)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
 def child_main(args: argparse.Namespace) -> int:
     """One case in this process: prints one ``MARK`` JSON line."""
     import torch
@@ -116,8 +125,11 @@ def child_main(args: argparse.Namespace) -> int:
                     step(b)
                     times[name].append(time.perf_counter() - t)
         old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        old10, new10 = quantile(times["old"], 0.1), quantile(times["new"], 0.1)
         print(MARK + json.dumps({"case": args.child, "old_ms": old * 1e3, "new_ms": new * 1e3,
-                                 "gain": old / new - 1.0, "steps": len(times["new"]), "batches": len(batches)}), flush=True)
+                                 "gain": old / new - 1.0, "old_p10_ms": old10 * 1e3, "new_p10_ms": new10 * 1e3,
+                                 "gain_p10": old10 / new10 - 1.0, "steps": len(times["new"]), "batches": len(batches)}),
+              flush=True)
     finally:
         shutdown_distributed()
     return 0
@@ -194,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.append(r)
         line = (f"{r['case']:<24} old {r['old_ms']:7.3f} ms  new {r['new_ms']:7.3f} ms  gain {r['gain'] * 100:+6.2f} %"
                 f"  ({r['steps']} steps each)")
+        if "gain_p10" in r:
+            line += f"  p10: old {r['old_p10_ms']:.3f}  new {r['new_p10_ms']:.3f}  gain {r['gain_p10'] * 100:+6.2f} %"
+
         if r.get("live"):
             line += (f"  live: epochs old {r['old_epoch_ms']:.1f} ms  new {r['new_epoch_ms']:.1f} ms"
                      f"  gain {r['epoch_gain'] * 100:+6.2f} %  ({r['epochs']} each)")
