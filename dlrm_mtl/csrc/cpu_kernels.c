@@ -583,6 +583,18 @@ static PyObject *pooled_sum(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* the smallest and largest of n ids (INT64_MAX and -1 for none): one branch-free pass, in SIMD
+ * clones (int64 compares need AVX2) */
+SIMD_CLONES
+static void id_range(const int64_t *restrict ids, int64_t n, int64_t *lo, int64_t *hi) {
+    int64_t l = INT64_MAX, h = -1;
+    for (int64_t p = 0; p < n; p++) {
+        l = ids[p] < l ? ids[p] : l;
+        h = ids[p] > h ? ids[p] : h;
+    }
+    *lo = l, *hi = h;
+}
+
 /* Which thread updates each feature's rows: features whose id ranges overlap (a table read by
  * several features) form one group, so every row's bags are summed by one thread in the ids'
  * order; groups go to threads costliest first, each to the least loaded. A feature's cost:
@@ -596,12 +608,8 @@ static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssiz
     int64_t *lo = scratch, *hi = scratch + F, *n = scratch + 2 * F, *order = scratch + 3 * F, *gc = scratch + 4 * F;
     for (Py_ssize_t f = 0; f < F; f++) {
         const int64_t pa = single ? f * B : off[f * B], pz = single ? pa + B : off[(f + 1) * B];
-        int64_t l = INT64_MAX, h = -1;
-        for (int64_t p = pa; p < pz; p++) {
-            l = id[p] < l ? id[p] : l;
-            h = id[p] > h ? id[p] : h;
-        }
-        lo[f] = l, hi[f] = h, n[f] = pz - pa, order[f] = f;
+        id_range(id + pa, pz - pa, lo + f, hi + f);
+        n[f] = pz - pa, order[f] = f;
     }
     for (Py_ssize_t i = 1; i < F; i++) /* features by their first row (F is small) */
         for (Py_ssize_t j = i; j > 0 && lo[order[j]] < lo[order[j - 1]]; j--) {
