@@ -30,11 +30,13 @@ demo: data
 		-j 1x$(NPROC) --config configs/demo.yaml train.run_dir=$(RUN) data.train=$(DATA)/train data.eval=$(DATA)/eval
 	$(PY) -m dlrm_mtl report $(RUN)
 
+# Tests in TEST_WORKERS (default 2) pytest-xdist workers, then those marked `serial` alone
+# (tools/run_tests.sh); TEST_WORKERS=0 runs everything in one process.
 test: install
-	PATH="$(BIN):$$PATH" $(PY) -m pytest -ra $(PYTEST_ARGS) tests
+	PATH="$(BIN):$$PATH" PY=$(PY) bash tools/run_tests.sh "" $(PYTEST_ARGS)
 
 test-fast: install
-	PATH="$(BIN):$$PATH" $(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS) tests
+	PATH="$(BIN):$$PATH" PY=$(PY) bash tools/run_tests.sh "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs data/synthetic

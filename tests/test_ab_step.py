@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# timed step by step: a second test process beside it would move what it measures
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# per-thread CPU and step times: run alone (tools/run_tests.sh)
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
