@@ -243,6 +243,51 @@ def lookup_plan(ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int, thread
     return groups, out
 
 
+def mixture_applies(gates: torch.Tensor, experts: torch.Tensor) -> bool:
+    """Whether :func:`mixture_forward` and :func:`mixture_backward` can run: float32 host
+    ``gates [B, G, E]`` (any strides) and ``experts [B, E, D]`` (unit stride along D), the same
+    B, not traced."""
+    return (gates.dim() == 3 and experts.dim() == 3 and _eager(gates, experts) and gates.dtype == torch.float32
+            and experts.dtype == torch.float32 and gates.shape[0] == experts.shape[0]
+            and gates.shape[2] == experts.shape[1] and experts.shape[1] >= 1 and experts.stride(2) == 1)
+
+
+def mixture_forward(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``gates [B, G, E]``, ``experts [B, E, D]`` -> ``y [B, G, D]`` (contiguous): per row,
+    ``y[g] = Σ_e gates[g, e] · experts[e]``, e ascending. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    assert _kernels is not None
+    B, G, E = gates.shape
+    D = experts.shape[2]
+    y = experts.new_empty(B, G, D)
+    _kernels.mixture_forward(gates.data_ptr(), gates.stride(0), gates.stride(1), gates.stride(2), experts.data_ptr(),
+                             experts.stride(0), experts.stride(1), y.data_ptr(), y.stride(0), y.stride(1), B, G, E, D)
+    return y
+
+
+def mixture_backward(grad: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, want_gates: bool = True,
+                     want_experts: bool = True) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gradients of :func:`mixture_forward` for the incoming ``grad [B, G, D]``:
+    ``(∂/∂gates [B, G, E]`` (contiguous), ``∂/∂experts [B, E, D]`` in the experts' own layout
+    (an expert-major view gets an expert-major gradient)``)``, None for one not wanted."""
+    assert _kernels is not None
+    B, G, E = gates.shape
+    D = experts.shape[2]
+    gy = grad if grad.dtype == torch.float32 and grad.stride(2) == 1 else grad.float().contiguous()
+    gw = gates.new_empty(B, G, E) if want_gates else None
+    gx = None
+    if want_experts:
+        gx = torch.empty_like(experts)  # a dense layout is kept (preserve_format): expert-major stays so
+        if gx.stride(2) != 1:
+            gx = experts.new_empty(B, E, D)
+    if gx is None and gw is None:
+        return None, None
+    _kernels.mixture_backward(gy.data_ptr(), gy.stride(0), gy.stride(1), gates.data_ptr(), gates.stride(0),
+                              gates.stride(1), gates.stride(2), experts.data_ptr(), experts.stride(0), experts.stride(1),
+                              0 if gw is None else gw.data_ptr(), 0 if gx is None else gx.data_ptr(),
+                              0 if gx is None else gx.stride(0), 0 if gx is None else gx.stride(1), B, G, E, D)
+    return gw, gx
+
+
 def openmp_threads() -> int:
     """The team :func:`pooled_sum` and :func:`rowwise_adagrad_update` run on from this thread
     (``torch.get_num_threads()``: PyTorch's own libgomp team), or 0 where the extension was

@@ -397,3 +397,105 @@ def test_lookup_plan_groups_overlapping_features_and_balances_ids(with_native):
     offsets = torch.tensor([0] + [len(s) for s in spans]).cumsum(0)
     groups, thread_of = native.lookup_plan(ids, offsets, 3, B, 2)
     assert groups == 3 and thread_of.tolist() == [0, 1, 1]
+
+
+def _mixture_case(B, G, E, D, layout, seed=0):
+    """gates ``[B, G, E]`` and experts ``[B, E, D]`` in one of the layouts the layers hand
+    :func:`mix_experts`, as leaves (the tensors gradients land on) and the views passed."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "gates_transposed":  # gates as the transpose of a [B, E, G] tensor
+        gl = torch.randn(B, E, G, generator=g).requires_grad_()
+        gates = gl.transpose(1, 2)
+    else:
+        gl = torch.randn(B, G, E, generator=g).requires_grad_()
+        gates = gl
+    if layout == "expert_major":  # ExpertBank's output: a [B, E, D] view of [E, B, D]
+        xl = torch.randn(E, B, D, generator=g).requires_grad_()
+        experts = xl.transpose(0, 1)
+    elif layout == "broadcast":  # one set of experts for every row (stride 0 along B)
+        xl = torch.randn(1, E, D, generator=g).requires_grad_()
+        experts = xl.expand(B, E, D)
+    else:
+        xl = torch.randn(B, E, D, generator=g).requires_grad_()
+        experts = xl
+    return gl, xl, gates, experts
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "expert_major", "gates_transposed", "broadcast"])
+@pytest.mark.parametrize("B,G,E,D", [(2048, 3, 4, 64), (300, 1, 3, 128), (7, 2, 5, 17), (5, 4, 1, 3)])
+def test_expert_mixture_equals_the_matmul_and_float64(with_native, layout, B, G, E, D):
+    """The C mixture (forward, both gradients) against PyTorch's batched matmul and float64,
+    in every layout the layers pass (expert-major banks, transposed gates, broadcast experts),
+    D not a multiple of the dot products' 16 lanes."""
+    from dlrm_mtl.modules.mixture import ExpertMixture
+
+    gl, xl, gates, experts = _mixture_case(B, G, E, D, layout)
+    assert native.mixture_applies(gates, experts)
+    gy = torch.randn(B, G, D, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, fn, dtype in (("c", ExpertMixture.apply, torch.float32), ("aten", torch.matmul, torch.float32),
+                            ("f64", torch.matmul, torch.float64)):
+        gl.grad = xl.grad = None
+        y = fn(gates.to(dtype), experts.to(dtype))
+        y.backward(gy.to(dtype))
+        out[name] = (y.detach().double(), gl.grad.double(), xl.grad.double())
+    for what, c, a, r in zip(("y", "d gates", "d experts"), out["c"], out["aten"], out["f64"]):
+        scale = float(r.abs().max()) + 1e-30
+        assert float((c - r).abs().max()) <= 2e-6 * scale * max(D, E, G), (what, float((c - r).abs().max()), scale)
+        assert float((c - a).abs().max()) <= 4e-6 * scale * max(D, E, G), what
+    if layout == "expert_major":  # the experts' gradient came back in their own layout: no copy before the bank's backward
+        gl.grad = xl.grad = None
+        y = ExpertMixture.apply(gates, experts)
+        gx = torch.autograd.grad(y, experts, gy)[0]
+        assert gx.stride() == experts.stride()
+
+
+def test_expert_mixture_on_two_threads_equals_one_thread_and_skips_unwanted_gradients(with_native):
+    """Rows split over PyTorch's threads: every bit the one-thread result; a gradient not
+    asked for is not computed (None)."""
+    gl, xl, gates, experts = _mixture_case(4096, 3, 4, 64, "expert_major", seed=2)
+    gy = torch.randn(4096, 3, 64, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    res = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = native.mixture_forward(gates.detach(), experts.detach())
+            res.append((y, *native.mixture_backward(gy, gates.detach(), experts.detach())))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    gw, gx = native.mixture_backward(gy, gates.detach(), experts.detach(), want_gates=False, want_experts=True)
+    assert gw is None and torch.equal(gx, res[0][2])
+    gw, gx = native.mixture_backward(gy, gates.detach(), experts.detach(), want_gates=True, want_experts=False)
+    assert gx is None and torch.equal(gw, res[0][1])
+
+
+def test_mix_experts_takes_the_c_mixture_only_where_it_applies(with_native):
+    """``mix_experts`` runs :class:`ExpertMixture` on 3-D float32 host tensors with the kernels
+    on, and the ATen forms otherwise (kernels off, float64, leading dimensions that broadcast),
+    each the same sum to float rounding."""
+    from dlrm_mtl.modules.mixture import mix_experts
+
+    gates = torch.softmax(torch.randn(64, 2, 4), -1).requires_grad_()
+    experts = torch.randn(64, 4, 16).requires_grad_()
+    y = mix_experts(gates, experts)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "ExpertMixtureBackward"
+    native.set_enabled(False)
+    try:
+        ref = mix_experts(gates, experts)
+        assert "ExpertMixture" not in type(ref.grad_fn).__name__
+    finally:
+        native.set_enabled(True)
+    assert torch.allclose(y, ref, atol=1e-6)
+    y64 = mix_experts(gates.double(), experts.double())
+    assert y64.dtype == torch.float64 and "ExpertMixture" not in type(y64.grad_fn).__name__
+    y4 = mix_experts(gates.unsqueeze(0).expand(3, 64, 2, 4), experts.unsqueeze(0).expand(3, 64, 4, 16))
+    assert "ExpertMixture" not in type(y4.grad_fn).__name__ and torch.allclose(y4[1], y, atol=1e-6)
+    with pytest.raises(ValueError, match="4 gate weights per row for 3 experts"):
+        mix_experts(gates, experts[:, :3])
+    empty = mix_experts(gates[:0], experts[:0])  # an empty batch (a rank's padded share of nothing)
+    assert empty.shape == (0, 2, 16) and type(empty.grad_fn).__name__ == "ExpertMixtureBackward"
+    empty.sum().backward()
+    assert gates.grad.abs().sum() == 0 and experts.grad.abs().sum() == 0

@@ -936,6 +936,151 @@ static PyObject *float_math(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * mixture_forward / mixture_backward: dlrm_mtl.modules.mixture.mix_experts on the CPU.
+ *
+ * Per row b, G gates' weights w [G, E] over E expert outputs x [E, D]:
+ *   y[g, :]  = sum_e w[g, e] x[e, :]                     (e ascending)
+ * and with the incoming gradient gy [G, D]:
+ *   gw[g, e] = sum_d gy[g, d] x[e, d]                    (16 partial sums, d mod 16, then
+ *                                                          added in lane order)
+ *   gx[e, :] = sum_g w[g, e] gy[g, :]                    (g ascending)
+ * PyTorch runs each of the three as a bmm of B tiny matrices ([2048, 3, 64] x [2048, 64, 4]:
+ * a scalar fallback below a size, one small BLAS call per matrix above it, 0.2-2 ms each on
+ * the 2-core VM); here a row is one pass over a few kB that stay in L1. Rows are split over
+ * PyTorch's threads; a row's arithmetic is the same whatever the thread count or SIMD clone
+ * (the dot products' 16 partial sums are explicit, no reassociation, no FMA contraction).
+ * Strides are in floats: any for w; the expert, output and gradient rows have unit stride.
+ */
+typedef struct {
+    const float *w, *x, *gy;
+    float *y, *gw, *gx;
+    Py_ssize_t G, E, D;
+    Py_ssize_t wb, wg, we;  /* w's strides */
+    Py_ssize_t xb, xe;      /* x's */
+    Py_ssize_t gb, ge;      /* gx's */
+    Py_ssize_t yb, yg;      /* y's or gy's */
+} mixture_args;
+
+SIMD_CLONES
+static void mixture_forward_rows(const mixture_args *a, Py_ssize_t b0, Py_ssize_t b1) {
+    const Py_ssize_t G = a->G, E = a->E, D = a->D;
+    for (Py_ssize_t b = b0; b < b1; b++) {
+        const float *w = a->w + b * a->wb, *x = a->x + b * a->xb;
+        for (Py_ssize_t g = 0; g < G; g++) {
+            float *restrict y = a->y + b * a->yb + g * a->yg;
+            const float w0 = w[g * a->wg];
+            for (Py_ssize_t d = 0; d < D; d++) y[d] = w0 * x[d];
+            for (Py_ssize_t e = 1; e < E; e++) {
+                const float we = w[g * a->wg + e * a->we];
+                const float *restrict xe = x + e * a->xe;
+                for (Py_ssize_t d = 0; d < D; d++) y[d] += we * xe[d];
+            }
+        }
+    }
+}
+
+SIMD_CLONES
+static void mixture_backward_rows(const mixture_args *a, Py_ssize_t b0, Py_ssize_t b1) {
+    const Py_ssize_t G = a->G, E = a->E, D = a->D, D16 = D - D % 16;
+    for (Py_ssize_t b = b0; b < b1; b++) {
+        const float *w = a->w + b * a->wb, *x = a->x + b * a->xb, *gy = a->gy + b * a->yb;
+        if (a->gw != NULL)
+            for (Py_ssize_t g = 0; g < G; g++)
+                for (Py_ssize_t e = 0; e < E; e++) {
+                    const float *restrict u = gy + g * a->yg, *restrict v = x + e * a->xe;
+                    float acc[16] = {0};
+                    for (Py_ssize_t d = 0; d < D16; d += 16)
+                        for (int l = 0; l < 16; l++) acc[l] += u[d + l] * v[d + l];
+                    for (Py_ssize_t d = D16; d < D; d++) acc[d - D16] += u[d] * v[d];
+                    float s = 0.0f;
+                    for (int l = 0; l < 16; l++) s += acc[l];
+                    a->gw[(b * G + g) * E + e] = s;
+                }
+        if (a->gx != NULL)
+            for (Py_ssize_t e = 0; e < E; e++) {
+                float *restrict gx = a->gx + b * a->gb + e * a->ge;
+                const float w0 = w[e * a->we];
+                for (Py_ssize_t d = 0; d < D; d++) gx[d] = w0 * gy[d];
+                for (Py_ssize_t g = 1; g < G; g++) {
+                    const float wg = w[g * a->wg + e * a->we];
+                    const float *restrict u = gy + g * a->yg;
+                    for (Py_ssize_t d = 0; d < D; d++) gx[d] += wg * u[d];
+                }
+            }
+    }
+}
+
+/* the rows [0, B) in blocks, over the team when the work is large enough */
+static void mixture_run(const mixture_args *a, Py_ssize_t B, int backward) {
+    const int nt = team_size(B * a->G * a->E * a->D);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t c = 0; c < (B + 63) / 64; c++) {
+        const Py_ssize_t b0 = c * 64, b1 = b0 + 64 < B ? b0 + 64 : B;
+        if (backward)
+            mixture_backward_rows(a, b0, b1);
+        else
+            mixture_forward_rows(a, b0, b1);
+    }
+}
+
+/* mixture_forward(w, wb, wg, we, x, xb, xe, y, yb, yg, B, G, E, D) -> None */
+static PyObject *mixture_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "mixture_forward takes 14 arguments");
+        return NULL;
+    }
+    void *w, *x, *y;
+    Py_ssize_t B;
+    mixture_args a = {0};
+    if (get_ptr(args[0], &w) || get_size(args[1], &a.wb) || get_size(args[2], &a.wg) || get_size(args[3], &a.we)
+        || get_ptr(args[4], &x) || get_size(args[5], &a.xb) || get_size(args[6], &a.xe) || get_ptr(args[7], &y)
+        || get_size(args[8], &a.yb) || get_size(args[9], &a.yg) || get_size(args[10], &B) || get_size(args[11], &a.G)
+        || get_size(args[12], &a.E) || get_size(args[13], &a.D))
+        return NULL;
+    if (a.E < 1) {
+        PyErr_SetString(PyExc_ValueError, "mixture_forward: no experts");
+        return NULL;
+    }
+    a.w = w, a.x = x, a.y = y;
+    Py_BEGIN_ALLOW_THREADS
+    mixture_run(&a, B, 0);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* mixture_backward(gy, yb, yg, w, wb, wg, we, x, xb, xe, gw, gx, gxb, gxe, B, G, E, D) -> None:
+ * gw [B, G, E] contiguous, gx with the strides given; either may be 0 (not wanted) */
+static PyObject *mixture_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "mixture_backward takes 18 arguments");
+        return NULL;
+    }
+    void *gy, *w, *x, *gw, *gx;
+    Py_ssize_t B;
+    mixture_args a = {0};
+    if (get_ptr(args[0], &gy) || get_size(args[1], &a.yb) || get_size(args[2], &a.yg) || get_ptr(args[3], &w)
+        || get_size(args[4], &a.wb) || get_size(args[5], &a.wg) || get_size(args[6], &a.we) || get_ptr(args[7], &x)
+        || get_size(args[8], &a.xb) || get_size(args[9], &a.xe) || get_ptr(args[10], &gw) || get_ptr(args[11], &gx)
+        || get_size(args[12], &a.gb) || get_size(args[13], &a.ge) || get_size(args[14], &B) || get_size(args[15], &a.G)
+        || get_size(args[16], &a.E) || get_size(args[17], &a.D))
+        return NULL;
+    if (a.G < 1) {
+        PyErr_SetString(PyExc_ValueError, "mixture_backward: no gates");
+        return NULL;
+    }
+    a.gy = gy, a.w = w, a.x = x, a.gw = gw, a.gx = gx;
+    Py_BEGIN_ALLOW_THREADS
+    mixture_run(&a, B, 1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* lookup_plan(ids, offsets, F, B, single, N, T, thread_of): feature_threads for T threads into
  * thread_of (int32 [F]); returns the number of feature groups (tests read the plan) */
 static PyObject *lookup_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -1005,6 +1150,10 @@ static PyMethodDef methods[] = {
      "Gradient rows summed by id into a small table's gradient (see cpu_kernels.c)."},
     {"float_math", (PyCFunction)(void (*)(void))float_math, METH_FASTCALL,
      "The loss passes' vectorised exp, log1p, expm1 and log on float32 values (tests)."},
+    {"mixture_forward", (PyCFunction)(void (*)(void))mixture_forward, METH_FASTCALL,
+     "Gated sums of expert outputs per row (mix_experts; see cpu_kernels.c)."},
+    {"mixture_backward", (PyCFunction)(void (*)(void))mixture_backward, METH_FASTCALL,
+     "The gated sums' gradients for the gates and the experts (see cpu_kernels.c)."},
     {"lookup_plan", (PyCFunction)(void (*)(void))lookup_plan, METH_FASTCALL,
      "Which thread updates each feature's rows in rowwise_adagrad_update (tests)."},
     {"set_one_thread", set_one_thread, METH_O,

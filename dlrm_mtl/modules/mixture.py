@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from dlrm_mtl import native
 
 # PyTorch's CPU bmm hands a batch of matrices whose contraction x rows x cols product is below
 # 400 to a scalar fallback kernel instead of BLAS (measured here: a [1024, 1, 3] x [1024, 3, 128]
@@ -19,10 +22,12 @@ def mix_experts(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     AESM²: G gates' weights over E expert outputs of width D, per row. Leading (batch)
     dimensions broadcast.
 
-    Small mixtures (``G·E·D < 400`` on CPU, e.g. CGC with 3 experts of width 128 and one gate)
-    are computed as a broadcast multiply and a sum over E, which autograd differentiates with
-    elementwise kernels; larger ones, and every mixture on an accelerator, are one batched
-    matmul. Both compute the same sum (to float rounding).
+    On the CPU with dlrm_mtl's C kernels (float32 ``[B, G, E]`` gates and ``[B, E, D]``
+    experts, the layers' case) it is :class:`ExpertMixture`: one pass over each row forward and
+    one backward. Otherwise small mixtures (``G·E·D < 400`` on CPU, e.g. CGC with 3 experts of
+    width 128 and one gate) are a broadcast multiply and a sum over E, which autograd
+    differentiates with elementwise kernels; larger ones, and every mixture on an accelerator,
+    are one batched matmul. All compute the same sum (to float rounding).
 
     Args:
         gates: ``[..., G, E]``.
@@ -40,6 +45,37 @@ def mix_experts(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     G, E, D = gates.shape[-2], gates.shape[-1], experts.shape[-1]
     if experts.shape[-2] != E:
         raise ValueError(f"{E} gate weights per row for {experts.shape[-2]} experts")
+    if native.mixture_applies(gates, experts):
+        return ExpertMixture.apply(gates, experts)
     if gates.device.type == "cpu" and G * E * D < SMALL_MIXTURE:
         return (gates.unsqueeze(-1) * experts.unsqueeze(-3)).sum(-2)  # [..., G, E, D] -> [..., G, D]
     return torch.matmul(gates, experts)
+
+
+class ExpertMixture(torch.autograd.Function):
+    """``ExpertMixture.apply(gates [B, G, E], experts [B, E, D]) -> [B, G, D]``: :func:`mix_experts`
+    as two C passes over the rows (:func:`dlrm_mtl.native.mixture_forward` /
+    :func:`~dlrm_mtl.native.mixture_backward`).
+
+    PyTorch computes the mixture and both of its gradients as batched matmuls of B tiny
+    matrices — per row a ``[G, E] x [E, D]``, ``[G, D] x [D, E]`` and ``[E, G] x [G, D]`` — which
+    its CPU ``bmm`` runs either in a scalar fallback or as one small BLAS call per matrix: in
+    MovieLens PLE's step (B = 2048, G ≤ 3, E ≤ 4, D = 64) its six mixture bmms took ~3 ms of a
+    ~20 ms profiled step, one of them 2 ms (docs/performance.md, nineteenth round). Here each
+    row's few kB stay in L1 and the rows are split over PyTorch's threads. The same sums as the
+    bmm (to float rounding; the dot products of the gates' gradient in 16 explicit partial
+    sums), bit for bit the same whatever the thread count. The experts' gradient has the
+    experts' own layout (an expert-major ``[E, B, D]`` view gets an expert-major gradient).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gates, experts)
+        return native.mixture_forward(gates, experts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gates, experts = ctx.saved_tensors
+        return native.mixture_backward(grad, gates, experts, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
