@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
@@ -243,49 +243,102 @@ def lookup_plan(ids: torch.Tensor, offsets: torch.Tensor, F: int, B: int, thread
     return groups, out
 
 
-def mixture_applies(gates: torch.Tensor, experts: torch.Tensor) -> bool:
+MAX_MIX = 64  # the mixture kernels' experts and gates
+
+
+def mixture_runs_on(x: torch.Tensor) -> bool:
+    """Whether the C mixture will take expert outputs computed from ``x``: the kernels
+    available, ``x`` a float32 host tensor, not traced (a layer then leaves its experts' last
+    ReLU to the mixture: :func:`dlrm_mtl.modules.mixture.mix_expert_parts`)."""
+    return _eager(x) and x.dtype == torch.float32
+
+
+def mixture_applies(gates: torch.Tensor, parts: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`mixture_forward` and :func:`mixture_backward` can run: float32 host
-    ``gates [B, G, E]`` (any strides) and ``experts [B, E, D]`` (unit stride along D), the same
-    B, not traced."""
-    return (gates.dim() == 3 and experts.dim() == 3 and _eager(gates, experts) and gates.dtype == torch.float32
-            and experts.dtype == torch.float32 and gates.shape[0] == experts.shape[0]
-            and gates.shape[2] == experts.shape[1] and experts.shape[1] >= 1 and experts.stride(2) == 1)
+    ``gates [B, G, E]`` (any strides) and expert parts ``[B, E_k, D]`` (``Σ E_k = E``, unit
+    stride along D), the same B, at most :data:`MAX_MIX` gates and experts, not traced."""
+    if gates.dim() != 3 or not parts or not _eager(gates, *parts) or gates.dtype != torch.float32:
+        return False
+    B, G, E = gates.shape
+    D = parts[0].shape[-1] if parts[0].dim() == 3 else -1
+    return (1 <= G <= MAX_MIX and 1 <= E <= MAX_MIX and sum(p.shape[1] for p in parts if p.dim() == 3) == E
+            and all(p.dim() == 3 and p.dtype == torch.float32 and p.shape[0] == B and p.shape[2] == D
+                    and (p.stride(2) == 1 or D <= 1) for p in parts))
 
 
-def mixture_forward(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """``gates [B, G, E]``, ``experts [B, E, D]`` -> ``y [B, G, D]`` (contiguous): per row,
-    ``y[g] = Σ_e gates[g, e] · experts[e]``, e ascending. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+def _expert_rows(parts: Sequence[torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Each expert's address at row 0 and its row stride (floats), part after part."""
+    ptrs: List[int] = []
+    strides: List[int] = []
+    for p in parts:
+        base, sb, se = p.data_ptr(), p.stride(0), p.stride(1)
+        for j in range(p.shape[1]):
+            ptrs.append(base + 4 * j * se)
+            strides.append(sb)
+    return tuple(ptrs), tuple(strides)
+
+
+def mixture_forward(gates: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Sequence[int],
+                    relu: bool = False) -> List[torch.Tensor]:
+    """``gates [B, G, E]`` over the experts of ``parts`` (``[B, E_k, D]`` each, their experts in
+    order) -> the mixtures ``[B, n, D]`` for each ``n`` of ``sizes`` (``Σ n = G``, gates in
+    order; new contiguous tensors): per row ``y[g] = Σ_e gates[g, e] · r(x_e)``, e ascending,
+    ``r`` ReLU where ``relu`` (the experts' last ReLU, left to the mixture) else the identity.
+    See ``dlrm_mtl/csrc/cpu_kernels.c``."""
     assert _kernels is not None
     B, G, E = gates.shape
-    D = experts.shape[2]
-    y = experts.new_empty(B, G, D)
-    _kernels.mixture_forward(gates.data_ptr(), gates.stride(0), gates.stride(1), gates.stride(2), experts.data_ptr(),
-                             experts.stride(0), experts.stride(1), y.data_ptr(), y.stride(0), y.stride(1), B, G, E, D)
-    return y
+    D = parts[0].shape[2]
+    outs = [parts[0].new_empty(B, n, D) for n in sizes]
+    if B == 0 or D == 0:  # nothing to read (an empty tensor's address may be 0)
+        return outs
+    xs, xbs = _expert_rows(parts)
+    ys, ybs = _expert_rows(outs)
+    _kernels.mixture_forward(G, E, D, B, int(relu), gates.data_ptr(), gates.stride(0), gates.stride(1), gates.stride(2),
+                             xs, xbs, ys, ybs)
+    return outs
 
 
-def mixture_backward(grad: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, want_gates: bool = True,
-                     want_experts: bool = True) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The gradients of :func:`mixture_forward` for the incoming ``grad [B, G, D]``:
-    ``(∂/∂gates [B, G, E]`` (contiguous), ``∂/∂experts [B, E, D]`` in the experts' own layout
-    (an expert-major view gets an expert-major gradient)``)``, None for one not wanted."""
+def mixture_backward(grads: Sequence[torch.Tensor], gates: torch.Tensor, parts: Sequence[torch.Tensor],
+                     relu: bool = False, want_gates: bool = True,
+                     want_parts: Optional[Sequence[bool]] = None) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """The gradients of :func:`mixture_forward` for the incoming ``grads`` (one ``[B, n, D]``
+    per output): ``(∂/∂gates [B, G, E]`` (contiguous) or None where not ``want_gates``,
+    ``[∂/∂part]``: each in its part's own layout where that is dense (an expert-major view gets
+    an expert-major gradient), None where ``want_parts`` says no``)``; with ``relu``, the
+    gradient of the pre-activations (0 where a part's value is ≤ 0)."""
     assert _kernels is not None
     B, G, E = gates.shape
-    D = experts.shape[2]
-    gy = grad if grad.dtype == torch.float32 and grad.stride(2) == 1 else grad.float().contiguous()
+    D = parts[0].shape[2]
+    want = list(want_parts) if want_parts is not None else [True] * len(parts)
+    gys = [g if g.dtype == torch.float32 and (g.stride(2) == 1 or D <= 1) else g.float().contiguous() for g in grads]
     gw = gates.new_empty(B, G, E) if want_gates else None
-    gx = None
-    if want_experts:
-        gx = torch.empty_like(experts)  # a dense layout is kept (preserve_format): expert-major stays so
-        if gx.stride(2) != 1:
-            gx = experts.new_empty(B, E, D)
-    if gx is None and gw is None:
-        return None, None
-    _kernels.mixture_backward(gy.data_ptr(), gy.stride(0), gy.stride(1), gates.data_ptr(), gates.stride(0),
-                              gates.stride(1), gates.stride(2), experts.data_ptr(), experts.stride(0), experts.stride(1),
-                              0 if gw is None else gw.data_ptr(), 0 if gx is None else gx.data_ptr(),
-                              0 if gx is None else gx.stride(0), 0 if gx is None else gx.stride(1), B, G, E, D)
-    return gw, gx
+    gxs: List[Optional[torch.Tensor]] = []
+    for p, w in zip(parts, want):
+        gx = None
+        if w:
+            gx = torch.empty_like(p)  # a dense layout is kept (preserve_format)
+            if gx.stride(2) != 1 and D > 1:
+                gx = p.new_empty(p.shape)
+        gxs.append(gx)
+    if gw is None and all(g is None for g in gxs):
+        return None, gxs
+    if B == 0 or D == 0:  # empty sums
+        return (None if gw is None else gw.zero_()), [None if g is None else g.zero_() for g in gxs]
+    xs, xbs = _expert_rows(parts)
+    gyp, gyb = _expert_rows(gys)
+    gxp: List[int] = []
+    gxb: List[int] = []
+    for p, gx in zip(parts, gxs):
+        if gx is None:
+            gxp += [0] * p.shape[1]
+            gxb += [0] * p.shape[1]
+        else:
+            ptrs, strides = _expert_rows([gx])
+            gxp += ptrs
+            gxb += strides
+    _kernels.mixture_backward(G, E, D, B, int(relu), gates.data_ptr(), gates.stride(0), gates.stride(1), gates.stride(2),
+                              xs, xbs, gyp, gyb, 0 if gw is None else gw.data_ptr(), tuple(gxp), tuple(gxb))
+    return gw, gxs
 
 
 def openmp_threads() -> int:

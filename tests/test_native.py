@@ -430,11 +430,11 @@ def test_expert_mixture_equals_the_matmul_and_float64(with_native, layout, B, G,
     from dlrm_mtl.modules.mixture import ExpertMixture
 
     gl, xl, gates, experts = _mixture_case(B, G, E, D, layout)
-    assert native.mixture_applies(gates, experts)
+    assert native.mixture_applies(gates, [experts])
     gy = torch.randn(B, G, D, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, fn, dtype in (("c", ExpertMixture.apply, torch.float32), ("aten", torch.matmul, torch.float32),
-                            ("f64", torch.matmul, torch.float64)):
+    for name, fn, dtype in (("c", lambda g, x: ExpertMixture.apply(g, (G,), False, x), torch.float32),
+                            ("aten", torch.matmul, torch.float32), ("f64", torch.matmul, torch.float64)):
         gl.grad = xl.grad = None
         y = fn(gates.to(dtype), experts.to(dtype))
         y.backward(gy.to(dtype))
@@ -444,31 +444,69 @@ def test_expert_mixture_equals_the_matmul_and_float64(with_native, layout, B, G,
         assert float((c - r).abs().max()) <= 2e-6 * scale * max(D, E, G), (what, float((c - r).abs().max()), scale)
         assert float((c - a).abs().max()) <= 4e-6 * scale * max(D, E, G), what
     if layout == "expert_major":  # the experts' gradient came back in their own layout: no copy before the bank's backward
-        gl.grad = xl.grad = None
-        y = ExpertMixture.apply(gates, experts)
+        y = ExpertMixture.apply(gates, (G,), False, experts)
         gx = torch.autograd.grad(y, experts, gy)[0]
         assert gx.stride() == experts.stride()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_expert_mixture_over_parts_with_split_outputs_and_relu_equals_the_layers_ops(with_native, relu):
+    """Two banks' outputs (one expert-major, one contiguous) mixed where they lie into two output
+    blocks, the experts' last ReLU inside (``relu``), against what the layers did before:
+    ReLU, ``cat``, the matmul and ``split`` — outputs and every gradient, the pre-activations'
+    included (0 wherever a value was ≤ 0, exact zeros among them)."""
+    from dlrm_mtl.modules.mixture import ExpertMixture
+
+    g = torch.Generator().manual_seed(4)
+    B, D = 513, 40
+    gates = torch.softmax(torch.randn(B, 3, 5, generator=g), -1).requires_grad_()
+    a = torch.randn(2, B, D, generator=g)
+    a[0, :7] = 0.0  # ReLU's kink: the gradient there is 0, as threshold_backward gives
+    a = a.requires_grad_()
+    b = torch.randn(B, 3, D, generator=g).requires_grad_()
+    up = (torch.randn(B, 2, D, generator=g), torch.randn(B, 1, D, generator=g))
+
+    def reference():
+        parts = [a.transpose(0, 1), b]
+        pool = torch.cat([p.relu() if relu else p for p in parts], dim=1)  # [B, 5, D]
+        return torch.matmul(gates, pool).split([2, 1], dim=1)
+
+    res = []
+    for fn in (reference, lambda: ExpertMixture.apply(gates, (2, 1), relu, a.transpose(0, 1), b)):
+        gates.grad = a.grad = b.grad = None
+        outs = fn()
+        torch.autograd.backward(list(outs), list(up))
+        res.append([o.detach() for o in outs] + [gates.grad, a.grad, b.grad])
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    if relu:  # the pre-activations' gradient is exactly 0 where they were <= 0
+        assert torch.equal(res[1][3] == 0, res[0][3] == 0) and bool((res[1][3][0, :7] == 0).all())
+    assert res[1][3].stride() == a.stride()  # expert-major gradient for the expert-major part
 
 
 def test_expert_mixture_on_two_threads_equals_one_thread_and_skips_unwanted_gradients(with_native):
     """Rows split over PyTorch's threads: every bit the one-thread result; a gradient not
     asked for is not computed (None)."""
     gl, xl, gates, experts = _mixture_case(4096, 3, 4, 64, "expert_major", seed=2)
+    gates, experts = gates.detach(), experts.detach()
     gy = torch.randn(4096, 3, 64, generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
     res = []
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            y = native.mixture_forward(gates.detach(), experts.detach())
-            res.append((y, *native.mixture_backward(gy, gates.detach(), experts.detach())))
+            for relu in (False, True):
+                y = native.mixture_forward(gates, [experts], [3], relu)[0]
+                gw, (gx,) = native.mixture_backward([gy], gates, [experts], relu)
+                res.append((y, gw, gx))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*res):
-        assert torch.equal(a, b)
-    gw, gx = native.mixture_backward(gy, gates.detach(), experts.detach(), want_gates=False, want_experts=True)
+    for a, b in zip(res[:2], res[2:]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    gw, (gx,) = native.mixture_backward([gy], gates, [experts], want_gates=False)
     assert gw is None and torch.equal(gx, res[0][2])
-    gw, gx = native.mixture_backward(gy, gates.detach(), experts.detach(), want_gates=True, want_experts=False)
+    gw, (gx,) = native.mixture_backward([gy], gates, [experts], want_parts=[False])
     assert gx is None and torch.equal(gw, res[0][1])
 
 

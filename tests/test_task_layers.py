@@ -197,3 +197,36 @@ def test_ple_pool_of_both_banks_at_once_equals_the_banks_apart(hidden):
     assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-12, rtol=0) for k in g1)
     assert p1.keys() == p2.keys() and all(torch.allclose(p1[n], p2[n], atol=1e-12, rtol=0) for n in p1)
     assert any(p1[n].abs().sum() > 0 for n in p1 if ".shared." in n) and any(p1[n].abs().sum() > 0 for n in p1 if ".specific." in n)
+
+
+@pytest.mark.parametrize("E_sh,E_sp,hidden,levels", [(2, 1, [], 2), (2, 2, [3, 4], 3), (0, 2, [5], 1), (3, 0, [], 2),
+                                                      (1, 1, [4], 2), (0, 1, [], 1)])
+def test_ple_with_the_c_mixture_trains_like_the_aten_path(E_sh, E_sp, hidden, levels):
+    """With the C kernels PLE leaves its banks' last ReLU to the mixture and hands it the banks'
+    outputs as they lie (``mix_expert_parts``); without them it keeps ReLU, ``cat``, the batched
+    matmul and ``split``. Outputs, gates and every parameter's and the input's gradient agree
+    (one expert per task and nothing shared, the last case, is no mixture at all)."""
+    from dlrm_mtl import native
+
+    if not native.built():
+        pytest.skip("the C kernels are not built")
+    torch.manual_seed(7)
+    ple = PLELayer(6, num_tasks=3, num_shared=E_sh, num_specific=E_sp, hidden=hidden, out_dim=5, levels=levels)
+    x = torch.randn(37, 6)
+    up = torch.randn(3, 37, 5)
+    res = []
+    was = native.available()
+    try:
+        for on in (True, False):
+            native.set_enabled(on)
+            ple.zero_grad()
+            xi = x.clone().requires_grad_()
+            out = ple(xi)
+            (out.y * up).sum().backward()
+            res.append([out.y.detach()] + [g.detach() for g in out.gates.values()] + [xi.grad]
+                       + [p.grad.clone() for p in ple.parameters()])
+    finally:
+        native.set_enabled(was)
+    assert len(res[0]) == len(res[1])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -937,44 +937,60 @@ static PyObject *float_math(PyObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 /* ---------------------------------------------------------------------------------------
- * mixture_forward / mixture_backward: dlrm_mtl.modules.mixture.mix_experts on the CPU.
+ * mixture_forward / mixture_backward: dlrm_mtl.modules.mixture's gated sums on the CPU.
  *
- * Per row b, G gates' weights w [G, E] over E expert outputs x [E, D]:
- *   y[g, :]  = sum_e w[g, e] x[e, :]                     (e ascending)
- * and with the incoming gradient gy [G, D]:
- *   gw[g, e] = sum_d gy[g, d] x[e, d]                    (16 partial sums, d mod 16, then
- *                                                          added in lane order)
- *   gx[e, :] = sum_g w[g, e] gy[g, :]                    (g ascending)
+ * Per row b, G gates' weights w [G, E] over E expert outputs x_e [D] (r(x) = x, or ReLU(x) =
+ * (x < 0 ? 0 : x) where the experts' last ReLU is left to this kernel):
+ *   y_g      = sum_e w[g, e] r(x_e)                       (e ascending)
+ * and with the incoming gradients gy_g [D]:
+ *   gw[g, e] = sum_d gy_g[d] r(x_e[d])                    (16 partial sums, d mod 16, then
+ *                                                           added in lane order)
+ *   gx_e[d]  = sum_g w[g, e] gy_g[d]                      (g ascending; 0 where x_e[d] <= 0
+ *                                                           for ReLU: its backward)
  * PyTorch runs each of the three as a bmm of B tiny matrices ([2048, 3, 64] x [2048, 64, 4]:
  * a scalar fallback below a size, one small BLAS call per matrix above it, 0.2-2 ms each on
- * the 2-core VM); here a row is one pass over a few kB that stay in L1. Rows are split over
- * PyTorch's threads; a row's arithmetic is the same whatever the thread count or SIMD clone
- * (the dot products' 16 partial sums are explicit, no reassociation, no FMA contraction).
- * Strides are in floats: any for w; the expert, output and gradient rows have unit stride.
+ * the 2-core VM), and the ReLU, its backward, the cat of the expert banks' outputs and the
+ * cat of the outputs' gradients as passes of their own; here a row is one pass over a few kB
+ * that stay in L1. Every expert e is read at x_e = xs[e] + b * xbs[e] (its own pointer and
+ * row stride: the banks' outputs need no cat) and every gate's output row written at
+ * ys[g] + b * ybs[g] (outputs split between consumers need no cat of their gradients). Rows
+ * are split over PyTorch's threads; a row's arithmetic is the same whatever the thread count
+ * or SIMD clone (the dot products' 16 partial sums are explicit, no reassociation, no FMA
+ * contraction). Strides are in floats; w's are any, every expert and output row is contiguous.
  */
+#define MAX_MIX 64 /* experts and gates per mixture */
 typedef struct {
-    const float *w, *x, *gy;
-    float *y, *gw, *gx;
+    const float *w;
+    Py_ssize_t wb, wg, we; /* w's strides */
     Py_ssize_t G, E, D;
-    Py_ssize_t wb, wg, we;  /* w's strides */
-    Py_ssize_t xb, xe;      /* x's */
-    Py_ssize_t gb, ge;      /* gx's */
-    Py_ssize_t yb, yg;      /* y's or gy's */
+    int relu;
+    const float *x[MAX_MIX];
+    Py_ssize_t xb[MAX_MIX];
+    float *gx[MAX_MIX]; /* NULL: that expert's gradient is not wanted */
+    Py_ssize_t gxb[MAX_MIX];
+    float *y[MAX_MIX];
+    Py_ssize_t yb[MAX_MIX];
+    const float *gy[MAX_MIX];
+    Py_ssize_t gyb[MAX_MIX];
+    float *gw; /* [B, G, E] contiguous, or NULL */
 } mixture_args;
 
 SIMD_CLONES
 static void mixture_forward_rows(const mixture_args *a, Py_ssize_t b0, Py_ssize_t b1) {
     const Py_ssize_t G = a->G, E = a->E, D = a->D;
+    const int relu = a->relu;
     for (Py_ssize_t b = b0; b < b1; b++) {
-        const float *w = a->w + b * a->wb, *x = a->x + b * a->xb;
+        const float *w = a->w + b * a->wb;
         for (Py_ssize_t g = 0; g < G; g++) {
-            float *restrict y = a->y + b * a->yb + g * a->yg;
-            const float w0 = w[g * a->wg];
-            for (Py_ssize_t d = 0; d < D; d++) y[d] = w0 * x[d];
-            for (Py_ssize_t e = 1; e < E; e++) {
+            float *restrict y = a->y[g] + b * a->yb[g];
+            for (Py_ssize_t d = 0; d < D; d++) y[d] = 0.0f;
+            for (Py_ssize_t e = 0; e < E; e++) {
                 const float we = w[g * a->wg + e * a->we];
-                const float *restrict xe = x + e * a->xe;
-                for (Py_ssize_t d = 0; d < D; d++) y[d] += we * xe[d];
+                const float *restrict xe = a->x[e] + b * a->xb[e];
+                if (relu)
+                    for (Py_ssize_t d = 0; d < D; d++) y[d] += we * (xe[d] < 0.0f ? 0.0f : xe[d]);
+                else
+                    for (Py_ssize_t d = 0; d < D; d++) y[d] += we * xe[d];
             }
         }
     }
@@ -983,35 +999,45 @@ static void mixture_forward_rows(const mixture_args *a, Py_ssize_t b0, Py_ssize_
 SIMD_CLONES
 static void mixture_backward_rows(const mixture_args *a, Py_ssize_t b0, Py_ssize_t b1) {
     const Py_ssize_t G = a->G, E = a->E, D = a->D, D16 = D - D % 16;
+    const int relu = a->relu;
     for (Py_ssize_t b = b0; b < b1; b++) {
-        const float *w = a->w + b * a->wb, *x = a->x + b * a->xb, *gy = a->gy + b * a->yb;
+        const float *w = a->w + b * a->wb;
         if (a->gw != NULL)
             for (Py_ssize_t g = 0; g < G; g++)
                 for (Py_ssize_t e = 0; e < E; e++) {
-                    const float *restrict u = gy + g * a->yg, *restrict v = x + e * a->xe;
+                    const float *restrict u = a->gy[g] + b * a->gyb[g], *restrict v = a->x[e] + b * a->xb[e];
                     float acc[16] = {0};
-                    for (Py_ssize_t d = 0; d < D16; d += 16)
-                        for (int l = 0; l < 16; l++) acc[l] += u[d + l] * v[d + l];
-                    for (Py_ssize_t d = D16; d < D; d++) acc[d - D16] += u[d] * v[d];
+                    if (relu) {
+                        for (Py_ssize_t d = 0; d < D16; d += 16)
+                            for (int l = 0; l < 16; l++) acc[l] += u[d + l] * (v[d + l] < 0.0f ? 0.0f : v[d + l]);
+                        for (Py_ssize_t d = D16; d < D; d++) acc[d - D16] += u[d] * (v[d] < 0.0f ? 0.0f : v[d]);
+                    } else {
+                        for (Py_ssize_t d = 0; d < D16; d += 16)
+                            for (int l = 0; l < 16; l++) acc[l] += u[d + l] * v[d + l];
+                        for (Py_ssize_t d = D16; d < D; d++) acc[d - D16] += u[d] * v[d];
+                    }
                     float s = 0.0f;
                     for (int l = 0; l < 16; l++) s += acc[l];
                     a->gw[(b * G + g) * E + e] = s;
                 }
-        if (a->gx != NULL)
-            for (Py_ssize_t e = 0; e < E; e++) {
-                float *restrict gx = a->gx + b * a->gb + e * a->ge;
-                const float w0 = w[e * a->we];
-                for (Py_ssize_t d = 0; d < D; d++) gx[d] = w0 * gy[d];
-                for (Py_ssize_t g = 1; g < G; g++) {
-                    const float wg = w[g * a->wg + e * a->we];
-                    const float *restrict u = gy + g * a->yg;
-                    for (Py_ssize_t d = 0; d < D; d++) gx[d] += wg * u[d];
-                }
+        for (Py_ssize_t e = 0; e < E; e++) {
+            if (a->gx[e] == NULL) continue;
+            float *restrict gx = a->gx[e] + b * a->gxb[e];
+            for (Py_ssize_t d = 0; d < D; d++) gx[d] = 0.0f;
+            for (Py_ssize_t g = 0; g < G; g++) {
+                const float wg = w[g * a->wg + e * a->we];
+                const float *restrict u = a->gy[g] + b * a->gyb[g];
+                for (Py_ssize_t d = 0; d < D; d++) gx[d] += wg * u[d];
             }
+            if (relu) {
+                const float *restrict xe = a->x[e] + b * a->xb[e];
+                for (Py_ssize_t d = 0; d < D; d++) gx[d] = xe[d] <= 0.0f ? 0.0f : gx[d];
+            }
+        }
     }
 }
 
-/* the rows [0, B) in blocks, over the team when the work is large enough */
+/* the rows [0, B) in blocks of 64, over the team when the work is large enough */
 static void mixture_run(const mixture_args *a, Py_ssize_t B, int backward) {
     const int nt = team_size(B * a->G * a->E * a->D);
     (void)nt;
@@ -1027,57 +1053,82 @@ static void mixture_run(const mixture_args *a, Py_ssize_t B, int backward) {
     }
 }
 
-/* mixture_forward(w, wb, wg, we, x, xb, xe, y, yb, yg, B, G, E, D) -> None */
+/* n addresses (0 allowed where `nullable`) and n sizes from two tuples */
+static int get_rows(PyObject *ptrs, PyObject *strides, Py_ssize_t n, void **out, Py_ssize_t *st, int nullable) {
+    if (!PyTuple_Check(ptrs) || !PyTuple_Check(strides) || PyTuple_GET_SIZE(ptrs) != n || PyTuple_GET_SIZE(strides) != n) {
+        PyErr_Format(PyExc_ValueError, "mixture: expected tuples of %zd addresses and %zd row strides", n, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (get_ptr(PyTuple_GET_ITEM(ptrs, i), &out[i]) || get_size(PyTuple_GET_ITEM(strides, i), &st[i])) return -1;
+        if (out[i] == NULL && !nullable) {
+            PyErr_SetString(PyExc_ValueError, "mixture: a null address");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int mixture_sizes(mixture_args *a, PyObject *const *args) {
+    if (get_size(args[0], &a->G) || get_size(args[1], &a->E) || get_size(args[2], &a->D)) return -1;
+    if (a->G < 1 || a->E < 1 || a->G > MAX_MIX || a->E > MAX_MIX || a->D < 0) {
+        PyErr_Format(PyExc_ValueError, "mixture: %zd gates over %zd experts (1..%d each)", a->G, a->E, MAX_MIX);
+        return -1;
+    }
+    return 0;
+}
+
+/* mixture_forward(G, E, D, B, relu, w, wb, wg, we, xs, xbs, ys, ybs) -> None */
 static PyObject *mixture_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "mixture_forward takes 14 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "mixture_forward takes 13 arguments");
         return NULL;
     }
-    void *w, *x, *y;
-    Py_ssize_t B;
-    mixture_args a = {0};
-    if (get_ptr(args[0], &w) || get_size(args[1], &a.wb) || get_size(args[2], &a.wg) || get_size(args[3], &a.we)
-        || get_ptr(args[4], &x) || get_size(args[5], &a.xb) || get_size(args[6], &a.xe) || get_ptr(args[7], &y)
-        || get_size(args[8], &a.yb) || get_size(args[9], &a.yg) || get_size(args[10], &B) || get_size(args[11], &a.G)
-        || get_size(args[12], &a.E) || get_size(args[13], &a.D))
-        return NULL;
-    if (a.E < 1) {
-        PyErr_SetString(PyExc_ValueError, "mixture_forward: no experts");
+    mixture_args *a = calloc(1, sizeof(mixture_args));
+    if (a == NULL) return PyErr_NoMemory();
+    void *w;
+    Py_ssize_t B, relu;
+    if (mixture_sizes(a, args) || get_size(args[3], &B) || get_size(args[4], &relu) || get_ptr(args[5], &w)
+        || get_size(args[6], &a->wb) || get_size(args[7], &a->wg) || get_size(args[8], &a->we)
+        || get_rows(args[9], args[10], a->E, (void **)a->x, a->xb, 0)
+        || get_rows(args[11], args[12], a->G, (void **)a->y, a->yb, 0)) {
+        free(a);
         return NULL;
     }
-    a.w = w, a.x = x, a.y = y;
+    a->w = w, a->relu = relu != 0;
     Py_BEGIN_ALLOW_THREADS
-    mixture_run(&a, B, 0);
+    mixture_run(a, B, 0);
     Py_END_ALLOW_THREADS
+    free(a);
     Py_RETURN_NONE;
 }
 
-/* mixture_backward(gy, yb, yg, w, wb, wg, we, x, xb, xe, gw, gx, gxb, gxe, B, G, E, D) -> None:
- * gw [B, G, E] contiguous, gx with the strides given; either may be 0 (not wanted) */
+/* mixture_backward(G, E, D, B, relu, w, wb, wg, we, xs, xbs, gys, gybs, gw, gxs, gxbs) -> None:
+ * gw [B, G, E] contiguous or 0 (not wanted); an expert's gx address 0: not wanted */
 static PyObject *mixture_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 18) {
-        PyErr_SetString(PyExc_TypeError, "mixture_backward takes 18 arguments");
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "mixture_backward takes 16 arguments");
         return NULL;
     }
-    void *gy, *w, *x, *gw, *gx;
-    Py_ssize_t B;
-    mixture_args a = {0};
-    if (get_ptr(args[0], &gy) || get_size(args[1], &a.yb) || get_size(args[2], &a.yg) || get_ptr(args[3], &w)
-        || get_size(args[4], &a.wb) || get_size(args[5], &a.wg) || get_size(args[6], &a.we) || get_ptr(args[7], &x)
-        || get_size(args[8], &a.xb) || get_size(args[9], &a.xe) || get_ptr(args[10], &gw) || get_ptr(args[11], &gx)
-        || get_size(args[12], &a.gb) || get_size(args[13], &a.ge) || get_size(args[14], &B) || get_size(args[15], &a.G)
-        || get_size(args[16], &a.E) || get_size(args[17], &a.D))
-        return NULL;
-    if (a.G < 1) {
-        PyErr_SetString(PyExc_ValueError, "mixture_backward: no gates");
+    mixture_args *a = calloc(1, sizeof(mixture_args));
+    if (a == NULL) return PyErr_NoMemory();
+    void *w, *gw;
+    Py_ssize_t B, relu;
+    if (mixture_sizes(a, args) || get_size(args[3], &B) || get_size(args[4], &relu) || get_ptr(args[5], &w)
+        || get_size(args[6], &a->wb) || get_size(args[7], &a->wg) || get_size(args[8], &a->we)
+        || get_rows(args[9], args[10], a->E, (void **)a->x, a->xb, 0)
+        || get_rows(args[11], args[12], a->G, (void **)a->gy, a->gyb, 0) || get_ptr(args[13], &gw)
+        || get_rows(args[14], args[15], a->E, (void **)a->gx, a->gxb, 1)) {
+        free(a);
         return NULL;
     }
-    a.gy = gy, a.w = w, a.x = x, a.gw = gw, a.gx = gx;
+    a->w = w, a->gw = gw, a->relu = relu != 0;
     Py_BEGIN_ALLOW_THREADS
-    mixture_run(&a, B, 1);
+    mixture_run(a, B, 1);
     Py_END_ALLOW_THREADS
+    free(a);
     Py_RETURN_NONE;
 }
 

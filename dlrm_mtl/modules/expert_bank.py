@@ -47,7 +47,7 @@ class ExpertBank(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(num_experts, a, b).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.zeros(num_experts, b)))
 
-    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None, last_relu: bool = True) -> torch.Tensor:
         """Experts ``start .. start+count-1`` (default all) -> ``[B, count, out]``.
 
         x: ``[B, in]`` (every expert sees the same input) or ``[B, count, in]`` (expert e sees
@@ -57,19 +57,25 @@ class ExpertBank(nn.Module):
         (bias fused); every other layer is one ``baddbmm`` over the expert axis. A single expert
         on a shared input runs every layer as an ``addmm`` (CPU ``bmm`` is slower than ``mm``
         for the same product). ReLU runs in
-        place on the fresh matmul outputs (no extra pass over memory).
+        place on the fresh matmul outputs (no extra pass over memory). ``last_relu=False``: the
+        last layer's pre-activations, for a consumer that applies the ReLU itself
+        (:func:`dlrm_mtl.modules.mixture.mix_expert_parts`).
         """
         E = self.num_experts - start if count is None else count
         if E == 1 and x.dim() == 2:  # one expert (Shared-Bottom): plain addmm per layer, not bmm
             h = x
-            for w, b in zip(self.weights, self.biases):
+            last = len(self.weights) - 1
+            for l, (w, b) in enumerate(zip(self.weights, self.biases)):
                 w1 = w.view(w.shape[1], w.shape[2]) if w.shape[0] == 1 else w[start]  # [in, out]
                 b1 = b.view(-1) if b.shape[0] == 1 else b[start]
-                h = torch.addmm(b1, h, w1).relu_()
+                h = torch.addmm(b1, h, w1)
+                if l < last or last_relu:
+                    h = h.relu_()
             return h.unsqueeze(1)  # [B, 1, out]
         if start == 0 and E == self.num_experts:
-            return run_experts(list(self.weights), list(self.biases), x)
-        return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x)
+            return run_experts(list(self.weights), list(self.biases), x, last_relu=last_relu)
+        return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x,
+                           last_relu=last_relu)
 
 
 def first_layer_map(weights: List[torch.Tensor], biases: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +86,7 @@ def first_layer_map(weights: List[torch.Tensor], biases: List[torch.Tensor]) -> 
 
 
 def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torch.Tensor,
-                first: Optional[torch.Tensor] = None) -> torch.Tensor:
+                first: Optional[torch.Tensor] = None, last_relu: bool = True) -> torch.Tensor:
     """The experts whose layer ``l`` has weights ``weights[l] [E, a, b]`` and biases
     ``biases[l] [E, b]`` on ``x [B, in]`` (shared) or ``[B, E, in]`` (expert e reads ``x[:, e]``)
     -> ``[B, E, out]``, ReLU after every layer (:class:`ExpertBank`'s computation; also the
@@ -88,17 +94,27 @@ def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torc
 
     ``first [B, E·h]``: layer 0's output on the shared input (after its ReLU), already computed
     (:func:`first_layer_map` with other maps of ``x``, :func:`shared_input_affine`); ``x`` is
-    then not read."""
+    then not read. ``last_relu=False``: the last layer's output before its ReLU (a consumer
+    applies it: :func:`dlrm_mtl.modules.mixture.mix_expert_parts`)."""
     w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
     E = w0.shape[0]
+    relu0 = last_relu or len(weights) > 1
     if first is not None:
+        if not relu0:
+            raise ValueError("run_experts: a precomputed first layer is after its ReLU; last_relu=False needs a deeper bank")
         h = first.view(first.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     elif x.dim() == 2:
         w, b = first_layer_map(weights, biases)
         h = torch.addmm(b, x, w)  # [B, E·h]
-        h = h.relu_().view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
+        if relu0:
+            h = h.relu_()
+        h = h.view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     else:
-        h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).relu_()  # [E, B, h]
-    for w, b in zip(weights[1:], biases[1:]):
-        h = torch.baddbmm(b.unsqueeze(1), h, w).relu_()  # [E, B, k]
+        h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0)  # [E, B, h]
+        if relu0:
+            h = h.relu_()
+    for l in range(1, len(weights)):
+        h = torch.baddbmm(biases[l].unsqueeze(1), h, weights[l])  # [E, B, k]
+        if last_relu or l < len(weights) - 1:
+            h = h.relu_()
     return h.transpose(0, 1)  # [B, E, out]

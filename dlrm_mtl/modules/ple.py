@@ -7,13 +7,14 @@ from typing import ClassVar, Dict, List, Optional, Self, Tuple
 import torch
 from torch import nn
 
+from dlrm_mtl import native
 from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank, run_experts
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
-from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.mixture import mix_expert_parts
 
 
 class ExtractionNetwork(nn.Module):
@@ -68,25 +69,29 @@ class ExtractionNetwork(nn.Module):
         # experts and gates read shared_in itself, one addmm each over all of them (indexing the
         # expand would make its backward fill and sum a [T, B, d] gradient)
         same = task_in.stride(0) == 0
+        # the C mixture takes the banks' outputs where they lie, and their last ReLU with its
+        # backward (mix_expert_parts); elsewhere the banks apply it and the pool is one tensor
+        fused = self._mixes_in_c(shared_in)
+        relu = not fused
         pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
         if same and self._fuses_pool():
             # shared and task experts on the one input: one bank's computation over their
             # concatenated weights writes the whole pool (no cat of the two outputs)
             pool.append(run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
                                     [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)],
-                                    shared_in))  # [B, E_sh + T·E_sp, d']
+                                    shared_in, last_relu=relu))  # [B, E_sh + T·E_sp, d']
         else:
+            kw = {} if relu else {"last_relu": False}
             if self.shared is not None:
-                pool.append(self.shared(shared_in))  # [B, E_sh, d']
+                pool.append(self.shared(shared_in, **kw))  # [B, E_sh, d']
             if self.specific is not None:
                 if same:
-                    pool.append(self.specific(shared_in))  # [B, T·E_sp, d']
+                    pool.append(self.specific(shared_in, **kw))  # [B, T·E_sp, d']
                 else:  # one expert per task reads task_in as it is (a view; repeat_interleave would copy it)
                     sp_in = task_in.transpose(0, 1)  # [B, T, d]
                     if self.num_specific > 1:
                         sp_in = sp_in.repeat_interleave(self.num_specific, dim=1)  # [B, T·E_sp, d]
-                    pool.append(self.specific(sp_in))  # [B, T·E_sp, d']
-        experts = pool[0] if len(pool) == 1 else torch.cat(pool, dim=1)  # [B, E_all, d']
+                    pool.append(self.specific(sp_in, **kw))  # [B, T·E_sp, d']
         gate_in = shared_in if same else task_in
         gates: Dict[str, torch.Tensor] = {}
         if self.task_gate is not None:
@@ -94,20 +99,32 @@ class ExtractionNetwork(nn.Module):
             weights = self.spread(gates["task"])  # [B, T, E_all]
         elif self.num_shared == 0:  # one expert per task, nothing shared: each task's own output
             gates["task"] = task_in.new_ones(B, T, 1)
+            experts = pool[0] if len(pool) == 1 else torch.cat(pool, dim=1)  # [B, E_all, d'] (after ReLU: not fused)
             return experts.transpose(0, 1), None, gates  # [T, B, d']
         else:  # one shared expert and no task experts: every task gets it
             gates["task"] = task_in.new_ones(B, T, 1)
             weights = gates["task"]
+        sizes = [T]
         if self.shared_gate is not None:
             gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
             weights = torch.cat([weights, gates["shared"]], dim=1)  # [B, T + 1, E_all]
-        mixed = mix_experts(weights, experts)  # [B, T (+1), d']: every task's and the shared mixture at once
+            sizes.append(1)
+        # every task's and the shared mixture at once, [B, T, d'] (and [B, 1, d']): output blocks
+        # of their own (a split's backward would be one cat of the two gradients; a slice and a
+        # select each fill a zero [B, T + 1, d'] gradient, which autograd then adds)
+        mixed = mix_expert_parts(weights, pool, sizes, relu=fused)
         if self.shared_gate is None:
-            return mixed.transpose(0, 1), None, gates  # [T, B, d']
-        # one split, whose backward is one cat of the two gradients (a slice and a select
-        # each fill a zero [B, T + 1, d'] gradient, which autograd then adds)
-        task_part, shared_part = mixed.split([T, 1], dim=1)  # [B, T, d'], [B, 1, d']
-        return task_part.transpose(0, 1), shared_part.squeeze(1), gates  # [T, B, d'], [B, d']
+            return mixed[0].transpose(0, 1), None, gates  # [T, B, d']
+        return mixed[0].transpose(0, 1), mixed[1].squeeze(1), gates  # [T, B, d'], [B, d']
+
+    def _mixes_in_c(self, shared_in: torch.Tensor) -> bool:
+        """Whether this forward leaves the banks' last ReLU to the C mixture: the kernels run on
+        the input (:func:`dlrm_mtl.native.mixture_runs_on`), the banks are :class:`ExpertBank`
+        (not a stand-in such as the benchmarks' loop), and the pool is mixed (not handed on as
+        it is: one expert per task and nothing shared)."""
+        banks = [b for b in (self.shared, self.specific) if b is not None]
+        return (native.mixture_runs_on(shared_in) and all(type(b) is ExpertBank for b in banks)
+                and not (self.task_gate is None and self.num_shared == 0))
 
     def _fuses_pool(self) -> bool:
         """Whether a shared-input level runs both banks as one (:func:`run_experts` reads their
