@@ -39,7 +39,11 @@ class ExtractionNetwork(nn.Module):
     on the other tasks' experts (:meth:`spread`), and all T task mixtures plus the shared one are
     a single product ``[B, T (+1), E_all] x [B, E_all, d']``. Where every task reads the shared
     input (level 0) the shared and task experts run as one bank over their concatenated weights,
-    which writes the pool at once. Building each task's expert set
+    which writes the pool at once. On the CPU with the C kernels that product is
+    :func:`~dlrm_mtl.modules.mixture.mix_expert_parts`: it reads the banks' outputs where they
+    lie (no ``cat`` of the pool), writes the task and shared mixtures as tensors of their own
+    (no ``cat`` of their gradients) and applies the experts' last ReLU and its backward in its
+    own passes (the banks skip it) — the same values to float rounding. Building each task's expert set
     ``S^k`` instead (a ``[B, T, E, d']`` copy, then a broadcast product and a sum) made PLE's
     mixtures cost more than its expert layers on CPU (``docs/performance.md``).
     """
