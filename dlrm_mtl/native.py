@@ -4,9 +4,9 @@ A CPU training step spends much of its time outside the GEMMs in chains of ATen 
 ``[B, T]``-sized tensors, each paying a dispatch (5-20 µs on the development machine) for a
 few µs of arithmetic. The C extension ``dlrm_mtl._cpu_kernels``, built at install time by
 ``setup.py``, runs such a chain in one pass over the rows (contiguous float32 CPU memory; the
-GIL is released; the embedding lookup and its update split over PyTorch's own OpenMP threads
-where the build has OpenMP). Each caller keeps its ATen path for everything else (GPU, float64, a build
-without a C compiler) and tests compare the two.
+GIL is released; the embedding lookup, its update and the experts' gated sums split over
+PyTorch's own OpenMP threads where the build has OpenMP). Each caller keeps its ATen path for
+everything else (GPU, float64, a build without a C compiler) and tests compare the two.
 
 ``train.native_kernels`` (default true) switches them for the process
 (:func:`set_enabled`, called by the training set-up); ``DLRM_MTL_NATIVE=0`` in the

@@ -5,7 +5,7 @@
  * (5-20 us here) for a few microseconds of arithmetic, and in fbgemm's CPU lookup. The
  * functions here do such a chain in one pass: the loss terms, the one-table embedding lookup
  * with its exact row-wise Adagrad update, the id shift, a batch's KJT cut, the scenario
- * embeddings' rows and their gradient. They take raw
+ * embeddings' rows and their gradient, the mixture layers' gated sums over their experts. They take raw
  * pointers and sizes (Python ints, from Tensor.data_ptr() or numpy), work on host memory of
  * the layouts their comments give (float32 values, int64/int32 ids and offsets), and release
  * the GIL while they compute. dlrm_mtl/native.py wraps them and says when they apply; every
