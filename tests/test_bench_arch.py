@@ -59,9 +59,12 @@ def test_mixture_benchmark_compares_the_same_model_and_restores_the_threshold():
     from dlrm_mtl.modules import mixture
 
     before = mixture.SMALL_MIXTURE
+    applies, runs_on = mixture.native.mixture_applies, mixture.native.mixture_runs_on
     r = bench.bench_mixture(None, 64, steps=2, warmup=1, chunk=1)  # the default arch: CGC layers with small mixtures
-    assert mixture.SMALL_MIXTURE == before
-    assert r["max_abs_diff"] < 1e-5 and r["mixture_median_ms"] > 0 and r["bmm_median_ms"] > 0
+    assert mixture.SMALL_MIXTURE == before  # every switch restored
+    assert mixture.native.mixture_applies is applies and mixture.native.mixture_runs_on is runs_on
+    assert r["max_abs_diff"] < 1e-5 and r["mixture_median_ms"] > 0 and r["bmm_median_ms"] > 0 and r["aten_median_ms"] > 0
+    assert r["aten_ratio"] == pytest.approx(r["aten_median_ms"] / r["mixture_median_ms"])
 
 
 def test_free_banks_record_every_bank_call_for_the_dense_arch_bound():
