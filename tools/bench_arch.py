@@ -28,8 +28,9 @@ HiNet), so every layer has at least E experts to choose from. Expert MLPs get on
 with free banks (``FreeExpertBank``: zero-cost stand-ins that record every call) plus the GEMM
 floor of exactly the recorded calls; ``loop / (free + floor)`` is printed as ``loop/ideal``.
 
-``--mixture`` times each fragment as shipped with ``mix_experts``' broadcast path for small
-gated sums against the same model with every gated sum a batched matmul.
+``--mixture`` times each fragment as shipped (on the CPU with the C kernels every gated sum is
+``ExpertMixture``) against the same model with the ATen forms (``mix_experts``' broadcast path
+for small gated sums, a batched matmul otherwise) and with every gated sum a batched matmul.
 
 ``--bank`` times one ``ExpertBank`` alone instead (no gates, towers, ...) against the loop,
 and next to both its *GEMM floor*: the batched bank's matmuls alone on preallocated buffers.
