@@ -18,7 +18,12 @@ shift || true
 and() { if [ -n "$MARK" ]; then echo "$1 and ($MARK)"; else echo "$1"; fi; }
 par=(-n "$WORKERS" --dist worksteal)
 [ "$WORKERS" = 0 ] && par=()  # TEST_WORKERS=0: everything in this process
-"$PY" -m pytest -ra --durations=15 "${par[@]}" -m "$(and "not serial")" "$@" tests; rc1=$?
+# Beside a second worker, PyTorch's OpenMP threads must not spin-wait: two processes with two
+# spinning threads each on two cores took 238 s for tests/test_task_configs_learn.py against
+# 40 s with OMP_WAIT_POLICY=PASSIVE (55 s in one process). Results do not depend on it.
+passive=(env)
+[ "$WORKERS" = 0 ] || passive=(env "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}")
+"${passive[@]}" "$PY" -m pytest -ra --durations=15 "${par[@]}" -m "$(and "not serial")" "$@" tests; rc1=$?
 "$PY" -m pytest -ra -m "$(and serial)" "$@" tests; rc2=$?
 # exit status 5 is "no test collected": fine for one part (-k may select tests of one part only)
 if [ $rc1 -eq 5 ] && [ $rc2 -eq 5 ]; then exit 5; fi
