@@ -64,18 +64,23 @@ class ExpertBank(nn.Module):
         E = self.num_experts - start if count is None else count
         if E == 1 and x.dim() == 2:  # one expert (Shared-Bottom): plain addmm per layer, not bmm
             h = x
-            last = len(self.weights) - 1
-            for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            for w, b, relu in zip(self.weights, self.biases, relu_flags(len(self.weights), last_relu)):
                 w1 = w.view(w.shape[1], w.shape[2]) if w.shape[0] == 1 else w[start]  # [in, out]
                 b1 = b.view(-1) if b.shape[0] == 1 else b[start]
                 h = torch.addmm(b1, h, w1)
-                if l < last or last_relu:
+                if relu:
                     h = h.relu_()
             return h.unsqueeze(1)  # [B, 1, out]
         if start == 0 and E == self.num_experts:
             return run_experts(list(self.weights), list(self.biases), x, last_relu=last_relu)
         return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x,
                            last_relu=last_relu)
+
+
+def relu_flags(layers: int, last_relu: bool) -> List[bool]:
+    """Whether each of ``layers`` layers is followed by its ReLU: every one, the last only
+    where ``last_relu`` (else a consumer applies it)."""
+    return [True] * (layers - 1) + [last_relu]
 
 
 def first_layer_map(weights: List[torch.Tensor], biases: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -98,23 +103,23 @@ def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torc
     applies it: :func:`dlrm_mtl.modules.mixture.mix_expert_parts`)."""
     w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
     E = w0.shape[0]
-    relu0 = last_relu or len(weights) > 1
+    relu = relu_flags(len(weights), last_relu)
     if first is not None:
-        if not relu0:
+        if not relu[0]:
             raise ValueError("run_experts: a precomputed first layer is after its ReLU; last_relu=False needs a deeper bank")
         h = first.view(first.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     elif x.dim() == 2:
         w, b = first_layer_map(weights, biases)
         h = torch.addmm(b, x, w)  # [B, E·h]
-        if relu0:
+        if relu[0]:
             h = h.relu_()
         h = h.view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     else:
         h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0)  # [E, B, h]
-        if relu0:
+        if relu[0]:
             h = h.relu_()
     for l in range(1, len(weights)):
         h = torch.baddbmm(biases[l].unsqueeze(1), h, weights[l])  # [E, B, k]
-        if last_relu or l < len(weights) - 1:
+        if relu[l]:
             h = h.relu_()
     return h.transpose(0, 1)  # [B, E, out]
