@@ -8,9 +8,13 @@ store, through the very same DMP code path.
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.util
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -22,7 +26,6 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -252,10 +255,42 @@ def table_sharders(bounds_check: str = "none") -> List[ModuleSharder[nn.Module]]
             EmbeddingCollectionSharder(fused_params=dict(fused))]
 
 
-def apply_table_optimizers(module: nn.Module, cfg: Config) -> Dict[str, str]:
+IN_BACKWARD_MODULE = "torch.distributed.optim.apply_optimizer_in_backward"
+_in_backward_light: Optional[ModuleType] = None
+
+
+def in_backward_optimizers(ddp: bool) -> ModuleType:
+    """PyTorch's ``torch.distributed.optim.apply_optimizer_in_backward``: the function that
+    attaches a table's optimizer to its parameters (TorchRec's sharders read it from there),
+    and the hook maps DDP consults when it wraps such parameters.
+
+    ``ddp``: DDP will wrap this process's parameters (a world of more than one): the module as
+    its package imports it. Otherwise (a world of one: no DDP) the same file loaded under a
+    private name without the package's ``__init__``, which imports every functional optimizer
+    of ``torch.distributed.optim`` and compiles them with TorchScript — 0.27 s of each run's
+    start-up on the development machine for a module of plain Python that needs none of it
+    (docs/performance.md, "Twentieth round"). Its hook maps then hold only the hooks of the
+    ``meta`` parameters that DMP replaces. Where the file is not there (another layout of
+    torch), the plain import."""
+    global _in_backward_light
+    if ddp:
+        return importlib.import_module(IN_BACKWARD_MODULE)
+    if _in_backward_light is None:
+        path = Path(dist.__file__).parent / "optim" / "apply_optimizer_in_backward.py"
+        spec = importlib.util.spec_from_file_location("dlrm_mtl._apply_optimizer_in_backward", path) if path.is_file() else None
+        if spec is None or spec.loader is None:
+            return importlib.import_module(IN_BACKWARD_MODULE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _in_backward_light = module
+    return _in_backward_light
+
+
+def apply_table_optimizers(module: nn.Module, cfg: Config, ddp: bool = True) -> Dict[str, str]:
     """Registers each table's fused optimizer (fbgemm applies it in the backward pass):
     row-wise Adagrad at ``train.sparse_lr`` unless ``sharding.tables.<t>`` says otherwise.
-    ``module``: a table collection or anything holding them (the model)."""
+    ``module``: a table collection or anything holding them (the model); ``ddp``: whether DDP
+    will wrap the process's parameters (:func:`in_backward_optimizers`)."""
     chosen: Dict[str, str] = {}
     for name, table in table_modules(module).items():
         override = cfg.sharding.tables.get(name)
@@ -263,7 +298,7 @@ def apply_table_optimizers(module: nn.Module, cfg: Config) -> Dict[str, str]:
         if kind not in TABLE_OPTIMIZERS:
             raise ValueError(f"sharding.tables.{name}.optimizer {kind!r}: expected one of {sorted(TABLE_OPTIMIZERS)}")
         lr = override.lr if override and override.lr > 0 else cfg.train.sparse_lr
-        apply_optimizer_in_backward(TABLE_OPTIMIZERS[kind], table.parameters(), {"lr": lr})
+        in_backward_optimizers(ddp)._apply_optimizer_in_backward(TABLE_OPTIMIZERS[kind], table.parameters(), {"lr": lr})
         chosen[name] = f"{kind}(lr={lr:g})"
     return chosen
 
@@ -286,7 +321,7 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv, schema: Schema) ->
     ebcs = [m for m in module.modules() if isinstance(m, MultiScenarioMultiTaskModel)]
     if len(ebcs) != 1:
         raise ValueError("expected exactly one MultiScenarioMultiTaskModel in the module")
-    apply_table_optimizers(ebcs[0], cfg)
+    apply_table_optimizers(ebcs[0], cfg, ddp=dist.get_world_size() > 1)
     sharders = table_sharders(cfg.sharding.bounds_check)
     planner = make_planner(cfg, env, schema)
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)

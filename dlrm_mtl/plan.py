@@ -37,7 +37,7 @@ def sharding_plan(cfg: Config, world_size: int, device: str = "cpu", local_world
         raise ConfigError(f"the world size (--world-size) must be >= 1, got {world_size}")
     schema = Schema.load(cfg.data.schema_path())
     module = TrainModule(MultiScenarioMultiTaskModel(schema, cfg.model, device=torch.device("meta")), EntireSpaceLoss(schema, cfg.loss))
-    optimizers = apply_table_optimizers(module.model, cfg)
+    optimizers = apply_table_optimizers(module.model, cfg, ddp=False)  # planning only: no DDP
     env = DistEnv(0, world_size, 0, local_world_size or world_size, torch.device(device), "gloo" if device == "cpu" else "nccl")
     planner = make_planner(cfg, env, schema, world_size=world_size)
     plan = planner.plan(module, table_sharders(cfg.sharding.bounds_check))
