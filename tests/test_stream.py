@@ -319,3 +319,28 @@ def test_the_log_window_adds_host_counts_and_device_counts():
     assert w.real_rows() == 1024 and w.batch_rows == 3072 and w.steps == 3
     w.reset()
     assert w.real_rows() == 0
+
+
+def test_closing_early_with_the_prefetch_queue_full_ends_the_reader(synthetic_small):
+    """An evaluation of the first batches only (``train.eval_rows``) stops iterating early. When
+    the batches left exactly fill the prefetch queue, the reader thread is then waiting to put
+    its end-of-stream mark; closing must end it at once (it used to block there until the
+    consumer's 60 s join gave up, once per evaluation)."""
+    import itertools
+    import threading
+    import time
+
+    schema = Schema.load(str(synthetic_small / "schema.yaml"))
+    probe = ParquetStream(schema, str(synthetic_small / "eval"), 500, shuffle_buffer_rows=0, prefetch_batches=0)
+    total = sum(1 for _ in probe)
+    prefetch = 3
+    stream = ParquetStream(schema, str(synthetic_small / "eval"), 500, shuffle_buffer_rows=0, prefetch_batches=prefetch)
+    batches = iter(stream)
+    taken = list(itertools.islice(batches, total - prefetch))  # the rest fits the queue exactly
+    assert len(taken) == total - prefetch
+    time.sleep(1.0)  # the reader puts the last batches, then waits to put the end mark
+    t0 = time.perf_counter()
+    batches.close()
+    closed_s = time.perf_counter() - t0
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("dlrm_mtl-reader") and t.is_alive()]
+    assert not alive and closed_s < 20, (alive, closed_s)

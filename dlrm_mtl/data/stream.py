@@ -1203,23 +1203,30 @@ class ParquetStream:
         stop = threading.Event()
         done = object()
 
+        def offer(item: object) -> bool:
+            """Puts ``item`` once there is room; False when the consumer has stopped. Every put
+            checks ``stop``: a consumer that stops early (an evaluation of its first batches)
+            with the queue full must not leave this thread blocked on its last put — it joins
+            it."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work() -> None:
             try:
                 self._background_thread()
                 for b in batches:
                     if self.buffers is not None:  # one buffer per batch, off the training thread
                         b = self.buffers.pack(b)
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer(b):
                         return
-                q.put(done)
+                offer(done)
             except BaseException as e:  # surfaced in the consumer thread
-                q.put(e)
+                offer(e)
 
         th = threading.Thread(target=work, name=f"dlrm_mtl-reader-r{self.rank}", daemon=True)
         th.start()
