@@ -33,12 +33,21 @@ class ConfigError(ValueError):
 Origins = Dict[Tuple[str, ...], str]
 
 
+EVAL_BATCH_MIN = 4096  # data.eval_batch_size = 0: evaluate in batches of at least this many rows
+
+
 @dataclass
 class DataConfig:
     train: str = "data/synthetic/train"  # file, directory or glob of Parquet files
     eval: str = "data/synthetic/eval"
     schema: str = ""  # default: <dirname of train>/schema.yaml
     batch_size: int = 2048  # per rank
+    # rows per rank in each forward of an evaluation (during training and `dlrm-mtl evaluate`)
+    # and of `dlrm-mtl predict`; 0 = auto: batch_size, at least EVAL_BATCH_MIN. The metrics are
+    # exact sums, the same for any batching; a forward without a backward needs far less memory
+    # than a training step, and each batch pays the same per-batch host work (docs/performance.md,
+    # "Twentieth round": census PLE's eval set at batch 256 took 0.23 s, at 4096 0.08 s)
+    eval_batch_size: int = 0
     shuffle_buffer_rows: int = 65536  # bounded shuffle buffer per rank; 0 = no shuffle
     # batches prepared ahead by a reader thread, and threads reading/decoding row groups ahead
     # (per rank). -1 = auto: 4 and up to 2 where the rank has cores its compute threads leave
@@ -69,6 +78,11 @@ class DataConfig:
     # auto = short for a world of one on CPU, where no rank waits for it and no static shape
     # is needed (a CUDA-graphed GPU step keeps one), padded elsewhere
     last_batch: str = "auto"
+
+    def eval_rows_per_batch(self) -> int:
+        """Rows per rank in each evaluation or prediction forward (``eval_batch_size``, or
+        where it is 0 ``batch_size`` and at least :data:`EVAL_BATCH_MIN`)."""
+        return self.eval_batch_size if self.eval_batch_size > 0 else max(self.batch_size, EVAL_BATCH_MIN)
 
     def schema_path(self) -> str:
         """The schema file: ``schema`` if set, else schema.yaml next to or above ``train``."""
@@ -330,8 +344,8 @@ class TrainConfig:
     # evaluate every N optimizer steps inside an epoch too (0: off); each evaluation is logged
     # at its step and read by early stopping and checkpoint.keep_best (docs/checkpoints.md)
     eval_every_steps: int = 0
-    # evaluate the first rows of the eval set only (0: all of it): ceil(eval_rows / (batch_size x
-    # world size)) batches per rank, the same count on every rank
+    # evaluate the first rows of the eval set only (0: all of it): ceil(eval_rows / (eval batch x
+    # world size)) batches per rank (data.eval_batch_size), the same count on every rank
     eval_rows: int = 0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     progress: bool = True  # rank 0 prints a line per log window: step, rows, loss, samples/s, epoch ETA
@@ -708,6 +722,7 @@ def _sizes(cfg: Config, key: str, sizes: List[int]) -> None:
 def _check_data(cfg: Config) -> None:
     d = cfg.data
     _at_least(cfg, "data.batch_size", d.batch_size, 1)
+    _at_least(cfg, "data.eval_batch_size", d.eval_batch_size, 0)
     _at_least(cfg, "data.shuffle_buffer_rows", d.shuffle_buffer_rows, 0)
     _at_least(cfg, "data.prefetch_batches", d.prefetch_batches, -1)
     _at_least(cfg, "data.num_workers", d.num_workers, -1)

@@ -72,7 +72,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out_dir: str) -
         safe_dcp_load(state, Path(checkpoint))  # runs no code from the checkpoint
         dmp.load_state_dict(state["model"])
         prefetch, workers = reader_threads(cfg.data, env)
-        stream = ParquetStream(schema, data, cfg.data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
+        stream = ParquetStream(schema, data, cfg.data.eval_rows_per_batch(), env.rank, env.world_size, prefetch_batches=prefetch,
                                num_workers=workers, background_priority=cfg.data.background_priority)
         metrics = evaluate(dmp, stream, schema, env.device)
         result = {"metrics": metrics, "checkpoint": str(checkpoint), "data": str(data), "world_size": env.world_size}

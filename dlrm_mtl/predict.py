@@ -105,10 +105,11 @@ def predict(cfg: Config, checkpoint: str, data: str, out_dir: str, keep: Sequenc
         if not groups:
             raise DataError(f"{data}: no rows to score")
         shards = assign_row_groups(groups, env.world_size)
-        per_rank = batches_per_rank(shards, cfg.data.batch_size)
+        batch_size = cfg.data.eval_rows_per_batch()
+        per_rank = batches_per_rank(shards, batch_size)
         converter = RowGroupConverter(schema, with_oracle=False, filesystem=dset.filesystem, labels_optional=True)
         arrow_schema = output_schema(schema, converter, groups[0], list(keep))
-        rows = _score_shard(dmp, schema, converter, shards[env.rank], groups[0], max(per_rank), cfg.data.batch_size,
+        rows = _score_shard(dmp, schema, converter, shards[env.rank], groups[0], max(per_rank), batch_size,
                             env.device, TaskGraph(schema), weights, arrow_schema, list(keep), out / f"part-{env.rank:05d}.parquet")
         total = rows
         if env.world_size > 1:

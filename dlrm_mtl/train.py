@@ -224,7 +224,7 @@ def pad_last_batch(data: DataConfig, env: DistEnv, pin: bool) -> bool:
 
 def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> Tuple[ParquetStream, ParquetStream]:
     """The training stream (shuffled; its last batch per :func:`pad_last_batch`) and the
-    evaluation stream of this rank."""
+    evaluation stream of this rank (batches of ``data.eval_batch_size`` rows)."""
     prefetch, workers = reader_threads(data, env)
     pin = data.pin_memory and env.device.type == "cuda"
     cache = cache_bytes(data, env)
@@ -235,7 +235,7 @@ def open_streams(schema: Schema, data: DataConfig, env: DistEnv, seed: int) -> T
         pad_last=pad_last_batch(data, env, pin),
     )
     eval_stream = ParquetStream(
-        schema, data.eval, data.batch_size, env.rank, env.world_size, prefetch_batches=prefetch,
+        schema, data.eval, data.eval_rows_per_batch(), env.rank, env.world_size, prefetch_batches=prefetch,
         num_workers=workers, background_priority=data.background_priority, pin_memory=pin, cache_bytes=cache,
     )
     return train_stream, eval_stream
@@ -596,14 +596,15 @@ def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:
 
 
 def eval_batches(cfg: Config, world_size: int) -> int:
-    """Batches per rank of an evaluation during training: ``ceil(train.eval_rows / (batch_size x
-    world size))``, the same on every rank (0: the whole eval set). The ranks' streams are
+    """Batches per rank of an evaluation during training: ``ceil(train.eval_rows / (eval batch x
+    world size))`` (:meth:`~dlrm_mtl.config.DataConfig.eval_rows_per_batch`), the same on every
+    rank (0: the whole eval set). The ranks' streams are
     padded to one length, so no rank waits for another in the metrics' collectives; the rows
     evaluated are the first of each rank's share, ``eval_rows`` or a little more (fewer where
     the eval set or a rank's share runs out)."""
     if cfg.train.eval_rows <= 0:
         return 0
-    return -(-cfg.train.eval_rows // (cfg.data.batch_size * world_size))
+    return -(-cfg.train.eval_rows // (cfg.data.eval_rows_per_batch() * world_size))
 
 
 def _evaluate_epoch(run: TrainRun, label: str, step: int, reattach: bool) -> Tuple[List[Dict[str, object]], Dict[str, Any]]:

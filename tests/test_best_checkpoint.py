@@ -132,7 +132,7 @@ def test_eval_every_steps_on_eval_rows_leaves_training_untouched_and_writes_hpar
     are on the HPARAMS page of the run itself."""
     evald, plain = tmp_path / "evaluated", tmp_path / "plain"
     train_1proc(synthetic_small, evald, "train.max_steps=12", "train.eval_every_steps=5", "train.eval_rows=1000",
-                "train.pipeline=sparse_dist", "train.threads_per_rank=1", epochs=2)
+                "data.eval_batch_size=300", "train.pipeline=sparse_dist", "train.threads_per_rank=1", epochs=2)
     # per_table: the plain loop's local lookup updates the tables bit for bit as the pipeline's sharded module
     train_1proc(synthetic_small, plain, "train.max_steps=12", "train.pipeline=none", "train.threads_per_rank=1",
                 "sharding.cpu_backward=per_table", epochs=2)
@@ -144,9 +144,12 @@ def test_eval_every_steps_on_eval_rows_leaves_training_untouched_and_writes_hpar
     assert _scalar_steps(evald, "eval_auc/ctcvr/all") == {".": [5, 10, 15, 20, 24]}
     assert _scalar_steps(plain, "eval_auc/ctcvr/all") == {".": [24]}
     eval_rows = pq.ParquetDataset(synthetic_small / "eval").read(columns=["row_id"]).num_rows
-    cfg = Config.load(None, ["data.batch_size=256", "train.eval_rows=1000"])
-    assert eval_batches(cfg, 1) == 4  # ceil(1000 / (256 x 1))
-    assert _all_row(_metrics(evald), "ctr")["count"] == min(eval_rows, 4 * 256) == 1024
+    cfg = Config.load(None, ["data.batch_size=256", "data.eval_batch_size=300", "train.eval_rows=1000"])
+    assert eval_batches(cfg, 1) == 4  # ceil(1000 / (300 x 1))
+    assert _all_row(_metrics(evald), "ctr")["count"] == min(eval_rows, 4 * 300) == 1200
+    # the default evaluation batch: the training batch, at least EVAL_BATCH_MIN rows
+    assert eval_batches(Config.load(None, ["data.batch_size=256", "train.eval_rows=1000"]), 1) == 1
+    assert eval_batches(Config.load(None, ["data.batch_size=256", "train.eval_rows=9000"]), 2) == 2  # ceil(9000 / 8192)
     assert _all_row(_metrics(plain), "ctr")["count"] == eval_rows  # the whole eval set
     m = _metrics(evald)
     assert m["best"]["step"] in (5, 10, 15, 20, 24) and "early_stopped" not in m

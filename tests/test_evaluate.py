@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,3 +56,52 @@ def test_evaluate_rejects_an_incomplete_checkpoint(tmp_path, synthetic_small):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         evaluate_checkpoint(Config(), str(tmp_path / "ckpt"), str(synthetic_small / "eval"), str(tmp_path / "out"))
+
+
+def test_evaluation_batches_do_not_change_the_metrics(synthetic_small, tmp_path):
+    """``data.eval_batch_size``: the evaluation during training runs in batches of the training
+    batch, at least ``EVAL_BATCH_MIN`` rows by default; the metrics are sums over rows, so 100-row
+    and 4096-row batches give the same counts and histograms (a row's score moves by float
+    rounding at most between batchings: AUC and log-loss agree to that)."""
+    from dlrm_mtl.config import EVAL_BATCH_MIN, Config
+    from dlrm_mtl.data import ParquetStream
+    from dlrm_mtl.distributed import init_distributed, shutdown_distributed
+    from dlrm_mtl.evaluate import evaluate
+    from dlrm_mtl.train import setup_run
+
+    cfg = Config.load([str(ROOT / "configs/demo.yaml")], [
+        f"data.train={synthetic_small / 'train'}", f"data.eval={synthetic_small / 'eval'}",
+        f"train.run_dir={tmp_path / 'run'}", "data.batch_size=256", "train.progress=false", "train.threads_per_rank=1",
+    ])
+    env = init_distributed("gloo", 60, 1)
+    try:
+        run = setup_run(cfg, env)
+        assert run.eval_stream.batch_size == EVAL_BATCH_MIN == 4096
+        for _, p in run.dmp.module.model.dense_arch.named_parameters():  # away from init: spread-out scores
+            p.data.add_(torch.randn_like(p) * 0.05)
+        got = {}
+        for b in (100, EVAL_BATCH_MIN):
+            sizes = []
+            hook = run.dmp.register_forward_pre_hook(lambda m, args: sizes.append(args[0].row_id.shape[0]))
+            got[b] = {(r["scenario"], r["task"]): r for r in evaluate(run.dmp, ParquetStream(run.schema, cfg.data.eval, b, 0, 1),
+                                                                          run.schema, env.device)}
+            hook.remove()
+            assert max(sizes) == b
+    finally:
+        shutdown_distributed()
+    assert got[100].keys() == got[EVAL_BATCH_MIN].keys()
+    for key, m in got[100].items():
+        o = got[EVAL_BATCH_MIN][key]
+        assert (m["count"], m["positives"]) == (o["count"], o["positives"]), key
+        assert m["auc"] == pytest.approx(o["auc"], abs=1e-5), key
+        assert m["logloss"] == pytest.approx(o["logloss"], rel=1e-6), key
+
+
+def test_eval_batch_size_is_checked():
+    from dlrm_mtl.config import Config, ConfigError, check_values
+
+    with pytest.raises(ConfigError, match="data.eval_batch_size"):
+        check_values(Config.load(None, ["data.eval_batch_size=-1"]), None)
+    data = Config.load(None, ["data.batch_size=8192"]).data
+    assert data.eval_rows_per_batch() == 8192  # a training batch above the minimum is kept
+    assert Config.load(None, ["data.eval_batch_size=64"]).data.eval_rows_per_batch() == 64
