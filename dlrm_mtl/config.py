@@ -329,7 +329,7 @@ class TrainConfig:
     # gradients drift into that range and each op touching them slows down (MovieLens PLE:
     # 12 -> 17.4 ms per step over 40 epochs without it; docs/performance.md, "Tenth round")
     flush_denormal: bool = True
-    threads_per_rank: int = 0  # torch intra-op threads; 0 = cores / local world size
+    threads_per_rank: int = 0  # torch intra-op threads; 0 = the cores this process may use / local world size
     # glibc: keep freed host memory in the process (mallopt), so that every step's large
     # temporaries reuse pages instead of faulting in fresh ones, and on the CPU one malloc
     # arena and pyarrow on that malloc, so that memory the reader's threads and pyarrow freed

@@ -63,6 +63,16 @@ def _free_port() -> int:
 _STANDALONE_ENV: List[str] = []
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``),
+    else the machine's count. A rank's default intra-op threads share these between the
+    host's ranks: ``os.cpu_count()`` counts the machine's, and a team of 64 threads on a cpuset
+    of 8 cores time-slices every parallel region."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_rank: int = 0) -> DistEnv:
     """Initialises the default process group (gloo on CPU, NCCL on GPU) from torchrun's env
     (a world of one on a free local port when not launched by torchrun)."""
@@ -84,8 +94,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120, threads_per_ra
     else:
         device = torch.device("cpu")
     if device.type == "cpu":
-        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_per_rank or max(1, usable_cores() // local_world))
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_store(rank, world, timeout)
@@ -101,8 +110,7 @@ def reader_threads(data: DataConfig, env: DistEnv) -> Tuple[int, int]:
     only where this rank has a core its intra-op threads leave free. On GPU the intra-op
     threads are idle (the device computes), so the rank's cores less the training thread and
     the batch-converting reader thread read row groups: up to 4, 8 batches queued."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cores // max(1, env.local_world_size)
+    per_rank = usable_cores() // max(1, env.local_world_size)
     if env.device.type == "cuda":
         auto_prefetch, auto_workers = 8, min(4, max(1, per_rank - 2))
     else:
