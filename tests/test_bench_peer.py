@@ -298,3 +298,18 @@ def test_tiny_end_to_end_run_reports_both_sides(tmp_path):
     # both sides' tuned rates survive the command-line size overrides
     quick = bench.run_sizes(True)["census"]
     assert case["size"]["dense_lr"] == quick.dense_lr is not None and case["size"]["peer_lr"] == quick.peer_lr
+
+
+def test_runs_that_lost_cpu_to_other_processes_or_the_vms_host_are_flagged():
+    """A repeat is flagged noisy when other processes on the machine, or the hypervisor
+    (``steal`` in /proc/stat), took more than NOISY_SHARE of a core on average."""
+    def run(other, steal):
+        return bench.RunResult(side="A", rep=0, startup_s=1.0, import_s=0.5, samples_per_s=1.0, train_s=1.0, eval_s=0.1,
+                               wall_s=10.0, auc={}, other_cpu_s=other, steal_s=steal)
+
+    share = bench.NOISY_SHARE * 10.0
+    assert not bench.noisy(run(0.0, 0.0)) and not bench.noisy(run(None, None))
+    assert bench.noisy(run(share + 0.1, 0.0)) and bench.noisy(run(0.0, share + 0.1))
+    assert bench.noisy(run(share / 2 + 0.1, share / 2 + 0.1))  # the two together
+    steal = bench.machine_steal_s()
+    assert steal is None or steal >= 0.0

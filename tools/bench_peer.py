@@ -815,6 +815,7 @@ class RunResult:
     auc: Dict[str, float]
     cpu_s: float = 0.0  # the child's CPU seconds (user + system, all threads)
     other_cpu_s: Optional[float] = None  # CPU seconds the rest of the machine used meanwhile
+    steal_s: Optional[float] = None  # CPU seconds the hypervisor gave this VM's vCPUs to others meanwhile
     ready_s: Optional[float] = None  # A: process start -> its "train rows" log line (before the loop)
     setup_phases: Dict[str, float] = field(default_factory=dict)  # A: metrics.json throughput.setup_phases
     self_startup_s: Optional[float] = None  # A: its own throughput.startup_s (from /proc, for comparison)
@@ -831,9 +832,21 @@ class Child:
     end_unix: float
     cpu_s: float  # the child's user + system CPU seconds
     other_cpu_s: Optional[float]  # busy CPU seconds of the whole machine meanwhile, minus the child's
+    steal_s: Optional[float] = None  # stolen CPU seconds of the whole machine meanwhile (a VM's host)
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
+
+
+def machine_steal_s() -> Optional[float]:
+    """CPU seconds since boot the hypervisor ran something else while this VM's vCPUs wanted
+    to run (``steal`` of /proc/stat; 0 on bare metal), or None where there is no /proc. A
+    repeat that slows down with no other process on the machine often shows it here."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    except (OSError, ValueError):
+        return None
 
 
 def machine_busy_s() -> Optional[float]:
@@ -872,7 +885,7 @@ def run_child(cmd: List[str], cwd: Path) -> Child:
     merged stdout/stderr to the end. Also measures the child's CPU time and what the rest of
     the machine used meanwhile (other processes sharing the cores make timings noisy)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    busy0, cpu0 = machine_busy_s(), children_cpu_s()
+    busy0, cpu0, steal0 = machine_busy_s(), children_cpu_s(), machine_steal_s()
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: List[Tuple[float, str]] = []
@@ -882,9 +895,10 @@ def run_child(cmd: List[str], cwd: Path) -> Child:
     rc = proc.wait()
     end = time.time()
     cpu = children_cpu_s() - cpu0
-    busy1 = machine_busy_s()
+    busy1, steal1 = machine_busy_s(), machine_steal_s()
     other = None if busy0 is None or busy1 is None else max(busy1 - busy0 - cpu, 0.0)
-    return Child(rc, lines, start, end, cpu, other)
+    steal = None if steal0 is None or steal1 is None else max(steal1 - steal0, 0.0)
+    return Child(rc, lines, start, end, cpu, other, steal)
 
 
 def concat_supported() -> bool:
@@ -936,6 +950,7 @@ def run_side_a(data: Path, arch: str, size: RunSize, run_dir: Path, rep: int, co
         import_s=_opt_float(tp.get("import_s")), samples_per_s=float(tp["samples_per_s"]),
         train_s=float(tp["train_seconds"]), eval_s=_opt_float(tp.get("eval_seconds")),
         wall_s=child.end_unix - child.start_unix, auc=auc, cpu_s=child.cpu_s, other_cpu_s=child.other_cpu_s,
+        steal_s=child.steal_s,
         ready_s=None if ready is None else ready - child.start_unix,
         setup_phases={str(k): float(v) for k, v in (tp.get("setup_phases") or {}).items()},
         self_startup_s=_opt_float(tp.get("startup_s")), calibration=calibration,
@@ -955,7 +970,7 @@ def run_side_b(data: Path, arch: str, size: RunSize, rep: int) -> RunResult:
         side="peer", rep=rep, startup_s=r["first_step_unix"] - child.start_unix, import_s=r["import_s"],
         samples_per_s=r["samples_per_s"], train_s=r["train_seconds"], eval_s=r["eval_seconds"],
         wall_s=child.end_unix - child.start_unix, auc={k: float(v) for k, v in r["auc"].items()},
-        cpu_s=child.cpu_s, other_cpu_s=child.other_cpu_s,
+        cpu_s=child.cpu_s, other_cpu_s=child.other_cpu_s, steal_s=child.steal_s,
         calibration={k: float(v) for k, v in r.get("calibration", {}).items()},
     )
 
@@ -1009,7 +1024,7 @@ def side_summary(runs: Sequence[RunResult]) -> Dict[str, Any]:
 
     return {"startup_s": stat("startup_s"), "import_s": stat("import_s"), "samples_per_s": stat("samples_per_s"),
             "eval_s": stat("eval_s"), "ready_s": stat("ready_s"), "wall_s": stat("wall_s"), "cpu_s": stat("cpu_s"),
-            "other_cpu_s": stat("other_cpu_s"), "auc": median_auc(runs),
+            "other_cpu_s": stat("other_cpu_s"), "steal_s": stat("steal_s"), "auc": median_auc(runs),
             "auc_runs": [r.auc for r in runs], "calibration": median_auc(runs, "calibration")}
 
 
@@ -1047,13 +1062,18 @@ def format_run(case: CaseResult, r: RunResult) -> str:
     startup = _fmt(r.startup_s) if r.startup_s is not None else (f"~{r.ready_s:.1f}" if r.ready_s is not None else "n/a")
     return (f"{case.name:<22} {r.side:<4} rep {r.rep}  start-up {startup:>6}s  import {_fmt(r.import_s):>5}s  "
             f"{r.samples_per_s:>9,.0f} samples/s  train {r.train_s:6.1f}s  eval {_fmt(r.eval_s, '.2f'):>5}s  "
-            f"wall {r.wall_s:5.1f}s  cpu {r.cpu_s:5.1f}s  other {_fmt(r.other_cpu_s)}s{'!' if noisy(r) else ''}  "
+            f"wall {r.wall_s:5.1f}s  cpu {r.cpu_s:5.1f}s  other {_fmt(r.other_cpu_s)}s  steal {_fmt(r.steal_s)}s{'!' if noisy(r) else ''}  "
             f"AUC {_fmt_auc(r.auc)}  calibration {'  '.join(f'{k} {v:.3f}' for k, v in r.calibration.items())}")
 
 
 def noisy(r: RunResult) -> bool:
-    """Other processes used more than NOISY_SHARE of one core on average during the run."""
-    return r.other_cpu_s is not None and r.other_cpu_s > NOISY_SHARE * r.wall_s
+    """Other processes used (or the hypervisor stole) more than NOISY_SHARE of one core on
+    average during the run."""
+    return _shared_s(r) > NOISY_SHARE * r.wall_s
+
+
+def _shared_s(r: RunResult) -> float:
+    return (r.other_cpu_s or 0.0) + (r.steal_s or 0.0)
 
 
 def format_table(cases: Sequence[CaseResult]) -> str:
@@ -1074,8 +1094,8 @@ def format_table(cases: Sequence[CaseResult]) -> str:
         out.append(f"{'':<22} ratio A/peer samples/s {ratio}   oracle AUC: {_fmt_auc(c.oracle)}")
         busy = [r for r in c.runs if noisy(r)]
         if busy:
-            out.append(f"{'':<22} (!) {len(busy)} of {len(c.runs)} runs shared the cores with other processes "
-                       f"(up to {max(r.other_cpu_s / r.wall_s for r in busy):.2f} CPU-s per s): timings are noisy")
+            out.append(f"{'':<22} (!) {len(busy)} of {len(c.runs)} runs shared the cores with other processes or the "
+                       f"VM's host (up to {max(_shared_s(r) / r.wall_s for r in busy):.2f} CPU-s per s): timings are noisy")
     return "\n".join(out)
 
 
