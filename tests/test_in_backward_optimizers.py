@@ -50,7 +50,8 @@ def test_world_of_one_shard_model_does_not_import_the_package(synthetic_small, t
         from dlrm_mtl.config import Config
         from dlrm_mtl.distributed import init_distributed, shutdown_distributed
         from dlrm_mtl.train import setup_run
-        cfg = Config.load(None, ["data.train={synthetic_small / 'train'}", "train.run_dir={tmp_path / 'run'}"])
+        cfg = Config.load(None, ["data.train={synthetic_small / 'train'}", "data.eval={synthetic_small / 'eval'}",
+                                 "train.run_dir={tmp_path / 'run'}"])
         env = init_distributed("gloo", 60, 1)
         run = setup_run(cfg, env)
         names = [n for n, p in run.dmp.named_parameters() if hasattr(p, "_in_backward_optimizers")]

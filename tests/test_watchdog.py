@@ -105,7 +105,8 @@ def test_a_stopped_rank_ends_the_job_naming_it(synthetic_small, tmp_path, where,
 
     start = time.monotonic()
     proc = train_torchrun(synthetic_small, tmp_path / "run", 2, "train.timeout_s=12", "train.eval_every_epoch=true",
-                          "checkpoint.every_steps=4", "train.max_steps=6", epochs=2, expect_ok=False, timeout=400,
+                          "checkpoint.every_steps=4", "train.max_steps=6", "data.eval_batch_size=256",  # several eval batches
+                          epochs=2, expect_ok=False, timeout=400,
                           env_extra={"DLRM_MTL_TEST_STOP": f"{where}:{at}:1"})
     took = time.monotonic() - start
     out = proc.stdout + proc.stderr
