@@ -170,6 +170,9 @@ class MetricAccumulator:
         self.oracle_hist: Optional[torch.Tensor] = None
         self.has_oracle = False
         self.rows = 0
+        self._regression = [v for v, view in enumerate(self.views) if view.regression]
+        self._binary = [v for v, view in enumerate(self.views) if not view.regression]
+        self._binary_cols = torch.tensor(self._binary, dtype=torch.int64)
         # GAUC: per binary view, (user, leaf, score, label) of the rows in its space
         self.user_parts: List[Dict[str, np.ndarray]] = []
 
@@ -194,34 +197,43 @@ class MetricAccumulator:
             oracle = self._oracle(batch.oracle.cpu().double()[real])  # [N, V]
         user = batch.user.cpu()[real].numpy() if (batch.user is not None and self.schema.user_id) else None
         S = self.S
-        for v, view in enumerate(self.views):
+        for v in self._regression:
             m = vt.rows[:, v]
             pred, y, lf = vt.pred[:, v][m], vt.label[:, v][m], leaf[m]
-            o = None if oracle is None else oracle[:, v][m]
-            if view.regression:
-                stats = [torch.ones_like(y), torch.zeros_like(y), pred, torch.zeros_like(y), (pred - y) ** 2,
-                         (pred - y).abs(), y, torch.zeros_like(y)]
-                if o is not None:
-                    stats[7] = (o - y) ** 2
-                self._add_sums(v, lf, stats)
-                continue
-            p = pred.exp()
-            pc_ = p.clamp(1e-7, 1 - 1e-7)
-            ll = -(y * pc_.log() + (1 - y) * torch.log1p(-pc_))
-            zz = pred - vt.neg[:, v][m]  # logit of the prediction, exact in log space
-            yi = y.to(torch.int64)
-            self._add_sums(v, lf, [torch.ones_like(y), y, p, ll, torch.zeros_like(y), torch.zeros_like(y), y, torch.zeros_like(y)])
-            base = ((v * S + lf) * 2 + yi) * AUC_BINS
-            self.hist.index_add_(0, base + logit_bins(zz), torch.ones_like(base))
-            if o is not None and self.oracle_hist is not None:
-                oz = torch.log(o) - torch.log1p(-o)
-                self.oracle_hist.index_add_(0, base + logit_bins(oz), torch.ones_like(base))
-            if user is not None:
-                mm = m.numpy()
-                self.user_parts.append({
-                    "view": np.full(int(mm.sum()), v, dtype=np.int16), "user": user[mm], "leaf": lf.numpy().astype(np.int32),
-                    "score": zz.numpy(), "label": yi.numpy().astype(np.int8),
-                })
+            stats = [torch.ones_like(y), torch.zeros_like(y), pred, torch.zeros_like(y), (pred - y) ** 2,
+                     (pred - y).abs(), y, torch.zeros_like(y)]
+            if oracle is not None:
+                stats[7] = (oracle[:, v][m] - y) ** 2
+            self._add_sums(v, lf, stats)
+        if not self._binary:
+            return
+        # every binary view at once: its (view, row) pairs view after view, rows in order — each
+        # (view, leaf) sum and histogram bin receives the rows in the order a loop over the views
+        # would add them
+        cols = self._binary_cols
+        j, n = vt.rows[:, cols].t().nonzero(as_tuple=True)  # [M] each
+        v_of = cols[j]  # [M] view index of each pair
+        pred, y, lf = vt.pred[n, v_of], vt.label[n, v_of], leaf[n]
+        p = pred.exp()
+        pc_ = p.clamp(1e-7, 1 - 1e-7)
+        ll = -(y * pc_.log() + (1 - y) * torch.log1p(-pc_))
+        zz = pred - vt.neg[n, v_of]  # logit of the prediction, exact in log space
+        yi = y.to(torch.int64)
+        zeros = torch.zeros_like(y)
+        slot = v_of * S + lf  # [M] (view, leaf)
+        self.sums.view(-1, len(_SUMS)).index_add_(0, slot, torch.stack([torch.ones_like(y), y, p, ll, zeros, zeros, y, zeros], dim=1))
+        base = (slot * 2 + yi) * AUC_BINS
+        ones = torch.ones_like(base)
+        self.hist.index_add_(0, base + logit_bins(zz), ones)
+        if oracle is not None and self.oracle_hist is not None:
+            o = oracle[n, v_of]
+            self.oracle_hist.index_add_(0, base + logit_bins(torch.log(o) - torch.log1p(-o)), ones)
+        if user is not None:
+            nn_ = n.numpy()
+            self.user_parts.append({
+                "view": v_of.numpy().astype(np.int16), "user": user[nn_], "leaf": lf.numpy().astype(np.int32),
+                "score": zz.numpy(), "label": yi.numpy().astype(np.int8),
+            })
 
     def _oracle(self, o: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` true conditional probabilities (or regression means) -> ``[N, V]`` the
