@@ -171,8 +171,7 @@ class MetricAccumulator:
         self.has_oracle = False
         self.rows = 0
         self._regression = [v for v, view in enumerate(self.views) if view.regression]
-        self._binary = [v for v, view in enumerate(self.views) if not view.regression]
-        self._binary_cols = torch.tensor(self._binary, dtype=torch.int64)
+        self._binary = torch.tensor([v for v, view in enumerate(self.views) if not view.regression], dtype=torch.int64)
         # GAUC: per binary view, (user, leaf, score, label) of the rows in its space
         self.user_parts: List[Dict[str, np.ndarray]] = []
 
@@ -204,15 +203,14 @@ class MetricAccumulator:
                      (pred - y).abs(), y, torch.zeros_like(y)]
             if oracle is not None:
                 stats[7] = (oracle[:, v][m] - y) ** 2
-            self._add_sums(v, lf, stats)
-        if not self._binary:
+            self._add_sums(v * S + lf, stats)
+        if self._binary.numel() == 0:
             return
         # every binary view at once: its (view, row) pairs view after view, rows in order — each
         # (view, leaf) sum and histogram bin receives the rows in the order a loop over the views
         # would add them
-        cols = self._binary_cols
-        j, n = vt.rows[:, cols].t().nonzero(as_tuple=True)  # [M] each
-        v_of = cols[j]  # [M] view index of each pair
+        j, n = vt.rows[:, self._binary].t().nonzero(as_tuple=True)  # [M] each
+        v_of = self._binary[j]  # [M] view index of each pair
         pred, y, lf = vt.pred[n, v_of], vt.label[n, v_of], leaf[n]
         p = pred.exp()
         pc_ = p.clamp(1e-7, 1 - 1e-7)
@@ -221,7 +219,7 @@ class MetricAccumulator:
         yi = y.to(torch.int64)
         zeros = torch.zeros_like(y)
         slot = v_of * S + lf  # [M] (view, leaf)
-        self.sums.view(-1, len(_SUMS)).index_add_(0, slot, torch.stack([torch.ones_like(y), y, p, ll, zeros, zeros, y, zeros], dim=1))
+        self._add_sums(slot, [torch.ones_like(y), y, p, ll, zeros, zeros, y, zeros])
         base = (slot * 2 + yi) * AUC_BINS
         ones = torch.ones_like(base)
         self.hist.index_add_(0, base + logit_bins(zz), ones)
@@ -248,9 +246,10 @@ class MetricAccumulator:
             cols.append(p)
         return torch.stack(cols, dim=1)
 
-    def _add_sums(self, v: int, leaf: torch.Tensor, stats: List[torch.Tensor]) -> None:
-        st = torch.stack(stats, dim=1)  # [n, K]
-        self.sums[v].index_add_(0, leaf, st)
+    def _add_sums(self, slot: torch.Tensor, stats: List[torch.Tensor]) -> None:
+        """Adds row n's ``stats[k][n]`` (the :data:`_SUMS`, in order) to the sums of its
+        ``slot[n]`` = view · S + leaf, rows in order."""
+        self.sums.view(-1, len(_SUMS)).index_add_(0, slot, torch.stack(stats, dim=1))  # [M, K]
 
     # ------------------------------------------------------------------ merge
     def _gauc_sums(self) -> torch.Tensor:
