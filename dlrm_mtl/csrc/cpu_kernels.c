@@ -1069,12 +1069,19 @@ static int get_rows(PyObject *ptrs, PyObject *strides, Py_ssize_t n, void **out,
     return 0;
 }
 
-static int mixture_sizes(mixture_args *a, PyObject *const *args) {
+/* the arguments both directions share: G, E, D, B, relu, w, wb, wg, we, xs, xbs (args[0..10]) */
+static int mixture_common(mixture_args *a, PyObject *const *args, Py_ssize_t *B) {
+    void *w;
+    Py_ssize_t relu;
     if (get_size(args[0], &a->G) || get_size(args[1], &a->E) || get_size(args[2], &a->D)) return -1;
     if (a->G < 1 || a->E < 1 || a->G > MAX_MIX || a->E > MAX_MIX || a->D < 0) {
         PyErr_Format(PyExc_ValueError, "mixture: %zd gates over %zd experts (1..%d each)", a->G, a->E, MAX_MIX);
         return -1;
     }
+    if (get_size(args[3], B) || get_size(args[4], &relu) || get_ptr(args[5], &w) || get_size(args[6], &a->wb)
+        || get_size(args[7], &a->wg) || get_size(args[8], &a->we) || get_rows(args[9], args[10], a->E, (void **)a->x, a->xb, 0))
+        return -1;
+    a->w = w, a->relu = relu != 0;
     return 0;
 }
 
@@ -1087,16 +1094,11 @@ static PyObject *mixture_forward(PyObject *self, PyObject *const *args, Py_ssize
     }
     mixture_args *a = calloc(1, sizeof(mixture_args));
     if (a == NULL) return PyErr_NoMemory();
-    void *w;
-    Py_ssize_t B, relu;
-    if (mixture_sizes(a, args) || get_size(args[3], &B) || get_size(args[4], &relu) || get_ptr(args[5], &w)
-        || get_size(args[6], &a->wb) || get_size(args[7], &a->wg) || get_size(args[8], &a->we)
-        || get_rows(args[9], args[10], a->E, (void **)a->x, a->xb, 0)
-        || get_rows(args[11], args[12], a->G, (void **)a->y, a->yb, 0)) {
+    Py_ssize_t B;
+    if (mixture_common(a, args, &B) || get_rows(args[11], args[12], a->G, (void **)a->y, a->yb, 0)) {
         free(a);
         return NULL;
     }
-    a->w = w, a->relu = relu != 0;
     Py_BEGIN_ALLOW_THREADS
     mixture_run(a, B, 0);
     Py_END_ALLOW_THREADS
@@ -1114,17 +1116,14 @@ static PyObject *mixture_backward(PyObject *self, PyObject *const *args, Py_ssiz
     }
     mixture_args *a = calloc(1, sizeof(mixture_args));
     if (a == NULL) return PyErr_NoMemory();
-    void *w, *gw;
-    Py_ssize_t B, relu;
-    if (mixture_sizes(a, args) || get_size(args[3], &B) || get_size(args[4], &relu) || get_ptr(args[5], &w)
-        || get_size(args[6], &a->wb) || get_size(args[7], &a->wg) || get_size(args[8], &a->we)
-        || get_rows(args[9], args[10], a->E, (void **)a->x, a->xb, 0)
-        || get_rows(args[11], args[12], a->G, (void **)a->gy, a->gyb, 0) || get_ptr(args[13], &gw)
-        || get_rows(args[14], args[15], a->E, (void **)a->gx, a->gxb, 1)) {
+    void *gw;
+    Py_ssize_t B;
+    if (mixture_common(a, args, &B) || get_rows(args[11], args[12], a->G, (void **)a->gy, a->gyb, 0)
+        || get_ptr(args[13], &gw) || get_rows(args[14], args[15], a->E, (void **)a->gx, a->gxb, 1)) {
         free(a);
         return NULL;
     }
-    a->w = w, a->gw = gw, a->relu = relu != 0;
+    a->gw = gw;
     Py_BEGIN_ALLOW_THREADS
     mixture_run(a, B, 1);
     Py_END_ALLOW_THREADS
