@@ -338,6 +338,10 @@ class TrainConfig:
     # CPU: fused C kernels (dlrm_mtl/native.py, built at install) for chains of small operators
     # in the step, e.g. the loss terms; off, or where the extension is missing, the ATen paths
     native_kernels: bool = True
+    # CPU, world of one, with the C kernels: the first layer's backward on the lookup's input x
+    # by table row instead of by batch row (small tables: far fewer products; the same sums to
+    # float rounding; dlrm_mtl/modules/folded_affine.py); off: x's gradient and two GEMMs
+    fold_first_layer: bool = True
     timeout_s: int = 120  # collective timeout: a dead rank ends the job instead of hanging it
     log_every: int = 50
     eval_every_epoch: bool = True

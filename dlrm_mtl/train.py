@@ -46,6 +46,7 @@ from dlrm_mtl.host_memory import arrow_on_system_allocator, keep_freed_memory
 from dlrm_mtl.losses import EntireSpaceLoss
 from dlrm_mtl.metrics import format_table
 from dlrm_mtl.models import MultiScenarioMultiTaskModel, TrainModule
+from dlrm_mtl.modules import folded_affine
 from dlrm_mtl.schema import Schema
 from dlrm_mtl.utilisation import ExpertUtilisation, render_heatmap
 from dlrm_mtl.watchdog import Watchdog, report, stop_point
@@ -285,8 +286,10 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
     bf16-rounded inputs when ``train.allow_bf16_matmul``, subnormal floats flushed to zero
     when ``train.flush_denormal``; the host allocator keeps freed memory when
     ``train.keep_host_memory`` (:mod:`dlrm_mtl.host_memory`); the fused C kernels are on when
-    ``train.native_kernels`` (:mod:`dlrm_mtl.native`)."""
+    ``train.native_kernels`` (:mod:`dlrm_mtl.native`), and with them the first layer's backward
+    by table row when ``train.fold_first_layer`` (:mod:`dlrm_mtl.modules.folded_affine`)."""
     native.set_enabled(cfg.native_kernels)
+    folded_affine.set_enabled(cfg.fold_first_layer)
     if cfg.keep_host_memory:
         # on the CPU one arena, and pyarrow's buffers on the same malloc, where it was measured
         # (docs/performance.md); a GPU host's reader threads allocate batch after batch at

@@ -647,6 +647,24 @@ static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssiz
     return G;
 }
 
+/* The row-wise Adagrad update of the U touched rows (touched [U]) whose summed gradients are
+ * acc [U, D] (fbgemm's order of float operations), each row's slot reset to -1. */
+static void adagrad_apply(const float *acc, const int64_t *touched, int64_t U, Py_ssize_t D, float *W, float *M,
+                          float lr, float epsf, int32_t *slot) {
+    for (int64_t u = 0; u < U; u++) {
+        const int64_t r = touched[u];
+        const float *a = acc + u * D;
+        float *row = W + r * D;
+        float ss = 0.0f;
+        for (Py_ssize_t d = 0; d < D; d++) ss += a[d] * a[d];
+        const float nsq = M[r] + ss / (float)D;
+        M[r] = nsq;
+        const float mult = lr / (sqrtf(nsq) + epsf);
+        for (Py_ssize_t d = 0; d < D; d++) row[d] = row[d] - a[d] * mult;
+        slot[r] = -1;
+    }
+}
+
 /* The features of thread t (thread_of): their rows' gradients accumulated over the bags in
  * the ids' order, then each touched row's row-wise Adagrad update. acc [rows, D] and touched
  * [rows] are the thread's own scratch. */
@@ -681,18 +699,7 @@ static void adagrad_rows(const float *G, Py_ssize_t ld, const int64_t *id, const
             }
         }
     }
-    for (int64_t u = 0; u < U; u++) {
-        const int64_t r = touched[u];
-        const float *a = acc + u * D;
-        float *row = W + r * D;
-        float ss = 0.0f;
-        for (Py_ssize_t d = 0; d < D; d++) ss += a[d] * a[d];
-        const float nsq = M[r] + ss / (float)D;
-        M[r] = nsq;
-        const float mult = lr / (sqrtf(nsq) + epsf);
-        for (Py_ssize_t d = 0; d < D; d++) row[d] = row[d] - a[d] * mult;
-        slot[r] = -1;
-    }
+    adagrad_apply(acc, touched, U, D, W, M, lr, epsf, slot);
 }
 
 static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -900,6 +907,325 @@ static PyObject *rows_by_id(PyObject *self, PyObject *const *args, Py_ssize_t na
     memset(G, 0, (size_t)(V * e) * sizeof(float));
     for (Py_ssize_t b = 0; b < B; b++) add_row(G + (V == 1 ? 0 : ids[b * ids_ld]) * e, (const float *)grad + b * ld, e);
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * folded_backward / folded_rows_backward: the backward of an affine map h = x Wx + b whose
+ * input is the dense arch's x = [front | pooled | scenario rows] (OneTableInputRows), taken
+ * by table row instead of by batch row, without x's gradient
+ * (dlrm_mtl.modules.folded_affine.FoldedInputAffine).
+ *
+ * With G = dL/dh [B, N] and W_f [D, N] the rows of Wx that read feature f's pooled columns,
+ * feature f's bags give each table row r they hold the sum gT_r of their rows of G (G_b / L
+ * for a mean bag of L > 1 ids), and then
+ *   dL/dW_f  = sum_r E_r^T gT_r     (E_r: row r of the table before this step's update)
+ *   dL/dE_r += W_f gT_r             (every feature reading row r, in feature order)
+ * — the sums x_pooled^T G and G W_f^T make over the batch, regrouped by row (equal to float
+ * rounding), with the D N products taken once per touched row instead of once per id. The
+ * rows' gradients then get rowwise_adagrad_update's exact row-wise Adagrad, on its threads
+ * (groups of features that share no row, each row summed and updated by one thread).
+ * folded_backward(G, ldg, N, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, fslot, single, Nids,
+ *                 mean, Wp, ldw, gWp, ldgw, direct, gx, ldx)
+ *   Wp: the pooled rows of Wx, [F D, N] with row stride ldw; gWp: their gradient (out, row
+ *   stride ldgw; not written for direct features); fslot: a second int32 [R] scratch, all -1
+ *   (left so); direct: uint8 [F] or 0: the features not folded, whose columns of x's gradient
+ *   the caller computed (gx [B, F D], row stride ldx; only their columns are read) and whose
+ *   ids take them as rowwise_adagrad_update does (a table much wider than its ids: by row
+ *   there would be as many products as by id, and the GEMM takes them faster); the rest as
+ *   for rowwise_adagrad_update.
+ * folded_rows_backward(G, ldg, N, ids, ids_ld, B, E, V, e, Wl, ldw, gWl, ldgw, gE): one scenario
+ *   level (one id per row, row stride ids_ld; table E [V, e], rows Wl [e, N] of Wx): gWl [e, N]
+ *   (out) and the table's gradient gE [V, e] (out; zeros where no row has the id).
+ * The dot products W_f gT_r run in 16 partial sums (lane k: the columns k, k + 16, ...), then
+ * halved pairwise (lane k += lane k + 8, k + 4, ...); E_r^T gT_r is added to dL/dW_f four
+ * rows at a time (gw += e_0 t_0 + e_1 t_1 + e_2 t_2 + e_3 t_3, left to right): the same float
+ * operations on every instruction set and any number of threads.
+ */
+#define FOLD_LANES 16
+SIMD_CLONES
+static float dot_lanes(const float *restrict a, const float *restrict b, Py_ssize_t n) {
+    float part[FOLD_LANES] = {0.0f};
+    Py_ssize_t j = 0;
+    for (; j + FOLD_LANES <= n; j += FOLD_LANES)
+        for (int k = 0; k < FOLD_LANES; k++) part[k] += a[j + k] * b[j + k];
+    for (int k = 0; j < n; j++, k++) part[k] += a[j] * b[j];
+    for (int w = FOLD_LANES / 2; w > 0; w /= 2)
+        for (int k = 0; k < w; k++) part[k] += part[k + w];
+    return part[0];
+}
+
+/* out[d] = dot_lanes(W + d ldw, t, N) for d < D: for the usual dims all D dot products at
+ * once (D independent 16-lane sums, where one would wait on its own additions), each summed
+ * as dot_lanes sums it — the same float operations, so the same result */
+#define DEFINE_ROW_DOTS(DC)                                                                          \
+    static inline __attribute__((always_inline)) void row_dots_##DC(const float *restrict W, Py_ssize_t ldw, const float *restrict t, \
+                                     Py_ssize_t N, float *restrict out) {                            \
+        float part[DC][FOLD_LANES] = {{0.0f}};                                                       \
+        Py_ssize_t j = 0;                                                                            \
+        for (; j + FOLD_LANES <= N; j += FOLD_LANES)                                                 \
+            for (int d = 0; d < DC; d++)                                                             \
+                for (int k = 0; k < FOLD_LANES; k++) part[d][k] += W[d * ldw + j + k] * t[j + k];    \
+        for (int d = 0; d < DC; d++)                                                                 \
+            for (Py_ssize_t i = j, k = 0; i < N; i++, k++) part[d][k] += W[d * ldw + i] * t[i];      \
+        for (int w = FOLD_LANES / 2; w > 0; w /= 2)                                                  \
+            for (int d = 0; d < DC; d++)                                                             \
+                for (int k = 0; k < w; k++) part[d][k] += part[d][k + w];                            \
+        for (int d = 0; d < DC; d++) out[d] = part[d][0];                                            \
+    }
+DEFINE_ROW_DOTS(4)
+DEFINE_ROW_DOTS(8)
+DEFINE_ROW_DOTS(16)
+
+static inline __attribute__((always_inline)) void row_dots(const float *restrict W, Py_ssize_t ldw, const float *restrict t, Py_ssize_t N,
+                            Py_ssize_t D, float *restrict out) {
+    switch (D) {
+    case 4: row_dots_4(W, ldw, t, N, out); return;
+    case 8: row_dots_8(W, ldw, t, N, out); return;
+    case 16: row_dots_16(W, ldw, t, N, out); return;
+    default: break;
+    }
+    for (Py_ssize_t d = 0; d < D; d++) out[d] = dot_lanes(W + d * ldw, t, N);
+}
+
+/* One feature's (or scenario level's) part: its bags' rows of G summed by table row into
+ * gT [U, N] (rows [U]: the table rows in first-seen order), gWf [D, N] += E_r^T gT_r and
+ * gE [U, D] = W_f gT_r. Bag b holds ids p in [pa, pz) (single: p = base + b; else from
+ * off[base + b]), id p at id[p id_ld]. fslot: -1 on entry and exit. Returns U. */
+SIMD_CLONES
+static int64_t fold_feature(const float *restrict G, Py_ssize_t ldg, Py_ssize_t N, Py_ssize_t B,
+                            const int64_t *restrict id, Py_ssize_t id_ld, const int64_t *restrict off,
+                            Py_ssize_t base, int single, int mean, const float *restrict E, Py_ssize_t D,
+                            const float *restrict Wf, Py_ssize_t ldw, float *restrict gWf, Py_ssize_t ldgw,
+                            int32_t *restrict fslot, int64_t *restrict rows, float *restrict gT,
+                            float *restrict gE) {
+    int64_t U = 0;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const int64_t pa = single ? base + b : off[base + b], pz = single ? pa + 1 : off[base + b + 1];
+        const float *restrict g = G + b * ldg;
+        const float L = (float)(pz - pa);
+        const int div = mean && pz - pa > 1;
+        for (int64_t p = pa; p < pz; p++) {
+            const int64_t r = id[p * id_ld];
+            int32_t u = fslot[r];
+            float *restrict t;
+            if (u < 0) { /* the row's first bag: its sum starts there */
+                u = fslot[r] = (int32_t)U;
+                rows[U++] = r;
+                t = gT + (int64_t)u * N;
+                if (div)
+                    for (Py_ssize_t j = 0; j < N; j++) t[j] = g[j] / L;
+                else
+                    for (Py_ssize_t j = 0; j < N; j++) t[j] = g[j];
+            } else {
+                t = gT + (int64_t)u * N;
+                if (div)
+                    for (Py_ssize_t j = 0; j < N; j++) t[j] += g[j] / L;
+                else
+                    for (Py_ssize_t j = 0; j < N; j++) t[j] += g[j];
+            }
+        }
+    }
+    int64_t u = 0;
+    for (; u + 4 <= U; u += 4) { /* four rows at a time into dL/dW_f */
+        const float *restrict t0 = gT + u * N, *restrict t1 = t0 + N, *restrict t2 = t1 + N, *restrict t3 = t2 + N;
+        const float *restrict e0 = E + rows[u] * D, *restrict e1 = E + rows[u + 1] * D;
+        const float *restrict e2 = E + rows[u + 2] * D, *restrict e3 = E + rows[u + 3] * D;
+        for (Py_ssize_t d = 0; d < D; d++) {
+            float *restrict gw = gWf + d * ldgw;
+            const float a0 = e0[d], a1 = e1[d], a2 = e2[d], a3 = e3[d];
+            for (Py_ssize_t j = 0; j < N; j++) gw[j] = gw[j] + a0 * t0[j] + a1 * t1[j] + a2 * t2[j] + a3 * t3[j];
+        }
+        for (int k = 0; k < 4; k++) row_dots(Wf, ldw, t0 + k * N, N, D, gE + (u + k) * D);
+    }
+    for (; u < U; u++) {
+        const float *restrict t = gT + u * N;
+        const float *restrict er = E + rows[u] * D;
+        for (Py_ssize_t d = 0; d < D; d++) {
+            float *restrict gw = gWf + d * ldgw;
+            const float ed = er[d];
+            for (Py_ssize_t j = 0; j < N; j++) gw[j] += ed * t[j];
+        }
+        row_dots(Wf, ldw, t, N, D, gE + u * D);
+    }
+    for (u = 0; u < U; u++) fslot[rows[u]] = -1;
+    return U;
+}
+
+static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 25) {
+        PyErr_SetString(PyExc_TypeError, "folded_backward takes 25 arguments");
+        return NULL;
+    }
+    void *G, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr, *fslot_ptr, *mean_ptr, *Wp, *gWp, *direct_ptr, *gx;
+    Py_ssize_t ldg, N, F, B, D, R, single, Nids, ldw, ldgw, ldx;
+    double eps;
+    if (get_ptr(args[0], &G) || get_size(args[1], &ldg) || get_size(args[2], &N) || get_ptr(args[3], &ids)
+        || get_ptr(args[4], &offsets) || get_size(args[5], &F) || get_size(args[6], &B) || get_size(args[7], &D)
+        || get_size(args[8], &R) || get_ptr(args[9], &w) || get_ptr(args[10], &m) || get_ptr(args[11], &lr_ptr))
+        return NULL;
+    eps = PyFloat_AsDouble(args[12]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    if (get_ptr(args[13], &slot_ptr) || get_ptr(args[14], &fslot_ptr) || get_size(args[15], &single)
+        || get_size(args[16], &Nids) || get_ptr(args[17], &mean_ptr) || get_ptr(args[18], &Wp)
+        || get_size(args[19], &ldw) || get_ptr(args[20], &gWp) || get_size(args[21], &ldgw)
+        || get_ptr(args[22], &direct_ptr) || get_ptr(args[23], &gx) || get_size(args[24], &ldx))
+        return NULL;
+    const uint8_t *mean = mean_ptr, *direct = direct_ptr;
+    if (mean && direct && D > MAX_DIM) {
+        PyErr_Format(PyExc_ValueError, "folded_backward: mean bags of dim %zd > %d", D, MAX_DIM);
+        return NULL;
+    }
+    if (direct != NULL && gx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "folded_backward: direct features need their gradient columns");
+        return NULL;
+    }
+    const int64_t *id = ids, *off = offsets;
+    if (check_bags(id, off, F, B, R, (int)single, Nids)) return NULL;
+    int T = team_size(Nids * N);
+    const size_t Fa = (size_t)(F > 0 ? F : 1);
+    int32_t *thread_of = malloc(Fa * sizeof(int32_t));
+    int64_t *load = malloc((size_t)T * sizeof(int64_t)), *fs = malloc(Fa * 5 * sizeof(int64_t));
+    size_t *at = malloc((size_t)T * 4 * sizeof(size_t));
+    if (thread_of == NULL || load == NULL || fs == NULL || at == NULL) {
+        free(thread_of), free(load), free(fs), free(at);
+        return PyErr_NoMemory();
+    }
+    if (T < 2 || feature_threads(id, off, F, B, (int)single, T, thread_of, load, fs) < 2) { /* one thread */
+        T = 1;
+        load[0] = Nids;
+        for (Py_ssize_t f = 0; f < F; f++) thread_of[f] = 0;
+    }
+    /* thread t's scratch: rows_t = min(its ids, R) accumulated rows from at[t]; for one feature
+     * at a time cap_t = max over its features of min(ids, R) rows of gT from at[2T + t] */
+    size_t rows_total = 0, cap_total = 0;
+    for (int t = 0; t < T; t++) {
+        const size_t rows_t = (size_t)(load[t] < R ? load[t] : R);
+        int64_t cap_t = 0;
+        for (Py_ssize_t f = 0; f < F; f++) {
+            if (thread_of[f] != t || (direct != NULL && direct[f])) continue;
+            const int64_t n = single ? B : off[(f + 1) * B] - off[f * B], c = n < R ? n : R;
+            cap_t = c > cap_t ? c : cap_t;
+        }
+        at[t] = rows_total, at[T + t] = rows_t, at[2 * T + t] = cap_total;
+        rows_total += rows_t, cap_total += (size_t)cap_t;
+    }
+    const size_t rt = rows_total > 0 ? rows_total : 1, ct = cap_total > 0 ? cap_total : 1;
+    float *acc = malloc(rt * (size_t)D * sizeof(float)), *gT = malloc(ct * (size_t)N * sizeof(float));
+    float *gE = malloc(ct * (size_t)D * sizeof(float));
+    int64_t *touched = malloc(rt * sizeof(int64_t)), *frows = malloc(ct * sizeof(int64_t));
+    if (acc == NULL || gT == NULL || gE == NULL || touched == NULL || frows == NULL) {
+        free(thread_of), free(load), free(fs), free(at), free(acc), free(gT), free(gE), free(touched), free(frows);
+        return PyErr_NoMemory();
+    }
+    const float lr = *(const float *)lr_ptr;
+    int32_t *slot = slot_ptr, *fslot = fslot_ptr;
+    float *W = w, *M = m;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+        for (int t = omp_get_thread_num(); t < T; t += omp_get_num_threads()) {
+#else
+    {
+        for (int t = 0; t < T; t++) {
+#endif
+            float *acc_t = acc + at[t] * (size_t)D, *gT_t = gT + at[2 * T + t] * (size_t)N;
+            float *gE_t = gE + at[2 * T + t] * (size_t)D;
+            int64_t *touched_t = touched + at[t], *frows_t = frows + at[2 * T + t];
+            int64_t U = 0;
+            for (Py_ssize_t f = 0; f < F; f++) {
+                if (thread_of[f] != t) continue;
+                if (direct != NULL && direct[f]) { /* x's gradient columns given: by id, as adagrad_rows */
+                    for (Py_ssize_t b = 0; b < B; b++) {
+                        const float *g = (const float *)gx + b * ldx + f * D;
+                        float gm[MAX_DIM];
+                        const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
+                        if (mean && mean[f] && pz - pa > 1) {
+                            const float L = (float)(pz - pa);
+                            for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
+                            g = gm;
+                        }
+                        for (int64_t p = pa; p < pz; p++) {
+                            const int64_t r = id[p];
+                            int32_t s = slot[r];
+                            float *a;
+                            if (s < 0) {
+                                s = slot[r] = (int32_t)U;
+                                touched_t[U++] = r;
+                                a = acc_t + (int64_t)s * D;
+                                for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+                            } else {
+                                a = acc_t + (int64_t)s * D;
+                            }
+                            add_row(a, g, D);
+                        }
+                    }
+                    continue;
+                }
+                float *gWf = (float *)gWp + f * D * ldgw;
+                for (Py_ssize_t d = 0; d < D; d++) memset(gWf + d * ldgw, 0, (size_t)N * sizeof(float));
+                const int64_t Uf = fold_feature(G, ldg, N, B, id, 1, off, f * B, (int)single, mean != NULL && mean[f],
+                                                W, D, (const float *)Wp + f * D * ldw, ldw, gWf, ldgw, fslot, frows_t,
+                                                gT_t, gE_t);
+                for (int64_t u = 0; u < Uf; u++) { /* each row's gradient, feature after feature */
+                    const int64_t r = frows_t[u];
+                    int32_t s = slot[r];
+                    float *a;
+                    if (s < 0) {
+                        s = slot[r] = (int32_t)U;
+                        touched_t[U++] = r;
+                        a = acc_t + (int64_t)s * D;
+                        for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+                    } else {
+                        a = acc_t + (int64_t)s * D;
+                    }
+                    add_row(a, gE_t + u * D, D);
+                }
+            }
+            adagrad_apply(acc_t, touched_t, U, D, W, M, lr, (float)eps, slot);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(thread_of), free(load), free(fs), free(at), free(acc), free(gT), free(gE), free(touched), free(frows);
+    Py_RETURN_NONE;
+}
+
+static PyObject *folded_rows_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "folded_rows_backward takes 14 arguments");
+        return NULL;
+    }
+    void *G, *ids_ptr, *E, *Wl, *gWl, *gE_ptr;
+    Py_ssize_t ldg, N, ids_ld, B, V, e, ldw, ldgw;
+    if (get_ptr(args[0], &G) || get_size(args[1], &ldg) || get_size(args[2], &N) || get_ptr(args[3], &ids_ptr)
+        || get_size(args[4], &ids_ld) || get_size(args[5], &B) || get_ptr(args[6], &E) || get_size(args[7], &V)
+        || get_size(args[8], &e) || get_ptr(args[9], &Wl) || get_size(args[10], &ldw) || get_ptr(args[11], &gWl)
+        || get_size(args[12], &ldgw) || get_ptr(args[13], &gE_ptr))
+        return NULL;
+    const int64_t *ids = ids_ptr;
+    if (check_row_ids(ids, ids_ld, B, V)) return NULL;
+    const size_t cap = (size_t)(B < V ? B : V) + 1;
+    int32_t *fslot = malloc((size_t)V * sizeof(int32_t));
+    int64_t *rows = malloc(cap * sizeof(int64_t)), *zero = V == 1 ? calloc((size_t)B + 1, sizeof(int64_t)) : NULL;
+    float *gT = malloc(cap * (size_t)N * sizeof(float)), *gEu = malloc(cap * (size_t)e * sizeof(float));
+    if (fslot == NULL || rows == NULL || gT == NULL || gEu == NULL || (V == 1 && zero == NULL)) {
+        free(fslot), free(rows), free(zero), free(gT), free(gEu);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    float *gE = gE_ptr;
+    for (Py_ssize_t v = 0; v < V; v++) fslot[v] = -1;
+    for (Py_ssize_t d = 0; d < e; d++) memset((float *)gWl + d * ldgw, 0, (size_t)N * sizeof(float));
+    memset(gE, 0, (size_t)(V * e) * sizeof(float));
+    /* a table of one row: every id reads it (as table_rows) */
+    const int64_t U = fold_feature(G, ldg, N, B, V == 1 ? zero : ids, V == 1 ? 1 : ids_ld, NULL, 0, 1, 0, E, e, Wl,
+                                   ldw, gWl, ldgw, fslot, rows, gT, gEu);
+    for (int64_t u = 0; u < U; u++) memcpy(gE + rows[u] * e, gEu + u * e, (size_t)e * sizeof(float));
+    Py_END_ALLOW_THREADS
+    free(fslot), free(rows), free(zero), free(gT), free(gEu);
     Py_RETURN_NONE;
 }
 
@@ -1190,6 +1516,10 @@ static PyMethodDef methods[] = {
      "One-table embedding bags summed (see cpu_kernels.c)."},
     {"rowwise_adagrad_update", (PyCFunction)(void (*)(void))rowwise_adagrad_update, METH_FASTCALL,
      "One-table lookup's backward with exact row-wise Adagrad, in place (see cpu_kernels.c)."},
+    {"folded_backward", (PyCFunction)(void (*)(void))folded_backward, METH_FASTCALL,
+     "An affine map's backward on the one-table lookup's input, by table row, with row-wise Adagrad (see cpu_kernels.c)."},
+    {"folded_rows_backward", (PyCFunction)(void (*)(void))folded_rows_backward, METH_FASTCALL,
+     "An affine map's backward on a scenario level's rows, by row (see cpu_kernels.c)."},
     {"kjt_single_run", (PyCFunction)(void (*)(void))kjt_single_run, METH_FASTCALL,
      "A batch's KJT values, lengths and bag ends of a run of single-hot keys (see cpu_kernels.c)."},
     {"kjt_multi_key", (PyCFunction)(void (*)(void))kjt_multi_key, METH_FASTCALL,

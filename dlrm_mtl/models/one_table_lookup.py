@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from dlrm_mtl import native
+from dlrm_mtl.modules.folded_affine import InputFold
 
 
 class OneTableLookup(torch.autograd.Function):
@@ -58,7 +59,7 @@ class OneTableLookup(torch.autograd.Function):
 class OneTableInputRows(torch.autograd.Function):
     """:class:`OneTableLookup` writing the dense arch's whole input ``x [B, a + F·D + Σ e_l]``
     (:class:`~dlrm_mtl.models.input_frame.InputFrame`): ``OneTableInputRows.apply(placeholder,
-    weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean, front, scenario,
+    weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean, fold, front, scenario,
     *tables)``. The pooled sums go straight into their columns of ``x`` (:func:`dlrm_mtl.native.pooled_sum`
     with a row stride), ``front`` is copied into the first ``a`` columns and each scenario
     level's rows into its own (:func:`dlrm_mtl.native.table_rows`) — the tensor the dense arch's
@@ -68,13 +69,21 @@ class OneTableInputRows(torch.autograd.Function):
     pooled columns of the incoming gradient where they lie (any row stride), and each level's
     table gradient as :class:`~dlrm_mtl.models.scenario_rows.TableRows` sums it (``index_add``'s
     sums, bit for bit). ``front`` gets no gradient (raw dense features).
+
+    ``fold``: None, or the :class:`~dlrm_mtl.modules.folded_affine.InputFold` of these
+    arguments that the caller attaches to ``x`` (``x.input_fold``). Where ``x``'s one reader
+    folds it (:class:`~dlrm_mtl.modules.folded_affine.FoldedInputAffine`: the tables' update
+    and the levels' gradients by table row), this backward gets no gradient and does nothing;
+    a gradient from another reader after a fold raises (the tables would be updated twice).
     """
 
     @staticmethod
     def forward(ctx, placeholder: torch.Tensor, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor,
                 offsets: torch.Tensor, F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor,
-                single: bool, mean: Optional[torch.Tensor], front: torch.Tensor, scenario: torch.Tensor,
-                *tables: torch.Tensor) -> torch.Tensor:
+                single: bool, mean: Optional[torch.Tensor], fold: Optional[InputFold], front: torch.Tensor,
+                scenario: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.fold = fold
         a, P = front.shape[1], F * weights.shape[1]
         x = weights.new_empty(B, a + P + sum(t.shape[1] for t in tables))  # [B, d]
         if a:
@@ -89,13 +98,21 @@ class OneTableInputRows(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: Optional[torch.Tensor]):
         weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean = ctx.args
         a, P, scenario, shapes = ctx.frame
+        none = (None,) * (15 + len(shapes))
+        if ctx.fold is not None and ctx.fold.folded:
+            if grad is None:  # the folded map updated the tables (and gave the levels' gradients)
+                return none
+            raise RuntimeError("the dense arch's input x was read beside the folded map that took its lookup's "
+                               "backward (FoldedInputAffine): only the input's one reader may fold it")
+        if grad is None:
+            return none
         native.rowwise_adagrad_update(grad[:, a:a + P], weights, momentum, ids, offsets, F, B, lr, eps, slot, single, mean)
         grads = []
         c = a + P
         for i, (V, e) in enumerate(shapes):
-            grads.append(native.rows_by_id(grad[:, c:c + e], scenario[:, i], V) if ctx.needs_input_grad[14 + i] else None)
+            grads.append(native.rows_by_id(grad[:, c:c + e], scenario[:, i], V) if ctx.needs_input_grad[15 + i] else None)
             c += e
-        return (None,) * 14 + tuple(grads)
+        return (None,) * 15 + tuple(grads)

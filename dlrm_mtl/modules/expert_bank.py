@@ -8,6 +8,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from dlrm_mtl.modules.folded_affine import folded_affine
+
 
 class ExpertBank(nn.Module):
     """E independent MLP experts with stacked weights, evaluated without a Python loop over experts.
@@ -47,7 +49,8 @@ class ExpertBank(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(num_experts, a, b).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.zeros(num_experts, b)))
 
-    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None, last_relu: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, count: Optional[int] = None, last_relu: bool = True,
+                fold: bool = False) -> torch.Tensor:
         """Experts ``start .. start+count-1`` (default all) -> ``[B, count, out]``.
 
         x: ``[B, in]`` (every expert sees the same input) or ``[B, count, in]`` (expert e sees
@@ -59,14 +62,21 @@ class ExpertBank(nn.Module):
         for the same product). ReLU runs in
         place on the fresh matmul outputs (no extra pass over memory). ``last_relu=False``: the
         last layer's pre-activations, for a consumer that applies the ReLU itself
-        (:func:`dlrm_mtl.modules.mixture.mix_expert_parts`).
+        (:func:`dlrm_mtl.modules.mixture.mix_expert_parts`). ``fold=True`` (a caller for which
+        this bank is ``x``'s one reader): a single expert's layer 0 on the world-of-one
+        lookup's ``x`` runs through :func:`~dlrm_mtl.modules.folded_affine.folded_affine`
+        (its backward by table row) where ``x`` carries the lookup's arguments.
         """
         E = self.num_experts - start if count is None else count
         if E == 1 and x.dim() == 2:  # one expert (Shared-Bottom): plain addmm per layer, not bmm
             h = x
-            for w, b, relu in zip(self.weights, self.biases, relu_flags(len(self.weights), last_relu)):
+            for i, (w, b, relu) in enumerate(zip(self.weights, self.biases, relu_flags(len(self.weights), last_relu))):
                 w1 = w.view(w.shape[1], w.shape[2]) if w.shape[0] == 1 else w[start]  # [in, out]
                 b1 = b.view(-1) if b.shape[0] == 1 else b[start]
+                folded = folded_affine(h, [(w1, b1)], relu=[relu]) if fold and i == 0 else None
+                if folded is not None:
+                    h = folded[0]  # [B, out]
+                    continue
                 h = torch.addmm(b1, h, w1)
                 if relu:
                     h = h.relu_()

@@ -14,6 +14,7 @@ from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
 from dlrm_mtl.modules.task_input import split_task_input
 from dlrm_mtl.modules.mixture import mix_experts
+from dlrm_mtl.modules.folded_affine import folded_affine
 from dlrm_mtl.modules.shared_affine import shared_input_affine
 
 
@@ -83,7 +84,9 @@ class MMoELayer(nn.Module):
         if self._reads_once(task_in):
             # experts and gates on the one input: their first products as one (shared_input_affine)
             weights, biases = list(self.experts.weights), list(self.experts.biases)
-            first, logits = shared_input_affine(shared_in, [first_layer_map(weights, biases), self.gate.input_map()], relu=[True])
+            maps = [first_layer_map(weights, biases), self.gate.input_map()]
+            # the experts and the gate are x's one reader: the lookup's backward may fold into theirs
+            first, logits = folded_affine(shared_in, maps, relu=[True]) or shared_input_affine(shared_in, maps, relu=[True])
             e = run_experts(weights, biases, shared_in, first=first)  # [B, E, d']
             g = self.gate.from_logits(logits)  # [B, G, E]
         else:
@@ -132,5 +135,7 @@ class SharedBottomLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> LayerOutput:
         _, shared_in = split_task_input(x, self.num_tasks)
-        y = self.bottom(shared_in).squeeze(1)  # [B, d'] (a view: its backward copies nothing)
+        # the bank is x's one reader here: its first layer may fold the lookup's backward
+        y = (self.bottom(shared_in, fold=True) if type(self.bottom) is ExpertBank
+             else self.bottom(shared_in)).squeeze(1)  # [B, d'] (a view: its backward copies nothing)
         return LayerOutput(y.unsqueeze(0).expand(self.num_tasks, *y.shape), shared=y)

@@ -6,6 +6,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from dlrm_mtl.modules.folded_affine import block_gradient
+
 
 class SharedInputAffine(torch.autograd.Function):
     """``SharedInputAffine.apply(x [B, d], weight [d, N], bias [N], sizes, relu) -> ([B, n_1], ...)``:
@@ -44,14 +46,7 @@ class SharedInputAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, weight = ctx.saved_tensors
-        g = torch.empty_like(ctx.out)  # [B, N]
-        for grad, out, into, r in zip(grads, ctx.out.split(list(ctx.sizes), dim=1), g.split(list(ctx.sizes), dim=1), ctx.relu):
-            if grad is None:
-                into.zero_()
-            elif r:  # ReLU's backward, written in place into G's block
-                torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=into)
-            else:
-                into.copy_(grad)
+        g = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu)  # [B, N]
         grad_x = g @ weight.t() if ctx.needs_input_grad[0] else None  # [B, d]
         grad_w = x.t() @ g if ctx.needs_input_grad[1] else None  # [d, N]
         grad_b = g.sum(0) if ctx.needs_input_grad[2] else None  # [N]

@@ -1,0 +1,198 @@
+"""An affine map of the one-table lookup's input whose backward runs by table row."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from dlrm_mtl import native
+
+
+class InputFold:
+    """What the backward of a map of ``x = [front | pooled | scenario rows]`` needs instead of
+    ``x``'s gradient: the world-of-one lookup's arguments
+    (:class:`~dlrm_mtl.models.one_table_lookup.OneTableInputRows`, which attaches one to the
+    ``x`` it returns as ``x.input_fold``): the one table ``weights [R, D]``, its row-wise
+    Adagrad state ``momentum [R]``, ``ids``/``offsets`` of its ``F`` features over ``B`` rows,
+    ``lr`` (float32 tensor), ``eps``, two int32 ``[R]`` scratch arrays (all -1), ``single``,
+    ``mean`` (uint8 ``[F]`` or None), and the frame's ``front [B, a]``, ``scenario [B, ≥ L]``
+    and level tables ``[V_l, e_l]``. ``folded`` is set once a map has taken it
+    (:class:`FoldedInputAffine`): the lookup's own backward then must not see a gradient."""
+
+    __slots__ = ("weights", "momentum", "ids", "offsets", "F", "B", "lr", "eps", "slot", "fslot", "single", "mean",
+                 "front", "scenario", "tables", "plan", "folded")
+
+    def __init__(self, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                 F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor, fslot: torch.Tensor, single: bool,
+                 mean: Optional[torch.Tensor], front: torch.Tensor, scenario: torch.Tensor,
+                 tables: Sequence[torch.Tensor], plan: "FoldPlan") -> None:
+        self.weights, self.momentum, self.ids, self.offsets = weights, momentum, ids, offsets
+        self.F, self.B, self.lr, self.eps, self.slot, self.fslot = F, B, lr, eps, slot, fslot
+        self.single, self.mean, self.front, self.scenario, self.tables = single, mean, front, scenario, list(tables)
+        self.plan = plan
+        self.folded = False
+
+    def width(self) -> int:
+        """``d``: ``x``'s columns."""
+        return self.front.shape[1] + self.F * self.weights.shape[1] + sum(t.shape[1] for t in self.tables)
+
+
+_enabled = True  # train.fold_first_layer (set_enabled)
+
+
+def set_enabled(flag: bool) -> None:
+    """Let first layers fold the lookup's backward (``train.fold_first_layer``) or not."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+# a feature is folded where its table has at most B / FOLD_IDS_PER_ROW rows (B: the batch's
+# rows): its backward then takes at most a quarter of the products by row that it would by id.
+# A wider table (users, items) has about as many touched rows as ids, and the GEMM takes
+# those products faster than the C pass by row (MovieLens shape, docs/performance.md).
+FOLD_IDS_PER_ROW = 4
+
+
+class FoldPlan(NamedTuple):
+    """Which of a lookup's ``F`` features :class:`FoldedInputAffine` folds: ``direct`` (uint8
+    ``[F]``, 1 = not folded; None where every one is) and the runs ``(f0, f1)`` of consecutive
+    direct features, whose columns of ``x``'s gradient and rows of ``∂L/∂W`` are computed as
+    GEMMs (one pair per run)."""
+
+    direct: Optional[torch.Tensor]
+    runs: List[Tuple[int, int]]
+
+
+def fold_plan(table_rows: Sequence[int], batch: int) -> FoldPlan:
+    """The :class:`FoldPlan` for features whose tables have ``table_rows`` rows, at ``batch``
+    rows per batch (:data:`FOLD_IDS_PER_ROW`).
+
+    Example::
+
+        fold_plan([6040, 3706, 18, 2], 2048)   # direct [1, 1, 0, 0], runs [(0, 2)]
+    """
+    flags = [rows * FOLD_IDS_PER_ROW > batch for rows in table_rows]
+    runs: List[Tuple[int, int]] = []
+    for f, d in enumerate(flags):
+        if d and runs and runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], f + 1)
+        elif d:
+            runs.append((f, f + 1))
+    return FoldPlan(torch.tensor(flags, dtype=torch.uint8) if runs else None, runs)
+
+
+def input_fold(x: torch.Tensor, weight: torch.Tensor) -> Optional[InputFold]:
+    """``x``'s :class:`InputFold` where :class:`FoldedInputAffine` can take ``x @ weight``:
+    ``x`` is the lookup's own output (not a view of it), autograd records, the C kernels
+    run, no other map took it, and ``weight`` is a float32 contiguous host ``[d, N]``."""
+    fold: Optional[InputFold] = getattr(x, "input_fold", None)
+    if fold is None or fold.folded or not _enabled or not torch.is_grad_enabled() or not native.available():
+        return None
+    if not (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.is_contiguous() and weight.shape[0] == x.shape[1] == fold.width()):
+        return None
+    return fold
+
+
+def block_gradient(grads: Sequence[Optional[torch.Tensor]], out: torch.Tensor, sizes: Sequence[int],
+                   relu: Sequence[bool]) -> torch.Tensor:
+    """``G [B, N]``: the gradients of ``out``'s column blocks (``sizes``) written side by side,
+    each ReLU block's through ReLU's backward (its mask: ``out``, after the ReLU), a block
+    without a gradient as zeros."""
+    g = torch.empty_like(out)  # [B, N]
+    for grad, o, into, r in zip(grads, out.split(list(sizes), dim=1), g.split(list(sizes), dim=1), relu):
+        if grad is None:
+            into.zero_()
+        elif r:  # ReLU's backward, written in place into G's block
+            torch.ops.aten.threshold_backward.grad_input(grad, o, 0.0, grad_input=into)
+        else:
+            into.copy_(grad)
+    return g
+
+
+class FoldedInputAffine(torch.autograd.Function):
+    """``FoldedInputAffine.apply(x [B, d], weight [d, N], bias [N], sizes, relu, fold, *tables)
+    -> ([B, n_1], ...)``: ``x @ weight + bias`` split into column blocks of ``sizes`` (ReLU on
+    those ``relu`` flags), as :class:`~dlrm_mtl.modules.shared_affine.SharedInputAffine` — for
+    the ``x`` the world-of-one lookup writes, ``[front | pooled | scenario rows]``, with a
+    backward that never forms ``x``'s gradient.
+
+    The backward of a first layer ``h = x W + b`` is usually two GEMMs over the batch,
+    ``Wᵀ``'s ``xᵀ G`` and ``x``'s ``G Wᵀ`` (``G = ∂L/∂h [B, N]``), after which the lookup sums
+    ``x``'s pooled gradient by table row for the row-wise Adagrad update. Here the rows of
+    ``G`` are summed by table row first (``gT_r = Σ G_b`` over the bags holding row ``r``) and
+    the products are taken once per touched row: ``∂L/∂W_f = Σ_r E_rᵀ gT_r`` and
+    ``∂L/∂E_r = Σ_f W_f gT_r`` (``W_f``: the ``D`` rows of ``W`` reading feature ``f``) — the
+    same sums regrouped (equal to float rounding), ``D·N`` multiply-adds per touched row
+    instead of per id (:func:`dlrm_mtl.native.folded_backward`). On the census shape's 32
+    small tables (496 rows) a batch of 1,024 rows touches ~500 rows for 32,768 ids. The
+    scenario levels' tables likewise (:func:`dlrm_mtl.native.folded_rows_backward`), the
+    front's rows of ``∂L/∂W`` as ``frontᵀ G``. The tables' update is the lookup's exact
+    row-wise Adagrad, in place, in this backward; the lookup's own backward then gets no
+    gradient (``x``'s is None). ``x`` must have no other reader that needs its gradient: the
+    lookup's backward raises if it gets one after a fold (callers pass ``fold=True`` only
+    where the map is the input's one reader).
+
+    Example::
+
+        x = model.embed(batch.sparse, frame=frame)[0]       # [B, d], carries x.input_fold
+        (h,) = FoldedInputAffine.apply(x, w, b, (w.shape[1],), (True,), x.input_fold, *x.input_fold.tables)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: Tuple[int, ...],
+                relu: Tuple[bool, ...], fold: InputFold, *tables: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        out = torch.addmm(bias, x, weight)  # [B, N]
+        blocks = out.split(list(sizes), dim=1)  # [B, n_i] views
+        for block, r in zip(blocks, relu):
+            if r:
+                block.relu_()
+        fold.folded = True
+        ctx.save_for_backward(weight, x if fold.plan.runs else None)
+        ctx.out, ctx.sizes, ctx.relu, ctx.fold = out, sizes, relu, fold
+        return tuple(blocks)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        weight, x = ctx.saved_tensors
+        fold: InputFold = ctx.fold
+        g = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu)  # [B, N]
+        grad_w = torch.empty_like(weight)  # [d, N]
+        D = fold.weights.shape[1]
+        a, P = fold.front.shape[1], fold.F * D
+        if a:
+            torch.mm(fold.front.t(), g, out=grad_w[:a])
+        gx: Optional[torch.Tensor] = None  # [B, P]: the direct features' columns of x's gradient
+        if fold.plan.runs:
+            gx = g.new_empty(g.shape[0], P)
+            for f0, f1 in fold.plan.runs:
+                r0, r1 = a + f0 * D, a + f1 * D
+                torch.mm(g, weight[r0:r1].t(), out=gx[:, f0 * D:f1 * D])
+                torch.mm(x[:, r0:r1].t(), g, out=grad_w[r0:r1])
+        native.folded_backward(g, fold, weight[a:a + P], grad_w[a:a + P], gx)
+        table_grads: List[Optional[torch.Tensor]] = []
+        c = a + P
+        for i, t in enumerate(fold.tables):
+            e = t.shape[1]
+            grad_t = native.folded_rows_backward(g, fold.scenario[:, i], t, weight[c:c + e], grad_w[c:c + e])
+            table_grads.append(grad_t if ctx.needs_input_grad[6 + i] else None)
+            c += e
+        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None  # [N]
+        return (None, grad_w, grad_b, None, None, None, *table_grads)
+
+
+def folded_affine(x: torch.Tensor, maps: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                  relu: Sequence[bool] = ()) -> Optional[List[torch.Tensor]]:
+    """:func:`~dlrm_mtl.modules.shared_affine.shared_input_affine` through
+    :class:`FoldedInputAffine` where ``x`` carries an :class:`InputFold` it can take, else None
+    (the caller computes the maps itself). Only for a caller whose maps are ``x``'s one reader."""
+    if getattr(x, "input_fold", None) is None:
+        return None
+    flags = tuple(bool(r) for r in relu) + (False,) * (len(maps) - len(relu))
+    weight = torch.cat([w for w, _ in maps], dim=1) if len(maps) > 1 else maps[0][0]  # [d, N]
+    fold = input_fold(x, weight)
+    if fold is None:
+        return None
+    bias = torch.cat([b for _, b in maps]) if len(maps) > 1 else maps[0][1]  # [N]
+    return list(FoldedInputAffine.apply(x, weight, bias, tuple(w.shape[1] for w, _ in maps), flags, fold, *fold.tables))
