@@ -157,7 +157,7 @@ def test_input_fold_needs_the_lookup_s_own_output_and_a_contiguous_host_weight()
 
 
 @needs_kernels
-@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe"])
+@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple"])
 def test_training_with_the_folded_first_layer_matches_x_s_gradient(synthetic_small, tmp_path, monkeypatch, arch):
     """Six steps on the same batches from the same initialisation, folded and not
     (``train.fold_first_layer``): the fold ran every step, and the logits, dense weights and

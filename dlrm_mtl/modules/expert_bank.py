@@ -107,16 +107,16 @@ def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torc
     -> ``[B, E, out]``, ReLU after every layer (:class:`ExpertBank`'s computation; also the
     experts of several banks on one input at once, their stacked weights concatenated).
 
-    ``first [B, E·h]``: layer 0's output on the shared input (after its ReLU), already computed
-    (:func:`first_layer_map` with other maps of ``x``, :func:`shared_input_affine`); ``x`` is
-    then not read. ``last_relu=False``: the last layer's output before its ReLU (a consumer
+    ``first [B, E·h]``: layer 0's output on the shared input (after its ReLU, which a one-layer
+    bank's ``last_relu=False`` leaves out), already computed (:func:`first_layer_map` with
+    other maps of ``x``, :func:`shared_input_affine`); ``x`` is then not read. ``last_relu=False``: the last layer's output before its ReLU (a consumer
     applies it: :func:`dlrm_mtl.modules.mixture.mix_expert_parts`)."""
     w0, b0 = weights[0], biases[0]  # [E, in, h], [E, h]
     E = w0.shape[0]
     relu = relu_flags(len(weights), last_relu)
     if first is not None:
-        if not relu[0]:
-            raise ValueError("run_experts: a precomputed first layer is after its ReLU; last_relu=False needs a deeper bank")
+        if not relu[0] and len(weights) > 1:
+            raise ValueError("run_experts: a precomputed first layer of a deeper bank is after its ReLU")
         h = first.view(first.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     elif x.dim() == 2:
         w, b = first_layer_map(weights, biases)

@@ -9,7 +9,8 @@ from torch import nn
 
 from dlrm_mtl import native
 from dlrm_mtl.config import LayerConfig
-from dlrm_mtl.modules.expert_bank import ExpertBank, run_experts
+from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, relu_flags, run_experts
+from dlrm_mtl.modules.folded_affine import folded_affine
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
@@ -78,7 +79,12 @@ class ExtractionNetwork(nn.Module):
         fused = self._mixes_in_c(shared_in)
         relu = not fused
         pool: List[torch.Tensor] = []  # parts of [B, E_all, d']: shared experts, then each task's own
-        if same and self._fuses_pool():
+        # on the lookup's own input, the experts' first layer and the gates' logits as one map
+        # whose backward folds the lookup's (the level is x's one reader)
+        folded = self._folded_first(shared_in, relu) if same else None
+        if folded is not None:
+            pool.append(folded[0])  # [B, E_sh + T·E_sp, d']
+        elif same and self._fuses_pool():
             # shared and task experts on the one input: one bank's computation over their
             # concatenated weights writes the whole pool (no cat of the two outputs)
             pool.append(run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
@@ -99,7 +105,7 @@ class ExtractionNetwork(nn.Module):
         gate_in = shared_in if same else task_in
         gates: Dict[str, torch.Tensor] = {}
         if self.task_gate is not None:
-            gates["task"] = self.task_gate(gate_in)  # [B, T, E_sh + E_sp]
+            gates["task"] = self.task_gate(gate_in) if folded is None else self.task_gate.from_logits(folded[1])  # [B, T, E_sh + E_sp]
             weights = self.spread(gates["task"])  # [B, T, E_all]
         elif self.num_shared == 0:  # one expert per task, nothing shared: each task's own output
             gates["task"] = task_in.new_ones(B, T, 1)
@@ -110,7 +116,7 @@ class ExtractionNetwork(nn.Module):
             weights = gates["task"]
         sizes = [T]
         if self.shared_gate is not None:
-            gates["shared"] = self.shared_gate(shared_in)  # [B, 1, E_all]
+            gates["shared"] = self.shared_gate(shared_in) if folded is None else self.shared_gate.from_logits(folded[2])  # [B, 1, E_all]
             weights = torch.cat([weights, gates["shared"]], dim=1)  # [B, T + 1, E_all]
             sizes.append(1)
         # every task's and the shared mixture at once, [B, T, d'] (and [B, 1, d']): output blocks
@@ -120,6 +126,31 @@ class ExtractionNetwork(nn.Module):
         if self.shared_gate is None:
             return mixed[0].transpose(0, 1), None, gates  # [T, B, d']
         return mixed[0].transpose(0, 1), mixed[1].squeeze(1), gates  # [T, B, d'], [B, d']
+
+    def _folded_first(self, x: torch.Tensor, relu: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """On the world-of-one lookup's ``x`` (its :class:`~dlrm_mtl.modules.folded_affine.InputFold`),
+        for a level whose banks run as one: ``(pool [B, E_all, d'], task gate logits, shared
+        gate logits)`` from one :func:`~dlrm_mtl.modules.folded_affine.folded_affine` of the
+        experts' first layer and the gates' maps (a gate that is absent: an empty logits
+        tensor); None where the fold does not apply (the separate products then run)."""
+        if getattr(x, "input_fold", None) is None or not self._fuses_pool():
+            return None
+        gate_maps = [g for g in (self.task_gate, self.shared_gate) if g is not None]
+        if not all(type(g) is SoftmaxGate for g in gate_maps):
+            return None
+        assert self.shared is not None and self.specific is not None
+        weights = [torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)]
+        biases = [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)]
+        maps = [first_layer_map(weights, biases)] + [g.input_map() for g in gate_maps]
+        outs = folded_affine(x, maps, relu=[relu_flags(len(weights), relu)[0]])
+        if outs is None:
+            return None
+        part = run_experts(weights, biases, x, first=outs[0], last_relu=relu)
+        rest = iter(outs[1:])
+        empty = x.new_empty(0)
+        task = next(rest) if self.task_gate is not None else empty
+        shared = next(rest) if self.shared_gate is not None else empty
+        return part, task, shared
 
     def _mixes_in_c(self, shared_in: torch.Tensor) -> bool:
         """Whether this forward leaves the banks' last ReLU to the C mixture: the kernels run on
