@@ -243,7 +243,7 @@ def folded_backward(grad: torch.Tensor, fold: Any, rows_w: torch.Tensor, rows_gr
     mean, direct = fold.mean, fold.plan.direct
     _kernels.folded_backward(grad.data_ptr(), grad.stride(0), grad.shape[1], fold.ids.data_ptr(), fold.offsets.data_ptr(),
                              fold.F, fold.B, D, R, fold.weights.data_ptr(), fold.momentum.data_ptr(), fold.lr.data_ptr(),
-                             float(fold.eps), fold.slot.data_ptr(), fold.fslot.data_ptr(), int(fold.single),
+                             float(fold.eps), fold.slot.data_ptr(), int(fold.single),
                              fold.ids.numel(), 0 if mean is None else mean.data_ptr(), rows_w.data_ptr(),
                              rows_w.stride(0), rows_grad.data_ptr(), rows_grad.stride(0),
                              0 if direct is None else direct.data_ptr(),

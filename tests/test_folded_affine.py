@@ -64,11 +64,11 @@ def _step(p: dict, fold_it: bool, plan_batch: int, threads: int = 1) -> Tuple[to
     weights, momentum = p["weights"].clone(), p["momentum"].clone()
     tables = [t.clone().requires_grad_() for t in p["tables"]]
     R = p["R"]
-    slot, fslot = torch.full((R,), -1, dtype=torch.int32), torch.full((R,), -1, dtype=torch.int32)
+    slot = torch.full((R,), -1, dtype=torch.int32)
     lr = torch.tensor([0.05])
     single = p["single"]
     mean = None if single else p["mean"]
-    fold = InputFold(weights, momentum, p["ids"], p["offsets"], p["F"], p["B"], lr, 1e-8, slot, fslot, single, mean,
+    fold = InputFold(weights, momentum, p["ids"], p["offsets"], p["F"], p["B"], lr, 1e-8, slot, single, mean,
                      p["front"], p["scenario"], tables, fold_plan(p["table_rows"], plan_batch)) if fold_it else None
     placeholder = torch.zeros(1, requires_grad=True)
     before = torch.get_num_threads()
@@ -84,7 +84,7 @@ def _step(p: dict, fold_it: bool, plan_batch: int, threads: int = 1) -> Tuple[to
         torch.cat([h, logits], dim=1).backward(p["upstream"])
     finally:
         torch.set_num_threads(before)
-    assert (slot == -1).all() and (fslot == -1).all()  # the scratch is left as found
+    assert (slot == -1).all()  # the scratch is left as found
     return (h.detach(), logits.detach(), weight.grad, bias.grad, *[t.grad for t in tables], weights, momentum)
 
 
@@ -121,8 +121,8 @@ def test_a_second_reader_of_a_folded_input_raises_instead_of_updating_twice():
     weight = torch.randn(3 + 32 + 8, 5, requires_grad=True)
     R = p["R"]
     fold = InputFold(p["weights"].clone(), p["momentum"].clone(), p["ids"], p["offsets"], 4, p["B"],
-                     torch.tensor([0.1]), 1e-8, torch.full((R,), -1, dtype=torch.int32),
-                     torch.full((R,), -1, dtype=torch.int32), True, None, p["front"], p["scenario"], p["tables"],
+                     torch.tensor([0.1]), 1e-8, torch.full((R,), -1, dtype=torch.int32), True, None, p["front"],
+                     p["scenario"], p["tables"],
                      fold_plan(p["table_rows"], 1 << 20))
     x = OneTableInputRows.apply(torch.zeros(1, requires_grad=True), fold.weights, fold.momentum, p["ids"], p["offsets"],
                                 4, p["B"], fold.lr, 1e-8, fold.slot, True, None, fold, p["front"], p["scenario"],
@@ -138,8 +138,8 @@ def test_input_fold_needs_the_lookup_s_own_output_and_a_contiguous_host_weight()
     p = _problem(single=True)
     R = p["R"]
     fold = InputFold(p["weights"], p["momentum"], p["ids"], p["offsets"], 4, p["B"], torch.tensor([0.1]), 1e-8,
-                     torch.full((R,), -1, dtype=torch.int32), torch.full((R,), -1, dtype=torch.int32), True, None,
-                     p["front"], p["scenario"], p["tables"], fold_plan(p["table_rows"], 1 << 20))
+                     torch.full((R,), -1, dtype=torch.int32), True, None, p["front"], p["scenario"], p["tables"],
+                     fold_plan(p["table_rows"], 1 << 20))
     x = torch.randn(p["B"], fold.width())
     w = torch.randn(fold.width(), 6)
     assert folded_affine.input_fold(x, w) is None  # no fold attached

@@ -647,6 +647,16 @@ static Py_ssize_t feature_threads(const int64_t *id, const int64_t *off, Py_ssiz
     return G;
 }
 
+/* n bytes of scratch starting on a 64-byte boundary (*base: what to free). malloc's 16-byte
+ * alignment would split rows of 16 floats over two cache lines, and an accumulator row added
+ * to again right after its last store then misses store-to-load forwarding on every vector:
+ * the one-table update's accumulators and the folded backward's row sums are such rows. */
+static void *scratch64(size_t n, void **base) {
+    char *p = malloc(n + 64);
+    *base = p;
+    return p == NULL ? NULL : (void *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
 /* The row-wise Adagrad update of the U touched rows (touched [U]) whose summed gradients are
  * acc [U, D] (fbgemm's order of float operations), each row's slot reset to -1. */
 static void adagrad_apply(const float *acc, const int64_t *touched, int64_t U, Py_ssize_t D, float *W, float *M,
@@ -746,10 +756,11 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
         at[t] = rows_total, at[T + t] = rows_t;
         rows_total += rows_t;
     }
-    float *acc = malloc((rows_total > 0 ? rows_total : 1) * (size_t)D * sizeof(float));
+    void *acc_base;
+    float *acc = scratch64((rows_total > 0 ? rows_total : 1) * (size_t)D * sizeof(float), &acc_base);
     int64_t *touched = malloc((rows_total > 0 ? rows_total : 1) * sizeof(int64_t));
     if (acc == NULL || touched == NULL) {
-        free(thread_of), free(load), free(fs), free(at), free(acc), free(touched);
+        free(thread_of), free(load), free(fs), free(at), free(acc_base), free(touched);
         return PyErr_NoMemory();
     }
     const float lr = *(const float *)lr_ptr;
@@ -766,7 +777,7 @@ static PyObject *rowwise_adagrad_update(PyObject *self, PyObject *const *args, P
                          acc + at[t] * (size_t)D, touched + at[t]);
     }
     Py_END_ALLOW_THREADS
-    free(thread_of), free(load), free(fs), free(at), free(acc), free(touched);
+    free(thread_of), free(load), free(fs), free(at), free(acc_base), free(touched);
     Py_RETURN_NONE;
 }
 
@@ -925,11 +936,10 @@ static PyObject *rows_by_id(PyObject *self, PyObject *const *args, Py_ssize_t na
  * rounding), with the D N products taken once per touched row instead of once per id. The
  * rows' gradients then get rowwise_adagrad_update's exact row-wise Adagrad, on its threads
  * (groups of features that share no row, each row summed and updated by one thread).
- * folded_backward(G, ldg, N, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, fslot, single, Nids,
+ * folded_backward(G, ldg, N, ids, offsets, F, B, D, R, w, m, lr_ptr, eps, slot, single, Nids,
  *                 mean, Wp, ldw, gWp, ldgw, direct, gx, ldx)
  *   Wp: the pooled rows of Wx, [F D, N] with row stride ldw; gWp: their gradient (out, row
- *   stride ldgw; not written for direct features); fslot: a second int32 [R] scratch, all -1
- *   (left so); direct: uint8 [F] or 0: the features not folded, whose columns of x's gradient
+ *   stride ldgw; not written for direct features); direct: uint8 [F] or 0: the features not folded, whose columns of x's gradient
  *   the caller computed (gx [B, F D], row stride ldx; only their columns are read) and whose
  *   ids take them as rowwise_adagrad_update does (a table much wider than its ids: by row
  *   there would be as many products as by id, and the GEMM takes them faster); the rest as
@@ -988,30 +998,29 @@ static inline __attribute__((always_inline)) void row_dots(const float *restrict
     for (Py_ssize_t d = 0; d < D; d++) out[d] = dot_lanes(W + d * ldw, t, N);
 }
 
-/* One feature's (or scenario level's) part: its bags' rows of G summed by table row into
- * gT [U, N] (rows [U]: the table rows in first-seen order), gWf [D, N] += E_r^T gT_r and
- * gE [U, D] = W_f gT_r. Bag b holds ids p in [pa, pz) (single: p = base + b; else from
- * off[base + b]), id p at id[p id_ld]. fslot: -1 on entry and exit. Returns U. */
+/* One feature's (or scenario level's) bags b0 <= b < b1: their rows of G summed by table
+ * row into gT (row u of the sums: table row rows[u], in first-seen order; *U of them so far).
+ * Bag b holds ids p in [pa, pz) (single: p = base + b; else from off[base + b]), id p at
+ * id[p id_ld]; lslot[r - lo]: row r's u, -1 before it is seen. mean: a mean feature (a bag
+ * of L > 1 ids adds G_b / L). */
 SIMD_CLONES
-static int64_t fold_feature(const float *restrict G, Py_ssize_t ldg, Py_ssize_t N, Py_ssize_t B,
-                            const int64_t *restrict id, Py_ssize_t id_ld, const int64_t *restrict off,
-                            Py_ssize_t base, int single, int mean, const float *restrict E, Py_ssize_t D,
-                            const float *restrict Wf, Py_ssize_t ldw, float *restrict gWf, Py_ssize_t ldgw,
-                            int32_t *restrict fslot, int64_t *restrict rows, float *restrict gT,
-                            float *restrict gE) {
-    int64_t U = 0;
-    for (Py_ssize_t b = 0; b < B; b++) {
+static void fold_scatter(const float *restrict G, Py_ssize_t ldg, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1,
+                         const int64_t *restrict id, Py_ssize_t id_ld, const int64_t *restrict off, Py_ssize_t base,
+                         int single, int mean, int32_t *restrict lslot, int64_t lo, int64_t *restrict rows,
+                         float *restrict gT, int64_t *U) {
+    int64_t n = *U;
+    for (Py_ssize_t b = b0; b < b1; b++) {
         const int64_t pa = single ? base + b : off[base + b], pz = single ? pa + 1 : off[base + b + 1];
         const float *restrict g = G + b * ldg;
         const float L = (float)(pz - pa);
         const int div = mean && pz - pa > 1;
         for (int64_t p = pa; p < pz; p++) {
             const int64_t r = id[p * id_ld];
-            int32_t u = fslot[r];
+            int32_t u = lslot[r - lo];
             float *restrict t;
             if (u < 0) { /* the row's first bag: its sum starts there */
-                u = fslot[r] = (int32_t)U;
-                rows[U++] = r;
+                u = lslot[r - lo] = (int32_t)n;
+                rows[n++] = r;
                 t = gT + (int64_t)u * N;
                 if (div)
                     for (Py_ssize_t j = 0; j < N; j++) t[j] = g[j] / L;
@@ -1026,6 +1035,16 @@ static int64_t fold_feature(const float *restrict G, Py_ssize_t ldg, Py_ssize_t 
             }
         }
     }
+    *U = n;
+}
+
+/* The products of one feature's U row sums gT [U, N] (table rows rows [U] of E [., D]):
+ * gWf [D, N] = sum_u E_r^T gT_u (written), gE [U, D] = W_f gT_u (W_f [D, N], row stride ldw). */
+SIMD_CLONES
+static void fold_products(Py_ssize_t N, int64_t U, const int64_t *restrict rows, const float *restrict gT,
+                          const float *restrict E, Py_ssize_t D, const float *restrict Wf, Py_ssize_t ldw,
+                          float *restrict gWf, Py_ssize_t ldgw, float *restrict gE) {
+    for (Py_ssize_t d = 0; d < D; d++) memset(gWf + d * ldgw, 0, (size_t)N * sizeof(float));
     int64_t u = 0;
     for (; u + 4 <= U; u += 4) { /* four rows at a time into dL/dW_f */
         const float *restrict t0 = gT + u * N, *restrict t1 = t0 + N, *restrict t2 = t1 + N, *restrict t3 = t2 + N;
@@ -1048,17 +1067,34 @@ static int64_t fold_feature(const float *restrict G, Py_ssize_t ldg, Py_ssize_t 
         }
         row_dots(Wf, ldw, t, N, D, gE + u * D);
     }
-    for (u = 0; u < U; u++) fslot[rows[u]] = -1;
-    return U;
 }
+
+/* row r's gradient acc[slot[r]] += g (D columns), the row entering the touched list on its
+ * first gradient */
+static inline void add_row_grad(int64_t r, const float *g, Py_ssize_t D, int32_t *slot, float *acc, int64_t *touched,
+                                int64_t *U) {
+    int32_t s = slot[r];
+    float *a;
+    if (s < 0) {
+        s = slot[r] = (int32_t)*U;
+        touched[(*U)++] = r;
+        a = acc + (int64_t)s * D;
+        for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+    } else {
+        a = acc + (int64_t)s * D;
+    }
+    add_row(a, g, D);
+}
+
+#define FOLD_CHUNK 64 /* rows of G (32 KB at N = 128) each folded feature of a thread sums in turn */
 
 static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 25) {
-        PyErr_SetString(PyExc_TypeError, "folded_backward takes 25 arguments");
+    if (nargs != 24) {
+        PyErr_SetString(PyExc_TypeError, "folded_backward takes 24 arguments");
         return NULL;
     }
-    void *G, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr, *fslot_ptr, *mean_ptr, *Wp, *gWp, *direct_ptr, *gx;
+    void *G, *ids, *offsets, *w, *m, *lr_ptr, *slot_ptr, *mean_ptr, *Wp, *gWp, *direct_ptr, *gx;
     Py_ssize_t ldg, N, F, B, D, R, single, Nids, ldw, ldgw, ldx;
     double eps;
     if (get_ptr(args[0], &G) || get_size(args[1], &ldg) || get_size(args[2], &N) || get_ptr(args[3], &ids)
@@ -1067,10 +1103,10 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     eps = PyFloat_AsDouble(args[12]);
     if (eps == -1.0 && PyErr_Occurred()) return NULL;
-    if (get_ptr(args[13], &slot_ptr) || get_ptr(args[14], &fslot_ptr) || get_size(args[15], &single)
-        || get_size(args[16], &Nids) || get_ptr(args[17], &mean_ptr) || get_ptr(args[18], &Wp)
-        || get_size(args[19], &ldw) || get_ptr(args[20], &gWp) || get_size(args[21], &ldgw)
-        || get_ptr(args[22], &direct_ptr) || get_ptr(args[23], &gx) || get_size(args[24], &ldx))
+    if (get_ptr(args[13], &slot_ptr) || get_size(args[14], &single) || get_size(args[15], &Nids)
+        || get_ptr(args[16], &mean_ptr) || get_ptr(args[17], &Wp) || get_size(args[18], &ldw)
+        || get_ptr(args[19], &gWp) || get_size(args[20], &ldgw) || get_ptr(args[21], &direct_ptr)
+        || get_ptr(args[22], &gx) || get_size(args[23], &ldx))
         return NULL;
     const uint8_t *mean = mean_ptr, *direct = direct_ptr;
     if (mean && direct && D > MAX_DIM) {
@@ -1087,9 +1123,10 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
     const size_t Fa = (size_t)(F > 0 ? F : 1);
     int32_t *thread_of = malloc(Fa * sizeof(int32_t));
     int64_t *load = malloc((size_t)T * sizeof(int64_t)), *fs = malloc(Fa * 5 * sizeof(int64_t));
-    size_t *at = malloc((size_t)T * 4 * sizeof(size_t));
-    if (thread_of == NULL || load == NULL || fs == NULL || at == NULL) {
-        free(thread_of), free(load), free(fs), free(at);
+    int64_t *lo = malloc(Fa * 5 * sizeof(int64_t)); /* per feature: lo, first sum row, first slot, sums, (spare) */
+    size_t *at = malloc((size_t)T * 2 * sizeof(size_t));
+    if (thread_of == NULL || load == NULL || fs == NULL || lo == NULL || at == NULL) {
+        free(thread_of), free(load), free(fs), free(lo), free(at);
         return PyErr_NoMemory();
     }
     if (T < 2 || feature_threads(id, off, F, B, (int)single, T, thread_of, load, fs) < 2) { /* one thread */
@@ -1097,30 +1134,39 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
         load[0] = Nids;
         for (Py_ssize_t f = 0; f < F; f++) thread_of[f] = 0;
     }
-    /* thread t's scratch: rows_t = min(its ids, R) accumulated rows from at[t]; for one feature
-     * at a time cap_t = max over its features of min(ids, R) rows of gT from at[2T + t] */
-    size_t rows_total = 0, cap_total = 0;
+    /* a folded feature's row sums: at most min(its ids, its id range) of them, each with a slot
+     * in its own id range (lslot from soff[f], indexed by row - lo[f]) */
+    int64_t *goff = lo + F, *soff = lo + 2 * F, *Uf = lo + 3 * F;
+    int64_t sums_total = 0, slots_total = 0;
+    for (Py_ssize_t f = 0; f < F; f++) {
+        Uf[f] = 0, goff[f] = sums_total, soff[f] = slots_total, lo[f] = 0;
+        if (direct != NULL && direct[f]) continue;
+        const int64_t pa = single ? f * B : off[f * B], pz = single ? pa + B : off[(f + 1) * B];
+        int64_t l, h;
+        id_range(id + pa, pz - pa, &l, &h);
+        if (pz == pa) continue;
+        const int64_t span = h - l + 1, n = pz - pa;
+        lo[f] = l, sums_total += n < span ? n : span, slots_total += span;
+    }
+    size_t rows_total = 0; /* thread t's accumulated rows: min(its ids, R) from at[t] */
     for (int t = 0; t < T; t++) {
         const size_t rows_t = (size_t)(load[t] < R ? load[t] : R);
-        int64_t cap_t = 0;
-        for (Py_ssize_t f = 0; f < F; f++) {
-            if (thread_of[f] != t || (direct != NULL && direct[f])) continue;
-            const int64_t n = single ? B : off[(f + 1) * B] - off[f * B], c = n < R ? n : R;
-            cap_t = c > cap_t ? c : cap_t;
-        }
-        at[t] = rows_total, at[T + t] = rows_t, at[2 * T + t] = cap_total;
-        rows_total += rows_t, cap_total += (size_t)cap_t;
+        at[t] = rows_total, at[T + t] = rows_t;
+        rows_total += rows_t;
     }
-    const size_t rt = rows_total > 0 ? rows_total : 1, ct = cap_total > 0 ? cap_total : 1;
-    float *acc = malloc(rt * (size_t)D * sizeof(float)), *gT = malloc(ct * (size_t)N * sizeof(float));
+    const size_t rt = rows_total > 0 ? rows_total : 1, ct = sums_total > 0 ? (size_t)sums_total : 1;
+    void *acc_base, *gT_base;
+    float *acc = scratch64(rt * (size_t)D * sizeof(float), &acc_base), *gT = scratch64(ct * (size_t)N * sizeof(float), &gT_base);
     float *gE = malloc(ct * (size_t)D * sizeof(float));
     int64_t *touched = malloc(rt * sizeof(int64_t)), *frows = malloc(ct * sizeof(int64_t));
-    if (acc == NULL || gT == NULL || gE == NULL || touched == NULL || frows == NULL) {
-        free(thread_of), free(load), free(fs), free(at), free(acc), free(gT), free(gE), free(touched), free(frows);
+    int32_t *lslot = malloc((slots_total > 0 ? (size_t)slots_total : 1) * sizeof(int32_t));
+    if (acc == NULL || gT == NULL || gE == NULL || touched == NULL || frows == NULL || lslot == NULL) {
+        free(thread_of), free(load), free(fs), free(lo), free(at), free(acc_base), free(gT_base), free(gE), free(touched),
+            free(frows), free(lslot);
         return PyErr_NoMemory();
     }
     const float lr = *(const float *)lr_ptr;
-    int32_t *slot = slot_ptr, *fslot = fslot_ptr;
+    int32_t *slot = slot_ptr;
     float *W = w, *M = m;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
@@ -1131,11 +1177,23 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
     {
         for (int t = 0; t < T; t++) {
 #endif
-            float *acc_t = acc + at[t] * (size_t)D, *gT_t = gT + at[2 * T + t] * (size_t)N;
-            float *gE_t = gE + at[2 * T + t] * (size_t)D;
-            int64_t *touched_t = touched + at[t], *frows_t = frows + at[2 * T + t];
+            float *acc_t = acc + at[t] * (size_t)D;
+            int64_t *touched_t = touched + at[t];
             int64_t U = 0;
-            for (Py_ssize_t f = 0; f < F; f++) {
+            /* the thread's folded features, G read once: each block of rows summed by every one */
+            for (Py_ssize_t f = 0; f < F; f++)
+                if (thread_of[f] == t && !(direct != NULL && direct[f])) {
+                    const int64_t n = (f + 1 < F ? soff[f + 1] : slots_total) - soff[f];
+                    for (int64_t i = 0; i < n; i++) lslot[soff[f] + i] = -1;
+                }
+            for (Py_ssize_t b0 = 0; b0 < B; b0 += FOLD_CHUNK) {
+                const Py_ssize_t b1 = b0 + FOLD_CHUNK < B ? b0 + FOLD_CHUNK : B;
+                for (Py_ssize_t f = 0; f < F; f++)
+                    if (thread_of[f] == t && !(direct != NULL && direct[f]))
+                        fold_scatter(G, ldg, N, b0, b1, id, 1, off, f * B, (int)single, mean != NULL && mean[f],
+                                     lslot + soff[f], lo[f], frows + goff[f], gT + goff[f] * N, Uf + f);
+            }
+            for (Py_ssize_t f = 0; f < F; f++) { /* each row's gradient, feature after feature */
                 if (thread_of[f] != t) continue;
                 if (direct != NULL && direct[f]) { /* x's gradient columns given: by id, as adagrad_rows */
                     for (Py_ssize_t b = 0; b < B; b++) {
@@ -1147,48 +1205,21 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
                             for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
                             g = gm;
                         }
-                        for (int64_t p = pa; p < pz; p++) {
-                            const int64_t r = id[p];
-                            int32_t s = slot[r];
-                            float *a;
-                            if (s < 0) {
-                                s = slot[r] = (int32_t)U;
-                                touched_t[U++] = r;
-                                a = acc_t + (int64_t)s * D;
-                                for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
-                            } else {
-                                a = acc_t + (int64_t)s * D;
-                            }
-                            add_row(a, g, D);
-                        }
+                        for (int64_t p = pa; p < pz; p++) add_row_grad(id[p], g, D, slot, acc_t, touched_t, &U);
                     }
                     continue;
                 }
-                float *gWf = (float *)gWp + f * D * ldgw;
-                for (Py_ssize_t d = 0; d < D; d++) memset(gWf + d * ldgw, 0, (size_t)N * sizeof(float));
-                const int64_t Uf = fold_feature(G, ldg, N, B, id, 1, off, f * B, (int)single, mean != NULL && mean[f],
-                                                W, D, (const float *)Wp + f * D * ldw, ldw, gWf, ldgw, fslot, frows_t,
-                                                gT_t, gE_t);
-                for (int64_t u = 0; u < Uf; u++) { /* each row's gradient, feature after feature */
-                    const int64_t r = frows_t[u];
-                    int32_t s = slot[r];
-                    float *a;
-                    if (s < 0) {
-                        s = slot[r] = (int32_t)U;
-                        touched_t[U++] = r;
-                        a = acc_t + (int64_t)s * D;
-                        for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
-                    } else {
-                        a = acc_t + (int64_t)s * D;
-                    }
-                    add_row(a, gE_t + u * D, D);
-                }
+                float *gE_f = gE + goff[f] * D;
+                fold_products(N, Uf[f], frows + goff[f], gT + goff[f] * N, W, D, (const float *)Wp + f * D * ldw, ldw,
+                              (float *)gWp + f * D * ldgw, ldgw, gE_f);
+                for (int64_t u = 0; u < Uf[f]; u++) add_row_grad(frows[goff[f] + u], gE_f + u * D, D, slot, acc_t, touched_t, &U);
             }
             adagrad_apply(acc_t, touched_t, U, D, W, M, lr, (float)eps, slot);
         }
     }
     Py_END_ALLOW_THREADS
-    free(thread_of), free(load), free(fs), free(at), free(acc), free(gT), free(gE), free(touched), free(frows);
+    free(thread_of), free(load), free(fs), free(lo), free(at), free(acc_base), free(gT_base), free(gE), free(touched),
+        free(frows), free(lslot);
     Py_RETURN_NONE;
 }
 
@@ -1210,22 +1241,23 @@ static PyObject *folded_rows_backward(PyObject *self, PyObject *const *args, Py_
     const size_t cap = (size_t)(B < V ? B : V) + 1;
     int32_t *fslot = malloc((size_t)V * sizeof(int32_t));
     int64_t *rows = malloc(cap * sizeof(int64_t)), *zero = V == 1 ? calloc((size_t)B + 1, sizeof(int64_t)) : NULL;
-    float *gT = malloc(cap * (size_t)N * sizeof(float)), *gEu = malloc(cap * (size_t)e * sizeof(float));
+    void *gT_base;
+    float *gT = scratch64(cap * (size_t)N * sizeof(float), &gT_base), *gEu = malloc(cap * (size_t)e * sizeof(float));
     if (fslot == NULL || rows == NULL || gT == NULL || gEu == NULL || (V == 1 && zero == NULL)) {
-        free(fslot), free(rows), free(zero), free(gT), free(gEu);
+        free(fslot), free(rows), free(zero), free(gT_base), free(gEu);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
     float *gE = gE_ptr;
     for (Py_ssize_t v = 0; v < V; v++) fslot[v] = -1;
-    for (Py_ssize_t d = 0; d < e; d++) memset((float *)gWl + d * ldgw, 0, (size_t)N * sizeof(float));
     memset(gE, 0, (size_t)(V * e) * sizeof(float));
     /* a table of one row: every id reads it (as table_rows) */
-    const int64_t U = fold_feature(G, ldg, N, B, V == 1 ? zero : ids, V == 1 ? 1 : ids_ld, NULL, 0, 1, 0, E, e, Wl,
-                                   ldw, gWl, ldgw, fslot, rows, gT, gEu);
+    int64_t U = 0;
+    fold_scatter(G, ldg, N, 0, B, V == 1 ? zero : ids, V == 1 ? 1 : ids_ld, NULL, 0, 1, 0, fslot, 0, rows, gT, &U);
+    fold_products(N, U, rows, gT, E, e, Wl, ldw, gWl, ldgw, gEu);
     for (int64_t u = 0; u < U; u++) memcpy(gE + rows[u] * e, gEu + u * e, (size_t)e * sizeof(float));
     Py_END_ALLOW_THREADS
-    free(fslot), free(rows), free(zero), free(gT), free(gEu);
+    free(fslot), free(rows), free(zero), free(gT_base), free(gEu);
     Py_RETURN_NONE;
 }
 

@@ -135,7 +135,6 @@ class RecordedLookup:
         self._native_checked: Any = None  # the optimizer-argument tuple last checked
         self._native_plain = False  # ... and whether it is plain row-wise Adagrad
         self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
-        self._fslot: Optional[torch.Tensor] = None  # [R] int32 scratch of a folded first map's backward
         self._fold_plans: Dict[int, FoldPlan] = {}  # by batch rows: which features a first map folds
         self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
         self.input_rows_calls = 0  # of which OneTableInputRows: the dense arch's whole input
@@ -427,15 +426,13 @@ class RecordedLookup:
                 self._single_hot(args.indices, args.offsets), mean)
         if frame is not None and frame.host_ready(B):
             self.input_rows_calls += 1
-            if self._fslot is None or self._fslot.numel() != weights.shape[0]:
-                self._fslot = torch.full((weights.shape[0],), -1, dtype=torch.int32)
             plan = self._fold_plans.get(B)
             if plan is None:
                 starts = self._row_start.tolist()  # type: ignore[union-attr]
                 bounds = sorted(set(starts)) + [weights.shape[0]]
                 plan = self._fold_plans[B] = fold_plan([bounds[bounds.index(s) + 1] - s for s in starts], B)
             fold = InputFold(weights, tbe.momentum1_host, args.indices, args.offsets, F, B, tbe.learning_rate_tensor,
-                             call[8], self._slot, self._fslot, call[10], mean, frame.front, frame.scenario, frame.tables,
+                             call[8], self._slot, call[10], mean, frame.front, frame.scenario, frame.tables,
                              plan)
             x = OneTableInputRows.apply(*call, fold, frame.front, frame.scenario, *frame.tables)  # [B, d]
             x.input_fold = fold  # for the dense arch's first map (FoldedInputAffine)

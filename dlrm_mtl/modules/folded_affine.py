@@ -15,20 +15,20 @@ class InputFold:
     (:class:`~dlrm_mtl.models.one_table_lookup.OneTableInputRows`, which attaches one to the
     ``x`` it returns as ``x.input_fold``): the one table ``weights [R, D]``, its row-wise
     Adagrad state ``momentum [R]``, ``ids``/``offsets`` of its ``F`` features over ``B`` rows,
-    ``lr`` (float32 tensor), ``eps``, two int32 ``[R]`` scratch arrays (all -1), ``single``,
+    ``lr`` (float32 tensor), ``eps``, the update's int32 ``[R]`` scratch (all -1), ``single``,
     ``mean`` (uint8 ``[F]`` or None), and the frame's ``front [B, a]``, ``scenario [B, ≥ L]``
     and level tables ``[V_l, e_l]``. ``folded`` is set once a map has taken it
     (:class:`FoldedInputAffine`): the lookup's own backward then must not see a gradient."""
 
-    __slots__ = ("weights", "momentum", "ids", "offsets", "F", "B", "lr", "eps", "slot", "fslot", "single", "mean",
+    __slots__ = ("weights", "momentum", "ids", "offsets", "F", "B", "lr", "eps", "slot", "single", "mean",
                  "front", "scenario", "tables", "plan", "folded")
 
     def __init__(self, weights: torch.Tensor, momentum: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
-                 F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor, fslot: torch.Tensor, single: bool,
+                 F: int, B: int, lr: torch.Tensor, eps: float, slot: torch.Tensor, single: bool,
                  mean: Optional[torch.Tensor], front: torch.Tensor, scenario: torch.Tensor,
                  tables: Sequence[torch.Tensor], plan: "FoldPlan") -> None:
         self.weights, self.momentum, self.ids, self.offsets = weights, momentum, ids, offsets
-        self.F, self.B, self.lr, self.eps, self.slot, self.fslot = F, B, lr, eps, slot, fslot
+        self.F, self.B, self.lr, self.eps, self.slot = F, B, lr, eps, slot
         self.single, self.mean, self.front, self.scenario, self.tables = single, mean, front, scenario, list(tables)
         self.plan = plan
         self.folded = False
