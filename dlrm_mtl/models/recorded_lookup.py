@@ -136,6 +136,7 @@ class RecordedLookup:
         self._native_plain = False  # ... and whether it is plain row-wise Adagrad
         self._slot: Optional[torch.Tensor] = None  # [R] int32 scratch of the C backward
         self._fold_plans: Dict[int, FoldPlan] = {}  # by batch rows: which features a first map folds
+        self._table_rows: Optional[List[int]] = None  # each feature's table's rows (the fold plans')
         self.native_calls = 0  # calls served by OneTableLookup (tests, logs)
         self.input_rows_calls = 0  # of which OneTableInputRows: the dense arch's whole input
         # the schema's mean pooling as spans of this kernel's output, (feature, start, end) (set
@@ -261,6 +262,7 @@ class RecordedLookup:
         self._kwargs = dict(seen["kwargs"])
         self._row_start = None
         self._shifts, self._last_counts = {}, None
+        self._fold_plans, self._table_rows = {}, None
         self._backward, self._single_offsets, self._gather_off = None, None, False
         layout = seen.get("layout")
         if layout is not None:  # the call above ran as one table: so do the replays
@@ -427,10 +429,14 @@ class RecordedLookup:
         if frame is not None and frame.host_ready(B):
             self.input_rows_calls += 1
             plan = self._fold_plans.get(B)
-            if plan is None:
-                starts = self._row_start.tolist()  # type: ignore[union-attr]
-                bounds = sorted(set(starts)) + [weights.shape[0]]
-                plan = self._fold_plans[B] = fold_plan([bounds[bounds.index(s) + 1] - s for s in starts], B)
+            if plan is None:  # once per batch size (the table sizes read once: a host read of _row_start)
+                if len(self._fold_plans) >= self.SHIFTS_KEPT:
+                    self._fold_plans.pop(next(iter(self._fold_plans)))
+                if self._table_rows is None or len(self._table_rows) != F:
+                    starts = self._row_start.tolist()  # type: ignore[union-attr]
+                    bounds = sorted(set(starts)) + [weights.shape[0]]
+                    self._table_rows = [bounds[bounds.index(s) + 1] - s for s in starts]
+                plan = self._fold_plans[B] = fold_plan(self._table_rows, B)
             fold = InputFold(weights, tbe.momentum1_host, args.indices, args.offsets, F, B, tbe.learning_rate_tensor,
                              call[8], self._slot, call[10], mean, frame.front, frame.scenario, frame.tables,
                              plan)
