@@ -227,42 +227,46 @@ def rowwise_adagrad_update(grad: torch.Tensor, weights: torch.Tensor, momentum: 
                                     slot.data_ptr(), int(single), ids.numel(), 0 if mean is None else mean.data_ptr())
 
 
-def folded_backward(grad: torch.Tensor, fold: Any, rows_w: torch.Tensor, rows_grad: torch.Tensor,
+def folded_backward(grad: torch.Tensor, fold: Any, weight: torch.Tensor, weight_grad: torch.Tensor, first: int,
                     direct_grad: Optional[torch.Tensor] = None) -> None:
     """The pooled part of :class:`~dlrm_mtl.modules.folded_affine.FoldedInputAffine`'s
-    backward: ``grad [B, N]`` (float32, unit column stride) of ``h = x W + b``, ``rows_w`` the
-    ``F·D`` rows of ``W [d, N]`` that read the pooled columns, ``rows_grad`` their gradient
-    (written; unit column stride); the table's exact row-wise Adagrad update, in place, from
-    each touched row's gradient ``Σ_f W_f gT_r`` (``fold``: an
-    :class:`~dlrm_mtl.modules.folded_affine.InputFold`). The features its plan leaves direct
-    (``fold.plan.direct``) read their ids' gradients from ``direct_grad [B, F·D]`` (x's pooled
-    gradient, those columns computed; unit column stride) and get no ``rows_grad`` rows. Threads
-    as :func:`rowwise_adagrad_update`. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    backward: ``grad [B, N]`` (float32, unit column stride) of ``h = x W + b``; ``weight
+    [d, N]`` and its gradient ``weight_grad`` (both unit column stride), whose ``F·D`` rows
+    from row ``first`` read the pooled columns (those rows of ``weight_grad`` are written); the
+    table's exact row-wise Adagrad update, in place, from each touched row's gradient
+    ``Σ_f W_f gT_r`` (``fold``: an :class:`~dlrm_mtl.modules.folded_affine.InputFold`). The
+    features its plan leaves direct (``fold.plan.direct``) read their ids' gradients from
+    ``direct_grad [B, F·D]`` (x's pooled gradient, those columns computed; unit column stride)
+    and get no rows of ``weight_grad``. Threads as :func:`rowwise_adagrad_update`. See
+    ``dlrm_mtl/csrc/cpu_kernels.c``."""
     assert _kernels is not None
     R, D = fold.weights.shape
     mean, direct = fold.mean, fold.plan.direct
     _kernels.folded_backward(grad.data_ptr(), grad.stride(0), grad.shape[1], fold.ids.data_ptr(), fold.offsets.data_ptr(),
                              fold.F, fold.B, D, R, fold.weights.data_ptr(), fold.momentum.data_ptr(), fold.lr.data_ptr(),
-                             float(fold.eps), fold.slot.data_ptr(), int(fold.single),
-                             fold.ids.numel(), 0 if mean is None else mean.data_ptr(), rows_w.data_ptr(),
-                             rows_w.stride(0), rows_grad.data_ptr(), rows_grad.stride(0),
-                             0 if direct is None else direct.data_ptr(),
+                             float(fold.eps), fold.slot.data_ptr(), int(fold.single), fold.ids.numel(),
+                             0 if mean is None else mean.data_ptr(), weight.data_ptr() + 4 * first * weight.stride(0),
+                             weight.stride(0), weight_grad.data_ptr() + 4 * first * weight_grad.stride(0),
+                             weight_grad.stride(0), 0 if direct is None else direct.data_ptr(),
                              0 if direct_grad is None else direct_grad.data_ptr(),
                              0 if direct_grad is None else direct_grad.stride(0))
 
 
-def folded_rows_backward(grad: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, rows_w: torch.Tensor,
-                         rows_grad: torch.Tensor) -> torch.Tensor:
+def folded_rows_backward(grad: torch.Tensor, scenario: torch.Tensor, level: int, table: torch.Tensor,
+                         weight: torch.Tensor, weight_grad: torch.Tensor, first: int) -> torch.Tensor:
     """One scenario level's part of :class:`~dlrm_mtl.modules.folded_affine.FoldedInputAffine`'s
-    backward: ``grad [B, N]``, the level's ids ``[B]`` (int64, any stride), its table ``[V, e]``
-    (float32 contiguous) and the ``e`` rows of ``W`` reading its columns -> the table's
-    gradient ``[V, e]``; ``rows_grad [e, N]`` written."""
+    backward: ``grad [B, N]``, the levels' ids ``scenario [B, ≥ L]`` (int64, any strides; this
+    level's in column ``level``), its table ``[V, e]`` (float32 contiguous) and
+    the ``e`` rows of ``weight [d, N]`` from row ``first`` that read its columns -> the table's
+    gradient ``[V, e]``; those rows of ``weight_grad`` written."""
     assert _kernels is not None
     V, e = table.shape
     out = torch.empty(V, e)
-    _kernels.folded_rows_backward(grad.data_ptr(), grad.stride(0), grad.shape[1], ids.data_ptr(), ids.stride(0),
-                                  grad.shape[0], table.data_ptr(), V, e, rows_w.data_ptr(), rows_w.stride(0),
-                                  rows_grad.data_ptr(), rows_grad.stride(0), out.data_ptr())
+    _kernels.folded_rows_backward(grad.data_ptr(), grad.stride(0), grad.shape[1], scenario.data_ptr() + 8 * level * scenario.stride(1),
+                                  scenario.stride(0), grad.shape[0], table.data_ptr(), V, e,
+                                  weight.data_ptr() + 4 * first * weight.stride(0), weight.stride(0),
+                                  weight_grad.data_ptr() + 4 * first * weight_grad.stride(0), weight_grad.stride(0),
+                                  out.data_ptr())
     return out
 
 

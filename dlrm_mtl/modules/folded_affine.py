@@ -170,14 +170,13 @@ class FoldedInputAffine(torch.autograd.Function):
                 r0, r1 = a + f0 * D, a + f1 * D
                 torch.mm(g, weight[r0:r1].t(), out=gx[:, f0 * D:f1 * D])
                 torch.mm(x[:, r0:r1].t(), g, out=grad_w[r0:r1])
-        native.folded_backward(g, fold, weight[a:a + P], grad_w[a:a + P], gx)
+        native.folded_backward(g, fold, weight, grad_w, a, gx)  # grad_w's rows a .. a + P
         table_grads: List[Optional[torch.Tensor]] = []
         c = a + P
-        for i, t in enumerate(fold.tables):
-            e = t.shape[1]
-            grad_t = native.folded_rows_backward(g, fold.scenario[:, i], t, weight[c:c + e], grad_w[c:c + e])
+        for i, t in enumerate(fold.tables):  # grad_w's rows c .. c + e_i
+            grad_t = native.folded_rows_backward(g, fold.scenario, i, t, weight, grad_w, c)
             table_grads.append(grad_t if ctx.needs_input_grad[6 + i] else None)
-            c += e
+            c += t.shape[1]
         grad_b = g.sum(0) if ctx.needs_input_grad[2] else None  # [N]
         return (None, grad_w, grad_b, None, None, None, *table_grads)
 
