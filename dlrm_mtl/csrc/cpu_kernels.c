@@ -675,6 +675,23 @@ static void adagrad_apply(const float *acc, const int64_t *touched, int64_t U, P
     }
 }
 
+/* row r's gradient acc[slot[r]] += g (D columns), the row entering the touched list on its
+ * first gradient */
+static inline void add_row_grad(int64_t r, const float *g, Py_ssize_t D, int32_t *slot, float *acc, int64_t *touched,
+                                int64_t *U) {
+    int32_t s = slot[r];
+    float *a;
+    if (s < 0) {
+        s = slot[r] = (int32_t)*U;
+        touched[(*U)++] = r;
+        a = acc + (int64_t)s * D;
+        for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
+    } else {
+        a = acc + (int64_t)s * D;
+    }
+    add_row(a, g, D);
+}
+
 /* The features of thread t (thread_of): their rows' gradients accumulated over the bags in
  * the ids' order, then each touched row's row-wise Adagrad update. acc [rows, D] and touched
  * [rows] are the thread's own scratch. */
@@ -694,19 +711,7 @@ static void adagrad_rows(const float *G, Py_ssize_t ld, const int64_t *id, const
                 for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
                 g = gm;
             }
-            for (int64_t p = pa; p < pz; p++) {
-                int32_t s = slot[id[p]];
-                float *a;
-                if (s < 0) {
-                    s = slot[id[p]] = (int32_t)U;
-                    touched[U++] = id[p];
-                    a = acc + (int64_t)s * D;
-                    for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
-                } else {
-                    a = acc + (int64_t)s * D;
-                }
-                add_row(a, g, D);
-            }
+            for (int64_t p = pa; p < pz; p++) add_row_grad(id[p], g, D, slot, acc, touched, &U);
         }
     }
     adagrad_apply(acc, touched, U, D, W, M, lr, epsf, slot);
@@ -1067,23 +1072,6 @@ static void fold_products(Py_ssize_t N, int64_t U, const int64_t *restrict rows,
         }
         row_dots(Wf, ldw, t, N, D, gE + u * D);
     }
-}
-
-/* row r's gradient acc[slot[r]] += g (D columns), the row entering the touched list on its
- * first gradient */
-static inline void add_row_grad(int64_t r, const float *g, Py_ssize_t D, int32_t *slot, float *acc, int64_t *touched,
-                                int64_t *U) {
-    int32_t s = slot[r];
-    float *a;
-    if (s < 0) {
-        s = slot[r] = (int32_t)*U;
-        touched[(*U)++] = r;
-        a = acc + (int64_t)s * D;
-        for (Py_ssize_t d = 0; d < D; d++) a[d] = 0.0f;
-    } else {
-        a = acc + (int64_t)s * D;
-    }
-    add_row(a, g, D);
 }
 
 #define FOLD_CHUNK 64 /* rows of G (32 KB at N = 128) each folded feature of a thread sums in turn */
