@@ -692,6 +692,25 @@ static inline void add_row_grad(int64_t r, const float *g, Py_ssize_t D, int32_t
     add_row(a, g, D);
 }
 
+/* Feature f's bags' gradients (bag b's: D columns of G from row b, column f D; row stride ld)
+ * added to each of their ids' rows (add_row_grad), bag after bag; a mean bag of L > 1 ids
+ * gives each id g / L. */
+static void feature_grads_by_id(const float *G, Py_ssize_t ld, const int64_t *id, const int64_t *off, Py_ssize_t f,
+                                Py_ssize_t B, Py_ssize_t D, int single, int mean, int32_t *slot, float *acc,
+                                int64_t *touched, int64_t *U) {
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const float *g = G + b * ld + f * D;
+        float gm[MAX_DIM];
+        const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
+        if (mean && pz - pa > 1) { /* a mean bag: each id's gradient is g / L */
+            const float L = (float)(pz - pa);
+            for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
+            g = gm;
+        }
+        for (int64_t p = pa; p < pz; p++) add_row_grad(id[p], g, D, slot, acc, touched, U);
+    }
+}
+
 /* The features of thread t (thread_of): their rows' gradients accumulated over the bags in
  * the ids' order, then each touched row's row-wise Adagrad update. acc [rows, D] and touched
  * [rows] are the thread's own scratch. */
@@ -700,20 +719,8 @@ static void adagrad_rows(const float *G, Py_ssize_t ld, const int64_t *id, const
                          int single, const uint8_t *mean, const int32_t *thread_of, int t, float *acc,
                          int64_t *touched) {
     int64_t U = 0;
-    for (Py_ssize_t f = 0; f < F; f++) {
-        if (thread_of[f] != t) continue;
-        for (Py_ssize_t b = 0; b < B; b++) {
-            const float *g = G + b * ld + f * D;
-            float gm[MAX_DIM];
-            const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
-            if (mean && mean[f] && pz - pa > 1) { /* a mean bag: each id's gradient is g / L */
-                const float L = (float)(pz - pa);
-                for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
-                g = gm;
-            }
-            for (int64_t p = pa; p < pz; p++) add_row_grad(id[p], g, D, slot, acc, touched, &U);
-        }
-    }
+    for (Py_ssize_t f = 0; f < F; f++)
+        if (thread_of[f] == t) feature_grads_by_id(G, ld, id, off, f, B, D, single, mean && mean[f], slot, acc, touched, &U);
     adagrad_apply(acc, touched, U, D, W, M, lr, epsf, slot);
 }
 
@@ -1184,17 +1191,7 @@ static PyObject *folded_backward(PyObject *self, PyObject *const *args, Py_ssize
             for (Py_ssize_t f = 0; f < F; f++) { /* each row's gradient, feature after feature */
                 if (thread_of[f] != t) continue;
                 if (direct != NULL && direct[f]) { /* x's gradient columns given: by id, as adagrad_rows */
-                    for (Py_ssize_t b = 0; b < B; b++) {
-                        const float *g = (const float *)gx + b * ldx + f * D;
-                        float gm[MAX_DIM];
-                        const int64_t pa = single ? f * B + b : off[f * B + b], pz = single ? pa + 1 : off[f * B + b + 1];
-                        if (mean && mean[f] && pz - pa > 1) {
-                            const float L = (float)(pz - pa);
-                            for (Py_ssize_t d = 0; d < D; d++) gm[d] = g[d] / L;
-                            g = gm;
-                        }
-                        for (int64_t p = pa; p < pz; p++) add_row_grad(id[p], g, D, slot, acc_t, touched_t, &U);
-                    }
+                    feature_grads_by_id(gx, ldx, id, off, f, B, D, (int)single, mean && mean[f], slot, acc_t, touched_t, &U);
                     continue;
                 }
                 float *gE_f = gE + goff[f] * D;

@@ -95,6 +95,29 @@ def input_fold(x: torch.Tensor, weight: torch.Tensor) -> Optional[InputFold]:
     return fold
 
 
+def joined_maps(maps: Sequence[Tuple[torch.Tensor, torch.Tensor]], relu: Sequence[bool] = ()
+                ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, ...], Tuple[bool, ...]]:
+    """Affine maps ``(weight [d, n_i], bias [n_i])`` of one input as one: ``(weight [d, N],
+    bias [N], sizes (n_i), relu flags)`` (the weights concatenated column-wise; ``relu[i]``
+    for map i, default False)."""
+    flags = tuple(bool(r) for r in relu) + (False,) * (len(maps) - len(relu))
+    weight = torch.cat([w for w, _ in maps], dim=1) if len(maps) > 1 else maps[0][0]  # [d, N]
+    bias = torch.cat([b for _, b in maps]) if len(maps) > 1 else maps[0][1]  # [N]
+    return weight, bias, tuple(w.shape[1] for w, _ in maps), flags
+
+
+def affine_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: Sequence[int],
+                  relu: Sequence[bool]) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """``(out [B, N], blocks)``: ``x @ weight + bias`` as one ``addmm`` and its column blocks of
+    ``sizes`` (views), ReLU in place on those ``relu`` flags."""
+    out = torch.addmm(bias, x, weight)  # [B, N]
+    blocks = out.split(list(sizes), dim=1)  # [B, n_i] views
+    for block, r in zip(blocks, relu):
+        if r:
+            block.relu_()
+    return out, tuple(blocks)
+
+
 def block_gradient(grads: Sequence[Optional[torch.Tensor]], out: torch.Tensor, sizes: Sequence[int],
                    relu: Sequence[bool]) -> torch.Tensor:
     """``G [B, N]``: the gradients of ``out``'s column blocks (``sizes``) written side by side,
@@ -143,15 +166,11 @@ class FoldedInputAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: Tuple[int, ...],
                 relu: Tuple[bool, ...], fold: InputFold, *tables: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        out = torch.addmm(bias, x, weight)  # [B, N]
-        blocks = out.split(list(sizes), dim=1)  # [B, n_i] views
-        for block, r in zip(blocks, relu):
-            if r:
-                block.relu_()
+        out, blocks = affine_blocks(x, weight, bias, sizes, relu)
         fold.folded = True
         ctx.save_for_backward(weight, x if fold.plan.runs else None)
         ctx.out, ctx.sizes, ctx.relu, ctx.fold = out, sizes, relu, fold
-        return tuple(blocks)
+        return blocks
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -188,10 +207,8 @@ def folded_affine(x: torch.Tensor, maps: Sequence[Tuple[torch.Tensor, torch.Tens
     (the caller computes the maps itself). Only for a caller whose maps are ``x``'s one reader."""
     if getattr(x, "input_fold", None) is None:
         return None
-    flags = tuple(bool(r) for r in relu) + (False,) * (len(maps) - len(relu))
-    weight = torch.cat([w for w, _ in maps], dim=1) if len(maps) > 1 else maps[0][0]  # [d, N]
+    weight, bias, sizes, flags = joined_maps(maps, relu)
     fold = input_fold(x, weight)
     if fold is None:
         return None
-    bias = torch.cat([b for _, b in maps]) if len(maps) > 1 else maps[0][1]  # [N]
-    return list(FoldedInputAffine.apply(x, weight, bias, tuple(w.shape[1] for w, _ in maps), flags, fold, *fold.tables))
+    return list(FoldedInputAffine.apply(x, weight, bias, sizes, flags, fold, *fold.tables))

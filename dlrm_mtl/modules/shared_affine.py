@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from dlrm_mtl.modules.folded_affine import block_gradient
+from dlrm_mtl.modules.folded_affine import affine_blocks, block_gradient, joined_maps
 
 
 class SharedInputAffine(torch.autograd.Function):
@@ -34,14 +34,10 @@ class SharedInputAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: Tuple[int, ...],
                 relu: Tuple[bool, ...]) -> Tuple[torch.Tensor, ...]:
-        out = torch.addmm(bias, x, weight)  # [B, N]
-        blocks = out.split(list(sizes), dim=1)  # [B, n_i] views
-        for block, r in zip(blocks, relu):
-            if r:
-                block.relu_()
+        out, blocks = affine_blocks(x, weight, bias, sizes, relu)
         ctx.save_for_backward(x, weight)
         ctx.out, ctx.sizes, ctx.relu = out, sizes, relu  # the ReLU blocks' outputs: their masks
-        return tuple(blocks)
+        return blocks
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -67,7 +63,4 @@ def shared_input_affine(x: torch.Tensor, maps: Sequence[Tuple[torch.Tensor, torc
                                                  (torch.randn(32, 6), torch.zeros(6))], relu=[True, False])
         experts.shape, gates.shape   # [8, 64] (>= 0), [8, 6]
     """
-    flags = tuple(bool(r) for r in relu) + (False,) * (len(maps) - len(relu))
-    weight = torch.cat([w for w, _ in maps], dim=1) if len(maps) > 1 else maps[0][0]  # [d, N]
-    bias = torch.cat([b for _, b in maps]) if len(maps) > 1 else maps[0][1]  # [N]
-    return list(SharedInputAffine.apply(x, weight, bias, tuple(w.shape[1] for w, _ in maps), flags))
+    return list(SharedInputAffine.apply(x, *joined_maps(maps, relu)))
