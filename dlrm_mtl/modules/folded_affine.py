@@ -82,12 +82,22 @@ def fold_plan(table_rows: Sequence[int], batch: int) -> FoldPlan:
     return FoldPlan(torch.tensor(flags, dtype=torch.uint8) if runs else None, runs)
 
 
+def foldable(x: torch.Tensor) -> Optional[InputFold]:
+    """``x``'s :class:`InputFold` where a map may still take it: ``x`` is the lookup's own
+    output (not a view of it), autograd records, the C kernels run and the fold is on, no other
+    map took it (what :func:`input_fold` checks before the weight)."""
+    fold: Optional[InputFold] = getattr(x, "input_fold", None)
+    if fold is None or fold.folded or not _enabled or not torch.is_grad_enabled() or not native.available():
+        return None
+    return fold
+
+
 def input_fold(x: torch.Tensor, weight: torch.Tensor) -> Optional[InputFold]:
     """``x``'s :class:`InputFold` where :class:`FoldedInputAffine` can take ``x @ weight``:
     ``x`` is the lookup's own output (not a view of it), autograd records, the C kernels
     run, no other map took it, and ``weight`` is a float32 contiguous host ``[d, N]``."""
-    fold: Optional[InputFold] = getattr(x, "input_fold", None)
-    if fold is None or fold.folded or not _enabled or not torch.is_grad_enabled() or not native.available():
+    fold = foldable(x)
+    if fold is None:
         return None
     if not (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and weight.is_contiguous() and weight.shape[0] == x.shape[1] == fold.width()):
@@ -205,7 +215,7 @@ def folded_affine(x: torch.Tensor, maps: Sequence[Tuple[torch.Tensor, torch.Tens
     """:func:`~dlrm_mtl.modules.shared_affine.shared_input_affine` through
     :class:`FoldedInputAffine` where ``x`` carries an :class:`InputFold` it can take, else None
     (the caller computes the maps itself). Only for a caller whose maps are ``x``'s one reader."""
-    if getattr(x, "input_fold", None) is None:
+    if foldable(x) is None:  # before the maps' concatenation
         return None
     weight, bias, sizes, flags = joined_maps(maps, relu)
     fold = input_fold(x, weight)

@@ -10,7 +10,7 @@ from torch import nn
 from dlrm_mtl import native
 from dlrm_mtl.config import LayerConfig
 from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, relu_flags, run_experts
-from dlrm_mtl.modules.folded_affine import folded_affine
+from dlrm_mtl.modules.folded_affine import foldable, folded_affine
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
@@ -133,7 +133,7 @@ class ExtractionNetwork(nn.Module):
         gate logits)`` from one :func:`~dlrm_mtl.modules.folded_affine.folded_affine` of the
         experts' first layer and the gates' maps (a gate that is absent: an empty logits
         tensor); None where the fold does not apply (the separate products then run)."""
-        if getattr(x, "input_fold", None) is None or not self._fuses_pool():
+        if foldable(x) is None or not self._fuses_pool():  # (evaluation: no concatenations made twice)
             return None
         gate_maps = [g for g in (self.task_gate, self.shared_gate) if g is not None]
         if not all(type(g) is SoftmaxGate for g in gate_maps):
