@@ -384,6 +384,103 @@ def mixture_backward(grads: Sequence[torch.Tensor], gates: torch.Tensor, parts: 
     return gw, gxs
 
 
+def dense_applies(*ts: torch.Tensor) -> bool:
+    """Whether the dense passes (:func:`bias_act`, :func:`bias_act_backward`,
+    :func:`tower_logits`, :func:`tower_logits_backward`) can run on these tensors: the kernels
+    available, float32 host tensors, not traced, no CPU autocast (whose GEMMs would return
+    bfloat16)."""
+    return (_eager(*ts) and all(t.dtype == torch.float32 for t in ts)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _groups(t: torch.Tensor) -> Tuple[int, int, int, int, int]:
+    """``(G, group stride, R, row stride, N)`` of a ``[R, N]`` or ``[G, R, N]`` tensor (unit
+    stride along N)."""
+    if t.dim() == 2:
+        return 1, 0, t.shape[0], t.stride(0), t.shape[1]
+    return t.shape[0], t.stride(0), t.shape[1], t.stride(1), t.shape[2]
+
+
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def bias_act(y: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``y = act(y + bias)`` in place, one pass (act: ReLU where ``relu``, else the identity):
+    ``y [R, N]`` with ``bias [N]``, or ``y [G, R, N]`` with ``bias [G, N]`` (group g's own
+    bias row); ``y`` with unit stride along N, ``bias`` contiguous. Returns ``y``. See
+    ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    assert _kernels is not None and (y.stride(-1) == 1 or y.shape[-1] <= 1)
+    assert y.dtype == bias.dtype == torch.float32 and y.device.type == bias.device.type == "cpu"
+    G, gs, R, ld, N = _groups(y)
+    if y.numel():
+        _kernels.bias_act(y.data_ptr(), G, gs, R, ld, N, bias.contiguous().data_ptr(), int(relu))
+    return y
+
+
+def bias_act_backward(grad: torch.Tensor, y: torch.Tensor, relu: bool, want_bias: bool = True,
+                      out: Optional[torch.Tensor] = None, bias_out: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The gradients of :func:`bias_act`'s input and bias from ``grad`` (shaped as ``y``, the
+    forward's output: ReLU's mask): ``(gp`` (shaped as ``y``; written into ``out`` where given,
+    unit stride along N, else a new contiguous tensor), ``Σ_r gp`` per group ``[N]`` or
+    ``[G, N]`` (into ``bias_out``, contiguous, where given; None where not ``want_bias``)``)``,
+    one pass."""
+    assert _kernels is not None
+    grad, y = _unit_columns(grad), _unit_columns(y)
+    gp = torch.empty(y.shape, dtype=y.dtype) if out is None else out
+    assert gp.stride(-1) == 1 or gp.shape[-1] <= 1
+    assert grad.dtype == y.dtype == gp.dtype == torch.float32 and grad.shape == y.shape == gp.shape
+    G, _, R, _, N = _groups(y)
+    gb = (y.new_empty((N,) if y.dim() == 2 else (G, N)) if bias_out is None else bias_out) if want_bias else None
+    if gp.numel() == 0:
+        return gp, None if gb is None else gb.zero_()
+    gg, gy, gq = _groups(grad), _groups(y), _groups(gp)
+    _kernels.bias_act_backward(grad.data_ptr(), gg[1], gg[3], y.data_ptr(), gy[1], gy[3], gp.data_ptr(), gq[1], gq[3],
+                               G, R, N, 0 if gb is None else gb.data_ptr(), int(relu))
+    return gp, gb
+
+
+def tower_logits(h: torch.Tensor, T: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The towers' logit layer on their last hidden activations ``h``, ``[B, T·K]`` (tower t's
+    columns ``t·K .. (t+1)·K``) or ``[T, B, K]`` (unit stride along K): ``z [B, T]`` with
+    ``z[b, t] = <h_bt, weight[t]> + bias[t]`` (``weight [T, K]``, ``bias [T]``, contiguous)."""
+    assert _kernels is not None and h.dtype == weight.dtype == bias.dtype == torch.float32
+    assert h.stride(-1) == 1 and weight.is_contiguous() and bias.is_contiguous()
+    B, K, st, sb = _tower_layout(h, T)
+    z = h.new_empty(B, T)
+    if z.numel():
+        _kernels.tower_logits(h.data_ptr(), st, sb, T, K, B, weight.data_ptr(), bias.data_ptr(), z.data_ptr())
+    return z
+
+
+def _tower_layout(h: torch.Tensor, T: int) -> Tuple[int, int, int, int]:
+    """``(B, K, tower stride, row stride)`` of the towers' hidden activations ``h``."""
+    if h.dim() == 2:
+        return h.shape[0], h.shape[1] // T, h.shape[1] // T, h.stride(0)
+    return h.shape[1], h.shape[2], h.stride(0), h.stride(1)
+
+
+def tower_logits_backward(grad: torch.Tensor, h: torch.Tensor, T: int, weight: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`tower_logits`'s backward joined with the last hidden layer's ReLU backward, one
+    pass over ``h``: from ``grad = ∂L/∂z [B, T]`` -> ``(gp`` (``∂L`` by the hidden layer's
+    pre-activations, laid out as ``h``, which must be contiguous), ``∂L/∂weight [T, K]``,
+    ``∂L/∂bias [T]``, the hidden layer's bias gradient ``Σ_b gp [T, K])``."""
+    assert _kernels is not None and h.is_contiguous()
+    B, K, st, sb = _tower_layout(h, T)
+    grad = grad.contiguous()
+    assert grad.dtype == weight.dtype == torch.float32 and grad.shape == (B, T) and weight.is_contiguous()
+    gp = torch.empty_like(h)
+    gw, gc, gh = h.new_empty(T, K), h.new_empty(T), h.new_empty(T, K)
+    if B == 0 or K == 0:
+        gp.zero_()
+        return gp, gw.zero_(), gc.zero_(), gh.zero_()
+    _kernels.tower_logits_backward(grad.data_ptr(), h.data_ptr(), st, sb, T, K, B, weight.data_ptr(), gp.data_ptr(),
+                                   gw.data_ptr(), gc.data_ptr(), gh.data_ptr())
+    return gp, gw, gc, gh
+
+
 def openmp_threads() -> int:
     """The team :func:`pooled_sum` and :func:`rowwise_adagrad_update` run on from this thread
     (``torch.get_num_threads()``: PyTorch's own libgomp team), or 0 where the extension was

@@ -52,7 +52,9 @@ def test_the_new_variant_is_timed_as_new(tmp_path):
     (case,) = json.loads(out.read_text())["cases"]
     assert case["case"] == "census:shared_bottom" and case["batches"] == 12  # 3,000 rows: 2 full batches an epoch, 6 epochs
     assert case["steps"] == 2 * case["batches"]  # each round: every batch once per variant
-    assert 3.5 < case["new_ms"] - case["old_ms"] < 12
+    # medians of 24 steps: on a noisy VM the old variant's median has landed 1.7 ms above its
+    # quiet value (a 2.3 ms difference seen once); swapped variants would give ~0 or below
+    assert 2.0 < case["new_ms"] - case["old_ms"] < 12
     assert case["gain"] == pytest.approx(case["old_ms"] / case["new_ms"] - 1)
     # the fastest tenth (3rd of 24 steps, a noisy order statistic on a loaded machine): every
     # new step sleeps 4 ms, so its p10 is at least that and above the old one's
@@ -74,6 +76,8 @@ def test_live_mode_times_the_real_loop_per_variant(tmp_path):
     (case,) = result["cases"]
     assert result["live"] == 2 and case["live"] and case["epochs"] == 2
     assert case["steps"] >= 2 * 2  # at least two steps an epoch (3,000 rows at 1,024), the first of each not timed
-    assert 3.5 < case["new_ms"] - case["old_ms"] < 12
+    # medians of 24 steps: on a noisy VM the old variant's median has landed 1.7 ms above its
+    # quiet value (a 2.3 ms difference seen once); swapped variants would give ~0 or below
+    assert 2.0 < case["new_ms"] - case["old_ms"] < 12
     steps_per_epoch = case["steps"] / case["epochs"] + 1
     assert case["new_epoch_ms"] - case["old_epoch_ms"] > 3.5 * steps_per_epoch * 0.8

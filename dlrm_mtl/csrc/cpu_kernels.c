@@ -965,8 +965,7 @@ static PyObject *rows_by_id(PyObject *self, PyObject *const *args, Py_ssize_t na
  * operations on every instruction set and any number of threads.
  */
 #define FOLD_LANES 16
-SIMD_CLONES
-static float dot_lanes(const float *restrict a, const float *restrict b, Py_ssize_t n) {
+static inline __attribute__((always_inline)) float dot16(const float *restrict a, const float *restrict b, Py_ssize_t n) {
     float part[FOLD_LANES] = {0.0f};
     Py_ssize_t j = 0;
     for (; j + FOLD_LANES <= n; j += FOLD_LANES)
@@ -976,6 +975,10 @@ static float dot_lanes(const float *restrict a, const float *restrict b, Py_ssiz
         for (int k = 0; k < w; k++) part[k] += part[k + w];
     return part[0];
 }
+
+/* dot16 as a function of its own (the callers that do not inline it) */
+SIMD_CLONES
+static float dot_lanes(const float *restrict a, const float *restrict b, Py_ssize_t n) { return dot16(a, b, n); }
 
 /* out[d] = dot_lanes(W + d ldw, t, N) for d < D: for the usual dims all D dot products at
  * once (D independent 16-lane sums, where one would wait on its own additions), each summed
@@ -1474,6 +1477,339 @@ static PyObject *mixture_backward(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * bias_act / bias_act_backward / tower_logits / tower_logits_backward: the passes around the
+ * dense arch's GEMMs (dlrm_mtl/modules/fused_affine.py).
+ *
+ * ATen's CPU addmm copies the bias into every output row and then runs its GEMM with beta = 1;
+ * the ReLU is a pass of its own, its backward another, and the bias gradient (a column sum of
+ * the ReLU's gradient) another: four passes over a [B, N] activation besides the GEMMs. Here
+ * the GEMM writes its product (mm) and one pass each way does the rest. G groups of R rows
+ * (row r of group g at y + g gs + r ld, N contiguous floats; the group's bias row b + g N):
+ *   bias_act:           y[r, n] = act(y[r, n] + b[n])      (in place; act: ReLU, y < 0 ? 0 : y,
+ *                                                            or the identity)
+ *   bias_act_backward:  gp[r, n] = relu && y[r, n] <= 0 ? 0 : g[r, n]  (y: the forward's
+ *                       output; ReLU's backward as ATen's threshold_backward writes it)
+ *                       gb[n] = sum_r gp[r, n]   (per group; every pointer its own row stride)
+ * The towers' logit layer: T towers of hidden width K, the hidden row (b, t) at
+ * h + t st + b sb (K contiguous floats, after its ReLU), logit weights w [T, K], biases c [T]:
+ *   tower_logits:           z[b, t] = dot(h_bt, w_t) + c_t                     (z [B, T])
+ *   tower_logits_backward:  with g = dL/dz [B, T] (contiguous):
+ *       gp_bt[k] = h_bt[k] <= 0 ? 0 : g[b, t] w_t[k]  (the hidden layer's pre-activation
+ *                                                       gradient, at gp + t st + b sb)
+ *       gw_t[k] = sum_b g[b, t] h_bt[k];   gc_t = sum_b g[b, t];   gh_t[k] = sum_b gp_bt[k]
+ * (the hidden layer's bias gradient gh: its ReLU's backward and the logit layer's in one pass).
+ * A dot runs in 16 partial sums as dot_lanes does. Sums over rows run per block of 64 rows
+ * (rows in order), then over the blocks in order: the same float operations whatever the
+ * number of threads.
+ */
+#define ROW_BLOCK 64
+
+SIMD_CLONES
+static void bias_act_rows(float *restrict y, Py_ssize_t ld, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
+                          const float *restrict b, int relu) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        float *restrict row = y + r * ld;
+        if (relu)
+            for (Py_ssize_t n = 0; n < N; n++) {
+                const float v = row[n] + b[n];
+                row[n] = v < 0.0f ? 0.0f : v;
+            }
+        else
+            for (Py_ssize_t n = 0; n < N; n++) row[n] += b[n];
+    }
+}
+
+/* Column sums over a block's rows kept in registers: GCC's generic vectors of 16 floats (one
+ * AVX-512 register, two AVX2 ones), loaded and stored with memcpy (any alignment). Written
+ * as plain arrays, the sums stayed in memory (loaded, added and stored again for every row)
+ * and the pass ran at 0.6x the speed of one that keeps them in registers. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+#define VLOAD(v, p) memcpy(&(v), (p), sizeof(vf16))
+#define VSTORE(p, v) memcpy((p), &(v), sizeof(vf16))
+
+/* columns n0 .. n0 + 16 NV of rows r0 .. r1 of bias_act_backward, their sums into part + n0 */
+#define DEFINE_ACT_BACK_CHUNK(NV)                                                                    \
+    static inline __attribute__((always_inline)) void act_back_chunk_##NV(                           \
+        const float *restrict g, Py_ssize_t gld, const float *restrict y, Py_ssize_t yld, float *restrict gp, \
+        Py_ssize_t pld, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n0, int relu, float *restrict part) { \
+        const vf16 zero = {0.0f};                                                                    \
+        vf16 acc[NV];                                                                                \
+        for (int i = 0; i < NV; i++) acc[i] = zero;                                                  \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                       \
+            const float *gr = g + r * gld + n0, *yr = y + r * yld + n0;                              \
+            float *pr = gp + r * pld + n0;                                                           \
+            for (int i = 0; i < NV; i++) {                                                           \
+                vf16 v, m;                                                                           \
+                VLOAD(v, gr + 16 * i);                                                               \
+                if (relu) {                                                                          \
+                    VLOAD(m, yr + 16 * i);                                                           \
+                    v = (vf16)((vi16)v & ~(vi16)(m <= zero));                                        \
+                }                                                                                    \
+                VSTORE(pr + 16 * i, v);                                                              \
+                acc[i] += v;                                                                         \
+            }                                                                                        \
+        }                                                                                            \
+        for (int i = 0; i < NV; i++) VSTORE(part + n0 + 16 * i, acc[i]);                             \
+    }
+DEFINE_ACT_BACK_CHUNK(8)
+DEFINE_ACT_BACK_CHUNK(4)
+DEFINE_ACT_BACK_CHUNK(1)
+
+/* a block's rows r0 .. r1 of ReLU's backward (or a copy) into gp, their column sums into part
+ * [N]: 128, 64 or 16 columns at a time, the rest one by one */
+SIMD_CLONES
+static void bias_act_back_rows(const float *restrict g, Py_ssize_t gld, const float *restrict y, Py_ssize_t yld,
+                               float *restrict gp, Py_ssize_t pld, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t N,
+                               int relu, float *restrict part) {
+    Py_ssize_t n0 = 0;
+    for (; n0 + 128 <= N; n0 += 128) act_back_chunk_8(g, gld, y, yld, gp, pld, r0, r1, n0, relu, part);
+    for (; n0 + 64 <= N; n0 += 64) act_back_chunk_4(g, gld, y, yld, gp, pld, r0, r1, n0, relu, part);
+    for (; n0 + 16 <= N; n0 += 16) act_back_chunk_1(g, gld, y, yld, gp, pld, r0, r1, n0, relu, part);
+    for (Py_ssize_t n = n0; n < N; n++) part[n] = 0.0f;
+    for (Py_ssize_t r = r0; r < r1 && n0 < N; r++)
+        for (Py_ssize_t n = n0; n < N; n++) {
+            const float gv = g[r * gld + n];
+            const float v = relu && y[r * yld + n] <= 0.0f ? 0.0f : gv;
+            gp[r * pld + n] = v;
+            part[n] += v;
+        }
+}
+
+/* the G groups' blocks of ROW_BLOCK rows: block i is group i / nb, rows (i % nb) ROW_BLOCK .. */
+#define GROUP_BLOCKS(R) (((R) + ROW_BLOCK - 1) / ROW_BLOCK)
+
+/* bias_act(y, G, gs, R, ld, N, b, relu) -> None */
+static PyObject *bias_act(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "bias_act takes 8 arguments");
+        return NULL;
+    }
+    void *y, *b;
+    Py_ssize_t G, gs, R, ld, N, relu;
+    if (get_ptr(args[0], &y) || get_size(args[1], &G) || get_size(args[2], &gs) || get_size(args[3], &R)
+        || get_size(args[4], &ld) || get_size(args[5], &N) || get_ptr(args[6], &b) || get_size(args[7], &relu))
+        return NULL;
+    if (G < 0 || R < 0 || N < 0) {
+        PyErr_SetString(PyExc_ValueError, "bias_act: negative sizes");
+        return NULL;
+    }
+    const Py_ssize_t nb = GROUP_BLOCKS(R);
+    const int nt = team_size(G * R * N);
+    (void)nt;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t i = 0; i < G * nb; i++) {
+        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < R ? r0 + ROW_BLOCK : R;
+        bias_act_rows((float *)y + grp * gs, ld, r0, r1, N, (const float *)b + grp * N, relu != 0);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* bias_act_backward(g, ggs, gld, y, ygs, yld, gp, pgs, pld, G, R, N, gb, relu) -> None:
+ * gb [G, N] contiguous, or 0 (not wanted) */
+static PyObject *bias_act_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "bias_act_backward takes 14 arguments");
+        return NULL;
+    }
+    void *g, *y, *gp, *gb;
+    Py_ssize_t ggs, gld, ygs, yld, pgs, pld, G, R, N, relu;
+    if (get_ptr(args[0], &g) || get_size(args[1], &ggs) || get_size(args[2], &gld) || get_ptr(args[3], &y)
+        || get_size(args[4], &ygs) || get_size(args[5], &yld) || get_ptr(args[6], &gp) || get_size(args[7], &pgs)
+        || get_size(args[8], &pld) || get_size(args[9], &G) || get_size(args[10], &R) || get_size(args[11], &N)
+        || get_ptr(args[12], &gb) || get_size(args[13], &relu))
+        return NULL;
+    if (G < 0 || R < 0 || N < 0) {
+        PyErr_SetString(PyExc_ValueError, "bias_act_backward: negative sizes");
+        return NULL;
+    }
+    const Py_ssize_t nb = GROUP_BLOCKS(R);
+    void *base;
+    float *part = scratch64((size_t)(G * nb * N + 1) * sizeof(float), &base);
+    if (part == NULL) return PyErr_NoMemory();
+    const int nt = team_size(G * R * N);
+    (void)nt;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t i = 0; i < G * nb; i++) {
+        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < R ? r0 + ROW_BLOCK : R;
+        bias_act_back_rows((const float *)g + grp * ggs, gld, (const float *)y + grp * ygs, yld, (float *)gp + grp * pgs,
+                           pld, r0, r1, N, relu != 0, part + i * N);
+    }
+    if (gb != NULL)
+        for (Py_ssize_t grp = 0; grp < G; grp++) {
+            float *restrict o = (float *)gb + grp * N;
+            for (Py_ssize_t n = 0; n < N; n++) o[n] = 0.0f;
+            for (Py_ssize_t i = grp * nb; i < (grp + 1) * nb; i++)
+                for (Py_ssize_t n = 0; n < N; n++) o[n] += part[i * N + n];
+        }
+    Py_END_ALLOW_THREADS
+    free(base);
+    Py_RETURN_NONE;
+}
+
+SIMD_CLONES
+static void tower_logits_rows(const float *restrict h, Py_ssize_t st, Py_ssize_t sb, Py_ssize_t T, Py_ssize_t K,
+                              const float *restrict w, const float *restrict c, float *restrict z, Py_ssize_t b0,
+                              Py_ssize_t b1) {
+    for (Py_ssize_t b = b0; b < b1; b++)
+        for (Py_ssize_t t = 0; t < T; t++) z[b * T + t] = dot16(h + t * st + b * sb, w + t * K, K) + c[t];
+}
+
+/* tower t's columns k0 .. k0 + 16 NV of rows b0 .. b1 of tower_logits_backward, its sums into
+ * pw + k0 and ph + k0 */
+#define DEFINE_TOWER_BACK_CHUNK(NV)                                                                  \
+    static inline __attribute__((always_inline)) void tower_back_chunk_##NV(                         \
+        const float *restrict g, Py_ssize_t T, Py_ssize_t t, const float *restrict h, Py_ssize_t sb,   \
+        const float *restrict wt, float *restrict gp, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t k0,     \
+        float *restrict pw, float *restrict ph) {                                                    \
+        const vf16 zero = {0.0f};                                                                    \
+        vf16 aw[NV], ah[NV], w[NV];                                                                  \
+        for (int i = 0; i < NV; i++) {                                                               \
+            aw[i] = ah[i] = zero;                                                                    \
+            VLOAD(w[i], wt + k0 + 16 * i);                                                           \
+        }                                                                                            \
+        for (Py_ssize_t b = b0; b < b1; b++) {                                                       \
+            const float gbt = g[b * T + t];                                                          \
+            const float *hr = h + b * sb + k0;                                                       \
+            float *pr = gp + b * sb + k0;                                                            \
+            for (int i = 0; i < NV; i++) {                                                           \
+                vf16 hv, v;                                                                          \
+                VLOAD(hv, hr + 16 * i);                                                              \
+                v = gbt * w[i];                                                                      \
+                v = (vf16)((vi16)v & ~(vi16)(hv <= zero));                                           \
+                VSTORE(pr + 16 * i, v);                                                              \
+                ah[i] += v;                                                                          \
+                aw[i] += gbt * hv;                                                                   \
+            }                                                                                        \
+        }                                                                                            \
+        for (int i = 0; i < NV; i++) {                                                               \
+            VSTORE(pw + k0 + 16 * i, aw[i]);                                                         \
+            VSTORE(ph + k0 + 16 * i, ah[i]);                                                         \
+        }                                                                                            \
+    }
+DEFINE_TOWER_BACK_CHUNK(4)
+DEFINE_TOWER_BACK_CHUNK(1)
+
+/* a block's rows b0 .. b1 of the towers' backward; per tower t its sums gw_t [K], gh_t [K],
+ * gc_t into part + t (2K + 1): 64 or 16 columns at a time, the rest one by one */
+SIMD_CLONES
+static void tower_back_rows(const float *restrict g, const float *restrict h, Py_ssize_t st, Py_ssize_t sb,
+                            Py_ssize_t T, Py_ssize_t K, const float *restrict w, float *restrict gp, Py_ssize_t b0,
+                            Py_ssize_t b1, float *restrict part) {
+    const Py_ssize_t P = 2 * K + 1;
+    for (Py_ssize_t t = 0; t < T; t++) {
+        float *restrict pw = part + t * P, *restrict ph = pw + K;
+        const float *restrict wt = w + t * K, *restrict ht = h + t * st;
+        float *restrict gt = gp + t * st;
+        float gc = 0.0f;
+        for (Py_ssize_t b = b0; b < b1; b++) gc += g[b * T + t];
+        pw[2 * K] = gc;
+        Py_ssize_t k0 = 0;
+        for (; k0 + 64 <= K; k0 += 64) tower_back_chunk_4(g, T, t, ht, sb, wt, gt, b0, b1, k0, pw, ph);
+        for (; k0 + 16 <= K; k0 += 16) tower_back_chunk_1(g, T, t, ht, sb, wt, gt, b0, b1, k0, pw, ph);
+        for (Py_ssize_t k = k0; k < K; k++) pw[k] = ph[k] = 0.0f;
+        for (Py_ssize_t b = b0; b < b1 && k0 < K; b++) {
+            const float gbt = g[b * T + t];
+            for (Py_ssize_t k = k0; k < K; k++) {
+                const float hv = ht[b * sb + k];
+                const float v = hv <= 0.0f ? 0.0f : gbt * wt[k];
+                gt[b * sb + k] = v;
+                ph[k] += v;
+                pw[k] += gbt * hv;
+            }
+        }
+    }
+}
+
+/* tower_logits(h, st, sb, T, K, B, w, c, z) -> None */
+static PyObject *tower_logits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "tower_logits takes 9 arguments");
+        return NULL;
+    }
+    void *h, *w, *c, *z;
+    Py_ssize_t st, sb, T, K, B;
+    if (get_ptr(args[0], &h) || get_size(args[1], &st) || get_size(args[2], &sb) || get_size(args[3], &T)
+        || get_size(args[4], &K) || get_size(args[5], &B) || get_ptr(args[6], &w) || get_ptr(args[7], &c)
+        || get_ptr(args[8], &z))
+        return NULL;
+    if (T < 0 || K < 0 || B < 0) {
+        PyErr_SetString(PyExc_ValueError, "tower_logits: negative sizes");
+        return NULL;
+    }
+    const Py_ssize_t nb = GROUP_BLOCKS(B);
+    const int nt = team_size(B * T * K);
+    (void)nt;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t i = 0; i < nb; i++)
+        tower_logits_rows(h, st, sb, T, K, w, c, z, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* tower_logits_backward(g, h, st, sb, T, K, B, w, gp, gw, gc, gh) -> None: gp laid out as h;
+ * gw [T, K], gc [T], gh [T, K] contiguous */
+static PyObject *tower_logits_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "tower_logits_backward takes 12 arguments");
+        return NULL;
+    }
+    void *g, *h, *w, *gp, *gw, *gc, *gh;
+    Py_ssize_t st, sb, T, K, B;
+    if (get_ptr(args[0], &g) || get_ptr(args[1], &h) || get_size(args[2], &st) || get_size(args[3], &sb)
+        || get_size(args[4], &T) || get_size(args[5], &K) || get_size(args[6], &B) || get_ptr(args[7], &w)
+        || get_ptr(args[8], &gp) || get_ptr(args[9], &gw) || get_ptr(args[10], &gc) || get_ptr(args[11], &gh))
+        return NULL;
+    if (T < 0 || K < 0 || B < 0) {
+        PyErr_SetString(PyExc_ValueError, "tower_logits_backward: negative sizes");
+        return NULL;
+    }
+    const Py_ssize_t nb = GROUP_BLOCKS(B), P = 2 * K + 1;
+    void *base;
+    float *part = scratch64((size_t)(nb * T * P + 1) * sizeof(float), &base);
+    if (part == NULL) return PyErr_NoMemory();
+    const int nt = team_size(B * T * K);
+    (void)nt;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+    for (Py_ssize_t i = 0; i < nb; i++)
+        tower_back_rows(g, h, st, sb, T, K, w, gp, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B,
+                        part + i * T * P);
+    for (Py_ssize_t t = 0; t < T; t++) {
+        float *restrict ow = (float *)gw + t * K, *restrict oh = (float *)gh + t * K, *restrict oc = (float *)gc + t;
+        for (Py_ssize_t k = 0; k < K; k++) ow[k] = oh[k] = 0.0f;
+        *oc = 0.0f;
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            const float *p = part + (i * T + t) * P;
+            for (Py_ssize_t k = 0; k < K; k++) {
+                ow[k] += p[k];
+                oh[k] += p[K + k];
+            }
+            *oc += p[2 * K];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(base);
+    Py_RETURN_NONE;
+}
+
 /* lookup_plan(ids, offsets, F, B, single, N, T, thread_of): feature_threads for T threads into
  * thread_of (int32 [F]); returns the number of feature groups (tests read the plan) */
 static PyObject *lookup_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -1551,6 +1887,14 @@ static PyMethodDef methods[] = {
      "Gated sums of expert outputs per row (mix_experts; see cpu_kernels.c)."},
     {"mixture_backward", (PyCFunction)(void (*)(void))mixture_backward, METH_FASTCALL,
      "The gated sums' gradients for the gates and the experts (see cpu_kernels.c)."},
+    {"bias_act", (PyCFunction)(void (*)(void))bias_act, METH_FASTCALL,
+     "An affine map's bias and ReLU on its product, in place (see cpu_kernels.c)."},
+    {"bias_act_backward", (PyCFunction)(void (*)(void))bias_act_backward, METH_FASTCALL,
+     "ReLU's backward and the bias gradient in one pass (see cpu_kernels.c)."},
+    {"tower_logits", (PyCFunction)(void (*)(void))tower_logits, METH_FASTCALL,
+     "The task towers' logit layer (see cpu_kernels.c)."},
+    {"tower_logits_backward", (PyCFunction)(void (*)(void))tower_logits_backward, METH_FASTCALL,
+     "The logit layer's and the last hidden layer's ReLU backward in one pass (see cpu_kernels.c)."},
     {"lookup_plan", (PyCFunction)(void (*)(void))lookup_plan, METH_FASTCALL,
      "Which thread updates each feature's rows in rowwise_adagrad_update (tests)."},
     {"set_one_thread", set_one_thread, METH_O,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl.modules.folded_affine import folded_affine
+from dlrm_mtl.modules.fused_affine import affine_act
 
 
 class ExpertBank(nn.Module):
@@ -60,7 +61,9 @@ class ExpertBank(nn.Module):
         (bias fused); every other layer is one ``baddbmm`` over the expert axis. A single expert
         on a shared input runs every layer as an ``addmm`` (CPU ``bmm`` is slower than ``mm``
         for the same product). ReLU runs in
-        place on the fresh matmul outputs (no extra pass over memory). ``last_relu=False``: the
+        place on the fresh matmul outputs (no extra pass over memory); on float32 host tensors
+        every layer is :func:`~dlrm_mtl.modules.fused_affine.affine_act` (the product, then the
+        bias and ReLU in one pass; their backward in one pass). ``last_relu=False``: the
         last layer's pre-activations, for a consumer that applies the ReLU itself
         (:func:`dlrm_mtl.modules.mixture.mix_expert_parts`). ``fold=True`` (a caller for which
         this bank is ``x``'s one reader): a single expert's layer 0 on the world-of-one
@@ -77,9 +80,7 @@ class ExpertBank(nn.Module):
                 if folded is not None:
                     h = folded[0]  # [B, out]
                     continue
-                h = torch.addmm(b1, h, w1)
-                if relu:
-                    h = h.relu_()
+                h = affine_act(h, w1, b1, relu)  # [B, out]
             return h.unsqueeze(1)  # [B, 1, out]
         if start == 0 and E == self.num_experts:
             return run_experts(list(self.weights), list(self.biases), x, last_relu=last_relu)
@@ -120,16 +121,10 @@ def run_experts(weights: List[torch.Tensor], biases: List[torch.Tensor], x: torc
         h = first.view(first.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     elif x.dim() == 2:
         w, b = first_layer_map(weights, biases)
-        h = torch.addmm(b, x, w)  # [B, E·h]
-        if relu[0]:
-            h = h.relu_()
+        h = affine_act(x, w, b, relu[0])  # [B, E·h]
         h = h.view(x.shape[0], E, w0.shape[-1]).transpose(0, 1)  # [E, B, h] (a view)
     else:
-        h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0)  # [E, B, h]
-        if relu[0]:
-            h = h.relu_()
+        h = affine_act(x.transpose(0, 1), w0, b0, relu[0])  # [E, B, h]
     for l in range(1, len(weights)):
-        h = torch.baddbmm(biases[l].unsqueeze(1), h, weights[l])  # [E, B, k]
-        if relu[l]:
-            h = h.relu_()
+        h = affine_act(h, weights[l], biases[l], relu[l])  # [E, B, k]
     return h.transpose(0, 1)  # [B, E, out]

@@ -118,30 +118,51 @@ def joined_maps(maps: Sequence[Tuple[torch.Tensor, torch.Tensor]], relu: Sequenc
 
 def affine_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: Sequence[int],
                   relu: Sequence[bool]) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """``(out [B, N], blocks)``: ``x @ weight + bias`` as one ``addmm`` and its column blocks of
-    ``sizes`` (views), ReLU in place on those ``relu`` flags."""
-    out = torch.addmm(bias, x, weight)  # [B, N]
+    """``(out [B, N], blocks)``: ``x @ weight + bias`` as one product and its column blocks of
+    ``sizes`` (views), ReLU in place on those ``relu`` flags. On float32 host tensors the
+    product is ``mm`` and each block's bias and ReLU one pass (:func:`dlrm_mtl.native.bias_act`:
+    no copy of the bias into every row before the GEMM, as ATen's ``addmm`` makes); else one
+    ``addmm`` and in-place ReLUs."""
+    fused = native.dense_applies(x, weight, bias)
+    out = torch.mm(x, weight) if fused else torch.addmm(bias, x, weight)  # [B, N]
     blocks = out.split(list(sizes), dim=1)  # [B, n_i] views
-    for block, r in zip(blocks, relu):
-        if r:
+    for block, b, r in zip(blocks, bias.split(list(sizes)), relu):
+        if fused:
+            native.bias_act(block, b, r)
+        elif r:
             block.relu_()
     return out, tuple(blocks)
 
 
 def block_gradient(grads: Sequence[Optional[torch.Tensor]], out: torch.Tensor, sizes: Sequence[int],
-                   relu: Sequence[bool]) -> torch.Tensor:
-    """``G [B, N]``: the gradients of ``out``'s column blocks (``sizes``) written side by side,
-    each ReLU block's through ReLU's backward (its mask: ``out``, after the ReLU), a block
-    without a gradient as zeros."""
+                   relu: Sequence[bool], want_bias: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(G [B, N], Σ_b G [N])``: the gradients of ``out``'s column blocks (``sizes``) written
+    side by side, each ReLU block's through ReLU's backward (its mask: ``out``, after the
+    ReLU), a block without a gradient as zeros; and the bias gradient, G's column sums (None
+    where not ``want_bias``). On float32 host tensors a block's ReLU backward and column sums
+    are one pass (:func:`dlrm_mtl.native.bias_act_backward`)."""
     g = torch.empty_like(out)  # [B, N]
-    for grad, o, into, r in zip(grads, out.split(list(sizes), dim=1), g.split(list(sizes), dim=1), relu):
+    fused = native.dense_applies(out)
+    gb = out.new_empty(out.shape[1]) if want_bias and fused else None  # [N]
+    parts = gb.split(list(sizes)) if gb is not None else [None] * len(sizes)
+    for grad, o, into, r, gb_i in zip(grads, out.split(list(sizes), dim=1), g.split(list(sizes), dim=1), relu, parts):
         if grad is None:
             into.zero_()
+            if gb_i is not None:
+                gb_i.zero_()
+        elif fused and native.dense_applies(grad):
+            native.bias_act_backward(grad, o, r, want_bias, out=into, bias_out=gb_i)
         elif r:  # ReLU's backward, written in place into G's block
             torch.ops.aten.threshold_backward.grad_input(grad, o, 0.0, grad_input=into)
+            if gb_i is not None:
+                torch.sum(into, 0, out=gb_i)
         else:
             into.copy_(grad)
-    return g
+            if gb_i is not None:
+                torch.sum(into, 0, out=gb_i)
+    if want_bias and gb is None:
+        gb = g.sum(0)
+    return g, gb
 
 
 class FoldedInputAffine(torch.autograd.Function):
@@ -186,7 +207,7 @@ class FoldedInputAffine(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         weight, x = ctx.saved_tensors
         fold: InputFold = ctx.fold
-        g = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu)  # [B, N]
+        g, grad_b = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu, ctx.needs_input_grad[2])  # [B, N], [N]
         grad_w = torch.empty_like(weight)  # [d, N]
         D = fold.weights.shape[1]
         a, P = fold.front.shape[1], fold.F * D
@@ -206,7 +227,6 @@ class FoldedInputAffine(torch.autograd.Function):
             grad_t = native.folded_rows_backward(g, fold.scenario, i, t, weight, grad_w, c)
             table_grads.append(grad_t if ctx.needs_input_grad[6 + i] else None)
             c += t.shape[1]
-        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None  # [N]
         return (None, grad_w, grad_b, None, None, None, *table_grads)
 
 

@@ -42,10 +42,9 @@ class SharedInputAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, weight = ctx.saved_tensors
-        g = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu)  # [B, N]
+        g, grad_b = block_gradient(grads, ctx.out, ctx.sizes, ctx.relu, ctx.needs_input_grad[2])  # [B, N], [N]
         grad_x = g @ weight.t() if ctx.needs_input_grad[0] else None  # [B, d]
         grad_w = x.t() @ g if ctx.needs_input_grad[1] else None  # [d, N]
-        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None  # [N]
         return grad_x, grad_w, grad_b, None, None
 
 

@@ -8,6 +8,9 @@ from typing import List
 import torch
 from torch import nn
 
+from dlrm_mtl import native
+from dlrm_mtl.modules.fused_affine import TowerHead, affine_act
+
 
 class TaskTowers(nn.Module):
     """T independent towers ``d -> hidden... -> 1`` (ReLU between layers, none after the last),
@@ -15,7 +18,12 @@ class TaskTowers(nn.Module):
     axis instead of T ``addmm`` calls, so the operator count does not grow with T; a shared
     input (stride 0 on T, e.g. Shared-Bottom) makes the first layer one ``addmm`` over the
     concatenated weights, and the logit layer is one skinny product over every tower's weights
-    (docs/performance.md, "Eleventh round").
+    (docs/performance.md, "Eleventh round"). On float32 host tensors the last hidden layer and
+    the logit layer are one :class:`~dlrm_mtl.modules.fused_affine.TowerHead` (its GEMM, then
+    one pass for the bias, ReLU and logits; backward one pass for the logit layer's gradients,
+    the ReLU's and the hidden bias's, then the GEMMs) and earlier layers
+    :func:`~dlrm_mtl.modules.fused_affine.affine_act` (docs/performance.md,
+    "Twenty-second round").
 
     Initialised like ``nn.Linear`` (weights and biases uniform in ±1/√in).
 
@@ -43,6 +51,8 @@ class TaskTowers(nn.Module):
         T = self.weights[0].shape[0]
         shared = x.dim() == 2 or x.stride(0) == 0  # a stride-0 expand is a shared input too
         base = x if x.dim() == 2 else (x[0] if shared else x)  # [B, d] when shared
+        if len(self.weights) > 1 and native.dense_applies(base, *self.weights, *self.biases):
+            return self._fused(base, shared)
         B = base.shape[-2]
         last = len(self.weights) - 1
         h = base.unsqueeze(0).expand(T, *base.shape) if shared else x  # [T, B, d]
@@ -77,3 +87,26 @@ class TaskTowers(nn.Module):
                 h_bt = None
                 h = torch.baddbmm(b, h, w).relu_()  # [T, B, k]
         raise AssertionError("unreachable: the last layer returns")
+
+    def _fused(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        """The forward on the CPU's fused passes: the hidden layers before the last as
+        :func:`~dlrm_mtl.modules.fused_affine.affine_act`, the last hidden layer with the logit
+        layer as one :class:`~dlrm_mtl.modules.fused_affine.TowerHead` (``x [B, d]`` shared,
+        else ``[T, B, d]``)."""
+        T = self.weights[0].shape[0]
+        L = len(self.weights)
+        h = x
+        for i in range(L - 2):
+            w, b = self.weights[i], self.biases[i]  # [T, a, k], [T, 1, k]
+            if h.dim() == 2:  # the shared first layer: one product over the towers' weights side by side
+                k = w.shape[-1]
+                h = affine_act(h, w.permute(1, 0, 2).reshape(w.shape[1], T * k), b.reshape(-1), True)  # [B, T·k]
+                h = h.view(h.shape[0], T, k).transpose(0, 1)  # [T, B, k]
+            else:
+                h = affine_act(h, w, b.view(T, -1), True)  # [T, B, k]
+        w, b = self.weights[L - 2], self.biases[L - 2]  # [T, a, K], [T, 1, K]
+        v, c = self.weights[L - 1].view(T, -1), self.biases[L - 1].view(T)  # [T, K], [T]
+        if h.dim() == 2:
+            K = w.shape[-1]
+            return TowerHead.apply(h, w.permute(1, 0, 2).reshape(w.shape[1], T * K), b.reshape(-1), v, c)  # [B, T]
+        return TowerHead.apply(h, w, b.view(T, -1), v, c)  # [B, T]
