@@ -73,6 +73,9 @@ def _timed_stack_import() -> float:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dlrm_mtl import start_up_gc
+
+    start_up_gc.pause()  # until the first step (dlrm_mtl/start_up_gc.py)
     quiet_third_party_logs()
     from dlrm_mtl.config import Config, check, check_values
     from dlrm_mtl.schema import Schema

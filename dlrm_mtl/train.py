@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlrm_mtl import native
+from dlrm_mtl import native, start_up_gc
 from dlrm_mtl.checkpoint import CheckpointManager, RowAudit, TrainProgress, data_fingerprint, fault_point
 from dlrm_mtl.collectives import all_reduce_host, broadcast_host
 from dlrm_mtl.config import Config, ConfigError, DataConfig, TrainConfig
@@ -896,6 +896,7 @@ def run_training(run: TrainRun, import_s: float = 0.0) -> Dict[str, Any]:
         now = time.time()
         timeline["first_step_unix"] = now
         timeline["startup_s"] = None if started is None else now - started
+        start_up_gc.resume()  # the start-up's objects frozen, the collector back on (after the CLI's pause)
 
     evals = Evaluations(Tracker.from_config(cfg, run.schema, run.progress.tracker))
     counters: Dict[str, int] = {}
@@ -945,6 +946,7 @@ def train(cfg: Config, import_s: float = 0.0) -> Dict[str, Any]:
             dist.barrier()
         return result
     finally:
+        start_up_gc.resume()  # a run that ended before its first step
         if dog is not None:
             dog.stop()
         shutdown_distributed()
