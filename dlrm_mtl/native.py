@@ -441,16 +441,24 @@ def bias_act_backward(grad: torch.Tensor, y: torch.Tensor, relu: bool, want_bias
     return gp, gb
 
 
-def tower_logits(h: torch.Tensor, T: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def tower_logits(h: torch.Tensor, T: int, weight: torch.Tensor, bias: torch.Tensor,
+                 hidden_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The towers' logit layer on their last hidden activations ``h``, ``[B, T·K]`` (tower t's
     columns ``t·K .. (t+1)·K``) or ``[T, B, K]`` (unit stride along K): ``z [B, T]`` with
-    ``z[b, t] = <h_bt, weight[t]> + bias[t]`` (``weight [T, K]``, ``bias [T]``, contiguous)."""
+    ``z[b, t] = <h_bt, weight[t]> + bias[t]`` (``weight [T, K]``, ``bias [T]``, contiguous).
+    With ``hidden_bias`` (``[T, K]`` or ``[T·K]``, contiguous) ``h`` is the hidden layer's
+    product and first becomes ``ReLU(h + hidden_bias)`` in place, in the same pass
+    (:func:`bias_act`'s arithmetic)."""
     assert _kernels is not None and h.dtype == weight.dtype == bias.dtype == torch.float32
     assert h.stride(-1) == 1 and weight.is_contiguous() and bias.is_contiguous()
     B, K, st, sb = _tower_layout(h, T)
+    hb = 0
+    if hidden_bias is not None:
+        assert hidden_bias.dtype == torch.float32 and hidden_bias.is_contiguous() and hidden_bias.numel() == T * K
+        hb = hidden_bias.data_ptr()
     z = h.new_empty(B, T)
     if z.numel():
-        _kernels.tower_logits(h.data_ptr(), st, sb, T, K, B, weight.data_ptr(), bias.data_ptr(), z.data_ptr())
+        _kernels.tower_logits(h.data_ptr(), st, sb, T, K, B, hb, weight.data_ptr(), bias.data_ptr(), z.data_ptr())
     return z
 
 

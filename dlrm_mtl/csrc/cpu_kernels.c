@@ -1493,7 +1493,9 @@ static PyObject *mixture_backward(PyObject *self, PyObject *const *args, Py_ssiz
  *                       gb[n] = sum_r gp[r, n]   (per group; every pointer its own row stride)
  * The towers' logit layer: T towers of hidden width K, the hidden row (b, t) at
  * h + t st + b sb (K contiguous floats, after its ReLU), logit weights w [T, K], biases c [T]:
- *   tower_logits:           z[b, t] = dot(h_bt, w_t) + c_t                     (z [B, T])
+ *   tower_logits:           z[b, t] = dot(h_bt, w_t) + c_t                     (z [B, T]), after
+ *                           h_bt = ReLU(h_bt + hb_t) in place where the hidden bias hb [T, K]
+ *                           is given (bias_act's arithmetic: the hidden layer's pass joined)
  *   tower_logits_backward:  with g = dL/dz [B, T] (contiguous):
  *       gp_bt[k] = h_bt[k] <= 0 ? 0 : g[b, t] w_t[k]  (the hidden layer's pre-activation
  *                                                       gradient, at gp + t st + b sb)
@@ -1658,11 +1660,21 @@ static PyObject *bias_act_backward(PyObject *self, PyObject *const *args, Py_ssi
 }
 
 SIMD_CLONES
-static void tower_logits_rows(const float *restrict h, Py_ssize_t st, Py_ssize_t sb, Py_ssize_t T, Py_ssize_t K,
-                              const float *restrict w, const float *restrict c, float *restrict z, Py_ssize_t b0,
-                              Py_ssize_t b1) {
+static void tower_logits_rows(float *restrict h, Py_ssize_t st, Py_ssize_t sb, Py_ssize_t T, Py_ssize_t K,
+                              const float *restrict hb, const float *restrict w, const float *restrict c,
+                              float *restrict z, Py_ssize_t b0, Py_ssize_t b1) {
     for (Py_ssize_t b = b0; b < b1; b++)
-        for (Py_ssize_t t = 0; t < T; t++) z[b * T + t] = dot16(h + t * st + b * sb, w + t * K, K) + c[t];
+        for (Py_ssize_t t = 0; t < T; t++) {
+            float *restrict hr = h + t * st + b * sb;
+            if (hb != NULL) { /* the hidden layer's bias and ReLU first, as bias_act */
+                const float *restrict bt = hb + t * K;
+                for (Py_ssize_t k = 0; k < K; k++) {
+                    const float v = hr[k] + bt[k];
+                    hr[k] = v < 0.0f ? 0.0f : v;
+                }
+            }
+            z[b * T + t] = dot16(hr, w + t * K, K) + c[t];
+        }
 }
 
 /* tower t's columns k0 .. k0 + 16 NV of rows b0 .. b1 of tower_logits_backward, its sums into
@@ -1731,18 +1743,19 @@ static void tower_back_rows(const float *restrict g, const float *restrict h, Py
     }
 }
 
-/* tower_logits(h, st, sb, T, K, B, w, c, z) -> None */
+/* tower_logits(h, st, sb, T, K, B, hb, w, c, z) -> None: hb [T, K] contiguous (the hidden
+ * layer's bias, applied with its ReLU to h in place first), or 0 (h is final) */
 static PyObject *tower_logits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "tower_logits takes 9 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "tower_logits takes 10 arguments");
         return NULL;
     }
-    void *h, *w, *c, *z;
+    void *h, *hb, *w, *c, *z;
     Py_ssize_t st, sb, T, K, B;
     if (get_ptr(args[0], &h) || get_size(args[1], &st) || get_size(args[2], &sb) || get_size(args[3], &T)
-        || get_size(args[4], &K) || get_size(args[5], &B) || get_ptr(args[6], &w) || get_ptr(args[7], &c)
-        || get_ptr(args[8], &z))
+        || get_size(args[4], &K) || get_size(args[5], &B) || get_ptr(args[6], &hb) || get_ptr(args[7], &w)
+        || get_ptr(args[8], &c) || get_ptr(args[9], &z))
         return NULL;
     if (T < 0 || K < 0 || B < 0) {
         PyErr_SetString(PyExc_ValueError, "tower_logits: negative sizes");
@@ -1756,7 +1769,7 @@ static PyObject *tower_logits(PyObject *self, PyObject *const *args, Py_ssize_t 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
     for (Py_ssize_t i = 0; i < nb; i++)
-        tower_logits_rows(h, st, sb, T, K, w, c, z, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B);
+        tower_logits_rows(h, st, sb, T, K, hb, w, c, z, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -69,9 +69,9 @@ class TowerHead(torch.autograd.Function):
     side) and ``bias [T·K]``, or ``x [T, B, d]`` (tower t reads ``x[t]``) with
     ``weight [T, d, K]`` and ``bias [T, K]``; ``out_weight [T, K]``, ``out_bias [T]``.
 
-    The forward is one GEMM (``mm``/``bmm``), the bias and ReLU pass
-    (:func:`dlrm_mtl.native.bias_act`) and the logits' dot products
-    (:func:`dlrm_mtl.native.tower_logits`); the backward is one pass over the hidden
+    The forward is one GEMM (``mm``/``bmm``) and one pass that adds the bias, applies the ReLU
+    and takes the logits' dot products (:func:`dlrm_mtl.native.tower_logits`); the backward is
+    one pass over the hidden
     activations that takes the logit layer's gradients, the ReLU's backward and the hidden
     bias's gradient together (:func:`dlrm_mtl.native.tower_logits_backward`), then the hidden
     layer's two GEMMs. ATen's path (:class:`~dlrm_mtl.modules.towers.TaskTowers` elsewhere)
@@ -85,9 +85,9 @@ class TowerHead(torch.autograd.Function):
                 out_bias: torch.Tensor) -> torch.Tensor:
         T = out_weight.shape[0]
         h = torch.mm(x, weight) if x.dim() == 2 else torch.bmm(x, weight)  # [B, T·K] / [T, B, K]
-        native.bias_act(h, bias, True)
+        z = native.tower_logits(h, T, out_weight, out_bias, hidden_bias=bias)  # [B, T]; h = ReLU(h + bias) in place
         ctx.save_for_backward(x, weight, h, out_weight)
-        return native.tower_logits(h, T, out_weight, out_bias)  # [B, T]
+        return z
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
