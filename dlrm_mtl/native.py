@@ -82,8 +82,12 @@ def _eager(*ts: Optional[torch.Tensor]) -> bool:
     """Kernels available, plain host tensors (not the fake or functional subclasses of
     ``torch.export``/``torch.compile``), and no tracer that would record the C call as a
     constant (``torch.jit.trace``, ``torch.fx``)."""
-    return (available() and all(t is None or (type(t) in _PLAIN and t.device.type == "cpu") for t in ts)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not is_fx_tracing())
+    if _kernels is None or not _enabled:
+        return False
+    for t in ts:  # a loop, not all(<generator>): a dozen calls a step (three tensors: 2.9 against 5.0 µs)
+        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
+            return False
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not is_fx_tracing()
 
 
 def _host_f32(*ts: Optional[torch.Tensor]) -> bool:
@@ -389,8 +393,12 @@ def dense_applies(*ts: torch.Tensor) -> bool:
     :func:`tower_logits`, :func:`tower_logits_backward`) can run on these tensors: the kernels
     available, float32 host tensors, not traced, no CPU autocast (whose GEMMs would return
     bfloat16)."""
-    return (_eager(*ts) and all(t.dtype == torch.float32 for t in ts)
-            and not torch.is_autocast_enabled("cpu"))
+    if not _eager(*ts):
+        return False
+    for t in ts:
+        if t.dtype != torch.float32:
+            return False
+    return not torch.is_autocast_enabled("cpu")
 
 
 def _groups(t: torch.Tensor) -> Tuple[int, int, int, int, int]:
