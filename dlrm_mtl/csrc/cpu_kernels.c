@@ -1582,6 +1582,16 @@ static void bias_act_back_rows(const float *restrict g, Py_ssize_t gld, const fl
 /* the G groups' blocks of ROW_BLOCK rows: block i is group i / nb, rows (i % nb) ROW_BLOCK .. */
 #define GROUP_BLOCKS(R) (((R) + ROW_BLOCK - 1) / ROW_BLOCK)
 
+/* the end of the row block that starts at r0, of R rows */
+static inline Py_ssize_t block_end(Py_ssize_t r0, Py_ssize_t R) { return r0 + ROW_BLOCK < R ? r0 + ROW_BLOCK : R; }
+
+/* 0 where the three sizes are >= 0, else -1 with a ValueError naming the kernel */
+static int nonneg_sizes(const char *kernel, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) {
+    if (a >= 0 && b >= 0 && c >= 0) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: negative sizes", kernel);
+    return -1;
+}
+
 /* bias_act(y, G, gs, R, ld, N, b, relu) -> None */
 static PyObject *bias_act(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -1594,10 +1604,7 @@ static PyObject *bias_act(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (get_ptr(args[0], &y) || get_size(args[1], &G) || get_size(args[2], &gs) || get_size(args[3], &R)
         || get_size(args[4], &ld) || get_size(args[5], &N) || get_ptr(args[6], &b) || get_size(args[7], &relu))
         return NULL;
-    if (G < 0 || R < 0 || N < 0) {
-        PyErr_SetString(PyExc_ValueError, "bias_act: negative sizes");
-        return NULL;
-    }
+    if (nonneg_sizes("bias_act", G, R, N)) return NULL;
     const Py_ssize_t nb = GROUP_BLOCKS(R);
     const int nt = team_size(G * R * N);
     (void)nt;
@@ -1606,7 +1613,7 @@ static PyObject *bias_act(PyObject *self, PyObject *const *args, Py_ssize_t narg
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
     for (Py_ssize_t i = 0; i < G * nb; i++) {
-        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < R ? r0 + ROW_BLOCK : R;
+        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = block_end(r0, R);
         bias_act_rows((float *)y + grp * gs, ld, r0, r1, N, (const float *)b + grp * N, relu != 0);
     }
     Py_END_ALLOW_THREADS
@@ -1628,10 +1635,7 @@ static PyObject *bias_act_backward(PyObject *self, PyObject *const *args, Py_ssi
         || get_size(args[8], &pld) || get_size(args[9], &G) || get_size(args[10], &R) || get_size(args[11], &N)
         || get_ptr(args[12], &gb) || get_size(args[13], &relu))
         return NULL;
-    if (G < 0 || R < 0 || N < 0) {
-        PyErr_SetString(PyExc_ValueError, "bias_act_backward: negative sizes");
-        return NULL;
-    }
+    if (nonneg_sizes("bias_act_backward", G, R, N)) return NULL;
     const Py_ssize_t nb = GROUP_BLOCKS(R);
     void *base;
     float *part = scratch64((size_t)(G * nb * N + 1) * sizeof(float), &base);
@@ -1643,7 +1647,7 @@ static PyObject *bias_act_backward(PyObject *self, PyObject *const *args, Py_ssi
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
     for (Py_ssize_t i = 0; i < G * nb; i++) {
-        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < R ? r0 + ROW_BLOCK : R;
+        const Py_ssize_t grp = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = block_end(r0, R);
         bias_act_back_rows((const float *)g + grp * ggs, gld, (const float *)y + grp * ygs, yld, (float *)gp + grp * pgs,
                            pld, r0, r1, N, relu != 0, part + i * N);
     }
@@ -1757,10 +1761,7 @@ static PyObject *tower_logits(PyObject *self, PyObject *const *args, Py_ssize_t 
         || get_size(args[4], &K) || get_size(args[5], &B) || get_ptr(args[6], &hb) || get_ptr(args[7], &w)
         || get_ptr(args[8], &c) || get_ptr(args[9], &z))
         return NULL;
-    if (T < 0 || K < 0 || B < 0) {
-        PyErr_SetString(PyExc_ValueError, "tower_logits: negative sizes");
-        return NULL;
-    }
+    if (nonneg_sizes("tower_logits", T, K, B)) return NULL;
     const Py_ssize_t nb = GROUP_BLOCKS(B);
     const int nt = team_size(B * T * K);
     (void)nt;
@@ -1769,7 +1770,7 @@ static PyObject *tower_logits(PyObject *self, PyObject *const *args, Py_ssize_t 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
     for (Py_ssize_t i = 0; i < nb; i++)
-        tower_logits_rows(h, st, sb, T, K, hb, w, c, z, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B);
+        tower_logits_rows(h, st, sb, T, K, hb, w, c, z, i * ROW_BLOCK, block_end(i * ROW_BLOCK, B));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1788,10 +1789,7 @@ static PyObject *tower_logits_backward(PyObject *self, PyObject *const *args, Py
         || get_size(args[4], &T) || get_size(args[5], &K) || get_size(args[6], &B) || get_ptr(args[7], &w)
         || get_ptr(args[8], &gp) || get_ptr(args[9], &gw) || get_ptr(args[10], &gc) || get_ptr(args[11], &gh))
         return NULL;
-    if (T < 0 || K < 0 || B < 0) {
-        PyErr_SetString(PyExc_ValueError, "tower_logits_backward: negative sizes");
-        return NULL;
-    }
+    if (nonneg_sizes("tower_logits_backward", T, K, B)) return NULL;
     const Py_ssize_t nb = GROUP_BLOCKS(B), P = 2 * K + 1;
     void *base;
     float *part = scratch64((size_t)(nb * T * P + 1) * sizeof(float), &base);
@@ -1803,8 +1801,7 @@ static PyObject *tower_logits_backward(PyObject *self, PyObject *const *args, Py
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
     for (Py_ssize_t i = 0; i < nb; i++)
-        tower_back_rows(g, h, st, sb, T, K, w, gp, i * ROW_BLOCK, i * ROW_BLOCK + ROW_BLOCK < B ? i * ROW_BLOCK + ROW_BLOCK : B,
-                        part + i * T * P);
+        tower_back_rows(g, h, st, sb, T, K, w, gp, i * ROW_BLOCK, block_end(i * ROW_BLOCK, B), part + i * T * P);
     for (Py_ssize_t t = 0; t < T; t++) {
         float *restrict ow = (float *)gw + t * K, *restrict oh = (float *)gh + t * K, *restrict oc = (float *)gc + t;
         for (Py_ssize_t k = 0; k < K; k++) ow[k] = oh[k] = 0.0f;
