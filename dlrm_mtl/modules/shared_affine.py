@@ -21,7 +21,9 @@ class SharedInputAffine(torch.autograd.Function):
     block's gradient into one ``G [B, N]`` (a ReLU block's straight from its
     ``threshold_backward``, so the experts' gradient is not copied again) and computes
     ``G @ weightᵀ``, ``xᵀ @ G`` and ``G.sum(0)``: the same sums as the separate products, to
-    float rounding. MMoE's step, alternating in one process: census shape +3-6 %, MovieLens
+    float rounding. On float32 host tensors the forward is ``mm`` and one bias-and-ReLU pass per
+    block, and each block's ReLU backward and bias sums one pass
+    (:func:`~dlrm_mtl.modules.folded_affine.affine_blocks`, ``block_gradient``). MMoE's step, alternating in one process: census shape +3-6 %, MovieLens
     shape +1-3 % (``docs/performance.md``, "Tenth round"). Summing ``G_i @ W_iᵀ`` block by block
     instead measured slower on the census shape (each block's weight gradient reads ``x``
     again); PLE's first level with its two gates gained nothing (−2 to +5 % between runs) and
