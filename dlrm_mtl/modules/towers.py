@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl import native
+from dlrm_mtl.modules.expert_bank import list_params
 from dlrm_mtl.modules.fused_affine import TowerHead, affine_act
 
 
@@ -48,16 +49,17 @@ class TaskTowers(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, B, d]`` (tower t reads ``x[t]``) or ``[B, d]`` (every tower reads it) ->
         logits ``[B, T]``."""
-        T = self.weights[0].shape[0]
+        weights, biases = list_params(self.weights), list_params(self.biases)
+        T = weights[0].shape[0]
         shared = x.dim() == 2 or x.stride(0) == 0  # a stride-0 expand is a shared input too
         base = x if x.dim() == 2 else (x[0] if shared else x)  # [B, d] when shared
-        if len(self.weights) > 1 and native.dense_applies(base, *self.weights, *self.biases):
-            return self._fused(base, shared)
+        if len(weights) > 1 and native.dense_applies(base, *weights, *biases):
+            return self._fused(base, shared, weights, biases)
         B = base.shape[-2]
-        last = len(self.weights) - 1
+        last = len(weights) - 1
         h = base.unsqueeze(0).expand(T, *base.shape) if shared else x  # [T, B, d]
         h_bt = None  # the same activations laid out [B, T, k], where they were computed so
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(weights, biases)):
             if i == last:
                 # the logit layer (k -> 1 per tower): <h_t, w_t>. Contiguous activations, laid
                 # out [B, T, k] (the shared first layer's addmm) or [T, B, k] (the towers'
@@ -88,24 +90,25 @@ class TaskTowers(nn.Module):
                 h = torch.baddbmm(b, h, w).relu_()  # [T, B, k]
         raise AssertionError("unreachable: the last layer returns")
 
-    def _fused(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, shared: bool, weights: List[nn.Parameter],
+               biases: List[nn.Parameter]) -> torch.Tensor:
         """The forward on the CPU's fused passes: the hidden layers before the last as
         :func:`~dlrm_mtl.modules.fused_affine.affine_act`, the last hidden layer with the logit
         layer as one :class:`~dlrm_mtl.modules.fused_affine.TowerHead` (``x [B, d]`` shared,
         else ``[T, B, d]``)."""
-        T = self.weights[0].shape[0]
-        L = len(self.weights)
+        T = weights[0].shape[0]
+        L = len(weights)
         h = x
         for i in range(L - 2):
-            w, b = self.weights[i], self.biases[i]  # [T, a, k], [T, 1, k]
+            w, b = weights[i], biases[i]  # [T, a, k], [T, 1, k]
             if h.dim() == 2:  # the shared first layer: one product over the towers' weights side by side
                 k = w.shape[-1]
                 h = affine_act(h, w.permute(1, 0, 2).reshape(w.shape[1], T * k), b.reshape(-1), True)  # [B, T·k]
                 h = h.view(h.shape[0], T, k).transpose(0, 1)  # [T, B, k]
             else:
                 h = affine_act(h, w, b.view(T, -1), True)  # [T, B, k]
-        w, b = self.weights[L - 2], self.biases[L - 2]  # [T, a, K], [T, 1, K]
-        v, c = self.weights[L - 1].view(T, -1), self.biases[L - 1].view(T)  # [T, K], [T]
+        w, b = weights[L - 2], biases[L - 2]  # [T, a, K], [T, 1, K]
+        v, c = weights[L - 1].view(T, -1), biases[L - 1].view(T)  # [T, K], [T]
         if h.dim() == 2:
             K = w.shape[-1]
             return TowerHead.apply(h, w.permute(1, 0, 2).reshape(w.shape[1], T * K), b.reshape(-1), v, c)  # [B, T]
