@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dlrm_mtl import native
-from dlrm_mtl.modules.expert_bank import list_params
+from dlrm_mtl.modules.expert_bank import first_layer_map, list_params
 from dlrm_mtl.modules.fused_affine import TowerHead, affine_act
 
 
@@ -82,7 +82,8 @@ class TaskTowers(nn.Module):
                 # a shared input: every tower's first layer as one addmm over the
                 # concatenated weights [d, T·k] (bias fused), then a [T, B, k] view
                 k = w.shape[-1]
-                h = torch.addmm(b.reshape(-1), base, w.permute(1, 0, 2).reshape(w.shape[1], T * k))  # [B, T·k]
+                w_cat, b_cat = first_layer_map([w], [b])  # [d, T·k], [T·k]
+                h = torch.addmm(b_cat, base, w_cat)  # [B, T·k]
                 h_bt = h.relu_().view(B, T, k)  # [B, T, k]
                 h = h_bt.transpose(0, 1)  # [T, B, k]
             else:
@@ -103,13 +104,12 @@ class TaskTowers(nn.Module):
             w, b = weights[i], biases[i]  # [T, a, k], [T, 1, k]
             if h.dim() == 2:  # the shared first layer: one product over the towers' weights side by side
                 k = w.shape[-1]
-                h = affine_act(h, w.permute(1, 0, 2).reshape(w.shape[1], T * k), b.reshape(-1), True)  # [B, T·k]
+                h = affine_act(h, *first_layer_map([w], [b]), True)  # [B, T·k]
                 h = h.view(h.shape[0], T, k).transpose(0, 1)  # [T, B, k]
             else:
                 h = affine_act(h, w, b.view(T, -1), True)  # [T, B, k]
         w, b = weights[L - 2], biases[L - 2]  # [T, a, K], [T, 1, K]
         v, c = weights[L - 1].view(T, -1), biases[L - 1].view(T)  # [T, K], [T]
-        if h.dim() == 2:
-            K = w.shape[-1]
-            return TowerHead.apply(h, w.permute(1, 0, 2).reshape(w.shape[1], T * K), b.reshape(-1), v, c)  # [B, T]
+        if h.dim() == 2:  # the towers' weights side by side, [a, T·K]
+            return TowerHead.apply(h, *first_layer_map([w], [b]), v, c)  # [B, T]
         return TowerHead.apply(h, w, b.view(T, -1), v, c)  # [B, T]
