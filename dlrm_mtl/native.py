@@ -591,3 +591,75 @@ def kjt_multi_key(lens: Any, offs: Any, vals: Any, start: int, n: int, B: int, p
     ``values``)."""
     assert _kernels is not None
     _kernels.kjt_multi_key(lens, offs, vals, start, n, B, pos, values, lengths, ends)  # numpy arrays: their buffers
+
+
+def _take_threads() -> int:
+    """The shuffle's threads: PyTorch's intra-op count on the main thread (between steps, the
+    cores are the step's), one on a reader thread (whose OpenMP team would be a pool of its own)."""
+    import threading
+
+    return torch.get_num_threads() if threading.current_thread() is threading.main_thread() else 1
+
+
+def take_applies(*arrays: Any) -> bool:
+    """Whether :func:`take_rows` gathers these numpy arrays in C: the kernels available and
+    every array C-contiguous (None skipped)."""
+    if _kernels is None or not _enabled:
+        return False
+    for a in arrays:
+        if a is not None and not a.flags.c_contiguous:
+            return False
+    return True
+
+
+def take_rows(items: Sequence[Tuple[Any, int]], idx: Any, rows: int) -> List[Any]:
+    """``np.take(a, idx, axis)`` for each ``(a, axis)``: C-contiguous numpy arrays of ``rows``
+    rows along ``axis`` (0, or 1 of a 2-D ``[m, rows]`` matrix: the single-hot ids), ``idx``
+    int64 (each in ``[0, rows)``: IndexError otherwise), one pass in C over the rows split
+    over the threads (:func:`take_applies`; the same bytes as numpy's). The reader's shuffle."""
+    import numpy as np
+
+    assert _kernels is not None
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    n = len(idx)
+    outs: List[Any] = []
+    spec: List[Any] = []
+    for a, axis in items:
+        if a.shape[axis] != rows:
+            raise ValueError(f"take_rows: an array of {a.shape[axis]} rows along axis {axis}, expected {rows}")
+        if axis == 0:
+            out = np.empty((n,) + a.shape[1:], dtype=a.dtype)
+            rb = a.strides[0] if a.ndim > 1 else a.itemsize
+            if a.ndim == 1 or a.shape[1:] and rb:
+                spec += (a, rb, out, rb, rb)
+        else:
+            out = np.empty((a.shape[0], n), dtype=a.dtype)
+            for j in range(a.shape[0]):
+                spec += (a[j], a.itemsize, out[j], a.itemsize, a.itemsize)
+        outs.append(out)
+    if n:
+        _kernels.take_rows(idx, n, rows, _take_threads(), *spec)
+    return outs
+
+
+def take_lists(lens: Any, offs: Any, vals: Any, idx: Any) -> Tuple[Any, Any, Any]:
+    """Rows ``idx`` of a list column (``lens`` int32 ``[rows]``, ``offs`` int64 ``[rows + 1]``,
+    ``vals`` int64): ``(lens[idx], their offsets, the rows' values in the new order)``, the
+    values gathered in C (the reader's shuffle of a multi-hot feature)."""
+    import numpy as np
+
+    assert _kernels is not None
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    rows = len(lens)
+    lens_c, offs_c, vals_c = (np.ascontiguousarray(lens, dtype=np.int32), np.ascontiguousarray(offs, dtype=np.int64),
+                              np.ascontiguousarray(vals, dtype=np.int64))
+    n = len(idx)
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= rows):
+        raise IndexError(f"take_lists: indices outside [0, {rows})")
+    new_lens = lens_c[idx] if n else np.zeros(0, np.int32)
+    new_offs = np.zeros(n + 1, np.int64)
+    np.cumsum(new_lens, out=new_offs[1:])
+    out = np.empty(int(new_offs[-1]), np.int64)
+    if n:
+        _kernels.take_lists(idx, n, rows, _take_threads(), lens_c, offs_c, vals_c, new_offs, out)
+    return new_lens, new_offs, out

@@ -537,3 +537,79 @@ def test_mix_experts_takes_the_c_mixture_only_where_it_applies(with_native):
     assert empty.shape == (0, 2, 16) and type(empty.grad_fn).__name__ == "ExpertMixtureBackward"
     empty.sum().backward()
     assert gates.grad.abs().sum() == 0 and experts.grad.abs().sum() == 0
+
+
+def test_take_rows_equals_numpy_take_on_every_layout(with_native):
+    """The reader's shuffle in C: every row width (1 to 40 bytes, and zero-width columns), 1-D
+    and 2-D arrays along axis 0 and a single-hot id matrix along axis 1 give numpy's take,
+    dtype and shape included; on one thread and on two the same bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 40_000  # above the kernels' threading threshold
+    idx = rng.permutation(n)
+    arrays = [rng.random(n, dtype=np.float32), rng.integers(0, 9, (n, 1)), rng.random((n, 2)) < 0.5,
+              rng.integers(0, 200, (n, 3)).astype(np.uint8), rng.random((n, 3), dtype=np.float32),
+              np.arange(n, dtype=np.int16), rng.random((n, 5)), np.zeros((n, 0), np.float32),
+              rng.random((n, 2, 3), dtype=np.float32)]
+    outs = native.take_rows([(a, 0) for a in arrays], idx, n)
+    for a, o in zip(arrays, outs):
+        want = np.take(a, idx, axis=0)
+        assert o.dtype == want.dtype and o.shape == want.shape
+        np.testing.assert_array_equal(o, want)
+    matrix = rng.integers(0, 10**6, (7, n))
+    part = idx[: n // 3]
+    (o,) = native.take_rows([(matrix, 1)], part, n)
+    np.testing.assert_array_equal(o, np.take(matrix, part, axis=1))
+    one = np.empty((n, 5))
+    native._kernels.take_rows(idx, n, n, 1, arrays[6], 40, one, 40, 40)
+    two = np.empty((n, 5))
+    native._kernels.take_rows(idx, n, n, 2, arrays[6], 40, two, 40, 40)
+    assert one.tobytes() == two.tobytes() == outs[6].tobytes()
+    assert [o.shape for o in native.take_rows([(arrays[1], 0), (matrix, 1)], np.zeros(0, np.int64), n)] == [(0, 1), (7, 0)]
+
+
+def test_take_rows_rejects_indices_outside_the_rows_before_writing(with_native):
+    import numpy as np
+
+    src = np.arange(10, dtype=np.int64)
+    for bad in ([0, 10, 1], [3, -1]):
+        dst = np.full(len(bad), 77, np.int64)
+        with pytest.raises(IndexError, match="out of range for 10 rows"):
+            native._kernels.take_rows(np.array(bad, np.int64), len(bad), 10, 2, src, 8, dst, 8, 8)
+        assert (dst == 77).all()
+    with pytest.raises(ValueError, match="rows along axis 0, expected 11"):
+        native.take_rows([(src, 0)], np.array([0]), 11)
+    with pytest.raises(IndexError):
+        native.take_lists(np.ones(3, np.int32), np.arange(4), np.arange(3), np.array([0, 3]))
+    assert not native.take_applies(src[::2]) and native.take_applies(src, None)
+
+
+def test_take_lists_equals_the_numpy_gather_of_list_rows(with_native, monkeypatch):
+    """A multi-hot column's rows in a new order (empty lists included) as the numpy path of
+    ``batch_columns._take_lists`` computes them; on a reader thread the gather keeps to that
+    thread (one thread: its own OpenMP team would be a second pool)."""
+    import threading
+
+    import numpy as np
+
+    from dlrm_mtl.data import batch_columns
+
+    rng = np.random.default_rng(2)
+    n = 50_000
+    lens = rng.integers(0, 5, n).astype(np.int32)
+    offs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+    vals = rng.integers(0, 10**9, int(offs[-1]))
+    idx = np.concatenate([rng.permutation(n), rng.integers(0, n, 100)])  # repeated rows too
+    got = native.take_lists(lens, offs, vals, idx)
+    monkeypatch.setattr(native, "_enabled", False)
+    want = batch_columns._take_lists((lens, offs, vals), idx)
+    monkeypatch.setattr(native, "_enabled", True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(native._take_threads()))
+    th.start()
+    th.join()
+    assert seen == [1] and native._take_threads() == torch.get_num_threads()

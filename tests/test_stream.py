@@ -132,13 +132,18 @@ def _assert_same_batch(a, b):
     assert a.sparse._length_per_key == b.sparse._length_per_key and a.sparse._offset_per_key == b.sparse._offset_per_key
 
 
-def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path):
+@pytest.mark.parametrize("native_on", [True, False])
+def test_batch_columns_take_slice_concat_equal_the_arrow_row_operations(tmp_path, native_on, monkeypatch):
     """The reader converts each row group once and shuffles numpy columns: BatchColumns'
     concat, take and slice give the batches that converting pa.concat_tables / Table.take /
     Table.slice of the same tables gives — multi-hot lists with nulls and empty lists, a
     single-hot column with nulls in one group only (single-hot in the others), oracle and
-    loss-term columns, a key order other than the schema's."""
+    loss-term columns, a key order other than the schema's; the shuffle's gathers in C
+    (``native.take_rows``/``take_lists``) or by numpy."""
+    from dlrm_mtl import native
     from dlrm_mtl.data.batch_columns import BatchColumns
+
+    monkeypatch.setattr(native, "_enabled", native_on)
     from dlrm_mtl.data.stream import RowGroup, RowGroupConverter
     from dlrm_mtl.losses import TermInputs
     from dlrm_mtl.schema import DenseFeature, ScenarioLevel, SparseFeature, Task

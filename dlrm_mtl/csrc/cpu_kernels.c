@@ -1858,6 +1858,147 @@ static PyObject *set_one_thread(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * take_rows / take_lists: the reader's shuffle (dlrm_mtl.data.batch_columns.BatchColumns.take),
+ * rows of a buffer's columns gathered in a new order.
+ *
+ * take_rows(idx, n, rows, threads, specs...): for each array, given as five integers
+ * (src, src row stride in bytes, dst, dst row stride in bytes, row bytes), dst row i = src
+ * row idx[i], i < n. Every idx must lie in [0, rows) (IndexError otherwise, nothing written).
+ * A column of a single-hot id matrix [m, rows] gathered along its rows is one array per
+ * matrix row (row bytes 8, strides 8).
+ * take_lists(idx, n, rows, threads, lens, offs, vals, new_offs, out): a list column's rows
+ * idx: out[new_offs[i] .. new_offs[i + 1]) = vals[offs[idx[i]] ..] (int64 values and offsets;
+ * new_offs, the cumulative sums of lens[idx], from the caller). Both split the rows i over
+ * `threads` threads (plain copies: the same bytes on any number of threads).
+ */
+static int check_idx(const int64_t *idx, Py_ssize_t n, Py_ssize_t rows) {
+    int64_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) bad |= (idx[i] < 0) | (idx[i] >= rows);
+    if (!bad) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "take: index %lld at position %zd is out of range for %zd rows",
+                         (long long)idx[i], i, rows);
+            break;
+        }
+    return -1;
+}
+
+static int take_threads(Py_ssize_t threads, Py_ssize_t work) {
+#ifdef _OPENMP
+    if (threads > 1 && work >= PAR_MIN && !one_thread && !omp_in_parallel()) return (int)threads;
+#else
+    (void)work;
+#endif
+    (void)threads;
+    return 1;
+}
+
+#define TAKE_LOOP(T_)                                                                                   \
+    for (Py_ssize_t i = i0; i < i1; i++) memcpy(d + i * ds, s + idx[i] * ss, sizeof(T_))
+
+static void take_array(const int64_t *restrict idx, Py_ssize_t i0, Py_ssize_t i1, const char *restrict s, Py_ssize_t ss,
+                       char *restrict d, Py_ssize_t ds, Py_ssize_t rb) {
+    switch (rb) { /* fixed sizes: the copy is one load and store */
+    case 1: TAKE_LOOP(uint8_t); return;
+    case 2: TAKE_LOOP(uint16_t); return;
+    case 4: TAKE_LOOP(uint32_t); return;
+    case 8: TAKE_LOOP(uint64_t); return;
+    case 12: for (Py_ssize_t i = i0; i < i1; i++) memcpy(d + i * ds, s + idx[i] * ss, 12); return;
+    case 16: for (Py_ssize_t i = i0; i < i1; i++) memcpy(d + i * ds, s + idx[i] * ss, 16); return;
+    default: for (Py_ssize_t i = i0; i < i1; i++) memcpy(d + i * ds, s + idx[i] * ss, (size_t)rb);
+    }
+}
+
+static PyObject *take_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs < 4 || (nargs - 4) % 5) {
+        PyErr_SetString(PyExc_TypeError, "take_rows takes idx, n, rows, threads and five integers per array");
+        return NULL;
+    }
+    void *idx_ptr;
+    Py_ssize_t n, rows, threads;
+    if (get_ptr(args[0], &idx_ptr) || get_size(args[1], &n) || get_size(args[2], &rows) || get_size(args[3], &threads))
+        return NULL;
+    const Py_ssize_t A = (nargs - 4) / 5;
+    char **src = malloc((size_t)(A ? A : 1) * 2 * sizeof(char *));
+    Py_ssize_t *st = malloc((size_t)(A ? A : 1) * 3 * sizeof(Py_ssize_t));
+    if (src == NULL || st == NULL) {
+        free(src), free(st);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t a = 0; a < A; a++) {
+        PyObject *const *f = args + 4 + a * 5;
+        void *s, *d;
+        if (get_ptr(f[0], &s) || get_size(f[1], &st[3 * a]) || get_ptr(f[2], &d) || get_size(f[3], &st[3 * a + 1])
+            || get_size(f[4], &st[3 * a + 2])) {
+            free(src), free(st);
+            return NULL;
+        }
+        src[2 * a] = s, src[2 * a + 1] = d;
+    }
+    const int64_t *idx = idx_ptr;
+    if (n < 0 || check_idx(idx, n, rows)) {
+        if (n < 0) PyErr_SetString(PyExc_ValueError, "take_rows: negative n");
+        free(src), free(st);
+        return NULL;
+    }
+    Py_ssize_t bytes = 0;
+    for (Py_ssize_t a = 0; a < A; a++) bytes += st[3 * a + 2];
+    const int T = take_threads(threads, n * (bytes / 4 + 1));
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+#endif
+    for (int t = 0; t < T; t++) {
+        const Py_ssize_t i0 = n * t / T, i1 = n * (t + 1) / T;
+        for (Py_ssize_t a = 0; a < A; a++)
+            take_array(idx, i0, i1, src[2 * a], st[3 * a], src[2 * a + 1], st[3 * a + 1], st[3 * a + 2]);
+    }
+    Py_END_ALLOW_THREADS
+    free(src), free(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *take_lists(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "take_lists takes 9 arguments");
+        return NULL;
+    }
+    void *idx_ptr, *lens_ptr, *offs_ptr, *vals_ptr, *new_ptr, *out_ptr;
+    Py_ssize_t n, rows, threads;
+    if (get_ptr(args[0], &idx_ptr) || get_size(args[1], &n) || get_size(args[2], &rows) || get_size(args[3], &threads)
+        || get_ptr(args[4], &lens_ptr) || get_ptr(args[5], &offs_ptr) || get_ptr(args[6], &vals_ptr)
+        || get_ptr(args[7], &new_ptr) || get_ptr(args[8], &out_ptr))
+        return NULL;
+    const int64_t *idx = idx_ptr, *offs = offs_ptr, *vals = vals_ptr, *new_offs = new_ptr;
+    const int32_t *lens = lens_ptr;
+    int64_t *out = out_ptr;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "take_lists: negative n");
+        return NULL;
+    }
+    if (check_idx(idx, n, rows)) return NULL;
+    const int T = take_threads(threads, n > 0 ? n + new_offs[n] : 0);
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+#endif
+    for (int t = 0; t < T; t++) {
+        const Py_ssize_t i0 = n * t / T, i1 = n * (t + 1) / T;
+        for (Py_ssize_t i = i0; i < i1; i++) {
+            const int64_t r = idx[i], a = offs[r];
+            const int32_t len = lens[r];
+            int64_t *o = out + new_offs[i];
+            for (int32_t j = 0; j < len; j++) o[j] = vals[a + j];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* openmp_threads(): the team the lookup kernels would use on this thread (0: built without OpenMP) */
 static PyObject *openmp_threads(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -1907,6 +2048,10 @@ static PyMethodDef methods[] = {
      "The logit layer's and the last hidden layer's ReLU backward in one pass (see cpu_kernels.c)."},
     {"lookup_plan", (PyCFunction)(void (*)(void))lookup_plan, METH_FASTCALL,
      "Which thread updates each feature's rows in rowwise_adagrad_update (tests)."},
+    {"take_rows", (PyCFunction)(void (*)(void))take_rows, METH_FASTCALL,
+     "Rows of arrays gathered in a new order: the reader's shuffle (see cpu_kernels.c)."},
+    {"take_lists", (PyCFunction)(void (*)(void))take_lists, METH_FASTCALL,
+     "A list column's rows gathered in a new order (see cpu_kernels.c)."},
     {"set_one_thread", set_one_thread, METH_O,
      "1: every kernel on the calling thread; 0: the lookup on its OpenMP team (dlrm_mtl/native.py)."},
     {"openmp_threads", openmp_threads, METH_NOARGS,

@@ -120,7 +120,13 @@ class BatchColumns:
         """Rows ``idx`` in that order (new arrays), as ``pa.Table.take``: the reader's shuffle,
         and the rows of a group a resumed epoch still trains."""
         idx = np.asarray(idx, dtype=np.int64)
-        arrays = {f: None if (a := getattr(self, f)) is None else np.take(a, idx, axis=0) for f in ROW_FIELDS}
+        present = [f for f in ROW_FIELDS if getattr(self, f) is not None]
+        arrays: Dict[str, Optional[np.ndarray]] = dict.fromkeys(ROW_FIELDS)
+        columns = [getattr(self, f) for f in present]
+        if native.take_applies(*columns):  # one C pass over the rows (numpy's take: a pass per array)
+            arrays.update(zip(present, native.take_rows([(a, 0) for a in columns], idx, self.rows)))
+        else:
+            arrays.update((f, np.take(a, idx, axis=0)) for f, a in zip(present, columns))
         return self._with_rows(len(idx), self.sparse.take(idx), self.sequence.take(idx), arrays)
 
     def slice(self, offset: int = 0, length: Optional[int] = None) -> "BatchColumns":
@@ -236,6 +242,8 @@ def _take_lists(col: IdColumn, idx: np.ndarray) -> IdColumn:
     """Rows ``idx`` of a column with lengths (each row's ids, in their order)."""
     lens, offs, vals = col
     assert lens is not None and offs is not None
+    if native.take_applies(lens, offs, vals):  # the values gathered in C
+        return native.take_lists(lens, offs, vals, idx)
     lens = lens[idx]
     new_offs = np.zeros(len(idx) + 1, np.int64)
     np.cumsum(lens, out=new_offs[1:])
@@ -298,7 +306,10 @@ class IdBlocks:
         columns, runs = list(self.columns), []
         for k, end, matrix in self.runs:
             if matrix is not None:
-                matrix = np.take(matrix, idx, axis=1)  # [m, len(idx)]
+                if native.take_applies(matrix):
+                    (matrix,) = native.take_rows([(matrix, 1)], idx, matrix.shape[1])  # [m, len(idx)]
+                else:
+                    matrix = np.take(matrix, idx, axis=1)  # [m, len(idx)]
             else:
                 columns[k] = _take_lists(columns[k], idx)
             runs.append((k, end, matrix))
