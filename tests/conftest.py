@@ -8,6 +8,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _process_switches():
+    """The training set-up's process-wide switches (``train.native_kernels``,
+    ``train.fold_first_layer``: ``train.configure_backends``) restored after every test: a
+    test that trains with one of them off must not leave the next test in the same worker on
+    the fallback path it did not ask for."""
+    from dlrm_mtl import native
+    from dlrm_mtl.modules import folded_affine
+
+    saved = native._enabled, folded_affine._enabled
+    yield
+    native._enabled, folded_affine._enabled = saved
+
+
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):
     """A small synthetic data set (train/eval/schema.yaml), shared by the session's tests."""
