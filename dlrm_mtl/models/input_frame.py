@@ -38,6 +38,6 @@ class InputFrame(NamedTuple):
         contiguous tables (:func:`dlrm_mtl.native.table_rows_applies`)."""
         f, s = self.front, self.scenario
         return (f.dim() == 2 and f.shape[0] == rows and f.dtype == torch.float32 and f.stride(1) == 1
-                and not f.requires_grad and f.device.type == "cpu" and s.dim() == 2 and s.shape[0] == rows
+                and not f.requires_grad and f.is_cpu and s.dim() == 2 and s.shape[0] == rows
                 and s.shape[1] >= len(self.tables)
                 and all(native.table_rows_applies(t, s[:, i]) for i, t in enumerate(self.tables)))

@@ -99,7 +99,7 @@ def input_fold(x: torch.Tensor, weight: torch.Tensor) -> Optional[InputFold]:
     fold = foldable(x)
     if fold is None:
         return None
-    if not (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    if not (weight.dim() == 2 and weight.dtype == torch.float32 and weight.is_cpu
             and weight.is_contiguous() and weight.shape[0] == x.shape[1] == fold.width()):
         return None
     return fold

@@ -49,7 +49,7 @@ def mix_experts(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{E} gate weights per row for {experts.shape[-2]} experts")
     if native.mixture_applies(gates, [experts]):
         return ExpertMixture.apply(gates, (G,), False, experts)
-    if gates.device.type == "cpu" and G * E * D < SMALL_MIXTURE:
+    if gates.is_cpu and G * E * D < SMALL_MIXTURE:
         return (gates.unsqueeze(-1) * experts.unsqueeze(-3)).sum(-2)  # [..., G, E, D] -> [..., G, D]
     return torch.matmul(gates, experts)
 

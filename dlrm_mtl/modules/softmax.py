@@ -46,7 +46,7 @@ def softmax_last(x: torch.Tensor) -> torch.Tensor:
         w = softmax_last(torch.randn(8, 2, 3))   # [8, 2, 3], sums to 1 over the last axis
     """
     n = x.shape[0]
-    if (x.device.type != "cpu" or x.shape[-1] > SMALL_AXIS or x.dim() < 2 or x.numel() == 0
+    if (not x.is_cpu or x.shape[-1] > SMALL_AXIS or x.dim() < 2 or x.numel() == 0
             or not isinstance(n, int)):  # a symbolic batch (torch.export): no guard on N % _LANES
         return torch.softmax(x, dim=-1)
     pad = -n % _LANES
