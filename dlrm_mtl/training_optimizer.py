@@ -24,9 +24,13 @@ def _has_step_hooks(opt: torch.optim.Optimizer) -> bool:
 
 class FusedAdamStep:
     """One step of a ``torch.optim.Adam(fused=True)`` as the two operators it comes down to,
-    ``_foreach_add_`` on the step counters and ``_fused_adam_``, called with the same
-    arguments ``Adam.step`` passes them (so the update is bit-identical,
-    tests/test_training_optimizer.py).
+    an ``add_`` on the step counters and ``_fused_adam_``, called with the same arguments
+    ``Adam.step`` passes them (so the update is bit-identical, tests/test_training_optimizer.py).
+    The counters (one 0-dim tensor per parameter in the state) are kept as views of one
+    tensor, which one ``add_`` advances: ``Adam.step``'s ``_foreach_add_`` is one kernel on a
+    GPU but a loop of one ``add_`` per parameter on host tensors (12 counters: 33 µs against
+    5 µs for the one ``add_``). Counters the state gets anew (a loaded state dict) are packed
+    again.
 
     ``Adam.step`` spends ≈ 0.1 ms of Python per call before those two operators (its
     ``_init_group`` walk over every parameter's state, grouping the tensors by device and
@@ -47,6 +51,24 @@ class FusedAdamStep:
         self.adam = adam
         self.fallback = _unwrapped_step(adam)
         self.direct_steps = 0  # steps that took the two operators (the rest: Adam.step)
+        # the parameters' step counters as views of one tensor, which one add_ advances
+        self._steps: Optional[torch.Tensor] = None  # [P]
+        self._step_views: List[torch.Tensor] = []
+
+    def _step_counters(self, steps: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """One tensor whose elements are ``steps`` (the state's counters, views of it): kept
+        while the state holds those views, else built again (the first direct step, a loaded
+        state dict); None where the counters are not 0-dim tensors of one dtype and device.
+        ``_foreach_add_`` on a host list is a loop of one ``add_`` per parameter."""
+        views = self._step_views
+        if len(views) == len(steps) and all(a is b for a, b in zip(steps, views)):
+            return self._steps
+        s0 = steps[0]
+        if any(s.dim() != 0 or s.dtype != s0.dtype or s.device != s0.device for s in steps):
+            return None
+        self._steps = torch.stack(steps)  # [P], the same values
+        self._step_views = [self._steps[i] for i in range(len(steps))]
+        return self._steps
 
     def _fast_args(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor], dict]]:
         groups = self.adam.param_groups
@@ -84,8 +106,16 @@ class FusedAdamStep:
         except KeyError:  # a parameter whose state is not there yet
             self.fallback()
             return
+        packed = self._step_counters(steps)
+        if packed is None:
+            torch._foreach_add_(steps, 1)
+        else:
+            if steps[0] is not self._step_views[0]:  # packed just now: the state takes the views
+                for st, v in zip(states, self._step_views):
+                    st["step"] = v
+                steps = self._step_views
+            packed.add_(1)
         beta1, beta2 = g["betas"]
-        torch._foreach_add_(steps, 1)
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=g["lr"],
                            beta1=float(beta1), beta2=float(beta2), weight_decay=g["weight_decay"], eps=g["eps"],
                            maximize=False, grad_scale=None, found_inf=None)

@@ -161,3 +161,50 @@ def test_the_schedule_reaches_the_tables_through_the_training_optimizer(syntheti
         assert _direct_steps(run.optimizer) == 4
     finally:
         shutdown_distributed()
+
+
+def test_the_step_counters_advance_as_one_tensor_and_are_packed_again_when_replaced():
+    """The direct step keeps the parameters' step counters as views of one tensor and advances
+    them with one ``add_`` (``_foreach_add_`` on host tensors is an ``add_`` per parameter);
+    counters the state gets anew (torch.optim's ``load_state_dict`` makes new tensors) are
+    packed again, and the run stays bit for bit torchrec's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = [0, 0]  # add_, _foreach_add_
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__
+            self.n[0] += name.startswith("add_")
+            self.n[1] += name.startswith("_foreach_add_")
+            return func(*args, **(kwargs or {}))
+
+    def counters(adam):
+        return [adam.state[p]["step"] for p in adam.param_groups[0]["params"]]
+
+    a, b = _pair(lr=0.01, fused=True)
+    _train(*a, steps=6)
+    _train(*b, steps=3)
+    adam = next(s.adam for s in b[1]._direct_steps if isinstance(s, FusedAdamStep))
+    steps = counters(adam)
+    assert len(steps) == 4 and len({s.untyped_storage().data_ptr() for s in steps}) == 1
+    assert [float(s) for s in steps] == [3.0] * 4
+    for p in adam.param_groups[0]["params"]:  # what a load does: new counter tensors, the same values
+        adam.state[p]["step"] = adam.state[p]["step"].clone()
+    m, opt, sched = b
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):  # _train's batches, the last three of them trained
+        x = torch.randn(32, 7, generator=g)
+        if i < 3:
+            continue
+        opt.zero_grad()
+        (m(x) ** 2).mean().backward()
+        with Adds() as adds:
+            opt.step()
+        assert adds.n == [1, 0], i
+        sched.step()
+    _assert_same(a, b)
+    packed = counters(adam)
+    assert len({s.untyped_storage().data_ptr() for s in packed}) == 1 and [float(s) for s in packed] == [6.0] * 4
