@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlrm_mtl import native
 from dlrm_mtl.collectives import all_reduce_host
 from dlrm_mtl.data.batch import Batch
 from dlrm_mtl.schema import Schema, leaf_ids, scenario_names  # noqa: F401 (re-exported)
@@ -108,6 +109,24 @@ def histogram_auc(h1: np.ndarray, h0: np.ndarray) -> Tuple[float, float]:
         return float("nan"), float("nan")
     below = np.cumsum(h0) - h0
     return float((h1 * (below + 0.5 * h0)).sum() / (n1 * n0)), float(0.5 * (h1 * h0).sum() / (n1 * n0))
+
+
+def histogram_aucs(h: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`histogram_auc` of many histograms at once: ``h [..., 2, BINS]`` (negatives,
+    positives) -> ``(auc [...], max error [...])``, the same arithmetic along the last axis
+    (NaN where a class is missing). An evaluation's slices (views × scenarios, 32,768 bins
+    each) in one pass instead of a numpy call chain per slice."""
+    h = np.asarray(h, dtype=np.float64)
+    h0, h1 = h[..., 0, :], h[..., 1, :]
+    n1, n0 = h1.sum(-1), h0.sum(-1)
+    below = np.cumsum(h0, axis=-1) - h0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (h1 * (below + 0.5 * h0)).sum(-1) / (n1 * n0)
+        err = 0.5 * (h1 * h0).sum(-1) / (n1 * n0)
+    missing = (n1 == 0) | (n0 == 0)
+    auc[missing] = np.nan
+    err[missing] = np.nan
+    return auc, err
 
 
 def normalized_entropy(mean_logloss: float, positive_rate: float) -> float:
@@ -206,6 +225,9 @@ class MetricAccumulator:
             self._add_sums(v * S + lf, stats)
         if self._binary.numel() == 0:
             return
+        if user is None and native.available():
+            self._add_binary_native(vt, leaf, oracle)
+            return
         # every binary view at once: its (view, row) pairs view after view, rows in order — each
         # (view, leaf) sum and histogram bin receives the rows in the order a loop over the views
         # would add them
@@ -232,6 +254,22 @@ class MetricAccumulator:
                 "view": v_of.numpy().astype(np.int16), "user": user[nn_], "leaf": lf.numpy().astype(np.int32),
                 "score": zz.numpy(), "label": yi.numpy().astype(np.int8),
             })
+
+    def _add_binary_native(self, vt: Any, leaf: torch.Tensor, oracle: Optional[torch.Tensor]) -> None:
+        """The binary views' pairs added in one C pass (``native.metric_pairs``): the same sums,
+        in the same order, and the same histogram counts as the operator path below, whose
+        gathers of the (view, row) pairs and ``index_add_`` calls cost ~1 ms per 4,096-row
+        batch. The element-wise values are taken on the whole ``[N, V]`` matrices (the
+        regression columns' are not read)."""
+        p = vt.pred.exp()  # [N, V]
+        pc_ = p.clamp(1e-7, 1 - 1e-7)
+        ll = -(vt.label * pc_.log() + (1 - vt.label) * torch.log1p(-pc_))
+        bins = logit_bins(vt.pred - vt.neg)  # logit of the prediction, exact in log space
+        obins = None
+        if oracle is not None and self.oracle_hist is not None:
+            obins = logit_bins(torch.log(oracle) - torch.log1p(-oracle))
+        native.metric_pairs(vt.rows, self._binary, leaf, self.S, vt.label, p, ll, bins, obins, self.sums, self.hist,
+                            self.oracle_hist if obins is not None else None, AUC_BINS)
 
     def _oracle(self, o: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` true conditional probabilities (or regression means) -> ``[N, V]`` the
@@ -301,17 +339,20 @@ class MetricAccumulator:
         with_gauc = self.schema.user_id is not None
         gauc = self._gauc_sums() if with_gauc else None
         names = scenario_names(self.schema)
+        # every view's and slice's (AUC, error): [V, S + 1, 2] ("all", then each leaf), one C
+        # pass over the bins, else numpy's per view (the regression views' stay unread)
+        table, otable = native.hist_aucs(hist), None if ohist is None else native.hist_aucs(ohist)
         out: List[Dict[str, object]] = []
         for v, view in enumerate(self.views):
+            aucs = oaucs = None
+            if not view.regression:
+                aucs = (table[v, :, 0], table[v, :, 1]) if table is not None else \
+                    histogram_aucs(np.concatenate([hist[v].sum(0, keepdims=True), hist[v]]))
+                if ohist is not None:
+                    oaucs = (otable[v, :, 0], otable[v, :, 1]) if otable is not None else \
+                        histogram_aucs(np.concatenate([ohist[v].sum(0, keepdims=True), ohist[v]]))
             for sl, sname in enumerate(["all"] + names):
-                if sl == 0:
-                    st = sums[v].sum(0).tolist()
-                    h = hist[v].sum(0)
-                    oh_ = None if ohist is None else ohist[v].sum(0)
-                else:
-                    st = sums[v, sl - 1].tolist()
-                    h = hist[v, sl - 1]
-                    oh_ = None if ohist is None else ohist[v, sl - 1]
+                st = (sums[v].sum(0) if sl == 0 else sums[v, sl - 1]).tolist()
                 s = dict(zip(_SUMS, st))
                 n = s["count"]
                 nan = float("nan")
@@ -327,8 +368,9 @@ class MetricAccumulator:
                     if has_oracle:
                         row["oracle_mse"] = s["sum_oracle_sq"] / n if n else nan
                 else:
+                    assert aucs is not None
                     pos = s["positives"]
-                    a, err = histogram_auc(h[1], h[0])
+                    a, err = float(aucs[0][sl]), float(aucs[1][sl])
                     ll = s["sum_logloss"] / n if n else nan
                     rate = pos / n if n else nan
                     row.update(
@@ -340,8 +382,8 @@ class MetricAccumulator:
                         ne=normalized_entropy(ll, rate) if n else nan,
                         calibration=s["sum_pred"] / pos if pos > 0 else nan,
                     )
-                    if oh_ is not None:
-                        row["oracle_auc"], row["oracle_auc_max_error"] = histogram_auc(oh_[1], oh_[0])
+                    if oaucs is not None:
+                        row["oracle_auc"], row["oracle_auc_max_error"] = float(oaucs[0][sl]), float(oaucs[1][sl])
                     if gauc is not None:
                         num, den, users, skipped = gauc[v, sl].tolist()
                         row.update(gauc=num / den if den > 0 else nan, gauc_users=int(users), gauc_skipped_users=int(skipped))

@@ -665,3 +665,51 @@ def take_lists(lens: Any, offs: Any, vals: Any, idx: Any) -> Tuple[Any, Any, Any
     if n:
         _kernels.take_lists(idx, n, rows, _take_threads(), lens_c, offs_c, vals_c, new_offs, out)
     return new_lens, new_offs, out
+
+
+def metric_pairs(rows: torch.Tensor, views: torch.Tensor, leaf: torch.Tensor, S: int, y: torch.Tensor, p: torch.Tensor,
+                 ll: torch.Tensor, bins: torch.Tensor, obins: Optional[torch.Tensor], sums: torch.Tensor, hist: torch.Tensor,
+                 ohist: Optional[torch.Tensor], num_bins: int) -> None:
+    """An evaluation batch's binary views into the metrics' running sums and AUC histograms,
+    in place (:class:`dlrm_mtl.metrics.MetricAccumulator`): ``rows [N, V]`` bool, ``views``
+    int64 (the binary views, in order), ``leaf [N]`` int64, ``y``/``p``/``ll [N, V]`` float64
+    (label, probability, log loss), ``bins``/``obins [N, V]`` int64 histogram bins (the
+    prediction's and the oracle's), ``sums [V, S, 8]`` float64, ``hist``/``ohist`` int64
+    ``[V·S·2·num_bins]``. See ``dlrm_mtl/csrc/cpu_kernels.c``."""
+    assert _kernels is not None
+    ints = (views, leaf, bins, hist) + tuple(t for t in (obins, ohist) if t is not None)
+    if rows.dtype != torch.bool or any(t.dtype != torch.float64 for t in (y, p, ll, sums)) \
+            or any(t.dtype != torch.int64 for t in ints):
+        raise TypeError("metric_pairs: bool rows, float64 values and sums, int64 views, leaves, bins and histograms")
+    N, V = rows.shape
+    rows_u8 = rows.contiguous().view(torch.uint8)
+    y, p, ll, bins = y.contiguous(), p.contiguous(), ll.contiguous(), bins.contiguous()
+    views, leaf = views.contiguous(), leaf.contiguous()
+    if obins is not None:
+        obins = obins.contiguous()
+    for t in (sums, hist) + (() if ohist is None else (ohist,)):
+        if not t.is_contiguous():
+            raise ValueError("metric_pairs: the sums and histograms must be contiguous")
+    if obins is not None and ohist is None:
+        raise ValueError("metric_pairs: oracle bins without an oracle histogram")
+    _kernels.metric_pairs(N, V, rows_u8.data_ptr(), views.data_ptr(), views.numel(), leaf.data_ptr(), S, y.data_ptr(),
+                          p.data_ptr(), ll.data_ptr(), bins.data_ptr(), 0 if obins is None else obins.data_ptr(),
+                          sums.data_ptr(), hist.data_ptr(), 0 if ohist is None else ohist.data_ptr(), num_bins)
+
+
+def hist_aucs(hist: Any) -> Optional[Any]:
+    """``hist`` int64 ``[V, S, 2, BINS]`` (numpy; per view and leaf scenario, negatives then
+    positives) -> float64 ``[V, S + 1, 2]``: per view, the "all" slice (every leaf summed)
+    then each leaf, (AUC, its maximum error), as ``dlrm_mtl.metrics.histogram_auc`` computes
+    them, in one pass over the bins; None where the kernels are off or a slice holds too many
+    rows for its 64-bit sums (the caller takes numpy's path). See ``cpu_kernels.c``."""
+    import numpy as np
+
+    if not available():
+        return None
+    h = np.ascontiguousarray(hist, dtype=np.int64)
+    V, S, two, bins = h.shape
+    if two != 2:
+        raise ValueError(f"hist_aucs: [V, S, 2, BINS] histograms, got {h.shape}")
+    out = np.empty((V, S + 1, 2), np.float64)
+    return out if _kernels.hist_aucs(h, V, S, bins, out) else None  # type: ignore[union-attr]

@@ -18,7 +18,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_mtl.data.batch import Batch
-from dlrm_mtl.metrics import MetricAccumulator, format_table, grouped_auc, histogram_auc, logit_bins, scenario_names
+from dlrm_mtl.metrics import (MetricAccumulator, format_table, grouped_auc, histogram_auc, histogram_aucs, logit_bins,
+                              scenario_names)
 from dlrm_mtl.schema import DenseFeature, ScenarioLevel, Schema, SparseFeature, Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +215,98 @@ def test_histogram_auc_within_bound_and_exact_on_distinct_bins(seed):
     bc = logit_bins(torch.tensor(zc)).numpy()
     a2, _ = histogram_auc(np.bincount(bc[y == 1], minlength=32768), np.bincount(bc[y == 0], minlength=32768))
     assert abs(a2 - pair_auc(y.tolist(), zc.tolist())) < 1e-12
+
+
+def test_histogram_aucs_of_many_slices_equal_each_slice_s_bit_for_bit():
+    """``compute`` takes every slice's AUC of a view in one pass (``histogram_aucs``): the same
+    bits as :func:`histogram_auc` slice by slice, NaN where a slice lacks a class."""
+    rng = np.random.default_rng(7)
+    h = rng.integers(0, 5, (4, 2, 32768)) * (rng.random((4, 2, 32768)) < 0.1)
+    h[2, 1] = 0  # no positives
+    h[3, 0] = 0  # no negatives
+    auc, err = histogram_aucs(h)
+    for i in range(4):
+        a, e = histogram_auc(h[i, 1], h[i, 0])
+        if i >= 2:
+            assert np.isnan(a) and np.isnan(auc[i]) and np.isnan(err[i])
+        else:
+            assert a == auc[i] and e == err[i]
+
+
+def test_the_c_histogram_aucs_equal_numpy_s_bit_for_bit():
+    """``compute``'s C pass (``native.hist_aucs``: exact integer sums, one pass over the bins)
+    gives every view's "all" slice (the leaves summed) and each leaf's AUC and error bound as
+    the float64 numpy path does, NaN for a slice without a class; negative counts raise."""
+    from dlrm_mtl import native
+
+    if not native.available():
+        pytest.skip("the C kernels are off")
+    rng = np.random.default_rng(8)
+    h = rng.integers(0, 400, (3, 4, 2, 32768)) * (rng.random((3, 4, 2, 32768)) < 0.3)
+    h[1, 2, 1] = 0  # a leaf without positives
+    h[2, :, 0] = 0  # a view without negatives anywhere
+    table = native.hist_aucs(h)
+    assert table.shape == (3, 5, 2)
+    for v in range(3):
+        auc, err = histogram_aucs(np.concatenate([h[v].sum(0, keepdims=True), h[v]]))
+        np.testing.assert_array_equal(table[v, :, 0], auc)
+        np.testing.assert_array_equal(table[v, :, 1], err)
+    assert np.isnan(table[1, 3]).all() and np.isnan(table[2]).all() and not np.isnan(table[0]).any()
+    h[0, 0, 0, 5] = -1
+    with pytest.raises(ValueError, match="negative"):
+        native.hist_aucs(h)
+
+
+def _without_users(batches):
+    for b, _ in batches:
+        b.user = None
+    return batches
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_metrics_without_users_match_the_references_on_both_paths(native_on, monkeypatch):
+    """Without a user id (no GAUC) the binary views are added by one C pass
+    (``native.metric_pairs``) or by the operator path: both match the references."""
+    from dataclasses import replace
+
+    from dlrm_mtl import native
+
+    monkeypatch.setattr(native, "_enabled", native_on)
+    batches = make_batches(5, 4)
+    recs = records(batches)
+    acc = MetricAccumulator(replace(make_schema(), user_id=None))
+    for b, z in _without_users(batches):
+        acc.update(b, z)
+    ref = {k: {m: v for m, v in e.items() if not m.startswith("gauc")} for k, e in reference_rows(recs).items()}
+    check_against_reference(acc.compute(), ref)
+
+
+def test_the_c_metric_pass_adds_what_the_operator_path_adds(monkeypatch):
+    """The same histogram counts (the AUCs' and the oracle's) and the same sums — in the same
+    order; the element-wise values may differ in the last bit between the two (ATen computes a
+    vector's tail with its scalar functions)."""
+    from dataclasses import replace
+
+    from dlrm_mtl import native
+
+    schema = replace(make_schema(), user_id=None)
+    accs = []
+    for on in (True, False):
+        monkeypatch.setattr(native, "_enabled", on)
+        acc = MetricAccumulator(schema)
+        for b, z in _without_users(make_batches(11, 3, B=300)):
+            acc.update(b, z)
+        accs.append(acc)
+    c, ops = accs
+    assert c.hist.sum() > 0 and torch.equal(c.hist, ops.hist) and torch.equal(c.oracle_hist, ops.oracle_hist)
+    torch.testing.assert_close(c.sums, ops.sums, rtol=1e-14, atol=0)
+    b, z = _without_users(make_batches(11, 1, B=8, pad_last=0))[0]
+    b.labels[:, 0] = 2.0  # not a binary label
+    monkeypatch.setattr(native, "_enabled", True)
+    before = c.hist.clone()
+    with pytest.raises(ValueError, match="not a binary label"):
+        c.update(b, z)
+    assert torch.equal(c.hist, before)
 
 
 def test_grouped_auc_matches_per_group_pairs():

@@ -1999,6 +1999,169 @@ static PyObject *take_lists(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * metric_pairs: an evaluation batch's binary views added to the metrics' sums and AUC
+ * histograms (dlrm_mtl.metrics.MetricAccumulator.update).
+ *
+ * metric_pairs(N, V, rows, views, Vb, leaf, S, y, p, ll, bins, obins, sums, hist, ohist, BINS):
+ * for each binary view v = views[j] (j < Vb, in order) and each row n < N (in order) with
+ * rows[n, v] != 0, the pair's slot s = v S + leaf[n] gets sums[s] += (1, y, p, ll, 0, 0, y, 0)
+ * (the metrics' _SUMS; y, p, ll: [N, V] float64 label, probability and log loss) and
+ * hist[(2 s + y) BINS + bins[n, v]] += 1 (int64 [N, V] histogram bins), and where obins is
+ * given ohist likewise at obins[n, v] (the oracle's AUC). The pairs are added in the order a
+ * loop over the views, then the rows, adds them: every float64 sum is the one index_add_ of
+ * the pairs computes. Leaves outside [0, S), bins outside [0, BINS) or a label whose class
+ * (int64)y is not 0 or 1: ValueError, nothing added.
+ */
+static PyObject *metric_pairs(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "metric_pairs takes 16 arguments");
+        return NULL;
+    }
+    Py_ssize_t N, V, Vb, S, BINS;
+    void *rows_p, *views_p, *leaf_p, *y_p, *p_p, *ll_p, *bins_p, *obins_p, *sums_p, *hist_p, *ohist_p;
+    if (get_size(args[0], &N) || get_size(args[1], &V) || get_ptr(args[2], &rows_p) || get_ptr(args[3], &views_p)
+        || get_size(args[4], &Vb) || get_ptr(args[5], &leaf_p) || get_size(args[6], &S) || get_ptr(args[7], &y_p)
+        || get_ptr(args[8], &p_p) || get_ptr(args[9], &ll_p) || get_ptr(args[10], &bins_p) || get_ptr(args[11], &obins_p)
+        || get_ptr(args[12], &sums_p) || get_ptr(args[13], &hist_p) || get_ptr(args[14], &ohist_p) || get_size(args[15], &BINS))
+        return NULL;
+    const uint8_t *rows = rows_p;
+    const int64_t *views = views_p, *leaf = leaf_p, *bins = bins_p, *obins = obins_p;
+    const double *y = y_p, *p = p_p, *ll = ll_p;
+    double *sums = sums_p;
+    int64_t *hist = hist_p, *ohist = ohist_p;
+    if (N < 0 || V < 0 || Vb < 0 || S <= 0 || BINS <= 0) {
+        PyErr_SetString(PyExc_ValueError, "metric_pairs: bad sizes");
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < Vb; j++)
+        if (views[j] < 0 || views[j] >= V) {
+            PyErr_Format(PyExc_ValueError, "metric_pairs: view %lld outside [0, %zd)", (long long)views[j], V);
+            return NULL;
+        }
+    for (Py_ssize_t n = 0; n < N; n++)
+        if (leaf[n] < 0 || leaf[n] >= S) {
+            PyErr_Format(PyExc_ValueError, "metric_pairs: row %zd's leaf scenario %lld outside [0, %zd)", n,
+                         (long long)leaf[n], S);
+            return NULL;
+        }
+    for (Py_ssize_t j = 0; j < Vb; j++)
+        for (Py_ssize_t n = 0; n < N; n++) {
+            const Py_ssize_t e = n * V + views[j];
+            if (rows[e] && (bins[e] < 0 || bins[e] >= BINS || (obins && (obins[e] < 0 || obins[e] >= BINS)))) {
+                PyErr_Format(PyExc_ValueError, "metric_pairs: row %zd's histogram bin outside [0, %zd)", n, BINS);
+                return NULL;
+            }
+            if (rows[e] && !(y[e] > -1.0 && y[e] < 2.0)) { /* the histogram's class: (int64)y, 0 or 1 */
+                PyErr_Format(PyExc_ValueError, "metric_pairs: row %zd's label %g is not a binary label", n, y[e]);
+                return NULL;
+            }
+        }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < Vb; j++) {
+        const int64_t v = views[j];
+        for (Py_ssize_t n = 0; n < N; n++) {
+            const Py_ssize_t e = n * V + v;
+            if (!rows[e]) continue;
+            const int64_t slot = v * S + leaf[n];
+            const double yv = y[e];
+            double *sm = sums + slot * 8;
+            sm[0] += 1.0, sm[1] += yv, sm[2] += p[e], sm[3] += ll[e];
+            sm[4] += 0.0, sm[5] += 0.0, sm[6] += yv, sm[7] += 0.0;
+            const int64_t base = (slot * 2 + (int64_t)yv) * BINS;
+            hist[base + bins[e]] += 1;
+            if (obins) ohist[base + obins[e]] += 1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * hist_aucs: the AUCs of an evaluation's histograms (dlrm_mtl.metrics.MetricAccumulator.compute).
+ *
+ * hist_aucs(hist, V, S, BINS, out): hist int64 [V, S, 2, BINS] (per view and leaf scenario,
+ * negatives then positives, ascending bins) -> out float64 [V, S + 1, 2]: per view, slice 0
+ * (every leaf's counts summed: "all") then each leaf, (AUC, its maximum error):
+ *   AUC = sum_b n1_b (N0_below_b + n0_b / 2) / (N1 N0),  error = sum_b n1_b n0_b / 2 / (N1 N0),
+ * NaN where a class is missing. The sums are kept in exact integers (twice the AUC's
+ * numerator) and divided once: the value metrics.histogram_auc computes in float64 (whose
+ * sums are exact below 2^53), in one pass over the bins instead of a dozen numpy passes per
+ * slice. Returns False (out unspecified) where a slice's 2 N1 N0 does not fit 64 bits
+ * (billions of rows of each class: the caller takes numpy's float64 path).
+ */
+static PyObject *hist_aucs(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "hist_aucs takes 5 arguments");
+        return NULL;
+    }
+    void *hist_p, *out_p;
+    Py_ssize_t V, S, BINS;
+    if (get_ptr(args[0], &hist_p) || get_size(args[1], &V) || get_size(args[2], &S) || get_size(args[3], &BINS)
+        || get_ptr(args[4], &out_p))
+        return NULL;
+    if (V < 0 || S < 1 || BINS < 1) {
+        PyErr_SetString(PyExc_ValueError, "hist_aucs: bad sizes");
+        return NULL;
+    }
+    const int64_t *hist = hist_p;
+    double *out = out_p;
+    const Py_ssize_t L = S + 1; /* slices: all, then each leaf */
+    uint64_t *acc = calloc((size_t)L * 2, sizeof(uint64_t)); /* 2 x numerator, sum n1 n0 */
+    int64_t *cnt = calloc((size_t)L * 2, sizeof(int64_t));   /* N0 (so far: below the bin), N1 */
+    if (acc == NULL || cnt == NULL) {
+        free(acc), free(cnt);
+        return PyErr_NoMemory();
+    }
+    int bad = 0, big = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t v = 0; v < V && !bad; v++) {
+        memset(acc, 0, (size_t)L * 2 * sizeof(uint64_t));
+        memset(cnt, 0, (size_t)L * 2 * sizeof(int64_t));
+        const int64_t *hv = hist + v * S * 2 * BINS;
+        for (Py_ssize_t b = 0; b < BINS; b++) {
+            int64_t t0 = 0, t1 = 0;
+            for (Py_ssize_t s = 0; s <= S; s++) {
+                int64_t h0, h1;
+                if (s < S) {
+                    h0 = hv[(s * 2) * BINS + b], h1 = hv[(s * 2 + 1) * BINS + b];
+                    if (h0 < 0 || h1 < 0) bad = 1;
+                    t0 += h0, t1 += h1;
+                } else {
+                    h0 = t0, h1 = t1;
+                }
+                const Py_ssize_t l = s < S ? s + 1 : 0;
+                if (h1) { /* below 2^64 while 2 N1 N0 is (checked below) */
+                    acc[2 * l] += (uint64_t)h1 * (uint64_t)(2 * cnt[2 * l] + h0);
+                    acc[2 * l + 1] += (uint64_t)h1 * (uint64_t)h0;
+                }
+                cnt[2 * l] += h0, cnt[2 * l + 1] += h1;
+            }
+        }
+        for (Py_ssize_t l = 0; l < L; l++) {
+            const double n1 = (double)cnt[2 * l + 1], n0 = (double)cnt[2 * l];
+            double *o = out + (v * L + l) * 2;
+            if (2.0 * n1 * n0 >= 1.8e19) big = 1;
+            if (n1 == 0.0 || n0 == 0.0) {
+                o[0] = o[1] = NAN;
+                continue;
+            }
+            o[0] = (double)acc[2 * l] * 0.5 / (n1 * n0);
+            o[1] = 0.5 * (double)acc[2 * l + 1] / (n1 * n0);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(acc), free(cnt);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "hist_aucs: negative histogram counts");
+        return NULL;
+    }
+    if (big) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 /* openmp_threads(): the team the lookup kernels would use on this thread (0: built without OpenMP) */
 static PyObject *openmp_threads(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -2052,6 +2215,10 @@ static PyMethodDef methods[] = {
      "Rows of arrays gathered in a new order: the reader's shuffle (see cpu_kernels.c)."},
     {"take_lists", (PyCFunction)(void (*)(void))take_lists, METH_FASTCALL,
      "A list column's rows gathered in a new order (see cpu_kernels.c)."},
+    {"metric_pairs", (PyCFunction)(void (*)(void))metric_pairs, METH_FASTCALL,
+     "An evaluation batch's binary views added to the metrics' sums and AUC histograms (see cpu_kernels.c)."},
+    {"hist_aucs", (PyCFunction)(void (*)(void))hist_aucs, METH_FASTCALL,
+     "The AUCs and their error bounds of an evaluation's histograms (see cpu_kernels.c)."},
     {"set_one_thread", set_one_thread, METH_O,
      "1: every kernel on the calling thread; 0: the lookup on its OpenMP team (dlrm_mtl/native.py)."},
     {"openmp_threads", openmp_threads, METH_NOARGS,
