@@ -105,3 +105,30 @@ def test_eval_batch_size_is_checked():
     data = Config.load(None, ["data.batch_size=8192"]).data
     assert data.eval_rows_per_batch() == 8192  # a training batch above the minimum is kept
     assert Config.load(None, ["data.eval_batch_size=64"]).data.eval_rows_per_batch() == 64
+
+
+def test_write_scalars_reads_back_as_add_scalar_s_events(tmp_path):
+    """An evaluation's and a log window's scalars go to TensorBoard as one event
+    (``train.write_scalars``): read back, every tag has the step and value that one
+    ``add_scalar`` per value writes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dlrm_mtl.train import write_scalars
+
+    scalars = {"eval_auc/ctr/all": 0.71234, "eval_auc/ctr/home": 0.5, "loss/total": 1.25e-3, "lr/factor": 1.0}
+    read = {}
+    for name in ("one_event", "per_value"):
+        w = SummaryWriter(str(tmp_path / name))
+        for step in (3, 7):
+            if name == "one_event":
+                write_scalars(w, {k: v * step for k, v in scalars.items()}, step)
+            else:
+                for k, v in scalars.items():
+                    w.add_scalar(k, v * step, step)
+        write_scalars(w, {}, 9)  # nothing to write: no event
+        w.close()
+        ev = EventAccumulator(str(tmp_path / name), size_guidance={"scalars": 0}).Reload()
+        read[name] = {t: [(e.step, e.value) for e in ev.Scalars(t)] for t in ev.Tags()["scalars"]}
+    assert read["one_event"] == read["per_value"] and sorted(read["one_event"]) == sorted(scalars)
+    assert read["one_event"]["loss/total"] == [(3, pytest.approx(3.75e-3)), (7, pytest.approx(8.75e-3))]
