@@ -256,11 +256,12 @@ class MetricAccumulator:
             })
 
     def _add_binary_native(self, vt: Any, leaf: torch.Tensor, oracle: Optional[torch.Tensor]) -> None:
-        """The binary views' pairs added in one C pass (``native.metric_pairs``): the same sums,
-        in the same order, and the same histogram counts as the operator path below, whose
-        gathers of the (view, row) pairs and ``index_add_`` calls cost ~1 ms per 4,096-row
-        batch. The element-wise values are taken on the whole ``[N, V]`` matrices (the
-        regression columns' are not read)."""
+        """The binary views' pairs added in one C pass (``native.metric_pairs``): the additions
+        of the operator path below in its order, and the same histogram counts, without its
+        gathers of the (view, row) pairs and ``index_add_`` calls (~1 ms per 4,096-row batch).
+        The element-wise values are taken on the whole ``[N, V]`` matrices (the regression
+        columns' are not read); ATen computes a vector's tail with its scalar functions, so a
+        probability or log loss may differ from the operator path's in the last bit."""
         p = vt.pred.exp()  # [N, V]
         pc_ = p.clamp(1e-7, 1 - 1e-7)
         ll = -(vt.label * pc_.log() + (1 - vt.label) * torch.log1p(-pc_))
