@@ -631,8 +631,8 @@ def take_rows(items: Sequence[Tuple[Any, int]], idx: Any, rows: int) -> List[Any
             raise ValueError(f"take_rows: an array of {a.shape[axis]} rows along axis {axis}, expected {rows}")
         if axis == 0:
             out = np.empty((n,) + a.shape[1:], dtype=a.dtype)
-            rb = a.strides[0] if a.ndim > 1 else a.itemsize
-            if a.ndim == 1 or a.shape[1:] and rb:
+            rb = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))  # a row's bytes (C-contiguous)
+            if rb:  # a zero-width column has nothing to gather
                 spec += (a, rb, out, rb, rb)
         else:
             out = np.empty((a.shape[0], n), dtype=a.dtype)
