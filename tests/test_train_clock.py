@@ -13,10 +13,12 @@ from dlrm_mtl.data.stream import RowGroupConverter
 from dlrm_mtl.distributed import init_distributed, shutdown_distributed
 from dlrm_mtl.train import Totals, run_epoch, setup_run
 
-# compares epochs' clocks with a 0.6 s delay: alone, not beside a second test worker (tools/run_tests.sh)
+# compares epochs' clocks with a 1 s delay: alone, not beside a second test worker (tools/run_tests.sh)
 pytestmark = pytest.mark.serial
 
-DELAY = 0.6  # seconds
+# 0.6 s until a clean-clone run whose first epoch took 0.4 s longer than its second: the clocks'
+# assertions keep a margin of DELAY / 2 against this VM's noise
+DELAY = 1.0  # seconds
 
 
 def test_the_read_ahead_is_start_up_and_epoch_starts_are_training(synthetic_small, tmp_path, monkeypatch):
