@@ -462,7 +462,7 @@ def _timed(batches: Iterator[Batch], totals: Totals) -> Iterator[Batch]:
         yield b
 
 
-def write_scalars(writer: Any, scalars: Dict[str, float], step: int) -> None:
+def write_scalars(writer: Any, scalars: Dict[str, Any], step: int) -> None:
     """``add_scalar(tag, value, step)`` for each of ``scalars``, as one TensorBoard event: one
     summary holding every value (TensorBoard reads it as it reads separate events), not an
     event and a hand-off to the writer's thread per value (an evaluation's 60 scalars: 3.3 ms
@@ -604,8 +604,7 @@ def _log_counters(run: TrainRun, step: int) -> Dict[str, int]:
     if counters:
         _log(run.env, "input policies applied so far (summed over ranks): " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
         if run.writer is not None:
-            for k, v in counters.items():
-                run.writer.add_scalar(f"data/{k}", v, step)
+            write_scalars(run.writer, {f"data/{k}": v for k, v in counters.items()}, step)
     return counters
 
 
@@ -801,8 +800,7 @@ def _write_hparams(run: TrainRun, metrics: List[Dict[str, object]], tracker: Tra
         values[f"hparams/best_{tracker.metric}"] = tracker.best_value
     for summary in hparams(flat_config(run.cfg.to_dict()), values):
         writer.file_writer.add_summary(summary)
-    for tag, v in values.items():  # the plugin reads a metric's value from the scalar of its tag
-        writer.add_scalar(tag, v, step)
+    write_scalars(writer, values, step)  # the plugin reads a metric's value from the scalar of its tag
 
 
 def flat_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -1889,9 +1889,8 @@ static int take_threads(Py_ssize_t threads, Py_ssize_t work) {
 #ifdef _OPENMP
     if (threads > 1 && work >= PAR_MIN && !one_thread && !omp_in_parallel()) return (int)threads;
 #else
-    (void)work;
+    (void)work, (void)threads;
 #endif
-    (void)threads;
     return 1;
 }
 
